@@ -1,0 +1,82 @@
+"""Engine and server arguments, shared by ``heteroserve.Engine``, the CLI and the server.
+
+Names follow SGLang's ``ServerArgs`` (and vLLM's where SGLang has none) so that users can
+carry their flags over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ServerArgs:
+    """Every option of an engine. Validation errors raise ``ValueError`` with one line."""
+
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    load_format: str = "auto"  # auto | safetensors | dummy
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    context_length: int | None = None
+    served_model_name: str | None = None
+    random_seed: int = 0
+
+    platform: str = "auto"
+    kernel: list[str] = field(default_factory=list)  # OP=IMPL overrides
+    device_index: int = 0
+
+    mem_fraction_static: float = 0.85
+    max_total_tokens: int | None = None  # cap on KV slots (overrides the memory-based size)
+    page_size: int | None = None  # None: negotiated with the attention backend
+    chunked_prefill_size: int = 8192
+    max_prefill_tokens: int = 16384
+    max_running_requests: int = 256
+    schedule_policy: str = "fcfs"  # fcfs | lpm
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    disable_cuda_graph: bool = False  # SGLang's spelling; disables any platform's graph capture
+    cuda_graph_max_bs: int = 160
+
+    tp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    log_level: str = "info"
+    stream_interval: int = 1
+
+    reasoning_parser: str | None = None  # deepseek-r1 | qwen3
+    grammar_compile_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"--schedule-policy must be fcfs or lpm, got {self.schedule_policy!r}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"--load-format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16"):
+            raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        for name in ("chunked_prefill_size", "max_running_requests", "tp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.page_size is not None and self.page_size < 1:
+            raise ValueError("--page-size must be >= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ServerArgs:
+        """Build from keyword arguments, rejecting unknown names with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path or "heteroserve-default"

@@ -1,0 +1,1 @@
+"""Collective communication behind the platform seam."""

@@ -1,0 +1,1 @@
+"""The kernel interface: op contracts, the registry and per-engine dispatch."""

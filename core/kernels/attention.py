@@ -1,0 +1,188 @@
+"""The paged-attention contract shared by every attention implementation.
+
+KV cache: per layer, one K and one V tensor in the backend's :class:`KVLayout`, holding
+``num_pages`` pages of ``page_size`` token slots. A token's *slot* is
+``page_index * page_size + offset_in_page``. Page 0 is never handed to a request (the KV pool
+reserves it), so padded page tables may point at it harmlessly.
+
+One forward step covers a batch of sequences in a single *mode*: ``extend`` (prefill or
+chunked prefill on top of an already cached prefix; ``extend_len >= 1`` new tokens each) or
+``decode`` (exactly one new token each). The engine first calls :meth:`AttentionBackend.prepare`
+once per step with the :class:`AttentionMetadata`, then per layer :meth:`write_kv` for the new
+tokens' K/V followed by :meth:`extend` or :meth:`decode`, which read everything (prefix and
+new tokens) from the cache.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from heteroserve.core.platform import KVLayout
+
+
+class ForwardMode(str, enum.Enum):
+    EXTEND = "extend"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Model-wide attention facts, fixed when the engine is built.
+
+    Invariants: ``num_q_heads % num_kv_heads == 0``; ``head_size`` in 64..256 for the
+    built-in kernels; ``page_size >= 1``.
+    """
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    page_size: int
+    dtype: torch.dtype
+    device: torch.device
+    max_batch_size: int = 256
+    max_context_len: int = 8192
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """Per-layer parameters.
+
+    ``scale`` multiplies ``q . k`` (usually ``head_size ** -0.5``). ``sliding_window``: when set
+    to ``w``, a query at position ``p`` attends only keys at positions ``p - w < k_pos <= p``
+    (Hugging Face's convention; flashinfer's ``window_left`` is ``w - 1``). ``logit_cap``: when
+    set to ``c``, scores become ``c * tanh(score / c)`` after scaling, before the softmax.
+    """
+
+    layer_id: int
+    scale: float
+    sliding_window: int | None = None
+    logit_cap: float | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch, in flashinfer's CSR page format plus derived views.
+
+    Device tensors (on the engine's device):
+      - ``qo_indptr`` int32 ``[B+1]``: new tokens of sequence ``b`` are rows
+        ``qo_indptr[b]:qo_indptr[b+1]`` of q/k/v (decode: ``arange(B+1)``).
+      - ``seq_lens`` int32 ``[B]``: KV length after this step (prefix + new tokens).
+      - ``prefix_lens`` int32 ``[B]``: KV length already cached before this step.
+      - ``kv_page_indptr`` int32 ``[B+1]`` and ``kv_page_indices`` int32 ``[P]``: sequence
+        ``b``'s pages, in order, are ``kv_page_indices[kv_page_indptr[b]:kv_page_indptr[b+1]]``
+        and cover exactly ``seq_lens[b]`` slots.
+      - ``kv_last_page_len`` int32 ``[B]``: slots used in each sequence's last page (1..page_size).
+      - ``out_cache_loc`` int64 ``[T]``: slot for each new token, in row order.
+    Host values: ``seq_lens_cpu``, ``prefix_lens_cpu`` (lists of int), ``page_size``.
+
+    Invariants: ``T == qo_indptr[-1]``; new token ``i`` of sequence ``b`` has position
+    ``prefix_lens[b] + i`` and its slot is that position's slot in ``b``'s pages.
+    """
+
+    mode: ForwardMode
+    page_size: int
+    qo_indptr: torch.Tensor
+    seq_lens: torch.Tensor
+    prefix_lens: torch.Tensor
+    kv_page_indptr: torch.Tensor
+    kv_page_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    out_cache_loc: torch.Tensor
+    seq_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.out_cache_loc.shape[0])
+
+    @property
+    def extend_lens_cpu(self) -> list[int]:
+        return [s - p for s, p in zip(self.seq_lens_cpu, self.prefix_lens_cpu)]
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+    @cached_property
+    def block_table(self) -> torch.Tensor:
+        """int32 ``[B, max_pages]``: row ``b`` lists ``b``'s pages, padded with 0 (the reserved
+        page). The layout torch_npu, aiter and vLLM-style kernels take."""
+        counts = [-(-s // self.page_size) for s in self.seq_lens_cpu]
+        width = max(counts, default=0)
+        table = torch.zeros((self.batch_size, max(width, 1)), dtype=torch.int32,
+                            device=self.kv_page_indices.device)
+        if width:
+            rows = torch.repeat_interleave(
+                torch.arange(self.batch_size, device=table.device),
+                torch.tensor(counts, device=table.device))
+            starts = self.kv_page_indptr[:-1].to(torch.int64)
+            cols = torch.arange(rows.numel(), device=table.device) - starts[rows]
+            table[rows, cols] = self.kv_page_indices[: rows.numel()]
+        return table
+
+
+class AttentionBackend(ABC):
+    """A paged-attention implementation, built once per engine from an :class:`AttentionConfig`.
+
+    Class attributes declare what it needs: ``kv_layout`` (the pool allocates caches in it)
+    and ``page_sizes`` (``None``: any). Instances may keep per-step state set by
+    :meth:`prepare` (flashinfer plans, split-KV workspaces); that state is valid until the
+    next ``prepare``.
+
+    Tensors: q ``[T, num_q_heads, head_size]``, k/v ``[T, num_kv_heads, head_size]``, output
+    ``[T, num_q_heads, head_size]``, all in ``config.dtype``; caches as
+    :meth:`kv_cache_shape` says. Query head ``h`` reads KV head ``h // (num_q_heads //
+    num_kv_heads)`` (GQA). Attention is causal within each sequence. Methods do not
+    synchronise with the host.
+    """
+
+    kv_layout: KVLayout = KVLayout.NHD
+    page_sizes: tuple[int, ...] | None = None
+
+    def __init__(self, config: AttentionConfig) -> None:
+        self.config = config
+
+    def kv_cache_shape(self, num_pages: int) -> tuple[int, ...]:
+        """Shape of one layer's K (and, separately, V) cache for ``num_pages`` pages."""
+        c = self.config
+        if self.kv_layout is KVLayout.NHD:
+            return (num_pages, c.page_size, c.num_kv_heads, c.head_size)
+        return (num_pages, c.num_kv_heads, c.page_size, c.head_size)
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per forward step before any layer; plan kernels for ``meta``."""
+
+    @abstractmethod
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Store new tokens' K/V at ``meta.out_cache_loc``; no other slot changes."""
+
+    @abstractmethod
+    def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
+        """Causal attention of each new token over its sequence's cached prefix and the new
+        tokens up to itself (their K/V already written). ``meta.mode`` is EXTEND."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence (``T == B``) over the sequence's whole cache (its own K/V
+        included). ``meta.mode`` is DECODE."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, layer: AttentionLayer,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Write K/V, then attend according to ``meta.mode``."""
+        self.write_kv(k, v, k_cache, v_cache, meta)
+        if meta.mode is ForwardMode.DECODE:
+            return self.decode(q, k_cache, v_cache, layer, meta)
+        return self.extend(q, k_cache, v_cache, layer, meta)

@@ -1,0 +1,85 @@
+"""The linear-method contract: how a (possibly quantized) linear layer stores and applies
+its weights.
+
+A model layer owns the tensors; the method says which tensors a checkpoint provides
+(:meth:`LinearMethod.create_weights`), may repack them once after loading
+(:meth:`LinearMethod.process_weights_after_loading`, where a vendor converts to its own
+layout), and computes ``y = x @ W^T (+ bias)`` (:meth:`LinearMethod.apply`).
+
+Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input features):
+
+- ``unquantized``: ``weight [N, K]`` in the model dtype.
+- ``fp8_per_tensor`` (W8A8): ``weight [N, K]`` fp8 e4m3, ``weight_scale [1]`` fp32;
+  activations quantized dynamically per tensor. ``W ≈ weight * weight_scale``.
+- ``fp8_block`` (W8A8, DeepSeek style): ``weight [N, K]`` fp8, ``weight_scale_inv
+  [ceil(N/128), ceil(K/128)]`` fp32 (one scale per 128x128 block); activations quantized
+  dynamically per token and per 128-column group.
+- ``int8_w8a8``: ``weight [N, K]`` int8, ``weight_scale [N, 1]`` fp32 (per output channel);
+  activations quantized dynamically per token, symmetric.
+- ``awq_w4a16``: ``qweight [K, N/8]`` int32, ``qzeros [K/G, N/8]`` int32, ``scales [K/G, N]``
+  fp16; eight 4-bit values per int32 in AWQ's interleaved order (nibble ``j`` of a word holds
+  column ``8*w + AWQ_ORDER[j]``); ``W[n, k] = (q[k, n] - z[k//G, n]) * s[k//G, n]``.
+- ``gptq_w4a16``: ``qweight [K/8, N]`` int32 (eight rows per word, nibble ``j`` = row
+  ``8*w + j``), ``qzeros [K/G, N/8]`` int32 (stored value is zero point minus 1, GPTQ v1),
+  ``scales [K/G, N]`` fp16, ``g_idx [K]`` int32 (group of each input row; absent means
+  ``k // G``); ``W[n, k] = (q[k, n] - (z[g_idx[k], n] + 1)) * s[g_idx[k], n]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+LINEAR_SCHEMES: tuple[str, ...] = (
+    "unquantized", "fp8_per_tensor", "fp8_block", "int8_w8a8", "awq_w4a16", "gptq_w4a16",
+)
+
+#: AWQ packs column ``AWQ_ORDER[j]`` of each group of eight into nibble ``j``.
+AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
+FP8_BLOCK: int = 128
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One checkpoint tensor a linear method expects: its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear layer's size and options. ``group_size`` is used by the W4A16 schemes."""
+
+    input_size: int
+    output_size: int
+    params_dtype: torch.dtype
+    group_size: int = 128
+    has_g_idx: bool = False
+
+
+class LinearMethod(ABC):
+    """Stores and applies one scheme's weights.
+
+    ``apply`` takes ``x [..., K]`` in the model dtype (bf16/fp16/fp32) and returns ``[..., N]``
+    in the same dtype. It must not change ``x``. After ``process_weights_after_loading`` the
+    layer's parameters may have any layout the method likes; only ``apply`` reads them.
+    Errors: a shape the scheme cannot hold (``K`` not a multiple of ``group_size`` for W4A16,
+    ``N`` not a multiple of 8 for packed schemes) raises ``ValueError`` in ``create_weights``.
+    """
+
+    scheme: str
+
+    @abstractmethod
+    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
+        """The tensors a checkpoint provides for a layer of ``shape``, by parameter name."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Repack ``layer``'s loaded parameters for :meth:`apply` (default: keep as loaded)."""
+
+    @abstractmethod
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T + bias`` with ``W`` as the scheme defines it."""

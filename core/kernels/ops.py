@@ -1,0 +1,160 @@
+"""Every op of the kernel interface: its name, call signature and contract.
+
+An op is either a plain function (norms, activations, rotary, MoE, sampling, bitmask) or a
+class the engine instantiates once (attention backends, linear methods). Implementations are
+registered per op in the :mod:`~heteroserve.core.kernels.registry`; the engine resolves one
+implementation per op into a :class:`~heteroserve.core.kernels.dispatch.DispatchTable` and
+calls it directly on the hot path.
+
+Unless an op says otherwise: inputs are contiguous device tensors on one device; activations
+are bf16, fp16 or fp32 and outputs keep the input dtype; accumulation is at least fp32; an op
+may overwrite an input only where its contract says "in place".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+# -- op names ---------------------------------------------------------------------------------
+ATTENTION = "attention"
+KV_WRITE = "kv_write"  # not separately registered: part of the attention backend, listed for docs
+RMS_NORM = "rms_norm"
+FUSED_ADD_RMS_NORM = "fused_add_rms_norm"
+SILU_AND_MUL = "silu_and_mul"
+GELU_AND_MUL = "gelu_and_mul"
+ROTARY = "rotary_embedding"
+MOE_TOPK_SOFTMAX = "moe_topk_softmax"
+MOE_GROUPED_TOPK = "moe_grouped_topk"
+FUSED_MOE = "fused_moe"
+SAMPLING = "sampling"
+TOKEN_BITMASK_APPLY = "token_bitmask_apply"
+
+
+def linear_op(scheme: str) -> str:
+    """Registry name of the linear method for quantization ``scheme``."""
+    return f"linear.{scheme}"
+
+
+FUNCTION_OPS: tuple[str, ...] = (
+    RMS_NORM, FUSED_ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, ROTARY, MOE_TOPK_SOFTMAX,
+    MOE_GROUPED_TOPK, FUSED_MOE, SAMPLING, TOKEN_BITMASK_APPLY,
+)
+
+
+# -- function-op contracts --------------------------------------------------------------------
+class RMSNormOp(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x [T, H]``, ``weight [H]`` -> ``x / sqrt(mean(x^2) + eps) * weight``, ``[T, H]``,
+        computed in fp32 and cast back to ``x.dtype``."""
+
+
+class FusedAddRMSNormOp(Protocol):
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r = x + residual``; returns ``(rms_norm(r, weight, eps), r)``. In place: may
+        overwrite ``x`` and ``residual``; callers use only the returned tensors."""
+
+
+class SiluAndMulOp(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, 2I]`` = ``[gate | up]`` -> ``silu(gate) * up``, ``[T, I]``."""
+
+
+class GeluAndMulOp(Protocol):
+    def __call__(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        """``x [T, 2I]`` -> ``gelu(gate, approximate) * up`` (``approximate``: none|tanh)."""
+
+
+class RotaryOp(Protocol):
+    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position embedding.
+
+        ``positions`` int64 ``[T]``; ``q [T, Hq, D]``, ``k [T, Hk, D]``; ``cos_sin_cache``
+        fp32 ``[max_position, R]`` holding ``[cos | sin]`` of the ``R/2`` frequencies
+        (``R <= D``; only the first ``R`` dims of each head rotate, the rest pass through;
+        any scaling such as Llama-3's is already folded into the cache). ``is_neox``: rotate
+        halves ``(x[:R/2], x[R/2:R])``; otherwise GPT-J style interleaved pairs
+        ``(x[0::2], x[1::2])`` within the first ``R`` dims. Returns ``(q, k)``; in place
+        allowed.
+        """
+
+
+class TopKSoftmaxOp(Protocol):
+    def __call__(self, router_logits: torch.Tensor, top_k: int,
+                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: softmax in
+        fp32, the ``k`` largest probabilities in descending order (ties: lower expert id
+        first), renormalised to sum to 1 when ``renormalize``."""
+
+
+class GroupedTopKOp(Protocol):
+    def __call__(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 num_expert_group: int, topk_group: int, scoring: str = "softmax",
+                 correction_bias: torch.Tensor | None = None,
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-style routing. Scores are ``softmax`` or ``sigmoid`` of the logits (fp32).
+        Experts split into ``num_expert_group`` equal groups; a group's score is its max
+        score (with ``correction_bias``: the sum of its two best biased scores); the best
+        ``topk_group`` groups stay; the top ``k`` experts are chosen among them by biased
+        score but weighted by unbiased score; optional renormalisation, then multiply by
+        ``routed_scaling_factor``. Returns ``(weights fp32 [T,k], ids int32 [T,k])``, order
+        unspecified."""
+
+
+class FusedMoEOp(Protocol):
+    def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Mixture of experts with SiLU-and-mul experts.
+
+        ``x [T, H]``; ``w13 [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up); ``w2 [E, H, I]``;
+        ``topk_weights`` fp32 ``[T, k]``; ``topk_ids`` int ``[T, k]`` in ``[0, E)``.
+        ``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
+        ``e = topk_ids[t, j]``. Returns ``[T, H]`` in ``x.dtype``."""
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters, as device tensors of length ``B``.
+
+    ``temperatures`` fp32 (0 means greedy for that row); ``top_ks`` int32 (<= 0 means off);
+    ``top_ps`` fp32 in (0, 1] (1 means off); ``min_ps`` fp32 in [0, 1) (0 means off);
+    ``seeds`` int64 and ``steps`` int64 (tokens generated so far) key each row's randomness.
+    ``all_greedy`` is a host flag letting implementations skip the random path.
+    """
+
+    temperatures: torch.Tensor
+    top_ks: torch.Tensor
+    top_ps: torch.Tensor
+    min_ps: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    all_greedy: bool = False
+
+
+class SamplingOp(Protocol):
+    def __call__(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+        """``logits`` fp32 ``[B, V]`` (penalties and grammar masks already applied) ->
+        token ids int64 ``[B]``.
+
+        Greedy rows return the argmax (lowest id on ties). Other rows divide by temperature,
+        then keep tokens passing every active filter (top-k: the k most likely; top-p: the
+        smallest prefix of the sorted distribution whose mass reaches p, always at least one
+        token; min-p: probability >= min_p * max probability) and draw from the renormalised
+        rest. A token whose logit is -inf is never returned. The draw is a deterministic
+        function of (row logits, row parameters, seed, step): the same request gives the same
+        tokens whatever else is in the batch.
+        """
+
+
+class TokenBitmaskApplyOp(Protocol):
+    def __call__(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                 indices: torch.Tensor | None = None) -> None:
+        """In place: ``logits [B, V]`` float, ``bitmask`` int32 ``[M, W]`` (xgrammar's layout:
+        token ``t`` is allowed iff bit ``t % 32`` of word ``t // 32`` is set). Row ``i`` of the
+        bitmask masks logits row ``indices[i]`` (all rows in order when ``indices`` is None,
+        then ``M == B``). Disallowed tokens, and every column ``>= 32 * W``, become -inf;
+        allowed ones are unchanged. Exact: no tolerance."""

@@ -1,0 +1,144 @@
+"""The kernel registry: which implementations exist per op, and what each supports.
+
+Plugins fill one :class:`KernelRegistry` through the ``heteroserve_register_kernels`` hook.
+Nothing here runs on the hot path: :func:`heteroserve.core.kernels.dispatch.resolve_dispatch`
+turns the registry into a plain dispatch table once per engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+ANY_PLATFORM = "*"
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """What the engine needs from every op, fixed at engine build time.
+
+    ``page_size`` may be ``None`` before negotiation (the attention backend proposes one).
+    ``quant_scheme`` names the checkpoint's linear scheme (``unquantized`` when plain).
+    """
+
+    platform: str
+    device_type: str
+    dtype: torch.dtype
+    head_size: int | None = None
+    num_q_heads: int | None = None
+    num_kv_heads: int | None = None
+    page_size: int | None = None
+    sliding_window: bool = False
+    logit_cap: bool = False
+    quant_scheme: str = "unquantized"
+    platform_page_sizes: tuple[int, ...] | None = None
+
+    def with_page_size(self, page_size: int) -> KernelRequest:
+        return replace(self, page_size=page_size)
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether an implementation can serve a request; ``reason`` says why not."""
+
+    ok: bool
+    reason: str = ""
+
+    @staticmethod
+    def yes() -> Support:
+        return Support(True)
+
+    @staticmethod
+    def no(reason: str) -> Support:
+        return Support(False, reason)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _supports_everything(_: KernelRequest) -> Support:
+    return Support.yes()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One implementation of one op.
+
+    ``load`` imports and returns the implementation (a function for function ops, a class for
+    attention backends and linear methods); it is called only when the implementation is
+    selected or tested, so vendor packages stay unimported otherwise. ``platforms`` lists the
+    platform names it runs on (``"*"``: any torch device). ``native_on`` lists the platforms
+    for which it is the native choice; elsewhere it counts as a fallback in reports.
+    ``supports`` answers for a concrete request and must not raise. Among supporting
+    implementations the highest ``priority`` wins.
+    """
+
+    op: str
+    name: str
+    load: Callable[[], Any]
+    platforms: tuple[str, ...]
+    priority: int = 0
+    supports: Callable[[KernelRequest], Support] = _supports_everything
+    native_on: tuple[str, ...] = ()
+    provider: str = ""
+    description: str = ""
+
+    def runs_on(self, platform: str) -> bool:
+        return ANY_PLATFORM in self.platforms or platform in self.platforms
+
+    def is_native(self, platform: str) -> bool:
+        return platform in self.native_on or (
+            ANY_PLATFORM not in self.platforms and platform in self.platforms)
+
+    def check(self, request: KernelRequest) -> Support:
+        """Platform match first, then the implementation's own answer."""
+        if not self.runs_on(request.platform):
+            return Support.no(f"runs only on {', '.join(self.platforms)}")
+        try:
+            return self.supports(request)
+        except Exception as exc:  # a buggy predicate must not take the engine down
+            return Support.no(f"supports() raised {type(exc).__name__}: {exc}")
+
+
+class DuplicateKernelError(ValueError):
+    """Two registrations share an (op, name) pair."""
+
+
+@dataclass
+class KernelRegistry:
+    """All registered implementations, by op. Filled at start-up, read-only afterwards."""
+
+    _specs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
+
+    def register(self, spec: KernelSpec) -> None:
+        """Add ``spec``. Raises :class:`DuplicateKernelError` if ``(op, name)`` is taken."""
+        by_name = self._specs.setdefault(spec.op, {})
+        if spec.name in by_name:
+            other = by_name[spec.name].provider or "?"
+            raise DuplicateKernelError(
+                f"kernel {spec.op}={spec.name} registered twice ({other} and {spec.provider})")
+        by_name[spec.name] = spec
+
+    def ops(self) -> list[str]:
+        return sorted(self._specs)
+
+    def implementations(self, op: str) -> list[KernelSpec]:
+        """Implementations of ``op``, highest priority first (name breaks ties)."""
+        return sorted(self._specs.get(op, {}).values(), key=lambda s: (-s.priority, s.name))
+
+    def get(self, op: str, name: str) -> KernelSpec:
+        try:
+            return self._specs[op][name]
+        except KeyError:
+            known = ", ".join(s.name for s in self.implementations(op)) or "none"
+            raise KeyError(f"no implementation {name!r} of op {op!r} (known: {known})") from None
+
+    def for_platform(self, platform: str) -> Iterator[KernelSpec]:
+        """Every implementation that can run on ``platform``, op by op."""
+        for op in self.ops():
+            for spec in self.implementations(op):
+                if spec.runs_on(platform):
+                    yield spec

@@ -1,0 +1,1 @@
+"""Runs the model's forward pass for one scheduled batch."""

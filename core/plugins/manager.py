@@ -1,0 +1,177 @@
+"""Load platform plugins through pluggy and select the platform an engine runs on."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import pluggy
+
+from heteroserve.core.kernels.registry import KernelRegistry
+from heteroserve.core.platform import Availability, Platform
+from heteroserve.core.plugins import hookspecs
+
+logger = logging.getLogger(__name__)
+
+
+class PlatformSelectionError(RuntimeError):
+    """The requested platform is unknown or unavailable, or ``auto`` is ambiguous."""
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be loaded, with its error in one line."""
+
+    plugin: str
+    source: str
+    error: str
+
+
+@dataclass
+class PlatformEntry:
+    """A discovered platform and the distribution that provided it."""
+
+    platform: Platform
+    source: str
+
+    @cached_property
+    def availability(self) -> Availability:
+        try:
+            return self.platform.detect()
+        except Exception as exc:  # detect() must not raise; report if it does
+            return Availability(False, f"detect() raised {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class PluginCatalog:
+    """Everything discovered at start-up: platforms, kernels, and plugins that failed."""
+
+    manager: pluggy.PluginManager
+    platforms: dict[str, PlatformEntry] = field(default_factory=dict)
+    registry: KernelRegistry = field(default_factory=KernelRegistry)
+    failures: list[PluginFailure] = field(default_factory=list)
+    conformance_options: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def availability_table(self) -> str:
+        lines = []
+        for name, entry in sorted(self.platforms.items()):
+            a = entry.availability
+            state = "available" if a.available else f"unavailable: {a.reason}"
+            lines.append(f"  {name} ({entry.source}): {state}")
+        for f in self.failures:
+            lines.append(f"  plugin {f.plugin} ({f.source}) failed to load: {f.error}")
+        return "\n".join(lines) or "  (no platforms discovered)"
+
+    def select(self, name: str = "auto") -> Platform:
+        """Return the platform ``name`` (or the best available one for ``"auto"``).
+
+        Raises :class:`PlatformSelectionError` listing every platform and why each is
+        unavailable when ``name`` is unknown or unavailable, or when two available platforms
+        tie for the top priority under ``auto``.
+        """
+        if name == "auto":
+            ready = [e for e in self.platforms.values() if e.availability.available]
+            if not ready:
+                raise PlatformSelectionError(
+                    f"no platform is available:\n{self.availability_table()}")
+            top = max(e.platform.priority for e in ready)
+            best = sorted(e.platform.name for e in ready if e.platform.priority == top)
+            if len(best) > 1:
+                raise PlatformSelectionError(
+                    f"--platform auto is ambiguous: {' and '.join(best)} share priority {top}; "
+                    f"pass --platform {best[0]} or --platform {best[1]}")
+            return self.platforms[best[0]].platform
+        entry = self.platforms.get(name)
+        if entry is None:
+            raise PlatformSelectionError(
+                f"unknown platform {name!r}; discovered:\n{self.availability_table()}")
+        if not entry.availability.available:
+            raise PlatformSelectionError(
+                f"platform {name!r} is unavailable: {entry.availability.reason}\n"
+                f"all platforms:\n{self.availability_table()}")
+        return entry.platform
+
+
+def _plugin_source(plugin: object, default: str) -> str:
+    return getattr(plugin, "__heteroserve_source__", default)
+
+
+def _register_plugin(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
+                     failures: list[PluginFailure]) -> bool:
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except Exception as exc:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        failures.append(PluginFailure(name, source, f"{type(exc).__name__}: {exc}"))
+        return False
+    return True
+
+
+def _entry_point_plugins(failures: list[PluginFailure]) -> list[tuple[str, str, object]]:
+    found = []
+    for ep in sorted(md.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
+        source = ep.dist.name if ep.dist is not None else "?"
+        try:
+            found.append((ep.name, source, ep.load()))
+        except Exception as exc:
+            failures.append(PluginFailure(ep.name, source, f"{type(exc).__name__}: {exc}"))
+    return found
+
+
+def load_plugins(extra_plugins: Iterable[tuple[str, object]] = (),
+                 use_entry_points: bool = True) -> PluginCatalog:
+    """Discover plugins (entry points, then ``extra_plugins`` as ``(name, plugin)``), collect
+    their platforms and kernels, and report failures instead of raising."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    catalog = PluginCatalog(manager=pm)
+    candidates = _entry_point_plugins(catalog.failures) if use_entry_points else []
+    candidates += [(name, _plugin_source(obj, "in-process"), obj) for name, obj in extra_plugins]
+    sources: dict[str, str] = {}
+    for name, source, plugin in candidates:
+        if _register_plugin(pm, plugin, name, source, catalog.failures):
+            sources[name] = source
+    for name, source in sources.items():
+        plugin = pm.get_plugin(name)
+        try:
+            _collect(pm, plugin, name, source, catalog)
+        except Exception as exc:
+            catalog.failures.append(PluginFailure(name, source, f"{type(exc).__name__}: {exc}"))
+    for f in catalog.failures:
+        logger.warning("heteroserve plugin %s (%s) failed to load: %s", f.plugin, f.source, f.error)
+    return catalog
+
+
+def _call(pm: pluggy.PluginManager, plugin: object, hook: str, **kwargs: object) -> list:
+    caller = getattr(pm.hook, hook)
+    impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+    return [impl.function(**{a: kwargs[a] for a in impl.argnames}) for impl in impls]
+
+
+def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
+             catalog: PluginCatalog) -> None:
+    """Take one plugin's platforms and kernels, all or nothing."""
+    platforms: list[Platform] = [p for r in _call(pm, plugin, "heteroserve_platforms") for p in r]
+    for p in platforms:
+        if p.name in catalog.platforms:
+            raise ValueError(f"platform {p.name!r} is already provided by "
+                             f"{catalog.platforms[p.name].source}")
+    staging = KernelRegistry()
+    _call(pm, plugin, "heteroserve_register_kernels", registry=staging)
+    specs = [replace(s, provider=s.provider or source) for op in staging.ops()
+             for s in staging.implementations(op)]
+    for spec in specs:
+        if spec.name in {s.name for s in catalog.registry.implementations(spec.op)}:
+            raise ValueError(f"kernel {spec.op}={spec.name} is already registered")
+    for spec in specs:
+        catalog.registry.register(spec)
+    for p in platforms:
+        catalog.platforms[p.name] = PlatformEntry(p, source)
+    for options in _call(pm, plugin, "heteroserve_conformance_options"):
+        for p in platforms:
+            catalog.conformance_options[p.name] = dict(options or {})

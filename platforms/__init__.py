@@ -1,0 +1,1 @@
+"""Platform plugins shipped with heteroserve; each is loaded through the heteroserve.platforms entry-point group."""

@@ -1,0 +1,1 @@
+"""CPU platform: torch-native kernels that also serve as the universal fallback."""

@@ -1,0 +1,63 @@
+"""The CPU platform: always available, gloo for collectives, no graph capture."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from heteroserve.core.distributed.communicator import Communicator
+from heteroserve.core.graph import EagerGraphRunner, GraphRunner
+from heteroserve.core.platform import (
+    Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
+)
+
+
+def _host_memory() -> tuple[int, int]:
+    """``(available, total)`` bytes of host memory from /proc/meminfo, else from sysconf."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // 2, total
+
+
+class CpuPlatform(Platform):
+    """Runs everything with torch-native kernels on the host CPU."""
+
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0
+
+    def detect(self) -> Availability:
+        return Availability(True, "the host CPU is always available",
+                            (f"{os.cpu_count()} CPU cores",))
+
+    def capabilities(self) -> PlatformCapabilities:
+        return PlatformCapabilities(
+            dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            fp8_flavour=Fp8Flavour.E4M3FN,
+            kv_page_sizes=None,
+            kv_layouts=(KVLayout.NHD, KVLayout.HND),
+            graph_capture=False,
+            distributed_backend="gloo",
+        )
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def memory_info(self, device: torch.device) -> tuple[int, int]:
+        return _host_memory()
+
+    def synchronize(self, device: torch.device | None = None) -> None:
+        """CPU kernels run synchronously; nothing to wait for."""
+
+    def make_communicator(self, group: object | None = None) -> Communicator:
+        from heteroserve.platforms.cpu.communicator import TorchDistributedCommunicator
+
+        return TorchDistributedCommunicator(group)
+
+    def make_graph_runner(self, device: torch.device) -> GraphRunner:
+        return EagerGraphRunner()
