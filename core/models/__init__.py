@@ -1,0 +1,1 @@
+"""Model architectures, one per file, built from layers that call the dispatch table."""
