@@ -103,39 +103,61 @@ def resolve_op(registry: KernelRegistry, op: str, request: KernelRequest,
     return Resolution(op, chosen, False, chosen.is_native(request.platform), tuple(rejected))
 
 
+DEFAULT_PAGE_SIZE = 16
+
+
 def negotiate_page_size(registry: KernelRegistry, request: KernelRequest,
                         forced: str | None = None) -> int:
-    """Choose the KV page size: the requested one if set, else the preferred page size of
-    the attention implementation that would win (its first declared page size, then the
-    platform's first, then 1)."""
+    """Choose the KV page size: the requested one if set; else the first page size of the
+    attention implementation that would win (its ``KernelSpec.page_sizes``), else the
+    platform's first declared page size, else :data:`DEFAULT_PAGE_SIZE`. Imports nothing."""
     if request.page_size is not None:
         return request.page_size
-    probe = request.with_page_size(0)
+    platform_sizes = request.platform_page_sizes
     for spec in registry.implementations(ops.ATTENTION):
         if forced is not None and spec.name != forced:
             continue
-        if not spec.runs_on(request.platform):
+        if not spec.check(request).ok:
             continue
-        backend = spec.load()
-        sizes = getattr(backend, "page_sizes", None) or request.platform_page_sizes
-        candidate = probe.with_page_size(sizes[0] if sizes else 1)
-        if spec.check(candidate).ok:
-            return candidate.page_size or 1
-    return 1
+        sizes = [s for s in (spec.page_sizes or platform_sizes or ())
+                 if platform_sizes is None or s in platform_sizes]
+        if sizes:
+            return sizes[0]
+        return DEFAULT_PAGE_SIZE
+    return platform_sizes[0] if platform_sizes else DEFAULT_PAGE_SIZE
+
+
+def wanted_ops(linear_schemes: Iterable[str] = ("unquantized",)) -> list[str]:
+    """Every op an engine resolves: attention, the function ops, one linear op per scheme."""
+    return [ops.ATTENTION, *ops.FUNCTION_OPS, *(ops.linear_op(s) for s in linear_schemes)]
+
+
+def resolve_all(registry: KernelRegistry, request: KernelRequest,
+                overrides: Mapping[str, str] | None = None,
+                linear_schemes: Iterable[str] = ("unquantized",)) -> dict[str, Resolution]:
+    """Resolve every wanted op without loading any implementation. ``overrides`` maps op
+    name to a forced implementation name; an override naming an op nobody asked for, or a
+    page size the platform does not support, is an error."""
+    overrides = dict(overrides or {})
+    allowed = request.platform_page_sizes
+    if request.page_size is not None and allowed is not None and request.page_size not in allowed:
+        raise KernelResolutionError(
+            f"page size {request.page_size} is not supported by platform {request.platform} "
+            f"(supported: {', '.join(map(str, allowed))})")
+    wanted = wanted_ops(linear_schemes)
+    unknown = sorted(set(overrides) - set(wanted))
+    if unknown:
+        raise KernelResolutionError(
+            f"--kernel names unknown op(s) {', '.join(unknown)}; ops: {', '.join(wanted)}")
+    return {op: resolve_op(registry, op, request, overrides.get(op)) for op in wanted}
 
 
 def resolve_dispatch(registry: KernelRegistry, request: KernelRequest,
                      overrides: Mapping[str, str] | None = None,
                      linear_schemes: Iterable[str] = ("unquantized",)) -> DispatchTable:
-    """Resolve every op the engine needs. ``overrides`` maps op name to a forced
-    implementation name; an override naming an op nobody asked for is an error."""
-    overrides = dict(overrides or {})
-    wanted = [ops.ATTENTION, *ops.FUNCTION_OPS, *(ops.linear_op(s) for s in linear_schemes)]
-    unknown = sorted(set(overrides) - set(wanted))
-    if unknown:
-        raise KernelResolutionError(
-            f"--kernel names unknown op(s) {', '.join(unknown)}; ops: {', '.join(wanted)}")
-    resolutions = {op: resolve_op(registry, op, request, overrides.get(op)) for op in wanted}
+    """Resolve every op the engine needs and load the winners into a dispatch table."""
+    linear_schemes = tuple(linear_schemes)
+    resolutions = resolve_all(registry, request, overrides, linear_schemes)
     loaded: dict[str, Any] = {op: res.chosen.load() for op, res in resolutions.items()}
     linear = {s: loaded[ops.linear_op(s)] for s in linear_schemes}
     return DispatchTable(

@@ -72,8 +72,10 @@ class KernelSpec:
     selected or tested, so vendor packages stay unimported otherwise. ``platforms`` lists the
     platform names it runs on (``"*"``: any torch device). ``native_on`` lists the platforms
     for which it is the native choice; elsewhere it counts as a fallback in reports.
-    ``supports`` answers for a concrete request and must not raise. Among supporting
-    implementations the highest ``priority`` wins.
+    ``supports`` answers for a concrete request (``page_size`` may be ``None`` during page-size
+    negotiation) and must not raise. Among supporting implementations the highest ``priority``
+    wins. ``page_sizes`` (attention only) lists the KV page sizes the implementation accepts,
+    preferred first (``None``: any); it is data so that negotiation needs no import.
     """
 
     op: str
@@ -85,6 +87,7 @@ class KernelSpec:
     native_on: tuple[str, ...] = ()
     provider: str = ""
     description: str = ""
+    page_sizes: tuple[int, ...] | None = None
 
     def runs_on(self, platform: str) -> bool:
         return ANY_PLATFORM in self.platforms or platform in self.platforms
@@ -97,6 +100,9 @@ class KernelSpec:
         """Platform match first, then the implementation's own answer."""
         if not self.runs_on(request.platform):
             return Support.no(f"runs only on {', '.join(self.platforms)}")
+        if (self.page_sizes is not None and request.page_size is not None
+                and request.page_size not in self.page_sizes):
+            return Support.no(f"page size {request.page_size} not in {list(self.page_sizes)}")
         try:
             return self.supports(request)
         except Exception as exc:  # a buggy predicate must not take the engine down

@@ -1,0 +1,1 @@
+"""heteroserve platform plugin for MyVendor accelerators (template)."""

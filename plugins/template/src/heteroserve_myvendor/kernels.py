@@ -1,0 +1,13 @@
+"""Adapters from the heteroserve op contracts (heteroserve/core/kernels/ops.py) to your
+vendor library. Keep each adapter a thin translation of shapes, dtypes and layouts."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Contract: ops.RMSNormOp. Replace the body with your library's fused kernel."""
+    import torch_myvendor  # type: ignore[import-not-found]
+
+    return torch_myvendor.rms_norm(x, weight, eps)

@@ -1,0 +1,63 @@
+"""Command-line spelling of :class:`~heteroserve.core.config.ServerArgs`.
+
+Every ``ServerArgs`` field becomes ``--field-name`` (SGLang's spellings); a few vLLM aliases
+(``--model``, ``--tensor-parallel-size``, ``--gpu-memory-utilization``) map onto them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from heteroserve.core.config import ServerArgs
+
+_ALIASES: dict[str, list[str]] = {
+    "model_path": ["--model"],
+    "tp_size": ["--tensor-parallel-size", "--tp"],
+    "mem_fraction_static": ["--gpu-memory-utilization"],
+    "served_model_name": [],
+    "kernel": [],
+}
+
+_HELP: dict[str, str] = {
+    "model_path": "Hugging Face model folder (config.json + safetensors); default: a tiny model built locally",
+    "platform": "platform name, or auto (the highest-priority available one)",
+    "kernel": "force an implementation for an op, OP=IMPL (repeatable); see `heteroserve platforms --explain`",
+    "load_format": "auto|safetensors|dummy (random weights of the real shapes, no files needed)",
+    "mem_fraction_static": "fraction of free device memory for weights + KV cache",
+    "chunked_prefill_size": "max prompt tokens prefilled per step (longer prompts are chunked)",
+    "schedule_policy": "fcfs or lpm (longest prefix match first)",
+    "page_size": "KV page size in tokens (default: negotiated with the attention kernel)",
+}
+
+
+def _arg_type(tp: object) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return base if isinstance(base, type) else str
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Add one option per ServerArgs field to ``parser``."""
+    hints = typing.get_type_hints(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *_ALIASES.get(f.name, [])]
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, []) else "")
+        if tp is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+        elif f.name == "kernel":
+            parser.add_argument(*names, dest=f.name, action="append", default=[],
+                                metavar="OP=IMPL", help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_arg_type(tp), default=default,
+                                help=help_text)
+
+
+def server_args_from_namespace(ns: argparse.Namespace) -> ServerArgs:
+    """Build ServerArgs from a parsed namespace (extra attributes are ignored)."""
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(ns).items() if k in names})

@@ -1,0 +1,22 @@
+"""``heteroserve conformance --platform NAME [--report DIR]``: run the conformance suite."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("conformance", help="run the platform conformance suite (pytest)")
+    p.add_argument("--platform", required=True, help="platform name to test")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write conformance-<platform>.json and .md into DIR")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="extra pytest arguments after --, e.g. -- -k rms_norm -x")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from heteroserve.conformance.runner import run_conformance
+
+    extra = [a for a in args.pytest_args if a != "--"]
+    return run_conformance(args.platform, args.report, extra)

@@ -1,0 +1,122 @@
+"""``heteroserve platforms [--explain]``: what was discovered and what would be chosen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from heteroserve.core.kernels.dispatch import (
+    negotiate_page_size, parse_kernel_overrides, resolve_op, wanted_ops,
+)
+from heteroserve.core.kernels.registry import KernelRequest
+from heteroserve.core.plugins.manager import PluginCatalog, load_plugins
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("platforms", help="list discovered platforms; --explain shows dispatch")
+    p.add_argument("--explain", action="store_true",
+                   help="print the resolved dispatch table and why other candidates were rejected")
+    p.add_argument("--platform", default=None, help="explain only this platform")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--quant-scheme", default="unquantized")
+    p.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def _request(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> KernelRequest:
+    platform = catalog.platforms[name].platform
+    caps = platform.capabilities()
+    return KernelRequest(
+        platform=name, device_type=platform.device_type,
+        dtype=_DTYPES[args.dtype] if args.dtype else caps.dtypes[0],
+        head_size=args.head_size, num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,
+        page_size=args.page_size, quant_scheme=args.quant_scheme,
+        platform_page_sizes=caps.kv_page_sizes)
+
+
+def describe(catalog: PluginCatalog, args: argparse.Namespace) -> dict:
+    """Everything ``heteroserve platforms`` prints, as data."""
+    out: dict = {"platforms": {}, "failed_plugins": [
+        {"plugin": f.plugin, "source": f.source, "error": f.error} for f in catalog.failures]}
+    names = [args.platform] if args.platform else sorted(catalog.platforms)
+    for name in names:
+        if name not in catalog.platforms:
+            raise ValueError(f"unknown platform {name!r}; discovered: "
+                             f"{', '.join(sorted(catalog.platforms)) or 'none'}")
+        entry = catalog.platforms[name]
+        a = entry.availability
+        info: dict = {"source": entry.source, "priority": entry.platform.priority,
+                      "available": a.available, "reason": a.reason, "devices": list(a.devices),
+                      "device_type": entry.platform.device_type,
+                      "capabilities": entry.platform.capabilities().describe()}
+        if args.explain:
+            info["dispatch"] = _explain(catalog, name, args)
+        out["platforms"][name] = info
+    return out
+
+
+def _explain(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> dict:
+    overrides = parse_kernel_overrides(args.kernel)
+    request = _request(catalog, name, args)
+    request = request.with_page_size(
+        negotiate_page_size(catalog.registry, request, overrides.get("attention")))
+    schemes = ["unquantized"] + ([args.quant_scheme] if args.quant_scheme != "unquantized" else [])
+    table: dict = {"request": {"dtype": str(request.dtype).removeprefix("torch."),
+                               "head_size": request.head_size, "page_size": request.page_size,
+                               "quant_scheme": request.quant_scheme}, "ops": {}}
+    resolutions = {}
+    for op in wanted_ops(schemes):
+        try:
+            resolutions[op] = resolve_op(catalog.registry, op, request, overrides.get(op))
+        except Exception as exc:  # show every op even when one cannot resolve
+            table["ops"][op] = {"chosen": None, "error": str(exc)}
+    for op, res in sorted(resolutions.items()):
+        table["ops"][op] = {
+            "chosen": res.chosen.name, "provider": res.chosen.provider,
+            "kind": "forced" if res.forced else ("native" if res.native else "fallback"),
+            "rejected": [{"name": n, "reason": r} for n, r in res.rejected]}
+    return table
+
+
+def _print_text(data: dict) -> None:
+    for name, info in data["platforms"].items():
+        state = "available" if info["available"] else "unavailable"
+        print(f"{name}  [{state}]  from {info['source']}  priority {info['priority']}")
+        print(f"  {info['reason']}")
+        for dev in info["devices"]:
+            print(f"  device: {dev}")
+        caps = info["capabilities"]
+        print("  capabilities: " + ", ".join(f"{k}={v}" for k, v in caps.items()))
+        dispatch = info.get("dispatch")
+        if dispatch:
+            req = dispatch["request"]
+            print(f"  dispatch for dtype={req['dtype']} head_size={req['head_size']} "
+                  f"page_size={req['page_size']} quant={req['quant_scheme']}:")
+            for op, row in dispatch["ops"].items():
+                if row.get("chosen") is None:
+                    print(f"    {op:<24} -> (none) {row.get('error', '')}")
+                    continue
+                print(f"    {op:<24} -> {row['chosen']} ({row['kind']}, {row['provider']})")
+                for rej in row["rejected"]:
+                    print(f"    {'':<24}    not {rej['name']}: {rej['reason']}")
+        print()
+    for f in data["failed_plugins"]:
+        print(f"plugin {f['plugin']} ({f['source']}) failed to load: {f['error']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    data = describe(load_plugins(), args)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_text(data)
+    return 0
