@@ -1,0 +1,1 @@
+"""Structured outputs through xgrammar: specs, compilation off the scheduler loop, matchers."""

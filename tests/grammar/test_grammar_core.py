@@ -1,0 +1,147 @@
+"""Grammar compilation, matchers and masking, driven by random logits (no model needed).
+
+Random logits emit garbage unless constrained, so every output parsing is real evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from heteroserve.core.grammar.compiler import GrammarCompileService, tokenizer_info
+from heteroserve.core.grammar.matcher import BitmaskFiller, GrammarMatcher
+from heteroserve.core.grammar.spec import GrammarError, GrammarSpec, spec_from_sampling_params
+from heteroserve.core.models.tiny import build_tokenizer
+
+from grammar_schemas import SCHEMAS
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def service(tokenizer) -> GrammarCompileService:
+    return GrammarCompileService(tokenizer, VOCAB)
+
+
+def _apply_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    from heteroserve.platforms.cpu.bitmask import apply_token_bitmask
+
+    apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
+
+
+def _closing_bias(tokenizer) -> torch.Tensor:
+    """A "model" that likes to close brackets and stop, so unbounded grammars terminate."""
+    bias = torch.zeros(VOCAB)
+    for tok, i in tokenizer.get_vocab().items():
+        if i < VOCAB and (i == tokenizer.eos_token_id or any(c in tok for c in "}]\"")):
+            bias[i] = 6.0
+    return bias
+
+
+def _constrained_decode(service, tokenizer, spec: GrammarSpec, seed: int,
+                        max_tokens: int = 160, bias: torch.Tensor | None = None) -> str:
+    info = tokenizer_info(tokenizer, VOCAB)
+    matcher = GrammarMatcher(service.compile(spec, timeout=30), info,
+                             json_output=spec.kind in ("json_schema", "json_object"))
+    gen = torch.Generator().manual_seed(seed)
+    filler = BitmaskFiller()
+    out: list[int] = []
+    for _ in range(max_tokens):
+        filler.start([matcher], VOCAB)
+        logits = torch.randn((1, VOCAB), generator=gen) * 3
+        if bias is not None:
+            logits += bias
+        bitmask, rows = filler.result()
+        _apply_mask(logits, bitmask, rows)
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        assert matcher.accept(token), "a masked sampler produced an illegal token"
+        if matcher.is_terminated():
+            break
+        out.append(token)
+    else:
+        pytest.fail(f"{spec.kind} did not terminate within {max_tokens} tokens")
+    return tokenizer.decode(out)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_outputs_validate(service, tokenizer, name: str) -> None:
+    schema = SCHEMAS[name]
+    text = _constrained_decode(service, tokenizer, GrammarSpec("json_schema", json.dumps(schema)),
+                               seed=zlib.crc32(name.encode()) % 1000)
+    jsonschema.validate(json.loads(text), schema,
+                        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def test_json_object_and_regex_and_choice_and_ebnf(service, tokenizer) -> None:
+    for seed in range(3):
+        json.loads(_constrained_decode(service, tokenizer, GrammarSpec("json_object", ""), seed,
+                                       bias=_closing_bias(tokenizer)))
+        pattern = r"(yes|no)-[0-9]{1,3}"
+        text = _constrained_decode(service, tokenizer, GrammarSpec("regex", pattern), seed)
+        assert re.fullmatch(pattern, text), text
+        choices = ["alpha", "beta", "gamma delta"]
+        text = _constrained_decode(service, tokenizer, GrammarSpec("choice", json.dumps(choices)),
+                                   seed)
+        assert text in choices
+        ebnf = 'root ::= "(" num ("," num)* ")"\nnum ::= [0-9]+'
+        text = _constrained_decode(service, tokenizer, GrammarSpec("ebnf", ebnf), seed)
+        assert re.fullmatch(r"\([0-9]+(,[0-9]+)*\)", text), text
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (GrammarSpec("regex", "a(b"), "parenthesis"),
+    (GrammarSpec("json_schema", '{"type": 5}'), "Type should be a string"),
+    (GrammarSpec("json_schema", "{not json"), "invalid JSON schema"),
+    (GrammarSpec("ebnf", "root ::= foo"), "not defined"),
+    (GrammarSpec("choice", "[]"), "non-empty"),
+])
+def test_invalid_grammars_raise_with_xgrammars_message(service, spec, needle) -> None:
+    with pytest.raises(GrammarError, match=needle):
+        service.compile(spec, timeout=30)
+
+
+def test_slow_compile_times_out(service, monkeypatch) -> None:
+    real = service._compile_now
+
+    def slow(spec):
+        time.sleep(1.0)
+        return real(spec)
+
+    monkeypatch.setattr(service, "_compile_now", slow)
+    with pytest.raises(GrammarError, match="longer than 0.1s"):
+        service.compile(GrammarSpec("regex", "slow[0-9]"), timeout=0.1)
+
+
+def test_spec_from_sampling_params() -> None:
+    assert spec_from_sampling_params({"temperature": 1.0}) is None
+    assert spec_from_sampling_params({"json_schema": {"type": "integer"}}).text == '{"type": "integer"}'
+    assert spec_from_sampling_params({"regex": "a+"}).kind == "regex"
+    with pytest.raises(GrammarError, match="only one"):
+        spec_from_sampling_params({"regex": "a", "ebnf": "root ::= \"a\""})
+
+
+def test_unconstrained_rows_untouched(service, tokenizer) -> None:
+    info = tokenizer_info(tokenizer, VOCAB)
+    m = GrammarMatcher(service.compile(GrammarSpec("regex", "[0-9]+"), 30), info)
+    filler = BitmaskFiller()
+    filler.start([None, m, None], VOCAB)
+    bitmask, rows = filler.result()
+    assert rows == [1]
+    logits = torch.randn(3, VOCAB)
+    before = logits.clone()
+    _apply_mask(logits, bitmask, rows)
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and all(tokenizer.decode([t]).isdigit() for t in allowed)
