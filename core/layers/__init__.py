@@ -1,0 +1,1 @@
+"""Model building blocks that call the dispatch table, plus hardware-neutral helpers they share."""

@@ -1,0 +1,131 @@
+"""Torch-native MoE routing and experts (contracts in ``core/kernels/ops.py``).
+
+``fused_moe`` groups the (token, expert) pairs by expert and runs one GEMM pair per expert
+that received tokens; it never computes experts densely. Grouping needs the per-expert counts
+on the host, so it costs one device-to-host copy of ``E`` integers per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heteroserve.platforms.cpu.activation import silu_and_mul
+
+_SCORINGS = ("softmax", "sigmoid")
+
+
+def _check_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
+
+
+def _topk_desc(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values along the last dim, descending, lower index first on ties."""
+    values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int,
+                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: the ``k``
+    largest fp32 softmax probabilities, descending (ties: lower expert id first), renormalised
+    to sum 1 when ``renormalize``. Raises ``ValueError`` unless ``1 <= top_k <= E``."""
+    _check_top_k(top_k, router_logits.shape[-1])
+    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
+    weights, ids = _topk_desc(probs, top_k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 num_expert_group: int, topk_group: int, scoring: str = "softmax",
+                 correction_bias: torch.Tensor | None = None,
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-style group-limited routing (see ``GroupedTopKOp``).
+
+    ``router_logits [T, E]``; scores are fp32 softmax or sigmoid; ``correction_bias [E]``
+    biases selection only. Groups are ranked by their max score, or with a bias by the sum of
+    their two best biased scores; experts outside the best ``topk_group`` groups are excluded;
+    the ``top_k`` best remaining (by biased score, ties to the lower id) are weighted by their
+    unbiased score, optionally renormalised, then scaled by ``routed_scaling_factor``.
+    Returns ``(weights fp32 [T, k], ids int32 [T, k])`` in descending biased-score order.
+    Raises ``ValueError`` for an unknown scoring, ``E`` not divisible by the group count, or
+    ``top_k`` / ``topk_group`` out of range.
+    """
+    num_tokens, num_experts = router_logits.shape
+    if scoring not in _SCORINGS:
+        raise ValueError(f"grouped_topk: scoring must be one of {_SCORINGS}, got {scoring!r}")
+    if num_expert_group < 1 or num_experts % num_expert_group:
+        raise ValueError(f"grouped_topk: {num_experts} experts do not split into "
+                         f"{num_expert_group} equal groups")
+    if not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"grouped_topk: topk_group must be in 1..{num_expert_group}, "
+                         f"got {topk_group}")
+    per_group = num_experts // num_expert_group
+    _check_top_k(top_k, topk_group * per_group)
+    if correction_bias is not None and correction_bias.shape != (num_experts,):
+        raise ValueError(f"grouped_topk: correction_bias must be [{num_experts}], "
+                         f"got {tuple(correction_bias.shape)}")
+    logits = router_logits.to(torch.float32)
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    if correction_bias is None:
+        choice = scores
+        group_scores = choice.view(num_tokens, num_expert_group, per_group).amax(dim=-1)
+    else:
+        choice = scores + correction_bias.to(torch.float32)
+        best2 = _topk_desc(choice.view(num_tokens, num_expert_group, per_group),
+                           min(2, per_group))[0]
+        group_scores = best2.sum(dim=-1)
+    group_ids = _topk_desc(group_scores, topk_group)[1]
+    group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+    expert_keep = group_keep.repeat_interleave(per_group, dim=1)
+    choice = choice.masked_fill(~expert_keep, float("-inf"))
+    ids = _topk_desc(choice, top_k)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, ids.to(torch.int32)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated mixture of experts (see ``FusedMoEOp``).
+
+    ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, ``topk_weights [T, k]``,
+    ``topk_ids [T, k]`` in ``[0, E)``.
+    Expert GEMMs run in the weights' dtype; the weighted sum accumulates in fp32; the
+    result is ``[T, H]`` in ``x.dtype``. Raises ``ValueError`` on inconsistent shapes.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_i, w13_hidden = w13.shape
+    if (w13_hidden != hidden or two_i % 2 or w2.shape != (num_experts, hidden, two_i // 2)
+            or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens):
+        raise ValueError(f"fused_moe: inconsistent shapes x {tuple(x.shape)}, w13 "
+                         f"{tuple(w13.shape)}, w2 {tuple(w2.shape)}, topk_weights "
+                         f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}")
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out.to(x.dtype)
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).to(torch.long)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // top_k
+    weight_of = topk_weights.reshape(-1).to(torch.float32)[order]
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    if len(counts) > num_experts:
+        raise ValueError(f"fused_moe: topk_ids reach expert {len(counts) - 1}, but there are "
+                         f"only {num_experts} experts")
+    xw = x.to(w13.dtype)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of[start:start + count]
+        h = torch.nn.functional.linear(xw.index_select(0, rows), w13[expert])
+        y = torch.nn.functional.linear(silu_and_mul(h), w2[expert])
+        out.index_add_(0, rows, y.to(torch.float32) * weight_of[start:start + count, None])
+        start += count
+    return out.to(x.dtype)
