@@ -77,7 +77,7 @@ def resolve_op(registry: KernelRegistry, op: str, request: KernelRequest,
     """Pick the implementation of ``op`` for ``request`` (or check the ``forced`` one)."""
     candidates = registry.implementations(op)
     if forced is not None:
-        spec = registry.get(op, forced)
+        spec = registry.get(op, forced, request.platform)
         support = spec.check(request)
         if not support.ok:
             raise KernelResolutionError(

@@ -110,37 +110,59 @@ class KernelSpec:
 
 
 class DuplicateKernelError(ValueError):
-    """Two registrations share an (op, name) pair."""
+    """Two registrations share an (op, name) pair on an overlapping set of platforms."""
+
+
+def _overlap(a: KernelSpec, b: KernelSpec) -> bool:
+    return ANY_PLATFORM in a.platforms or ANY_PLATFORM in b.platforms or bool(
+        set(a.platforms) & set(b.platforms))
 
 
 @dataclass
 class KernelRegistry:
-    """All registered implementations, by op. Filled at start-up, read-only afterwards."""
+    """All registered implementations, by op. Filled at start-up, read-only afterwards.
 
-    _specs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
+    An implementation name may repeat within an op only for disjoint platforms (the shared
+    Triton kernels are ``triton`` on cuda, rocm and xpu alike), so ``--kernel OP=NAME`` means
+    the same thing everywhere.
+    """
+
+    _specs: dict[str, list[KernelSpec]] = field(default_factory=dict)
 
     def register(self, spec: KernelSpec) -> None:
-        """Add ``spec``. Raises :class:`DuplicateKernelError` if ``(op, name)`` is taken."""
-        by_name = self._specs.setdefault(spec.op, {})
-        if spec.name in by_name:
-            other = by_name[spec.name].provider or "?"
-            raise DuplicateKernelError(
-                f"kernel {spec.op}={spec.name} registered twice ({other} and {spec.provider})")
-        by_name[spec.name] = spec
+        """Add ``spec``. Raises :class:`DuplicateKernelError` if ``(op, name)`` is taken on a
+        platform ``spec`` also runs on."""
+        existing = self._specs.setdefault(spec.op, [])
+        for other in existing:
+            if other.name == spec.name and _overlap(other, spec):
+                raise DuplicateKernelError(
+                    f"kernel {spec.op}={spec.name} registered twice for overlapping platforms "
+                    f"({other.provider or '?'}: {', '.join(other.platforms)}; "
+                    f"{spec.provider or '?'}: {', '.join(spec.platforms)})")
+        existing.append(spec)
 
     def ops(self) -> list[str]:
         return sorted(self._specs)
 
     def implementations(self, op: str) -> list[KernelSpec]:
         """Implementations of ``op``, highest priority first (name breaks ties)."""
-        return sorted(self._specs.get(op, {}).values(), key=lambda s: (-s.priority, s.name))
+        return sorted(self._specs.get(op, []), key=lambda s: (-s.priority, s.name))
 
-    def get(self, op: str, name: str) -> KernelSpec:
-        try:
-            return self._specs[op][name]
-        except KeyError:
-            known = ", ".join(s.name for s in self.implementations(op)) or "none"
-            raise KeyError(f"no implementation {name!r} of op {op!r} (known: {known})") from None
+    def get(self, op: str, name: str, platform: str | None = None) -> KernelSpec:
+        """The implementation ``name`` of ``op`` (the one that runs on ``platform`` when
+        given). Raises ``KeyError`` listing the known names."""
+        matches = [s for s in self.implementations(op) if s.name == name
+                   and (platform is None or s.runs_on(platform))]
+        if not matches:
+            known = ", ".join(sorted({s.name for s in self.implementations(op)})) or "none"
+            where = f" on {platform}" if platform else ""
+            raise KeyError(f"no implementation {name!r} of op {op!r}{where} (known: {known})")
+        return matches[0]
+
+    def for_all(self) -> Iterator[KernelSpec]:
+        """Every registered implementation."""
+        for op in self.ops():
+            yield from self.implementations(op)
 
     def for_platform(self, platform: str) -> Iterator[KernelSpec]:
         """Every implementation that can run on ``platform``, op by op."""

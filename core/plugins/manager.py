@@ -165,9 +165,9 @@ def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
     _call(pm, plugin, "heteroserve_register_kernels", registry=staging)
     specs = [replace(s, provider=s.provider or source) for op in staging.ops()
              for s in staging.implementations(op)]
-    for spec in specs:
-        if spec.name in {s.name for s in catalog.registry.implementations(spec.op)}:
-            raise ValueError(f"kernel {spec.op}={spec.name} is already registered")
+    trial = KernelRegistry()
+    for spec in [*catalog.registry.for_all(), *specs]:
+        trial.register(spec)  # raises DuplicateKernelError before anything is kept
     for spec in specs:
         catalog.registry.register(spec)
     for p in platforms:

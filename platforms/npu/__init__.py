@@ -1,0 +1,1 @@
+"""Huawei Ascend NPU platform: torch_npu fused operators, HCCL collectives, NPU graphs."""

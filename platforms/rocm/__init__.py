@@ -1,0 +1,1 @@
+"""AMD ROCm platform: aiter kernels where installed, shared Triton kernels otherwise, RCCL."""

@@ -1,0 +1,1 @@
+"""Intel XPU platform: torch.xpu (+ intel-extension-for-pytorch when installed), XCCL."""
