@@ -1,0 +1,83 @@
+"""Cases for MoE routing (top-k softmax, grouped top-k) and the fused expert MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heteroserve.conformance.context import ALL_DTYPES, DTYPE_NAMES, ConformanceContext
+from heteroserve.conformance.params import Case
+from heteroserve.core.kernels import ops
+
+
+@dataclass(frozen=True)
+class TopKCase(Case):
+    """``ties``: some rows repeat logits exactly, exercising "ties: lower expert id first"."""
+
+    tokens: int
+    experts: int
+    top_k: int
+    renormalize: bool
+    ties: bool = False
+
+
+@dataclass(frozen=True)
+class GroupedTopKCase(Case):
+    """DeepSeek-style routing options (see ``ops.GroupedTopKOp``); ``bias``: a random
+    ``correction_bias``."""
+
+    tokens: int
+    experts: int
+    groups: int
+    topk_group: int
+    top_k: int
+    scoring: str
+    bias: bool
+    renormalize: bool
+    scaling: float
+
+
+@dataclass(frozen=True)
+class FusedMoECase(Case):
+    """``tokens`` routed to ``top_k`` of ``experts`` SiLU-and-mul experts."""
+
+    tokens: int
+    experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+def topk_softmax_cases(ctx: ConformanceContext) -> list[TopKCase]:
+    """Every dtype x expert counts 8-64, k 1-8, with and without renormalisation and ties."""
+    grid = [(1, 8, 2, True, False), (7, 64, 8, False, False), (9, 8, 2, False, True)]
+    if not ctx.quick:
+        grid += [(33, 60, 4, True, False), (5, 16, 1, False, True)]
+    return [TopKCase(ops.MOE_TOPK_SOFTMAX,
+                     f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}" + ("-renorm" if rn else "")
+                     + ("-ties" if ties else ""), dt, t, e, k, rn, ties)
+            for dt in ALL_DTYPES for t, e, k, rn, ties in grid]
+
+
+def grouped_topk_cases(ctx: ConformanceContext) -> list[GroupedTopKCase]:
+    """Every dtype x softmax and sigmoid+bias scoring, group layouts, scaling factors."""
+    # (tokens, experts, groups, topk_group, k, scoring, bias, renormalize, scaling)
+    grid = [(5, 16, 4, 2, 4, "softmax", False, True, 1.0),
+            (7, 64, 8, 4, 6, "sigmoid", True, True, 2.5)]
+    if not ctx.quick:
+        grid += [(1, 32, 4, 4, 8, "sigmoid", True, False, 1.0),
+                 (33, 16, 2, 1, 2, "softmax", False, False, 1.0)]
+    return [GroupedTopKCase(
+        ops.MOE_GROUPED_TOPK, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-g{g}:{tg}-k{k}-{sc}"
+        + ("-bias" if b else "") + ("-renorm" if rn else "") + (f"-x{s}" if s != 1 else ""),
+        dt, t, e, g, tg, k, sc, b, rn, s)
+        for dt in ALL_DTYPES for t, e, g, tg, k, sc, b, rn, s in grid]
+
+
+def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
+    """Every dtype x 1-33 tokens over 4-8 experts (some experts get no token)."""
+    grid = [(1, 4, 2, 128, 64), (6, 8, 2, 128, 96)]
+    if not ctx.quick:
+        grid += [(33, 8, 3, 256, 128)]
+    return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
+                         dt, t, e, k, h, i)
+            for dt in ALL_DTYPES for t, e, k, h, i in grid]

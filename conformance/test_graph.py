@@ -1,0 +1,70 @@
+"""Graph replay equals eager: capture a decode attention step plus RMSNorm with the platform's
+graph runner, change the inputs in place, replay, and compare with calling the ops eagerly.
+Runs for every attention backend (and for :class:`EagerGraphRunner` platforms too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heteroserve.conformance.attention_setup import make_setup, write_and_check
+from heteroserve.conformance.cases.platform import graph_cases
+from heteroserve.conformance.checks import assert_close
+from heteroserve.conformance.context import ConformanceContext
+from heteroserve.conformance.inputs import randn
+from heteroserve.conformance.oracles.attention import attention as attention_ref
+from heteroserve.conformance.oracles.norm import rms_norm as rms_norm_ref
+from heteroserve.conformance.paged import write_slots
+from heteroserve.conformance.params import ConfParam, conformance
+from heteroserve.core.kernels import ops
+
+EPS = 1e-6
+
+
+def _rms_norm_impl(ctx: ConformanceContext, dtype: torch.dtype):
+    for spec in ctx.specs(ops.RMS_NORM):  # highest priority first, as dispatch would pick
+        if spec.check(ctx.request(dtype)).ok:
+            return spec.load()
+    pytest.fail(f"no rms_norm implementation serves {dtype} on {ctx.name}", pytrace=False)
+
+
+@conformance(graph_cases, label="graph_replay")
+def test_graph_replay(conf: ConfParam, ctx: ConformanceContext,
+                      request: pytest.FixtureRequest) -> None:
+    s = make_setup(conf, ctx)
+    case, dev = conf.case, ctx.device
+    rms_norm = _rms_norm_impl(ctx, case.dtype)
+    write_and_check(s)
+    gen = case.generator(salt=1)
+    hidden = case.q_heads * case.head_size
+    x = randn(gen, len(case.seqs), hidden, dtype=case.dtype, device=dev)
+    weight = randn(gen, hidden, dtype=case.dtype, device=dev, scale=0.2, shift=1.0)
+    out_attn, out_norm = torch.zeros_like(s.q), torch.zeros_like(x)
+
+    def step() -> None:
+        out_attn.copy_(s.backend.decode(s.q, s.k_cache, s.v_cache, s.layer, s.batch.meta))
+        out_norm.copy_(rms_norm(x, weight, EPS))
+
+    graph = ctx.platform.make_graph_runner(dev).capture(step)
+    # new values in every static input: q, x and each sequence's cached K/V
+    s.q.copy_(randn(gen, *s.q.shape, dtype=case.dtype, device=dev))
+    x.copy_(randn(gen, *x.shape, dtype=case.dtype, device=dev))
+    for b, n in enumerate(s.batch.meta.seq_lens_cpu):
+        s.keys[b] = randn(gen, *s.keys[b].shape, dtype=case.dtype, device=torch.device("cpu"))
+        s.values[b] = randn(gen, *s.values[b].shape, dtype=case.dtype, device=torch.device("cpu"))
+        write_slots(s.k_cache, s.layout, s.batch.slots(b, 0, n), s.keys[b])
+        write_slots(s.v_cache, s.layout, s.batch.slots(b, 0, n), s.values[b])
+    graph.replay()
+    ctx.platform.synchronize(dev)
+    replay_attn, replay_norm = out_attn.clone(), out_norm.clone()
+    eager_attn = s.backend.decode(s.q, s.k_cache, s.v_cache, s.layer, s.batch.meta)
+    eager_norm = rms_norm(x, weight, EPS)
+    ctx.platform.synchronize(dev)
+    assert_close(replay_attn, eager_attn.double().cpu(), case.dtype,
+                 "replayed decode vs eager decode", request)
+    assert_close(replay_norm, eager_norm.double().cpu(), case.dtype,
+                 "replayed rms_norm vs eager rms_norm", request)
+    ref = attention_ref(s.q, s.keys, s.values, [1] * len(case.seqs), s.layer.scale)
+    assert_close(replay_attn, ref, case.dtype, "replayed decode vs oracle", request)
+    assert_close(replay_norm, rms_norm_ref(x, weight, EPS), case.dtype,
+                 "replayed rms_norm vs oracle", request)

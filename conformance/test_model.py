@@ -1,0 +1,60 @@
+"""Model-level check: greedy decode of small random-weight models through ``heteroserve.Engine``
+on the platform equals transformers' greedy output (float32, 16 tokens, two prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from heteroserve.conformance.cases.platform import ModelCase, model_cases
+from heteroserve.conformance.checks import record_error
+from heteroserve.conformance.context import ConformanceContext
+from heteroserve.conformance.params import ConfParam, conformance
+
+PROMPTS = ("The quick brown fox", "Hello, world! How are you today? I am fine, thank you.")
+
+
+def _reference(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # compare all tokens, as ignore_eos does
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0)
+            out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+@conformance(model_cases, impl="engine")
+def test_model_greedy(conf: ConfParam, ctx: ConformanceContext,
+                      tmp_path_factory: pytest.TempPathFactory,
+                      request: pytest.FixtureRequest) -> None:
+    case: ModelCase = conf.case  # type: ignore[assignment]
+    try:
+        from heteroserve.core.engine import Engine
+    except ImportError:
+        pytest.skip("engine not available")
+    from transformers import AutoTokenizer
+
+    from heteroserve.core.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{case.arch}"), case.arch, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = _reference(path, prompts, case.new_tokens)
+    engine = Engine(model_path=str(path), platform=ctx.name, dtype="float32",
+                    max_total_tokens=4096)
+    try:
+        outs = engine.generate(input_ids=prompts, sampling_params={
+            "max_new_tokens": case.new_tokens, "temperature": 0.0, "ignore_eos": True})
+    finally:
+        engine.shutdown()
+    got = [list(o["output_ids"]) for o in outs]
+    record_error(request, 0.0 if got == want else 1.0)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i} ({PROMPTS[i]!r}): engine {g} != transformers {w}"
