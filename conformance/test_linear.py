@@ -40,6 +40,9 @@ def checkpoint(case: LinearCase, w: torch.Tensor, fp8_dtype: torch.dtype | None,
     raise ValueError(f"unknown scheme {s!r}")
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
 @conformance(linear_cases)
 def test_linear(conf: ConfParam, ctx: ConformanceContext,
                 request: pytest.FixtureRequest) -> None:
@@ -67,6 +70,9 @@ def test_linear(conf: ConfParam, ctx: ConformanceContext,
             f"{t.dtype}{list(t.shape)}"
         layer.register_parameter(name, torch.nn.Parameter(t.to(dev), requires_grad=False))
     method.process_weights_after_loading(layer)
+    processed = getattr(layer, "weight", None)
+    if case.scheme in FP8_SCHEMES and processed is not None and processed.dtype in FP8_DTYPES:
+        act_fp8 = processed.dtype  # the contract: activations take the weight's fp8 format
     bias = (torch.randn(case.out_features, generator=gen, dtype=torch.float64)
             .to(dt)) if case.bias else None
     if case.scheme in ("fp8_per_tensor", "fp8_block", "int8_w8a8"):

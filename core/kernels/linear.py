@@ -10,7 +10,10 @@ Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input fea
 
 - ``unquantized``: ``weight [N, K]`` in the model dtype.
 - ``fp8_per_tensor`` (W8A8): ``weight [N, K]`` fp8 e4m3, ``weight_scale [1]`` fp32;
-  activations quantized dynamically per tensor. ``W ≈ weight * weight_scale``.
+  activations quantized dynamically per tensor. ``W ≈ weight * weight_scale``. For both fp8
+  schemes, activations are quantized to the fp8 format the layer's ``weight`` holds after
+  ``process_weights_after_loading`` (a platform whose fp8 flavour is e4m3fnuz converts the
+  checkpoint's e4m3fn weight there, and its activations follow).
 - ``fp8_block`` (W8A8, DeepSeek style): ``weight [N, K]`` fp8, ``weight_scale_inv
   [ceil(N/128), ceil(K/128)]`` fp32 (one scale per 128x128 block); activations quantized
   dynamically per token and per 128-column group.
