@@ -1,0 +1,39 @@
+"""Measure the two ceilings of the device in the same run as a benchmark: copy bandwidth
+(bytes read + written per second by a large device-to-device copy) and the bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _time_ms(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(num_bytes: int = 4 << 30, iters: int = 10) -> float:
+    """Bytes/s moved (read + write) by a device-to-device copy of ``num_bytes``."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), iters)
+    del src, dst
+    return 2 * num_bytes / (ms / 1e3)
+
+
+def matmul_rate(n: int = 8192, iters: int = 10) -> float:
+    """bf16 FLOP/s of an ``n x n x n`` product on random data."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = _time_ms(lambda: a @ b, iters)
+    return 2 * n ** 3 / (ms / 1e3)

@@ -1,0 +1,38 @@
+"""What every layer needs at build time, passed explicitly instead of through globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from heteroserve.core.distributed.communicator import Communicator
+from heteroserve.core.kernels.attention import AttentionBackend, AttentionMetadata
+from heteroserve.core.kernels.dispatch import DispatchTable
+
+
+@dataclass
+class LayerContext:
+    """Build-time facts: the dispatch table, parameter dtype and device, and this rank's place
+    in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``)."""
+
+    dispatch: DispatchTable
+    dtype: torch.dtype
+    device: torch.device
+    tp_rank: int = 0
+    tp_size: int = 1
+    communicator: Communicator | None = None
+    quant_scheme: str = "unquantized"
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)
+
+
+@dataclass
+class ForwardContext:
+    """Per-step state the attention layers read: the backend, the KV caches, the metadata."""
+
+    backend: AttentionBackend
+    k_caches: list[torch.Tensor]
+    v_caches: list[torch.Tensor]
+    meta: AttentionMetadata

@@ -1,0 +1,26 @@
+"""RMSNorm through the dispatch table."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from heteroserve.core.layers.context import LayerContext
+
+
+class RMSNorm(nn.Module):
+    """``forward(x)`` -> normed; ``forward(x, residual)`` -> ``(normed, x + residual)``."""
+
+    def __init__(self, ctx: LayerContext, size: int, eps: float) -> None:
+        super().__init__()
+        self.ctx, self.eps = ctx, eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=ctx.dtype, device=ctx.device),
+                                   requires_grad=False)
+
+    def load(self, name: str, tensor: torch.Tensor, shard: object = None) -> None:
+        self.weight.data.copy_(tensor.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ctx.dispatch.rms_norm(x, self.weight, self.eps)
+        return self.ctx.dispatch.fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,1 @@
+"""Weight loading: Hugging Face safetensors folders, or dummy weights of the real shapes."""

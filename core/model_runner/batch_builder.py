@@ -1,0 +1,68 @@
+"""Turn a scheduler's per-sequence view into a :class:`ForwardBatch` on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
+from heteroserve.core.model_runner.forward_batch import ForwardBatch
+
+
+@dataclass
+class SequenceInput:
+    """One sequence in a step: its new tokens, how many tokens are already cached, and its
+    pages in order (covering at least ``prefix_len + len(new_token_ids)`` slots)."""
+
+    new_token_ids: list[int]
+    prefix_len: int
+    pages: list[int]
+
+
+def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size: int,
+                        device: torch.device) -> ForwardBatch:
+    """Build every field of the step's :class:`AttentionMetadata` on the host, then move each
+    tensor once. Raises ``ValueError`` when a sequence's pages cannot hold its tokens, or a
+    decode sequence has more than one new token."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    out_loc: list[int] = []
+    qo_indptr = [0]
+    page_indptr = [0]
+    page_indices: list[int] = []
+    seq_lens: list[int] = []
+    prefix_lens: list[int] = []
+    last_page_len: list[int] = []
+    for s in seqs:
+        n_new = len(s.new_token_ids)
+        if n_new == 0 or (mode is ForwardMode.DECODE and n_new != 1):
+            raise ValueError(f"{mode.value} sequence with {n_new} new tokens")
+        total = s.prefix_len + n_new
+        n_pages = -(-total // page_size)
+        if len(s.pages) < n_pages:
+            raise ValueError(f"sequence of {total} tokens needs {n_pages} pages, has {len(s.pages)}")
+        input_ids += s.new_token_ids
+        for pos in range(s.prefix_len, total):
+            positions.append(pos)
+            out_loc.append(s.pages[pos // page_size] * page_size + pos % page_size)
+        qo_indptr.append(qo_indptr[-1] + n_new)
+        page_indices += s.pages[:n_pages]
+        page_indptr.append(len(page_indices))
+        seq_lens.append(total)
+        prefix_lens.append(s.prefix_len)
+        last_page_len.append(total - (n_pages - 1) * page_size)
+
+    def i32(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    def i64(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        mode=mode, page_size=page_size, qo_indptr=i32(qo_indptr), seq_lens=i32(seq_lens),
+        prefix_lens=i32(prefix_lens), kv_page_indptr=i32(page_indptr),
+        kv_page_indices=i32(page_indices), kv_last_page_len=i32(last_page_len),
+        out_cache_loc=i64(out_loc), seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens)
+    return ForwardBatch(input_ids=i64(input_ids), positions=i64(positions), attn=meta,
+                        logits_indices=i64([q - 1 for q in qo_indptr[1:]]))

@@ -1,0 +1,85 @@
+"""Build a model runner from server arguments: plugins, platform, dispatch, KV pool."""
+
+from __future__ import annotations
+
+import logging
+
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.distributed.communicator import Communicator
+from heteroserve.core.kernels.dispatch import (
+    DispatchTable, negotiate_page_size, parse_kernel_overrides, resolve_dispatch,
+)
+from heteroserve.core.kernels.registry import KernelRequest
+from heteroserve.core.model_runner.runner import ModelRunner
+from heteroserve.core.models.config import ModelConfig
+from heteroserve.core.platform import Platform
+from heteroserve.core.plugins.manager import load_plugins
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(server_args: ServerArgs) -> str:
+    """``--model-path``, or the default tiny model built locally when none is given."""
+    if server_args.model_path:
+        return server_args.model_path
+    from heteroserve.core.models.tiny import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None) -> KernelRequest:
+    caps = platform.capabilities()
+    return KernelRequest(
+        platform=platform.name, device_type=platform.device_type, dtype=cfg.dtype,
+        head_size=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        page_size=page_size, sliding_window=cfg.sliding_window is not None,
+        platform_page_sizes=caps.kv_page_sizes)
+
+
+def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
+                       communicator: Communicator | None = None,
+                       device_index: int | None = None
+                       ) -> tuple[Platform, DispatchTable, ModelRunner]:
+    """Select the platform, resolve the dispatch table, load the model, size the KV pool, and
+    log one start-up block saying what was decided. Errors are one-line exceptions."""
+    catalog = load_plugins()
+    platform = catalog.select(server_args.platform)
+    index = server_args.device_index if device_index is None else device_index
+    platform.set_device(index)
+    model_path = resolve_model_path(server_args)
+    cfg = ModelConfig.from_folder(model_path, server_args.dtype, server_args.context_length)
+    if cfg.dtype not in platform.capabilities().dtypes:
+        raise ValueError(f"platform {platform.name} does not support {cfg.dtype}; "
+                         f"choose --dtype from {platform.capabilities().describe()['dtypes']}")
+    overrides = parse_kernel_overrides(server_args.kernel)
+    request = kernel_request(platform, cfg, server_args.page_size)
+    request = request.with_page_size(
+        negotiate_page_size(catalog.registry, request, overrides.get("attention")))
+    dispatch = resolve_dispatch(catalog.registry, request, overrides)
+    runner = ModelRunner(server_args, platform, dispatch, cfg, request.page_size or 1,
+                         tp_rank, server_args.tp_size, communicator, index)
+    if tp_rank == 0:
+        logger.info("%s", startup_block(platform, catalog, dispatch, runner))
+    return platform, dispatch, runner
+
+
+def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: ModelRunner) -> str:
+    """The one readable block that says what the engine decided."""
+    cfg, kv = runner.model_config, runner.kv
+    avail = catalog.platforms[platform.name].availability
+    lines = [
+        "heteroserve engine",
+        f"  platform     {platform.name} ({', '.join(avail.devices) or runner.device})",
+        f"  model        {cfg.architecture} from {cfg.path} ({cfg.dtype}, "
+        f"{runner.weight_bytes() / 2**30:.2f} GiB weights, load format "
+        f"{runner.server_args.load_format}, tp {runner.tp_size})",
+        f"  kv cache     {kv.num_pages} pages x {kv.page_size} tokens = {kv.num_tokens} tokens, "
+        f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}",
+        f"  context      {runner.max_context_len} tokens; graphs "
+        f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
+        "  kernels",
+    ]
+    lines += [f"    {op:<22} {impl} ({kind})" for op, impl, kind in dispatch.summary()]
+    for f in catalog.failures:
+        lines.append(f"  plugin {f.plugin} failed to load: {f.error}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The model runner: loads the model, owns the KV cache, runs one forward step."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.distributed.communicator import Communicator
+from heteroserve.core.kernels.attention import AttentionConfig, ForwardMode
+from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.linear import LinearBase
+from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
+from heteroserve.core.model_runner import kv_storage
+from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.models.config import ModelConfig, ModelLoadError
+from heteroserve.core.models.registry import model_class
+from heteroserve.core.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """One rank's model, KV cache and attention backend.
+
+    ``forward(batch) -> logits fp32 [B, vocab]`` runs one step; decode steps replay captured
+    graphs when the platform captures them (see :mod:`graph_decode`).
+    """
+
+    def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
+                 model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
+                 communicator: Communicator | None = None, device_index: int | None = None) -> None:
+        self.server_args, self.platform, self.dispatch = server_args, platform, dispatch
+        self.model_config = cfg = model_config
+        self.page_size = page_size
+        self.device = platform.device(server_args.device_index if device_index is None else device_index)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
+                           communicator if tp_size > 1 else None, dispatch.request.quant_scheme)
+        self.model = model_class(cfg.architecture)(ctx, cfg)
+        self._load_weights()
+        attn_heads = self.model.model.layers[0].self_attn.attn
+        self.backend = dispatch.attention(AttentionConfig(
+            num_q_heads=attn_heads.num_heads, num_kv_heads=attn_heads.num_kv_heads,
+            head_size=cfg.head_dim, page_size=page_size, dtype=cfg.dtype, device=self.device,
+            max_batch_size=server_args.max_running_requests, max_context_len=cfg.context_len))
+        self.kv = self._allocate_kv()
+        self.num_pages = self.kv.num_pages
+        self.max_total_tokens = self.kv.num_tokens
+        self.max_context_len = cfg.context_len
+        self.vocab_size = cfg.vocab_size
+        self.graphs: Any = None
+        if platform.capabilities().graph_capture and not server_args.disable_cuda_graph:
+            from heteroserve.core.model_runner.graph_decode import DecodeGraphs
+
+            self.graphs = DecodeGraphs.capture_if_supported(self)
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _load_weights(self) -> None:
+        cfg, args = self.model_config, self.server_args
+        if args.load_format == "dummy":
+            fill_dummy(self.model, seed=args.random_seed)
+        else:
+            filled = {name.rpartition(".")[0] for name in
+                      self.model.load_weights(iterate_safetensors(cfg.path))}
+            holders = {name for name, m in self.model.named_modules()
+                       if any(True for _ in m.parameters(recurse=False))}
+            if cfg.tie_word_embeddings:
+                holders.discard("lm_head")
+            missing = sorted(holders - filled)
+            if missing:
+                raise ModelLoadError(f"{cfg.path}: checkpoint has no weights for {len(missing)} "
+                                     f"module(s), e.g. {', '.join(missing[:3])}")
+        for module in self.model.modules():
+            if isinstance(module, LinearBase):
+                module.process_weights_after_loading()
+
+    def _allocate_kv(self) -> kv_storage.KVStorage:
+        args, cfg = self.server_args, self.model_config
+        self.platform.synchronize(self.device)
+        free, total = self.platform.memory_info(self.device)
+        page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cfg.dtype)
+        cap = cfg.context_len * args.max_running_requests
+        pages = kv_storage.plan_num_pages(free, total, args.mem_fraction_static, page_bytes,
+                                          self.page_size, args.max_total_tokens, cap)
+        return kv_storage.allocate(self.backend, cfg.num_layers, pages, cfg.dtype, self.device)
+
+    # -- the step ------------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits fp32 ``[B, vocab]`` of each sequence's last new token."""
+        if self.graphs is not None and batch.attn.mode is ForwardMode.DECODE:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
+        return self.forward_eager(batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        self.backend.prepare(batch.attn)
+        fwd = ForwardContext(self.backend, self.kv.k_caches, self.kv.v_caches, batch.attn)
+        hidden = self.model(batch, fwd)
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -1,0 +1,177 @@
+"""The decoder-only transformer shared by every supported architecture.
+
+An architecture is a :class:`DecoderSpec` (qkv bias, per-head q/k norm, dense MLP or MoE)
+plus a weight-name mapping; its module names mirror Hugging Face's so checkpoints load by
+name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heteroserve.core.layers.attention import PagedAttention
+from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from heteroserve.core.layers.linear import (
+    MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+)
+from heteroserve.core.layers.moe import FusedMoE
+from heteroserve.core.layers.norm import RMSNorm
+from heteroserve.core.layers.rotary import RotaryEmbedding
+from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.models.config import ModelConfig, ModelLoadError
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What distinguishes one architecture's decoder layer from another's."""
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    moe_module: str | None = None  # attribute name of the MoE block ("block_sparse_moe", "mlp")
+    use_sliding_window: bool = False
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, spec: DecoderSpec, layer_id: int) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(ctx, cfg.hidden_size, cfg.head_dim, cfg.num_heads,
+                                          cfg.num_kv_heads, spec.qkv_bias)
+        heads, kv_heads, hd = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size, self.head_dim = heads * hd, kv_heads * hd, hd
+        self.o_proj = RowParallelLinear(ctx, cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
+        rotary_dim = int(hd * cfg.raw.get("partial_rotary_factor", 1.0))
+        self.rotary_emb = RotaryEmbedding(ctx, rotary_dim, cfg.max_position, cfg.rope_theta,
+                                          cfg.rope_scaling)
+        window = cfg.sliding_window if spec.use_sliding_window else None
+        self.attn = PagedAttention(layer_id, heads, kv_heads, hd, hd ** -0.5, window)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, -1, self.head_dim)
+        k = k.reshape(t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
+        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
+        o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), fwd)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, ctx: LayerContext, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.gate_up_proj = MergedColumnParallelLinear(ctx, hidden, [inter, inter], bias=False)
+        self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ctx.dispatch.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, spec: DecoderSpec, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(ctx, cfg, spec, layer_id)
+        self.post_attention_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+        if spec.moe_module:
+            moe = FusedMoE(ctx, cfg.num_experts, cfg.top_k, cfg.hidden_size,
+                           cfg.moe_intermediate_size, cfg.norm_topk_prob)
+            setattr(self, spec.moe_module, moe)
+            self.feed_forward: nn.Module = moe
+        else:
+            self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
+            self.feed_forward = self.mlp
+
+    def forward(self, positions, hidden, residual, fwd):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, fwd)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.feed_forward(hidden), residual
+
+
+class _Backbone(nn.Module):
+    def __init__(self, ctx, cfg, spec) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(ctx, cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(ctx, cfg, spec, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+
+
+_STACKED = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"),
+            (".v_proj.", ".qkv_proj.", "v"), (".gate_proj.", ".gate_up_proj.", 0),
+            (".up_proj.", ".gate_up_proj.", 1)]
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+class CausalLM(nn.Module):
+    """``forward(batch, fwd) -> hidden [T, H]``; ``compute_logits(hidden [B, H]) -> fp32
+    [B, vocab]``; ``load_weights(named tensors)`` places checkpoint tensors by name."""
+
+    spec = DecoderSpec()
+
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ctx, self.config = ctx, cfg
+        self.model = _Backbone(ctx, cfg, self.spec)
+        self.lm_head = ParallelLMHead(ctx, cfg.vocab_size, cfg.hidden_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, batch: ForwardBatch, fwd: ForwardContext) -> torch.Tensor:
+        hidden = self.model.embed_tokens(batch.input_ids)
+        residual = None
+        for layer in self.model.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, fwd)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def _target(self, name: str) -> tuple[str, str, object]:
+        """Map a checkpoint name to ``(module path, parameter name, shard)``."""
+        m = _EXPERT.match(name)
+        if m:
+            return m.group(1), _EXPERT_NAMES.get(m.group(3), m.group(3)), int(m.group(2))
+        shard = None
+        for old, new, sid in _STACKED:
+            if old in name and (self.spec.moe_module is None or ".experts." not in name):
+                name, shard = name.replace(old, new), sid
+                break
+        module, _, param = name.rpartition(".")
+        return module, param, shard
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load every tensor; returns the set of module parameters that were filled.
+        Raises :class:`ModelLoadError` for a name the model has no place for."""
+        filled: set[str] = set()
+        for name, tensor in tensors:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            module_path, param, shard = self._target(name)
+            try:
+                module = self.get_submodule(module_path)
+            except AttributeError:
+                raise ModelLoadError(f"checkpoint tensor {name} has no matching module") from None
+            module.load(param, tensor, shard)
+            filled.add(f"{module_path}.{param}")
+        return filled
+
+    def expected_tensors(self) -> int:
+        return sum(1 for _ in self.parameters())
