@@ -1,0 +1,1 @@
+"""KV page allocation and the radix prefix cache."""

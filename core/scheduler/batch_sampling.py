@@ -1,0 +1,81 @@
+"""From a step's logits to its next tokens: logit bias, penalties, grammar masks, sampling
+and logprobs, as batched torch ops on the logits' device."""
+
+from __future__ import annotations
+
+import torch
+
+from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.kernels.ops import SamplingBatch
+from heteroserve.core.scheduler.request import Req
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
+    """In place, rows with penalties or logit bias only. Repetition penalty (Hugging Face
+    semantics, over prompt and output): positive logits divided by it, negative multiplied.
+    Frequency/presence penalties (OpenAI semantics, over the output): subtract
+    ``frequency * count + presence * (count > 0)``."""
+    vocab = logits.shape[1]
+    for row, req in enumerate(reqs):
+        sp = req.sampling_params
+        if sp.logit_bias:
+            ids = torch.tensor([int(k) for k in sp.logit_bias], device=logits.device)
+            vals = torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype,
+                                device=logits.device)
+            keep = ids < vocab
+            logits[row].index_add_(0, ids[keep], vals[keep])
+        if not sp.needs_penalties:
+            continue
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.fill_ids)), device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
+                                            vals * sp.repetition_penalty)
+        if req.output_ids and (sp.frequency_penalty or sp.presence_penalty):
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
+            out = torch.tensor(req.output_ids, device=logits.device)
+            counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            logits[row] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+
+
+def sampling_batch(reqs: list[Req], device: torch.device) -> SamplingBatch:
+    sps = [r.sampling_params for r in reqs]
+    return SamplingBatch(
+        temperatures=torch.tensor([0.0 if s.greedy else s.temperature for s in sps],
+                                  dtype=torch.float32).to(device),
+        top_ks=torch.tensor([s.top_k if s.top_k > 0 else 0 for s in sps], dtype=torch.int32).to(device),
+        top_ps=torch.tensor([s.top_p for s in sps], dtype=torch.float32).to(device),
+        min_ps=torch.tensor([s.min_p for s in sps], dtype=torch.float32).to(device),
+        seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(device),
+        steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64).to(device),
+        all_greedy=all(s.greedy for s in sps))
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Req]
+                ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Per row: the chosen token's logprob and the top-N alternatives, from ``log_softmax``
+    of the logits after bias, penalties and grammar masks but before temperature (so a
+    logprob describes the model's distribution, as in SGLang and vLLM)."""
+    rows = [i for i, r in enumerate(reqs) if r.return_logprob]
+    chosen: list[float | None] = [None] * len(reqs)
+    tops: list[list[tuple[int, float]] | None] = [None] * len(reqs)
+    if not rows:
+        return chosen, tops
+    index = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits[index].float(), dim=-1)
+    picked = lp.gather(1, tokens[index].view(-1, 1)).view(-1).tolist()
+    k = max(reqs[i].top_logprobs_num for i in rows)
+    top_vals, top_ids = (lp.topk(k, dim=-1) if k else (None, None))
+    for j, i in enumerate(rows):
+        chosen[i] = picked[j]
+        n = reqs[i].top_logprobs_num
+        if n and top_ids is not None:
+            tops[i] = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+        else:
+            tops[i] = []
+    return chosen, tops
+
+
+def sample(dispatch: DispatchTable, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    """Next token ids ``[B]`` (int64, on the logits' device)."""
+    return dispatch.sampling(logits, sampling_batch(reqs, logits.device))

@@ -1,0 +1,79 @@
+"""One request's state inside the scheduler."""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from heteroserve.core.scheduler.sampling_params import SamplingParams
+
+
+class ReqState(str, enum.Enum):
+    WAITING = "waiting"      # queued (new, or retracted and requeued)
+    RUNNING = "running"      # holds KV; prefilling in chunks, then decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request (see core/runtime for the consumer)."""
+
+    rid: str
+    new_token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: dict[str, Any] | None = None
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Req:
+    """State machine: WAITING -> RUNNING (prefill chunks until ``kv_len`` covers every token
+    but the last generated one, then decode) -> FINISHED; a retraction sends a RUNNING
+    request back to WAITING with its KV released and its outputs kept.
+
+    ``fill_ids`` (prompt + outputs) is what must be in the KV cache for the next step;
+    ``kv_len`` tokens of it already are. ``pages`` covers ``kv_len`` (prefix pages come from
+    the radix cache and are locked through ``cache_node``).
+    """
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    state: ReqState = ReqState.WAITING
+    kv_len: int = 0
+    pages: list[int] = field(default_factory=list)
+    num_prefix_pages: int = 0
+    cache_node: Any = None
+    cached_tokens: int = 0
+    prefilled: bool = False
+    seed: int = 0
+    grammar: Any = None
+    finish_reason: dict[str, Any] | None = None
+    arrival: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.input_ids:
+            raise ValueError("empty prompt")
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def pending_len(self) -> int:
+        """Tokens whose KV the next step must compute."""
+        return len(self.input_ids) + len(self.output_ids) - self.kv_len
+
+    def derive_seed(self, engine_seed: int) -> None:
+        sp_seed = self.sampling_params.seed
+        self.seed = sp_seed if sp_seed is not None else zlib.crc32(
+            f"{engine_seed}:{self.rid}".encode()) & 0x7FFFFFFF

@@ -1,0 +1,259 @@
+"""Continuous batching with chunked prefill, a radix prefix cache and retraction.
+
+Each :meth:`Scheduler.step` runs one forward pass: an *extend* batch (new requests and
+continuing chunks, up to ``chunked_prefill_size`` tokens) when there is prefill work that
+fits, otherwise a *decode* batch of every running request. When a decode step cannot get
+KV pages even after evicting unlocked cache entries, the newest running requests are
+retracted: their KV goes to the radix cache (or is freed), they return to the front of the
+queue, and they later re-prefill prompt + outputs and continue with identical sampling
+(randomness is keyed by seed and step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from heteroserve.core.cache.page_allocator import PageAllocator
+from heteroserve.core.cache.radix_cache import NoopPrefixCache, RadixCache
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.kernels.attention import ForwardMode
+from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+from heteroserve.core.scheduler import batch_sampling
+from heteroserve.core.scheduler.grammar_step import GrammarStep
+from heteroserve.core.scheduler.policy import order_waiting
+from heteroserve.core.scheduler.request import Req, ReqState, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """See the module docstring. ``model_runner`` provides ``forward``, ``page_size``,
+    ``num_pages``, ``device``, ``dispatch``, ``vocab_size`` and ``max_context_len``."""
+
+    def __init__(self, model_runner: Any, server_args: ServerArgs, eos_token_ids: list[int],
+                 page_size: int, tokenizer_info: Any | None = None,
+                 think_end_id: int | None = None) -> None:
+        self.runner, self.args = model_runner, server_args
+        self.eos = set(eos_token_ids)
+        self.page_size = page_size
+        self.allocator = PageAllocator(model_runner.num_pages)
+        self.cache = NoopPrefixCache(page_size) if server_args.disable_radix_cache \
+            else RadixCache(page_size)
+        self.grammar = GrammarStep(tokenizer_info, model_runner.vocab_size, think_end_id)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.max_total_tokens = self.allocator.capacity * page_size
+        self.max_context_len = model_runner.max_context_len
+        self.max_running_requests = server_args.max_running_requests
+        self._arrivals = itertools.count()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
+                         "retractions": 0}
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        """Queue ``req``. ``ValueError`` if it could never fit in the KV pool."""
+        need = len(req.input_ids) + req.sampling_params.max_new_tokens
+        if need > self.max_total_tokens:
+            raise ValueError(f"request needs {need} KV slots but the pool holds "
+                             f"{self.max_total_tokens}; shorten it")
+        req.derive_seed(self.args.random_seed)
+        req.arrival = next(self._arrivals)
+        self.grammar.attach(req)
+        self.counters["prompt_tokens"] += len(req.input_ids)
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> list[StepOutput]:
+        """Drop ``rid`` wherever it is; returns its final output (empty if unknown)."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    if req.state is ReqState.RUNNING:
+                        self._release(req, cache_it=True)
+                    return [self._finish(req, {"type": "abort", "message": "aborted"})]
+        return []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- pages ---------------------------------------------------------------------------------
+    def _alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        pages = self.allocator.alloc(n)
+        if pages is None:
+            self.allocator.free(self.cache.evict(n - self.allocator.num_free))
+            pages = self.allocator.alloc(n)
+        return pages
+
+    def _available_pages(self) -> int:
+        return self.allocator.num_free + self.cache.evictable_pages()
+
+    def _release(self, req: Req, cache_it: bool) -> None:
+        """Give back ``req``'s KV: full pages into the cache when enabled, the rest freed."""
+        if cache_it and self.cache.enabled:
+            keep = req.kv_len // self.page_size  # >= num_prefix_pages: prefixes are full pages
+            free = self.cache.insert(req.fill_ids[: keep * self.page_size], req.pages[:keep])
+            free += req.pages[keep:]
+        else:
+            free = req.pages[req.num_prefix_pages:]
+        self.allocator.free(free)
+        if req.cache_node is not None:
+            self.cache.dec_lock(req.cache_node)
+        req.pages, req.num_prefix_pages, req.cache_node, req.kv_len = [], 0, None, 0
+        req.prefilled = False
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _admit(self, req: Req) -> bool:
+        """Match the prefix, lock it and move ``req`` to running; False if no room."""
+        fill = req.fill_ids
+        match = self.cache.match_prefix(fill[: len(fill) - 1])
+        self.cache.inc_lock(match.node)
+        req.pages, req.num_prefix_pages = list(match.pages), len(match.pages)
+        req.cache_node, req.kv_len = match.node, match.num_tokens
+        req.cached_tokens = max(req.cached_tokens, match.num_tokens) if req.output_ids \
+            else match.num_tokens
+        req.state = ReqState.RUNNING
+        return True
+
+    def _grow(self, req: Req, upto: int) -> bool:
+        """Make ``req.pages`` cover ``upto`` tokens."""
+        need = -(-upto // self.page_size) - len(req.pages)
+        pages = self._alloc(need)
+        if pages is None:
+            return False
+        req.pages += pages
+        return True
+
+    def _prefill_batch(self) -> list[tuple[Req, int]]:
+        budget = self.args.chunked_prefill_size
+        batch: list[tuple[Req, int]] = []
+        for req in self.running:  # chunked prefills in progress come first
+            if not req.prefilled and budget > 0:
+                n = min(req.pending_len, budget)
+                if not self._grow(req, req.kv_len + n):
+                    break
+                batch.append((req, n))
+                budget -= n
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
+            if budget <= 0 or len(self.running) >= self.max_running_requests:
+                break
+            headroom = len(self.running) + 1  # a page per running request for its next decode
+            if self._available_pages() < -(-min(req.pending_len, budget) // self.page_size) + headroom:
+                break
+            self._admit(req)
+            n = min(req.pending_len, budget)
+            if not self._grow(req, req.kv_len + n):
+                self._release(req, cache_it=False)
+                req.state = ReqState.WAITING
+                break
+            self.waiting.remove(req)
+            self.running.append(req)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _ensure_decode_pages(self) -> None:
+        """Give every running request a slot for its next token, retracting if needed."""
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            while req in self.running and not self._grow(req, req.kv_len + 1):
+                victim = max(self.running, key=lambda r: r.arrival)
+                self._retract(victim)
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self._release(req, cache_it=True)
+        req.state = ReqState.WAITING
+        self.waiting.insert(0, req)
+        self.counters["retractions"] += 1
+        logger.info("KV pool full: retracted %s (%d tokens so far)", req.rid, len(req.output_ids))
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Run one forward pass and return what it produced."""
+        batch = self._prefill_batch()
+        if batch:
+            seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages)
+                    for r, n in batch]
+            mode = ForwardMode.EXTEND
+        else:
+            self._ensure_decode_pages()
+            batch = [(r, 1) for r in self.running]
+            if not batch:
+                return []
+            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in batch]
+            mode = ForwardMode.DECODE
+        sampled = [r for r, n in batch if r.kv_len + n == len(r.fill_ids)]
+        self.grammar.start(sampled)
+        fb = build_forward_batch(seqs, mode, self.page_size, self.runner.device)
+        logits = self.runner.forward(fb)
+        for r, n in batch:
+            r.kv_len += n
+            r.prefilled = r.prefilled or r.kv_len == len(r.fill_ids)
+        rows = [i for i, (r, _) in enumerate(batch) if r in sampled]
+        return self._sample_and_finish(logits[rows] if len(rows) != len(batch) else logits, sampled)
+
+    def _sample_and_finish(self, logits, reqs: list[Req]) -> list[StepOutput]:
+        if not reqs:
+            self.grammar.apply(self.runner.dispatch, logits)
+            return []
+        batch_sampling.apply_penalties(logits, reqs)
+        self.grammar.apply(self.runner.dispatch, logits)
+        tokens = batch_sampling.sample(self.runner.dispatch, logits, reqs)
+        chosen, tops = batch_sampling.logprobs_of(logits, tokens, reqs)
+        outputs = []
+        for i, (req, token) in enumerate(zip(reqs, tokens.tolist())):
+            req.output_ids.append(token)
+            self.counters["generation_tokens"] += 1
+            reason = self._finish_reason(req, token)
+            out = StepOutput(req.rid, [token], None if chosen[i] is None else [chosen[i]],
+                             None if tops[i] is None else [tops[i]])
+            if reason is not None:
+                self.running.remove(req)
+                self._release(req, cache_it=True)
+                fin = self._finish(req, reason)
+                out.finish_reason = fin.finish_reason
+            self._fill_counts(out, req)
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, req: Req, token: int) -> dict[str, Any] | None:
+        sp = req.sampling_params
+        if self.grammar.advance(req, token):
+            return {"type": "stop", "matched": token}
+        if sp.stop_token_ids and token in sp.stop_token_ids:
+            return {"type": "stop", "matched": token}
+        if not sp.ignore_eos and token in self.eos:
+            return {"type": "stop", "matched": token}
+        if len(req.output_ids) >= sp.max_new_tokens:
+            return {"type": "length", "length": sp.max_new_tokens}
+        if len(req.fill_ids) >= self.max_context_len:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def _finish(self, req: Req, reason: dict[str, Any]) -> StepOutput:
+        req.state, req.finish_reason = ReqState.FINISHED, reason
+        self.counters["cached_tokens"] += req.cached_tokens
+        out = StepOutput(req.rid, [], finish_reason=reason)
+        self._fill_counts(out, req)
+        return out
+
+    @staticmethod
+    def _fill_counts(out: StepOutput, req: Req) -> None:
+        out.cached_tokens, out.prompt_tokens = req.cached_tokens, len(req.input_ids)
+        out.completion_tokens = len(req.output_ids)
+
+    def get_stats(self) -> dict[str, Any]:
+        used = self.allocator.num_used
+        return {"num_running": len(self.running), "num_waiting": len(self.waiting),
+                "kv_used_pages": used, "kv_total_pages": self.allocator.capacity,
+                "kv_usage": used / self.allocator.capacity,
+                "kv_cached_pages": self.cache.cached_pages,
+                "kv_request_pages": used - self.cache.cached_pages,
+                "cache_hit_rate": self.cache.hit_rate,
+                "cached_tokens_total": self.counters["cached_tokens"],
+                "prompt_tokens_total": self.counters["prompt_tokens"],
+                "generation_tokens_total": self.counters["generation_tokens"],
+                "num_retractions": self.counters["retractions"]}
