@@ -100,7 +100,7 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     scaling["rope_type"] = kind
     return theta, scaling
 

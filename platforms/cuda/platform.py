@@ -1,0 +1,113 @@
+"""The NVIDIA CUDA platform (``torch.cuda``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from heteroserve.core.distributed.communicator import Communicator
+from heteroserve.core.graph import GraphRunner
+from heteroserve.core.platform import (
+    Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
+)
+
+
+def cuda_unavailable() -> str | None:
+    """Why this process cannot use an NVIDIA GPU through torch, or None when it can."""
+    if torch.version.hip is not None:
+        return "torch is a ROCm (HIP) build; use --platform rocm"
+    if torch.version.cuda is None:
+        return "torch was built without CUDA (install a CUDA wheel of torch)"
+    try:
+        if not torch.cuda.is_available():
+            return "no CUDA device visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    except Exception as exc:  # a broken driver raises from is_available on some versions
+        return f"CUDA initialisation failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class CudaPlatform(Platform):
+    """NVIDIA GPUs. Capabilities: bf16 (sm80+), fp16, fp32; fp8 e4m3fn on sm89+; any KV page
+    size in NHD or HND; CUDA graph capture; NCCL. Services go through ``torch.cuda``."""
+
+    name = "cuda"
+    device_type = "cuda"
+    priority = 100
+
+    def detect(self) -> Availability:
+        why = cuda_unavailable()
+        if why:
+            return Availability(False, why)
+        count = torch.cuda.device_count()
+        names = tuple(torch.cuda.get_device_name(i) for i in range(count))
+        cap = torch.cuda.get_device_capability(0)
+        return Availability(True, f"{count} CUDA device(s), compute capability "
+                                  f"{cap[0]}.{cap[1]}, CUDA {torch.version.cuda}", names)
+
+    def _capability(self) -> tuple[int, int] | None:
+        if cuda_unavailable():
+            return None
+        return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
+
+    def capabilities(self) -> PlatformCapabilities:
+        cap = self._capability()
+        bf16 = cap is None or cap >= (8, 0)
+        dtypes = ((torch.bfloat16,) if bf16 else ()) + (torch.float16, torch.float32)
+        return PlatformCapabilities(
+            dtypes=dtypes,
+            fp8_flavour=Fp8Flavour.E4M3FN if cap is not None and cap >= (8, 9) else None,
+            kv_page_sizes=None,
+            kv_layouts=(KVLayout.NHD, KVLayout.HND),
+            graph_capture=True,
+            distributed_backend="nccl",
+            extra={
+                "compute_capability": None if cap is None else f"{cap[0]}.{cap[1]}",
+                "triton": _installed("triton"),
+                "flashinfer": _installed("flashinfer"),
+            },
+        )
+
+    # -- device services --------------------------------------------------------------------
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def memory_info(self, device: torch.device) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+
+    def synchronize(self, device: torch.device | None = None) -> None:
+        torch.cuda.synchronize(device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    def new_stream(self, device: torch.device) -> Any | None:
+        return torch.cuda.Stream(device)
+
+    def new_event(self) -> Any | None:
+        return torch.cuda.Event(enable_timing=True)
+
+    def make_communicator(self, group: Any | None = None) -> Communicator:
+        """Collectives over ``group`` through torch.distributed's ``nccl`` backend."""
+        from heteroserve.platforms.cuda.communicator import NcclCommunicator
+
+        return NcclCommunicator(group)
+
+    def make_graph_runner(self, device: torch.device) -> GraphRunner:
+        from heteroserve.platforms.cuda.graph import CudaGraphRunner
+
+        return CudaGraphRunner(device)

@@ -1,0 +1,16 @@
+"""Device facts the launchers size their grids with (cached per device)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=16)
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors / compute units of ``device``; 64 where unknown (CPU)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).multi_processor_count)
+    return 64

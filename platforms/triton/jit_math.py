@@ -1,0 +1,29 @@
+"""Small pieces of Triton math shared by several kernels of this package."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` through ``exp`` (exact limits at +-inf; portable to every Triton backend)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def mma(a, b, EXACT_FP32: tl.constexpr):
+    """``tl.dot(a, b)``; with ``EXACT_FP32`` the fp32 products are exact (``ieee``) instead of
+    the backend's default (tf32 on NVIDIA), which the fp32 tolerances need. 16-bit, fp8 and
+    int8 operands never pass it."""
+    if EXACT_FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def exact_fp32(dtype: torch.dtype) -> bool:
+    """Whether dots over operands of ``dtype`` must use exact fp32 products."""
+    return dtype == torch.float32

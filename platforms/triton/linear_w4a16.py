@@ -1,0 +1,123 @@
+"""W4A16 linear methods (AWQ, GPTQ v1 with optional act-order) on the Triton dequant-GEMM
+(checkpoint layouts: ``core/kernels/linear.py``; kernel layout: :mod:`.w4a16_gemm`).
+
+``process_weights_after_loading`` repacks both schemes into one layout: ``w4_qweight [K/8,
+N]`` int32, ``w4_zeros`` / ``w4_scales`` ``[G, N]`` fp16. Act-order GPTQ whose groups all
+hold ``group_size`` rows is turned into plain grouping by permuting the weight's input rows
+once (``w4_perm``; ``apply`` gathers the activation columns in that order); any other
+``g_idx`` is kept (``w4_g_idx``) and read per row by the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heteroserve.core.kernels.linear import LinearMethod, LinearShape, ParamSpec
+from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
+from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
+from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
+
+
+def _group(shape: LinearShape, k_multiple: int) -> int:
+    """The group size (``-1``: one group over all of K); ``ValueError`` if unpackable."""
+    k, n = shape.input_size, shape.output_size
+    group = k if shape.group_size == -1 else shape.group_size
+    if group <= 0 or k % group:
+        raise ValueError(f"input size {k} is not a multiple of group size {shape.group_size}")
+    if n % 8 or k % k_multiple:
+        raise ValueError(f"4-bit packing needs output size % 8 == 0 and input size % "
+                         f"{k_multiple} == 0, got N={n}, K={k}")
+    return group
+
+
+class _W4A16Linear(LinearMethod):
+    """Shared ``apply`` over the repacked layout."""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
+        qweight, zeros = get_param(layer, "w4_qweight"), get_param(layer, "w4_zeros")
+        scales = get_param(layer, "w4_scales")
+        k = int(getattr(layer, "w4_in_features"))
+        x2 = rows(x, k, self.scheme)
+        perm = getattr(layer, "w4_perm", None)
+        if perm is not None:
+            x2 = x2.index_select(1, perm)
+        g_idx = getattr(layer, "w4_g_idx", None)
+        group = k // zeros.shape[0] if g_idx is None else k
+        y = w4a16_gemm(x2, qweight, zeros, scales, group, g_idx)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def _store(layer: torch.nn.Module, k: int, packed: tuple[torch.Tensor, ...],
+               perm: torch.Tensor | None, g_idx: torch.Tensor | None) -> None:
+        drop_params(layer, "qweight", "qzeros", "scales", "g_idx")
+        for name, t in zip(("w4_qweight", "w4_zeros", "w4_scales"), packed):
+            set_param(layer, name, t)
+        layer.w4_in_features = k
+        if perm is not None:
+            set_param(layer, "w4_perm", perm)
+        if g_idx is not None:
+            set_param(layer, "w4_g_idx", g_idx.to(torch.int32).contiguous())
+
+
+class AwqW4A16Linear(_W4A16Linear):
+    """AWQ 4-bit weights (fp16 scales, per-group zero points); activations unquantized."""
+
+    scheme = "awq_w4a16"
+
+    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
+        group = _group(shape, 1)
+        k, n = shape.input_size, shape.output_size
+        return {"qweight": ParamSpec((k, n // 8), torch.int32),
+                "qzeros": ParamSpec((k // group, n // 8), torch.int32),
+                "scales": ParamSpec((k // group, n), torch.float16)}
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        qweight, qzeros = get_param(layer, "qweight"), get_param(layer, "qzeros")
+        scales = get_param(layer, "scales")
+        k, groups = qweight.shape[0], qzeros.shape[0]
+        if groups == 0 or k % groups or (k // groups) % 16:
+            raise ValueError(f"awq_w4a16: {k} input rows in {groups} groups (group size must "
+                             "be a multiple of 16)")
+        self._store(layer, k, repack_awq(qweight, qzeros, scales), None, None)
+
+
+class GptqW4A16Linear(_W4A16Linear):
+    """GPTQ (v1 zero points) 4-bit weights, optional act-order ``g_idx``; activations
+    unquantized."""
+
+    scheme = "gptq_w4a16"
+
+    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
+        group = _group(shape, 8)
+        k, n = shape.input_size, shape.output_size
+        specs = {"qweight": ParamSpec((k // 8, n), torch.int32),
+                 "qzeros": ParamSpec((k // group, n // 8), torch.int32),
+                 "scales": ParamSpec((k // group, n), torch.float16)}
+        if shape.has_g_idx:
+            specs["g_idx"] = ParamSpec((k,), torch.int32)
+        return specs
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        qweight, qzeros = get_param(layer, "qweight"), get_param(layer, "qzeros")
+        scales = get_param(layer, "scales")
+        k, groups = qweight.shape[0] * 8, qzeros.shape[0]
+        if groups == 0 or k % groups:
+            raise ValueError(f"gptq_w4a16: {k} input rows do not split into {groups} groups")
+        group = k // groups
+        g_idx = getattr(layer, "g_idx", None)
+        perm = keep_g_idx = None
+        if isinstance(g_idx, torch.Tensor):
+            if g_idx.shape != (k,):
+                raise ValueError(f"gptq_w4a16: g_idx must have shape [{k}], got "
+                                 f"{tuple(g_idx.shape)}")
+            trivial = torch.arange(k, device=g_idx.device) // group
+            if not torch.equal(g_idx.to(torch.int64), trivial):
+                perm = act_order_perm(g_idx, group, groups)
+                keep_g_idx = g_idx if perm is None else None
+        if keep_g_idx is None and group % 16:
+            raise ValueError(f"gptq_w4a16: group size {group} must be a multiple of 16")
+        self._store(layer, k, repack_gptq(qweight, qzeros, scales, perm), perm, keep_g_idx)

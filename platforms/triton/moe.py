@@ -1,0 +1,110 @@
+"""Triton fused MoE and top-k softmax routing (contracts: ``FusedMoEOp``, ``TopKSoftmaxOp``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from heteroserve.platforms.triton.moe_align import align_pairs
+from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
+
+MAX_EXPERTS = 4096
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, w_ptr, ids_ptr, stride_l, num_experts,
+    TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    valid = offs < num_experts
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=valid, other=float("-inf"))
+    x = x.to(tl.float32)
+    p = tl.where(valid, tl.exp(x - tl.max(x, 0)), 0.0)
+    p = p / tl.sum(p, 0)
+    work = tl.where(valid, p, -1.0)
+    kk = tl.arange(0, BLOCK_K)
+    weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(work, 0)
+        idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
+        weights = tl.where(kk == j, best, weights)
+        ids = tl.where(kk == j, idx, ids)
+        work = tl.where(offs == idx, -2.0, work)
+    if RENORM:
+        weights = weights / tl.sum(weights, 0)
+    k_mask = kk < TOP_K
+    tl.store(w_ptr + row * TOP_K + kk, weights, mask=k_mask)
+    tl.store(ids_ptr + row * TOP_K + kk, ids, mask=k_mask)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int,
+                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: the ``k``
+    largest fp32 softmax probabilities, descending (ties: lower expert id first), renormalised
+    to sum 1 when ``renormalize``. Raises ``ValueError`` unless ``1 <= top_k <= E <=
+    MAX_EXPERTS``."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"topk_softmax: logits must be [T, E], got {tuple(router_logits.shape)}")
+    t, e = router_logits.shape
+    if not 1 <= top_k <= e or e > MAX_EXPERTS:
+        raise ValueError(f"top_k must be in 1..{e} (and E <= {MAX_EXPERTS}), got {top_k}")
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    if t:
+        _topk_softmax_kernel[(t,)](
+            logits, weights, ids, logits.stride(0), e, TOP_K=top_k, RENORM=renormalize,
+            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+            num_warps=1 if e <= 256 else 4)
+    return weights, ids
+
+
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+           topk_ids: torch.Tensor) -> None:
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("fused_moe: x must be [T, H], w13 [E, 2I, H] and w2 [E, H, I]")
+    e, two_i, h = w13.shape
+    if h != x.shape[1] or two_i % 2 or w2.shape != (e, h, two_i // 2):
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 "
+                         f"{tuple(w2.shape)} disagree")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or \
+            topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                         f"{tuple(topk_ids.shape)} must both be [T, k] with T={x.shape[0]}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"fused_moe: weights must be {x.dtype}, got {w13.dtype}/{w2.dtype}")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              configs: tuple[Config, Config] | None = None) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
+    ``e = topk_ids[t, j]``; ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (same dtype).
+    Returns ``[T, H]`` in ``x.dtype``. Two grouped-GEMM launches (SiLU-and-mul fused into the
+    first), pairs grouped on device without host sync; the per-pair results (rounded to
+    ``x.dtype``) are summed over ``k``. ``configs`` overrides the tile choice (tuning; both
+    must share ``BLOCK_M``). Raises ``ValueError`` on inconsistent shapes."""
+    _check(x, w13, w2, topk_weights, topk_ids)
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    if t == 0 or top_k == 0:
+        return torch.zeros_like(x)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
+    num_pairs = t * top_k
+    cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
+    if cfg1[0] != cfg2[0]:
+        raise ValueError("fused_moe: both GEMM configs must share BLOCK_M")
+    pairs = align_pairs(topk_ids, e, cfg1[0])
+    inter = torch.empty((num_pairs, two_i // 2), dtype=x.dtype, device=x.device)
+    moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1)
+    out = torch.empty((num_pairs, h), dtype=x.dtype, device=x.device)
+    route = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2)
+    return out.view(t, top_k, h).sum(dim=1)

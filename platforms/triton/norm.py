@@ -1,0 +1,87 @@
+"""Triton RMSNorm and fused residual-add + RMSNorm (contracts in ``core/kernels/ops.py``).
+
+One program per row holds the whole row in registers (hidden sizes up to ``MAX_HIDDEN``);
+math is fp32, outputs are rounded to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN = 65536
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, y_ptr,
+    stride_x, stride_r, stride_y, hidden, eps,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(x_ptr.dtype.element_ty)
+        tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (x * inv_rms * w).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor, op: str) -> torch.Tensor:
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"{op}: weight shape {tuple(weight.shape)} does not match hidden "
+                         f"size {hidden}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"{op}: hidden size {hidden} exceeds {MAX_HIDDEN}")
+    return x.reshape(-1, hidden)
+
+
+def _warps(block: int) -> int:
+    return min(16, max(1, block // 256))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x [..., H]``, ``weight [H]`` -> ``x / sqrt(mean(x^2) + eps) * weight`` in
+    ``x.dtype`` (fp32 math), a new tensor. Raises ``ValueError`` on a weight/hidden mismatch."""
+    x2 = _rows(x, weight, "rms_norm")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, x2, weight, y, x2.stride(0), x2.stride(0), y.stride(0), x2.shape[1], float(eps),
+            BLOCK=block, HAS_RESIDUAL=False, num_warps=_warps(block))
+    return y.view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + residual`` (rounded to ``x.dtype``); returns ``(rms_norm(r), r)``.
+
+    In place: ``r`` is written into ``residual`` and the normalised rows into ``x`` (into
+    contiguous copies when the inputs are not contiguous); the returned tensors are those
+    buffers. Raises ``ValueError`` on mismatched shapes or dtypes."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"fused_add_rms_norm: x {x.dtype}{tuple(x.shape)} and residual "
+                         f"{residual.dtype}{tuple(residual.shape)} differ")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not residual.is_contiguous():
+        residual = residual.contiguous()
+    x2 = _rows(x, weight, "fused_add_rms_norm")
+    r2 = residual.view(x2.shape)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, x2, x2.stride(0), r2.stride(0), x2.stride(0), x2.shape[1],
+            float(eps), BLOCK=block, HAS_RESIDUAL=True, num_warps=_warps(block))
+    return x, residual

@@ -1,0 +1,71 @@
+"""Dynamic symmetric activation quantization for the W8A8 schemes (one Triton kernel).
+
+Per (row, ``group``-column group): ``s = max(amax / qmax, 1e-12)``, ``q = clamp(x / s, -qmax,
+qmax)`` rounded to the output dtype (fp8: the cast's round-to-nearest-even; int8: nearest,
+ties to even). ``group = K`` gives per-token scales; a given scale pointer (``static``) skips
+the amax pass (per-tensor quantization with a precomputed scale).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_SCALE = 1e-12
+#: 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude < 2**22 to an integer,
+#: ties to even (the FPU's rounding mode), on every backend and in the interpreter.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, K, group, qmax, min_scale,
+    IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    lo = g * group
+    hi = tl.minimum(lo + group, K)
+    if STATIC:
+        scale = tl.load(s_ptr)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(lo, hi, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < hi, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, 0) / qmax, min_scale)
+        tl.store(s_ptr + row * stride_sm + g, scale)
+    for off in range(lo, hi, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        m = cols < hi
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=m, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(x / scale, -qmax), qmax)
+        if IS_INT:
+            v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+        tl.store(q_ptr + row * stride_qm + cols, v.to(q_ptr.dtype.element_ty), mask=m)
+
+
+def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
+                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``.
+
+    ``group``: columns per scale (``None``: the whole row). ``scale``: a precomputed fp32
+    scale of one element (per-tensor); then ``group`` is ignored. Returns ``(q [M, K], s)``
+    with ``s`` fp32 ``[M, ceil(K / group)]`` (or ``scale`` itself)."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    g = k if (group is None or scale is not None) else group
+    groups = max(1, triton.cdiv(k, g))
+    s = scale if scale is not None else torch.empty((m, groups), dtype=torch.float32,
+                                                     device=x.device)
+    if m and k:
+        block = min(1024, triton.next_power_of_2(g)) if x.device.type != "cpu" else 32
+        _quant_kernel[(m, groups)](
+            x, q, s, x.stride(0), q.stride(0), s.stride(0) if scale is None else 0, k, g,
+            float(qmax), MIN_SCALE, IS_INT=not out_dtype.is_floating_point,
+            STATIC=scale is not None, BLOCK=block, num_warps=4)
+    return q, s

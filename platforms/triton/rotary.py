@@ -1,0 +1,79 @@
+"""Triton rotary position embedding, in place (contract: ``RotaryOp`` in ``core/kernels/ops.py``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, pos_ptr, cache_ptr,
+    stride_xt, stride_xh, stride_cache, num_heads,
+    HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < HALF
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
+                  other=0.0).to(tl.float32)
+    if IS_NEOX:
+        i1 = offs_r
+        i2 = offs_r + HALF
+    else:
+        i1 = 2 * offs_r
+        i2 = 2 * offs_r + 1
+    mask = (offs_h < num_heads)[:, None] & r_mask[None, :]
+    base = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh
+    x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + i2[None, :], mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * cos[None, :] - x2 * sin[None, :]
+    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(base + i1[None, :], o1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + i2[None, :], o2.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate_(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> None:
+    t, heads, _ = x.shape
+    half = cache.shape[1] // 2
+    block_r = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_r))
+    _rotary_kernel[(t, triton.cdiv(heads, block_h))](
+        x, positions, cache, x.stride(0), x.stride(1), cache.stride(0), heads,
+        HALF=half, IS_NEOX=is_neox, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=4)
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` in place at ``positions`` (int ``[T]``).
+
+    ``cos_sin_cache`` fp32 ``[max_position, R]`` holds ``[cos | sin]``; the first ``R <= D``
+    dims of each head rotate (NeoX halves when ``is_neox``, else GPT-J pairs), the rest are
+    untouched. q/k may be strided views (last dim contiguous); a view whose last dim is not
+    contiguous is rotated in a copy. Returns ``(q, k)``. Raises ``ValueError`` on inconsistent
+    shapes (positions are not range-checked, to avoid a host sync).
+    """
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"rotary: q and k must be [T, H, D], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    rot_dim = cos_sin_cache.shape[-1]
+    if rot_dim % 2 or rot_dim > q.shape[-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"rotary: cache width {rot_dim} must be even and <= head size "
+                         f"{q.shape[-1]} (k head size {k.shape[-1]})")
+    if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
+        raise ValueError(f"rotary: positions {tuple(positions.shape)}, q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)} disagree on the token count")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    if q.shape[0]:
+        _rotate_(q, positions, cache, is_neox)
+        _rotate_(k, positions, cache, is_neox)
+    return q, k

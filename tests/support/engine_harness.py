@@ -1,0 +1,62 @@
+"""Drive a model runner or a scheduler directly, for tests (no processes)."""
+
+from __future__ import annotations
+
+import torch
+
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.kernels.attention import ForwardMode
+from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+from heteroserve.core.model_runner.build import build_model_runner
+from heteroserve.core.scheduler import Req, Scheduler
+from heteroserve.core.scheduler.sampling_params import SamplingParams
+
+
+def cpu_args(path, **kw) -> ServerArgs:
+    kw.setdefault("max_total_tokens", 4096)
+    return ServerArgs(model_path=str(path), platform="cpu", dtype="float32", **kw)
+
+
+class PagedSequence:
+    """One sequence's pages from a simple bump allocator, for driving a runner by hand."""
+
+    next_page = 1
+
+    def __init__(self, runner, num_tokens: int) -> None:
+        n = -(-num_tokens // runner.page_size)
+        self.pages = list(range(PagedSequence.next_page, PagedSequence.next_page + n))
+        PagedSequence.next_page += n
+        assert PagedSequence.next_page <= runner.num_pages, "test pool exhausted"
+
+
+def extend(runner, seqs: list[tuple[list[int], int, PagedSequence]]) -> torch.Tensor:
+    batch = build_forward_batch([SequenceInput(ids, prefix, s.pages) for ids, prefix, s in seqs],
+                                ForwardMode.EXTEND, runner.page_size, runner.device)
+    return runner.forward(batch)
+
+
+def decode(runner, seqs: list[tuple[int, int, PagedSequence]]) -> torch.Tensor:
+    batch = build_forward_batch([SequenceInput([t], pos, s.pages) for t, pos, s in seqs],
+                                ForwardMode.DECODE, runner.page_size, runner.device)
+    return runner.forward(batch)
+
+
+def run_scheduler(args: ServerArgs, prompts: list[list[int]], eos: list[int] = (),
+                  runner=None, **sampling) -> tuple[dict[str, list[int]], Scheduler]:
+    """Generate for every prompt through one scheduler; returns ``{rid: output ids}``."""
+    if runner is None:
+        _, _, runner = build_model_runner(args)
+    sched = Scheduler(runner, args, list(eos), runner.page_size)
+    sampling.setdefault("max_new_tokens", 16)
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("ignore_eos", True)
+    for i, ids in enumerate(prompts):
+        sched.add_request(Req(rid=f"r{i}", input_ids=list(ids),
+                              sampling_params=SamplingParams(**sampling)))
+    outs: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for _ in range(10_000):
+        if not sched.has_work():
+            break
+        for o in sched.step():
+            outs[o.rid] += o.new_token_ids
+    return outs, sched

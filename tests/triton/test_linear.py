@@ -1,0 +1,131 @@
+"""Triton linear methods and their kernels against float64: activation quantization, the
+scaled GEMM (block scales with fp32 stand-ins for fp8; int8), W4A16 AWQ/GPTQ (plain,
+act-order as a permutation, arbitrary g_idx) and int8 W8A8 end to end. fp8 itself needs a GPU
+(the interpreter has no fp8): see test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_refs import rel_err
+
+from heteroserve.conformance import quantize
+from heteroserve.conformance.oracles import linear as oracle
+from heteroserve.core.kernels.linear import LinearShape
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _layer(method: object, shape: LinearShape, ckpt: dict[str, torch.Tensor],
+           device: torch.device) -> torch.nn.Module:
+    specs = method.create_weights(shape)  # type: ignore[attr-defined]
+    assert set(specs) == set(ckpt)
+    layer = torch.nn.Module()
+    for name, spec in specs.items():
+        assert (tuple(spec.shape), spec.dtype) == (tuple(ckpt[name].shape), ckpt[name].dtype)
+        layer.register_parameter(name, torch.nn.Parameter(ckpt[name].to(device),
+                                                          requires_grad=False))
+    method.process_weights_after_loading(layer)  # type: ignore[attr-defined]
+    return layer
+
+
+def test_quantize_rows_int8_and_groups(device: torch.device) -> None:
+    from heteroserve.platforms.triton.quant import quantize_rows
+
+    x = torch.randn(5, 300, generator=_gen(0)) * 3
+    q, s = quantize_rows(x.to(device), torch.int8, 127.0, None)
+    ref_s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    assert s.shape == (5, 1) and rel_err(s, ref_s) < 1e-7
+    assert (q.cpu().long() - torch.round(x / ref_s).long()).abs().max() <= 1  # rounding only
+    qf, sf = quantize_rows(x.to(device), torch.float32, 448.0, 128)  # fp32 output: no rounding
+    ref_g = torch.stack([(x[:, j:j + 128].abs().amax(-1) / 448) for j in (0, 128, 256)], -1)
+    assert sf.shape == (5, 3) and rel_err(sf, ref_g) < 1e-7
+    deq = qf.cpu() * sf.cpu().repeat_interleave(128, 1)[:, :300]
+    assert rel_err(deq, x) < 1e-6
+
+
+def test_scaled_gemm_block_scales(device: torch.device) -> None:
+    from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
+
+    g = _gen(1)
+    m, n, k = 7, 200, 320
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    sa = torch.rand(m, 3, generator=g) + 0.5
+    sb = torch.rand(2, 3, generator=g) + 0.5
+    bias = torch.randn(n, generator=g)
+    out = scaled_gemm(a.to(device), b.to(device), sa.to(device), (3, 1), sb.to(device), (3, 1),
+                      128, 128, torch.float32, bias=bias.to(device), per_k_scales=True,
+                      config=(16, 32, 32, 1, 1))
+    a_deq = a.double() * sa.double().repeat_interleave(128, 1)[:, :k]
+    b_deq = b.double() * sb.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    assert rel_err(out, a_deq @ b_deq.T + bias.double()) < 1e-6
+
+
+def test_int8_w8a8_linear(device: torch.device) -> None:
+    from heteroserve.platforms.triton.linear_w8a8 import Int8W8A8Linear
+
+    g = _gen(2)
+    t, k, n = 7, 256, 96
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    ckpt = quantize.quantize_int8_per_channel(w)
+    method = Int8W8A8Linear()
+    layer = _layer(method, LinearShape(k, n, torch.float32), ckpt, device)
+    x = quantize.w8a8_activations(g, t, k, "int8_w8a8", torch.float32, None)
+    bias = torch.randn(n, generator=g)
+    out = method.apply(layer, x.to(device), bias.to(device))
+    ref = oracle.linear("int8_w8a8", x, ckpt, 128, bias, None)
+    assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("t,k,n,group", [(1, 256, 128, 128), (5, 128, 64, 32)])
+def test_awq(device: torch.device, t: int, k: int, n: int, group: int) -> None:
+    from heteroserve.platforms.triton.linear_w4a16 import AwqW4A16Linear
+
+    g = _gen(k + n)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    ckpt = quantize.pack_awq(w, group)
+    method = AwqW4A16Linear()
+    layer = _layer(method, LinearShape(k, n, torch.float32, group), ckpt, device)
+    x = torch.randn(2, t, k, generator=g)
+    out = method.apply(layer, x.to(device))
+    ref = oracle.linear("awq_w4a16", x.view(-1, k), ckpt, group, None, None)
+    assert out.shape == (2, t, n) and rel_err(out.reshape(-1, n), ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["plain", "act_order", "ragged_g_idx"])
+def test_gptq(device: torch.device, kind: str) -> None:
+    from heteroserve.platforms.triton.linear_w4a16 import GptqW4A16Linear
+
+    g = _gen(len(kind))
+    t, k, n, group = 3, 256, 64, 64
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    g_idx = None
+    if kind == "act_order":
+        perm = torch.randperm(k, generator=g)
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[perm] = torch.arange(k) // group
+    elif kind == "ragged_g_idx":  # groups of unequal sizes: kept as g_idx for the kernel
+        g_idx = torch.randint(0, k // group, (k,), generator=g)
+        g_idx[: k // group] = torch.arange(k // group)
+    ckpt = quantize.pack_gptq(w, group, g_idx)
+    method = GptqW4A16Linear()
+    layer = _layer(method, LinearShape(k, n, torch.float32, group, g_idx is not None), ckpt,
+                   device)
+    assert hasattr(layer, "w4_perm") == (kind == "act_order")
+    assert hasattr(layer, "w4_g_idx") == (kind == "ragged_g_idx")
+    x = torch.randn(t, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    out = method.apply(layer, x.to(device), bias.to(device))
+    ref = oracle.linear("gptq_w4a16", x, ckpt, group, bias, None)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_shape_errors() -> None:
+    from heteroserve.platforms.triton.linear_w4a16 import AwqW4A16Linear, GptqW4A16Linear
+
+    with pytest.raises(ValueError, match="group size"):
+        AwqW4A16Linear().create_weights(LinearShape(100, 64, torch.float16, 128))
+    with pytest.raises(ValueError, match="output size"):
+        GptqW4A16Linear().create_weights(LinearShape(128, 60, torch.float16, 128))
