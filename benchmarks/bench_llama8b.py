@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import copy_bandwidth, matmul_rate  # noqa: E402
 
-MODEL_DIR = Path(__file__).resolve().parent / "models" / "llama-3.1-8b"
+MODEL_DIR = Path(os.environ.get("HS_MODEL_DIR", Path(__file__).resolve().parent / "models" / "llama-3.1-8b"))
 
 
 def _log(msg: str) -> None:

@@ -69,11 +69,12 @@ class RadixCache:
         upper.children[self._first(node.key)] = node
         return upper
 
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
-        """Longest cached page-aligned prefix of ``token_ids``."""
+    def match_prefix(self, token_ids: list[int], count: bool = True) -> MatchResult:
+        """Longest cached page-aligned prefix of ``token_ids``. ``count=False`` leaves the
+        hit statistics alone (for lookups that only inform scheduling)."""
         key = tuple(token_ids[: len(token_ids) // self.page_size * self.page_size])
         node, pages, stamp = self.root, [], next(_clock)
-        self.queried_tokens += len(token_ids)
+        self.queried_tokens += len(token_ids) if count else 0
         while key:
             child = node.children.get(self._first(key))
             if child is None:
@@ -85,7 +86,7 @@ class RadixCache:
             pages += child.pages
             key = key[len(child.key):]
             node = child
-        self.hit_tokens += len(pages) * self.page_size
+        self.hit_tokens += len(pages) * self.page_size if count else 0
         return MatchResult(pages, len(pages) * self.page_size, node)
 
     def insert(self, token_ids: list[int], pages: list[int]) -> list[int]:
@@ -166,8 +167,8 @@ class NoopPrefixCache(RadixCache):
 
     enabled = False
 
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
-        self.queried_tokens += len(token_ids)
+    def match_prefix(self, token_ids: list[int], count: bool = True) -> MatchResult:
+        self.queried_tokens += len(token_ids) if count else 0
         return MatchResult([], 0, self.root)
 
     def insert(self, token_ids: list[int], pages: list[int]) -> list[int]:

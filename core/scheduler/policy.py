@@ -14,7 +14,6 @@ def order_waiting(waiting: list[Req], policy: str, cache: RadixCache) -> list[Re
     together while it is cached. Matching here only reads the tree."""
     if policy == "fcfs" or not cache.enabled or len(waiting) < 2:
         return list(waiting)
-    queried, hits = cache.queried_tokens, cache.hit_tokens  # ordering is not a real lookup
-    scored = [(-cache.match_prefix(r.fill_ids).num_tokens, i, r) for i, r in enumerate(waiting)]
-    cache.queried_tokens, cache.hit_tokens = queried, hits
+    scored = [(-cache.match_prefix(r.fill_ids, count=False).num_tokens, i, r)
+              for i, r in enumerate(waiting)]
     return [r for _, _, r in sorted(scored, key=lambda t: (t[0], t[1]))]

@@ -26,6 +26,9 @@ from heteroserve.core.scheduler.policy import order_waiting
 from heteroserve.core.scheduler.request import Req, ReqState, StepOutput
 
 logger = logging.getLogger(__name__)
+#: a queued request sharing at least this many uncached tokens with one being prefilled in
+#: the same step waits a step and reuses that prefix from the cache instead of recomputing it
+IN_BATCH_SHARE = 32
 
 
 class Scheduler:
@@ -105,6 +108,22 @@ class Scheduler:
         req.pages, req.num_prefix_pages, req.cache_node, req.kv_len = [], 0, None, 0
         req.prefilled = False
 
+    def _cache_prefix(self, req: Req) -> None:
+        """Share ``req``'s computed full pages right away (not only when it finishes), so
+        requests with the same prefix queued behind it hit the cache on their next step."""
+        keep = req.kv_len // self.page_size
+        if keep <= req.num_prefix_pages:
+            return
+        ids = req.fill_ids[: keep * self.page_size]
+        duplicates = self.cache.insert(ids, req.pages[:keep])
+        match = self.cache.match_prefix(ids, count=False)
+        self.cache.inc_lock(match.node)
+        if req.cache_node is not None:
+            self.cache.dec_lock(req.cache_node)
+        req.pages = match.pages + req.pages[keep:]
+        req.num_prefix_pages, req.cache_node = keep, match.node
+        self.allocator.free(duplicates)
+
     # -- scheduling ----------------------------------------------------------------------------
     def _admit(self, req: Req) -> bool:
         """Match the prefix, lock it and move ``req`` to running; False if no room."""
@@ -137,9 +156,17 @@ class Scheduler:
                     break
                 batch.append((req, n))
                 budget -= n
+        in_batch = RadixCache(self.page_size)  # prefixes being computed in this step
+        for r, _ in batch:
+            in_batch.insert(r.fill_ids, [0] * (len(r.fill_ids) // self.page_size))
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
+            if self.cache.enabled:
+                shared = in_batch.match_prefix(req.fill_ids, count=False).num_tokens
+                cached = self.cache.match_prefix(req.fill_ids, count=False).num_tokens
+                if shared - cached >= IN_BATCH_SHARE:
+                    continue  # wait one step: it will hit the prefix this step computes
             headroom = len(self.running) + 1  # a page per running request for its next decode
             if self._available_pages() < -(-min(req.pending_len, budget) // self.page_size) + headroom:
                 break
@@ -152,6 +179,7 @@ class Scheduler:
             self.waiting.remove(req)
             self.running.append(req)
             batch.append((req, n))
+            in_batch.insert(req.fill_ids, [0] * (len(req.fill_ids) // self.page_size))
             budget -= n
         return batch
 
@@ -192,6 +220,8 @@ class Scheduler:
         for r, n in batch:
             r.kv_len += n
             r.prefilled = r.prefilled or r.kv_len == len(r.fill_ids)
+            if mode is ForwardMode.EXTEND and self.cache.enabled:
+                self._cache_prefix(r)
         rows = [i for i, (r, _) in enumerate(batch) if r in sampled]
         return self._sample_and_finish(logits[rows] if len(rows) != len(batch) else logits, sampled)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from heteroserve.core.config import ServerArgs
@@ -13,8 +15,13 @@ from heteroserve.core.scheduler.sampling_params import SamplingParams
 
 
 def cpu_args(path, **kw) -> ServerArgs:
+    """fp32 engine arguments on the cpu platform, or on ``$HETEROSERVE_TEST_PLATFORM`` with
+    ``$HETEROSERVE_TEST_KERNELS`` (comma-separated OP=IMPL) to rerun the parity tests on a
+    device."""
     kw.setdefault("max_total_tokens", 4096)
-    return ServerArgs(model_path=str(path), platform="cpu", dtype="float32", **kw)
+    kw.setdefault("kernel", [k for k in os.environ.get("HETEROSERVE_TEST_KERNELS", "").split(",") if k])
+    return ServerArgs(model_path=str(path), dtype="float32",
+                      platform=os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu"), **kw)
 
 
 class PagedSequence:
@@ -32,13 +39,13 @@ class PagedSequence:
 def extend(runner, seqs: list[tuple[list[int], int, PagedSequence]]) -> torch.Tensor:
     batch = build_forward_batch([SequenceInput(ids, prefix, s.pages) for ids, prefix, s in seqs],
                                 ForwardMode.EXTEND, runner.page_size, runner.device)
-    return runner.forward(batch)
+    return runner.forward(batch).cpu()
 
 
 def decode(runner, seqs: list[tuple[int, int, PagedSequence]]) -> torch.Tensor:
     batch = build_forward_batch([SequenceInput([t], pos, s.pages) for t, pos, s in seqs],
                                 ForwardMode.DECODE, runner.page_size, runner.device)
-    return runner.forward(batch)
+    return runner.forward(batch).cpu()
 
 
 def run_scheduler(args: ServerArgs, prompts: list[list[int]], eos: list[int] = (),
