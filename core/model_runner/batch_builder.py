@@ -53,16 +53,18 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
         prefix_lens.append(s.prefix_len)
         last_page_len.append(total - (n_pages - 1) * page_size)
 
-    def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
-    def i64(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
+    # two host-to-device copies per step: one per dtype, sliced into fields on the device
+    i32_fields = [qo_indptr, seq_lens, prefix_lens, page_indptr, page_indices, last_page_len]
+    i64_fields = [input_ids, positions, out_loc, [q - 1 for q in qo_indptr[1:]]]
+    i32 = _split(torch.tensor(sum(i32_fields, []), dtype=torch.int32), i32_fields, device)
+    i64 = _split(torch.tensor(sum(i64_fields, []), dtype=torch.int64), i64_fields, device)
     meta = AttentionMetadata(
-        mode=mode, page_size=page_size, qo_indptr=i32(qo_indptr), seq_lens=i32(seq_lens),
-        prefix_lens=i32(prefix_lens), kv_page_indptr=i32(page_indptr),
-        kv_page_indices=i32(page_indices), kv_last_page_len=i32(last_page_len),
-        out_cache_loc=i64(out_loc), seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens)
-    return ForwardBatch(input_ids=i64(input_ids), positions=i64(positions), attn=meta,
-                        logits_indices=i64([q - 1 for q in qo_indptr[1:]]))
+        mode=mode, page_size=page_size, qo_indptr=i32[0], seq_lens=i32[1], prefix_lens=i32[2],
+        kv_page_indptr=i32[3], kv_page_indices=i32[4], kv_last_page_len=i32[5],
+        out_cache_loc=i64[2], seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens)
+    return ForwardBatch(input_ids=i64[0], positions=i64[1], attn=meta, logits_indices=i64[3])
+
+
+def _split(host: torch.Tensor, fields: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    on_device = host.to(device, non_blocking=True)
+    return list(torch.split(on_device, [len(f) for f in fields]))

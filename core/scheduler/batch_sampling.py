@@ -38,7 +38,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
             logits[row] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
 
 
-def sampling_batch(reqs: list[Req], device: torch.device) -> SamplingBatch:
+def sampling_batch(reqs: list[Req], device: torch.device, step_offset: int = 0) -> SamplingBatch:
     sps = [r.sampling_params for r in reqs]
     return SamplingBatch(
         temperatures=torch.tensor([0.0 if s.greedy else s.temperature for s in sps],
@@ -47,7 +47,8 @@ def sampling_batch(reqs: list[Req], device: torch.device) -> SamplingBatch:
         top_ps=torch.tensor([s.top_p for s in sps], dtype=torch.float32).to(device),
         min_ps=torch.tensor([s.min_p for s in sps], dtype=torch.float32).to(device),
         seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(device),
-        steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64).to(device),
+        steps=torch.tensor([len(r.output_ids) + step_offset for r in reqs],
+                           dtype=torch.int64).to(device),
         all_greedy=all(s.greedy for s in sps))
 
 
@@ -76,6 +77,12 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Req]
     return chosen, tops
 
 
-def sample(dispatch: DispatchTable, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-    """Next token ids ``[B]`` (int64, on the logits' device)."""
-    return dispatch.sampling(logits, sampling_batch(reqs, logits.device))
+def sample(dispatch: DispatchTable, logits: torch.Tensor, reqs: list[Req],
+           step_offset: int = 0) -> torch.Tensor:
+    """Next token ids ``[B]`` (int64, on the logits' device). An all-greedy batch is an
+    argmax (lowest id on ties, as the sampling contract says) without building the
+    per-row parameter tensors. ``step_offset``: tokens already sampled but not yet appended
+    (overlap scheduling)."""
+    if all(r.sampling_params.greedy for r in reqs):
+        return logits.argmax(dim=-1)
+    return dispatch.sampling(logits, sampling_batch(reqs, logits.device, step_offset))

@@ -20,7 +20,7 @@ from heteroserve.core.cache.radix_cache import NoopPrefixCache, RadixCache
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
-from heteroserve.core.scheduler import batch_sampling
+from heteroserve.core.scheduler import batch_sampling, overlap
 from heteroserve.core.scheduler.grammar_step import GrammarStep
 from heteroserve.core.scheduler.policy import order_waiting
 from heteroserve.core.scheduler.request import Req, ReqState, StepOutput
@@ -51,8 +51,11 @@ class Scheduler:
         self.max_context_len = model_runner.max_context_len
         self.max_running_requests = server_args.max_running_requests
         self._arrivals = itertools.count()
+        self.overlap = (not server_args.disable_overlap_schedule
+                        and model_runner.platform.new_event() is not None)
+        self._inflight: overlap.InflightDecode | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
-                         "retractions": 0}
+                         "retractions": 0, "overlapped_steps": 0}
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -79,7 +82,7 @@ class Scheduler:
         return []
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     # -- pages ---------------------------------------------------------------------------------
     def _alloc(self, n: int) -> list[int] | None:
@@ -200,7 +203,13 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Run one forward pass and return what it produced."""
+        """Run one forward pass and return what it produced (with overlap scheduling, what
+        the previous decode step produced while this one runs)."""
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            if overlap.can_chain(self, done):
+                self._inflight = overlap.launch_decode(self, list(self.running), done)
+            return overlap.resolve(self, done)
         batch = self._prefill_batch()
         if batch:
             seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages)
@@ -210,6 +219,9 @@ class Scheduler:
             self._ensure_decode_pages()
             batch = [(r, 1) for r in self.running]
             if not batch:
+                return []
+            if self.overlap and all(overlap.eligible(r) for r in self.running):
+                self._inflight = overlap.launch_decode(self, list(self.running), None)
                 return []
             seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in batch]
             mode = ForwardMode.DECODE
@@ -233,8 +245,13 @@ class Scheduler:
         self.grammar.apply(self.runner.dispatch, logits)
         tokens = batch_sampling.sample(self.runner.dispatch, logits, reqs)
         chosen, tops = batch_sampling.logprobs_of(logits, tokens, reqs)
+        return self._accept_tokens(reqs, tokens.tolist(), chosen, tops)
+
+    def _accept_tokens(self, reqs: list[Req], tokens: list[int], chosen: list, tops: list
+                       ) -> list[StepOutput]:
+        """Append each request's sampled token, finish those that are done."""
         outputs = []
-        for i, (req, token) in enumerate(zip(reqs, tokens.tolist())):
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
             req.output_ids.append(token)
             self.counters["generation_tokens"] += 1
             reason = self._finish_reason(req, token)
@@ -286,4 +303,5 @@ class Scheduler:
                 "cached_tokens_total": self.counters["cached_tokens"],
                 "prompt_tokens_total": self.counters["prompt_tokens"],
                 "generation_tokens_total": self.counters["generation_tokens"],
-                "num_retractions": self.counters["retractions"]}
+                "num_retractions": self.counters["retractions"],
+                "overlapped_steps": self.counters["overlapped_steps"]}

@@ -1,0 +1,195 @@
+"""The offline engine: ``heteroserve.Engine``, SGLang's ``sgl.Engine`` API in-process.
+
+The engine starts the scheduler process through an :class:`EngineClient` and runs an asyncio
+loop in a background thread for the synchronous API; ``async_generate`` runs on the caller's
+own loop. Create engines under ``if __name__ == "__main__":`` in scripts (the scheduler is a
+spawned process that re-imports the main module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.runtime.errors import RequestError
+from heteroserve.core.runtime.frontend import EngineClient
+from heteroserve.core.runtime.io_struct import GenerateRequest
+
+Output = dict[str, Any]
+
+
+def _as_batch(prompt: Any, input_ids: Any) -> tuple[list[GenerateRequest], bool]:
+    """Requests for ``prompt`` / ``input_ids`` and whether the call was a batch."""
+    if (prompt is None) == (input_ids is None):
+        raise RequestError("give exactly one of prompt or input_ids")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            return [GenerateRequest(text=prompt)], False
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            return [GenerateRequest(text=p) for p in prompt], True
+        raise RequestError("prompt must be a string or a non-empty list of strings")
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(
+            isinstance(x, (list, tuple)) for x in input_ids):
+        return [GenerateRequest(input_ids=list(ids)) for ids in input_ids], True
+    if isinstance(input_ids, (list, tuple)):
+        return [GenerateRequest(input_ids=list(input_ids))], False
+    raise RequestError("input_ids must be a list of ints or a list of lists of ints")
+
+
+class Engine:
+    """An in-process engine (SGLang's ``Engine`` names).
+
+    ``Engine(model_path=None, platform="auto", **server_args)``: keyword arguments are
+    :class:`ServerArgs` fields (unknown names raise ``TypeError``); ``model_path=None`` builds
+    and serves the default tiny model. Start-up failures raise ``RuntimeError`` (one line).
+    Use as a context manager or call :meth:`shutdown`.
+    """
+
+    def __init__(self, model_path: str | None = None, platform: str = "auto",
+                 **kwargs: Any) -> None:
+        if model_path is None:
+            from heteroserve.core.models.tiny import ensure_default_model
+
+            model_path = str(ensure_default_model())
+        self.server_args = ServerArgs.from_kwargs(model_path=str(model_path), platform=platform,
+                                                  **kwargs)
+        self.client = EngineClient(self.server_args)
+        self.tokenizer = self.client.tokenizer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="heteroserve-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def info(self) -> Any:
+        """What the scheduler resolved at start-up (:class:`ReadyInfo`)."""
+        return self.client.info
+
+    # -- request building ----------------------------------------------------------------------
+
+    def _requests(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
+                  top_logprobs_num: int, logprob_start_len: int | None, stream: bool,
+                  rid: Any) -> tuple[list[GenerateRequest], bool]:
+        reqs, batch = _as_batch(prompt, input_ids)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(reqs):
+                raise RequestError(f"got {len(sampling_params)} sampling_params for "
+                                   f"{len(reqs)} prompts")
+            params = [dict(p or {}) for p in sampling_params]
+        elif sampling_params is None or isinstance(sampling_params, dict):
+            params = [dict(sampling_params or {}) for _ in reqs]
+        else:
+            raise RequestError("sampling_params must be a dict or a list of dicts")
+        rids = rid if isinstance(rid, (list, tuple)) else [rid] * len(reqs)
+        if rid is not None and len(reqs) > 1 and not isinstance(rid, (list, tuple)):
+            rids = [f"{rid}-{i}" for i in range(len(reqs))]
+        for req, p, r in zip(reqs, params, rids):
+            req.sampling_params = p
+            req.rid = r
+            req.return_logprob = return_logprob
+            req.top_logprobs_num = top_logprobs_num
+            req.logprob_start_len = -1 if logprob_start_len is None else logprob_start_len
+            req.stream = stream
+        return reqs, batch
+
+    @staticmethod
+    def _shape(results: list[list[Output]], batch: bool) -> Output | list[Output]:
+        flat = [o for choices in results for o in choices]
+        return flat if batch or len(flat) > 1 else flat[0]
+
+    async def _collect(self, reqs: list[GenerateRequest]) -> list[list[Output]]:
+        iterators = [self.client.generate(r) for r in reqs]  # validates all before sending
+
+        async def finals(it: AsyncIterator[Output]) -> list[Output]:
+            out: dict[int, Output] = {}
+            async for chunk in it:
+                if chunk["meta_info"]["finish_reason"] is not None:
+                    out[chunk["index"]] = chunk
+            return [out[i] for i in sorted(out)]
+
+        return list(await asyncio.gather(*(finals(it) for it in iterators)))
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[str] | None = None,
+                 sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 return_logprob: bool = False, top_logprobs_num: int = 0,
+                 logprob_start_len: int | None = None, stream: bool = False,
+                 rid: str | list[str] | None = None) -> Output | list[Output] | Iterator[Output]:
+        """Generate for one prompt (returns a dict) or a batch (returns a list, prompt-major
+        with ``n`` choices each); with ``n > 1`` a single prompt also returns a list. With
+        ``stream=True`` (one prompt only) returns an iterator of cumulative chunk dicts, the
+        last one carrying ``finish_reason``. Raises :class:`RequestError` (a ``ValueError``)
+        on invalid input before anything runs."""
+        reqs, batch = self._requests(prompt, sampling_params, input_ids, return_logprob,
+                                     top_logprobs_num, logprob_start_len, stream, rid)
+        if stream:
+            if len(reqs) != 1:
+                raise RequestError("stream=True takes a single prompt")
+            return self._stream_sync(reqs[0])
+        future = asyncio.run_coroutine_threadsafe(self._collect(reqs), self._loop)
+        return self._shape(future.result(), batch)
+
+    def _stream_sync(self, req: GenerateRequest) -> Iterator[Output]:
+        async def start() -> AsyncIterator[Output]:
+            return self.client.generate(req)
+
+        agen = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+
+        def iterate() -> Iterator[Output]:
+            try:
+                while True:
+                    try:
+                        yield asyncio.run_coroutine_threadsafe(
+                            agen.__anext__(), self._loop).result()
+                    except StopAsyncIteration:
+                        return
+            finally:
+                if self._loop.is_running():
+                    asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+        return iterate()
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+                             input_ids: list[int] | list[list[int]] | None = None,
+                             return_logprob: bool = False, top_logprobs_num: int = 0,
+                             logprob_start_len: int | None = None, stream: bool = False,
+                             rid: str | list[str] | None = None
+                             ) -> Output | list[Output] | AsyncIterator[Output]:
+        """Like :meth:`generate`, on the caller's event loop: awaits the result, or with
+        ``stream=True`` returns an async iterator of chunk dicts (``async for`` over it)."""
+        reqs, batch = self._requests(prompt, sampling_params, input_ids, return_logprob,
+                                     top_logprobs_num, logprob_start_len, stream, rid)
+        if stream:
+            if len(reqs) != 1:
+                raise RequestError("stream=True takes a single prompt")
+            return self.client.generate(reqs[0])
+        return self._shape(await self._collect(reqs), batch)
+
+    def abort(self, rid: str) -> None:
+        """Abort a running request by id (no-op when unknown)."""
+        self.client.abort(rid)
+
+    def get_stats(self) -> dict[str, Any]:
+        """Scheduler and frontend statistics (see :meth:`EngineClient.get_stats`)."""
+        return self.client.get_stats()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler process and the background loop. Idempotent."""
+        self.client.shutdown()
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

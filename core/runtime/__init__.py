@@ -1,0 +1,1 @@
+"""Engine runtime: the scheduler process and the in-process client that talks to it."""

@@ -1,0 +1,289 @@
+"""The scheduler process: builds the model runner and the scheduler, then serves requests.
+
+One process per tensor-parallel rank (``tp_rank``); today only rank 0 exists and it talks to
+the frontend over two ZMQ sockets that the frontend binds:
+
+- ``in_addr`` (PULL here): pickled :class:`TokenizedRequest`, :class:`AbortRequest`,
+  :class:`ShutdownRequest` from the frontend.
+- ``out_addr`` (PUSH here): pickled :class:`OutputBatch`, :class:`RequestFailed`,
+  :class:`SchedulerFatal` to the frontend.
+
+Start-up goes through ``ready_conn`` (a ``multiprocessing`` pipe end): exactly one message,
+``("ready", ReadyInfo)`` or ``("error", one-line message)``.
+
+ZMQ I/O stays off the step loop's critical path: a receiver thread unpickles incoming messages
+into a queue and a sender thread pickles and pushes outputs, so while the device computes
+step N (torch releases the GIL) new requests are received and step N-1's outputs are sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zmq
+
+from heteroserve.core.config import ServerArgs
+from heteroserve.core.runtime.errors import one_line
+from heteroserve.core.runtime.io_struct import (
+    AbortRequest, OutputBatch, ReadyInfo, RequestFailed, SchedulerFatal, ShutdownRequest,
+    TokenizedRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5  # how long an idle loop blocks waiting for a request
+STATS_INTERVAL_S = 0.25  # a stats snapshot rides along with outputs at least this often
+_STOP = object()
+
+
+class _Receiver(threading.Thread):
+    """Unpickles messages from the PULL socket into ``inbox`` until told to stop."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, inbox: queue.Queue) -> None:
+        super().__init__(name="heteroserve-recv", daemon=True)
+        self.sock = ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+        self.inbox = inbox
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if not poller.poll(200):
+                continue
+            data = self.sock.recv()
+            try:
+                self.inbox.put(pickle.loads(data))
+            except Exception as exc:  # an unreadable message must not kill the receiver
+                logger.error("dropping an unreadable message: %s", one_line(exc))
+        self.sock.close()
+
+
+class _Sender(threading.Thread):
+    """Pickles and pushes everything put in ``outbox`` (``_STOP`` ends it after a flush)."""
+
+    def __init__(self, ctx: zmq.Context, addr: str) -> None:
+        super().__init__(name="heteroserve-send", daemon=True)
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the loop
+        self.sock.connect(addr)
+        self.outbox: queue.Queue = queue.Queue()
+
+    def run(self) -> None:
+        while True:
+            item = self.outbox.get()
+            if item is _STOP:
+                break
+            try:
+                self.sock.send(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+            except Exception as exc:
+                logger.error("cannot send %s: %s", type(item).__name__, one_line(exc))
+        self.sock.close()
+
+
+def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
+                page_size: int) -> ReadyInfo:
+    return ReadyInfo(
+        platform=platform.name, device=str(model_runner.device), kernels=dispatch.summary(),
+        max_total_tokens=int(scheduler.max_total_tokens), page_size=page_size,
+        max_context_len=int(scheduler.max_context_len),
+        max_running_requests=int(scheduler.max_running_requests),
+        extra={"vocab_size": int(model_runner.vocab_size), "pid": os.getpid()})
+
+
+def _make_req(msg: TokenizedRequest) -> Any:
+    from heteroserve.core.scheduler import Req
+
+    return Req(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params,
+               return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+               logprob_start_len=msg.logprob_start_len)
+
+
+class SchedulerLoop:
+    """The event loop of one scheduler process (see the module docstring)."""
+
+    def __init__(self, scheduler: Any, inbox: queue.Queue, outbox: queue.Queue,
+                 parent_pid: int) -> None:
+        self.scheduler = scheduler
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent_pid = parent_pid
+        self._last_stats = 0.0
+        self._peak_kv = 0.0
+        self._running = True
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, TokenizedRequest):
+            try:
+                self.scheduler.add_request(_make_req(msg))
+            except Exception as exc:  # a bad request never kills the loop
+                logger.warning("rejecting request %s: %s", msg.rid, one_line(exc))
+                self.outbox.put(RequestFailed(msg.rid, one_line(exc)))
+        elif isinstance(msg, AbortRequest):
+            try:
+                outputs = self.scheduler.abort(msg.rid)
+                if outputs:
+                    self.outbox.put(OutputBatch(list(outputs)))
+            except Exception as exc:
+                logger.warning("abort of %s failed: %s", msg.rid, one_line(exc))
+        elif isinstance(msg, ShutdownRequest):
+            self._running = False
+        else:
+            logger.error("ignoring unknown message %s", type(msg).__name__)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            msg = self.inbox.get(timeout=IDLE_POLL_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._handle(msg)
+        while self._running:
+            try:
+                self._handle(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _stats_due(self, force: bool = False) -> dict[str, Any] | None:
+        """The scheduler's stats when a snapshot is due (or ``force``), else None. Every
+        call also folds the current KV use into ``peak_kv_usage`` (a running maximum)."""
+        try:
+            stats = dict(self.scheduler.get_stats())
+        except Exception as exc:  # stats must never stop serving
+            return {"stats_error": one_line(exc)}
+        usage = stats.get("kv_usage")
+        if isinstance(usage, (int, float)):
+            self._peak_kv = max(self._peak_kv, float(usage))
+        now = time.monotonic()
+        if not force and now - self._last_stats < STATS_INTERVAL_S:
+            return None
+        self._last_stats = now
+        stats["peak_kv_usage"] = self._peak_kv
+        return stats
+
+    def run(self) -> None:
+        """Loop until a :class:`ShutdownRequest` arrives or the parent process is gone.
+        Exceptions from ``step()`` propagate (they are fatal)."""
+        was_busy = False
+        while self._running:
+            busy = self.scheduler.has_work()
+            if was_busy and not busy:  # one last snapshot so idle stats read zero running
+                self.outbox.put(OutputBatch([], self._stats_due(force=True)))
+            was_busy = busy
+            self._drain(block=not busy)
+            if not self._running:
+                break
+            if os.getppid() != self.parent_pid:
+                logger.warning("parent process is gone; exiting")
+                break
+            if not self.scheduler.has_work():
+                continue
+            was_busy = True
+            outputs = self.scheduler.step()
+            # a snapshot rides with every batch that finishes a request, so a caller that
+            # saw its request finish also sees stats at least that fresh
+            stats = self._stats_due(force=any(o.finish_reason for o in outputs))
+            if outputs or stats is not None:
+                self.outbox.put(OutputBatch(list(outputs), stats))
+
+
+def _grammar_support(server_args: ServerArgs, vocab_size: int) -> tuple[Any | None, int | None]:
+    """xgrammar's tokenizer info (None when xgrammar is missing: constrained requests are
+    then refused) and the ``</think>`` id when a reasoning parser is configured."""
+    from heteroserve.core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
+    think_end_id = None
+    if server_args.reasoning_parser:
+        from heteroserve.core.grammar.reasoning import ReasoningParser
+
+        think_end_id = ReasoningParser.create(server_args.reasoning_parser,
+                                              tokenizer.hf).think_end_id
+    try:
+        from heteroserve.core.grammar.compiler import tokenizer_info
+        info = tokenizer_info(tokenizer.hf, vocab_size)
+    except ImportError as exc:
+        logger.warning("structured outputs are off: %s", one_line(exc))
+        info = None
+    return info, think_end_id
+
+
+def build_scheduler(server_args: ServerArgs, eos_token_ids: list[int]) -> tuple[Any, ReadyInfo]:
+    """Build the model runner and the scheduler for ``server_args``; the default factory."""
+    from heteroserve.core.model_runner.build import build_model_runner
+    from heteroserve.core.scheduler import Scheduler
+
+    platform, dispatch, model_runner = build_model_runner(server_args)
+    page_size = int(model_runner.page_size)
+    grammar_info, think_end_id = _grammar_support(server_args, model_runner.vocab_size)
+    scheduler = Scheduler(model_runner, server_args, list(eos_token_ids), page_size,
+                          grammar_info, think_end_id)
+    return scheduler, _ready_info(platform, dispatch, model_runner, scheduler, page_size)
+
+
+def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_addr: str,
+                          out_addr: str, ready_conn: Any, parent_pid: int, tp_rank: int = 0,
+                          factory: Callable[..., tuple[Any, ReadyInfo]] | None = None) -> None:
+    """Process entry point (a ``multiprocessing`` spawn target); see the module docstring.
+
+    ``factory(server_args, eos_token_ids) -> (scheduler, ReadyInfo)`` builds the scheduler
+    (default :func:`build_scheduler`; a picklable stand-in lets the runtime be tested without a
+    model). Start-up failures go to ``ready_conn``, loop failures to the frontend as a
+    :class:`SchedulerFatal`; either way the process then exits with status 1 (``SystemExit``).
+    The loop also ends when ``parent_pid`` is no longer this process's parent.
+    """
+    logging.basicConfig(
+        level=server_args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [scheduler tp{tp_rank}] %(name)s: %(message)s")
+    if tp_rank != 0:
+        ready_conn.send(("error", "tensor parallelism is not supported yet (tp_rank != 0)"))
+        raise SystemExit(1)
+    try:
+        scheduler, info = (factory or build_scheduler)(server_args, list(eos_token_ids))
+    except BaseException as exc:
+        logger.debug("start-up failed", exc_info=True)
+        ready_conn.send(("error", one_line(exc)))
+        ready_conn.close()
+        raise SystemExit(1) from None
+
+    ctx = zmq.Context()
+    inbox: queue.Queue = queue.Queue()
+    receiver = _Receiver(ctx, in_addr, inbox)
+    sender = _Sender(ctx, out_addr)
+    receiver.start()
+    sender.start()
+    ready_conn.send(("ready", info))
+    ready_conn.close()
+    logger.debug("ready: platform=%s kv_tokens=%d page_size=%d context=%d", info.platform,
+                info.max_total_tokens, info.page_size, info.max_context_len)
+    code = 0
+    try:
+        with torch.inference_mode():  # as the model runner; lets samplers edit logits in place
+            SchedulerLoop(scheduler, inbox, sender.outbox, parent_pid).run()
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: leave quietly
+        sender.outbox.put(SchedulerFatal("scheduler interrupted"))
+        code = 1
+    except BaseException as exc:
+        logger.exception("scheduler loop failed")
+        sender.outbox.put(SchedulerFatal(f"scheduler failed: {one_line(exc)}"))
+        code = 1
+    finally:
+        sender.outbox.put(_STOP)
+        sender.join(timeout=5)
+        receiver.stopping.set()
+        receiver.join(timeout=2)
+        if sender.is_alive() or receiver.is_alive():
+            os._exit(code or 1)  # a stuck socket must not leave this process behind
+        ctx.term()
+    if code:
+        raise SystemExit(code)

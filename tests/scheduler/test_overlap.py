@@ -1,0 +1,32 @@
+"""Overlap scheduling gives exactly the synchronous results (a no-op event stands in for the
+device event on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_harness import cpu_args, run_scheduler
+from heteroserve.core.model_runner.build import build_model_runner
+from heteroserve.core.models.tiny import build_tiny_model
+
+
+class _HostEvent:
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 7}])
+def test_overlap_equals_synchronous(tmp_path_factory, monkeypatch, sampling) -> None:
+    path = build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=8)
+    args = cpu_args(path)
+    _, _, runner = build_model_runner(args)
+    prompts = [list(range(4, 4 + n)) for n in (5, 18, 2, 33)]
+    sync, _ = run_scheduler(args, prompts, runner=runner, max_new_tokens=12, **sampling)
+    monkeypatch.setattr(runner.platform, "new_event", lambda: _HostEvent())
+    overlapped, sched = run_scheduler(args, prompts, runner=runner, max_new_tokens=12, **sampling)
+    assert sched.overlap and sched.get_stats()["overlapped_steps"] > 5
+    assert overlapped == sync
+    assert sched.allocator.num_free + sched.cache.cached_pages == sched.allocator.capacity

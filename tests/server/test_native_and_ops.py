@@ -1,0 +1,128 @@
+"""SGLang's native ``/generate`` and the operational routes: ``/health``,
+``/health_generate``, ``/metrics`` (parsed with prometheus_client), ``/openapi.json``,
+``/get_model_info``, ``/get_server_info``."""
+
+from __future__ import annotations
+
+import json
+
+from server_harness import API_KEY, MODEL_NAME
+from prometheus_client.parser import text_string_to_metric_families
+
+PROMPT_IDS = [5, 17, 42, 99, 7]
+
+
+def sse_events(text: str) -> list[str]:
+    """The ``data:`` payloads of a server-sent-event body, in order."""
+    events = [block for block in text.split("\n\n") if block.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
+def test_generate_input_ids_matches_transformers(http, hf_greedy, tokenizer) -> None:
+    resp = http.post("/generate", json={
+        "input_ids": PROMPT_IDS,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["output_ids"] == hf_greedy(PROMPT_IDS, 8)
+    assert out["text"] == tokenizer.decode(out["output_ids"])
+    meta = out["meta_info"]
+    assert meta["prompt_tokens"] == 5 and meta["completion_tokens"] == 8
+    assert meta["finish_reason"]["type"] == "length"
+
+
+def test_generate_text_stream_and_logprobs(http) -> None:
+    params = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = http.post("/generate", json={"text": "Hello", "sampling_params": params,
+                                         "return_logprob": True, "top_logprobs_num": 2}).json()
+    lps = plain["meta_info"]["output_token_logprobs"]
+    assert [tid for _, tid, _ in lps] == plain["output_ids"]
+    assert all(len(top) == 2 for top in plain["meta_info"]["output_top_logprobs"])
+    resp = http.post("/generate", json={"text": "Hello", "sampling_params": params,
+                                        "stream": True})
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(resp.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
+    assert chunks[-1]["text"] == plain["text"]
+    assert chunks[-1]["output_ids"] == plain["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_generate_batch_and_n(http) -> None:
+    params = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+    single = [http.post("/generate", json={"text": t, "sampling_params": params}).json()
+              for t in ("a b", "c d")]
+    batch = http.post("/generate", json={"text": ["a b", "c d"],
+                                         "sampling_params": {**params, "n": 2}}).json()
+    assert isinstance(batch, list) and len(batch) == 4
+    assert [o["text"] for o in batch] == [single[0]["text"]] * 2 + [single[1]["text"]] * 2
+
+
+def test_health_routes(http) -> None:
+    assert http.get("/health").status_code == 200
+    assert http.get("/health_generate").status_code == 200
+
+
+def test_model_and_server_info(http) -> None:
+    info = http.get("/get_model_info").json()
+    assert info["served_model_name"] == MODEL_NAME and info["is_generation"] is True
+    server_info = http.get("/get_server_info").json()
+    assert "api_key" not in server_info and API_KEY not in json.dumps(server_info)
+    assert server_info["engine"]["platform"] == "cpu"
+    assert server_info["engine"]["max_context_len"] == 2048
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL_NAME
+    assert http.get(f"/v1/models/{MODEL_NAME}").json()["max_model_len"] == 2048
+
+
+def test_openapi_schema(http) -> None:
+    schema = http.get("/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate",
+                 "/health", "/health_generate", "/metrics"):
+        assert path in schema["paths"], path
+    assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+def _samples(text: str) -> dict[str, float]:
+    return {s.name: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if not s.labels}
+
+
+def test_metrics(server, http) -> None:
+    before = _samples(http.get("/metrics").text)
+    resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7],
+                                              "max_tokens": 4, "ignore_eos": True})
+    assert resp.status_code == 200
+    after = server.wait_metrics(
+        lambda m: m["heteroserve_requests_finished_total"]
+        > before["heteroserve_requests_finished_total"])
+    families = {f.name: f.type for f in text_string_to_metric_families(
+        http.get("/metrics").text)}
+    for name, kind in {"heteroserve_num_requests_running": "gauge",
+                       "heteroserve_num_requests_waiting": "gauge",
+                       "heteroserve_kv_cache_usage_ratio": "gauge",
+                       "heteroserve_kv_used_tokens": "gauge",
+                       "heteroserve_kv_total_tokens": "gauge",
+                       "heteroserve_cache_hit_rate": "gauge",
+                       "heteroserve_prompt_tokens": "counter",
+                       "heteroserve_generation_tokens": "counter",
+                       "heteroserve_time_to_first_token_seconds": "histogram",
+                       "heteroserve_inter_token_latency_seconds": "histogram",
+                       "heteroserve_e2e_request_latency_seconds": "histogram"}.items():
+        assert families.get(name) == kind, (name, families.get(name))
+    assert after["heteroserve_prompt_tokens_total"] - before["heteroserve_prompt_tokens_total"] >= 3
+    assert (after["heteroserve_generation_tokens_total"]
+            - before["heteroserve_generation_tokens_total"]) >= 4
+    for hist in ("time_to_first_token", "e2e_request_latency"):
+        key = f"heteroserve_{hist}_seconds_count"
+        assert after[key] - before[key] >= 1
+    assert (after["heteroserve_inter_token_latency_seconds_count"]
+            - before["heteroserve_inter_token_latency_seconds_count"]) >= 3
+    assert after["heteroserve_kv_total_tokens"] > 0
+    assert 0.0 <= after["heteroserve_cache_hit_rate"] <= 1.0
+    assert after["heteroserve_engine_alive"] == 1.0

@@ -1,0 +1,67 @@
+"""Request fields -> engine sampling parameters, without a server: the OpenAI / vLLM / SGLang
+spellings of sampling and structured-output fields, and their conflicts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from heteroserve.server.errors import APIError
+from heteroserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from heteroserve.server.sampling import sampling_params
+
+MSG = [{"role": "user", "content": "x"}]
+
+
+def test_openai_fields_map_to_sglang_names() -> None:
+    req = CompletionRequest(prompt="x", n=2, temperature=0.5, top_p=0.9, top_k=0, min_p=0.1,
+                            stop="END", seed=3, presence_penalty=0.1, frequency_penalty=0.2,
+                            repetition_penalty=1.1, min_tokens=2, ignore_eos=True,
+                            stop_token_ids=[7], max_tokens=9)
+    assert sampling_params(req, req.max_tokens) == {
+        "n": 2, "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": -1,
+        "min_p": 0.1, "stop": ["END"], "seed": 3, "presence_penalty": 0.1,
+        "frequency_penalty": 0.2, "repetition_penalty": 1.1, "min_new_tokens": 2,
+        "ignore_eos": True, "stop_token_ids": [7]}
+
+
+def test_unset_fields_are_not_sent() -> None:
+    assert sampling_params(ChatCompletionRequest(messages=MSG), None) == {"n": 1}
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     {"json_schema": json.dumps(SCHEMA)}),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"response_format": {"type": "text"}}, {}),
+    ({"guided_json": SCHEMA}, {"json_schema": json.dumps(SCHEMA)}),
+    ({"json_schema": json.dumps(SCHEMA)}, {"json_schema": json.dumps(SCHEMA)}),
+    ({"guided_regex": "[a-z]+"}, {"regex": "[a-z]+"}),
+    ({"regex": "[0-9]"}, {"regex": "[0-9]"}),
+    ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+    ({"guided_grammar": 'root ::= "b"'}, {"ebnf": 'root ::= "b"'}),
+    ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+])
+def test_structured_output_fields(fields, expected) -> None:
+    params = sampling_params(ChatCompletionRequest(messages=MSG, **fields), None)
+    params.pop("n")
+    assert params == expected
+
+
+@pytest.mark.parametrize("fields", [
+    {"regex": "a", "guided_json": SCHEMA},
+    {"response_format": {"type": "json_object"}, "ebnf": "root ::= x"},
+    {"json_schema": "{not json"},
+    {"guided_choice": []},
+    {"regex": ""},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}},
+    {"stop": ["ok", ""]},
+])
+def test_bad_or_conflicting_fields_are_400(fields) -> None:
+    with pytest.raises(APIError) as info:
+        sampling_params(ChatCompletionRequest(messages=MSG, **fields), None)
+    assert info.value.status == 400
