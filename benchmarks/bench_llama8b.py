@@ -199,12 +199,14 @@ def main() -> int:
         if "decode1" in wl:
             _log("decode1")
             result["decode1"] = bench_decode1(runner, sched, ceilings)
+            Path(a.out).write_text(json.dumps(result, indent=2, default=str))
             _log(f"decode1 {result['decode1']['tok_per_s']:.1f} tok/s "
                  f"(roofline {result['decode1']['roofline_tok_per_s']:.1f})")
         if "throughput" in wl:
             _log("throughput")
             result["throughput"] = bench_throughput(runner, sched, ceilings, a.num_prompts,
                                                     a.input_len, a.output_len, a.max_running)
+            Path(a.out).write_text(json.dumps(result, indent=2, default=str))
             _log(f"throughput {result['throughput']['total_tok_per_s']:.0f} total tok/s")
         if "shared_prefix" in wl:
             prompts = shared_prefix_prompts(a.groups, a.per_group, a.prefix_len, 64,
