@@ -35,6 +35,7 @@ from heteroserve.core.runtime.io_struct import (
 from heteroserve.core.runtime.request_state import RequestState
 from heteroserve.core.runtime.request_validation import PreparedRequest, prepare_request
 from heteroserve.core.runtime.scheduler_process import run_scheduler_process
+from heteroserve.core.runtime.tensor_parallel import ranks_per_node, with_init_addr
 from heteroserve.core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,21 +83,32 @@ class EngineClient:
         self._recv_sock.setsockopt(zmq.LINGER, 0)
         self._recv_sock.bind(out_addr)
         ctx = mp.get_context("spawn")
-        reader, writer = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=run_scheduler_process, name="heteroserve-scheduler", daemon=True,
-            args=(server_args, sorted(self.tokenizer.eos_token_ids), in_addr, out_addr, writer,
-                  os.getpid()), kwargs={"tp_rank": 0, "factory": scheduler_factory})
-        self._proc.start()
-        writer.close()
+        server_args = with_init_addr(server_args)
+        self.server_args = server_args
+        self._procs: list[Any] = []
+        readers = []
+        for local_rank in range(ranks_per_node(server_args)):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=run_scheduler_process, name=f"heteroserve-scheduler-tp{local_rank}",
+                daemon=True,
+                args=(server_args, sorted(self.tokenizer.eos_token_ids), in_addr, out_addr,
+                      writer, os.getpid()),
+                kwargs={"tp_rank": local_rank, "factory": scheduler_factory})
+            proc.start()
+            writer.close()
+            self._procs.append(proc)
+            readers.append(reader)
         atexit.register(self.shutdown)
         try:
-            self.info: ReadyInfo = self._wait_ready(reader, start_timeout)
+            infos = [self._wait_ready(r, start_timeout) for r in readers]
+            self.info: ReadyInfo = infos[0]
         except BaseException:
             self.shutdown()
             raise
         finally:
-            reader.close()
+            for r in readers:
+                r.close()
         self._receiver = threading.Thread(target=self._receive_loop, name="heteroserve-frontend",
                                           daemon=True)
         self._receiver.start()
@@ -112,12 +124,18 @@ class EngineClient:
                 if kind == "ready":
                     return payload
                 raise RuntimeError(f"engine start-up failed: {payload}")
-            if not self._proc.is_alive():
+            dead = self._dead_rank()
+            if dead is not None:
                 break
-        if self._proc.is_alive():
+        dead = self._dead_rank()
+        if dead is None:
             raise RuntimeError(f"engine start-up timed out after {timeout:.0f}s")
-        raise RuntimeError(f"engine start-up failed: scheduler process exited with code "
-                           f"{self._proc.exitcode} (see its log above)")
+        raise RuntimeError(f"engine start-up failed: scheduler process tp{dead} exited with "
+                           f"code {self._procs[dead].exitcode} (see its log above)")
+
+    def _dead_rank(self) -> int | None:
+        """The first local rank whose process has exited, or None."""
+        return next((i for i, p in enumerate(self._procs) if not p.is_alive()), None)
 
     # -- receiving (runs in the receiver thread) ----------------------------------------------
 
@@ -130,8 +148,10 @@ class EngineClient:
             except zmq.ZMQError:
                 break
             if not ready:
-                if not self._proc.is_alive() and not self._closed:
-                    self._die(f"scheduler process died (exit code {self._proc.exitcode})")
+                dead = self._dead_rank()
+                if dead is not None and not self._closed:
+                    self._die(f"scheduler process tp{dead} died (exit code "
+                              f"{self._procs[dead].exitcode})")
                     return
                 continue
             try:
@@ -187,6 +207,9 @@ class EngineClient:
                 self._dead = reason
                 if not expected:
                     logger.error("engine is dead: %s", reason)
+                    for p in getattr(self, "_procs", []):  # ranks wait on each other forever
+                        if p.is_alive():
+                            p.kill()
             for state in list(self._states.values()):
                 state.fail(EngineDeadError(reason))
             self._states.clear()
@@ -351,7 +374,7 @@ class EngineClient:
 
     def is_alive(self) -> bool:
         """True while the scheduler process runs and has not reported a fatal error."""
-        return not self._closed and self._dead is None and self._proc.is_alive()
+        return not self._closed and self._dead is None and self._dead_rank() is None
 
     async def health_generate(self, timeout: float = 30.0) -> bool:
         """Generate one token end to end; returns True, or raises ``EngineDeadError`` (or
@@ -380,14 +403,14 @@ class EngineClient:
                 pass
             self._closed = True
         self._die("engine shut down", expected=True)
-        proc = self._proc
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        for proc in getattr(self, "_procs", []):  # rank 0 forwards the shutdown to the others
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
         receiver = getattr(self, "_receiver", None)
         if receiver is not None and receiver is not threading.current_thread():
             receiver.join(2)

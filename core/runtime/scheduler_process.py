@@ -114,9 +114,10 @@ class SchedulerLoop:
     """The event loop of one scheduler process (see the module docstring)."""
 
     def __init__(self, scheduler: Any, inbox: queue.Queue, outbox: queue.Queue,
-                 parent_pid: int) -> None:
+                 parent_pid: int, lockstep: Any = None) -> None:
         self.scheduler = scheduler
         self.inbox = inbox
+        self.lockstep = lockstep  # tensor_parallel.LockstepInbox when tp_size > 1
         self.outbox = outbox
         self.parent_pid = parent_pid
         self._last_stats = 0.0
@@ -143,6 +144,10 @@ class SchedulerLoop:
             logger.error("ignoring unknown message %s", type(msg).__name__)
 
     def _drain(self, block: bool) -> None:
+        if self.lockstep is not None:  # every rank handles the same messages in order
+            for msg in self.lockstep.take(IDLE_POLL_S if block else None):
+                self._handle(msg)
+            return
         try:
             msg = self.inbox.get(timeout=IDLE_POLL_S) if block else self.inbox.get_nowait()
         except queue.Empty:
@@ -218,17 +223,46 @@ def _grammar_support(server_args: ServerArgs, vocab_size: int) -> tuple[Any | No
     return info, think_end_id
 
 
-def build_scheduler(server_args: ServerArgs, eos_token_ids: list[int]) -> tuple[Any, ReadyInfo]:
-    """Build the model runner and the scheduler for ``server_args``; the default factory."""
+def build_scheduler(server_args: ServerArgs, eos_token_ids: list[int],
+                    group: Any = None) -> tuple[Any, ReadyInfo]:
+    """Build the model runner and the scheduler for ``server_args``; the default factory.
+    ``group`` (a :class:`~heteroserve.core.runtime.tensor_parallel.TPGroup`) shards the model
+    across ranks; their KV pools are cut to the smallest so all ranks schedule alike."""
     from heteroserve.core.model_runner.build import build_model_runner
     from heteroserve.core.scheduler import Scheduler
 
-    platform, dispatch, model_runner = build_model_runner(server_args)
+    if group is None:
+        platform, dispatch, model_runner = build_model_runner(server_args)
+    else:
+        platform, dispatch, model_runner = build_model_runner(
+            server_args, tp_rank=group.info.rank, communicator=group.communicator,
+            device_index=server_args.device_index + group.info.local_rank)
+        model_runner.num_pages = group.min_across_ranks(model_runner.num_pages)
     page_size = int(model_runner.page_size)
     grammar_info, think_end_id = _grammar_support(server_args, model_runner.vocab_size)
     scheduler = Scheduler(model_runner, server_args, list(eos_token_ids), page_size,
                           grammar_info, think_end_id)
     return scheduler, _ready_info(platform, dispatch, model_runner, scheduler, page_size)
+
+
+class _Discard:
+    """The outbox of ranks other than 0: only rank 0 talks to the frontend."""
+
+    def put(self, item: Any) -> None:
+        pass
+
+
+def _follow(scheduler: Any, group: Any, parent_pid: int) -> None:
+    """The loop of a rank other than 0: same messages, same steps, outputs dropped."""
+    from heteroserve.core.runtime.tensor_parallel import LockstepInbox
+
+    loop = SchedulerLoop(scheduler, queue.Queue(), _Discard(), parent_pid,  # type: ignore[arg-type]
+                         LockstepInbox(group, None))
+    with torch.inference_mode():
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None
 
 
 def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_addr: str,
@@ -245,17 +279,28 @@ def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_
     logging.basicConfig(
         level=server_args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [scheduler tp{tp_rank}] %(name)s: %(message)s")
-    if tp_rank != 0:
-        ready_conn.send(("error", "tensor parallelism is not supported yet (tp_rank != 0)"))
-        raise SystemExit(1)
+    group = None
     try:
-        scheduler, info = (factory or build_scheduler)(server_args, list(eos_token_ids))
+        if server_args.tp_size > 1:
+            from heteroserve.core.runtime.tensor_parallel import init_tensor_parallel
+            from heteroserve.core.plugins.manager import load_plugins
+
+            platform = load_plugins().select(server_args.platform)
+            group = init_tensor_parallel(server_args, platform, tp_rank)
+            scheduler, info = build_scheduler(server_args, list(eos_token_ids), group)
+        else:
+            scheduler, info = (factory or build_scheduler)(server_args, list(eos_token_ids))
     except BaseException as exc:
         logger.debug("start-up failed", exc_info=True)
         ready_conn.send(("error", one_line(exc)))
         ready_conn.close()
         raise SystemExit(1) from None
 
+    if group is not None and group.info.rank != 0:
+        ready_conn.send(("ready", info))
+        ready_conn.close()
+        _follow(scheduler, group, parent_pid)
+        return
     ctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
     receiver = _Receiver(ctx, in_addr, inbox)
@@ -264,12 +309,17 @@ def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_
     sender.start()
     ready_conn.send(("ready", info))
     ready_conn.close()
+    lockstep = None
+    if group is not None:
+        from heteroserve.core.runtime.tensor_parallel import LockstepInbox
+
+        lockstep = LockstepInbox(group, inbox)
     logger.debug("ready: platform=%s kv_tokens=%d page_size=%d context=%d", info.platform,
                 info.max_total_tokens, info.page_size, info.max_context_len)
     code = 0
     try:
         with torch.inference_mode():  # as the model runner; lets samplers edit logits in place
-            SchedulerLoop(scheduler, inbox, sender.outbox, parent_pid).run()
+            SchedulerLoop(scheduler, inbox, sender.outbox, parent_pid, lockstep).run()
     except KeyboardInterrupt:  # Ctrl-C reached the whole process group: leave quietly
         sender.outbox.put(SchedulerFatal("scheduler interrupted"))
         code = 1
