@@ -248,7 +248,7 @@ def test_health_generate_and_stats(engine: Engine) -> None:
 
 
 def test_shutdown_leaves_no_child_processes(engine: Engine) -> None:
-    pid = engine.client._proc.pid
+    pid = engine.client._procs[0].pid
     engine.shutdown()
     engine.shutdown()  # idempotent
     assert not engine.client.is_alive()

@@ -23,7 +23,7 @@ def test_queue_limit_then_watchdog_fails_pending_requests(tiny_model: Path,
     engine = Engine(str(tiny_model), **{**engine_kwargs, "max_running_requests": 1,
                                         "max_queued_requests": 1})
     client = engine.client
-    pid = client._proc.pid
+    pid = client._procs[0].pid
 
     async def main() -> list[BaseException]:
         running = client.generate(GenerateRequest(text="one", sampling_params=LONG, stream=True))
