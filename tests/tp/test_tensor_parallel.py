@@ -3,6 +3,7 @@ and a dying rank is reported instead of hanging the engine."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -11,12 +12,13 @@ import heteroserve
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.runtime.errors import EngineDeadError
 
+PLATFORM = os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu")  # cuda on a 2-GPU machine: NCCL
 PROMPTS = ["Hello world", "The quick brown fox jumps", "1 2 3"]
 SAMPLING = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
 def _generate(path, tp: int) -> list[list[int]]:
-    engine = heteroserve.Engine(model_path=str(path), platform="cpu", dtype="float32",
+    engine = heteroserve.Engine(model_path=str(path), platform=PLATFORM, dtype="float32",
                                 max_total_tokens=4096, tp_size=tp)
     try:
         return [r["output_ids"] for r in engine.generate(PROMPTS, SAMPLING)]
@@ -32,7 +34,7 @@ def test_tp2_equals_tp1(tmp_path, arch: str) -> None:
 
 def test_dead_rank_is_reported_not_hung(tmp_path) -> None:
     path = build_tiny_model(tmp_path / "m", "llama", seed=9)
-    engine = heteroserve.Engine(model_path=str(path), platform="cpu", dtype="float32",
+    engine = heteroserve.Engine(model_path=str(path), platform=PLATFORM, dtype="float32",
                                 max_total_tokens=4096, tp_size=2)
     try:
         engine.client._procs[1].kill()

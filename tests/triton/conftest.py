@@ -9,14 +9,10 @@ alone, so no dispatch elsewhere in the session changes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+HAS_GPU = torch.cuda.is_available()  # tests/conftest.py sets TRITON_INTERPRET without one
 
 
 @pytest.fixture
