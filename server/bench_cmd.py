@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 import random
 import statistics
 import time
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=1, help="workload seed")
     p.add_argument("--output-json", default=None, metavar="PATH")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="compare decode throughput with and without this JSON schema (inline "
+                        "JSON or @file) at batch 1 and 64, instead of --workload")
     p.add_argument("--disable-tqdm", action="store_true")
     add_server_args(p)
     p.set_defaults(run=run)
@@ -200,6 +204,14 @@ def run(args: argparse.Namespace) -> int:
         prompts = make_workload(args, vocab)
         warm = {**params, "max_new_tokens": min(4, args.output_len)}
         engine.generate(input_ids=random.Random(0).choices(vocab, k=8), sampling_params=warm)
+        if args.json_schema:
+            from heteroserve.server.bench_structured import run_structured
+
+            structured = run_structured(engine, args, vocab, _run_all, summarize)
+            if args.output_json:
+                Path(args.output_json).write_text(json.dumps(structured, indent=2))
+                print(f"wrote {args.output_json}")
+            return 0
         records, duration, peak = asyncio.run(_run_all(engine, prompts, params, args))
         metrics = summarize(records, duration, peak)
         metrics["engine"] = {"platform": engine.info.platform, "device": engine.info.device,
