@@ -1,0 +1,68 @@
+"""The app factory: ``create_app(client, server_args)`` -> a FastAPI app serving the OpenAI
+and native routes over an already started ``EngineClient``.
+
+The app does not start the engine (``serve_cmd`` does, before the HTTP socket opens, so the
+start-up banner can say what was resolved); it shuts the client down when the app's lifespan
+ends, i.e. after uvicorn has drained in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from heteroserve import __version__
+from heteroserve.core.config import ServerArgs
+from heteroserve.server.context import ServerContext
+from heteroserve.server.errors import install_error_handlers
+from heteroserve.server.metrics import ServerMetrics
+from heteroserve.server.routes_native import native_router, ops_router
+from heteroserve.server.routes_openai import router as openai_router
+
+logger = logging.getLogger(__name__)
+
+
+def served_model_name(server_args: ServerArgs) -> str:
+    """The name clients put in ``model``: ``--served-model-name``, else ``--model-path``."""
+    return server_args.served_model_name or server_args.model_path or "heteroserve-default"
+
+
+def _reasoning_parser(server_args: ServerArgs, client: Any) -> Any:
+    if not server_args.reasoning_parser:
+        return None
+    from heteroserve.core.grammar.reasoning import ReasoningParser
+
+    return ReasoningParser.create(server_args.reasoning_parser, client.tokenizer.hf)
+
+
+def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = True) -> FastAPI:
+    """A FastAPI app over ``client`` (an ``EngineClient`` or an object with its interface).
+
+    ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends. Raises
+    ``ValueError`` for an unknown ``--reasoning-parser``.
+    """
+    ctx = ServerContext(client=client, server_args=server_args,
+                        model_name=served_model_name(server_args),
+                        metrics=ServerMetrics(client),
+                        reasoning_parser=_reasoning_parser(server_args, client))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_client:
+            logger.info("stopping the engine")
+            await asyncio.to_thread(client.shutdown)
+
+    app = FastAPI(title="heteroserve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible and SGLang-native LLM serving API.")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(native_router)
+    app.include_router(ops_router)
+    return app
