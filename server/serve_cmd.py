@@ -72,9 +72,10 @@ def _url(sock: socket.socket) -> str:
 
 def startup_banner(info: Any, model_name: str, model_path: str, url: str,
                    api_key: bool) -> str:
-    """The one readable start-up block logged before serving (from the engine's ReadyInfo)."""
+    """What the server adds to the engine's start-up block (platform, model, KV pool and the
+    kernel chosen per op, logged once by the engine process): where to reach it."""
     kernels = getattr(info, "kernels", []) or []
-    width = max((len(op) for op, *_ in kernels), default=0)
+    native = sum(1 for row in kernels if len(row) > 2 and row[2] == "native")
     lines = [
         "heteroserve is ready",
         f"  model      {model_name}  ({model_path})",
@@ -83,10 +84,7 @@ def startup_banner(info: Any, model_name: str, model_path: str, url: str,
         f"  KV pool    {info.max_total_tokens} tokens, page size {info.page_size}",
         f"  context    {info.max_context_len} tokens; up to {info.max_running_requests} "
         "running requests",
-        "  kernels" + ("    (none reported)" if not kernels else ""),
-        *(f"    {op:<{width}}  {impl}" + (f"  [{kind}]" if kind else "")
-          for op, impl, kind in ((row[0], row[1], row[2] if len(row) > 2 else "")
-                                 for row in kernels)),
+        f"  kernels    {native} of {len(kernels)} ops native (per-op table in the engine block above)",
         f"  API        {url}/v1  (OpenAI)   {url}/generate  (native)   "
         f"{url}/metrics   {url}/docs",
         f"  auth       {'Bearer API key required' if api_key else 'none'}",
