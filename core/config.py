@@ -36,7 +36,7 @@ class ServerArgs:
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     disable_cuda_graph: bool = False  # SGLang's spelling; disables any platform's graph capture
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int = 256
 
     tp_size: int = 1
     nnodes: int = 1
