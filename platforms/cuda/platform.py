@@ -12,6 +12,7 @@ from heteroserve.core.graph import GraphRunner
 from heteroserve.core.platform import (
     Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
 )
+from heteroserve.platforms.cuda.device_services import TorchCudaDeviceServices
 
 
 def cuda_unavailable() -> str | None:
@@ -35,7 +36,7 @@ def _installed(name: str) -> bool:
         return False
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchCudaDeviceServices, Platform):
     """NVIDIA GPUs. Capabilities: bf16 (sm80+), fp16, fp32; fp8 e4m3fn on sm89+; any KV page
     size in NHD or HND; CUDA graph capture; NCCL. Services go through ``torch.cuda``."""
 
@@ -75,31 +76,6 @@ class CudaPlatform(Platform):
                 "flashinfer": _installed("flashinfer"),
             },
         )
-
-    # -- device services --------------------------------------------------------------------
-
-    def set_device(self, index: int) -> None:
-        torch.cuda.set_device(index)
-
-    def memory_info(self, device: torch.device) -> tuple[int, int]:
-        free, total = torch.cuda.mem_get_info(device)
-        return int(free), int(total)
-
-    def synchronize(self, device: torch.device | None = None) -> None:
-        torch.cuda.synchronize(device)
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
-
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
-
-    def new_stream(self, device: torch.device) -> Any | None:
-        return torch.cuda.Stream(device)
-
-    def new_event(self) -> Any | None:
-        return torch.cuda.Event(enable_timing=True)
 
     def make_communicator(self, group: Any | None = None) -> Communicator:
         """Collectives over ``group`` through torch.distributed's ``nccl`` backend."""

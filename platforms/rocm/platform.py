@@ -22,6 +22,7 @@ from heteroserve.core.graph import GraphRunner
 from heteroserve.core.platform import (
     Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
 )
+from heteroserve.platforms.cuda.device_services import TorchCudaDeviceServices
 
 AITER_HINT = "pip install heteroserve[rocm] (amd-aiter) on a ROCm machine"
 #: gfx9 architectures with e4m3fnuz fp8 (MI300A/MI300X/MI325X).
@@ -50,7 +51,7 @@ def fp8_flavour_for_arch(arch: str) -> Fp8Flavour | None:
     return None
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(TorchCudaDeviceServices, Platform):
     """AMD Instinct/Radeon GPUs on a ROCm build of torch."""
 
     name = "rocm"
@@ -89,31 +90,6 @@ class RocmPlatform(Platform):
             extra={"gcn_arch": arch or "unknown", "collectives": "RCCL (torch 'nccl' backend)",
                    "aiter": "available" if aiter_missing() is None else "not installed"},
         )
-
-    # -- device services (torch.cuda is HIP on ROCm builds) ---------------------------------
-
-    def set_device(self, index: int) -> None:
-        torch.cuda.set_device(index)
-
-    def memory_info(self, device: torch.device) -> tuple[int, int]:
-        free, total = torch.cuda.mem_get_info(device)
-        return int(free), int(total)
-
-    def synchronize(self, device: torch.device | None = None) -> None:
-        torch.cuda.synchronize(device)
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
-
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
-
-    def new_stream(self, device: torch.device) -> Any | None:
-        return torch.cuda.Stream(device)
-
-    def new_event(self) -> Any | None:
-        return torch.cuda.Event(enable_timing=True)
 
     def make_communicator(self, group: Any | None = None) -> Communicator:
         """RCCL collectives through torch.distributed (backend name ``"nccl"``)."""
