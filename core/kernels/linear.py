@@ -75,9 +75,10 @@ class LinearMethod(ABC):
 
     scheme: str
 
-    @abstractmethod
     def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        """The tensors a checkpoint provides for a layer of ``shape``, by parameter name."""
+        """The tensors a checkpoint provides for a layer of ``shape``, by parameter name
+        (the scheme's layout, :func:`checkpoint_specs`; override only to add tensors)."""
+        return checkpoint_specs(self.scheme, shape)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack ``layer``'s loaded parameters for :meth:`apply` (default: keep as loaded)."""
@@ -86,3 +87,48 @@ class LinearMethod(ABC):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias`` with ``W`` as the scheme defines it."""
+
+
+def _w4_group(shape: LinearShape, k_multiple: int) -> int:
+    """The group size (``-1``: one group over all of K); ``ValueError`` if unpackable."""
+    k, n = shape.input_size, shape.output_size
+    group = k if shape.group_size == -1 else shape.group_size
+    if group <= 0 or k % group:
+        raise ValueError(f"input size {k} is not a multiple of group size {shape.group_size}")
+    if n % 8 or k % k_multiple:
+        raise ValueError(f"4-bit packing needs output size % 8 == 0 and input size % "
+                         f"{k_multiple} == 0, got N={n}, K={k}")
+    return group
+
+
+def checkpoint_specs(scheme: str, shape: LinearShape) -> dict[str, ParamSpec]:
+    """The checkpoint tensors of ``scheme`` for a layer of ``shape`` (see the module
+    docstring for their meaning). Raises ``ValueError`` for an unknown scheme or a shape the
+    scheme cannot hold."""
+    n, k = shape.output_size, shape.input_size
+    if scheme == "unquantized":
+        return {"weight": ParamSpec((n, k), shape.params_dtype)}
+    if scheme == "fp8_per_tensor":
+        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
+                "weight_scale": ParamSpec((1,), torch.float32)}
+    if scheme == "fp8_block":
+        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
+                "weight_scale_inv": ParamSpec((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
+                                              torch.float32)}
+    if scheme == "int8_w8a8":
+        return {"weight": ParamSpec((n, k), torch.int8),
+                "weight_scale": ParamSpec((n, 1), torch.float32)}
+    if scheme == "awq_w4a16":
+        group = _w4_group(shape, 1)
+        return {"qweight": ParamSpec((k, n // 8), torch.int32),
+                "qzeros": ParamSpec((k // group, n // 8), torch.int32),
+                "scales": ParamSpec((k // group, n), torch.float16)}
+    if scheme == "gptq_w4a16":
+        group = _w4_group(shape, 8)
+        specs = {"qweight": ParamSpec((k // 8, n), torch.int32),
+                 "qzeros": ParamSpec((k // group, n // 8), torch.int32),
+                 "scales": ParamSpec((k // group, n), torch.float16)}
+        if shape.has_g_idx:
+            specs["g_idx"] = ParamSpec((k,), torch.int32)
+        return specs
+    raise ValueError(f"unknown linear scheme {scheme!r}; known: {', '.join(LINEAR_SCHEMES)}")

@@ -41,15 +41,20 @@ def bytes_per_page(backend: AttentionBackend, num_layers: int, dtype: torch.dtyp
 
 
 def plan_num_pages(free_bytes: int, total_bytes: int, mem_fraction: float, page_bytes: int,
-                   page_size: int, max_total_tokens: int | None, token_cap: int) -> int:
-    """Pages for the KV pool: what remains of ``mem_fraction`` of the device after what is
-    already used (weights), capped by ``max_total_tokens`` and ``token_cap``; at least 2.
-    Raises ``RuntimeError`` when memory allows no page at all."""
+                   page_size: int, max_total_tokens: int | None, token_cap: int,
+                   max_pool_bytes: int | None = None) -> int:
+    """Pages for the KV pool (page 0 included): what remains of ``mem_fraction`` of the device
+    after what is already used (weights), at most ``max_pool_bytes`` (a platform's cap, e.g.
+    for host memory shared with everything else), and at most ``token_cap`` tokens.
+    ``max_total_tokens`` (the user's explicit size) overrides the memory-based size. At least
+    2 pages; ``RuntimeError`` when memory allows none."""
     budget = free_bytes - int(total_bytes * (1.0 - mem_fraction))
+    if max_pool_bytes is not None:
+        budget = min(budget, max_pool_bytes)
     pages = budget // page_bytes
     if max_total_tokens is not None:
-        pages = min(pages, -(-max_total_tokens // page_size) + 1) if pages > 0 else \
-            -(-max_total_tokens // page_size) + 1
+        wanted = -(-max_total_tokens // page_size) + 1
+        pages = min(pages, wanted) if pages > 0 else wanted
     pages = min(pages, -(-token_cap // page_size) + 1)
     if pages < 2:
         raise RuntimeError(

@@ -84,8 +84,9 @@ class ModelRunner:
         free, total = self.platform.memory_info(self.device)
         page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cfg.dtype)
         cap = cfg.context_len * args.max_running_requests
+        pool_cap = self.platform.capabilities().extra.get("kv_cache_max_bytes")
         pages = kv_storage.plan_num_pages(free, total, args.mem_fraction_static, page_bytes,
-                                          self.page_size, args.max_total_tokens, cap)
+                                          self.page_size, args.max_total_tokens, cap, pool_cap)
         return kv_storage.allocate(self.backend, cfg.num_layers, pages, cfg.dtype, self.device)
 
     # -- the step ------------------------------------------------------------------------------

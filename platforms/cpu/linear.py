@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.platforms.cpu.quant_pack import AWQ_ORDER, unpack_nibbles
 
 _MIN_SCALE = 1e-12
@@ -80,8 +80,6 @@ class UnquantizedLinear(LinearMethod):
 
     scheme = "unquantized"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec((shape.output_size, shape.input_size), shape.params_dtype)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,9 +93,6 @@ class Fp8PerTensorLinear(LinearMethod):
 
     scheme = "fp8_per_tensor"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec((shape.output_size, shape.input_size), torch.float8_e4m3fn),
-                "weight_scale": ParamSpec((1,), torch.float32)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         _set(layer, "weight_scale", _get(layer, "weight_scale").to(torch.float32).reshape(1))
@@ -117,11 +112,6 @@ class Fp8BlockLinear(LinearMethod):
 
     scheme = "fp8_block"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        n, k = shape.output_size, shape.input_size
-        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
-                "weight_scale_inv": ParamSpec((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
-                                              torch.float32)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,10 +138,6 @@ class Int8W8A8Linear(LinearMethod):
 
     scheme = "int8_w8a8"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        n, k = shape.output_size, shape.input_size
-        return {"weight": ParamSpec((n, k), torch.int8),
-                "weight_scale": ParamSpec((n, 1), torch.float32)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight = _get(layer, "weight")
@@ -165,19 +151,6 @@ class Int8W8A8Linear(LinearMethod):
         qx, x_scale = quantize_int8_dynamic(x2)
         y = (qx.to(torch.float32) @ weight.to(torch.float32).t()) * x_scale * w_scale.reshape(1, -1)
         return _finish(y, x, bias)
-
-
-def _w4_check(shape: LinearShape, k_multiple: int) -> int:
-    """The group size (``-1`` means one group over all of ``K``); ``ValueError`` if the shape
-    cannot be packed."""
-    k, n = shape.input_size, shape.output_size
-    group = k if shape.group_size == -1 else shape.group_size
-    if group <= 0 or k % group:
-        raise ValueError(f"input size {k} is not a multiple of group size {shape.group_size}")
-    if n % 8 or k % k_multiple:
-        raise ValueError(f"4-bit packing needs output size % 8 == 0 and input size % "
-                         f"{k_multiple} == 0, got N={n}, K={k}")
-    return group
 
 
 class _W4A16Linear(LinearMethod):
@@ -211,12 +184,6 @@ class AwqW4A16Linear(_W4A16Linear):
 
     scheme = "awq_w4a16"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        group = _w4_check(shape, 1)
-        k, n = shape.input_size, shape.output_size
-        return {"qweight": ParamSpec((k, n // 8), torch.int32),
-                "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                "scales": ParamSpec((k // group, n), torch.float16)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qweight, qzeros = _get(layer, "qweight"), _get(layer, "qzeros")
@@ -234,15 +201,6 @@ class GptqW4A16Linear(_W4A16Linear):
 
     scheme = "gptq_w4a16"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        group = _w4_check(shape, 8)
-        k, n = shape.input_size, shape.output_size
-        specs = {"qweight": ParamSpec((k // 8, n), torch.int32),
-                 "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                 "scales": ParamSpec((k // group, n), torch.float16)}
-        if shape.has_g_idx:
-            specs["g_idx"] = ParamSpec((k,), torch.int32)
-        return specs
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qweight, qzeros = _get(layer, "qweight"), _get(layer, "qzeros")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from heteroserve.core.kernels.linear import LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import get_param
 
 
@@ -15,8 +15,6 @@ class UnquantizedLinear(LinearMethod):
 
     scheme = "unquantized"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec((shape.output_size, shape.input_size), shape.params_dtype)}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:

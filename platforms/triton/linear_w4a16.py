@@ -12,22 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from heteroserve.core.kernels.linear import LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
-
-
-def _group(shape: LinearShape, k_multiple: int) -> int:
-    """The group size (``-1``: one group over all of K); ``ValueError`` if unpackable."""
-    k, n = shape.input_size, shape.output_size
-    group = k if shape.group_size == -1 else shape.group_size
-    if group <= 0 or k % group:
-        raise ValueError(f"input size {k} is not a multiple of group size {shape.group_size}")
-    if n % 8 or k % k_multiple:
-        raise ValueError(f"4-bit packing needs output size % 8 == 0 and input size % "
-                         f"{k_multiple} == 0, got N={n}, K={k}")
-    return group
 
 
 class _W4A16Linear(LinearMethod):
@@ -68,12 +56,6 @@ class AwqW4A16Linear(_W4A16Linear):
 
     scheme = "awq_w4a16"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        group = _group(shape, 1)
-        k, n = shape.input_size, shape.output_size
-        return {"qweight": ParamSpec((k, n // 8), torch.int32),
-                "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                "scales": ParamSpec((k // group, n), torch.float16)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qweight, qzeros = get_param(layer, "qweight"), get_param(layer, "qzeros")
@@ -91,15 +73,6 @@ class GptqW4A16Linear(_W4A16Linear):
 
     scheme = "gptq_w4a16"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        group = _group(shape, 8)
-        k, n = shape.input_size, shape.output_size
-        specs = {"qweight": ParamSpec((k // 8, n), torch.int32),
-                 "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                 "scales": ParamSpec((k // group, n), torch.float16)}
-        if shape.has_g_idx:
-            specs["g_idx"] = ParamSpec((k,), torch.int32)
-        return specs
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qweight, qzeros = get_param(layer, "qweight"), get_param(layer, "qzeros")

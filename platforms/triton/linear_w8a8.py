@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.platforms.triton.linear_params import get_param, rows, set_param
 from heteroserve.platforms.triton.quant import MIN_SCALE, quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
@@ -50,9 +50,6 @@ class Fp8PerTensorLinear(LinearMethod):
 
     scheme = "fp8_per_tensor"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec((shape.output_size, shape.input_size), torch.float8_e4m3fn),
-                "weight_scale": ParamSpec((1,), torch.float32)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         set_param(layer, "weight_scale",
@@ -86,11 +83,6 @@ class Fp8BlockLinear(LinearMethod):
 
     scheme = "fp8_block"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        n, k = shape.output_size, shape.input_size
-        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
-                "weight_scale_inv": ParamSpec((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
-                                              torch.float32)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight, scale = get_param(layer, "weight"), get_param(layer, "weight_scale_inv")
@@ -119,10 +111,6 @@ class Int8W8A8Linear(LinearMethod):
 
     scheme = "int8_w8a8"
 
-    def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
-        n, k = shape.output_size, shape.input_size
-        return {"weight": ParamSpec((n, k), torch.int8),
-                "weight_scale": ParamSpec((n, 1), torch.float32)}
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight = get_param(layer, "weight")
