@@ -43,6 +43,9 @@ class CpuPlatform(Platform):
             kv_layouts=(KVLayout.NHD, KVLayout.HND),
             graph_capture=False,
             distributed_backend="gloo",
+            # host memory is shared with everything else: cap the KV pool (--max-total-tokens
+            # still lowers it)
+            extra={"kv_cache_max_bytes": 4 << 30},
         )
 
     def device(self, index: int = 0) -> torch.device:
