@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -138,6 +139,25 @@ def _uvicorn_server(app: Any, log_level: str, shutdown_timeout: float, access_lo
     return Server(config)
 
 
+def _serve_worker_node(server_args) -> int:
+    """``--node-rank N > 0``: run this node's tensor-parallel ranks (they follow global rank 0
+    on node 0, which serves HTTP) until they exit or SIGTERM arrives."""
+    from heteroserve.core.runtime.frontend import EngineClient
+
+    with _sigterm_interrupts():
+        client = EngineClient(server_args)
+    logger.info("worker node %d of %d: ranks started, following %s", server_args.node_rank,
+                server_args.nnodes, server_args.dist_init_addr)
+    try:
+        while client.is_alive():
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.shutdown()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the engine and serve until SIGTERM / Ctrl-C. Returns 0 after a clean shutdown.
     Raises ``OSError`` (port taken), ``ValueError`` (bad option) or ``RuntimeError`` (engine
@@ -149,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     server_args = server_args_from_namespace(args)
     if args.shutdown_timeout < 0:
         raise ValueError("--shutdown-timeout must be >= 0")
+    if server_args.node_rank > 0:
+        return _serve_worker_node(server_args)
     sock = bind_socket(server_args.host, server_args.port)
     try:
         if server_args.model_path is None:
