@@ -1,0 +1,51 @@
+"""The batch builder's metadata against hand-computed values, and KV pool sizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heteroserve.core.kernels.attention import ForwardMode
+from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+from heteroserve.core.model_runner.kv_storage import GIB, plan_num_pages
+
+
+def test_extend_metadata_by_hand() -> None:
+    # page size 4: seq A has 5 cached + 3 new (8 tokens, pages [7, 2]); seq B has 0 + 1 on
+    # page [9] with a spare page that must not appear in the page table
+    seqs = [SequenceInput([10, 11, 12], 5, [7, 2]), SequenceInput([20], 0, [9, 3])]
+    b = build_forward_batch(seqs, ForwardMode.EXTEND, 4, torch.device("cpu"))
+    m = b.attn
+    assert b.input_ids.tolist() == [10, 11, 12, 20]
+    assert b.positions.tolist() == [5, 6, 7, 0]
+    assert b.logits_indices.tolist() == [2, 3]
+    assert m.qo_indptr.tolist() == [0, 3, 4]
+    assert m.seq_lens.tolist() == [8, 1] and m.seq_lens_cpu == [8, 1]
+    assert m.prefix_lens.tolist() == [5, 0] and m.prefix_lens_cpu == [5, 0]
+    assert m.kv_page_indptr.tolist() == [0, 2, 3]
+    assert m.kv_page_indices.tolist() == [7, 2, 9]
+    assert m.kv_last_page_len.tolist() == [4, 1]
+    assert m.out_cache_loc.tolist() == [2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 9 * 4]
+    assert m.out_cache_loc.dtype == torch.int64 and m.qo_indptr.dtype == torch.int32
+    assert b.batch_size == 2
+
+
+def test_bad_sequences_are_rejected() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="needs 2 pages"):
+        build_forward_batch([SequenceInput([1, 2], 3, [1])], ForwardMode.EXTEND, 4, cpu)
+    with pytest.raises(ValueError, match="decode sequence with 2"):
+        build_forward_batch([SequenceInput([1, 2], 0, [1])], ForwardMode.DECODE, 4, cpu)
+
+
+def test_kv_pool_sizing() -> None:
+    page = 1 << 20  # 1 MiB per page
+    # 10 GiB free of 16 GiB at fraction 0.9: 10 - 1.6 = 8.4 GiB of pages
+    assert plan_num_pages(10 * GIB, 16 * GIB, 0.9, page, 16, None, 10**9) == int(8.4 * 1024)
+    # a platform cap (host memory) bounds it
+    assert plan_num_pages(10 * GIB, 16 * GIB, 0.9, page, 16, None, 10**9, 4 * GIB) == 4096
+    # max_total_tokens and the context cap bound it (+1 for the reserved page 0)
+    assert plan_num_pages(10 * GIB, 16 * GIB, 0.9, page, 16, 1600, 10**9) == 101
+    assert plan_num_pages(10 * GIB, 16 * GIB, 0.9, page, 16, None, 320) == 21
+    with pytest.raises(RuntimeError, match="no memory left"):
+        plan_num_pages(GIB, 16 * GIB, 0.9, page, 16, None, 10**9)
