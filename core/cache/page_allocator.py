@@ -1,29 +1,21 @@
-"""Hands out KV pages. Page 0 is reserved (padding and graph replays write there) and is never
-handed out."""
+"""Hands out KV pages. Page 0 is reserved and never handed out."""
 
 from __future__ import annotations
 
 
 class PageAllocator:
-    """Free list over page ids ``1 .. num_pages - 1``.
+    """Free list over pages ``1 .. num_pages - 1``.
 
-    Ownership: every page is either free here or owned by exactly one holder (a request, or
-    the radix cache). :meth:`free` checks the whole list first and raises ``ValueError``
-    (freeing nothing) for page 0, an id out of range, a page that is already free, or the same
-    page listed twice, so a double free is caught where it happens.
+    Invariant: every page is either free here or owned by exactly one holder (a request or
+    the radix cache); ``free`` of a page that is already free raises ``ValueError``.
     """
 
     def __init__(self, num_pages: int) -> None:
-        if not isinstance(num_pages, int) or num_pages < 2:
-            raise ValueError(f"a KV pool needs at least 2 pages (page 0 is reserved), got {num_pages!r}")
+        if num_pages < 2:
+            raise ValueError("a KV pool needs at least 2 pages (page 0 is reserved)")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))  # popped from the end: low ids first
+        self._free = list(range(num_pages - 1, 0, -1))
         self._is_free = [False] + [True] * (num_pages - 1)
-
-    @property
-    def capacity(self) -> int:
-        """Pages that can be handed out (``num_pages - 1``)."""
-        return self.num_pages - 1
 
     @property
     def num_free(self) -> int:
@@ -31,18 +23,14 @@ class PageAllocator:
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.num_pages - 1 - len(self._free)
 
     @property
-    def usage(self) -> float:
-        """``num_used / capacity`` in [0, 1]."""
-        return self.num_used / self.capacity
+    def capacity(self) -> int:
+        return self.num_pages - 1
 
     def alloc(self, n: int) -> list[int] | None:
-        """``n`` page ids, or None (nothing taken) when fewer than ``n`` are free.
-        ``ValueError`` for a negative ``n``."""
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} pages")
+        """``n`` pages, or None (nothing taken) when fewer are free."""
         if n > len(self._free):
             return None
         pages = [self._free.pop() for _ in range(n)]
@@ -51,14 +39,8 @@ class PageAllocator:
         return pages
 
     def free(self, pages: list[int]) -> None:
-        """Return ``pages`` to the pool (see the class docstring for the errors)."""
-        seen: set[int] = set()
         for p in pages:
-            if not 0 < p < self.num_pages:
-                raise ValueError(f"page {p} is not a page of this pool (1..{self.num_pages - 1})")
-            if self._is_free[p] or p in seen:
-                raise ValueError(f"page {p} freed twice")
-            seen.add(p)
-        for p in pages:
+            if p <= 0 or p >= self.num_pages or self._is_free[p]:
+                raise ValueError(f"page {p} freed twice or out of range")
             self._is_free[p] = True
             self._free.append(p)

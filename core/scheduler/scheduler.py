@@ -170,9 +170,7 @@ class Scheduler:
                 cached = self.cache.match_prefix(req.fill_ids, count=False).num_tokens
                 if shared - cached >= IN_BATCH_SHARE:
                     continue  # wait one step: it will hit the prefix this step computes
-            # a page per running request for its next decode; a request admitted into an
-            # empty engine needs none (add_request checked that it fits the pool alone)
-            headroom = len(self.running) + 1
+            headroom = len(self.running)  # a page per running request for its next decode
             if self._available_pages() < -(-min(req.pending_len, budget) // self.page_size) + headroom:
                 break
             self._admit(req)
