@@ -49,6 +49,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, []) else "")
         if tp is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+        elif f.name == "log_level":
+            parser.add_argument(*names, dest=f.name, default=default, help=help_text,
+                                choices=("debug", "info", "warning", "error", "critical"))
         elif f.name == "kernel":
             parser.add_argument(*names, dest=f.name, action="append", default=[],
                                 metavar="OP=IMPL", help=help_text)

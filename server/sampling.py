@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _DIRECT = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens",
+    "repetition_penalty": "repetition_penalty",
     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids", "seed": "seed",
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
 }
@@ -40,6 +40,8 @@ def sampling_params(req: SamplingFields, max_new_tokens: int | None) -> dict[str
     cannot take in any form (empty stop strings, conflicting output constraints)."""
     if req.ignored_fields():
         logger.debug("ignoring unknown request fields: %s", ", ".join(req.ignored_fields()))
+    if req.min_tokens:
+        raise bad_request("min_tokens is not supported by this engine", "min_tokens")
     params: dict[str, Any] = {"n": req.n}
     if max_new_tokens is not None:
         params["max_new_tokens"] = max_new_tokens

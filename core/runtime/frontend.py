@@ -220,7 +220,12 @@ class EngineClient:
         with self._lock:
             if self._closed:
                 return
-            self._send_sock.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            try:  # never block the caller's event loop on a dead engine
+                self._send_sock.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL),
+                                     zmq.NOBLOCK)
+            except zmq.Again:
+                raise EngineDeadError("the engine is not accepting requests "
+                                      "(its process is gone or stuck)") from None
 
     def _check_alive(self) -> None:
         if self._closed:

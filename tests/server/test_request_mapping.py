@@ -17,12 +17,12 @@ MSG = [{"role": "user", "content": "x"}]
 def test_openai_fields_map_to_sglang_names() -> None:
     req = CompletionRequest(prompt="x", n=2, temperature=0.5, top_p=0.9, top_k=0, min_p=0.1,
                             stop="END", seed=3, presence_penalty=0.1, frequency_penalty=0.2,
-                            repetition_penalty=1.1, min_tokens=2, ignore_eos=True,
+                            repetition_penalty=1.1, ignore_eos=True,
                             stop_token_ids=[7], max_tokens=9)
     assert sampling_params(req, req.max_tokens) == {
         "n": 2, "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": -1,
         "min_p": 0.1, "stop": ["END"], "seed": 3, "presence_penalty": 0.1,
-        "frequency_penalty": 0.2, "repetition_penalty": 1.1, "min_new_tokens": 2,
+        "frequency_penalty": 0.2, "repetition_penalty": 1.1,
         "ignore_eos": True, "stop_token_ids": [7]}
 
 
