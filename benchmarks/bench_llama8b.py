@@ -47,7 +47,8 @@ def build_engine(disable_radix: bool, max_running: int, chunked: int, mem_fracti
                       platform=os.environ.get("HS_PLATFORM", "cuda"),
                       disable_radix_cache=disable_radix, max_running_requests=max_running,
                       chunked_prefill_size=chunked, mem_fraction_static=mem_fraction,
-                      kernel=[k for k in os.environ.get("HS_KERNELS", "").split(",") if k])
+                      kernel=[k for k in os.environ.get("HS_KERNELS", "").split(",") if k],
+                      cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "256")))
     platform, dispatch, runner = build_model_runner(args)
     return runner, Scheduler(runner, args, [], runner.page_size)
 

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: torch.profiler over steady-state decode steps of the
 Llama-3.1-8B-shaped model (dummy bf16 weights), at batch 1 and at batch 256 with 1 K context.
 Prints, per case, wall time per step, device (CUDA kernel) time per step, and the top
-kernels. Usage: python benchmarks/profile_llama8b.py > profile.txt
+kernels. Usage: python benchmarks/profile_llama8b.py [1,256] > profile.txt (the batch sizes to
+profile; both by default)
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ def profile_case(name: str, sched, runner, n: int, inp: int, steps: int) -> None
 
 
 def main() -> int:
+    cases = sys.argv[1].split(",") if len(sys.argv) > 1 else ["1", "256"]
     runner, sched = build_engine(False, 256, 8192, 0.80)
-    profile_case("decode batch 1", sched, runner, 1, 128, 30)
-    profile_case("decode batch 256", sched, runner, 256, 1024, 10)
+    if "1" in cases:
+        profile_case("decode batch 1", sched, runner, 1, 128, 30)
+    if "256" in cases:
+        profile_case("decode batch 256", sched, runner, 256, 1024, 10)
     return 0
 
 

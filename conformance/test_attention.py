@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from heteroserve.conformance.attention_setup import make_setup, write_and_check
+from heteroserve.conformance.attention_setup import (
+    expected_cache, flat_slots, make_setup, write_and_check,
+)
 from heteroserve.conformance.cases.attention import AttnCase, attention_cases
 from heteroserve.conformance.checks import assert_bitwise_equal, assert_close, run_op
 from heteroserve.conformance.context import ConformanceContext
@@ -42,3 +44,21 @@ def test_attention_extend(conf: ConfParam, ctx: ConformanceContext,
 def test_attention_decode(conf: ConfParam, ctx: ConformanceContext,
                           request: pytest.FixtureRequest) -> None:
     _attend(conf, ctx, request)
+
+
+@conformance(attention_cases("decode"))
+def test_attention_forward_decode(conf: ConfParam, ctx: ConformanceContext,
+                                  request: pytest.FixtureRequest) -> None:
+    """``forward`` (which a backend may fuse: KV store inside the attention kernel) leaves the
+    caches exactly as ``write_kv`` does and attends like ``write_kv`` + ``decode``."""
+    s = make_setup(conf, ctx)
+    case: AttnCase = conf.case  # type: ignore[assignment]
+    s.backend.prepare(s.batch.meta)
+    out = run_op(lambda: s.backend.forward(s.q, s.k_new, s.v_new, s.k_cache, s.v_cache,
+                                           s.layer, s.batch.meta), tuple)
+    for name, cache, seqs in (("k", s.k_cache, s.keys), ("v", s.v_cache, s.values)):
+        assert_bitwise_equal(flat_slots(cache, s.layout), expected_cache(s, cache, seqs),
+                             f"forward: {name} cache (only the new tokens' slots may change)")
+    ref = attention_ref(s.q, s.keys, s.values, [n for _, n in case.seqs], s.layer.scale,
+                        case.sliding_window, case.logit_cap)
+    assert_close(out, ref, case.dtype, "forward (decode) output", request)

@@ -36,7 +36,7 @@ class LinearCase(Case):
 #: scheme -> (tokens, K, N, group size, g_idx, bias)
 _GRID: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
     "unquantized": [(1, 256, 128, 128, False, False), (7, 320, 200, 128, False, True),
-                    (33, 512, 256, 128, False, False)],
+                    (33, 512, 256, 128, False, False), (1, 1000, 200, 128, False, True)],
     "fp8_per_tensor": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],
     "fp8_block": [(1, 256, 256, 128, False, False), (7, 320, 192, 128, False, True)],
     "int8_w8a8": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],

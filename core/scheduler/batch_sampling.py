@@ -52,6 +52,25 @@ def sampling_batch(reqs: list[Req], device: torch.device, step_offset: int = 0) 
         all_greedy=all(s.greedy for s in sps))
 
 
+_GREEDY_BATCHES: dict[tuple[int, str], SamplingBatch] = {}
+
+
+def greedy_batch(size: int, device: torch.device) -> SamplingBatch:
+    """An all-greedy :class:`SamplingBatch` of ``size`` rows on ``device``, made once per
+    (size, device) and shared (sampling ops never write their parameters), so a greedy step
+    costs no host-to-device copies."""
+    key = (size, str(device))
+    batch = _GREEDY_BATCHES.get(key)
+    if batch is None:
+        zeros = torch.zeros(size, dtype=torch.float32, device=device)
+        ints = torch.zeros(size, dtype=torch.int64, device=device)
+        batch = SamplingBatch(temperatures=zeros, top_ks=ints.to(torch.int32),
+                              top_ps=torch.ones(size, dtype=torch.float32, device=device),
+                              min_ps=zeros, seeds=ints, steps=ints, all_greedy=True)
+        _GREEDY_BATCHES[key] = batch
+    return batch
+
+
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Req]
                 ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
     """Per row: the chosen token's logprob and the top-N alternatives, from ``log_softmax``
@@ -79,10 +98,10 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Req]
 
 def sample(dispatch: DispatchTable, logits: torch.Tensor, reqs: list[Req],
            step_offset: int = 0) -> torch.Tensor:
-    """Next token ids ``[B]`` (int64, on the logits' device). An all-greedy batch is an
-    argmax (lowest id on ties, as the sampling contract says) without building the
-    per-row parameter tensors. ``step_offset``: tokens already sampled but not yet appended
-    (overlap scheduling)."""
+    """Next token ids ``[B]`` (int64, on the logits' device) from the platform's sampling op.
+    An all-greedy batch passes a shared :func:`greedy_batch` (the op's argmax path) instead
+    of building per-row parameter tensors. ``step_offset``: tokens already sampled but not
+    yet appended (overlap scheduling)."""
     if all(r.sampling_params.greedy for r in reqs):
-        return logits.argmax(dim=-1)
+        return dispatch.sampling(logits, greedy_batch(logits.shape[0], logits.device))
     return dispatch.sampling(logits, sampling_batch(reqs, logits.device, step_offset))

@@ -1,10 +1,9 @@
 """Entry point of the built-in ``cuda`` platform plugin.
 
 Registers the CUDA platform, the shared Triton kernels for ``cuda`` (name ``triton``, above
-the torch-native fallback) and flashinfer adapters (name ``flashinfer``: attention above
-Triton, the norms below it) whose ``supports`` says "flashinfer not installed" when it is
-absent. Loading this plugin imports
-neither triton nor flashinfer.
+the torch-native fallback) and flashinfer adapters (name ``flashinfer``, below Triton and
+selected with ``--kernel OP=flashinfer``) whose ``supports`` says "flashinfer not installed"
+when it is absent. Loading this plugin imports neither triton nor flashinfer.
 """
 
 from __future__ import annotations
@@ -24,7 +23,9 @@ from heteroserve.platforms.triton.registration import triton_kernel_specs
 
 PLATFORMS = ("cuda",)
 TRITON_PRIORITY = 10
-FLASHINFER_PRIORITY = 20
+#: below Triton: flashinfer's plans are host state that a captured decode graph cannot replay
+#: (graph_safe False), and batch-1 decode lives on graphs; --kernel attention=flashinfer selects it
+FLASHINFER_PRIORITY = 8
 #: flashinfer's norms were not measured on a GPU yet (the Triton ones run at 80-90% of the
 #: copy ceiling), so they stay selectable (--kernel rms_norm=flashinfer) but below Triton
 FLASHINFER_NORM_PRIORITY = 5

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.attention import (
-    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata,
+    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, ForwardMode,
 )
 from heteroserve.core.platform import KVLayout
 from heteroserve.platforms.triton.attention_decode import choose_num_splits, decode_attention
@@ -23,7 +23,8 @@ class TritonAttention(AttentionBackend):
     Supports GQA/MQA, causal extend on top of a cached prefix, sliding windows (Hugging Face
     convention), logit soft-capping, head sizes 16..256 (non powers of two are padded in
     registers, e.g. 96 -> 128) and bf16/fp16/fp32. ``write_kv`` is one scatter kernel;
-    ``extend`` one flash-attention kernel; ``decode`` two kernels (split-KV, then merge).
+    ``extend`` one flash-attention kernel; ``decode`` two kernels (split-KV, then merge);
+    ``forward`` in decode mode stores the new K/V inside the split kernel.
     Everything reads only device tensors of the metadata plus host lengths that size grids,
     so decode is safe to capture in a device graph for a fixed batch size. Raises
     ``ValueError`` on a config it cannot serve or tensors that disagree with it.
@@ -93,9 +94,26 @@ class TritonAttention(AttentionBackend):
         return extend_attention(q, k_cache, v_cache, out, layer, meta, self._remember(meta),
                                 self.config.num_kv_heads)
 
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, layer: AttentionLayer,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """``write_kv`` then ``extend``/``decode``; a decode step does both in one launch."""
+        if meta.mode is not ForwardMode.DECODE:
+            return super().forward(q, k, v, k_cache, v_cache, layer, meta)
+        c = self.config
+        if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != (c.num_kv_heads,
+                                                                       c.head_size):
+            raise ValueError(f"write_kv: k/v must be [T, {c.num_kv_heads}, {c.head_size}], "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        k = k if k.stride(2) == 1 else k.contiguous()
+        v = v if v.stride(2) == 1 else v.contiguous()
+        return self.decode(q, k_cache, v_cache, layer, meta, new_kv=(k, v))
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
-        """One query per sequence over its whole cache, ``[B, Hq, D]``."""
+               layer: AttentionLayer, meta: AttentionMetadata,
+               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One query per sequence over its whole cache, ``[B, Hq, D]``; with ``new_kv`` the
+        kernel first stores this step's ``(k, v)`` at ``meta.out_cache_loc``."""
         self._check(q, k_cache, v_cache, meta)
         if q.shape[0] != meta.batch_size:
             raise ValueError(f"decode: expected one query per sequence ({meta.batch_size}), "
@@ -103,4 +121,5 @@ class TritonAttention(AttentionBackend):
         c = self.config
         splits = choose_num_splits(meta.batch_size, c.num_kv_heads, c.max_context_len, q.device)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return decode_attention(q, k_cache, v_cache, out, layer, meta, c.num_kv_heads, splits)
+        return decode_attention(q, k_cache, v_cache, out, layer, meta, c.num_kv_heads, splits,
+                                new_kv=new_kv)

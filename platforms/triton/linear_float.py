@@ -1,4 +1,5 @@
-"""Unquantized linear: ``y = x @ W^T + bias`` through torch (cuBLAS / hipBLASLt / oneDNN)."""
+"""Unquantized linear: ``y = x @ W^T + bias``; one row through the Triton GEMV, more through
+torch (cuBLAS / hipBLASLt / oneDNN)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from heteroserve.core.kernels.linear import LinearMethod
+from heteroserve.platforms.triton.gemv import gemv
 from heteroserve.platforms.triton.linear_params import get_param
 
 
 class UnquantizedLinear(LinearMethod):
-    """``weight [N, K]`` in the model dtype; ``apply`` is one ``F.linear`` (the vendor BLAS
-    is already the fastest GEMM for plain 16-bit weights)."""
+    """``weight [N, K]`` in the model dtype. ``apply`` sends a single row (batch-1 decode, a
+    pure weight stream) to :func:`~heteroserve.platforms.triton.gemv.gemv`, which reads the
+    weight once with no split-K reduction, and anything larger to one ``F.linear`` (the
+    vendor BLAS is the fastest GEMM for plain 16-bit weights)."""
 
     scheme = "unquantized"
-
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -22,4 +25,8 @@ class UnquantizedLinear(LinearMethod):
         weight = get_param(layer, "weight")
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if x.numel() == x.shape[-1] and weight.stride(1) == 1:
+            return gemv(x, weight, bias)
+        return F.linear(x, weight, bias)

@@ -8,20 +8,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, pos_ptr, cache_ptr,
-    stride_xt, stride_xh, stride_cache, num_heads,
-    HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rotate_block(
+    x_ptr, t, hblock, cos, sin, offs_r, r_mask, stride_xt, stride_xh, num_heads,
+    HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < HALF
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
-                  other=0.0).to(tl.float32)
+    offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     if IS_NEOX:
         i1 = offs_r
         i2 = offs_r + HALF
@@ -38,13 +29,43 @@ def _rotary_kernel(
     tl.store(base + i2[None, :], o2.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def _rotate_(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> None:
-    t, heads, _ = x.shape
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cache_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads, num_k_heads,
+    q_blocks,
+    HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid ``(T, q_blocks + k_blocks)``: the first ``q_blocks`` programs of a token rotate
+    query heads, the rest key heads (one launch for both)."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < HALF
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
+                  other=0.0).to(tl.float32)
+    if hb < q_blocks:
+        _rotate_block(q_ptr, t, hb, cos, sin, offs_r, r_mask, stride_qt, stride_qh,
+                      num_q_heads, HALF, IS_NEOX, BLOCK_H)
+    else:
+        _rotate_block(k_ptr, t, hb - q_blocks, cos, sin, offs_r, r_mask, stride_kt, stride_kh,
+                      num_k_heads, HALF, IS_NEOX, BLOCK_H)
+
+
+def _rotate_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+             is_neox: bool) -> None:
+    t, hq, _ = q.shape
+    hk = k.shape[1]
     half = cache.shape[1] // 2
     block_r = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_r))
-    _rotary_kernel[(t, triton.cdiv(heads, block_h))](
-        x, positions, cache, x.stride(0), x.stride(1), cache.stride(0), heads,
+    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), 4096 // block_r))
+    q_blocks = triton.cdiv(hq, block_h)
+    _rotary_kernel[(t, q_blocks + triton.cdiv(hk, block_h))](
+        q, k, positions, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cache.stride(0), hq, hk, q_blocks,
         HALF=half, IS_NEOX=is_neox, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=4)
 
 
@@ -74,6 +95,5 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         k = k.contiguous()
     cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
     if q.shape[0]:
-        _rotate_(q, positions, cache, is_neox)
-        _rotate_(k, positions, cache, is_neox)
+        _rotate_(q, k, positions, cache, is_neox)
     return q, k

@@ -7,7 +7,8 @@ threshold read off the sorted logits; comparing raw logits keeps the test exact.
 Gumbel-max over kept tokens with counter-based noise: token ``i`` of a row gets
 ``u = hash(seed, step, i)`` (the torch-native implementation's 32-bit mixing), so a row's
 token depends only on its own logits, parameters, seed and step. Greedy rows take the
-argmax, lowest id on ties. Two launches: per-chunk best, then the merge.
+argmax, lowest id on ties (an all-greedy batch skips the filters and the noise: a plain
+argmax). Two launches: per-chunk best, then the merge.
 """
 
 from __future__ import annotations
@@ -54,18 +55,24 @@ def _gumbel(key, cols):
 def _draw_kernel(
     logits_ptr, temps_ptr, thr_ptr, seeds_ptr, steps_ptr, best_val_ptr, best_idx_ptr,
     stride_l, vocab, chunk, num_chunks,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    temp = tl.load(temps_ptr + row)
-    greedy = temp <= 0
-    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temp))
-    noise_w = tl.where(greedy, 0.0, 1.0)
-    thr = tl.load(thr_ptr + row)
+    if ALL_GREEDY:  # plain argmax: no parameters are read
+        inv_t = 1.0
+        noise_w = 0.0
+        thr = float("-inf")
+    else:
+        temp = tl.load(temps_ptr + row)
+        greedy = temp <= 0
+        inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temp))
+        noise_w = tl.where(greedy, 0.0, 1.0)
+        thr = tl.load(thr_ptr + row)
     key = tl.zeros([1], dtype=tl.uint32)
-    key = _absorb(key, tl.load(seeds_ptr + row).to(tl.int64))
-    key = _absorb(key, tl.load(steps_ptr + row).to(tl.int64))
+    if not ALL_GREEDY:
+        key = _absorb(key, tl.load(seeds_ptr + row).to(tl.int64))
+        key = _absorb(key, tl.load(steps_ptr + row).to(tl.int64))
     lo = c * chunk
     hi = tl.minimum(lo + chunk, vocab)
     best_val = tl.full([1], float("-inf"), tl.float32)
@@ -75,7 +82,10 @@ def _draw_kernel(
         m = cols < hi
         x = tl.load(logits_ptr + row * stride_l + cols, mask=m, other=float("-inf"))
         ok = m & (x >= thr) & (x > float("-inf"))
-        val = x * inv_t + noise_w * _gumbel(key, cols)
+        if ALL_GREEDY:
+            val = x
+        else:
+            val = x * inv_t + noise_w * _gumbel(key, cols)
         val = tl.where(ok, val, float("-inf"))
         blk_max = tl.max(val, 0)
         blk_idx = tl.min(tl.where(val == blk_max, cols, vocab), 0)
@@ -143,15 +153,16 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         if getattr(params, name).shape != (bsz,):
             raise ValueError(f"sample: params.{name} must have shape [{bsz}], got "
                              f"{tuple(getattr(params, name).shape)}")
-    if params.all_greedy or bsz == 0 or vocab == 0:
-        return torch.argmax(logits, dim=-1) if vocab else torch.zeros(
-            bsz, dtype=torch.int64, device=logits.device)
+    if bsz == 0 or vocab == 0:
+        return torch.zeros(bsz, dtype=torch.int64, device=logits.device)
     logits = logits.to(torch.float32)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     temps = params.temperatures.to(torch.float32).contiguous()
-    greedy = temps <= 0
-    thr = _thresholds(logits, params, greedy)
+    if params.all_greedy:  # argmax in the same two launches (torch's is one slow block a row)
+        thr = temps
+    else:
+        thr = _thresholds(logits, params, temps <= 0)
     chunks = max(1, min(triton.cdiv(vocab, _MIN_CHUNK), triton.cdiv(264, bsz)))
     block = max(16, min(_BLOCK, triton.next_power_of_2(vocab)))
     chunk = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
@@ -160,7 +171,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     best_idx = torch.empty((bsz, chunks), dtype=torch.int32, device=logits.device)
     _draw_kernel[(bsz, chunks)](
         logits, temps, thr, params.seeds.contiguous(), params.steps.contiguous(),
-        best_val, best_idx, logits.stride(0), vocab, chunk, chunks, BLOCK=block, num_warps=4)
+        best_val, best_idx, logits.stride(0), vocab, chunk, chunks, BLOCK=block,
+        ALL_GREEDY=params.all_greedy, num_warps=4)
     out = torch.empty(bsz, dtype=torch.int64, device=logits.device)
     _merge_kernel[(bsz,)](best_val, best_idx, out, chunks, vocab,
                           BLOCK_C=max(2, triton.next_power_of_2(chunks)), num_warps=1)
