@@ -21,18 +21,17 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
+# batch-1 decode with the kernels HS_KERNELS names (if any); writes $OUT/decode1_<label>.json
+decode1() {
+  HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/bench_llama8b.py --workloads decode1 \
+    --out "$OUT/decode1_$1.json" 2>&1 | grep -E "decode1|ceilings"
+}
 for step in "$@"; do
   stamp "== $step =="
   case $step in
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
-    decode1)
-      HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/bench_llama8b.py --workloads decode1 \
-        --out "$OUT/decode1_default.json" 2>&1 | grep -E "decode1|ceilings"
-      HS_GRAPH_MAX_BS=1 HS_KERNELS=linear.unquantized=torch_native timeout 120 \
-        python3 benchmarks/bench_llama8b.py --workloads decode1 \
-        --out "$OUT/decode1_cublas.json" 2>&1 | grep -E "decode1" ;;
-    decode1_only) HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/bench_llama8b.py \
-        --workloads decode1 --out "$OUT/decode1_default.json" 2>&1 | grep -E "decode1|ceilings" ;;
+    decode1) decode1 default; HS_KERNELS=linear.unquantized=torch_native decode1 cublas ;;
+    decode1_only) decode1 default ;;
     bench_rest) timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_llama8b.py \
         --workloads throughput,shared_prefix,hf --out "$OUT/bench_b_c_d.json" 2>&1 \
         | grep -E "^\[" ;;

@@ -75,13 +75,18 @@ class TritonAttention(AttentionBackend):
         for cache in (k_cache, v_cache):
             check_nhd_cache(cache, c.page_size, c.num_kv_heads, c.head_size)
 
+    def _check_new_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        c = self.config
+        if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != (c.num_kv_heads,
+                                                                       c.head_size):
+            raise ValueError(f"write_kv: k/v must be [T, {c.num_kv_heads}, {c.head_size}], "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """Scatter ``k``/``v`` ``[T, Hk, D]`` to slots ``meta.out_cache_loc``."""
         c = self.config
-        if k.dim() != 3 or tuple(k.shape[1:]) != (c.num_kv_heads, c.head_size):
-            raise ValueError(f"write_kv: k/v must be [T, {c.num_kv_heads}, {c.head_size}], "
-                             f"got {tuple(k.shape)}")
+        self._check_new_kv(k, v)
         for cache in (k_cache, v_cache):
             check_nhd_cache(cache, c.page_size, c.num_kv_heads, c.head_size)
         write_kv(k, v, k_cache, v_cache, meta.out_cache_loc)
@@ -100,11 +105,7 @@ class TritonAttention(AttentionBackend):
         """``write_kv`` then ``extend``/``decode``; a decode step does both in one launch."""
         if meta.mode is not ForwardMode.DECODE:
             return super().forward(q, k, v, k_cache, v_cache, layer, meta)
-        c = self.config
-        if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != (c.num_kv_heads,
-                                                                       c.head_size):
-            raise ValueError(f"write_kv: k/v must be [T, {c.num_kv_heads}, {c.head_size}], "
-                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        self._check_new_kv(k, v)
         k = k if k.stride(2) == 1 else k.contiguous()
         v = v if v.stride(2) == 1 else v.contiguous()
         return self.decode(q, k_cache, v_cache, layer, meta, new_kv=(k, v))

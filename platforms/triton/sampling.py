@@ -159,7 +159,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     temps = params.temperatures.to(torch.float32).contiguous()
-    if params.all_greedy:  # argmax in the same two launches (torch's is one slow block a row)
+    if params.all_greedy:  # a plain argmax in the same two launches; thr is not read
         thr = temps
     else:
         thr = _thresholds(logits, params, temps <= 0)
