@@ -106,8 +106,8 @@ class ReportCollector:
             terminalreporter.write_line(f"report written to {self._path('md')}")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if self.report_dir is None:
-            return
+        if self.report_dir is None or hasattr(self.config, "workerinput"):
+            return  # a pytest-xdist worker saw part of the run; the controller writes it all
         self.report_dir.mkdir(parents=True, exist_ok=True)
         data = self.build()
         self._path("json").write_text(json.dumps(data, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """Model-level check: greedy decode of small random-weight models through ``heteroserve.Engine``
-on the platform equals transformers' greedy output (float32, 16 tokens, two prompts)."""
+on the platform equals transformers' greedy output (float32, 16 tokens, two prompts in one
+batch, then the second alone: batch 1 is where platforms fuse the most)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,15 @@ def test_model_greedy(conf: ConfParam, ctx: ConformanceContext,
     engine = Engine(model_path=str(path), platform=ctx.name, dtype="float32",
                     max_total_tokens=4096)
     try:
-        outs = engine.generate(input_ids=prompts, sampling_params={
-            "max_new_tokens": case.new_tokens, "temperature": 0.0, "ignore_eos": True})
+        params = {"max_new_tokens": case.new_tokens, "temperature": 0.0, "ignore_eos": True}
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        alone = engine.generate(input_ids=prompts[1:], sampling_params=params)  # batch 1
     finally:
         engine.shutdown()
-    got = [list(o["output_ids"]) for o in outs]
+    got = [list(o["output_ids"]) for o in outs] + [list(alone[0]["output_ids"])]
+    want = want + want[1:]
     record_error(request, 0.0 if got == want else 1.0)
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g == w, f"prompt {i} ({PROMPTS[i]!r}): engine {g} != transformers {w}"
+        what = "alone (batch 1)" if i == len(PROMPTS) else "in a batch of two"
+        prompt = PROMPTS[min(i, len(PROMPTS) - 1)]
+        assert g == w, f"prompt {prompt!r} {what}: engine {g} != transformers {w}"

@@ -4,7 +4,10 @@ its weights.
 A model layer owns the tensors; the method says which tensors a checkpoint provides
 (:meth:`LinearMethod.create_weights`), may repack them once after loading
 (:meth:`LinearMethod.process_weights_after_loading`, where a vendor converts to its own
-layout), and computes ``y = x @ W^T (+ bias)`` (:meth:`LinearMethod.apply`).
+layout), and computes ``y = x @ W^T (+ bias)`` (:meth:`LinearMethod.apply`). A method may
+also fold the RMSNorm or SiLU-and-mul that feeds the layer into its kernel
+(:meth:`LinearMethod.apply_rms_norm`, :meth:`LinearMethod.apply_silu_and_mul`) for the
+inputs where that pays, such as the one-row decode step.
 
 Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input features):
 
@@ -87,6 +90,27 @@ class LinearMethod(ABC):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias`` with ``W`` as the scheme defines it."""
+
+    def apply_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor,
+                       residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                       bias: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional fusion of the pre-norm in front of this projection.
+
+        With ``h = x + residual`` rounded to ``x.dtype`` (``h = x`` when ``residual`` is
+        None), returns ``(apply(rms_norm(h, norm_weight, eps)), h)``, where the normalised row
+        may stay in fp32 instead of being rounded to ``x.dtype``. ``x``, ``residual`` ``[T,
+        K]``, ``norm_weight [K]``. Must not modify ``x`` or ``residual``; ``h`` is a new
+        tensor, or ``x`` itself without a residual. Returns None (the default) when the method
+        has no fused kernel for this input; the caller then runs the norm and ``apply``."""
+        return None
+
+    def apply_silu_and_mul(self, layer: torch.nn.Module, x: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Optional fusion of the gated activation in front of this projection: ``x [T, 2K]``
+        = ``[gate | up]`` -> ``apply(silu(gate) * up)``. Must not modify ``x``. Returns None
+        (the default) when the method has no fused kernel for this input."""
+        return None
 
 
 def _w4_group(shape: LinearShape, k_multiple: int) -> int:

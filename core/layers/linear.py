@@ -14,6 +14,7 @@ from torch import nn
 
 from heteroserve.core.kernels.linear import LinearShape
 from heteroserve.core.layers.context import LayerContext
+from heteroserve.core.layers.norm import RMSNorm
 
 
 def _divide(n: int, parts: int, what: str) -> int:
@@ -91,6 +92,20 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(ctx, input_size, _divide(output_size, ctx.tp_size, "output size"),
                          bias, scheme)
 
+    def forward_rms_norm(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm`` then this projection: returns ``(self(norm(h)), h)`` with ``h = x +
+        residual`` (``h = x`` without one), in one kernel where the method fuses the pair
+        (:meth:`LinearMethod.apply_rms_norm`), else through ``norm`` (which may update ``x``
+        and ``residual`` in place, as :class:`RMSNorm` does)."""
+        fused = self.method.apply_rms_norm(self, x, residual, norm.weight, norm.eps, self.bias)
+        if fused is not None:
+            return fused
+        if residual is None:
+            return self(norm(x)), x
+        normed, h = norm(x, residual)
+        return self(normed), h
+
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; the output is all-reduced (bias added once)."""
@@ -106,6 +121,18 @@ class RowParallelLinear(LinearBase):
         if self.ctx.tp_size == 1:
             return self.method.apply(self, x, self.bias)
         out = self.ctx.all_reduce(self.method.apply(self, x, None))
+        return out if self.bias is None else out + self.bias
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(silu_and_mul(x))`` for ``x [T, 2 * input_size]`` = ``[gate | up]``, in one
+        kernel where the method fuses the pair (:meth:`LinearMethod.apply_silu_and_mul`)."""
+        bias = self.bias if self.ctx.tp_size == 1 else None
+        out = self.method.apply_silu_and_mul(self, x, bias)
+        if out is None:
+            out = self.method.apply(self, self.ctx.dispatch.silu_and_mul(x), bias)
+        if self.ctx.tp_size == 1:
+            return out
+        out = self.ctx.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

@@ -53,9 +53,12 @@ class SelfAttention(nn.Module):
         window = cfg.sliding_window if spec.use_sliding_window else None
         self.attn = PagedAttention(layer_id, heads, kv_heads, hd, hd ** -0.5, window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, fwd: ForwardContext
+                ) -> torch.Tensor:
+        """``qkv [T, q + 2 kv]`` (this layer's ``qkv_proj`` output) -> attention output
+        through ``o_proj`` ``[T, hidden]``."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, -1, self.head_dim)
         k = k.reshape(t, -1, self.head_dim)
         if self.q_norm is not None:
@@ -74,7 +77,14 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ctx.dispatch.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
+
+    def forward_rms_norm(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x + residual)), x + residual)``, the norm fused into ``gate_up_proj``
+        where the linear method can."""
+        gate_up, residual = self.gate_up_proj.forward_rms_norm(norm, x, residual)
+        return self.down_proj.forward_silu_and_mul(gate_up), residual
 
 
 class DecoderLayer(nn.Module):
@@ -92,12 +102,18 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
             self.feed_forward = self.mlp
 
-    def forward(self, positions, hidden, residual, fwd):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, fwd)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, fwd: ForwardContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block: ``(hidden, residual)`` in, ``(block output, residual)`` out; the
+        layer's input is ``hidden + residual`` (``hidden`` alone for the first layer). The
+        norms go into the following projection when its linear method fuses them."""
+        qkv, residual = self.self_attn.qkv_proj.forward_rms_norm(self.input_layernorm, hidden,
+                                                                 residual)
+        hidden = self.self_attn(positions, qkv, fwd)
+        if isinstance(self.feed_forward, MLP):
+            return self.feed_forward.forward_rms_norm(self.post_attention_layernorm, hidden,
+                                                      residual)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.feed_forward(hidden), residual
 

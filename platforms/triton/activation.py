@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.jit_math import tanh
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
 _BLOCK = 1024
@@ -15,8 +16,9 @@ _BLOCK = 1024
 @triton.jit
 def _gated_kernel(
     x_ptr, y_ptr, stride_x, stride_y, inter,
-    ACT: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -42,7 +44,7 @@ def _launch(x: torch.Tensor, act: str, op: str) -> torch.Tensor:
     if x2.shape[0] and inter:
         grid = (x2.shape[0], triton.cdiv(inter, _BLOCK))
         _gated_kernel[grid](x2, y, x2.stride(0), y.stride(0), inter, ACT=act, BLOCK=_BLOCK,
-                            num_warps=4)
+                            num_warps=4, **pdl_args(x.device))
     return y.view(*x.shape[:-1], inter)
 
 

@@ -24,6 +24,7 @@ from heteroserve.platforms.triton.attention_common import (
 )
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
@@ -40,8 +41,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    EXACT_FP32: tl.constexpr, WRITE_KV: tl.constexpr,
+    EXACT_FP32: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,8 +107,9 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, o_ptr,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -167,7 +170,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_CAP=layer.logit_cap is not None, HAS_WINDOW=layer.sliding_window is not None,
         EXACT_FP32=exact_fp32(q.dtype), WRITE_KV=new_kv is not None,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_args(q.device),
     )
     _decode_reduce_kernel[(bsz, hq)](
         mid_o, mid_lse, out,
@@ -175,6 +178,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, HEAD_DIM=d,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-        num_warps=1 if block_d * num_splits <= 1024 else 4,
+        num_warps=1 if block_d * num_splits <= 1024 else 4, **pdl_args(q.device),
     )
     return out

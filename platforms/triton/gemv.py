@@ -1,4 +1,5 @@
-"""Triton GEMV: ``y = W @ x (+ bias)`` for a single activation row, the batch-1 decode shape.
+"""Triton GEMV: ``y = W @ a (+ bias)`` for a single activation row, the batch-1 decode shape,
+optionally with the elementwise op that produces ``a`` folded in.
 
 At one row a linear layer is a pure weight stream: every byte of ``W`` is read once and the
 work per byte is one multiply-add, so the kernel's only job is to keep enough loads in flight
@@ -7,6 +8,16 @@ whole ``K`` dimension, accumulating an fp32 ``[BLOCK_N, BLOCK_K]`` tile that is 
 at the end; no split-K, so no second reduction kernel (cuBLAS launches one for several of
 Llama-8B's shapes). ``W`` loads are marked evict-first (streamed once), the activation row
 evict-last (every program re-reads it from L2).
+
+Because every program reads the whole activation row anyway, the op that makes it can run in
+the same pass at no extra HBM traffic (the *prologue*), which saves a launch and a round trip
+of the row per layer at batch 1:
+
+- ``rms_norm``: ``h = x + residual``, ``a = h / rms(h) * g``. ``1 / rms(h)`` is a scalar, so
+  the kernel accumulates ``W @ (h * g)`` and ``sum(h^2)`` together and scales once at the end;
+  program 0 also writes ``h`` (the next residual).
+- ``silu_and_mul``: ``x = [gate | up]``, ``a = silu(gate) * up`` rounded to the row's dtype,
+  as the separate op would round it.
 """
 
 from __future__ import annotations
@@ -18,32 +29,76 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+
+PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
+
+
+@triton.jit
+def _weight_tile(w_ptrs, n_mask, k_mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    else:
+        return tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                       eviction_policy="evict_first")
+
+
+@triton.jit
+def _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
+                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN: tl.constexpr):
+    """``(a [BLOCK_K] fp32, sum_sq)``: the activation at columns ``kk`` after the prologue."""
+    if EVEN:
+        a = tl.load(x_ptr + kk, eviction_policy="evict_last")
+    else:
+        a = tl.load(x_ptr + kk, mask=k_mask, other=0.0, eviction_policy="evict_last")
+    if PROLOGUE == 1:
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + kk, mask=k_mask, other=0.0, eviction_policy="evict_last")
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if pid == 0:
+                tl.store(h_ptr + kk, a, mask=k_mask)
+        h = a.to(tl.float32)
+        sum_sq += h * h
+        a = h * tl.load(g_ptr + kk, mask=k_mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+    elif PROLOGUE == 2:
+        gate = a.to(tl.float32)
+        up = tl.load(x_ptr + K + kk, mask=k_mask, other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
+        a = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+    return a.to(tl.float32), sum_sq
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, r_ptr, g_ptr, h_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptr + k0 + offs_k, eviction_policy="evict_last")
-        else:
-            k_mask = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0,
-                        eviction_policy="evict_last")
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # the first weight tile is loaded before waiting on the previous kernel (weights are
+    # never written during a step), so with PDL its latency hides behind that kernel's tail
+    w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
+    wait_for_previous(USE_PDL)
+    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, offs_k, offs_k < K, K, pid, sum_sq,
+                                 PROLOGUE, HAS_RESIDUAL, EVEN)
+    acc = w.to(tl.float32) * a[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
         w_ptrs += BLOCK_K
+        w = _weight_tile(w_ptrs, n_mask, k_mask, EVEN)
+        a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
+                                     PROLOGUE, HAS_RESIDUAL, EVEN)
+        acc += w.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
+    if PROLOGUE == 1:
+        y = y / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -59,19 +114,60 @@ class GemvConfig:
     num_stages: int
 
 
-def choose_config(n: int, k: int, device: torch.device) -> GemvConfig:
+def choose_config(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
     """A launch shape for an ``N x K`` weight: 16-byte loads along K, and the fewest output
     features per program that still leave at least four programs per multiprocessor (so a
-    4096-wide projection is not served by a few dozen programs). Measured on an H200
-    (``benchmarks/gemv_sweep.py``)."""
+    4096-wide projection is not served by a few dozen programs). With the RMSNorm prologue
+    every program re-reads three rows (x, residual, norm weight), so programs stay 16 outputs
+    wide. Measured on an H200 (``benchmarks/gemv_sweep.py``, ``gemv_fused_sweep.py``)."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks cheaply
         return GemvConfig(16, 64, 1, 1)
     block_k = 512 if k >= 512 else triton.next_power_of_2(max(k, 16))
     sms = multiprocessors(device)
     block_n = 16
-    while block_n > 2 and triton.cdiv(n, block_n) < 4 * sms:
+    while prologue != RMS_NORM and block_n > 2 and triton.cdiv(n, block_n) < 4 * sms:
         block_n //= 2
     return GemvConfig(block_n, block_k, 4, 1)
+
+
+def _check_weight(weight: torch.Tensor, k: int, bias: torch.Tensor | None, op: str) -> int:
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} does not take {k} input features")
+    if weight.stride(1) != 1:
+        raise ValueError(f"{op}: the weight's last dimension must be contiguous")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"{op}: bias {tuple(bias.shape)} does not match {n} outputs")
+    return n
+
+
+def _one_row(x: torch.Tensor, width: int, op: str) -> torch.Tensor:
+    row = x.reshape(-1)
+    if row.numel() != width or (x.dim() > 1 and x.shape[-1] != width):
+        raise ValueError(f"{op}: x {tuple(x.shape)} is not one row of {width} features")
+    return row if row.is_contiguous() else row.contiguous()
+
+
+def _launch(prologue: int, row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            config: GemvConfig | None, residual: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, h: torch.Tensor | None = None,
+            eps: float = 0.0) -> torch.Tensor:
+    n, k = weight.shape
+    cfg = config or choose_config(n, k, row.device, prologue)
+    y = torch.empty(n, dtype=row.dtype, device=row.device)
+    even = n % cfg.block_n == 0 and k % cfg.block_k == 0
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        row, residual if residual is not None else row,
+        norm_weight if norm_weight is not None else row, h if h is not None else y,
+        weight, bias if bias is not None else y, y, n, k, weight.stride(0), float(eps),
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(row.device))
+    return y
+
+
+def _shape_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y.view(*x.shape[:-1], y.shape[0]) if x.dim() > 1 else y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -80,21 +176,49 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``bias [N]`` -> ``[1, N]`` (or ``[N]``) in ``x.dtype``; fp32 accumulation. Weight and bias
     are read in their own dtype. Raises ``ValueError`` on a shape mismatch or more than one
     row."""
-    row = x.reshape(-1)
-    n, k = weight.shape
-    if row.numel() != k or (x.dim() > 1 and x.shape[-1] != k):
-        raise ValueError(f"gemv: x {tuple(x.shape)} is not one row of {k} features")
-    if weight.stride(1) != 1:
-        raise ValueError("gemv: the weight's last dimension must be contiguous")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"gemv: bias {tuple(bias.shape)} does not match {n} outputs")
-    if not row.is_contiguous():
-        row = row.contiguous()
-    cfg = config or choose_config(n, k, x.device)
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    even = n % cfg.block_n == 0 and k % cfg.block_k == 0
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        row, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.view(*x.shape[:-1], n) if x.dim() > 1 else y
+    row = _one_row(x, x.shape[-1], "gemv")
+    _check_weight(weight, row.numel(), bias, "gemv")
+    return _shape_like(x, _launch(PLAIN, row, weight, bias, config))
+
+
+def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm then the projection, one launch. ``x`` and ``residual`` one row of ``K``
+    (same dtype and shape), ``norm_weight [K]``. With ``h = x + residual`` rounded to
+    ``x.dtype`` (``h = x`` when ``residual`` is None) returns
+    ``(W @ (h / sqrt(mean(h^2) + eps) * norm_weight) + bias, h)``; the normalised row is kept
+    in fp32 (the separate ops round it to ``x.dtype`` first). ``h`` is a new tensor, or ``x``
+    itself without a residual; neither input is modified. Raises ``ValueError`` on shape or
+    dtype mismatches."""
+    k = x.shape[-1]
+    row = _one_row(x, k, "gemv_rms_norm")
+    _check_weight(weight, k, bias, "gemv_rms_norm")
+    if norm_weight.shape != (k,):
+        raise ValueError(f"gemv_rms_norm: norm weight {tuple(norm_weight.shape)} does not "
+                         f"match {k} features")
+    if residual is None:
+        return _shape_like(x, _launch(RMS_NORM, row, weight, bias, config,
+                                      norm_weight=norm_weight, eps=eps)), x
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"gemv_rms_norm: x {x.dtype}{tuple(x.shape)} and residual "
+                         f"{residual.dtype}{tuple(residual.shape)} differ")
+    res_row = _one_row(residual, k, "gemv_rms_norm")
+    h = torch.empty_like(row)
+    y = _launch(RMS_NORM, row, weight, bias, config, residual=res_row,
+                norm_weight=norm_weight, h=h, eps=eps)
+    return _shape_like(x, y), h.view(x.shape)
+
+
+def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      config: GemvConfig | None = None) -> torch.Tensor:
+    """SiLU-and-mul then the projection, one launch: ``x [1, 2K]`` = ``[gate | up]``,
+    ``weight [N, K]`` -> ``W @ (silu(gate) * up) + bias`` ``[1, N]`` in ``x.dtype``, with
+    ``silu(gate) * up`` rounded to ``x.dtype`` as :func:`silu_and_mul` rounds it. Raises
+    ``ValueError`` for an odd width or a shape mismatch."""
+    width = x.shape[-1]
+    if width % 2:
+        raise ValueError(f"gemv_silu_and_mul: last dim must be even ([gate | up]), got {width}")
+    row = _one_row(x, width, "gemv_silu_and_mul")
+    _check_weight(weight, width // 2, bias, "gemv_silu_and_mul")
+    return _shape_like(x, _launch(SILU_AND_MUL, row, weight, bias, config))

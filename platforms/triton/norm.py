@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+
 MAX_HIDDEN = 65536
 
 
@@ -17,8 +19,9 @@ MAX_HIDDEN = 65536
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr,
     stride_x, stride_r, stride_y, hidden, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -59,7 +62,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](
             x2, x2, weight, y, x2.stride(0), x2.stride(0), y.stride(0), x2.shape[1], float(eps),
-            BLOCK=block, HAS_RESIDUAL=False, num_warps=_warps(block))
+            BLOCK=block, HAS_RESIDUAL=False, num_warps=_warps(block), **pdl_args(x.device))
     return y.view(x.shape)
 
 
@@ -83,5 +86,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, x2, x2.stride(0), r2.stride(0), x2.stride(0), x2.shape[1],
-            float(eps), BLOCK=block, HAS_RESIDUAL=True, num_warps=_warps(block))
+            float(eps), BLOCK=block, HAS_RESIDUAL=True, num_warps=_warps(block),
+            **pdl_args(x.device))
     return x, residual

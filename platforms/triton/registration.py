@@ -52,6 +52,14 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: op -> (name, module, attribute, what it is): alternatives registered one priority below
+TRITON_VARIANTS: dict[str, tuple[str, str, str, str]] = {
+    ops.linear_op("unquantized"): ("triton_fused", "linear_float",
+                                   "PrologueFusedUnquantizedLinear",
+                                   "Triton GEMV with RMSNorm / SiLU-and-mul folded in, one row"),
+}
+
+
 def _lazy(module: str, attr: str) -> Callable[[], Any]:
     def load() -> Any:
         return getattr(importlib.import_module(f"{_PKG}.{module}"), attr)
@@ -119,10 +127,16 @@ _SUPPORTS: dict[str, Callable[[KernelRequest], Support]] = {
 def triton_kernel_specs(platforms: tuple[str, ...], priority: int,
                         native_on: tuple[str, ...]) -> list[KernelSpec]:
     """One :class:`KernelSpec` named ``"triton"`` per op in :data:`TRITON_KERNELS`, for
-    ``platforms`` at ``priority``; imports nothing."""
+    ``platforms`` at ``priority``, and the :data:`TRITON_VARIANTS` at ``priority - 1``;
+    imports nothing."""
     return [
         KernelSpec(op=op, name=NAME, load=_lazy(module, attr), platforms=platforms,
                    priority=priority, supports=_SUPPORTS.get(op, _base), native_on=native_on,
                    description=f"Triton: {what}")
         for op, (module, attr, what) in TRITON_KERNELS.items()
+    ] + [
+        KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=platforms,
+                   priority=priority - 1, supports=_SUPPORTS.get(op, _base),
+                   native_on=native_on, description=f"Triton: {what}")
+        for op, (name, module, attr, what) in TRITON_VARIANTS.items()
     ]

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+
 
 @triton.jit
 def _rotate_block(
@@ -35,10 +37,11 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads, num_k_heads,
     q_blocks,
     HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid ``(T, q_blocks + k_blocks)``: the first ``q_blocks`` programs of a token rotate
     query heads, the rest key heads (one launch for both)."""
+    wait_for_previous(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -66,7 +69,8 @@ def _rotate_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: t
     _rotary_kernel[(t, q_blocks + triton.cdiv(hk, block_h))](
         q, k, positions, cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cache.stride(0), hq, hk, q_blocks,
-        HALF=half, IS_NEOX=is_neox, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=4)
+        HALF=half, IS_NEOX=is_neox, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=4,
+        **pdl_args(q.device))
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
