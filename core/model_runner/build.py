@@ -67,9 +67,11 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
     """The one readable block that says what the engine decided."""
     cfg, kv = runner.model_config, runner.kv
     avail = catalog.platforms[platform.name].availability
+    extra = platform.capabilities().extra
     lines = [
         "heteroserve engine",
         f"  platform     {platform.name} ({', '.join(avail.devices) or runner.device})",
+        *([f"  features     {', '.join(f'{k}={v}' for k, v in extra.items())}"] if extra else []),
         f"  model        {cfg.architecture} from {cfg.path} ({cfg.dtype}, "
         f"{runner.weight_bytes() / 2**30:.2f} GiB weights, load format "
         f"{runner.server_args.load_format}, tp {runner.tp_size})",

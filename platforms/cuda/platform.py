@@ -74,8 +74,18 @@ class CudaPlatform(TorchCudaDeviceServices, Platform):
                 "compute_capability": None if cap is None else f"{cap[0]}.{cap[1]}",
                 "triton": _installed("triton"),
                 "flashinfer": _installed("flashinfer"),
+                "triton_pdl": self._triton_pdl(),
             },
         )
+
+    def _triton_pdl(self) -> bool:
+        """Whether the Triton decode-chain kernels launch with programmatic dependent launch
+        (``platforms/triton/pdl.py``) on device 0."""
+        if cuda_unavailable() or not _installed("triton"):
+            return False
+        from heteroserve.platforms.triton.pdl import pdl_enabled
+
+        return pdl_enabled(torch.device("cuda", 0))
 
     def make_communicator(self, group: Any | None = None) -> Communicator:
         """Collectives over ``group`` through torch.distributed's ``nccl`` backend."""
