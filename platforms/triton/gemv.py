@@ -74,16 +74,20 @@ def _gemv_kernel(
     x_ptr, r_ptr, g_ptr, h_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    STATIC_WEIGHT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    # the first weight tile is loaded before waiting on the previous kernel (weights are
-    # never written during a step), so with PDL its latency hides behind that kernel's tail
-    w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
-    wait_for_previous(USE_PDL)
+    if STATIC_WEIGHT:  # no kernel of the step writes W: its first tile may load before the
+        # wait, so with PDL that load's latency hides behind the previous kernel's tail
+        w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
+        wait_for_previous(USE_PDL)
+    else:
+        wait_for_previous(USE_PDL)
+        w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, offs_k, offs_k < K, K, pid, sum_sq,
                                  PROLOGUE, HAS_RESIDUAL, EVEN)
@@ -149,9 +153,9 @@ def _one_row(x: torch.Tensor, width: int, op: str) -> torch.Tensor:
 
 
 def _launch(prologue: int, row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            config: GemvConfig | None, residual: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, h: torch.Tensor | None = None,
-            eps: float = 0.0) -> torch.Tensor:
+            config: GemvConfig | None, static_weight: bool,
+            residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+            h: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     n, k = weight.shape
     cfg = config or choose_config(n, k, row.device, prologue)
     y = torch.empty(n, dtype=row.dtype, device=row.device)
@@ -162,7 +166,8 @@ def _launch(prologue: int, row: torch.Tensor, weight: torch.Tensor, bias: torch.
         weight, bias if bias is not None else y, y, n, k, weight.stride(0), float(eps),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(row.device))
+        STATIC_WEIGHT=static_weight, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(row.device))
     return y
 
 
@@ -171,19 +176,22 @@ def _shape_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, static_weight: bool = False) -> torch.Tensor:
     """``x [1, K]`` (or ``[K]``), ``weight [N, K]`` with a contiguous last dim, optional
     ``bias [N]`` -> ``[1, N]`` (or ``[N]``) in ``x.dtype``; fp32 accumulation. Weight and bias
-    are read in their own dtype. Raises ``ValueError`` on a shape mismatch or more than one
-    row."""
+    are read in their own dtype. ``static_weight``: the caller guarantees that the kernel
+    launched just before this one does not write ``weight`` (a model's loaded parameter, not
+    a fresh cast), which lets the GEMV start reading it before that kernel finishes (PDL). Raises ``ValueError`` on a shape mismatch or more than one row. The two fused
+    variants below take ``static_weight`` with the same meaning."""
     row = _one_row(x, x.shape[-1], "gemv")
     _check_weight(weight, row.numel(), bias, "gemv")
-    return _shape_like(x, _launch(PLAIN, row, weight, bias, config))
+    return _shape_like(x, _launch(PLAIN, row, weight, bias, config, static_weight))
 
 
 def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: GemvConfig | None = None, static_weight: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm then the projection, one launch. ``x`` and ``residual`` one row of ``K``
     (same dtype and shape), ``norm_weight [K]``. With ``h = x + residual`` rounded to
     ``x.dtype`` (``h = x`` when ``residual`` is None) returns
@@ -198,20 +206,21 @@ def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         raise ValueError(f"gemv_rms_norm: norm weight {tuple(norm_weight.shape)} does not "
                          f"match {k} features")
     if residual is None:
-        return _shape_like(x, _launch(RMS_NORM, row, weight, bias, config,
+        return _shape_like(x, _launch(RMS_NORM, row, weight, bias, config, static_weight,
                                       norm_weight=norm_weight, eps=eps)), x
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"gemv_rms_norm: x {x.dtype}{tuple(x.shape)} and residual "
                          f"{residual.dtype}{tuple(residual.shape)} differ")
     res_row = _one_row(residual, k, "gemv_rms_norm")
     h = torch.empty_like(row)
-    y = _launch(RMS_NORM, row, weight, bias, config, residual=res_row,
+    y = _launch(RMS_NORM, row, weight, bias, config, static_weight, residual=res_row,
                 norm_weight=norm_weight, h=h, eps=eps)
     return _shape_like(x, y), h.view(x.shape)
 
 
 def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      config: GemvConfig | None = None) -> torch.Tensor:
+                      config: GemvConfig | None = None, static_weight: bool = False
+                      ) -> torch.Tensor:
     """SiLU-and-mul then the projection, one launch: ``x [1, 2K]`` = ``[gate | up]``,
     ``weight [N, K]`` -> ``W @ (silu(gate) * up) + bias`` ``[1, N]`` in ``x.dtype``, with
     ``silu(gate) * up`` rounded to ``x.dtype`` as :func:`silu_and_mul` rounds it. Raises
@@ -221,4 +230,4 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"gemv_silu_and_mul: last dim must be even ([gate | up]), got {width}")
     row = _one_row(x, width, "gemv_silu_and_mul")
     _check_weight(weight, width // 2, bias, "gemv_silu_and_mul")
-    return _shape_like(x, _launch(SILU_AND_MUL, row, weight, bias, config))
+    return _shape_like(x, _launch(SILU_AND_MUL, row, weight, bias, config, static_weight))

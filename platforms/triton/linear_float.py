@@ -21,14 +21,17 @@ class UnquantizedLinear(LinearMethod):
 
     scheme = "unquantized"
 
-    def _weights(self, layer: torch.nn.Module, dtype: torch.dtype,
-                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _weights(self, layer: torch.nn.Module, dtype: torch.dtype, bias: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(weight, bias, static)`` in ``dtype``; ``static`` is False when the weight had to
+        be cast here (a fresh tensor a kernel just wrote, see ``gemv``'s ``static_weight``)."""
         weight = get_param(layer, "weight")
-        if weight.dtype != dtype:
+        static = weight.dtype == dtype
+        if not static:
             weight = weight.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        return weight, bias
+        return weight, bias, static
 
     @staticmethod
     def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -37,9 +40,9 @@ class UnquantizedLinear(LinearMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
-        weight, bias = self._weights(layer, x.dtype, bias)
+        weight, bias, static = self._weights(layer, x.dtype, bias)
         if self._one_row(x, weight):
-            return gemv(x, weight, bias)
+            return gemv(x, weight, bias, static_weight=static)
         return F.linear(x, weight, bias)
 
 
@@ -55,15 +58,15 @@ class PrologueFusedUnquantizedLinear(UnquantizedLinear):
                        bias: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One row: :func:`~heteroserve.platforms.triton.gemv.gemv_rms_norm`; else None."""
-        weight, bias = self._weights(layer, x.dtype, bias)
+        weight, bias, static = self._weights(layer, x.dtype, bias)
         if not self._one_row(x, weight):
             return None
-        return gemv_rms_norm(x, residual, norm_weight, eps, weight, bias)
+        return gemv_rms_norm(x, residual, norm_weight, eps, weight, bias, static_weight=static)
 
     def apply_silu_and_mul(self, layer: torch.nn.Module, x: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """One row: :func:`~heteroserve.platforms.triton.gemv.gemv_silu_and_mul`; else None."""
-        weight, bias = self._weights(layer, x.dtype, bias)
+        weight, bias, static = self._weights(layer, x.dtype, bias)
         if not self._one_row(x, weight):
             return None
-        return gemv_silu_and_mul(x, weight, bias)
+        return gemv_silu_and_mul(x, weight, bias, static_weight=static)

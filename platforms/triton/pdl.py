@@ -8,8 +8,10 @@ scheduled while the previous kernel's last programs still run, and they wait in
 writes are visible. Right after the wait they allow the next kernel to launch the same way.
 
 Invariant for every kernel that takes ``USE_PDL``: it calls :func:`wait_for_previous` before
-its first load of anything another kernel writes and before its first store. Weights and
-other data written before the step (never by a kernel of the chain) may be read earlier.
+its first load of anything another kernel writes and before its first store. Data the previous
+kernel cannot be writing (a model's loaded weights) may be read earlier: programs of this
+kernel start only after every program of the previous one has passed its own wait, so
+everything before that kernel is complete.
 Kernels launched without PDL (torch's, cuBLAS) serialise as usual, so mixing is safe.
 
 ``HETEROSERVE_TRITON_PDL=0`` switches it off (for measurements side by side).

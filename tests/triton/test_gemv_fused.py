@@ -111,3 +111,27 @@ def test_unquantized_fused_entry_points(device: torch.device) -> None:
     assert method.apply_rms_norm(layer, x.repeat(2, 1), r.repeat(2, 1), norm_w, 1e-6) is None
     assert method.apply_silu_and_mul(layer, gate_up.repeat(2, 1)) is None
     assert UnquantizedLinear().apply_rms_norm(layer, x, r, norm_w, 1e-6) is None
+
+
+def test_weight_cast_in_apply_is_not_read_before_the_wait(
+        device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight cast inside ``apply`` is written by the kernel just before the GEMV, so the
+    GEMV must not be told it is static (it would read it ahead of the PDL wait)."""
+    from heteroserve.platforms.triton import linear_float
+
+    seen: list[bool] = []
+    real = linear_float.gemv
+
+    def spy(x, weight, bias=None, config=None, static_weight=False):
+        seen.append(static_weight)
+        return real(x, weight, bias, config, static_weight)
+
+    monkeypatch.setattr(linear_float, "gemv", spy)
+    method = linear_float.UnquantizedLinear()
+    layer = torch.nn.Module()
+    layer.register_parameter("weight", torch.nn.Parameter(
+        torch.randn(32, 64, generator=_gen(9)).to(device), requires_grad=False))
+    x = torch.randn(1, 64, generator=_gen(10)).to(device)
+    method.apply(layer, x)
+    method.apply(layer, x.double())
+    assert seen == [True, False]
