@@ -41,26 +41,34 @@ def flashinfer_missing() -> str | None:
     return None if found else "flashinfer not installed (pip install flashinfer-python)"
 
 
-def _flashinfer_common(request: KernelRequest) -> Support:
-    why = flashinfer_missing()
-    if why:
-        return Support.no(why)
-    if request.device_type != "cuda":
-        return Support.no(f"flashinfer runs on CUDA devices, not {request.device_type!r}")
-    if request.dtype not in (torch.bfloat16, torch.float16):
-        return Support.no(f"flashinfer kernels take bf16/fp16, not {request.dtype}")
-    return Support.yes()
+def _flashinfer_common(device_type: str) -> Callable[[KernelRequest], Support]:
+    def supports(request: KernelRequest) -> Support:
+        why = flashinfer_missing()
+        if why:
+            return Support.no(why)
+        if request.device_type != device_type:
+            return Support.no(f"flashinfer runs on CUDA devices, not {request.device_type!r}")
+        if request.dtype not in (torch.bfloat16, torch.float16):
+            return Support.no(f"flashinfer kernels take bf16/fp16, not {request.dtype}")
+        return Support.yes()
+
+    return supports
 
 
-def _flashinfer_attention(request: KernelRequest) -> Support:
-    base = _flashinfer_common(request)
-    if not base:
-        return base
-    from heteroserve.platforms.cuda.flashinfer_attention import HEAD_SIZES  # torch only
+def _flashinfer_attention(device_type: str) -> Callable[[KernelRequest], Support]:
+    common = _flashinfer_common(device_type)
 
-    if request.head_size is not None and request.head_size not in HEAD_SIZES:
-        return Support.no(f"head size {request.head_size} not in {list(HEAD_SIZES)}")
-    return Support.yes()
+    def supports(request: KernelRequest) -> Support:
+        base = common(request)
+        if not base:
+            return base
+        from heteroserve.platforms.cuda.flashinfer_attention import HEAD_SIZES  # torch only
+
+        if request.head_size is not None and request.head_size not in HEAD_SIZES:
+            return Support.no(f"head size {request.head_size} not in {list(HEAD_SIZES)}")
+        return Support.yes()
+
+    return supports
 
 
 def _lazy(module: str, attr: str) -> Callable[[], Any]:
@@ -70,18 +78,24 @@ def _lazy(module: str, attr: str) -> Callable[[], Any]:
     return load
 
 
-def flashinfer_kernel_specs() -> list[KernelSpec]:
-    """The flashinfer adapters for ``cuda`` (attention, RMSNorm, fused add+RMSNorm)."""
+def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
+                            ) -> list[KernelSpec]:
+    """The flashinfer adapters (attention, RMSNorm, fused add+RMSNorm) for ``platform``,
+    whose tensors live on ``device_type`` (the test doubles register the same specs as
+    ``flashinfer@cuda-double`` for a CPU-backed stand-in platform)."""
     table = [
-        (ops.ATTENTION, "flashinfer_attention", "FlashInferAttention", _flashinfer_attention,
-         FLASHINFER_PRIORITY, "flashinfer BatchPrefill/BatchDecode paged wrappers, NHD"),
-        (ops.RMS_NORM, "flashinfer_norm", "rms_norm", _flashinfer_common,
+        (ops.ATTENTION, "flashinfer_attention", "FlashInferAttention",
+         _flashinfer_attention(device_type), FLASHINFER_PRIORITY,
+         "flashinfer BatchPrefill/BatchDecode paged wrappers, NHD"),
+        (ops.RMS_NORM, "flashinfer_norm", "rms_norm", _flashinfer_common(device_type),
          FLASHINFER_NORM_PRIORITY, "flashinfer rmsnorm"),
-        (ops.FUSED_ADD_RMS_NORM, "flashinfer_norm", "fused_add_rms_norm", _flashinfer_common,
-         FLASHINFER_NORM_PRIORITY, "flashinfer fused_add_rmsnorm, in place"),
+        (ops.FUSED_ADD_RMS_NORM, "flashinfer_norm", "fused_add_rms_norm",
+         _flashinfer_common(device_type), FLASHINFER_NORM_PRIORITY,
+         "flashinfer fused_add_rmsnorm, in place"),
     ]
-    return [KernelSpec(op=op, name="flashinfer", load=_lazy(module, attr), platforms=PLATFORMS,
-                       priority=priority, supports=supports, native_on=PLATFORMS,
+    name = "flashinfer" if platform == "cuda" else f"flashinfer@{platform}"
+    return [KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=(platform,),
+                       priority=priority, supports=supports, native_on=(platform,),
                        description=what)
             for op, module, attr, supports, priority, what in table]
 

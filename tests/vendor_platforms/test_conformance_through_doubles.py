@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("vendor", ["npu", "rocm", "xpu"])
+@pytest.mark.parametrize("vendor", ["npu", "rocm", "xpu", "cuda"])
 def test_conformance_suite_passes_on_vendor_double(vendor: str) -> None:
     env = {**os.environ, "HETEROSERVE_TEST_DOUBLES": vendor,
            "PYTHONPATH": os.pathsep.join(

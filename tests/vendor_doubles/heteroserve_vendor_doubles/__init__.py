@@ -1,8 +1,9 @@
-"""Test-only CPU doubles of torch_npu, aiter and IPEX, and a way to put them in ``sys.modules``.
+"""Test-only CPU doubles of torch_npu, aiter, IPEX and flashinfer, and a way to put them in
+``sys.modules``.
 
 Never installed: tests and the conformance run put ``tests/vendor_doubles`` on ``sys.path``.
 The doubles implement the documented semantics of exactly the vendor calls heteroserve's npu,
-rocm and xpu adapters make (see each module). Each vendor's module objects are built once per
+rocm, xpu and cuda (flashinfer) adapters make (see each module). Each vendor's module objects are built once per
 process, so kernel modules that bound them at import keep seeing the same objects.
 """
 
@@ -14,12 +15,13 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-VENDORS = ("npu", "rocm", "xpu")
+VENDORS = ("npu", "rocm", "xpu", "cuda")
 _BUILT: dict[str, dict[str, types.ModuleType]] = {}
 
 
 def modules(vendor: str) -> dict[str, types.ModuleType]:
-    """The double modules of ``vendor`` (``npu``, ``rocm`` or ``xpu``), by module name."""
+    """The double modules of ``vendor`` (``npu``, ``rocm``, ``xpu`` or ``cuda``: flashinfer),
+    by module name."""
     if vendor not in VENDORS:
         raise ValueError(f"unknown vendor double {vendor!r}; known: {', '.join(VENDORS)}")
     if vendor not in _BUILT:
@@ -31,6 +33,10 @@ def modules(vendor: str) -> dict[str, types.ModuleType]:
             from heteroserve_vendor_doubles import aiter_double
 
             _BUILT[vendor] = aiter_double.build()
+        elif vendor == "cuda":
+            from heteroserve_vendor_doubles import flashinfer_double
+
+            _BUILT[vendor] = flashinfer_double.build()
         else:
             from heteroserve_vendor_doubles import ipex_double
 

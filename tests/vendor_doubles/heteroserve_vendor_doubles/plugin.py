@@ -2,8 +2,8 @@
 
 Found through the on-disk entry point in ``heteroserve_vendor_doubles-0.1.0.dist-info`` once
 ``tests/vendor_doubles`` is on ``sys.path`` (``PYTHONPATH``). It provides nothing unless
-``HETEROSERVE_TEST_DOUBLES`` names vendors (comma-separated: ``npu``, ``rocm``, ``xpu``, or
-``all``). For each it provides a platform ``<vendor>-double`` that
+``HETEROSERVE_TEST_DOUBLES`` names vendors (comma-separated: ``npu``, ``rocm``, ``xpu``,
+``cuda`` (flashinfer), or ``all``). For each it provides a platform ``<vendor>-double`` that
 
 - is the real platform class with CPU device services (device type ``cpu``, no graphs, gloo),
   so capabilities such as ``kv_page_sizes=(128,)`` for npu are the real ones;
@@ -31,6 +31,7 @@ from heteroserve.core.kernels.registry import KernelRegistry, KernelSpec
 from heteroserve.core.platform import Availability, Platform, PlatformCapabilities
 from heteroserve.core.plugins import hookimpl
 from heteroserve.platforms.cpu.platform import CpuPlatform
+from heteroserve.platforms.cuda.platform import CudaPlatform
 from heteroserve.platforms.npu.platform import NpuPlatform
 from heteroserve.platforms.rocm.platform import RocmPlatform
 from heteroserve.platforms.xpu.platform import XpuPlatform
@@ -112,8 +113,15 @@ class XpuDoublePlatform(_CpuServices, XpuPlatform):
     name, vendor = "xpu-double", "xpu"
 
 
+class CudaDoublePlatform(_CpuServices, CudaPlatform):
+    """``cuda`` on the flashinfer double (only the flashinfer adapters are registered)."""
+
+    name, vendor = "cuda-double", "cuda"
+
+
 _PLATFORMS: dict[str, type[Platform]] = {
-    "npu": NpuDoublePlatform, "rocm": RocmDoublePlatform, "xpu": XpuDoublePlatform}
+    "npu": NpuDoublePlatform, "rocm": RocmDoublePlatform, "xpu": XpuDoublePlatform,
+    "cuda": CudaDoublePlatform}
 
 
 def selected_vendors() -> list[str]:
@@ -138,6 +146,10 @@ def double_kernel_specs(vendor: str) -> list[KernelSpec]:
         from heteroserve.platforms.rocm.plugin import aiter_kernel_specs
 
         return aiter_kernel_specs(platform)
+    if vendor == "cuda":
+        from heteroserve.platforms.cuda.plugin import flashinfer_kernel_specs
+
+        return flashinfer_kernel_specs(platform, device_type="cpu")
     from heteroserve.platforms.xpu.plugin import ipex_kernel_specs
 
     return ipex_kernel_specs(platform)
