@@ -99,10 +99,16 @@ class _Wrapper:
             raise NotImplementedError("double: CUDA-graph buffers are not used by heteroserve")
         self._layout = kv_layout
         self._plan: _Plan | None = None
+        self._causal = False  # prefill's plan(causal=...) sets it; decode attends to all KV
 
-    def _planned(self) -> _Plan:
+    def run(self, q: torch.Tensor, paged_kv_cache: Any, *, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False) -> torch.Tensor:
+        """Attention of ``q`` over the planned pages of ``paged_kv_cache``, in ``q.dtype``."""
+        if out is not None or lse is not None or return_lse:
+            raise NotImplementedError("double: out / lse are not used by heteroserve")
         require(self._plan is not None, "run() before plan()")
-        return self._plan  # type: ignore[return-value]
+        return self._plan.run(q, paged_kv_cache, self._layout,  # type: ignore[union-attr]
+                              causal=self._causal)
 
 
 class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
@@ -136,12 +142,6 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                  logits_soft_cap=logits_soft_cap, q_data_type=data_type or q_data_type,
                  kv_data_type=kv_data_type, sm_scale=sm_scale, rope_scale=rope_scale,
                  rope_theta=rope_theta))
-
-    def run(self, q: torch.Tensor, paged_kv_cache: Any, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False) -> torch.Tensor:
-        if out is not None or lse is not None or return_lse:
-            raise NotImplementedError("double: out / lse are not used by heteroserve")
-        return self._planned().run(q, paged_kv_cache, self._layout, causal=False)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
@@ -185,12 +185,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                  logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
                  kv_data_type=kv_data_type, sm_scale=sm_scale, rope_scale=rope_scale,
                  rope_theta=rope_theta))
-
-    def run(self, q: torch.Tensor, paged_kv_cache: Any, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, return_lse: bool = False) -> torch.Tensor:
-        if out is not None or lse is not None or return_lse:
-            raise NotImplementedError("double: out / lse are not used by heteroserve")
-        return self._planned().run(q, paged_kv_cache, self._layout, causal=self._causal)
 
 
 def rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
