@@ -147,6 +147,10 @@ class AttentionBackend(ABC):
 
     kv_layout: KVLayout = KVLayout.NHD
     page_sizes: tuple[int, ...] | None = None
+    #: whether a decode step may be captured in a device graph and replayed for later steps
+    #: of the same batch size with new metadata values: the captured work reads metadata only
+    #: from the device tensors, or what it planned is refreshed in :meth:`before_graph_replay`
+    graph_safe: bool = False
 
     def __init__(self, config: AttentionConfig) -> None:
         self.config = config
@@ -160,6 +164,15 @@ class AttentionBackend(ABC):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per forward step before any layer; plan kernels for ``meta``."""
+
+    def begin_graph_capture(self, meta: AttentionMetadata) -> None:
+        """Called before decode steps over the static ``meta`` (its tensors are a graph's
+        buffers, refilled before every replay) are warmed up and captured. Default: nothing."""
+
+    def before_graph_replay(self, meta: AttentionMetadata) -> None:
+        """Called before each replay of a graph captured over ``meta``, once its buffers and
+        host lengths hold this step's values (host planning that cannot be captured goes
+        here). Default: nothing."""
 
     @abstractmethod
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

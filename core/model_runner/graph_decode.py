@@ -33,7 +33,7 @@ class DecodeGraphs:
     @classmethod
     def capture_if_supported(cls, runner: Any) -> DecodeGraphs | None:
         backend = type(runner.backend).__name__
-        if not getattr(runner.backend, "graph_safe", False):
+        if not runner.backend.graph_safe:
             logger.info("decode graphs off: attention backend %s is not graph-safe", backend)
             return None
         return cls(runner)
@@ -64,6 +64,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         for bs in reversed(self.batch_sizes):
             batch = self.batches[bs] = self._static_batch(bs)
+            runner.backend.begin_graph_capture(batch.attn)
             self.graphs[bs] = graph_runner.capture(lambda b=batch, n=bs: self._record(n, b))
         logger.info("captured decode graphs for %d batch sizes in %.1fs",
                     len(self.batch_sizes), time.perf_counter() - start)
@@ -113,5 +114,6 @@ class DecodeGraphs:
         static.seq_lens_cpu[:] = meta.seq_lens_cpu + [1] * pad
         static.prefix_lens_cpu[:] = meta.prefix_lens_cpu + [0] * pad
         static.__dict__.pop("block_table", None)
+        self.runner.backend.before_graph_replay(static)
         self.graphs[size].replay()
         return self.outputs[size][:b]

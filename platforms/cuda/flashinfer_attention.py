@@ -9,9 +9,14 @@ mask to the end of the KV, which is exactly "new token ``i`` sits at ``prefix + 
 Plans depend on the layer's scale, window and soft cap, so one wrapper exists per
 (mode, scale, window, cap) and is planned at most once per step, on first use. The host-side
 index arrays are built from the metadata's host lengths (no device-to-host copy). flashinfer
-is imported when the backend is constructed, never at plugin load. The plans hold host state
-and device buffers that ``plan`` replaces, so this backend must not be captured in a device
-graph (``TritonAttention`` can be).
+is imported when the backend is constructed, never at plugin load.
+
+Decode graphs: for the static metadata of each captured batch size
+(:meth:`begin_graph_capture`), decode uses wrappers built with ``use_cuda_graph=True`` on
+that metadata's own page-table tensors, planned on first use (the warm-up, outside the
+capture) and re-planned from the new host lengths in :meth:`before_graph_replay`, so a
+replay never reads a stale plan. (Checked against the flashinfer double, which refuses a
+replay whose plan disagrees with the buffers; not yet run on a GPU.)
 """
 
 from __future__ import annotations
@@ -55,9 +60,7 @@ class FlashInferAttention(AttentionBackend):
 
     kv_layout = KVLayout.NHD
     page_sizes = None
-    #: not part of the AttentionBackend contract: plans hold buffers that ``plan`` replaces,
-    #: so a captured graph would replay stale page tables (TritonAttention sets True)
-    graph_safe = False
+    graph_safe = True  # through the graph wrappers (module docstring)
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__(config)
@@ -75,6 +78,8 @@ class FlashInferAttention(AttentionBackend):
         self._planned: set[tuple[Any, ...]] = set()
         self._meta: AttentionMetadata | None = None
         self._host: dict[str, torch.Tensor] = {}
+        #: id(static meta) -> (that meta, its graph wrappers by key)
+        self._graphs: dict[int, tuple[AttentionMetadata, dict[tuple[Any, ...], Any]]] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Forget last step's plans; build this step's host index arrays."""
@@ -82,35 +87,75 @@ class FlashInferAttention(AttentionBackend):
         self._planned.clear()
         self._host = _host_arrays(meta)
 
+    def begin_graph_capture(self, meta: AttentionMetadata) -> None:
+        """Decode over ``meta`` from now on uses graph wrappers bound to its tensors."""
+        if meta.mode is ForwardMode.DECODE:
+            self._graphs[id(meta)] = (meta, {})
+
+    def before_graph_replay(self, meta: AttentionMetadata) -> None:
+        """Re-plan every graph wrapper of ``meta`` from its current host lengths."""
+        entry = self._graphs.get(id(meta))
+        if entry is None or entry[0] is not meta:
+            return
+        host = _host_arrays(meta)
+        for key, wrapper in entry[1].items():
+            self._plan(wrapper, key, meta, host)
+
+    @staticmethod
+    def _key(layer: AttentionLayer, meta: AttentionMetadata) -> tuple[Any, ...]:
+        return (meta.mode, layer.scale, layer.sliding_window, layer.logit_cap)
+
+    def _plan(self, wrapper: Any, key: tuple[Any, ...], meta: AttentionMetadata,
+              host: dict[str, torch.Tensor]) -> None:
+        c = self.config
+        _, scale, window, cap = key
+        common = dict(
+            sm_scale=float(scale), window_left=(window - 1) if window else -1,
+            logits_soft_cap=float(cap) if cap else None, q_data_type=c.dtype,
+            kv_data_type=c.dtype)
+        if meta.mode is ForwardMode.DECODE:
+            wrapper.plan(host["kv_indptr"], meta.kv_page_indices, host["last_page_len"],
+                         c.num_q_heads, c.num_kv_heads, c.head_size, meta.page_size, **common)
+        else:
+            wrapper.plan(host["qo_indptr"], host["kv_indptr"], meta.kv_page_indices,
+                         host["last_page_len"], c.num_q_heads, c.num_kv_heads, c.head_size,
+                         meta.page_size, causal=True, **common)
+
+    def _tensor_cores(self) -> bool:
+        c = self.config
+        return c.num_q_heads // c.num_kv_heads > CUDA_CORE_DECODE_MAX_GROUP
+
+    def _graph_wrapper(self, key: tuple[Any, ...], meta: AttentionMetadata,
+                       wrappers: dict[tuple[Any, ...], Any]) -> Any:
+        wrapper = wrappers.get(key)
+        if wrapper is None:  # first use is the warm-up, outside the capture
+            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=self._tensor_cores(),
+                paged_kv_indptr_buffer=meta.kv_page_indptr,
+                paged_kv_indices_buffer=meta.kv_page_indices,
+                paged_kv_last_page_len_buffer=meta.kv_last_page_len)
+            self._plan(wrapper, key, meta, _host_arrays(meta))
+            wrappers[key] = wrapper
+        return wrapper
+
     def _wrapper(self, layer: AttentionLayer, meta: AttentionMetadata) -> Any:
+        key = self._key(layer, meta)
+        entry = self._graphs.get(id(meta))
+        if entry is not None and entry[0] is meta:
+            return self._graph_wrapper(key, meta, entry[1])
         if meta is not self._meta:
             self.prepare(meta)
-        key = (meta.mode, layer.scale, layer.sliding_window, layer.logit_cap)
-        c = self.config
         wrapper = self._wrappers.get(key)
         if wrapper is None:
             if meta.mode is ForwardMode.DECODE:
                 wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                    self._workspace, "NHD",
-                    use_tensor_cores=c.num_q_heads // c.num_kv_heads > CUDA_CORE_DECODE_MAX_GROUP)
+                    self._workspace, "NHD", use_tensor_cores=self._tensor_cores())
             else:
                 wrapper = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
             self._wrappers[key] = wrapper
         if key not in self._planned:
-            common = dict(
-                sm_scale=float(layer.scale),
-                window_left=(layer.sliding_window - 1) if layer.sliding_window else -1,
-                logits_soft_cap=float(layer.logit_cap) if layer.logit_cap else None,
-                q_data_type=c.dtype, kv_data_type=c.dtype)
-            h = self._host
-            if meta.mode is ForwardMode.DECODE:
-                wrapper.plan(h["kv_indptr"], meta.kv_page_indices, h["last_page_len"],
-                             c.num_q_heads, c.num_kv_heads, c.head_size, meta.page_size,
-                             **common)
-            else:
-                wrapper.plan(h["qo_indptr"], h["kv_indptr"], meta.kv_page_indices,
-                             h["last_page_len"], c.num_q_heads, c.num_kv_heads, c.head_size,
-                             meta.page_size, causal=True, **common)
+            self._plan(wrapper, key, meta, self._host)
             self._planned.add(key)
         return wrapper
 

@@ -23,8 +23,8 @@ from heteroserve.platforms.triton.registration import triton_kernel_specs
 
 PLATFORMS = ("cuda",)
 TRITON_PRIORITY = 10
-#: below Triton: flashinfer's plans are host state that a captured decode graph cannot replay
-#: (graph_safe False), and batch-1 decode lives on graphs; --kernel attention=flashinfer selects it
+#: below Triton: its graph-mode decode (re-planned before every replay) is not yet run or
+#: measured on a GPU, and batch-1 decode lives on graphs; --kernel attention=flashinfer selects it
 FLASHINFER_PRIORITY = 8
 #: flashinfer's norms were not measured on a GPU yet (the Triton ones run at 80-90% of the
 #: copy ceiling), so they stay selectable (--kernel rms_norm=flashinfer) but below Triton

@@ -41,3 +41,23 @@ def test_graph_replay_equals_eager(tmp_path_factory, batch: int) -> None:
     assert replayed.shape == eager.shape
     assert torch.allclose(replayed, eager, rtol=1e-5, atol=1e-5)
     _ = decode  # the harness's decode path is the eager one
+
+
+def test_graphs_call_the_backend_capture_and_replay_hooks(tmp_path_factory) -> None:
+    """Each captured size's static metadata goes to ``begin_graph_capture`` before capture,
+    and to ``before_graph_replay`` before each replay, holding that step's host lengths."""
+    path = build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=2)
+    _, _, runner = build_model_runner(cpu_args(path, cuda_graph_max_bs=4,
+                                               max_running_requests=4))
+    captured, replayed = [], []
+    runner.backend.begin_graph_capture = lambda meta: captured.append(meta.batch_size)
+    runner.backend.before_graph_replay = lambda meta: replayed.append(list(meta.seq_lens_cpu))
+    graphs = DecodeGraphs(runner)
+    assert sorted(captured) == graphs.batch_sizes == [1, 2, 4]
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    seqs = [PagedSequence(runner, len(p) + 1) for p in prompts]
+    extend(runner, [(p, 0, s) for p, s in zip(prompts, seqs)])
+    fb = build_forward_batch([SequenceInput([3], len(p), s.pages) for p, s in zip(prompts, seqs)],
+                             ForwardMode.DECODE, runner.page_size, runner.device)
+    graphs.run(fb)
+    assert replayed == [[4, 6]]

@@ -32,3 +32,9 @@ def aiter_double() -> Iterator[ModuleType]:
 def ipex_double() -> Iterator[ModuleType]:
     with installed("xpu") as module:
         yield module
+
+
+@pytest.fixture
+def flashinfer_double() -> Iterator[ModuleType]:
+    with installed("cuda") as module:
+        yield module

@@ -7,7 +7,13 @@ CSR (``indptr [B+1]``, ``indices``, ``last_page_len [B]`` with ``1 <= last <= pa
 ``window_left = w`` lets a query at position ``p`` see keys ``p - w .. p``; prefill with
 ``causal=True`` aligns the mask to the end of each sequence's KV. Checks raise ``ValueError``
 where flashinfer rejects its input, ``NotImplementedError`` for options heteroserve does not
-use (CUDA-graph buffers, custom masks, RoPE inside the kernel); results are plain torch.
+use (custom masks, RoPE inside the kernel, prefill CUDA-graph buffers); results are plain
+torch.
+
+CUDA-graph decode (``use_cuda_graph=True`` with the three page-table buffers): the batch size
+is the buffers' and fixed; ``plan`` copies the page table into the buffers; ``run`` reads it
+back from the buffers, as a replayed graph does, and raises when it no longer matches what
+was planned (a real replay would then run with a stale split plan).
 """
 
 from __future__ import annotations
@@ -95,11 +101,42 @@ class _Wrapper:
                  use_cuda_graph: bool = False, **buffers: Any) -> None:
         require(float_workspace_buffer.dtype == torch.uint8, "workspace must be uint8")
         require(kv_layout in ("NHD", "HND"), f"kv_layout {kv_layout!r}")
-        if use_cuda_graph or any(v is not None for v in buffers.values()):
-            raise NotImplementedError("double: CUDA-graph buffers are not used by heteroserve")
+        if not use_cuda_graph and any(v is not None for v in buffers.values()):
+            raise NotImplementedError("double: page-table buffers only with use_cuda_graph")
         self._layout = kv_layout
         self._plan: _Plan | None = None
         self._causal = False  # prefill's plan(causal=...) sets it; decode attends to all KV
+        self._graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if use_cuda_graph:
+            self._graph = self._graph_buffers(**buffers)
+
+    def _graph_buffers(self, **buffers: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("double: CUDA-graph mode is used for decode only")
+
+    def _fill_graph_buffers(self, indptr: list[int], indices: torch.Tensor,
+                            last: list[int]) -> None:
+        if self._graph is None:
+            return
+        buf_indptr, buf_indices, buf_last = self._graph
+        require(len(last) == buf_last.numel(), f"CUDA-graph batch size is {buf_last.numel()}, "
+                                               f"plan got {len(last)}")
+        require(indices.numel() <= buf_indices.numel(), "indices exceed the indices buffer")
+        buf_indptr.copy_(torch.tensor(indptr, dtype=torch.int32))
+        if indices.data_ptr() != buf_indices.data_ptr():
+            buf_indices[: indices.numel()].copy_(indices)
+        buf_last.copy_(torch.tensor(last, dtype=torch.int32))
+
+    def _replayed_plan(self) -> _Plan:
+        """The plan, checked against the page table the graph buffers hold now."""
+        plan = self._plan
+        assert plan is not None and self._graph is not None
+        buf_indptr, buf_indices, buf_last = self._graph
+        stale = (buf_indptr.cpu().tolist() != plan.indptr or buf_last.cpu().tolist() != plan.last
+                 or not torch.equal(buf_indices.cpu().to(torch.int64)[: plan.indptr[-1]],
+                                    plan.indices[: plan.indptr[-1]]))
+        require(not stale, "the graph buffers hold another page table than the plan: plan() "
+                           "must run before every replay")
+        return plan
 
     def run(self, q: torch.Tensor, paged_kv_cache: Any, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False) -> torch.Tensor:
@@ -107,8 +144,9 @@ class _Wrapper:
         if out is not None or lse is not None or return_lse:
             raise NotImplementedError("double: out / lse are not used by heteroserve")
         require(self._plan is not None, "run() before plan()")
-        return self._plan.run(q, paged_kv_cache, self._layout,  # type: ignore[union-attr]
-                              causal=self._causal)
+        plan = self._replayed_plan() if self._graph is not None else self._plan
+        return plan.run(q, paged_kv_cache, self._layout,  # type: ignore[union-attr]
+                        causal=self._causal)
 
 
 class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
@@ -125,6 +163,17 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                          last=paged_kv_last_page_len_buffer)
         self.use_tensor_cores = use_tensor_cores
 
+    def _graph_buffers(self, indptr: torch.Tensor | None = None,
+                       indices: torch.Tensor | None = None,
+                       last: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        require(indptr is not None and indices is not None and last is not None,
+                "use_cuda_graph needs the indptr, indices and last_page_len buffers")
+        for t in (indptr, indices, last):
+            require(t.dtype == torch.int32 and t.dim() == 1, "page-table buffers are 1-D int32")
+        require(indptr.numel() == last.numel() + 1, "indptr buffer has batch_size + 1 entries")
+        return indptr, indices, last
+
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
              pos_encoding_mode: str = "NONE", window_left: int = -1,
@@ -135,6 +184,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         kv_ptr = _int32_vector(indptr, "indptr")
         last = _int32_vector(last_page_len, "last_page_len")
         require(indices.dtype == torch.int32, "indices must be int32")
+        self._fill_graph_buffers(kv_ptr, indices, last)
         self._plan = _Plan(
             list(range(len(last) + 1)), kv_ptr, indices, last,
             (num_qo_heads, num_kv_heads, head_dim), page_size,
