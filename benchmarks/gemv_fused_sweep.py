@@ -120,10 +120,8 @@ def main() -> int:
             err = float((fused(weights[0], cfg).double() - ref).abs().max() / ref.abs().max())
             return err, _graph_us(lambda w: fused(w, cfg), weights)
 
-        found, best = sweep_configs(name, "fused", [default, *CONFIGS], default, measure,
-                                    nbytes, "us")
+        found, d, best = sweep_configs(name, "fused", default, CONFIGS, measure, nbytes, "us")
         rows += found
-        d = next(r for r in rows if r["shape"] == name and r.get("default"))
         print(f"{name:13s} {prologue:12s} separate {sep_us:6.1f} us  fused default "
               f"{d['us']:6.1f} us ({d['config']}, err {d['rel_err']:.1e})  best "
               f"{best['us']:6.1f} us ({best['config']})", flush=True)

@@ -11,7 +11,8 @@ evict-last (every program re-reads it from L2).
 
 Because every program reads the whole activation row anyway, the op that makes it can run in
 the same pass at no extra HBM traffic (the *prologue*), which saves a launch and a round trip
-of the row per layer at batch 1:
+of the row per layer at batch 1 (on the H200 the re-read rows cost more than that once PDL
+hides the launches, so these variants are not the default; docs/benchmarks.md):
 
 - ``rms_norm``: ``h = x + residual``, ``a = h / rms(h) * g``. ``1 / rms(h)`` is a scalar, so
   the kernel accumulates ``W @ (h * g)`` and ``sum(h^2)`` together and scales once at the end;
@@ -134,7 +135,7 @@ def choose_config(n: int, k: int, device: torch.device, prologue: int = PLAIN) -
     return GemvConfig(block_n, block_k, 4, 1)
 
 
-def _check_weight(weight: torch.Tensor, k: int, bias: torch.Tensor | None, op: str) -> int:
+def _check_weight(weight: torch.Tensor, k: int, bias: torch.Tensor | None, op: str) -> None:
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"{op}: weight {tuple(weight.shape)} does not take {k} input features")
@@ -142,7 +143,6 @@ def _check_weight(weight: torch.Tensor, k: int, bias: torch.Tensor | None, op: s
         raise ValueError(f"{op}: the weight's last dimension must be contiguous")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{op}: bias {tuple(bias.shape)} does not match {n} outputs")
-    return n
 
 
 def _one_row(x: torch.Tensor, width: int, op: str) -> torch.Tensor:
