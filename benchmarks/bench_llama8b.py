@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import copy_bandwidth, matmul_rate  # noqa: E402
 
 MODEL_DIR = Path(os.environ.get("HS_MODEL_DIR", Path(__file__).resolve().parent / "models" / "llama-3.1-8b"))
+#: environment settings that change what is measured, recorded in the JSON
+ENV_KNOBS = ("HS_KERNELS", "HS_GRAPH_MAX_BS", "HETEROSERVE_TRITON_PDL")
 
 
 def _log(msg: str) -> None:
@@ -189,7 +191,8 @@ def main() -> int:
     a = ap.parse_args()
     wl = a.workloads.split(",")
     result: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                    "command": " ".join(sys.argv), "torch": torch.__version__}
+                    "command": " ".join(sys.argv), "torch": torch.__version__,
+                    "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ}}
     _log("measuring ceilings")
     result["ceilings"] = ceilings = {"copy_bandwidth_Bps": copy_bandwidth(),
                                      "matmul_flops": matmul_rate()}

@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: install (plus flashinfer from .whl/fi_site.tar.xz when carried),
-# then run the named steps, writing everything under $OUT. Usage:
+# then run the named steps, writing everything (and session.log) under $OUT. Usage:
 #   bash benchmarks/gpu_session.sh gemv decode1 profile conformance
-# Steps: gemv (benchmarks/gemv_sweep.py), gemv_fused (benchmarks/gemv_fused_sweep.py),
-# conf_full (cuda, in CONF_WORKERS pytest-xdist workers so the Triton and flashinfer JIT
-# builds run in parallel; CONF_FILTER is a -k expression; at CONF_TIMEOUT it gets SIGINT and
-# still writes the report of what ran), decode1_variants (batch-1 decode without PDL, with
-# the prologue-fused GEMVs, and with the defaults), decode1 (batch-1 decode: default kernels, then cuBLAS
-# linears for comparison), profile (batch-1 decode profile), conformance (cuda, full),
-# conf_triton (cuda without flashinfer), conf_flashinfer (flashinfer, bf16 head size 128),
-# triton_tests (tests/triton compiled), decode1_only, bench_rest (throughput, shared_prefix,
-# hf), conf_changed (the ops this change touched),
-# tests (tests/triton + model/scheduler parity on the GPU), bench (bench_llama8b.py, every
-# workload).
+# Steps:
+#   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
+#   fi_build_decode, fi_build_llama, fi_build_all
+#                          benchmarks/flashinfer_jit_warmup.py, one ninja: the flashinfer
+#                          modules of the conformance grid's decode cases / of the bf16
+#                          head-128 cases a Llama-8B engine uses / of every case (WARMUP_ARGS
+#                          narrows fi_build_all)
+#   conf_full              cuda conformance in CONF_WORKERS pytest-xdist workers; CONF_FILTER is
+#                          a -k expression; SIGINT at CONF_TIMEOUT still writes the report
+#   conformance, conf_triton, conf_flashinfer, conf_changed
+#                          cuda conformance: all / not flashinfer / flashinfer bf16 head 128 /
+#                          the ops a kernel change touches
+#   decode1                batch-1 decode: default kernels, then cuBLAS linears
+#   decode1_only           batch-1 decode, default kernels
+#   decode1_variants       batch-1 decode without PDL, with the prologue-fused GEMVs, defaults
+#   decode1_flashinfer     batch-1 decode with flashinfer attention, then the defaults
+#   profile                batch-1 decode profile
+#   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
+#   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
+# DEADLINE (seconds after this script starts) caps the fi_build and conf_full limits; a step
+# cut there may take 30 s more to stop, so keep DEADLINE that far under the call's limit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1  # the log survives a call cut off at its time limit
+# flashinfer's JIT cache inside the (ignored) checkout, so a warm machine keeps it between calls
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-$PWD/.fi_cache}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 if [ -f .whl/fi_site.tar.xz ]; then
@@ -34,16 +47,35 @@ decode1() {
   HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/bench_llama8b.py --workloads decode1 \
     --out "$OUT/decode1_$1.json" 2>&1 | grep -E "decode1|ceilings"
 }
+# $1 seconds, or fewer if DEADLINE (seconds after the start of this script) comes first
+deadline_cap() {
+  local left=$(( ${DEADLINE:-999999} - ($(date +%s) - t0) ))
+  (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
+# flashinfer JIT modules of the conformance grid (benchmarks/flashinfer_jit_warmup.py); SIGINT
+# at WARMUP_TIMEOUT (or DEADLINE) lets ninja keep the objects it finished
+fi_build() {
+  local name=$1 limit=${WARMUP_TIMEOUT:-400}; shift
+  limit=$(deadline_cap "$limit")
+  timeout -s INT -k 20 "$limit" python3 benchmarks/flashinfer_jit_warmup.py "$@" \
+    --out "$OUT/fi_build_$name.json" 2>&1 | grep -v -i warn | cut -c1-200
+}
 for step in "$@"; do
   stamp "== $step =="
   case $step in
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
     gemv_fused) timeout 200 python3 benchmarks/gemv_fused_sweep.py --out "$OUT/gemv_fused.json" ;;
-    conf_full) timeout -s INT -k 30 "${CONF_TIMEOUT:-420}" heteroserve conformance \
+    fi_build_decode) fi_build decode --kind decode ;;
+    fi_build_llama) fi_build llama --kind extend --kind decode --only bf16-p1-h8:2-d128 ;;
+    fi_build_all) fi_build all ${WARMUP_ARGS:-} ;;  # WARMUP_ARGS: e.g. --kind extend --only bf16
+    conf_full)
+      limit=$(deadline_cap "${CONF_TIMEOUT:-420}")
+      timeout -s INT -k 30 "$limit" heteroserve conformance \
         --platform cuda --report "$OUT/full" -- -q -p no:cacheprovider \
         -n "${CONF_WORKERS:-12}" ${CONF_FILTER:+-k "$CONF_FILTER"} 2>&1 | tail -40 ;;
     decode1) decode1 default; HS_KERNELS=linear.unquantized=torch_native decode1 cublas ;;
     decode1_only) decode1 default ;;
+    decode1_flashinfer) HS_KERNELS=attention=flashinfer decode1 flashinfer; decode1 default ;;
     decode1_variants)  # PDL off, then the prologue-fused GEMVs, then the defaults
       HETEROSERVE_TRITON_PDL=0 decode1 nopdl
       HS_KERNELS=linear.unquantized=triton_fused decode1 fused_gemv

@@ -40,21 +40,30 @@ def build_batch(seqs: tuple[tuple[int, int], ...], page_size: int, mode: Forward
     perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
     offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
     pages = [perm[offsets[b]: offsets[b + 1]] for b in range(len(seqs))]
+    return PagedBatch(metadata_for(pages, seqs, page_size, mode, device), pages, num_pages)
+
+
+def metadata_for(pages: list[list[int]], seqs: tuple[tuple[int, int], ...], page_size: int,
+                 mode: ForwardMode, device: torch.device) -> AttentionMetadata:
+    """The metadata of sequences ``(prefix_len, new_len)`` stored in ``pages`` (sequence
+    ``b``'s first ``ceil((prefix + new) / page_size)`` pages are used; later ones ignored)."""
+    counts = [-(-(p + n) // page_size) for p, n in seqs]
+    used = [ps[:c] for ps, c in zip(pages, counts)]
+    offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
     seq_lens = [p + n for p, n in seqs]
-    loc = torch.cat([_slots(pages[b], page_size, p, p + n) for b, (p, n) in enumerate(seqs)])
+    loc = torch.cat([_slots(used[b], page_size, p, p + n) for b, (p, n) in enumerate(seqs)])
 
     def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=device)
 
-    meta = AttentionMetadata(
+    return AttentionMetadata(
         mode=mode, page_size=page_size,
         qo_indptr=i32([0, *torch.tensor([n for _, n in seqs]).cumsum(0).tolist()]),
         seq_lens=i32(seq_lens), prefix_lens=i32([p for p, _ in seqs]),
-        kv_page_indptr=i32(offsets), kv_page_indices=i32([p for ps in pages for p in ps]),
+        kv_page_indptr=i32(offsets), kv_page_indices=i32([p for ps in used for p in ps]),
         kv_last_page_len=i32([s - (c - 1) * page_size for s, c in zip(seq_lens, counts)]),
         out_cache_loc=loc.to(device), seq_lens_cpu=seq_lens,
         prefix_lens_cpu=[p for p, _ in seqs])
-    return PagedBatch(meta, pages, num_pages)
 
 
 def new_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -171,6 +171,8 @@ class ReportCollector:
                           "message": r.message} for r in results if r.outcome == "failed"],
             "skips": [{"test": r.nodeid, "op": r.op, "implementation": r.impl,
                        "reason": r.message} for r in results if r.outcome == "skipped"],
+            # so partial runs (a time limit, a -k filter) can be merged test by test
+            "passes": sorted(r.nodeid for r in results if r.outcome == "passed"),
             "skip_ops": dict(self.ctx.skip_ops),
             "plugin_failures": [{"plugin": f.plugin, "source": f.source, "error": f.error}
                                 for f in self.ctx.catalog.failures],

@@ -45,6 +45,7 @@ def test_graph_replay(conf: ConfParam, ctx: ConformanceContext,
         out_attn.copy_(s.backend.decode(s.q, s.k_cache, s.v_cache, s.layer, s.batch.meta))
         out_norm.copy_(rms_norm(x, weight, EPS))
 
+    s.backend.begin_graph_capture(s.batch.meta)  # the hooks the engine's decode graphs call
     graph = ctx.platform.make_graph_runner(dev).capture(step)
     # new values in every static input: q, x and each sequence's cached K/V
     s.q.copy_(randn(gen, *s.q.shape, dtype=case.dtype, device=dev))
@@ -54,6 +55,7 @@ def test_graph_replay(conf: ConfParam, ctx: ConformanceContext,
         s.values[b] = randn(gen, *s.values[b].shape, dtype=case.dtype, device=torch.device("cpu"))
         write_slots(s.k_cache, s.layout, s.batch.slots(b, 0, n), s.keys[b])
         write_slots(s.v_cache, s.layout, s.batch.slots(b, 0, n), s.values[b])
+    s.backend.before_graph_replay(s.batch.meta)
     graph.replay()
     ctx.platform.synchronize(dev)
     replay_attn, replay_norm = out_attn.clone(), out_norm.clone()

@@ -15,8 +15,9 @@ Decode graphs: for the static metadata of each captured batch size
 (:meth:`begin_graph_capture`), decode uses wrappers built with ``use_cuda_graph=True`` on
 that metadata's own page-table tensors, planned on first use (the warm-up, outside the
 capture) and re-planned from the new host lengths in :meth:`before_graph_replay`, so a
-replay never reads a stale plan. (Checked against the flashinfer double, which refuses a
-replay whose plan disagrees with the buffers; not yet run on a GPU.)
+replay never reads a stale plan. (Conformance ``graph_replay_grow`` checks this against the
+float64 oracle: passed on an H200, and on the CPU through the flashinfer double, which
+refuses a replay whose plan disagrees with the buffers.)
 """
 
 from __future__ import annotations

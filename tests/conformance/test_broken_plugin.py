@@ -142,6 +142,9 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"):
         good = rows[(op, "torch_native")]
         assert good["failed"] == 0 and good["passed"] > 0, good
+    assert len(report["passes"]) == sum(r["passed"] for r in report["table"])
+    assert any("torch_native" in t and "rms_norm" in t for t in report["passes"])
+    assert not any("broken_unwritten" in t for t in report["passes"])
     # the implementation's own refusal (no fp16) is a listed skip, not a silent drop
     assert broken_norm["skipped"] > 0
     assert any("takes no fp16" in s["reason"] for s in report["skips"])
