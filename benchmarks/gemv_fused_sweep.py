@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemv_sweep import sweep_configs  # noqa: E402
+from gemv_sweep import rotating_weights, sweep_configs  # noqa: E402
 
 from heteroserve.platforms.triton.activation import silu_and_mul
 from heteroserve.platforms.triton.gemv import (
@@ -34,7 +34,6 @@ SHAPES = [("qkv_proj", "rms_norm", 6144, 4096), ("gate_up_proj", "rms_norm", 286
 CONFIGS = [GemvConfig(bn, bk, w, 1) for bn in (2, 4, 8, 16) for bk in (256, 512)
            for w in (4, 8)]
 PROLOGUES = {"rms_norm": RMS_NORM, "silu_and_mul": SILU_AND_MUL}
-L2_MULTIPLE = 4 * 60 * 2**20
 EPS = 1e-5
 
 
@@ -107,8 +106,7 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}")
     for name, prologue, n, k in SHAPES:
         nbytes = n * k * 2
-        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-                   for _ in range(max(1, -(-L2_MULTIPLE // nbytes)))]
+        weights = rotating_weights(n, k, dev)
         separate, fused, reference = _variants(prologue, k, dev)
         ref = reference(weights[0])
         sep_us = _graph_us(separate, weights)

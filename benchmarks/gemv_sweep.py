@@ -33,6 +33,13 @@ CONFIGS = [GemvConfig(bn, bk, w, s) for bn in (2, 4, 8, 16) for bk in (256, 512,
 L2_MULTIPLE = 4 * 60 * 2**20
 
 
+def rotating_weights(n: int, k: int, device: torch.device) -> list[torch.Tensor]:
+    """bf16 ``[n, k]`` weights, enough copies to span ``L2_MULTIPLE`` bytes, so cycling
+    through them reads every weight from HBM rather than the L2."""
+    copies = max(1, -(-L2_MULTIPLE // (n * k * 2)))
+    return [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+
+
 def _bench(fn, weights: list[torch.Tensor]) -> float:
     """Median ms of one call (``triton.testing.do_bench``, which flushes the L2 between
     calls), cycling through ``weights``."""
@@ -85,9 +92,7 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy / 1e12:.2f} TB/s")
     for name, n, k in SHAPES:
         nbytes = n * k * 2
-        copies = max(1, -(-L2_MULTIPLE // nbytes))
-        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-                   for _ in range(copies)]
+        weights = rotating_weights(n, k, dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         ref = (x.double() @ weights[0].double().T)
         cublas = _bench(lambda w: F.linear(x, w), weights)

@@ -48,13 +48,18 @@ def test_graph_replay_new_lengths(conf: ConfParam, ctx: ConformanceContext,
     s = make_setup(replace(conf, case=grown), ctx)
     write_and_check(s)  # the caches now hold every grown sequence's K/V
     dev = ctx.device
-    short = metadata_for(s.batch.pages, case.seqs, case.page_size,  # type: ignore[attr-defined]
-                         ForwardMode.DECODE, dev)
-    # the static page table is as long as the grown one; past the short table it holds pages
-    # the short sequences do not use, as the engine's static buffers do
+
+    def short_meta() -> AttentionMetadata:
+        return metadata_for(s.batch.pages, case.seqs, case.page_size,  # type: ignore[attr-defined]
+                            ForwardMode.DECODE, dev)
+
+    short = short_meta()
+    # the graph's own buffers (no tensor or list shared with ``short``); its page table is as
+    # long as the grown one and, past the short table, holds pages the short sequences do not
+    # use, as the engine's static buffers do
     indices = s.batch.meta.kv_page_indices.clone()
     indices[: short.kv_page_indices.numel()].copy_(short.kv_page_indices)
-    static = replace(short, kv_page_indices=indices)
+    static = replace(short_meta(), kv_page_indices=indices)
     out = torch.zeros_like(s.q)
 
     def step() -> None:
