@@ -5,7 +5,7 @@
 # Steps:
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fi_build_decode, fi_build_llama, fi_build_all
-#                          benchmarks/flashinfer_jit_warmup.py, one ninja: the flashinfer
+#                          benchmarks/flashinfer_jit_warmup.py, a ninja per module: the flashinfer
 #                          modules of the conformance grid's decode cases / of the bf16
 #                          head-128 cases a Llama-8B engine uses / of every case (WARMUP_ARGS
 #                          narrows fi_build_all)

@@ -1,6 +1,7 @@
 """``benchmarks/flashinfer_jit_warmup.py`` covers every flashinfer module the conformance grid
 needs: one per (prefill or decode, dtype, head size, window?, cap?), found through the
-cuda-double platform (the real cuda kernel specs, flashinfer replaced by its double)."""
+cuda-double platform (the real cuda kernel specs, flashinfer replaced by its double).Also: the warm-up builds each module through its own ``spec.build()``, a few at a time, with
+the job budget split between them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from flashinfer_jit_warmup import build_each  # noqa: E402
 
 SCRIPT = """
 import json, sys
@@ -18,8 +26,10 @@ sys.path.insert(0, "benchmarks")
 from flashinfer_jit_warmup import variants
 both = variants("cuda-double", ["extend", "decode"], None)
 llama = variants("cuda-double", ["extend", "decode"], "bf16-p1-h8:2-d128")
+plain = variants("cuda-double", ["extend"], None, ("sw", "cap"))
 print(json.dumps({"both": [[str(x) for x in k] + [v] for k, v in both.items()],
-                  "llama": [[str(x) for x in k] for k in llama]}))
+                  "llama": [[str(x) for x in k] for k in llama],
+                  "plain": [[str(x) for x in k] for k in plain]}))
 """
 
 
@@ -44,3 +54,48 @@ def test_warmup_variants_cover_the_flashinfer_grid() -> None:
     assert sorted(data["llama"]) == [
         ["decode", "torch.bfloat16", "128", "False", "False"],
         ["prefill", "torch.bfloat16", "128", "False", "False"]]
+    # --exclude sw --exclude cap: the six plain prefill modules (3 head sizes x 2 dtypes)
+    assert len(data["plain"]) == 6
+    assert all(r[0] == "prefill" and r[3:] == ["False", "False"] for r in data["plain"])
+
+
+class FakeSpec:
+    """A JitSpec stand-in: ``build()`` records MAX_JOBS and how many builds overlap."""
+
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name, self.fail, self.jobs = name, fail, ""
+
+    def build(self) -> None:
+        with FakeSpec.lock:
+            FakeSpec.running += 1
+            FakeSpec.peak = max(FakeSpec.peak, FakeSpec.running)
+        self.jobs = os.environ["MAX_JOBS"]
+        time.sleep(0.05)
+        with FakeSpec.lock:
+            FakeSpec.running -= 1
+        if self.fail:
+            raise RuntimeError(f"ninja failed for {self.name}")
+
+
+def test_build_each_builds_every_module_with_a_share_of_the_jobs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_JOBS", "")
+    FakeSpec.peak = 0
+    specs = [FakeSpec(f"m{i}") for i in range(5)]
+    seconds = build_each(specs, jobs=16, at_once=2)
+    assert sorted(seconds) == [s.name for s in specs]
+    assert {s.jobs for s in specs} == {"8"}
+    assert FakeSpec.peak == 2
+
+
+def test_build_each_raises_a_failed_build_after_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_JOBS", "")
+    specs = [FakeSpec("bad", fail=True), FakeSpec("good")]
+    with pytest.raises(RuntimeError, match="ninja failed for bad"):
+        build_each(specs, jobs=3, at_once=2)
+    assert specs[1].jobs == "1"
