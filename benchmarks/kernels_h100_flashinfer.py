@@ -64,6 +64,29 @@ def fi_extend() -> list[Row]:
     return rows
 
 
+def graph_ms_per_call(fn: Any, calls: int = 200, replays: int = 5) -> float:
+    """ms per call of ``fn`` captured ``calls`` times in one CUDA graph (median of
+    ``replays`` replays): the kernel's own time as a decode graph sees it, without the host
+    launch cost that an eager timing of a microsecond kernel measures."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[replays // 2]
+
+
 def fi_norm() -> list[Row]:
     from heteroserve.platforms.cuda import flashinfer_norm as fin
     from heteroserve.platforms.triton import norm
@@ -80,16 +103,48 @@ def fi_norm() -> list[Row]:
     o, res = fin.fused_add_rms_norm(x.clone(), r.clone(), w, 1e-6)
     rows.append(row("flashinfer fused_add_rms_norm bf16 4096x4096",
                     max(rel(o, ref), rel(res, s)), TOL[BF]))
-    for name, fn in (("flashinfer rms_norm", lambda: fin.rms_norm(x, w, 1e-6)),
-                     ("triton rms_norm", lambda: norm.rms_norm(x, w, 1e-6)),
-                     ("flashinfer fused_add_rms_norm", lambda: fin.fused_add_rms_norm(x, r, w, 1e-6)),
-                     ("triton fused_add_rms_norm", lambda: norm.fused_add_rms_norm(x, r, w, 1e-6))):
+
+    def pairs(xt: torch.Tensor, rt: torch.Tensor) -> tuple[tuple[str, Any], ...]:
+        return (("flashinfer rms_norm", lambda: fin.rms_norm(xt, w, 1e-6)),
+                ("triton rms_norm", lambda: norm.rms_norm(xt, w, 1e-6)),
+                ("flashinfer fused_add_rms_norm",
+                 lambda: fin.fused_add_rms_norm(xt, rt, w, 1e-6)),
+                ("triton fused_add_rms_norm", lambda: norm.fused_add_rms_norm(xt, rt, w, 1e-6)))
+
+    for name, fn in pairs(x, r):  # bandwidth-bound: one prefill-sized call
         ms = ms_of(fn)
         nbytes = (4 if "fused" in name else 2) * 4096 * 4096 * 2
         rows.append({"name": f"{name} T4096 H4096 bf16", "ms": ms, "metric": gbps(nbytes, ms)})
+    for name, fn in pairs(x[:1].clone(), r[:1].clone()):  # latency-bound: a decode row
+        rows.append({"name": f"{name} T1 H4096 bf16, per call in a CUDA graph",
+                     "ms": graph_ms_per_call(fn)})
     return rows
 
 
 FLASHINFER = [("fi_decode", fi_decode), ("fi_extend", fi_extend), ("fi_norm", fi_norm)]
 #: seconds each item needs (its JIT build included); it is skipped when fewer remain
 NEED_SECONDS = {"fi_decode": 45.0, "fi_extend": 115.0, "fi_norm": 45.0}
+
+
+def main() -> int:
+    """Run the named items (default all) and write their rows as JSON."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description="flashinfer adapters against the Triton kernels")
+    ap.add_argument("--only", action="append", choices=[n for n, _ in FLASHINFER])
+    ap.add_argument("--out", default="flashinfer_kernels.json")
+    a = ap.parse_args()
+    rows = [r for n, fn in FLASHINFER if not a.only or n in a.only for r in fn()]
+    for r in rows:
+        print(r, flush=True)
+    with open(a.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                   "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

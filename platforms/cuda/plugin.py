@@ -23,11 +23,11 @@ from heteroserve.platforms.triton.registration import triton_kernel_specs
 
 PLATFORMS = ("cuda",)
 TRITON_PRIORITY = 10
-#: below Triton: its graph-mode decode (re-planned before every replay) is not yet run or
-#: measured on a GPU, and batch-1 decode lives on graphs; --kernel attention=flashinfer selects it
+#: below Triton: batch-1 decode from CUDA graphs measured 224.6 tok/s with flashinfer attention
+#: against 240.2 with Triton on an H200; --kernel attention=flashinfer selects it
 FLASHINFER_PRIORITY = 8
-#: flashinfer's norms were not measured on a GPU yet (the Triton ones run at 80-90% of the
-#: copy ceiling), so they stay selectable (--kernel rms_norm=flashinfer) but below Triton
+#: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.51 / 1.70 us (rms_norm /
+#: fused_add_rms_norm) against Triton's 1.23 / 1.28 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
 _PKG = "heteroserve.platforms.cuda"
 

@@ -1,6 +1,8 @@
 """``benchmarks/flashinfer_jit_warmup.py`` covers every flashinfer module the conformance grid
 needs: one per (prefill or decode, dtype, head size, window?, cap?), found through the
-cuda-double platform (the real cuda kernel specs, flashinfer replaced by its double).Also: the warm-up builds each module through its own ``spec.build()``, a few at a time, with
+cuda-double platform (the real cuda kernel specs, flashinfer replaced by its double).
+
+Also: the warm-up builds each module through its own ``spec.build()``, a few at a time, with
 the job budget split between them."""
 
 from __future__ import annotations
