@@ -37,9 +37,10 @@ PROLOGUES = {"rms_norm": RMS_NORM, "silu_and_mul": SILU_AND_MUL}
 EPS = 1e-5
 
 
-def _graph_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor],
+def graph_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor],
               rounds: int = 5) -> float:
-    """Microseconds per call when ``call(w)`` for every ``w`` is replayed from one graph."""
+    """Microseconds per call when ``call(w)`` for every ``w`` (four rounds) is replayed from one
+    graph, median of ``rounds`` replays: the time a decode graph sees, without host launch cost."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for w in weights:  # warm up (compile) outside the capture
@@ -109,14 +110,14 @@ def main() -> int:
         weights = rotating_weights(n, k, dev)
         separate, fused, reference = _variants(prologue, k, dev)
         ref = reference(weights[0])
-        sep_us = _graph_us(separate, weights)
+        sep_us = graph_us(separate, weights)
         rows.append({"shape": name, "impl": "separate", "us": sep_us,
                      "TBps": nbytes / sep_us / 1e6})
         default = choose_config(n, k, dev, PROLOGUES[prologue])
 
         def measure(cfg: GemvConfig) -> tuple[float, float]:
             err = float((fused(weights[0], cfg).double() - ref).abs().max() / ref.abs().max())
-            return err, _graph_us(lambda w: fused(w, cfg), weights)
+            return err, graph_us(lambda w: fused(w, cfg), weights)
 
         found, d, best = sweep_configs(name, "fused", default, CONFIGS, measure, nbytes, "us")
         rows += found

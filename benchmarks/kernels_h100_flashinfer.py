@@ -64,30 +64,9 @@ def fi_extend() -> list[Row]:
     return rows
 
 
-def graph_ms_per_call(fn: Any, calls: int = 200, replays: int = 5) -> float:
-    """ms per call of ``fn`` captured ``calls`` times in one CUDA graph (median of
-    ``replays`` replays): the kernel's own time as a decode graph sees it, without the host
-    launch cost that an eager timing of a microsecond kernel measures."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[replays // 2]
-
-
 def fi_norm() -> list[Row]:
+    from gemv_fused_sweep import graph_us
+
     from heteroserve.platforms.cuda import flashinfer_norm as fin
     from heteroserve.platforms.triton import norm
 
@@ -115,9 +94,10 @@ def fi_norm() -> list[Row]:
         ms = ms_of(fn)
         nbytes = (4 if "fused" in name else 2) * 4096 * 4096 * 2
         rows.append({"name": f"{name} T4096 H4096 bf16", "ms": ms, "metric": gbps(nbytes, ms)})
-    for name, fn in pairs(x[:1].clone(), r[:1].clone()):  # latency-bound: a decode row
+    xt1 = x[:1].clone()
+    for name, fn in pairs(xt1, r[:1].clone()):  # latency-bound: a decode row, 200 calls
         rows.append({"name": f"{name} T1 H4096 bf16, per call in a CUDA graph",
-                     "ms": graph_ms_per_call(fn)})
+                     "ms": graph_us(lambda _: fn(), [xt1] * 50) / 1e3})
     return rows
 
 

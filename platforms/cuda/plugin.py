@@ -26,8 +26,8 @@ TRITON_PRIORITY = 10
 #: below Triton: batch-1 decode from CUDA graphs measured 224.6 tok/s with flashinfer attention
 #: against 240.2 with Triton on an H200; --kernel attention=flashinfer selects it
 FLASHINFER_PRIORITY = 8
-#: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.51 / 1.70 us (rms_norm /
-#: fused_add_rms_norm) against Triton's 1.23 / 1.28 on an H200; --kernel rms_norm=flashinfer
+#: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.52 / 1.83 us (rms_norm /
+#: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
 _PKG = "heteroserve.platforms.cuda"
 
