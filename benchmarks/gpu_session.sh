@@ -21,6 +21,11 @@
 #   profile                batch-1 decode profile
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
+#   sglang_bench_serving   `heteroserve serve` of the Llama-3.1-8B shape (dummy weights, a word-level
+#                          tokenizer of its vocabulary: benchmarks/word_tokenizer.py) measured by
+#                          SGLang's own bench_serving client (carried as .carry/bench_serving.py,
+#                          not part of the repository): backends vllm and sglang-oai, random-ids
+#                          1024 in / 256 out, max-concurrency SERVING_LEVELS (default "1 16 64")
 # DEADLINE (seconds after this script starts) caps the fi_build and conf_full limits; a step
 # cut there may take 30 s more to stop, so keep DEADLINE that far under the call's limit.
 set -uo pipefail
@@ -59,6 +64,35 @@ fi_build() {
   limit=$(deadline_cap "$limit")
   timeout -s INT -k 20 "$limit" python3 benchmarks/flashinfer_jit_warmup.py "$@" \
     --out "$OUT/fi_build_$name.json" 2>&1 | grep -v -i warn | cut -c1-200
+}
+# `heteroserve serve` of the Llama-3.1-8B shape on port 30010 in the background; waits for /health
+serve_llama8b() {
+  python3 benchmarks/word_tokenizer.py /tmp/wt --vocab-size 128256 >/dev/null
+  heteroserve serve --model-path benchmarks/models/llama-3.1-8b --load-format dummy \
+    --tokenizer-path /tmp/wt --platform cuda --port 30010 --served-model-name llama8b \
+    --disable-access-log --log-level warning "$@" > "$OUT/serve.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 1 300); do
+    curl -sf http://127.0.0.1:30010/health >/dev/null && { stamp "server ready"; return 0; }
+    kill -0 $SERVE_PID 2>/dev/null || { tail -20 "$OUT/serve.log"; return 1; }
+    sleep 1
+  done
+  return 1
+}
+sglang_bench_serving() {
+  serve_llama8b || return
+  for backend in vllm sglang-oai; do
+    for mc in ${SERVING_LEVELS:-1 16 64}; do
+      n=$(( mc == 1 ? 16 : 4 * mc ))
+      timeout 240 python3 .carry/bench_serving.py --backend $backend \
+        --base-url http://127.0.0.1:30010 --model llama8b --tokenizer /tmp/wt \
+        --dataset-name random-ids --random-input-len 1024 --random-output-len 256 \
+        --random-range-ratio 1 --num-prompts $n --max-concurrency $mc --seed 1 \
+        --output-file "$OUT/sglang_bench_serving.jsonl" --disable-tqdm 2>&1 \
+        | grep -E "Backend|Max request concurrency|Successful|Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Median TPOT"
+    done
+  done
+  kill -TERM $SERVE_PID; wait $SERVE_PID; stamp "server exit code $?"
 }
 for step in "$@"; do
   stamp "== $step =="
@@ -102,6 +136,7 @@ for step in "$@"; do
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \
         | grep -vi warn ;;
+    sglang_bench_serving) sglang_bench_serving ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -52,6 +52,10 @@ class ServerArgs:
 
     reasoning_parser: str | None = None  # deepseek-r1 | qwen3
     grammar_compile_timeout: float = 10.0
+    grammar_max_bytes: int = 256 * 1024  # largest schema / regex / grammar text
+    grammar_cache_bytes: int = 64 * 1024 * 1024  # compiled-grammar cache size
+    max_request_bytes: int = 32 * 1024 * 1024  # largest HTTP request body (413 beyond)
+    keep_serving_on_engine_death: bool = False  # else the server exits when the engine dies
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mem_fraction_static <= 1.0:
@@ -67,6 +71,10 @@ class ServerArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.page_size is not None and self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("--max-prefill-tokens must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError("--stream-interval must be >= 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ServerArgs:

@@ -2,8 +2,9 @@
 
 The engine starts the scheduler process through an :class:`EngineClient` and runs an asyncio
 loop in a background thread for the synchronous API; ``async_generate`` runs on the caller's
-own loop. Create engines under ``if __name__ == "__main__":`` in scripts (the scheduler is a
-spawned process that re-imports the main module).
+own loop. The scheduler runs as a fresh interpreter, so a plain script needs no
+``if __name__ == "__main__":`` guard. Results are SGLang's cumulative dicts, folded from the
+engine's deltas by :class:`SGLangAccumulator`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from heteroserve.core.config import ServerArgs
 from heteroserve.core.runtime.errors import RequestError
 from heteroserve.core.runtime.frontend import EngineClient
 from heteroserve.core.runtime.io_struct import GenerateRequest
+from heteroserve.core.runtime.registry import RequestStream
+from heteroserve.core.runtime.sglang_output import SGLangAccumulator
 
 Output = dict[str, Any]
 
@@ -100,17 +103,37 @@ class Engine:
         flat = [o for choices in results for o in choices]
         return flat if batch or len(flat) > 1 else flat[0]
 
+    async def _start(self, reqs: list[GenerateRequest]) -> list[RequestStream]:
+        """Admit every request before any is sent; a failure aborts those already sent."""
+        streams: list[RequestStream] = []
+        try:
+            for req in reqs:
+                streams.append(await self.client.generate(req))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+        return streams
+
     async def _collect(self, reqs: list[GenerateRequest]) -> list[list[Output]]:
-        iterators = [self.client.generate(r) for r in reqs]  # validates all before sending
+        streams = await self._start(reqs)
 
-        async def finals(it: AsyncIterator[Output]) -> list[Output]:
-            out: dict[int, Output] = {}
-            async for chunk in it:
-                if chunk["meta_info"]["finish_reason"] is not None:
-                    out[chunk["index"]] = chunk
-            return [out[i] for i in sorted(out)]
+        async def finals(stream: RequestStream, req: GenerateRequest) -> list[Output]:
+            accs = [SGLangAccumulator(rid, i, req.top_logprobs_num > 0)
+                    for i, rid in enumerate(stream.rids)]
+            for out in [o async for o in stream]:
+                accs[out.index].add(out)
+            return [a.to_dict() for a in accs]
 
-        return list(await asyncio.gather(*(finals(it) for it in iterators)))
+        return list(await asyncio.gather(*(finals(s, r) for s, r in zip(streams, reqs))))
+
+    @staticmethod
+    async def _cumulative(stream: RequestStream, req: GenerateRequest
+                          ) -> AsyncIterator[Output]:
+        accs = [SGLangAccumulator(rid, i, req.top_logprobs_num > 0)
+                for i, rid in enumerate(stream.rids)]
+        async for out in stream:
+            yield accs[out.index].add(out)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -136,7 +159,7 @@ class Engine:
 
     def _stream_sync(self, req: GenerateRequest) -> Iterator[Output]:
         async def start() -> AsyncIterator[Output]:
-            return self.client.generate(req)
+            return self._cumulative((await self._start([req]))[0], req)
 
         agen = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
 
@@ -168,7 +191,7 @@ class Engine:
         if stream:
             if len(reqs) != 1:
                 raise RequestError("stream=True takes a single prompt")
-            return self.client.generate(reqs[0])
+            return self._cumulative((await self._start(reqs))[0], reqs[0])
         return self._shape(await self._collect(reqs), batch)
 
     def abort(self, rid: str) -> None:

@@ -3,7 +3,8 @@ and native routes over an already started ``EngineClient``.
 
 The app does not start the engine (``serve_cmd`` does, before the HTTP socket opens, so the
 start-up banner can say what was resolved); it shuts the client down when the app's lifespan
-ends, i.e. after uvicorn has drained in-flight requests.
+ends, i.e. after uvicorn has drained in-flight requests. :class:`EdgeLimits` caps request
+bodies (413) and turns new requests away while the server drains (503).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from heteroserve import __version__
 from heteroserve.core.config import ServerArgs
 from heteroserve.server.context import ServerContext
 from heteroserve.server.errors import install_error_handlers
+from heteroserve.server.limits import EdgeLimits
 from heteroserve.server.metrics import ServerMetrics
 from heteroserve.server.routes_native import native_router, ops_router
 from heteroserve.server.routes_openai import router as openai_router
@@ -61,6 +63,9 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     app = FastAPI(title="heteroserve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible and SGLang-native LLM serving API.")
     app.state.ctx = ctx
+    app.state.draining = False
+    app.add_middleware(EdgeLimits, max_body_bytes=server_args.max_request_bytes,
+                       is_draining=lambda: app.state.draining)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(native_router)

@@ -121,19 +121,20 @@ async def _one(engine: Any, ids: list[int], params: dict[str, Any], rec: Request
         rec.start = last = time.perf_counter()
         seen = 0
         try:
-            async for chunk in engine.client.generate(
-                    GenerateRequest(input_ids=ids, sampling_params=params, stream=True)):
+            stream = await engine.client.generate(
+                GenerateRequest(input_ids=ids, sampling_params=params, stream=True))
+            async for out in stream:
                 now = time.perf_counter()
-                n = len(chunk["output_ids"])
-                if n > seen:
+                if out.token_ids:
                     if rec.ttft is None:
                         rec.ttft = now - rec.start
                     else:
                         rec.itl.append(now - last)
-                    last, seen = now, n
-                if chunk["meta_info"]["finish_reason"] is not None:
-                    rec.output_len = n
-                    rec.cached_tokens = int(chunk["meta_info"]["cached_tokens"] or 0)
+                    last = now
+                    seen += len(out.token_ids)
+                if out.finished:
+                    rec.output_len = seen
+                    rec.cached_tokens = out.usage.cached_tokens
         except Exception as exc:  # count, do not abort the whole run
             rec.error = str(exc)
         rec.end = time.perf_counter()

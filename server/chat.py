@@ -8,6 +8,7 @@ prompt through the template's ``tools`` argument but not parsed from the output.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,16 +16,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from heteroserve.core.runtime.errors import RequestError
 from heteroserve.core.runtime.io_struct import GenerateRequest
-from heteroserve.core.tokenizer import TokenizerError
+from heteroserve.core.runtime.outputs import Usage as EngineUsage
 from heteroserve.server import logprobs as lp
 from heteroserve.server.context import (
     ServerContext, finish_reason, new_id, openai_json, usage,
 )
 from heteroserve.server.engine_call import (
-    SSE_DONE, EngineCall, is_final, sse, sse_response, stream_error_event, until_disconnect,
+    SSE_DONE, EngineCall, finish_error, sse, sse_response, stream_error_event, until_disconnect,
 )
-from heteroserve.server.errors import APIError, bad_request
+from heteroserve.server.errors import APIError, bad_request, engine_error
 from heteroserve.server.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
@@ -49,33 +51,31 @@ def _message_dict(i: int, msg: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest) -> list[int]:
-    """Render ``req.messages`` with the chat template and tokenize (no extra special tokens:
-    the template writes them). Raises a 400 APIError for unsupported content or a template
-    that fails."""
+async def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest) -> list[int]:
+    """Render ``req.messages`` with the chat template and tokenize, in the engine's admission
+    pool (no extra special tokens: the template writes them). Raises a 400 APIError for
+    unsupported content, reserved template arguments or a template that fails."""
     if req.tool_choice not in (None, "none", "auto"):
         raise bad_request("tool_choice other than 'none' or 'auto' is not supported "
                           "(tool calls are not parsed)", "tool_choice")
     messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
-    kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
-    if req.tools:
-        kwargs["tools"] = req.tools
     try:
-        prompt = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                   **kwargs)
-    except TokenizerError as exc:
-        raise bad_request(str(exc), "messages") from None
-    return ctx.tokenizer.encode(prompt, add_special_tokens=False)
+        return await ctx.client.admission.render_chat(messages, req.chat_template_kwargs,
+                                                      req.tools)
+    except RequestError as exc:
+        raise engine_error(exc) from None
 
 
 @dataclass
 class _ChoiceStream:
-    """What a streaming choice has sent so far."""
+    """What a streaming choice has sent so far (cumulative text only with a reasoning
+    parser, which splits the text as a whole)."""
 
+    text: str = ""
     content: str = ""
     reasoning: str = ""
-    logprobs: int = 0
     started: bool = False
+    usage: EngineUsage | None = None
 
 
 class _Splitter:
@@ -90,11 +90,6 @@ class _Splitter:
         return self.parser.split(text)
 
 
-def _suffix(new: str, old: str) -> str:
-    """What ``new`` (cumulative) adds to ``old``; the split texts only ever grow."""
-    return new[len(old):]
-
-
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                                  request: Request) -> Response:
     """Serve one chat-completions request (see the module docstring); raises
@@ -102,68 +97,86 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
-    ids = chat_prompt_ids(ctx, req)
-    max_new = req.max_completion_tokens or req.max_tokens or max(1, ctx.context_len - len(ids))
+    ids = await chat_prompt_ids(ctx, req)
+    max_new = req.max_completion_tokens if req.max_completion_tokens is not None \
+        else req.max_tokens if req.max_tokens is not None else max(1, ctx.context_len - len(ids))
     params = sampling_params(req, max_new)
     rid = req.rid or new_id("chatcmpl")
-    gen = GenerateRequest(input_ids=ids, sampling_params=params, rid=rid, stream=req.stream,
-                          return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0)
-    call = EngineCall(ctx.client, [gen], ctx.metrics)
+    gen = GenerateRequest(input_ids=ids, sampling_params=params, n=req.n, rid=rid,
+                          stream=req.stream, return_logprob=req.logprobs,
+                          top_logprobs_num=req.top_logprobs or 0)
+    call = await EngineCall.start(ctx.client, [gen], ctx.metrics)
     split = _Splitter(ctx.reasoning_parser, req.separate_reasoning)
     model = req.model or ctx.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(_stream(call, rid, model, split, req.logprobs, include_usage))
-    finals = await until_disconnect(request, call.finals(), call.abort)
+    results = (await until_disconnect(request, call.results(), call.abort_now))[0]
     choices = []
-    for out in finals[0]:
-        meta = out["meta_info"]
-        reasoning, content = split(out["text"])
-        reason, matched = finish_reason(meta)
+    for r in results:
+        reasoning, content = split(r.text)
+        reason, matched = finish_reason(r.finish)
         choices.append(ChatChoice(
-            index=int(out.get("index", 0)),
+            index=r.index,
             message=ChatResponseMessage(content=content, reasoning_content=reasoning),
-            logprobs=lp.chat_logprobs(meta, 0) if req.logprobs else None,
+            logprobs=lp.chat_logprobs(r.logprobs) if req.logprobs else None,
             finish_reason=reason, matched_stop=matched))
-    body = ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage(finals))
+    body = ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage(
+        [[r.last.usage if r.last else None for r in results]]))
     return JSONResponse(openai_json(body))
+
+
+def _delta(st: _ChoiceStream, text: str, split: _Splitter) -> DeltaMessage:
+    if split.parser is None:
+        return DeltaMessage(content=text or None)
+    st.text += text
+    reasoning, content = split(st.text)
+    delta = DeltaMessage(content=content[len(st.content):] or None,
+                         reasoning_content=(reasoning or "")[len(st.reasoning):] or None)
+    st.content, st.reasoning = content, reasoning or ""
+    return delta
 
 
 async def _stream(call: EngineCall, rid: str, model: str, split: _Splitter, want_lp: bool,
                   include_usage: bool) -> AsyncIterator[str]:
     states: dict[int, _ChoiceStream] = {}
-    finals: list[list[dict[str, Any]]] = [[]]
+    head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
 
     def chunk(choice: ChatStreamChoice) -> str:
-        return sse(openai_json(ChatCompletionChunk(id=rid, model=model, choices=[choice])))
+        # built by hand: this runs once per token per stream
+        data = {"index": choice.index, "delta": choice.delta.model_dump(exclude_none=True),
+                "logprobs": None if choice.logprobs is None
+                else choice.logprobs.model_dump(exclude_none=True),
+                "finish_reason": choice.finish_reason}
+        if choice.matched_stop is not None:
+            data["matched_stop"] = choice.matched_stop
+        return sse({**head, "choices": [data]})
 
     try:
         async for _, out in call.outputs():
-            index = int(out.get("index", 0))
-            st = states.setdefault(index, _ChoiceStream())
+            st = states.setdefault(out.index, _ChoiceStream())
+            st.usage = out.usage
+            if out.finish is not None:
+                err = finish_error(out.finish)
+                if err is not None:
+                    raise err
             if not st.started:
                 st.started = True
-                yield chunk(ChatStreamChoice(index=index,
+                yield chunk(ChatStreamChoice(index=out.index,
                                              delta=DeltaMessage(role="assistant", content="")))
-            meta = out["meta_info"]
-            reasoning, content = split(out["text"])
-            delta = DeltaMessage(content=_suffix(content, st.content) or None,
-                                 reasoning_content=_suffix(reasoning or "", st.reasoning) or None)
-            st.content, st.reasoning = content, reasoning or ""
-            logprobs = None
-            if want_lp and lp.count(meta) > st.logprobs:
-                logprobs = lp.chat_logprobs(meta, st.logprobs)
-                st.logprobs = lp.count(meta)
-            reason, matched = finish_reason(meta)
-            if is_final(out):
-                finals[0].append(out)
-            elif delta.content is None and delta.reasoning_content is None and logprobs is None:
+            delta = _delta(st, out.text, split)
+            logprobs = lp.chat_logprobs(out.logprobs) if want_lp and out.logprobs else None
+            if delta.content is None and delta.reasoning_content is None and logprobs is None \
+                    and not out.finished:
                 continue
-            yield chunk(ChatStreamChoice(index=index, delta=delta, logprobs=logprobs,
+            reason, matched = finish_reason(out.finish)
+            yield chunk(ChatStreamChoice(index=out.index, delta=delta, logprobs=logprobs,
                                          finish_reason=reason, matched_stop=matched))
         if include_usage:
+            per_choice = [st.usage for _, st in sorted(states.items())]
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[],
-                                          usage=usage(finals)).model_dump(exclude_none=True))
+                                          usage=usage([per_choice])).model_dump(exclude_none=True))
     except APIError as exc:
         yield stream_error_event(exc)
     yield SSE_DONE

@@ -7,37 +7,42 @@ chunk when ``stream_options.include_usage``, then ``data: [DONE]``.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from heteroserve.core.runtime.io_struct import GenerateRequest
+from heteroserve.core.runtime.outputs import RequestOutput
+from heteroserve.core.runtime.outputs import Usage as EngineUsage
 from heteroserve.server import logprobs as lp
 from heteroserve.server.context import (
     ServerContext, finish_reason, new_id, openai_json, sub_rid, usage,
 )
 from heteroserve.server.engine_call import (
-    SSE_DONE, EngineCall, is_final, sse, sse_response, stream_error_event, until_disconnect,
+    SSE_DONE, ChoiceResult, EngineCall, finish_error, sse, sse_response, stream_error_event,
+    until_disconnect,
 )
 from heteroserve.server.errors import APIError, bad_request
 from heteroserve.server.protocol import (
-    CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse,
+    CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
+    CompletionResponse,
 )
 from heteroserve.server.sampling import sampling_params
 
 Prompt = str | list[int]
 
 
-def _prompts(prompt: Any) -> list[Prompt]:
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
     if isinstance(prompt, str):
         prompts: list[Prompt] = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
+        prompts = [list(prompt)]  # type: ignore[arg-type]
     else:
-        prompts = list(prompt)
+        prompts = list(prompt)  # type: ignore[arg-type]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise bad_request("prompt must not be empty", "prompt")
     return prompts
@@ -51,21 +56,40 @@ def _check_supported(req: CompletionRequest) -> None:
 
 
 @dataclass
-class _ChoiceStream:
-    """What a streaming choice has sent so far."""
+class _Shape:
+    """How this request's choices are rendered: ``echo`` text per prompt, logprobs or not
+    (``top``: with alternatives), the choices per prompt."""
 
-    text_len: int = 0
-    logprobs: int = 0
+    echoes: list[str]
+    want_lp: bool
+    top: bool
+    n: int
+
+
+@dataclass
+class _ChoiceStream:
+    """What a streaming choice has sent so far: the text offset of its next logprob entry,
+    whether its echo went out, its latest usage."""
+
     offset: int = 0
     started: bool = False
+    usage: EngineUsage | None = None
 
 
-def _choice(out: dict[str, Any], index: int, echo: str, want_lp: bool, top: bool
-            ) -> CompletionChoice:
-    meta = out["meta_info"]
-    reason, matched = finish_reason(meta)
-    logprobs = lp.completion_logprobs(meta, 0, len(echo), top)[0] if want_lp else None
-    return CompletionChoice(index=index, text=echo + out["text"], logprobs=logprobs,
+def _logprobs(prompt_part: list, generated: list, offset: int, top: bool
+              ) -> tuple[CompletionLogprobs, int]:
+    """Prompt entries (echo) then generated ones, from text offset ``offset``."""
+    first, offset = lp.completion_logprobs(prompt_part, offset, top)
+    second, offset = lp.completion_logprobs(generated, offset, top)
+    return lp.merge_completion_logprobs([first, second]), offset
+
+
+def _choice(result: ChoiceResult, index: int, echo: str, shape: _Shape) -> CompletionChoice:
+    reason, matched = finish_reason(result.finish)
+    logprobs = None
+    if shape.want_lp:
+        logprobs, _ = _logprobs(result.prompt_logprobs, result.logprobs, 0, shape.top)
+    return CompletionChoice(index=index, text=echo + result.text, logprobs=logprobs,
                             finish_reason=reason, matched_stop=matched)
 
 
@@ -77,59 +101,71 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     prompts = _prompts(req.prompt)
     params = sampling_params(req, req.max_tokens)
     want_lp = req.logprobs is not None
-    top = bool(req.logprobs)
     rid = req.rid or new_id("cmpl")
     gen = [GenerateRequest(text=p if isinstance(p, str) else None,
                            input_ids=None if isinstance(p, str) else p,
-                           sampling_params=dict(params), rid=sub_rid(rid, i, len(prompts)),
-                           stream=req.stream, return_logprob=want_lp,
-                           top_logprobs_num=req.logprobs or 0)
+                           sampling_params=dataclasses.replace(params), n=req.n,
+                           rid=sub_rid(rid, i, len(prompts)), stream=req.stream,
+                           return_logprob=want_lp, top_logprobs_num=req.logprobs or 0,
+                           logprob_start_len=0 if req.echo and want_lp else -1)
            for i, p in enumerate(prompts)]
-    call = EngineCall(ctx.client, gen, ctx.metrics)
+    call = await EngineCall.start(ctx.client, gen, ctx.metrics)
     echoes = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
               for p in prompts]
+    shape = _Shape(echoes, want_lp, bool(req.logprobs), req.n)
     model = req.model or ctx.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(call, rid, model, req.n, echoes, want_lp, top,
-                                    include_usage))
-    finals = await until_disconnect(request, call.finals(), call.abort)
-    choices = [_choice(out, p * req.n + c, echoes[p], want_lp, top)
-               for p, outs in enumerate(finals) for c, out in enumerate(outs)]
-    body = CompletionResponse(id=rid, model=model, choices=choices, usage=usage(finals))
+        return sse_response(_stream(call, rid, model, shape, include_usage))
+    results = await until_disconnect(request, call.results(), call.abort_now)
+    choices = [_choice(r, p * req.n + r.index, echoes[p], shape)
+               for p, per_prompt in enumerate(results) for r in per_prompt]
+    body = CompletionResponse(id=rid, model=model, choices=choices, usage=usage(
+        [[r.last.usage if r.last else None for r in per_prompt] for per_prompt in results]))
     return JSONResponse(openai_json(body))
 
 
-async def _stream(call: EngineCall, rid: str, model: str, n: int, echoes: list[str],
-                  want_lp: bool, top: bool, include_usage: bool) -> AsyncIterator[str]:
-    states: dict[int, _ChoiceStream] = {}
-    finals: list[list[dict[str, Any]]] = [[] for _ in echoes]
+def _chunk(out: RequestOutput, p: int, st: _ChoiceStream, shape: _Shape) -> dict | None:
+    """The stream chunk's choice (as JSON-ready data: this runs once per token per stream)
+    for delta ``out`` of prompt ``p``; None when there is nothing to send."""
+    text = out.text
+    if not st.started:
+        text, st.started = shape.echoes[p] + text, True
+    logprobs = None
+    if shape.want_lp and (out.logprobs or out.prompt_logprobs):
+        logprobs, st.offset = _logprobs(out.prompt_logprobs or [], out.logprobs or [],
+                                        st.offset, shape.top)
+    if not text and logprobs is None and not out.finished:
+        return None
+    reason, matched = finish_reason(out.finish)
+    choice = {"index": p * shape.n + out.index, "text": text,
+              "logprobs": None if logprobs is None else logprobs.model_dump(exclude_none=True),
+              "finish_reason": reason}
+    if matched is not None:
+        choice["matched_stop"] = matched
+    return choice
+
+
+async def _stream(call: EngineCall, rid: str, model: str, shape: _Shape,
+                  include_usage: bool) -> AsyncIterator[str]:
+    states: dict[tuple[int, int], _ChoiceStream] = {}
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     try:
         async for p, out in call.outputs():
-            index = p * n + int(out.get("index", 0))
-            st = states.setdefault(index, _ChoiceStream(offset=len(echoes[p])))
-            meta = out["meta_info"]
-            text = out["text"]
-            delta = text[st.text_len:]
-            st.text_len = len(text)
-            if not st.started:
-                delta, st.started = echoes[p] + delta, True
-            logprobs = None
-            if want_lp and lp.count(meta) > st.logprobs:
-                logprobs, st.offset = lp.completion_logprobs(meta, st.logprobs, st.offset, top)
-                st.logprobs = lp.count(meta)
-            reason, matched = finish_reason(meta)
-            if is_final(out):
-                finals[p].append(out)
-            elif not delta and logprobs is None:
-                continue
-            chunk = CompletionChunk(id=rid, model=model, choices=[CompletionChoice(
-                index=index, text=delta, logprobs=logprobs, finish_reason=reason,
-                matched_stop=matched)])
-            yield sse(openai_json(chunk))
+            st = states.setdefault((p, out.index), _ChoiceStream())
+            st.usage = out.usage
+            if out.finish is not None:
+                err = finish_error(out.finish)
+                if err is not None:
+                    raise err
+            choice = _chunk(out, p, st, shape)
+            if choice is not None:
+                yield sse({**head, "choices": [choice]})
         if include_usage:
+            per_prompt = [[st.usage for (pp, _), st in sorted(states.items()) if pp == p]
+                          for p in range(len(shape.echoes))]
             yield sse(CompletionChunk(id=rid, model=model, choices=[],
-                                      usage=usage(finals)).model_dump(exclude_none=True))
+                                      usage=usage(per_prompt)).model_dump(exclude_none=True))
     except APIError as exc:
         yield stream_error_event(exc)
     yield SSE_DONE

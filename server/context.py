@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import Request
 
 from heteroserve.core.config import ServerArgs
+from heteroserve.core.runtime.outputs import FinishKind, FinishReason
+from heteroserve.core.runtime.outputs import Usage as EngineUsage
 from heteroserve.server.errors import APIError
 from heteroserve.server.metrics import ServerMetrics
 from heteroserve.server.protocol import PromptTokensDetails, Usage
@@ -59,26 +61,24 @@ def sub_rid(rid: str, prompt_index: int, num_prompts: int) -> str:
     return rid if num_prompts == 1 else f"{rid}-p{prompt_index}"
 
 
-def finish_reason(meta: dict[str, Any]) -> tuple[str | None, int | str | None]:
-    """OpenAI's ``finish_reason`` (``stop``, ``length``, ``abort``) and the matched stop token
-    id or string, from the engine's ``meta_info``."""
-    reason = meta.get("finish_reason")
-    if not reason:
+def finish_reason(reason: FinishReason | None) -> tuple[str | None, int | str | None]:
+    """OpenAI's ``finish_reason`` (``stop``, ``length``, ``abort``) and the matched stop
+    token id or string."""
+    if reason is None:
         return None, None
-    kind = str(reason.get("type", "stop"))
-    matched = reason.get("matched")
-    return kind, matched if isinstance(matched, (int, str)) else None
+    return reason.kind.value, reason.matched if reason.kind is FinishKind.STOP else None
 
 
-def usage(finals: list[list[dict[str, Any]]]) -> Usage:
-    """Usage of a response from its final outputs per prompt: each prompt's tokens once,
-    every choice's completion tokens."""
+def usage(choices_per_prompt: list[list[EngineUsage | None]]) -> Usage:
+    """Usage of a response from each choice's final usage, per prompt: each prompt's tokens
+    once, every choice's completion tokens."""
     prompt = completion = cached = 0
-    for choices in finals:
-        if choices:
-            prompt += int(choices[0]["meta_info"].get("prompt_tokens") or 0)
-            cached += int(choices[0]["meta_info"].get("cached_tokens") or 0)
-        completion += sum(int(c["meta_info"].get("completion_tokens") or 0) for c in choices)
+    for choices in choices_per_prompt:
+        known = [u for u in choices if u is not None]
+        if known:
+            prompt += known[0].prompt_tokens
+            cached += known[0].cached_tokens
+        completion += sum(u.completion_tokens for u in known)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -1,5 +1,5 @@
-"""One HTTP request's generation: its prompts sent through ``EngineClient.generate``, their
-outputs merged, metrics recorded, and everything aborted when the client goes away.
+"""One HTTP request's generation: its prompts admitted and sent through the engine client,
+their output deltas merged, metrics recorded, and everything aborted when the client goes away.
 
 Every route that generates goes through :class:`EngineCall`, so validation errors, queue-full
 and dead-engine errors, abort-on-disconnect and latency metrics behave the same everywhere.
@@ -11,19 +11,22 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from heteroserve.core.runtime.io_struct import GenerateRequest
+from heteroserve.core.runtime.outputs import FinishKind, FinishReason, RequestOutput, TokenLogprob
+from heteroserve.core.scheduler.outputs import SHUTDOWN_CODE
+from heteroserve.core.runtime.registry import RequestStream
 from heteroserve.server.errors import APIError, engine_error
 from heteroserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Output = dict[str, Any]
 _END = object()
 
 
@@ -31,41 +34,79 @@ class ClientDisconnected(Exception):
     """The HTTP client closed its connection before the response was ready."""
 
 
-def is_final(out: Output) -> bool:
-    """True for the last dict of a choice (its ``finish_reason`` is set)."""
-    return out["meta_info"].get("finish_reason") is not None
+def finish_error(reason: FinishReason) -> APIError | None:
+    """The error a request that ended with ``reason`` must answer with, or None: an engine
+    shutdown is a 503, a failure inside the engine a 500 (aborts by the client are not
+    errors: they answer with finish_reason ``abort``)."""
+    if reason.kind is not FinishKind.ERROR:
+        return None
+    message = reason.message or "the request failed in the engine"
+    if reason.code == SHUTDOWN_CODE:
+        return APIError(503, message, code="server_shutting_down")
+    return APIError(500, message, code="engine_error")
+
+
+@dataclass
+class ChoiceResult:
+    """One choice's deltas folded together (for non-streaming replies)."""
+
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.num_tokens += len(out.token_ids)
+        self.logprobs += out.logprobs or []
+        self.prompt_logprobs += out.prompt_logprobs or []
+        self.last = out
+
+    @property
+    def finish(self) -> FinishReason | None:
+        return self.last.finish if self.last is not None else None
 
 
 class EngineCall:
-    """Send ``reqs`` (one per prompt) to ``client`` and merge their outputs.
+    """Admit ``reqs`` (one per prompt) with ``client`` and merge their outputs.
 
-    The constructor calls ``client.generate`` for every prompt, so every prompt is validated
-    before any is sent; failures raise :class:`APIError` (400 invalid, 429 queue full, 503 dead
-    engine). :meth:`outputs` yields ``(prompt_index, output)`` pairs where ``output`` is the
-    client's SGLang-shaped dict (``index`` is the choice within the prompt); it can be
-    iterated once. Leaving it early (or :meth:`abort`) aborts every unfinished choice in the
-    engine, which frees its KV cache.
+    :meth:`start` admits every prompt (so every prompt is validated before the reply starts);
+    failures raise :class:`APIError` (400 invalid, 429 queue full, 503 dead engine).
+    :meth:`outputs` yields ``(prompt_index, RequestOutput)`` deltas as they arrive (``index``
+    is the choice within the prompt); it can be iterated once. Leaving it early (or
+    :meth:`abort`) aborts every unfinished choice in the engine, which frees its KV cache.
     """
 
-    def __init__(self, client: Any, reqs: list[GenerateRequest], metrics: ServerMetrics | None
-                 ) -> None:
-        self.client = client
-        self.rids = [r.rid for r in reqs]
-        self.metrics = metrics
+    def __init__(self, client: Any, streams: list[RequestStream],
+                 metrics: ServerMetrics | None) -> None:
+        self.client, self.streams, self.metrics = client, streams, metrics
         self._done = False
+
+    @classmethod
+    async def start(cls, client: Any, reqs: list[GenerateRequest],
+                    metrics: ServerMetrics | None) -> EngineCall:
         if not client.is_alive():
             raise APIError(503, "the engine process is not running", code="engine_dead")
+        streams: list[RequestStream] = []
         try:
-            self._iters = [client.generate(r) for r in reqs]
-        except Exception as exc:
-            raise engine_error(exc) from None
+            for req in reqs:
+                streams.append(await client.generate(req))
+        except BaseException as exc:
+            for stream in streams:
+                await stream.aclose()
+            if isinstance(exc, Exception):
+                raise engine_error(exc) from None
+            raise
+        return cls(client, streams, metrics)
 
-    async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
-        """Outputs as they arrive (see the class docstring); raises :class:`APIError` when the
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas as they arrive (see the class docstring); raises :class:`APIError` when the
         engine fails a request mid-way."""
         try:
-            if len(self._iters) == 1:
-                async for out in self._iters[0]:
+            if len(self.streams) == 1:
+                async for out in self.streams[0]:
                     self._observe(out)
                     yield 0, out
             else:
@@ -79,21 +120,21 @@ class EngineCall:
             raise engine_error(exc) from None
         finally:
             if not self._done:
-                self.abort()
+                await self.abort()
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Output]]:
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, it: AsyncIterator[Output]) -> None:
+        async def pump(i: int, stream: RequestStream) -> None:
             try:
-                async for out in it:
+                async for out in stream:
                     await queue.put((i, out))
             except Exception as exc:
                 await queue.put(exc)
             finally:
                 await queue.put(_END)
 
-        tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(self._iters)]
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
         try:
             remaining = len(tasks)
             while remaining:
@@ -109,23 +150,32 @@ class EngineCall:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _observe(self, out: Output) -> None:
-        if self.metrics is not None and is_final(out):
-            self.metrics.observe_finished(out["meta_info"])
+    def _observe(self, out: RequestOutput) -> None:
+        if self.metrics is not None and out.finished:
+            self.metrics.observe_finished(out)
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Abort every choice of this call that is still running (idempotent)."""
-        for rid in self.rids:
-            if rid is not None:
-                self.client.abort(rid)
+        for stream in self.streams:
+            await stream.aclose()
 
-    async def finals(self) -> list[list[Output]]:
-        """Wait for every choice; returns per prompt its final dicts ordered by choice."""
-        per_prompt: list[dict[int, Output]] = [{} for _ in self.rids]
-        async for i, out in self.outputs():
-            if is_final(out):
-                per_prompt[i][int(out.get("index", 0))] = out
-        return [[d[k] for k in sorted(d)] for d in per_prompt]
+    def abort_now(self) -> None:
+        """:meth:`abort` for synchronous callers (a disconnect callback)."""
+        for stream in self.streams:
+            self.client.abort(stream.rid)
+
+    async def results(self) -> list[list[ChoiceResult]]:
+        """Wait for every choice; returns per prompt its folded choices ordered by index.
+        Raises :class:`APIError` when a choice ended with an engine error."""
+        per_prompt = [[ChoiceResult(i) for i in range(s.n)] for s in self.streams]
+        async for p, out in self.outputs():
+            per_prompt[p][out.index].add(out)
+        for choices in per_prompt:
+            for choice in choices:
+                err = finish_error(choice.finish) if choice.finish is not None else None
+                if err is not None:
+                    raise err
+        return per_prompt
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect: Any) -> T:
@@ -172,3 +222,4 @@ def stream_error_event(exc: BaseException) -> str:
     """An error raised after a stream started, as the SSE event OpenAI clients understand."""
     err = exc if isinstance(exc, APIError) else engine_error(exc)
     return sse(err.body())
+

@@ -73,7 +73,8 @@ def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestError):
-        return APIError(400, one_line(exc))
+        return APIError(400, one_line(exc), param=exc.param,
+                        code="invalid_value" if exc.param else None)
     if isinstance(exc, QueueFullError):
         return APIError(429, one_line(exc), code="rate_limit_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})

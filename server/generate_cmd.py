@@ -55,8 +55,8 @@ def _check_sampling_params(params: dict[str, Any]) -> None:
     """Fail before the engine starts when the sampling flags are invalid."""
     from heteroserve.core.scheduler.sampling_params import SamplingParams
 
-    try:
-        SamplingParams(**{k: v for k, v in params.items() if k != "n"}).validate()
+    try:  # the vocabulary is not known yet: token-id checks wait for admission
+        SamplingParams.from_dict({k: v for k, v in params.items() if k != "n"}).validate(2 ** 31)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"invalid sampling params: {exc}") from None
 
@@ -81,7 +81,7 @@ def _print_output(i: int, prompt: str, out: dict[str, Any], as_json: bool, chat:
     print(out["text"])
     print(f"--- finish={meta['finish_reason']} prompt_tokens={meta['prompt_tokens']} "
           f"completion_tokens={meta['completion_tokens']} cached_tokens={meta['cached_tokens']} "
-          f"latency={meta['e2e_latency']:.3f}s")
+          f"latency={meta.get('e2e_latency', 0.0):.3f}s")
 
 
 def run(args: argparse.Namespace) -> int:

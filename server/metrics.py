@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from heteroserve.core.runtime.outputs import FinishKind, RequestOutput
+
 PREFIX = "heteroserve"
 
 # gauge name -> (help, stats keys tried in order)
@@ -114,21 +116,19 @@ class ServerMetrics:
                              "Time from request arrival to its last token.",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
 
-    def observe_finished(self, meta: dict[str, Any]) -> None:
-        """Record a finished choice from its ``meta_info`` (``ttft``, ``e2e_latency``,
-        ``completion_tokens``); aborted choices record nothing."""
-        reason = meta.get("finish_reason") or {}
-        if reason.get("type") == "abort":
+    def observe_finished(self, out: RequestOutput) -> None:
+        """Record a finished choice from its last output (``ttft``, ``e2e_latency``, usage);
+        aborted and failed choices record nothing."""
+        if out.finish is None or out.finish.kind in (FinishKind.ABORT, FinishKind.ERROR):
             return
-        e2e = meta.get("e2e_latency")
-        ttft = meta.get("ttft")
-        if isinstance(e2e, (int, float)):
-            self.e2e.observe(max(0.0, float(e2e)))
-        if isinstance(ttft, (int, float)):
-            self.ttft.observe(max(0.0, float(ttft)))
-            gaps = int(meta.get("completion_tokens") or 0) - 1
-            if gaps > 0 and isinstance(e2e, (int, float)):
-                per_token = max(0.0, float(e2e) - float(ttft)) / gaps
+        e2e, ttft = out.e2e_latency, out.ttft
+        if e2e is not None:
+            self.e2e.observe(max(0.0, e2e))
+        if ttft is not None:
+            self.ttft.observe(max(0.0, ttft))
+            gaps = out.usage.completion_tokens - 1
+            if gaps > 0 and e2e is not None:
+                per_token = max(0.0, e2e - ttft) / gaps
                 for _ in range(gaps):
                     self.itl.observe(per_token)
 

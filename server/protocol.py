@@ -1,7 +1,9 @@
 """Pydantic models of the HTTP API: OpenAI requests and responses, and SGLang's ``/generate``.
 
 Requests accept unknown fields (clients send many; each is logged once per request and
-ignored); values are range-checked here so that a bad one is a 400 naming the field.
+ignored). These models check types and the OpenAI-only fields (``logprobs``, ``top_logprobs``,
+``max_tokens``); sampling values are checked once, at admission, by
+``SamplingParams.validate`` (a 400 naming the field either way).
 Responses are built with these models and serialised with ``model_dump(exclude_none=True)``
 except where OpenAI fixes a ``null`` (``logprobs``, ``finish_reason`` in stream chunks).
 """
@@ -11,9 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 
 
@@ -46,22 +47,22 @@ class SamplingFields(_Request):
     plus the structured-output fields read by :mod:`heteroserve.server.structured`."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = 1
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = None
+    top_p: float | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions (SGLang / vLLM names)
     top_k: int | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
@@ -78,13 +79,6 @@ class SamplingFields(_Request):
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
 
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, value: int | None) -> int | None:
-        if value is not None and value < -1:
-            raise ValueError("top_k must be -1 or 0 (disabled) or a positive integer")
-        return value
-
 
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``. ``prompt``: a string, a list of strings, a list of token ids
@@ -92,7 +86,7 @@ class CompletionRequest(SamplingFields):
     alternatives per token (0 = only the sampled token's logprob)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -127,7 +121,7 @@ class ChatCompletionRequest(SamplingFields):
     the sampled tokens' logprobs, ``top_logprobs`` for that many alternatives each."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None

@@ -5,7 +5,9 @@
 ``/generate`` takes ``text`` or ``input_ids`` (one prompt or a batch) and SGLang sampling
 parameters and answers with the engine's own dicts (``text``, ``output_ids``, ``meta_info``):
 one dict for a single prompt with ``n == 1``, else a list (prompt-major, ``n`` per prompt).
-With ``stream`` it sends cumulative dicts as server-sent events, then ``data: [DONE]``.
+With ``stream`` it sends cumulative dicts as server-sent events, then ``data: [DONE]`` (SGLang's
+shape: the only place besides the offline ``Engine`` where deltas are folded back into
+cumulative dicts, by :class:`SGLangAccumulator`).
 """
 
 from __future__ import annotations
@@ -21,20 +23,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from heteroserve.core.runtime.errors import one_line
 from heteroserve.core.runtime.io_struct import GenerateRequest
+from heteroserve.core.runtime.sglang_output import SGLangAccumulator
 from heteroserve.server.auth import require_api_key
 from heteroserve.server.context import ServerContext, get_context
 from heteroserve.server.engine_call import (
-    SSE_DONE, ClientDisconnected, EngineCall, sse, sse_response, stream_error_event,
-    until_disconnect,
+    SSE_DONE, ClientDisconnected, EngineCall, finish_error, sse, sse_response,
+    stream_error_event, until_disconnect,
 )
 from heteroserve.server.errors import APIError, bad_request
+from heteroserve.server.json_body import OffLoopJSONRoute
 from heteroserve.server.protocol import AbortReqInput, ErrorResponse, GenerateReqInput
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 
 ops_router = APIRouter(tags=["operations"])
 native_router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)],
-                          responses={s: {"model": ErrorResponse} for s in (400, 401, 429, 503)})
+                          responses={s: {"model": ErrorResponse} for s in (400, 401, 429, 503)},
+                          route_class=OffLoopJSONRoute)
 
 
 def json_safe(value: Any) -> Any:
@@ -87,11 +92,9 @@ def _requests(req: GenerateReqInput) -> tuple[list[GenerateRequest], bool]:
     return out, batch
 
 
-def _n(req: GenerateReqInput) -> int:
-    sp = req.sampling_params
-    first = sp[0] if isinstance(sp, list) and sp else sp
-    n = first.get("n", 1) if isinstance(first, dict) else 1
-    return n if isinstance(n, int) and n > 0 else 1
+def _accumulators(call: EngineCall, reqs: list[GenerateRequest]) -> list[list[SGLangAccumulator]]:
+    return [[SGLangAccumulator(rid, i, r.top_logprobs_num > 0) for i, rid in enumerate(s.rids)]
+            for s, r in zip(call.streams, reqs)]
 
 
 @native_router.post("/generate")
@@ -99,22 +102,33 @@ async def generate(req: GenerateReqInput, request: Request,
                    ctx: ServerContext = Depends(get_context)) -> Response:
     """SGLang's generate (see the module docstring)."""
     gen, batch = _requests(req)
-    call = EngineCall(ctx.client, gen, ctx.metrics)
-    n = _n(req)
+    call = await EngineCall.start(ctx.client, gen, ctx.metrics)
+    accs = _accumulators(call, gen)
     if req.stream:
-        return sse_response(_stream(call, n))
+        return sse_response(_stream(call, accs))
+
+    async def collect() -> list[dict[str, Any]]:
+        async for p, out in call.outputs():
+            if out.finish is not None and finish_error(out.finish) is not None:
+                raise finish_error(out.finish)  # type: ignore[misc]
+            accs[p][out.index].add(out)
+        return [json_safe(a.to_dict()) for per_prompt in accs for a in per_prompt]
+
     try:
-        finals = await until_disconnect(request, call.finals(), call.abort)
+        flat = await until_disconnect(request, collect(), call.abort_now)
     except ClientDisconnected:
         return Response(status_code=499)
-    flat = [json_safe(out) for outs in finals for out in outs]
     return JSONResponse(flat if batch or len(flat) != 1 else flat[0])
 
 
-async def _stream(call: EngineCall, n: int) -> AsyncIterator[str]:
+async def _stream(call: EngineCall, accs: list[list[SGLangAccumulator]]) -> AsyncIterator[str]:
     try:
         async for p, out in call.outputs():
-            yield sse(json_safe({**out, "index": p * n + int(out.get("index", 0))}))
+            if out.finish is not None and finish_error(out.finish) is not None:
+                raise finish_error(out.finish)  # type: ignore[misc]
+            data = accs[p][out.index].add(out)
+            n = len(accs[p])
+            yield sse(json_safe({**data, "index": p * n + out.index}))
     except APIError as exc:
         yield stream_error_event(exc)
     yield SSE_DONE
@@ -143,8 +157,7 @@ async def get_server_info(ctx: ServerContext = Depends(get_context)) -> dict[str
     args = dataclasses.asdict(ctx.server_args)
     args.pop("api_key", None)
     info = ctx.client.info
-    return json_safe({**args, "engine": dataclasses.asdict(info) if dataclasses.is_dataclass(info)
-                      else dict(vars(info)), "stats": ctx.client.get_stats()})
+    return json_safe({**args, "engine": dataclasses.asdict(info), "stats": ctx.client.get_stats()})
 
 
 @ops_router.get("/health")

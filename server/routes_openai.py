@@ -15,6 +15,7 @@ from heteroserve.server.chat import create_chat_completion
 from heteroserve.server.completions import create_completion
 from heteroserve.server.context import ServerContext, get_context
 from heteroserve.server.engine_call import ClientDisconnected
+from heteroserve.server.json_body import OffLoopJSONRoute
 from heteroserve.server.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     ErrorResponse, ModelCard, ModelList,
@@ -23,7 +24,7 @@ from heteroserve.server.protocol import (
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
-                   responses=_ERRORS)
+                   responses=_ERRORS, route_class=OffLoopJSONRoute)
 
 
 def _card(ctx: ServerContext) -> ModelCard:

@@ -1,7 +1,8 @@
-"""OpenAI request fields -> SGLang sampling parameters (the names ``EngineClient`` reads).
+"""OpenAI request fields -> a typed :class:`SamplingParams` (SGLang's names).
 
-Only fields the client set are forwarded, so the engine's own defaults apply to the rest; the
-engine validates the values again (its error is a 400 too).
+Only fields the client set are passed on, so the engine's defaults apply to the rest. This
+module maps names; it does not check values: :meth:`SamplingParams.validate` does, once, at
+admission (its error is a 400 naming the field).
 """
 
 from __future__ import annotations
@@ -9,52 +10,40 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from heteroserve.core.scheduler.sampling_params import SamplingParams
 from heteroserve.server.errors import bad_request
 from heteroserve.server.protocol import SamplingFields
 from heteroserve.server.structured import structured_output_params
 
 logger = logging.getLogger(__name__)
 
-# request field -> sampling-parameter name, forwarded when not None
+# request field -> sampling-parameter name, passed on when not None
 _DIRECT = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "repetition_penalty": "repetition_penalty",
+    "repetition_penalty": "repetition_penalty", "stop": "stop",
     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids", "seed": "seed",
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
+    "logit_bias": "logit_bias",
 }
 
 
-def _stop(stop: str | list[str] | None) -> list[str] | None:
-    if stop is None:
-        return None
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if any(not s for s in stops):
-        raise bad_request("stop strings must be non-empty", "stop")
-    return stops or None
-
-
-def sampling_params(req: SamplingFields, max_new_tokens: int | None) -> dict[str, Any]:
-    """The SGLang ``sampling_params`` dict for ``req`` (``n`` included; ``max_new_tokens``
-    as given, None leaves the engine's default). Raises a 400 APIError for values the engine
-    cannot take in any form (empty stop strings, conflicting output constraints)."""
+def sampling_params(req: SamplingFields, max_new_tokens: int | None) -> SamplingParams:
+    """The :class:`SamplingParams` for ``req`` (``max_new_tokens`` as given; None leaves the
+    engine's default). Raises a 400 APIError for what has no meaning here (``min_tokens``,
+    conflicting output constraints)."""
     if req.ignored_fields():
         logger.debug("ignoring unknown request fields: %s", ", ".join(req.ignored_fields()))
     if req.min_tokens:
         raise bad_request("min_tokens is not supported by this engine", "min_tokens")
-    params: dict[str, Any] = {"n": req.n}
+    params: dict[str, Any] = {}
     if max_new_tokens is not None:
         params["max_new_tokens"] = max_new_tokens
     for field, key in _DIRECT.items():
         value = getattr(req, field)
         if value is not None:
             params[key] = value
-    if req.top_k is not None and req.top_k == 0:
+    if req.top_k == 0:
         params["top_k"] = -1  # OpenAI-style 0 means "no top-k"; SGLang spells it -1
-    stop = _stop(req.stop)
-    if stop:
-        params["stop"] = stop
-    if req.logit_bias:
-        params["logit_bias"] = dict(req.logit_bias)
     params.update(structured_output_params(req))
-    return params
+    return SamplingParams(**params)

@@ -5,14 +5,19 @@ connections are refused until the server is ready), start the engine (``EngineCl
 ready), log one start-up block (platform, device, kernels per op, KV pool, URL), then serve with
 uvicorn in this process (HTTP and tokenization here; decoding in the engine process).
 
-SIGTERM or Ctrl-C: uvicorn stops accepting connections, drains in-flight requests for up to
-``--shutdown-timeout`` seconds (then cancels them, which aborts them in the engine), the app's
-lifespan stops the engine process, and the command returns 0 (130 for Ctrl-C).
+SIGTERM or Ctrl-C: uvicorn stops accepting connections and new requests get a 503; in-flight
+requests may finish for up to ``--shutdown-timeout`` seconds, then each still running ends
+with an OpenAI error (a 503 JSON body; for a stream an error event then ``data: [DONE]``); the
+app's lifespan stops the engine process and the command returns 0.
+
+When the engine process dies, the server logs why and exits with status 1 within a few
+seconds (so a supervisor restarts it), unless ``--keep-serving-on-engine-death``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -23,6 +28,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+from heteroserve.core.scheduler.outputs import SHUTDOWN_CODE, FinishReason
 from heteroserve.server.args import add_server_args, server_args_from_namespace
 
 logger = logging.getLogger("heteroserve.server")
@@ -93,18 +99,6 @@ def startup_banner(info: Any, model_name: str, model_path: str, url: str,
     return "\n".join(lines)
 
 
-def build_scheduler_detached(server_args: Any, eos_token_ids: list[int]) -> Any:
-    """The default scheduler factory, run in the scheduler process after it stops reacting
-    to SIGINT and SIGTERM: a Ctrl-C or a SIGTERM sent to the whole process group (systemd,
-    ``timeout``) must reach only the server, which drains requests and then stops the engine
-    itself (the engine also exits when this process dies)."""
-    from heteroserve.core.runtime.scheduler_process import build_scheduler
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return build_scheduler(server_args, eos_token_ids)
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """While the engine starts, make SIGTERM interrupt start-up (so the half-started scheduler
@@ -119,24 +113,52 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _uvicorn_server(app: Any, log_level: str, shutdown_timeout: float, access_log: bool) -> Any:
+#: seconds uvicorn waits, after the drain ended the last requests, for their replies to go out
+REPLY_GRACE_S = 5.0
+
+
+def _uvicorn_server(app: Any, client: Any, log_level: str, shutdown_timeout: float,
+                    access_log: bool) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, except that a SIGTERM-triggered graceful shutdown ends the process
-        normally (exit code 0) instead of re-raising SIGTERM after the drain."""
+        """uvicorn's server with heteroserve's drain: on SIGTERM / Ctrl-C new requests get a
+        503, in-flight ones have ``shutdown_timeout`` seconds, then the engine ends the rest
+        with an error; a SIGTERM-triggered shutdown ends the process normally (exit code 0)
+        instead of re-raising SIGTERM after the drain."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not app.state.draining:
+                app.state.draining = True
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(loop.call_later, shutdown_timeout, _end_in_flight)
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
                 captured.remove(sig)
 
+    def _end_in_flight() -> None:
+        count = client.registry.num_inflight()
+        if count:
+            logger.warning("shutdown: ending %d request(s) still in flight", count)
+        client.end_all(FinishReason.error("the server is shutting down", code=SHUTDOWN_CODE))
+
     config = uvicorn.Config(app, log_config=None, log_level=log_level.lower(),
                             access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=shutdown_timeout,  # type: ignore[arg-type]
+                            timeout_graceful_shutdown=int(shutdown_timeout + REPLY_GRACE_S),
                             timeout_keep_alive=5)
     return Server(config)
+
+
+def _exit_when_engine_dies(server: Any, client: Any, outcome: dict[str, int]) -> None:
+    """On engine death: log why, stop serving at once, exit status 1."""
+    def died(reason: str) -> None:
+        logger.error("the engine process died (%s); the server exits", reason)
+        outcome["code"] = 1
+        server.should_exit = True
+        server.force_exit = True
+
+    client.on_death(died)
 
 
 def _serve_worker_node(server_args) -> int:
@@ -178,14 +200,17 @@ def run(args: argparse.Namespace) -> int:
                 server_args, model_path=str(ensure_default_model()),
                 served_model_name=server_args.served_model_name or DEFAULT_MODEL_NAME)
         with _sigterm_interrupts():
-            client = EngineClient(server_args, scheduler_factory=build_scheduler_detached)
+            client = EngineClient(server_args)
+        outcome = {"code": 0}
         try:
             app = create_app(client, server_args)
             logger.info(startup_banner(client.info, served_model_name(server_args),
                                        str(server_args.model_path), _url(sock),
                                        bool(server_args.api_key)))
-            server = _uvicorn_server(app, server_args.log_level, args.shutdown_timeout,
+            server = _uvicorn_server(app, client, server_args.log_level, args.shutdown_timeout,
                                      not args.disable_access_log)
+            if not server_args.keep_serving_on_engine_death:
+                _exit_when_engine_dies(server, client, outcome)
             try:
                 sock.listen(2048)
             except OSError as exc:
@@ -195,5 +220,8 @@ def run(args: argparse.Namespace) -> int:
             client.shutdown()
     finally:
         sock.close()
+    if outcome["code"]:
+        logger.error("heteroserve stopped: the engine process died")
+        return outcome["code"]
     logger.info("heteroserve stopped")
     return 0

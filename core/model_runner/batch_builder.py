@@ -13,11 +13,18 @@ from heteroserve.core.model_runner.forward_batch import ForwardBatch
 @dataclass
 class SequenceInput:
     """One sequence in a step: its new tokens, how many tokens are already cached, and its
-    pages in order (covering at least ``prefix_len + len(new_token_ids)`` slots)."""
+    pages in order (covering at least ``prefix_len + len(new_token_ids)`` slots).
+    ``all_logits``: compute logits for every new token (prompt logprobs), not only the last."""
 
     new_token_ids: list[int]
     prefix_len: int
     pages: list[int]
+    all_logits: bool = False
+
+    @property
+    def num_logit_rows(self) -> int:
+        """How many logits rows this sequence gets in the step's output."""
+        return len(self.new_token_ids) if self.all_logits else 1
 
 
 def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size: int,
@@ -34,6 +41,7 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
     seq_lens: list[int] = []
     prefix_lens: list[int] = []
     last_page_len: list[int] = []
+    logit_rows: list[int] = []
     for s in seqs:
         n_new = len(s.new_token_ids)
         if n_new == 0 or (mode is ForwardMode.DECODE and n_new != 1):
@@ -46,6 +54,7 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
         for pos in range(s.prefix_len, total):
             positions.append(pos)
             out_loc.append(s.pages[pos // page_size] * page_size + pos % page_size)
+        logit_rows += range(qo_indptr[-1] + n_new - s.num_logit_rows, qo_indptr[-1] + n_new)
         qo_indptr.append(qo_indptr[-1] + n_new)
         page_indices += s.pages[:n_pages]
         page_indptr.append(len(page_indices))
@@ -55,7 +64,7 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
 
     # two host-to-device copies per step: one per dtype, sliced into fields on the device
     i32_fields = [qo_indptr, seq_lens, prefix_lens, page_indptr, page_indices, last_page_len]
-    i64_fields = [input_ids, positions, out_loc, [q - 1 for q in qo_indptr[1:]]]
+    i64_fields = [input_ids, positions, out_loc, logit_rows]
     i32 = _split(torch.tensor(sum(i32_fields, []), dtype=torch.int32), i32_fields, device)
     i64 = _split(torch.tensor(sum(i64_fields, []), dtype=torch.int64), i64_fields, device)
     meta = AttentionMetadata(

@@ -14,8 +14,9 @@ class ForwardBatch:
     """One step's tokens for a batch of sequences, all in one mode (extend or decode).
 
     ``input_ids`` int64 ``[T]`` and ``positions`` int64 ``[T]``: new tokens, grouped by
-    sequence in ``attn.qo_indptr`` order; ``logits_indices`` int64 ``[B]``: row of each
-    sequence's last new token (the only rows whose logits are computed). Every tensor is on the
+    sequence in ``attn.qo_indptr`` order; ``logits_indices`` int64 ``[R]``: the rows whose
+    logits are computed, in sequence order: each sequence's last new token, or all of its new
+    tokens when it asked for them (``SequenceInput.all_logits``; R == B otherwise). Every tensor is on the
     engine's device.
     """
 

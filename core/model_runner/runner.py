@@ -11,6 +11,7 @@ from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import AttentionConfig, ForwardMode
 from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import LinearBase
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
@@ -91,7 +92,8 @@ class ModelRunner:
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits fp32 ``[B, vocab]`` of each sequence's last new token."""
+        """Logits fp32 ``[R, vocab]`` of the rows ``batch.logits_indices`` names (each
+        sequence's last new token unless it asked for all of them)."""
         if self.graphs is not None and batch.attn.mode is ForwardMode.DECODE:
             logits = self.graphs.run(batch)
             if logits is not None:
@@ -104,6 +106,19 @@ class ModelRunner:
         fwd = ForwardContext(self.backend, self.kv.k_caches, self.kv.v_caches, batch.attn)
         hidden = self.model(batch, fwd)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+        """Next token ids int64 ``[B]`` through the platform's sampling op."""
+        return self.dispatch.sampling(logits, params)
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor) -> None:
+        """Mask ``logits`` rows ``rows`` in place with packed int32 ``bitmask`` rows."""
+        self.dispatch.token_bitmask_apply(logits, bitmask, rows)
+
+    def new_event(self) -> Any:
+        """A platform device event (None where the platform has none: no overlap)."""
+        return self.platform.new_event()
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

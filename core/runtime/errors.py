@@ -6,12 +6,18 @@ from __future__ import annotations
 class RequestError(ValueError):
     """A request is invalid (bad sampling parameters, empty or too long prompt...).
 
-    Raised before anything reaches the scheduler; the message is one line fit for a 400 reply.
+    Raised before anything reaches the scheduler; the message is one line fit for a 400 reply
+    and ``param`` names the offending field where one is to blame.
     """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(RuntimeError):
-    """``--max-queued-requests`` requests are already waiting; retry later (HTTP 503)."""
+    """``--max-queued-requests`` requests are already waiting, or too many grammars are
+    compiling; retry later (HTTP 429)."""
 
 
 class EngineDeadError(RuntimeError):

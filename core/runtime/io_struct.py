@@ -1,7 +1,8 @@
 """Messages between the caller, the frontend client and the scheduler process.
 
 Everything that crosses the process boundary is a small picklable dataclass; token ids are
-plain ``list[int]``.
+plain ``list[int]``. Per-request results flow one way as deltas: the scheduler's
+:class:`~heteroserve.core.scheduler.outputs.StepOutput` objects in an :class:`OutputBatch`.
 """
 
 from __future__ import annotations
@@ -9,37 +10,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from heteroserve.core.scheduler.outputs import StepOutput
+from heteroserve.core.scheduler.sampling_params import SamplingParams
+
 
 @dataclass
 class GenerateRequest:
-    """One generation request as the caller states it.
+    """One generation request as the caller states it (before admission).
 
-    Exactly one of ``text`` / ``input_ids`` is set. ``sampling_params`` uses SGLang's names
-    (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``,
-    ``stop_token_ids``, ``ignore_eos``, ``n``, ``seed``...). ``rid`` defaults to a fresh uuid.
-    ``stream``: yield a chunk per decoded piece (else one final dict). ``return_logprob`` adds
+    Exactly one of ``text`` / ``input_ids`` is set. ``sampling_params``: a typed
+    :class:`SamplingParams` (the OpenAI routes build one), or SGLang's dict form (the offline
+    API and native ``/generate``; its ``n`` key is read there). ``n``: choices for the typed
+    form. ``rid`` defaults to a fresh uuid. ``stream``: emit outputs as tokens arrive (every
+    ``--stream-interval`` tokens), else one output per choice. ``return_logprob`` adds
     per-token logprobs; ``top_logprobs_num`` > 0 adds that many alternatives per position;
-    ``logprob_start_len`` (prompt position, -1 none) asks for prompt logprobs from there where the
-    scheduler supports them.
+    ``logprob_start_len`` >= 0 asks for prompt logprobs from that prompt position on.
+    ``health_check`` marks the engine's own liveness probe (never set from a client field).
     """
 
     text: str | None = None
     input_ids: list[int] | None = None
-    sampling_params: dict[str, Any] = field(default_factory=dict)
+    sampling_params: SamplingParams | dict[str, Any] = field(default_factory=dict)
+    n: int = 1
     rid: str | None = None
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    health_check: bool = False
 
 
 @dataclass
 class TokenizedRequest:
-    """What the frontend sends the scheduler process for one (sub-)request."""
+    """What the frontend sends the scheduler process for one (sub-)request: validated."""
 
     rid: str
     input_ids: list[int]
-    sampling_params: Any  # heteroserve.core.scheduler.sampling_params.SamplingParams
+    sampling_params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
@@ -54,23 +61,29 @@ class AbortRequest:
 
 
 @dataclass
+class Hello:
+    """The frontend's first message: sent (waiting for the connection) before any request,
+    so that requests never find the scheduler's socket unconnected. Ignored there."""
+
+
+@dataclass
 class ShutdownRequest:
     """Ask the scheduler process to exit its loop."""
 
 
 @dataclass
 class OutputBatch:
-    """One scheduler step's outputs (the scheduler's ``StepOutput`` objects) plus a stats
-    snapshot (``None`` otherwise) when one is due: with every batch that finishes a request,
-    at least every 0.25 s while busy, and once when the scheduler goes idle."""
+    """One scheduler step's per-request deltas plus a stats snapshot (``None`` otherwise)
+    when one is due: with every batch that finishes a request, at least every 0.25 s while
+    busy, and once when the scheduler goes idle."""
 
-    outputs: list[Any]
-    stats: dict[str, Any] | None = None
+    outputs: list[StepOutput]
+    stats: dict[str, float] | None = None
 
 
 @dataclass
 class RequestFailed:
-    """The scheduler rejected or failed one request; the loop keeps running."""
+    """The scheduler rejected one request at admission; the loop keeps running."""
 
     rid: str
     message: str
@@ -94,4 +107,5 @@ class ReadyInfo:
     page_size: int
     max_context_len: int
     max_running_requests: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 0
+    pid: int = 0

@@ -1,14 +1,13 @@
 """The scheduler process: builds the model runner and the scheduler, then serves requests.
 
-One process per tensor-parallel rank (``tp_rank``); today only rank 0 exists and it talks to
-the frontend over two ZMQ sockets that the frontend binds:
+One process per tensor-parallel rank (``tp_rank``), started by
+:class:`~heteroserve.core.runtime.supervisor.Supervisor`. Rank 0 talks to the frontend over
+the :class:`~heteroserve.core.runtime.transport.Channel` pair: it receives
+:class:`TokenizedRequest`, :class:`AbortRequest`, :class:`ShutdownRequest` and sends
+:class:`OutputBatch`, :class:`RequestFailed`, :class:`SchedulerFatal`. Other ranks follow rank
+0 in lockstep.
 
-- ``in_addr`` (PULL here): pickled :class:`TokenizedRequest`, :class:`AbortRequest`,
-  :class:`ShutdownRequest` from the frontend.
-- ``out_addr`` (PUSH here): pickled :class:`OutputBatch`, :class:`RequestFailed`,
-  :class:`SchedulerFatal` to the frontend.
-
-Start-up goes through ``ready_conn`` (a ``multiprocessing`` pipe end): exactly one message,
+Start-up writes exactly one pickled message to the launch spec's ready pipe:
 ``("ready", ReadyInfo)`` or ``("error", one-line message)``.
 
 ZMQ I/O stays off the step loop's critical path: a receiver thread unpickles incoming messages
@@ -24,7 +23,6 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +31,11 @@ import zmq
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.runtime.errors import one_line
 from heteroserve.core.runtime.io_struct import (
-    AbortRequest, OutputBatch, ReadyInfo, RequestFailed, SchedulerFatal, ShutdownRequest,
+    AbortRequest, Hello, OutputBatch, ReadyInfo, RequestFailed, SchedulerFatal, ShutdownRequest,
     TokenizedRequest,
 )
+from heteroserve.core.runtime.supervisor import LaunchSpec
+from heteroserve.core.runtime.transport import Channel
 
 logger = logging.getLogger(__name__)
 
@@ -45,39 +45,33 @@ _STOP = object()
 
 
 class _Receiver(threading.Thread):
-    """Unpickles messages from the PULL socket into ``inbox`` until told to stop."""
+    """Reads messages from the channel into ``inbox`` until told to stop."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, inbox: queue.Queue) -> None:
+    def __init__(self, channel: Channel, inbox: queue.Queue) -> None:
         super().__init__(name="heteroserve-recv", daemon=True)
-        self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(addr)
+        self.channel = channel
         self.inbox = inbox
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
         while not self.stopping.is_set():
-            if not poller.poll(200):
-                continue
-            data = self.sock.recv()
             try:
-                self.inbox.put(pickle.loads(data))
+                msg = self.channel.recv(200)
+            except zmq.ZMQError:
+                break
             except Exception as exc:  # an unreadable message must not kill the receiver
                 logger.error("dropping an unreadable message: %s", one_line(exc))
-        self.sock.close()
+                continue
+            if msg is not None:
+                self.inbox.put(msg)
 
 
 class _Sender(threading.Thread):
-    """Pickles and pushes everything put in ``outbox`` (``_STOP`` ends it after a flush)."""
+    """Sends everything put in ``outbox`` (``_STOP`` ends it after a flush)."""
 
-    def __init__(self, ctx: zmq.Context, addr: str) -> None:
+    def __init__(self, channel: Channel) -> None:
         super().__init__(name="heteroserve-send", daemon=True)
-        self.sock = ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the loop
-        self.sock.connect(addr)
+        self.channel = channel
         self.outbox: queue.Queue = queue.Queue()
 
     def run(self) -> None:
@@ -86,10 +80,9 @@ class _Sender(threading.Thread):
             if item is _STOP:
                 break
             try:
-                self.sock.send(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+                self.channel.send(item)
             except Exception as exc:
                 logger.error("cannot send %s: %s", type(item).__name__, one_line(exc))
-        self.sock.close()
 
 
 def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
@@ -99,7 +92,7 @@ def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
         max_total_tokens=int(scheduler.max_total_tokens), page_size=page_size,
         max_context_len=int(scheduler.max_context_len),
         max_running_requests=int(scheduler.max_running_requests),
-        extra={"vocab_size": int(model_runner.vocab_size), "pid": os.getpid()})
+        vocab_size=int(model_runner.vocab_size), pid=os.getpid())
 
 
 def _make_req(msg: TokenizedRequest) -> Any:
@@ -140,6 +133,8 @@ class SchedulerLoop:
                 logger.warning("abort of %s failed: %s", msg.rid, one_line(exc))
         elif isinstance(msg, ShutdownRequest):
             self._running = False
+        elif isinstance(msg, Hello):
+            pass
         else:
             logger.error("ignoring unknown message %s", type(msg).__name__)
 
@@ -197,7 +192,7 @@ class SchedulerLoop:
             outputs = self.scheduler.step()
             # a snapshot rides with every batch that finishes a request, so a caller that
             # saw its request finish also sees stats at least that fresh
-            stats = self._stats_due(force=any(o.finish_reason for o in outputs))
+            stats = self._stats_due(force=any(o.finish for o in outputs))
             if outputs or stats is not None:
                 self.outbox.put(OutputBatch(list(outputs), stats))
 
@@ -265,17 +260,18 @@ def _follow(scheduler: Any, group: Any, parent_pid: int) -> None:
             raise SystemExit(1) from None
 
 
-def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_addr: str,
-                          out_addr: str, ready_conn: Any, parent_pid: int, tp_rank: int = 0,
-                          factory: Callable[..., tuple[Any, ReadyInfo]] | None = None) -> None:
-    """Process entry point (a ``multiprocessing`` spawn target); see the module docstring.
+def _report_ready(fd: int, kind: str, payload: object) -> None:
+    with os.fdopen(fd, "wb") as pipe:
+        pipe.write(pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL))
 
-    ``factory(server_args, eos_token_ids) -> (scheduler, ReadyInfo)`` builds the scheduler
-    (default :func:`build_scheduler`; a picklable stand-in lets the runtime be tested without a
-    model). Start-up failures go to ``ready_conn``, loop failures to the frontend as a
-    :class:`SchedulerFatal`; either way the process then exits with status 1 (``SystemExit``).
-    The loop also ends when ``parent_pid`` is no longer this process's parent.
-    """
+
+def run_scheduler_process(spec: LaunchSpec) -> None:
+    """Process entry point (see the module docstring and :class:`LaunchSpec`). Start-up
+    failures go to the ready pipe, loop failures to the frontend as a
+    :class:`SchedulerFatal`; either way the process then exits with status 1
+    (``SystemExit``). The loop also ends when ``spec.parent_pid`` is no longer this process's
+    parent."""
+    server_args, tp_rank = spec.server_args, spec.tp_rank
     logging.basicConfig(
         level=server_args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [scheduler tp{tp_rank}] %(name)s: %(message)s")
@@ -287,40 +283,38 @@ def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_
 
             platform = load_plugins().select(server_args.platform)
             group = init_tensor_parallel(server_args, platform, tp_rank)
-            scheduler, info = build_scheduler(server_args, list(eos_token_ids), group)
+            scheduler, info = build_scheduler(server_args, list(spec.eos_token_ids), group)
         else:
-            scheduler, info = (factory or build_scheduler)(server_args, list(eos_token_ids))
+            scheduler, info = (spec.factory or build_scheduler)(server_args,
+                                                                list(spec.eos_token_ids))
     except BaseException as exc:
         logger.debug("start-up failed", exc_info=True)
-        ready_conn.send(("error", one_line(exc)))
-        ready_conn.close()
+        _report_ready(spec.ready_fd, "error", one_line(exc))
         raise SystemExit(1) from None
 
     if group is not None and group.info.rank != 0:
-        ready_conn.send(("ready", info))
-        ready_conn.close()
-        _follow(scheduler, group, parent_pid)
+        _report_ready(spec.ready_fd, "ready", info)
+        _follow(scheduler, group, spec.parent_pid)
         return
-    ctx = zmq.Context()
+    channel = Channel.connect(spec.addresses)
     inbox: queue.Queue = queue.Queue()
-    receiver = _Receiver(ctx, in_addr, inbox)
-    sender = _Sender(ctx, out_addr)
+    receiver = _Receiver(channel, inbox)
+    sender = _Sender(channel)
     receiver.start()
     sender.start()
-    ready_conn.send(("ready", info))
-    ready_conn.close()
+    _report_ready(spec.ready_fd, "ready", info)
     lockstep = None
     if group is not None:
         from heteroserve.core.runtime.tensor_parallel import LockstepInbox
 
         lockstep = LockstepInbox(group, inbox)
     logger.debug("ready: platform=%s kv_tokens=%d page_size=%d context=%d", info.platform,
-                info.max_total_tokens, info.page_size, info.max_context_len)
+                 info.max_total_tokens, info.page_size, info.max_context_len)
     code = 0
     try:
         with torch.inference_mode():  # as the model runner; lets samplers edit logits in place
-            SchedulerLoop(scheduler, inbox, sender.outbox, parent_pid, lockstep).run()
-    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: leave quietly
+            SchedulerLoop(scheduler, inbox, sender.outbox, spec.parent_pid, lockstep).run()
+    except KeyboardInterrupt:
         sender.outbox.put(SchedulerFatal("scheduler interrupted"))
         code = 1
     except BaseException as exc:
@@ -334,6 +328,6 @@ def run_scheduler_process(server_args: ServerArgs, eos_token_ids: list[int], in_
         receiver.join(timeout=2)
         if sender.is_alive() or receiver.is_alive():
             os._exit(code or 1)  # a stuck socket must not leave this process behind
-        ctx.term()
+        channel.close()
     if code:
         raise SystemExit(code)

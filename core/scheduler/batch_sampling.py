@@ -5,37 +5,56 @@ from __future__ import annotations
 
 import torch
 
-from heteroserve.core.kernels.dispatch import DispatchTable
+from typing import Protocol
+
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.scheduler.request import Req
 
 
-def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
-    """In place, rows with penalties or logit bias only. Repetition penalty (Hugging Face
-    semantics, over prompt and output): positive logits divided by it, negative multiplied.
-    Frequency/presence penalties (OpenAI semantics, over the output): subtract
-    ``frequency * count + presence * (count > 0)``."""
-    vocab = logits.shape[1]
+class SamplingRunner(Protocol):
+    """What sampling needs from the model runner: its platform's sampling op."""
+
+    def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> dict[int, str]:
+    """In place, rows with penalties or logit bias only. Logit bias: add each (validated)
+    token id's bias. Repetition penalty (Hugging Face semantics, over prompt and output):
+    positive logits divided by it, negative multiplied. Frequency/presence penalties (OpenAI
+    semantics, over the output): subtract ``frequency * count + presence * (count > 0)``.
+
+    Returns ``{row: message}`` for rows whose request could not be processed; those rows
+    are left as they were and the caller fails those requests alone."""
+    failed: dict[int, str] = {}
     for row, req in enumerate(reqs):
         sp = req.sampling_params
-        if sp.logit_bias:
-            ids = torch.tensor([int(k) for k in sp.logit_bias], device=logits.device)
-            vals = torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype,
-                                device=logits.device)
-            keep = ids < vocab
-            logits[row].index_add_(0, ids[keep], vals[keep])
-        if not sp.needs_penalties:
+        if not sp.logit_bias and not sp.needs_penalties:
             continue
-        if sp.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.fill_ids)), device=logits.device)
-            vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
-                                            vals * sp.repetition_penalty)
-        if req.output_ids and (sp.frequency_penalty or sp.presence_penalty):
-            counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
-            out = torch.tensor(req.output_ids, device=logits.device)
-            counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
-            logits[row] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+        try:
+            _penalise_row(logits, row, req)
+        except Exception as exc:  # one request's parameters must not stop the batch
+            failed[row] = f"cannot apply sampling penalties: {type(exc).__name__}: {exc}"
+    return failed
+
+
+def _penalise_row(logits: torch.Tensor, row: int, req: Req) -> None:
+    sp = req.sampling_params
+    vocab = logits.shape[1]
+    if sp.logit_bias:
+        ids = torch.tensor(list(sp.logit_bias), dtype=torch.int64, device=logits.device)
+        vals = torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype,
+                            device=logits.device)
+        logits[row].index_add_(0, ids, vals)
+    if sp.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.fill_ids)), device=logits.device)
+        vals = logits[row, seen]
+        logits[row, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
+                                        vals * sp.repetition_penalty)
+    if req.output_ids and (sp.frequency_penalty or sp.presence_penalty):
+        counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
+        out = torch.tensor(req.output_ids, device=logits.device)
+        counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+        logits[row] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
 
 
 def sampling_batch(reqs: list[Req], device: torch.device, step_offset: int = 0) -> SamplingBatch:
@@ -96,12 +115,25 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Req]
     return chosen, tops
 
 
-def sample(dispatch: DispatchTable, logits: torch.Tensor, reqs: list[Req],
+def sample(runner: SamplingRunner, logits: torch.Tensor, reqs: list[Req],
            step_offset: int = 0) -> torch.Tensor:
     """Next token ids ``[B]`` (int64, on the logits' device) from the platform's sampling op.
     An all-greedy batch passes a shared :func:`greedy_batch` (the op's argmax path) instead
     of building per-row parameter tensors. ``step_offset``: tokens already sampled but not
     yet appended (overlap scheduling)."""
     if all(r.sampling_params.greedy for r in reqs):
-        return dispatch.sampling(logits, greedy_batch(logits.shape[0], logits.device))
-    return dispatch.sampling(logits, sampling_batch(reqs, logits.device, step_offset))
+        return runner.sample(logits, greedy_batch(logits.shape[0], logits.device))
+    return runner.sample(logits, sampling_batch(reqs, logits.device, step_offset))
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], top_n: int
+                   ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """Row ``i``'s ``log_softmax`` at ``targets[i]`` (the prompt's next token) and its
+    ``top_n`` best ``(token id, logprob)`` pairs; ``logits`` fp32 ``[len(targets), vocab]``."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(targets, dtype=torch.int64, device=logits.device).view(-1, 1)
+    picked: list[float | None] = list(lp.gather(1, index).view(-1).tolist())
+    if not top_n:
+        return picked, [[] for _ in targets]
+    vals, ids = lp.topk(top_n, dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]

@@ -3,13 +3,19 @@ the forward pass, apply them through the dispatch table, advance matchers after 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from heteroserve.core.grammar.matcher import BitmaskFiller, GrammarMatcher
-from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.scheduler.request import Req
+
+
+class BitmaskRunner(Protocol):
+    """What mask application needs from the model runner: its platform's bitmask op."""
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor) -> None: ...
 
 
 class GrammarStep:
@@ -40,14 +46,15 @@ class GrammarStep:
         """Begin filling masks for the sampled rows (call before the forward pass)."""
         self.filler.start([r.grammar for r in reqs], self.vocab_size)
 
-    def apply(self, dispatch: DispatchTable, logits: torch.Tensor) -> None:
-        """Wait for the masks and apply them to ``logits`` in place."""
+    def apply(self, runner: BitmaskRunner, logits: torch.Tensor) -> None:
+        """Wait for the masks and apply them to ``logits`` in place (through the runner's
+        platform op)."""
         result = self.filler.result()
         if result is None:
             return
         bitmask, rows = result
         index = torch.tensor(rows, dtype=torch.int64).to(logits.device)
-        dispatch.token_bitmask_apply(logits, bitmask.to(logits.device), index)
+        runner.apply_token_bitmask(logits, bitmask.to(logits.device), index)
 
     def advance(self, req: Req, token: int) -> bool:
         """Feed the sampled token to the matcher; True when the grammar has terminated."""

@@ -35,6 +35,7 @@ class InflightDecode:
 def eligible(req: Req) -> bool:
     sp = req.sampling_params
     return (req.prefilled and req.grammar is None and not req.return_logprob
+            and sp.max_new_tokens > 0
             and not sp.needs_penalties and not sp.logit_bias)
 
 
@@ -53,7 +54,7 @@ def launch_decode(sched: Any, reqs: list[Req], previous: InflightDecode | None) 
     With ``previous``, its device tokens are this step's inputs."""
     runner = sched.runner
     for r in reqs:
-        sched._grow(r, r.kv_len + 1)
+        sched.grow_pages(r, r.kv_len + 1)
     first = [0 if previous is not None else r.fill_ids[r.kv_len] for r in reqs]
     fb = build_forward_batch([SequenceInput([t], r.kv_len, r.pages) for t, r in zip(first, reqs)],
                              ForwardMode.DECODE, sched.page_size, runner.device)
@@ -62,12 +63,12 @@ def launch_decode(sched: Any, reqs: list[Req], previous: InflightDecode | None) 
         sched.counters["overlapped_steps"] += 1
     logits = runner.forward(fb)
     offset = 1 if previous is not None else 0
-    tokens = batch_sampling.sample(runner.dispatch, logits, reqs, step_offset=offset)
+    tokens = batch_sampling.sample(runner, logits, reqs, step_offset=offset)
     for r in reqs:
         r.kv_len += 1
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=not tokens.is_cpu)
     host.copy_(tokens, non_blocking=True)
-    event = runner.platform.new_event()
+    event = runner.new_event()
     event.record()
     return InflightDecode(reqs, tokens, host, event)
 
@@ -78,5 +79,5 @@ def resolve(sched: Any, inflight: InflightDecode) -> list:
     inflight.event.synchronize()
     live = [(r, t) for r, t in zip(inflight.reqs, inflight.host.tolist())
             if r.state is ReqState.RUNNING]
-    return sched._accept_tokens([r for r, _ in live], [t for _, t in live],
+    return sched.accept_tokens([r for r, _ in live], [t for _, t in live],
                                 [None] * len(live), [None] * len(live))

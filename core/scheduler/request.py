@@ -7,6 +7,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from heteroserve.core.scheduler.outputs import FinishReason
 from heteroserve.core.scheduler.sampling_params import SamplingParams
 
 
@@ -14,20 +15,6 @@ class ReqState(str, enum.Enum):
     WAITING = "waiting"      # queued (new, or retracted and requeued)
     RUNNING = "running"      # holds KV; prefilling in chunks, then decoding
     FINISHED = "finished"
-
-
-@dataclass
-class StepOutput:
-    """What one step produced for one request (see core/runtime for the consumer)."""
-
-    rid: str
-    new_token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: dict[str, Any] | None = None
-    cached_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -39,6 +26,10 @@ class Req:
     ``fill_ids`` (prompt + outputs) is what must be in the KV cache for the next step;
     ``kv_len`` tokens of it already are. ``pages`` covers ``kv_len`` (prefix pages come from
     the radix cache and are locked through ``cache_node``).
+
+    Prompt logprobs (``logprob_start_len >= 0``): ``prompt_logprob_next`` is the next prompt
+    position whose logprob is still to be reported; prefix-cache matches stop short of it so
+    that the logits it needs are computed.
     """
 
     rid: str
@@ -57,12 +48,28 @@ class Req:
     prefilled: bool = False
     seed: int = 0
     grammar: Any = None
-    finish_reason: dict[str, Any] | None = None
+    finish: FinishReason | None = None
     arrival: int = 0
+    prompt_logprob_next: int = 0
 
     def __post_init__(self) -> None:
         if not self.input_ids:
             raise ValueError("empty prompt")
+        self.prompt_logprob_next = max(self.logprob_start_len, 0)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """True while prompt positions from ``logprob_start_len`` on remain to report."""
+        return self.logprob_start_len >= 0 and self.prompt_logprob_next < len(self.input_ids)
+
+    @property
+    def max_cached_prefix(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last, and
+        none at or after the position whose logits the next prompt logprob needs."""
+        limit = len(self.fill_ids) - 1
+        if self.wants_prompt_logprobs:
+            limit = min(limit, max(self.prompt_logprob_next - 1, 0))
+        return limit
 
     @property
     def fill_ids(self) -> list[int]:

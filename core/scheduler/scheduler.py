@@ -15,6 +15,8 @@ import itertools
 import logging
 from typing import Any
 
+import torch
+
 from heteroserve.core.cache.page_allocator import PageAllocator
 from heteroserve.core.cache.radix_cache import NoopPrefixCache, RadixCache
 from heteroserve.core.config import ServerArgs
@@ -23,7 +25,8 @@ from heteroserve.core.model_runner.batch_builder import SequenceInput, build_for
 from heteroserve.core.scheduler import batch_sampling, overlap
 from heteroserve.core.scheduler.grammar_step import GrammarStep
 from heteroserve.core.scheduler.policy import order_waiting
-from heteroserve.core.scheduler.request import Req, ReqState, StepOutput
+from heteroserve.core.scheduler.outputs import FinishReason, StepOutput
+from heteroserve.core.scheduler.request import Req, ReqState
 
 logger = logging.getLogger(__name__)
 #: a queued request sharing at least this many uncached tokens with one being prefilled in
@@ -32,8 +35,9 @@ IN_BATCH_SHARE = 32
 
 
 class Scheduler:
-    """See the module docstring. ``model_runner`` provides ``forward``, ``page_size``,
-    ``num_pages``, ``device``, ``dispatch``, ``vocab_size`` and ``max_context_len``."""
+    """See the module docstring. ``model_runner`` provides ``forward``, ``sample``,
+    ``apply_token_bitmask``, ``new_event``, ``page_size``, ``num_pages``, ``device``,
+    ``vocab_size`` and ``max_context_len``."""
 
     def __init__(self, model_runner: Any, server_args: ServerArgs, eos_token_ids: list[int],
                  page_size: int, tokenizer_info: Any | None = None,
@@ -52,7 +56,7 @@ class Scheduler:
         self.max_running_requests = server_args.max_running_requests
         self._arrivals = itertools.count()
         self.overlap = (not server_args.disable_overlap_schedule
-                        and model_runner.platform.new_event() is not None)
+                        and model_runner.new_event() is not None)
         self._inflight: overlap.InflightDecode | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
                          "retractions": 0, "overlapped_steps": 0}
@@ -78,7 +82,7 @@ class Scheduler:
                     queue.remove(req)
                     if req.state is ReqState.RUNNING:
                         self._release(req, cache_it=True)
-                    return [self._finish(req, {"type": "abort", "message": "aborted"})]
+                    return [self._finish(req, FinishReason.abort())]
         return []
 
     def has_work(self) -> bool:
@@ -130,8 +134,7 @@ class Scheduler:
     # -- scheduling ----------------------------------------------------------------------------
     def _admit(self, req: Req) -> bool:
         """Match the prefix, lock it and move ``req`` to running; False if no room."""
-        fill = req.fill_ids
-        match = self.cache.match_prefix(fill[: len(fill) - 1])
+        match = self.cache.match_prefix(req.fill_ids[: req.max_cached_prefix])
         self.cache.inc_lock(match.node)
         req.pages, req.num_prefix_pages = list(match.pages), len(match.pages)
         req.cache_node, req.kv_len = match.node, match.num_tokens
@@ -140,8 +143,9 @@ class Scheduler:
         req.state = ReqState.RUNNING
         return True
 
-    def _grow(self, req: Req, upto: int) -> bool:
-        """Make ``req.pages`` cover ``upto`` tokens."""
+    def grow_pages(self, req: Req, upto: int) -> bool:
+        """Make ``req.pages`` cover ``upto`` tokens (evicting cache entries if needed); False
+        when the pool cannot."""
         need = -(-upto // self.page_size) - len(req.pages)
         pages = self._alloc(need)
         if pages is None:
@@ -149,13 +153,19 @@ class Scheduler:
         req.pages += pages
         return True
 
+    def _chunk(self, req: Req, budget: int) -> int:
+        return min(req.pending_len, budget, self.args.chunked_prefill_size)
+
     def _prefill_batch(self) -> list[tuple[Req, int]]:
-        budget = self.args.chunked_prefill_size
+        """Requests to extend this step and how many tokens each: chunks in progress first,
+        then waiting requests, within ``max_prefill_tokens`` in all and
+        ``chunked_prefill_size`` per request."""
+        budget = self.args.max_prefill_tokens
         batch: list[tuple[Req, int]] = []
         for req in self.running:  # chunked prefills in progress come first
             if not req.prefilled and budget > 0:
-                n = min(req.pending_len, budget)
-                if not self._grow(req, req.kv_len + n):
+                n = self._chunk(req, budget)
+                if not self.grow_pages(req, req.kv_len + n):
                     break
                 batch.append((req, n))
                 budget -= n
@@ -171,11 +181,11 @@ class Scheduler:
                 if shared - cached >= IN_BATCH_SHARE:
                     continue  # wait one step: it will hit the prefix this step computes
             headroom = len(self.running)  # a page per running request for its next decode
-            if self._available_pages() < -(-min(req.pending_len, budget) // self.page_size) + headroom:
+            if self._available_pages() < -(-self._chunk(req, budget) // self.page_size) + headroom:
                 break
             self._admit(req)
-            n = min(req.pending_len, budget)
-            if not self._grow(req, req.kv_len + n):
+            n = self._chunk(req, budget)
+            if not self.grow_pages(req, req.kv_len + n):
                 self._release(req, cache_it=False)
                 req.state = ReqState.WAITING
                 break
@@ -189,7 +199,7 @@ class Scheduler:
     def _ensure_decode_pages(self) -> None:
         """Give every running request a slot for its next token, retracting if needed."""
         for req in sorted(self.running, key=lambda r: r.arrival):
-            while req in self.running and not self._grow(req, req.kv_len + 1):
+            while req in self.running and not self.grow_pages(req, req.kv_len + 1):
                 victim = max(self.running, key=lambda r: r.arrival)
                 self._retract(victim)
 
@@ -212,8 +222,8 @@ class Scheduler:
             return overlap.resolve(self, done)
         batch = self._prefill_batch()
         if batch:
-            seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages)
-                    for r, n in batch]
+            seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages,
+                                  all_logits=r.wants_prompt_logprobs) for r, n in batch]
             mode = ForwardMode.EXTEND
         else:
             self._ensure_decode_pages()
@@ -225,65 +235,123 @@ class Scheduler:
                 return []
             seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in batch]
             mode = ForwardMode.DECODE
-        sampled = [r for r, n in batch if r.kv_len + n == len(r.fill_ids)]
-        self.grammar.start(sampled)
-        fb = build_forward_batch(seqs, mode, self.page_size, self.runner.device)
-        logits = self.runner.forward(fb)
-        for r, n in batch:
+        ends = [r.kv_len + n == len(r.fill_ids) for r, n in batch]
+        to_sample = [r for (r, _), end in zip(batch, ends)
+                     if end and r.sampling_params.max_new_tokens > 0]
+        self.grammar.start(to_sample)
+        logits = self.runner.forward(build_forward_batch(seqs, mode, self.page_size,
+                                                         self.runner.device))
+        outputs: list[StepOutput] = []
+        sample_rows: list[int] = []
+        row = 0
+        for (r, n), seq, end in zip(batch, seqs, ends):
+            rows = seq.num_logit_rows
+            if seq.all_logits:
+                outputs.extend(self._prompt_logprobs(r, logits[row:row + rows]))
+            if end and r.sampling_params.max_new_tokens > 0:
+                sample_rows.append(row + rows - 1)
+            row += rows
             r.kv_len += n
             r.prefilled = r.prefilled or r.kv_len == len(r.fill_ids)
             if mode is ForwardMode.EXTEND and self.cache.enabled:
                 self._cache_prefix(r)
-        rows = [i for i, (r, _) in enumerate(batch) if r in sampled]
-        return self._sample_and_finish(logits[rows] if len(rows) != len(batch) else logits, sampled)
+            if end and r.sampling_params.max_new_tokens == 0:  # prompt only: no generation
+                outputs.append(self._complete(r, FinishReason.of_length(0), StepOutput(r.rid)))
+        if row != len(sample_rows) or row != logits.shape[0]:
+            logits = logits[sample_rows]
+        return outputs + self._sample_and_finish(logits, to_sample)
 
-    def _sample_and_finish(self, logits, reqs: list[Req]) -> list[StepOutput]:
-        if not reqs:
-            self.grammar.apply(self.runner.dispatch, logits)
+    def _prompt_logprobs(self, req: Req, logits: torch.Tensor) -> list[StepOutput]:
+        """Report the prompt logprobs that this step's logits rows (positions ``kv_len``
+        onwards of ``req``) determine; position 0 has none (reported as ``None``)."""
+        first = req.prompt_logprob_next
+        values: list[float | None] = []
+        tops: list[list[tuple[int, float]]] = []
+        if first == 0:
+            values, tops, first = [None], [[]], 1
+        end = min(req.kv_len + logits.shape[0], len(req.input_ids) - 1)  # last position + 1
+        # the logits row at position p - 1 gives the logprob of prompt token p
+        lo, hi = first - 1 - req.kv_len, end - req.kv_len
+        if hi > lo:
+            got, got_tops = batch_sampling.token_logprobs(
+                logits[lo:hi], req.input_ids[first:end + 1], req.top_logprobs_num)
+            values += got
+            tops += got_tops
+        if not values:
             return []
-        batch_sampling.apply_penalties(logits, reqs)
-        self.grammar.apply(self.runner.dispatch, logits)
-        tokens = batch_sampling.sample(self.runner.dispatch, logits, reqs)
-        chosen, tops = batch_sampling.logprobs_of(logits, tokens, reqs)
-        return self._accept_tokens(reqs, tokens.tolist(), chosen, tops)
+        start = req.prompt_logprob_next
+        req.prompt_logprob_next = start + len(values)
+        out = StepOutput(req.rid, prompt_logprobs=values, prompt_logprobs_start=start,
+                         prompt_top_logprobs=tops if req.top_logprobs_num else None)
+        self._fill_counts(out, req)
+        return [out]
 
-    def _accept_tokens(self, reqs: list[Req], tokens: list[int], chosen: list, tops: list
-                       ) -> list[StepOutput]:
-        """Append each request's sampled token, finish those that are done."""
+    def _sample_and_finish(self, logits: torch.Tensor, reqs: list[Req]) -> list[StepOutput]:
+        if not reqs:
+            self.grammar.apply(self.runner, logits)
+            return []
+        failed = batch_sampling.apply_penalties(logits, reqs)
+        self.grammar.apply(self.runner, logits)
+        tokens = batch_sampling.sample(self.runner, logits, reqs)
+        chosen, tops = batch_sampling.logprobs_of(logits, tokens, reqs)
+        return self.accept_tokens(reqs, tokens.tolist(), chosen, tops, failed)
+
+    def accept_tokens(self, reqs: list[Req], tokens: list[int], chosen: list[float | None],
+                      tops: list[list[tuple[int, float]] | None],
+                      failed: dict[int, str] | None = None) -> list[StepOutput]:
+        """Append each request's sampled token and finish those that are done. ``failed``
+        maps a row to why that request failed this step: it ends with an ``ERROR`` finish
+        instead (its token is dropped), and the others go on."""
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
-            req.output_ids.append(token)
+            message = (failed or {}).get(i)
+            if message is None:
+                req.output_ids.append(token)
+                try:
+                    reason = self._finish_reason(req, token)
+                except Exception as exc:  # one request's grammar or state, never the loop
+                    req.output_ids.pop()
+                    message = f"{type(exc).__name__}: {exc}"
+            if message is not None:
+                logger.warning("request %s failed: %s", req.rid, message)
+                outputs.append(self._complete(req, FinishReason.error(message), StepOutput(req.rid)))
+                continue
             self.counters["generation_tokens"] += 1
-            reason = self._finish_reason(req, token)
             out = StepOutput(req.rid, [token], None if chosen[i] is None else [chosen[i]],
                              None if tops[i] is None else [tops[i]])
             if reason is not None:
-                self.running.remove(req)
-                self._release(req, cache_it=True)
-                fin = self._finish(req, reason)
-                out.finish_reason = fin.finish_reason
+                self._complete(req, reason, out)
             self._fill_counts(out, req)
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, req: Req, token: int) -> dict[str, Any] | None:
+    def _complete(self, req: Req, reason: FinishReason, out: StepOutput) -> StepOutput:
+        """Take running ``req`` out of the batch, cache its KV and set ``out``'s finish."""
+        self.running.remove(req)
+        self._release(req, cache_it=True)
+        out.finish = self._finish(req, reason).finish
+        self._fill_counts(out, req)
+        return out
+
+    def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
+        """Why ``req`` ends now that ``token`` was appended to its outputs, or None."""
         sp = req.sampling_params
         if self.grammar.advance(req, token):
-            return {"type": "stop", "matched": token}
+            return FinishReason.stop(token)
         if sp.stop_token_ids and token in sp.stop_token_ids:
-            return {"type": "stop", "matched": token}
+            return FinishReason.stop(token)
         if not sp.ignore_eos and token in self.eos:
-            return {"type": "stop", "matched": token}
+            return FinishReason.stop(token)
         if len(req.output_ids) >= sp.max_new_tokens:
-            return {"type": "length", "length": sp.max_new_tokens}
+            return FinishReason.of_length(sp.max_new_tokens)
         if len(req.fill_ids) >= self.max_context_len:
-            return {"type": "length", "length": len(req.output_ids)}
+            return FinishReason.of_length(len(req.output_ids))
         return None
 
-    def _finish(self, req: Req, reason: dict[str, Any]) -> StepOutput:
-        req.state, req.finish_reason = ReqState.FINISHED, reason
+    def _finish(self, req: Req, reason: FinishReason) -> StepOutput:
+        req.state, req.finish = ReqState.FINISHED, reason
         self.counters["cached_tokens"] += req.cached_tokens
-        out = StepOutput(req.rid, [], finish_reason=reason)
+        out = StepOutput(req.rid, finish=reason)
         self._fill_counts(out, req)
         return out
 

@@ -16,11 +16,12 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Turns one request's output token ids into text, a few tokens at a time.
 
-    Uses two offsets into its id window (as the established engines do): the text of
-    ``ids[prefix:read]`` was already emitted; each call decodes ``ids[prefix:]`` and emits the
-    part after it, unless that ends in U+FFFD (an incomplete UTF-8 sequence split across
-    tokens), in which case nothing is emitted until the character completes. Emitted text then
-    passes through a :class:`StopStringMatcher`.
+    With a fast (Rust) tokenizer it uses the tokenizers library's ``DecodeStream`` (one call
+    per token, seeded with the prompt's last tokens for context). Otherwise it uses two offsets
+    into its id window (as the established engines do): the text of ``ids[prefix:read]`` was
+    already emitted; each call decodes ``ids[prefix:]`` and emits the part after it. Either
+    way nothing is emitted while the text ends inside a UTF-8 character split across tokens.
+    Emitted text then passes through a :class:`StopStringMatcher`.
 
     ``text`` is everything emitted so far; ``output_ids`` every id added. After a stop string
     matched, ``stop_matched`` is that string and further tokens are ignored.
@@ -37,6 +38,7 @@ class IncrementalDetokenizer:
         self._stop = StopStringMatcher(stop)
         self.text = ""
         self.output_ids: list[int] = []
+        self._stream = _decode_stream(tokenizer, context, skip_special_tokens)
 
     @property
     def stop_matched(self) -> str | None:
@@ -51,6 +53,8 @@ class IncrementalDetokenizer:
             return ""
         self.output_ids.extend(int(t) for t in token_ids)
         self._ids.extend(int(t) for t in token_ids)
+        if self._stream is not None:
+            return self._release(self._step_stream(token_ids))
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -75,7 +79,33 @@ class IncrementalDetokenizer:
         self.text += tail
         return out + tail
 
+    def _step_stream(self, token_ids: Sequence[int]) -> str:
+        out = []
+        raw = self._tok.hf._tokenizer
+        base = len(self._ids) - len(token_ids)
+        for j, tid in enumerate(token_ids):
+            piece = self._stream.step(raw, int(tid))
+            if piece is not None:
+                out.append(piece)
+                self._read = base + j + 1  # everything up to here is emitted
+        if out:  # finish() decodes what is held from a few tokens back, for context
+            self._prefix = max(0, self._read - CONTEXT_TOKENS)
+        return "".join(out)
+
     def _release(self, delta: str) -> str:
         out = self._stop.feed(delta)
         self.text += out
         return out
+
+
+def _decode_stream(tokenizer: Tokenizer, context: list[int], skip_special_tokens: bool
+                   ) -> object | None:
+    """A ``tokenizers.decoders.DecodeStream`` seeded with ``context``, or None when the
+    tokenizer is not a fast one (or the library has no ``DecodeStream``)."""
+    if getattr(tokenizer.hf, "_tokenizer", None) is None:
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    return DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)

@@ -5,11 +5,11 @@ down and checks that no child process is left."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
+from engine_harness import live_children
 import torch
 
 from heteroserve import Engine
@@ -248,10 +248,10 @@ def test_health_generate_and_stats(engine: Engine) -> None:
 
 
 def test_shutdown_leaves_no_child_processes(engine: Engine) -> None:
-    pid = engine.client._procs[0].pid
+    pid = engine.client.supervisor.procs[0].pid
     engine.shutdown()
     engine.shutdown()  # idempotent
     assert not engine.client.is_alive()
-    assert multiprocessing.active_children() == []
+    assert live_children() == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from engine_harness import live_children
 
 from heteroserve import Engine
 from heteroserve.core.runtime.errors import EngineDeadError, QueueFullError
@@ -23,30 +23,29 @@ def test_queue_limit_then_watchdog_fails_pending_requests(tiny_model: Path,
     engine = Engine(str(tiny_model), **{**engine_kwargs, "max_running_requests": 1,
                                         "max_queued_requests": 1})
     client = engine.client
-    pid = client._procs[0].pid
+    pid = client.supervisor.procs[0].pid
 
     async def main() -> list[BaseException]:
-        running = client.generate(GenerateRequest(text="one", sampling_params=LONG, stream=True))
-        await running.__anext__()  # running: it produced a token
-        queued = client.generate(GenerateRequest(text="two", sampling_params=LONG, stream=True))
-        queued_first = asyncio.ensure_future(queued.__anext__())
-        await asyncio.sleep(0.2)  # sent, waiting behind the running one
-        assert not queued_first.done()
+        running = (await client.generate(GenerateRequest(text="one", sampling_params=LONG,
+                                                         stream=True))).__aiter__()
+        await running.__anext__()  # running: it produced a token, so it left the queue
+        queued = await client.generate(GenerateRequest(text="two", sampling_params=LONG,
+                                                       stream=True))
+        # max_running_requests=1: "two" cannot start before "one" ends, so it stays queued
+        assert client.registry.waiting() == 1
         with pytest.raises(QueueFullError, match="max-queued-requests"):
-            client.generate(GenerateRequest(text="three", sampling_params=LONG))
+            await client.generate(GenerateRequest(text="three", sampling_params=LONG))
         os.kill(pid, signal.SIGKILL)
         errors: list[BaseException] = []
 
-        async def drain(it, first=None) -> None:
+        async def drain(it) -> None:
             try:
-                if first is not None:
-                    await first
                 async for _ in it:
                     pass
             except BaseException as exc:  # noqa: BLE001 - collected for the assertions
                 errors.append(exc)
 
-        await asyncio.wait_for(asyncio.gather(drain(running), drain(queued, queued_first)), 20)
+        await asyncio.wait_for(asyncio.gather(drain(running), drain(queued)), 20)
         return errors
 
     try:
@@ -59,11 +58,11 @@ def test_queue_limit_then_watchdog_fails_pending_requests(tiny_model: Path,
             engine.generate("hi")
     finally:
         engine.shutdown()
-    assert multiprocessing.active_children() == []
+    assert live_children() == []
 
 
 def test_startup_failure_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(RuntimeError, match="engine start-up failed") as info:
         Engine(str(tiny_model), platform="no-such-platform")
     assert "\n" not in str(info.value)
-    assert multiprocessing.active_children() == []
+    assert live_children() == []

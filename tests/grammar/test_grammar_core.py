@@ -15,7 +15,8 @@ import jsonschema
 import pytest
 import torch
 
-from heteroserve.core.grammar.compiler import GrammarCompileService, tokenizer_info
+from heteroserve.core.grammar.compile_pool import CompileLimits, GrammarCompilePool
+from heteroserve.core.grammar.compiler import tokenizer_info
 from heteroserve.core.grammar.matcher import BitmaskFiller, GrammarMatcher
 from heteroserve.core.grammar.spec import GrammarError, GrammarSpec, spec_from_sampling_params
 from heteroserve.core.models.tiny import build_tokenizer
@@ -26,13 +27,34 @@ VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer(path, vocab_size=VOCAB)
+    return path
 
 
 @pytest.fixture(scope="module")
-def service(tokenizer) -> GrammarCompileService:
-    return GrammarCompileService(tokenizer, VOCAB)
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+class _Compiler:
+    """The compile pool behind a blocking call, as the tests drive it."""
+
+    def __init__(self, pool: GrammarCompilePool) -> None:
+        self.pool = pool
+
+    def compile(self, spec: GrammarSpec, timeout: float = 30) -> str:
+        return self.pool.submit(spec).result(timeout=timeout + 60)
+
+
+@pytest.fixture(scope="module")
+def service(tokenizer_dir: Path):
+    pool = GrammarCompilePool(str(tokenizer_dir), VOCAB, CompileLimits(timeout=30), workers=1)
+    yield _Compiler(pool)
+    pool.shutdown()
 
 
 def _apply_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -112,16 +134,27 @@ def test_invalid_grammars_raise_with_xgrammars_message(service, spec, needle) ->
         service.compile(spec, timeout=30)
 
 
-def test_slow_compile_times_out(service, monkeypatch) -> None:
-    real = service._compile_now
-
-    def slow(spec):
-        time.sleep(1.0)
-        return real(spec)
-
-    monkeypatch.setattr(service, "_compile_now", slow)
-    with pytest.raises(GrammarError, match="longer than 0.1s"):
-        service.compile(GrammarSpec("regex", "slow[0-9]"), timeout=0.1)
+def test_slow_or_huge_compiles_are_killed_and_the_pool_recovers(tokenizer_dir: Path) -> None:
+    """A schema that compiles too long is stopped at the limit (its worker killed, its memory
+    returned); one over the size cap is refused before compiling; the pool then still
+    compiles; results are cached within the byte limit."""
+    limits = CompileLimits(timeout=1.0, max_spec_bytes=200_000, cache_bytes=1 << 20)
+    pool = GrammarCompilePool(str(tokenizer_dir), VOCAB, limits, workers=1)
+    try:
+        assert pool.submit(GrammarSpec("regex", "[0-9]+")).result(120)  # worker started
+        props = {f"p{i}": {"type": "string"} for i in range(2000)}
+        huge = json.dumps({"type": "object", "properties": props, "required": list(props)})
+        started = time.monotonic()
+        with pytest.raises(GrammarError, match="longer than 1s"):
+            pool.submit(GrammarSpec("json_schema", huge)).result(120)
+        assert time.monotonic() - started < 30
+        with pytest.raises(GrammarError, match="larger than 200000 bytes"):
+            pool.submit(GrammarSpec("regex", "a" * 200_001))
+        again = pool.submit(GrammarSpec("regex", "x[0-9]"))
+        assert again.result(120) and pool.cache_bytes <= limits.cache_bytes
+        assert pool.submit(GrammarSpec("regex", "x[0-9]")).done()  # from the cache
+    finally:
+        pool.shutdown()
 
 
 def test_spec_from_sampling_params() -> None:

@@ -10,7 +10,7 @@ from heteroserve.core.model_runner.build import build_model_runner
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.scheduler import Req, Scheduler
 from heteroserve.core.scheduler.batch_sampling import apply_penalties
-from heteroserve.core.scheduler.sampling_params import SamplingParams
+from heteroserve.core.scheduler.sampling_params import SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_abort_frees_everything(setup) -> None:
     sched.step()
     sched.step()
     outs = sched.abort("a1") + sched.abort("a0") + sched.abort("a2") + sched.abort("zzz")
-    assert [o.finish_reason["type"] for o in outs] == ["abort"] * 3
+    assert [o.finish.kind.value for o in outs] == ["abort"] * 3
     assert not sched.has_work()
     assert sched.allocator.num_free + sched.cache.cached_pages == sched.allocator.capacity
 
@@ -62,12 +62,26 @@ def test_request_that_cannot_fit_is_rejected(setup) -> None:
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
     ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": "hot"}, "number"),
+    ({"temperature": float("nan")}, "finite"), ({"top_p": float("inf")}, "finite"),
+    ({"seed": 2 ** 63}, "seed"), ({"seed": 2 ** 70}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"99": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": float("nan")}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"stop": [""]}, "stop"), ({"stop": ["x"] * 65}, "stop"), ({"stop_token_ids": [99]}, "stop_token_ids"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
 ])
 def test_validation(params, needle) -> None:
-    with pytest.raises(ValueError, match=needle):
-        SamplingParams(**params).validate()
-    with pytest.raises(TypeError):
-        SamplingParams(bogus=1)
+    with pytest.raises(SamplingParamsError, match=needle) as info:
+        SamplingParams.from_dict(params).validate(vocab_size=50)
+    assert info.value.param == needle or needle in ("number", "finite")
+    with pytest.raises(SamplingParamsError, match="bogus"):
+        SamplingParams.from_dict({"bogus": 1})
+
+
+def test_validation_normalises_logit_bias_keys() -> None:
+    sp = SamplingParams(logit_bias={"3": 2, 4: -100, " 5 ": 0.5}, seed=-(2 ** 63))
+    sp.validate(vocab_size=50)
+    assert sp.logit_bias == {3: 2.0, 4: -100.0, 5: 0.5}
 
 
 def test_penalties_match_reference() -> None:

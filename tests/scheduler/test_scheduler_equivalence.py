@@ -55,7 +55,7 @@ def test_shared_prefix_requests_hit_the_cache(model) -> None:
                               sampling_params=SamplingParams(max_new_tokens=4, temperature=0)))
         while sched.has_work():
             for o in sched.step():
-                if o.finish_reason:
+                if o.finish:
                     outputs[o.rid] = o.cached_tokens
     assert outputs["q0"] == 0 and outputs["q1"] == 64 and outputs["q2"] == 64
     assert sched.get_stats()["cache_hit_rate"] > 0.5

@@ -31,8 +31,9 @@ def add(sched: Scheduler, prompts: list[list[int]], prefix: str = "r", **samplin
     sampling.setdefault("temperature", 0.0)
     sampling.setdefault("ignore_eos", True)
     for i, ids in enumerate(prompts):
-        sched.add_request(Req(rid=f"{prefix}{i}", input_ids=list(ids),
-                              sampling_params=SamplingParams(**sampling)))
+        params = SamplingParams(**sampling)
+        params.validate(sched.runner.vocab_size)  # as admission does before the scheduler
+        sched.add_request(Req(rid=f"{prefix}{i}", input_ids=list(ids), sampling_params=params))
 
 
 def drain(sched: Scheduler, on_step=None) -> tuple[dict[str, list[int]], dict[str, StepOutput]]:
@@ -45,7 +46,7 @@ def drain(sched: Scheduler, on_step=None) -> tuple[dict[str, list[int]], dict[st
         for o in sched.step():
             assert o.rid not in finals, f"{o.rid} produced output after finishing"
             outs.setdefault(o.rid, []).extend(o.new_token_ids)
-            if o.finish_reason is not None:
+            if o.finish is not None:
                 finals[o.rid] = o
         if on_step is not None:
             on_step(sched, n)
@@ -61,7 +62,7 @@ def assert_no_leak(sched: Scheduler) -> None:
     sched.add_request(Req(rid="whole-pool", input_ids=prompt, sampling_params=SamplingParams(
         max_new_tokens=1, temperature=0, ignore_eos=True)))
     _, finals = drain(sched)
-    assert finals["whole-pool"].finish_reason == {"type": "length", "length": 1}
+    assert finals["whole-pool"].finish.to_sglang() == {"type": "length", "length": 1}
 
 
 def expected(runner: FakeModelRunner, prompts: list[list[int]], n: int = 12) -> dict[str, list[int]]:
@@ -73,7 +74,7 @@ def test_batched_outputs_equal_the_model_run_alone() -> None:
     add(sched, PROMPTS)
     outs, finals = drain(sched)
     assert outs == expected(runner, PROMPTS)
-    assert all(f.finish_reason == {"type": "length", "length": 12} for f in finals.values())
+    assert all(f.finish.to_sglang() == {"type": "length", "length": 12} for f in finals.values())
     assert finals["r2"].prompt_tokens == len(PROMPTS[2]) and finals["r2"].completion_tokens == 12
     assert_no_leak(sched)
 
@@ -170,7 +171,7 @@ def test_stop_token_ids_eos_ignore_eos_and_max_new_tokens() -> None:
         add(sched, [prompt], **{"max_new_tokens": 10, **sampling})
         outs, finals = drain(sched)
         assert outs["r0"] == want, name
-        assert finals["r0"].finish_reason == reason, name
+        assert finals["r0"].finish.to_sglang() == reason, name
         assert_no_leak(sched)
 
 
@@ -183,7 +184,7 @@ def test_abort_waiting_and_running_frees_everything() -> None:
     assert stats["num_running"] == 2 and stats["num_waiting"] == 6
     for rid in ("r0", "r7"):  # fcfs: r0 holds KV, r7 is still queued
         (out,) = sched.abort(rid)
-        assert out.rid == rid and out.finish_reason == {"type": "abort", "message": "aborted"}
+        assert out.rid == rid and out.finish.to_sglang() == {"type": "abort", "message": "aborted"}
     assert sched.abort("r0") == [] and sched.abort("nope") == []
     _, finals = drain(sched)
     assert "r0" not in finals and "r7" not in finals and len(finals) == 6
@@ -220,6 +221,19 @@ def test_logprobs_and_top_logprobs_come_from_the_model_distribution() -> None:
         if not sched.has_work():
             break
     assert len(history) == 7
+
+
+def test_a_request_that_fails_in_a_step_fails_alone() -> None:
+    """Parameters that slipped past validation (a logit_bias key that is not a token id)
+    end that request with an error finish; the batch and the scheduler go on."""
+    sched, runner = make()
+    add(sched, [[1, 2, 3]], max_new_tokens=6)
+    sched.add_request(Req(rid="bad", input_ids=[4, 5], sampling_params=SamplingParams(
+        max_new_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={"abc": 1.0})))
+    outs, finals = drain(sched)
+    assert finals["bad"].finish.kind.value == "error" and "penalties" in finals["bad"].finish.message
+    assert outs["bad"] == [] and outs["r0"] == reference_greedy(runner, [1, 2, 3], 6)
+    assert sched.allocator.num_used == sched.cache.cached_pages
 
 
 def test_logit_bias_and_penalties_steer_greedy_decoding() -> None:
@@ -317,7 +331,7 @@ def test_random_workloads_match_the_model_and_leak_nothing(seed, num_pages, page
         for o in pending + sched.step():
             assert o.rid not in finals
             outs.setdefault(o.rid, []).extend(o.new_token_ids)
-            if o.finish_reason is not None:
+            if o.finish is not None:
                 finals[o.rid] = o
         pending = tick(sched, step)
         if not sched.has_work() and step > 8:
@@ -326,7 +340,7 @@ def test_random_workloads_match_the_model_and_leak_nothing(seed, num_pages, page
         raise AssertionError("livelock")
     for rid, fin in finals.items():
         prompt, n = prompts[rid]
-        if fin.finish_reason["type"] == "abort":
+        if fin.finish.kind.value == "abort":
             assert outs.get(rid, []) == reference_greedy(runner, prompt, n)[: len(outs.get(rid, []))]
         else:
             assert outs[rid] == reference_greedy(runner, prompt, n), rid

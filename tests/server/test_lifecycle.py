@@ -72,7 +72,7 @@ def test_port_in_use_fails_fast(tiny_model, small_server) -> None:
 def test_sigterm_drains_then_exits_cleanly(small_server) -> None:
     small_server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 0)
     engine_pid = httpx.get(small_server.url + "/get_server_info",
-                           trust_env=False).json()["engine"]["extra"]["pid"]
+                           trust_env=False).json()["engine"]["pid"]
     assert pid_alive(engine_pid)
     events = []
     with httpx.Client(base_url=small_server.url, timeout=60.0, trust_env=False) as client:
@@ -95,11 +95,33 @@ def test_sigterm_drains_then_exits_cleanly(small_server) -> None:
     assert "Traceback" not in small_server.log()
 
 
-def test_dead_engine_is_503_and_exit_still_clean(tiny_model, tmp_path) -> None:
+def test_dead_engine_makes_the_server_exit_nonzero(tiny_model, tmp_path) -> None:
+    """kill -9 of the engine: the in-flight stream ends with an error event and [DONE], and
+    the server logs why and exits with status 1 within 5 s (so a supervisor restarts it)."""
     server = ServerProcess(tiny_model, tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=30.0, trust_env=False) as client:
-            engine_pid = client.get("/get_server_info").json()["engine"]["extra"]["pid"]
+            engine_pid = client.get("/get_server_info").json()["engine"]["pid"]
+            with client.stream("POST", "/v1/completions", json=_long(True)) as resp:
+                lines = resp.iter_lines()
+                assert next(lines).startswith("data: ")
+                os.kill(engine_pid, signal.SIGKILL)
+                killed = time.monotonic()
+                rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["error"]["code"] == "engine_dead"
+        code = server.proc.wait(10)
+        assert code == 1 and time.monotonic() - killed < 5.0 + 1.0, server.log()
+        assert "engine process died" in server.log()
+    finally:
+        server.stop()
+
+
+def test_keep_serving_flag_answers_503_after_engine_death(tiny_model, tmp_path) -> None:
+    server = ServerProcess(tiny_model, tmp_path / "server.log", "--keep-serving-on-engine-death")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30.0, trust_env=False) as client:
+            engine_pid = client.get("/get_server_info").json()["engine"]["pid"]
             os.kill(engine_pid, signal.SIGKILL)
             deadline = time.monotonic() + 15
             while client.get("/health").status_code != 503 and time.monotonic() < deadline:
@@ -109,8 +131,41 @@ def test_dead_engine_is_503_and_exit_still_clean(tiny_model, tmp_path) -> None:
             resp = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi"})
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "engine_dead"
-            metrics = server.metrics()
-            assert metrics["heteroserve_engine_alive"] == 0.0
+            assert server.metrics()["heteroserve_engine_alive"] == 0.0
         assert server.stop() == 0, server.log()
+    finally:
+        server.stop()
+
+
+def test_sigterm_past_the_grace_period_ends_requests_with_errors(tiny_model, tmp_path) -> None:
+    """Requests still running when --shutdown-timeout passes end with an OpenAI error: a
+    503 JSON body, or for a stream an error event then [DONE]; the server exits 0."""
+    server = ServerProcess(tiny_model, tmp_path / "server.log", "--shutdown-timeout", "1",
+                           "--max-running-requests", "4")
+    results: dict[str, httpx.Response] = {}
+
+    def post_plain() -> None:
+        with httpx.Client(base_url=server.url, timeout=60.0, trust_env=False) as c:
+            results["plain"] = c.post("/v1/completions", json=_long(False))
+
+    import threading
+
+    plain = threading.Thread(target=post_plain)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60.0, trust_env=False) as client:
+            with client.stream("POST", "/v1/completions", json=_long(True)) as resp:
+                lines = resp.iter_lines()
+                assert next(lines).startswith("data: ")
+                plain.start()
+                server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 2)
+                server.proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data: ")]
+        plain.join(30)
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert error["code"] == "server_shutting_down"
+        assert results["plain"].status_code == 503
+        assert results["plain"].json()["error"]["code"] == "server_shutting_down"
+        assert server.proc.wait(30) == 0, server.log()
     finally:
         server.stop()

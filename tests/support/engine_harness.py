@@ -14,6 +14,22 @@ from heteroserve.core.scheduler import Req, Scheduler
 from heteroserve.core.scheduler.sampling_params import SamplingParams
 
 
+def live_children() -> list[int]:
+    """Pids of this process's children that still run (zombies excluded)."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
 def cpu_args(path, **kw) -> ServerArgs:
     """fp32 engine arguments on the cpu platform, or on ``$HETEROSERVE_TEST_PLATFORM`` with
     ``$HETEROSERVE_TEST_KERNELS`` (comma-separated OP=IMPL) to rerun the parity tests on a

@@ -12,7 +12,6 @@ last three tokens and the position.
 from __future__ import annotations
 
 import zlib
-from types import SimpleNamespace
 
 import torch
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
@@ -20,14 +19,6 @@ from heteroserve.platforms.cpu.bitmask import apply_token_bitmask
 from heteroserve.platforms.cpu.sampling import sample
 
 UNWRITTEN = -1
-
-
-class _NoEvents:
-    """A platform without device events: the scheduler takes the synchronous path."""
-
-    @staticmethod
-    def new_event() -> None:
-        return None
 
 
 class FakeModelRunner:
@@ -40,11 +31,21 @@ class FakeModelRunner:
         self.max_total_tokens = (num_pages - 1) * page_size
         self.max_context_len = max_context_len
         self.device = torch.device("cpu")
-        self.platform = _NoEvents()
-        self.dispatch = SimpleNamespace(sampling=sample, token_bitmask_apply=apply_token_bitmask)
         self.kv = torch.full((num_pages * page_size,), UNWRITTEN, dtype=torch.int64)
         self.forward_calls = 0
         self.histories: list[list[list[int]]] = []
+
+    @staticmethod
+    def sample(logits: torch.Tensor, params) -> torch.Tensor:
+        return sample(logits, params)
+
+    @staticmethod
+    def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+        apply_token_bitmask(logits, bitmask, rows)
+
+    @staticmethod
+    def new_event() -> None:
+        return None  # no device events: the scheduler takes the synchronous path
 
     def history(self, batch: ForwardBatch, b: int) -> list[int]:
         """Token ids in sequence ``b``'s KV slots, read through its page table."""

@@ -37,15 +37,14 @@ def test_dead_rank_is_reported_not_hung(tmp_path) -> None:
     engine = heteroserve.Engine(model_path=str(path), platform=PLATFORM, dtype="float32",
                                 max_total_tokens=4096, tp_size=2)
     try:
-        engine.client._procs[1].kill()
+        engine.client.supervisor.procs[1].kill()
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match="scheduler"):
             for _ in range(40):  # the watchdog notices within a second or two
                 engine.generate("hi", {"max_new_tokens": 4})
                 time.sleep(0.1)
         assert time.monotonic() - start < 20
-        for p in engine.client._procs:
-            p.join(10)
-            assert not p.is_alive()
+        for p in engine.client.supervisor.procs:
+            assert p.wait(10) is not None
     finally:
         engine.shutdown()

@@ -1,0 +1,118 @@
+"""Admission stays off the event loop and inside its limits, through HTTP: ``/health`` keeps
+answering while a pathological schema compiles and a huge prompt is refused; the queue limit
+holds under a burst; streaming sends one event per token; deltas add up to the full reply."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_harness import MODEL_NAME, ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _health_latencies(probe: httpx.Client, running, count: int = 0) -> list[float]:
+    """``/health`` latencies in seconds, polled every 50 ms while ``running()`` (or
+    ``count`` times)."""
+    out: list[float] = []
+    while running() or len(out) < count:
+        started = time.perf_counter()
+        assert probe.get("/health").status_code == 200
+        out.append(time.perf_counter() - started)
+        time.sleep(0.05)
+    return out
+
+
+def _rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("admission") / "server.log"
+    proc = ServerProcess(tiny_model, log, "--max-running-requests", "4",
+                         "--max-queued-requests", "8", "--grammar-compile-timeout", "3")
+    yield proc
+    proc.stop()
+
+
+def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
+        limited_server: ServerProcess) -> None:
+    url = limited_server.url
+    props = {f"p{i}": {"type": "string"} for i in range(2000)}
+    schema = {"type": "object", "properties": props, "required": list(props)}
+    rss_before = _rss(limited_server.proc.pid)
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str, body: dict) -> None:
+        with httpx.Client(base_url=url, timeout=120, trust_env=False) as c:
+            results[name] = c.post("/v1/completions", json=body)
+
+    threads = [
+        threading.Thread(target=post, args=("schema", {
+            "model": MODEL_NAME, "prompt": "x", "max_tokens": 4,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "big", "schema": schema}}})),
+        threading.Thread(target=post, args=("prompt", {
+            "model": MODEL_NAME, "prompt": "y" * (10 * 1024 * 1024), "max_tokens": 4})),
+    ]
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as probe:
+        idle = _health_latencies(probe, lambda: False, count=20)
+        for t in threads:
+            t.start()
+        busy = _health_latencies(probe, lambda: any(t.is_alive() for t in threads))
+    for t in threads:
+        t.join()
+    assert results["schema"].status_code == 400, results["schema"].text
+    assert "compile" in results["schema"].json()["error"]["message"]
+    assert results["prompt"].status_code == 400, results["prompt"].text
+    # the bound is the issue's 100 ms plus the worst /health of this (2-core) machine when
+    # nothing else happens: scheduling noise, not the event loop
+    worst, noise = max(busy), max(idle)
+    assert worst < 0.1 + noise, f"/health took {worst:.3f}s (idle worst {noise:.3f}s)"
+    assert _rss(limited_server.proc.pid) - rss_before < 1024 ** 3
+    ok = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "z",
+                                                   "max_tokens": 2}, trust_env=False, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_a_burst_over_the_queue_limit_gets_429s(limited_server: ServerProcess) -> None:
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 64,
+            "ignore_eos": True}
+
+    def one(i: int) -> int:
+        # rids that look like health probes get no special treatment
+        with httpx.Client(base_url=limited_server.url, timeout=120, trust_env=False) as c:
+            return c.post("/v1/completions", json={**body, "rid": f"HEALTH_CHECK_{i}"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(one, range(40)))
+    assert set(codes) <= {200, 429}
+    assert codes.count(200) <= 12, codes
+    assert codes.count(429) >= 28
+
+
+def test_streaming_sends_one_event_per_token_and_deltas_add_up(
+        limited_server: ServerProcess) -> None:
+    body = {"model": MODEL_NAME, "prompt": "The sun rises", "max_tokens": 24,
+            "ignore_eos": True, "temperature": 0, "logprobs": 0,
+            "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=limited_server.url, timeout=60, trust_env=False) as c:
+        full = c.post("/v1/completions", json=body).json()
+        events = []
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+    chunks = [e for e in events if e["choices"]]
+    tokens = [t for e in chunks for t in e["choices"][0]["logprobs"]["tokens"]]
+    assert len(chunks) == 24 and len(tokens) == 24  # one event per generated token
+    assert "".join(e["choices"][0]["text"] for e in chunks) == full["choices"][0]["text"]
+    assert events[-1]["usage"]["completion_tokens"] == 24
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
