@@ -16,10 +16,12 @@
 3. Writes ``<out-dir>/<name>.json`` (device, date, commit, command, every number, the issue's
    targets evaluated) and ``<out-dir>/<name>.png``.
 
-On the H200 (about 6 minutes; a model folder without tokenizer gets a word-level tokenizer of
-the model's vocabulary built in a temporary folder, so every generated token decodes to text):
+On the H200 (about 6 minutes, at most ``--budget-s`` 480 s plus start-ups; a model folder without
+tokenizer gets a word-level tokenizer of the model's vocabulary built in a temporary folder, so
+every generated token decodes to text). The image lacks the server's packages: on the host run
+``bash benchmarks/http_wheels.sh`` (wheels into .whl/), then on the GPU machine, carrying .whl:
 
-    python benchmarks/bench_http.py --out-dir $OUT
+    bash benchmarks/gpu_session.sh http      # = python3 benchmarks/bench_http.py --out-dir $OUT
 
 CPU smoke run (< 60 s): the same path with the default tiny model's config (dummy weights, a
 word-level tokenizer), 16 in / 4 out: ``python benchmarks/bench_http.py --smoke``.
@@ -126,7 +128,9 @@ class Server:
                "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
                "--log-level", "warning", "--disable-access-log"]
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # its own process group: stop() can wait for the engine process too (device memory)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = t0 + startup_timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
@@ -147,6 +151,8 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> int:
+        """SIGTERM, then wait (bounded) until every process of its group is gone, so that the
+        offline Engine finds the device memory free; SIGKILL whatever is left after 60 s."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -154,8 +160,25 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         return int(self.proc.returncode)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of process group ``pgid`` exists (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def prompts(n: int, args: argparse.Namespace, vocab: int, seed: int, out: int | None = None
@@ -177,9 +200,14 @@ def run_http(args: argparse.Namespace, flags: list[str], levels: list[Level], vo
         asyncio.run(run_benchmark(cfg, LoadConfig(max_concurrency=top, warmup_requests=1,
                                                   timeout_s=args.level_timeout), warm))
         for i, lv in enumerate(levels):
+            left = args.deadline - args.offline_reserve - time.monotonic()
+            if left < 10:
+                http.setdefault("skipped", []).append(f"concurrency {lv.concurrency}: budget")
+                _log(f"http: concurrency {lv.concurrency} skipped (--budget-s)")
+                continue
             _log(f"http: concurrency {lv.concurrency}, {lv.num_prompts} requests")
-            load = LoadConfig(max_concurrency=lv.concurrency, timeout_s=args.level_timeout,
-                              warmup_requests=0)
+            load = LoadConfig(max_concurrency=lv.concurrency, warmup_requests=0,
+                              timeout_s=min(args.level_timeout, left))
             run = asyncio.run(run_benchmark(cfg, load, prompts(lv.num_prompts, args, vocab,
                                                                seed=1000 + i)))
             m = summarize(run.results, run.duration_s)
@@ -225,6 +253,9 @@ def run_offline(args: argparse.Namespace, flags: list[str], levels: list[Level],
         out_len = args.output_len
         for i, lv in enumerate(levels):
             c = lv.concurrency
+            if time.monotonic() > args.deadline:
+                offline.setdefault("skipped", []).append(f"decode step at batch {c}: budget")
+                continue
             a = [p.prompt for p in prompts(c, args, vocab, seed=2000 + 2 * i)]
             b = [p.prompt for p in prompts(c, args, vocab, seed=2001 + 2 * i)]
             s = time.perf_counter()
@@ -240,6 +271,9 @@ def run_offline(args: argparse.Namespace, flags: list[str], levels: list[Level],
             _log(f"offline: batch {c}: step {steps[str(c)]['step_ms']:.2f} ms")
 
         big = max(levels, key=lambda lv: (lv.concurrency, lv.num_prompts))
+        if time.monotonic() > args.deadline:
+            offline.setdefault("skipped", []).append("throughput: budget")
+            return
         work = prompts(big.num_prompts, args, vocab, seed=4000)
         offline["throughput"] = asyncio.run(_offline_throughput(engine, work, big.concurrency,
                                                                 sp))
@@ -333,6 +367,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--level-timeout", type=float, default=120.0, metavar="SECONDS",
                     help="each HTTP level ends after this long")
     ap.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="HTTP levels and offline steps that would start after this many seconds "
+                         "are skipped (recorded under 'skipped')")
+    ap.add_argument("--offline-reserve-s", dest="offline_reserve", type=float, default=150.0,
+                    help="seconds of --budget-s kept for the offline Engine")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     smoke = {"platform": "cpu", "load_format": "dummy", "engine_flags": "--max-total-tokens 4096",
@@ -378,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(report, indent=2, default=str))
 
     t0 = time.perf_counter()
+    args.deadline = time.monotonic() + args.budget_s
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         flags = model_flags(args, Path(tmp))
         report["model_flags"] = flags

@@ -119,6 +119,8 @@ def plot(path: Path, report: dict, rows: list[dict]) -> None:
     a.set_ylabel("ms")
     for a in ax.flat:
         a.set_xscale("log", base=2)
+        a.set_xticks(cs, [str(c) for c in cs])
+        a.minorticks_off()
         a.set_xlabel("concurrent clients")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)

@@ -21,6 +21,9 @@
 #   profile                batch-1 decode profile
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
+#   http                   benchmarks/bench_http.py: heteroserve serve at concurrency 1/16/64/256
+#                          next to the offline Engine (needs the server's wheels in .whl: run
+#                          benchmarks/http_wheels.sh on the host first)
 # DEADLINE (seconds after this script starts) caps the fi_build and conf_full limits; a step
 # cut there may take 30 s more to stop, so keep DEADLINE that far under the call's limit.
 set -uo pipefail
@@ -102,6 +105,8 @@ for step in "$@"; do
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \
         | grep -vi warn ;;
+    http) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_http.py --out-dir "$OUT" \
+        2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;
   esac
 done
