@@ -44,12 +44,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from heteroserve.server.bench_serve import ClientConfig, LoadConfig, request_rows, run_benchmark
 from heteroserve.server.bench_serve_data import BenchPrompt, WorkloadSpec, make_prompts
 from heteroserve.server.bench_serve_metrics import summarize
+
+if TYPE_CHECKING:
+    from heteroserve.core.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_http_report import Level, evaluate_targets, level_table, plot  # noqa: E402
@@ -183,7 +187,8 @@ def _group_alive(pgid: int) -> bool:
 
 def prompts(n: int, args: argparse.Namespace, vocab: int, seed: int, out: int | None = None
             ) -> list[BenchPrompt]:
-    """``n`` random-id prompts; each seed gives prompts no other seed shares a prefix with."""
+    """``n`` random-id prompts. Every phase uses its own seed: random ids of different seeds
+    share no prefix (almost surely), so no phase finds another's prompts in the radix cache."""
     return make_prompts(WorkloadSpec("random-ids", n, args.input_len, out or args.output_len,
                                      vocab_size=vocab, seed=seed))
 
@@ -212,6 +217,7 @@ def run_http(args: argparse.Namespace, flags: list[str], levels: list[Level], vo
                                                                seed=1000 + i)))
             m = summarize(run.results, run.duration_s)
             http["levels"].append({"concurrency": lv.concurrency, "num_prompts": lv.num_prompts,
+                                   "timeout_s": load.timeout_s, "client_cpu_s": run.client_cpu_s,
                                    "summary": m, "requests": request_rows(run.results)})
             _log(f"  {m['output_throughput']:.0f} out tok/s, "
                  f"{m['chunks_with_text_per_token']} chunks/token, TTFT p50 "
@@ -286,7 +292,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-async def _offline_ttfts(engine: object, work: list[BenchPrompt], sp: dict) -> list[float]:
+async def _offline_ttfts(engine: Engine, work: list[BenchPrompt], sp: dict) -> list[float]:
     ttfts = []
     for p in work:
         start = time.perf_counter()
@@ -300,7 +306,7 @@ async def _offline_ttfts(engine: object, work: list[BenchPrompt], sp: dict) -> l
     return [t for t in ttfts if t is not None]
 
 
-async def _offline_throughput(engine: object, work: list[BenchPrompt], concurrency: int,
+async def _offline_throughput(engine: Engine, work: list[BenchPrompt], concurrency: int,
                               sp: dict) -> dict:
     sem = asyncio.Semaphore(concurrency)
     out_tokens = 0

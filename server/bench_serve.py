@@ -73,11 +73,14 @@ class LoadConfig:
 
 @dataclass
 class BenchRun:
-    """One run: the model served, per-request results (in prompt order), wall time."""
+    """One run: the model served, per-request results (in prompt order), wall time, and the
+    CPU time this client process spent meanwhile (near ``duration_s``: the client itself may
+    be the bottleneck and its timestamps late)."""
 
     model: str
     results: list[RequestResult]
     duration_s: float
+    client_cpu_s: float
 
 
 def build_payload(cfg: ClientConfig, model: str, prompt: BenchPrompt) -> dict[str, object]:
@@ -249,15 +252,15 @@ async def run_benchmark(cfg: ClientConfig, load: LoadConfig, prompts: list[Bench
                 for t in tasks:
                     t.cancel()
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             await asyncio.wait_for(dispatch(), load.timeout_s)
         except asyncio.TimeoutError:
             pass
-        duration = time.perf_counter() - start
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu
         if bar is not None:
             bar.close()
-    return BenchRun(model, results, duration)
+    return BenchRun(model, results, duration, cpu)
 
 
 def request_rows(results: list[RequestResult]) -> list[dict[str, object]]:
@@ -372,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
             "load": {**asdict(load), "request_rate": load.request_rate
                      if math.isfinite(load.request_rate) else "inf"},
             "workload": asdict(spec),
-            "summary": summary, "requests": request_rows(bench.results),
+            "summary": summary, "client_cpu_s": bench.client_cpu_s,
+            "requests": request_rows(bench.results),
         }
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2, default=str)
