@@ -242,7 +242,7 @@ def run_offline(args: argparse.Namespace, flags: list[str], levels: list[Level],
     report["offline"] = offline
     with heteroserve.Engine(sargs.model_path, sargs.platform, **kwargs) as engine:
         offline["startup_s"] = time.perf_counter() - t0
-        offline["engine"] = {k: getattr(engine.info, k) for k in (
+        offline["engine"] = {k: getattr(engine.info, k, None) for k in (
             "platform", "device", "page_size", "max_total_tokens", "max_running_requests")}
         sp = {"temperature": 0.0, "ignore_eos": True}
         top = max(lv.concurrency for lv in levels)
