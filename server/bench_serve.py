@@ -303,7 +303,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="local tokenizer folder: random text from its vocabulary")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128)
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128,
+                   help="prompt tokens (random / shared-prefix without --tokenizer: words; "
+                        "the server's usage gives the real count)")
     p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int,
                    default=64, help="max_tokens per request")
     p.add_argument("--vocab-size", type=int, default=WorkloadSpec.vocab_size,
