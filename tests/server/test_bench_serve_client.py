@@ -110,15 +110,16 @@ def test_chat_endpoint_reads_delta_content() -> None:
 
 
 def test_poisson_arrivals_follow_the_seeded_intervals() -> None:
-    rate, seed, n = 40.0, 3, 5
+    rate, seed, n = 10.0, 3, 5
     rng = random.Random(seed)
     gaps = [rng.expovariate(rate) for _ in range(n - 1)]
     prompts = make_prompts(WorkloadSpec("random-ids", n, 4, 2, vocab_size=50))
     with FakeStreamServer([(0.0, "a")], completion_tokens=1) as srv:
-        _run(srv.url, prompts, request_rate=rate, seed=seed, warmup_requests=0)
-    arrivals = srv.arrivals
-    for i, gap in enumerate(gaps):
-        assert arrivals[i + 1] - arrivals[0] >= sum(gaps[:i + 1]) * 0.95
+        _run(srv.url, prompts, request_rate=rate, seed=seed)
+    arrivals = srv.arrivals[1:]  # after the warm-up, on a warm connection
+    assert len(arrivals) == n
+    for i in range(n - 1):  # never earlier than planned (less 20 ms of scheduling jitter)
+        assert arrivals[i + 1] - arrivals[0] >= sum(gaps[:i + 1]) - 0.02
 
 
 def test_run_stops_at_its_timeout() -> None:
