@@ -26,6 +26,9 @@
 #                          SGLang's own bench_serving client (carried as .carry/bench_serving.py,
 #                          not part of the repository): backends vllm and sglang-oai, random-ids
 #                          1024 in / 256 out, max-concurrency SERVING_LEVELS (default "1 16 64")
+#   http                   benchmarks/bench_http.py: heteroserve serve at concurrency 1/16/64/256
+#                          next to the offline Engine (needs the server's wheels in .whl: run
+#                          benchmarks/http_wheels.sh on the host first)
 # DEADLINE (seconds after this script starts) caps the fi_build and conf_full limits; a step
 # cut there may take 30 s more to stop, so keep DEADLINE that far under the call's limit.
 set -uo pipefail
@@ -137,6 +140,8 @@ for step in "$@"; do
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \
         | grep -vi warn ;;
     sglang_bench_serving) sglang_bench_serving ;;
+    http) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_http.py --out-dir "$OUT" \
+        2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -45,8 +45,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="compare decode throughput with and without this JSON schema (inline "
                         "JSON or @file) at batch 1 and 64, instead of --workload")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write TTFT / ITL / E2E distributions as a PNG (needs matplotlib)")
     add_server_args(p)
     p.set_defaults(run=run)
+    from heteroserve.server import bench_serve
+
+    modes = p.add_subparsers(dest="bench_mode", metavar="{serve}",
+                             help="`heteroserve bench serve --help`: load-test a running server "
+                                  "over HTTP (without it: the offline benchmark)")
+    bench_serve.add_parser(modes)
 
 
 def make_workload(args: argparse.Namespace, vocab: list[int]) -> list[list[int]]:
@@ -229,4 +237,13 @@ def run(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as f:
             json.dump(metrics, f, indent=2, default=str)
         print(f"wrote {args.output_json}")
+    if args.plot:
+        from heteroserve.server.bench_plot import plot_distributions
+
+        ok = [r for r in records if r.error is None]
+        plot_distributions(args.plot, f"bench (offline): {args.workload}, {len(ok)} requests", {
+            "TTFT (ms)": [r.ttft * 1000 for r in ok if r.ttft is not None],
+            "ITL (ms)": [x * 1000 for r in ok for x in r.itl],
+            "E2E latency (ms)": [(r.end - r.start) * 1000 for r in ok]})
+        print(f"wrote {args.plot}")
     return 0 if not errors else 1

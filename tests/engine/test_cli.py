@@ -39,8 +39,9 @@ def test_bench_writes_metrics(tiny_model: Path, tmp_path: Path) -> None:
     out = _cli("bench", "--model-path", str(tiny_model), *ENGINE_FLAGS, "--load-format", "dummy",
                "--workload", "shared-prefix", "--num-prompts", "6", "--num-groups", "2",
                "--prefix-len", "48", "--input-len", "8", "--output-len", "4",
-               "--output-json", str(report))
+               "--output-json", str(report), "--plot", str(tmp_path / "bench.png"))
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "TTFT p50 / p99" in out.stdout and "cache hit rate" in out.stdout
     m = json.loads(report.read_text())
     assert m["completed"] == 6 and m["failed"] == 0
