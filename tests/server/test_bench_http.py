@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_http import build_word_tokenizer, parse_levels  # noqa: E402
+from bench_http import parse_levels  # noqa: E402
+from word_tokenizer import build_word_tokenizer  # noqa: E402
 from bench_http_report import Level, evaluate_targets, level_table  # noqa: E402
 
 
@@ -66,9 +67,9 @@ def test_word_tokenizer_gives_every_model_id_its_own_text(tmp_path: Path) -> Non
     from heteroserve.core.tokenizer.detokenizer import IncrementalDetokenizer
 
     tok = load_tokenizer(build_word_tokenizer(tmp_path / "tok", 300))
-    assert tok.vocab_size == 300 and not tok.hf.all_special_ids
+    assert tok.vocab_size == 300 and tok.hf.all_special_ids == [0] == sorted(tok.eos_token_ids)
     det = IncrementalDetokenizer(tok, [5, 6, 299])
-    assert [det.add([i]) for i in (0, 299, 17)] == [" w0", " w299", " w17"]
+    assert [det.add([i]) for i in (1, 299, 17)] == [" w1", " w299", " w17"]
 
 
 @pytest.mark.slow
