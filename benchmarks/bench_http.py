@@ -327,6 +327,10 @@ def device_name(platform: str) -> str:
 
 
 def git_commit() -> str:
+    """``$HS_COMMIT`` when set (the device machine's copy of the tree carries the base
+    commit's .git with the session's work as uncommitted changes), else git's HEAD."""
+    if os.environ.get("HS_COMMIT"):
+        return os.environ["HS_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()

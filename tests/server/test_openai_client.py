@@ -205,5 +205,5 @@ def test_openai_errors(server) -> None:
         good.completions.create(model="gpt-4", prompt="x", max_tokens=1)
     assert info.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
-        good.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=5.0)
+        good.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=-1.0)
     assert info.value.param == "temperature"
