@@ -22,7 +22,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 @dataclass
 class ModelConfig:
     """Normalised model facts. ``rope_scaling`` is None for plain RoPE, else a dict with a
-    ``rope_type`` key; ``sliding_window`` is None unless the model really uses one."""
+    ``rope_type`` key; ``sliding_window`` is None unless the model really uses one;
+    ``attn_logit_softcap`` is Gemma 2's attention score cap (None: no cap)."""
 
     path: Path
     architecture: str
@@ -46,6 +47,7 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    attn_logit_softcap: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -91,7 +93,8 @@ class ModelConfig:
             num_experts=raw.get("num_local_experts") or raw.get("num_experts") or 0,
             top_k=raw.get("num_experts_per_tok", 0),
             moe_intermediate_size=raw.get("moe_intermediate_size") or raw.get("intermediate_size", 0),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", True)), raw=raw)
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            attn_logit_softcap=raw.get("attn_logit_softcapping"), raw=raw)
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

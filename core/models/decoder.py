@@ -142,10 +142,16 @@ class CausalLM(nn.Module):
     def __init__(self, ctx: LayerContext, cfg: ModelConfig) -> None:
         super().__init__()
         self.ctx, self.config = ctx, cfg
-        self.model = _Backbone(ctx, cfg, self.spec)
+        self.model = self.build_backbone(ctx, cfg)
         self.lm_head = ParallelLMHead(ctx, cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_backbone(self, ctx: LayerContext, cfg: ModelConfig) -> nn.Module:
+        """The ``model`` submodule: ``embed_tokens``, ``layers`` (each with a ``self_attn``
+        whose ``attn`` is the attention layer) and the final ``norm``. Families with their own
+        layers override this."""
+        return _Backbone(ctx, cfg, self.spec)
 
     def forward(self, batch: ForwardBatch, fwd: ForwardContext) -> torch.Tensor:
         hidden = self.model.embed_tokens(batch.input_ids)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from engine_harness import PagedSequence, cpu_args, decode, extend
+from engine_harness import PagedSequence, cpu_args, decode, extend, run_scheduler
 from heteroserve.core.model_runner.build import build_model_runner
 from heteroserve.core.models.tiny import ARCHITECTURES, build_tiny_model
 
@@ -77,3 +77,21 @@ def test_chunked_prefill_and_ragged_batch_equal_single(model) -> None:
         extend(runner, [(p, 0, s)])
         single = decode(runner, [(t, len(p), s)])[0]
         assert _rel(stepped[i], single) < REL_TOL
+
+
+@torch.no_grad()
+def test_scheduler_radix_and_chunked_prefill_equal_hf_generate(model) -> None:
+    """Shared-prefix requests batched through the scheduler, with 8-token prefill chunks
+    and radix hits on the second pass, generate what transformers generates alone."""
+    arch, path, _, hf = model
+    prefix = PROMPT + PROMPT[::-1]
+    prompts = [prefix + [7, 8, 9], prefix + [21], prefix[:9]]
+    args = cpu_args(path, chunked_prefill_size=8, page_size=4)
+    _, _, runner = build_model_runner(args)
+    first, _ = run_scheduler(args, prompts, runner=runner, max_new_tokens=6)
+    again, sched = run_scheduler(args, prompts, runner=runner, max_new_tokens=6)
+    assert sched.get_stats()["cache_hit_rate"] > 0
+    for i, ids in enumerate(prompts):
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6,
+                          do_sample=False)[0, len(ids):].tolist()
+        assert first[f"r{i}"] == ref and again[f"r{i}"] == ref, f"{arch} request {i}"
