@@ -16,7 +16,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3",
+                 "deepseek_v2", "deepseek_v3")
 DEFAULT_MODEL_NAME = "heteroserve-tiny-llama"
 
 _CHAT_TEMPLATE = (
@@ -93,6 +94,26 @@ def _tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "linear", "factor": 2.0,
                                    "rope_theta": 1000000.0}})
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        mla = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+        mla.update(num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=64,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=48,
+                   n_routed_experts=8, moe_intermediate_size=48, n_group=4, topk_group=2,
+                   first_k_dense_replace=1)
+        if arch == "deepseek_v2":  # no q LoRA, softmax group-limited routing, 2 shared experts
+            cfg = tf.DeepseekV2Config(
+                **mla, q_lora_rank=None, n_shared_experts=2, num_experts_per_tok=3,
+                topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 512, "mscale": 1.0,
+                                 "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1})
+        else:  # q LoRA, sigmoid routing with correction bias (noaux_tc), renormalised
+            cfg = tf.DeepseekV3Config(
+                **mla, q_lora_rank=96, n_shared_experts=1, num_experts_per_tok=2,
+                routed_scaling_factor=2.5, norm_topk_prob=True,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 512, "mscale": 1.0,
+                                 "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     for key, value in overrides.items():
@@ -151,6 +172,9 @@ def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed:
                 p.normal_(0.0, 0.08)
             elif arch.startswith("gemma"):  # norms store w of (1 + w); HF initialises w = 0
                 p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero in HF's init: make it matter
+                b.normal_(0.0, 0.1)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
