@@ -39,9 +39,21 @@ _GEMMA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-_CHAT_TEMPLATES = {"chatml": _CHAT_TEMPLATE, "gemma": _GEMMA_CHAT_TEMPLATE}
+#: DeepSeek's turn format: system text first, then ``<｜User｜>`` / ``<｜Assistant｜>`` turns,
+#: an assistant turn closed by the end-of-sentence token.
+_DEEPSEEK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<｜User｜>{{ message['content'] }}"
+    "{% else %}<｜Assistant｜>{{ message['content'] }}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+_CHAT_TEMPLATES = {"chatml": _CHAT_TEMPLATE, "gemma": _GEMMA_CHAT_TEMPLATE,
+                   "deepseek": _DEEPSEEK_CHAT_TEMPLATE}
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-                   "<start_of_turn>", "<end_of_turn>"]
+                   "<start_of_turn>", "<end_of_turn>", "<｜User｜>", "<｜Assistant｜>",
+                   "<｜end▁of▁sentence｜>"]
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. A serving engine schedules requests, batches
@@ -126,8 +138,8 @@ def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512,
     """Train a byte-level BPE tokenizer on the built-in corpus and save it to ``out_dir``.
 
     Any text round-trips through it (bytes are the base alphabet). Token 0 is
-    ``<|endoftext|>``, the EOS token; the chat template is ChatML, or Gemma's turn format
-    with ``chat_format="gemma"``.
+    ``<|endoftext|>``, the EOS token; the chat template is ChatML, or Gemma's or DeepSeek's
+    turn format with ``chat_format="gemma"`` / ``"deepseek"``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -147,6 +159,10 @@ def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512,
     return fast
 
 
+def _chat_format(arch: str) -> str:
+    return next((f for f in ("gemma", "deepseek") if arch.startswith(f)), "chatml")
+
+
 def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed: int = 0,
                      vocab_size: int = 512, max_shard_size: str | None = None,
                      **config_overrides: Any) -> Path:
@@ -161,8 +177,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=vocab_size,
-                                chat_format="gemma" if arch.startswith("gemma") else "chatml")
+    tokenizer = build_tokenizer(out, vocab_size=vocab_size, chat_format=_chat_format(arch))
     cfg = _tiny_config(arch, vocab_size=max(vocab_size, len(tokenizer)), **config_overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
