@@ -75,8 +75,8 @@ class TorchNativeMLA(MLABackend):
                 continue
             rows = cache[pages[b, :seq_len], offs[b, :seq_len]].to(torch.float32)
             latent, k_pe = rows[:, :c.kv_lora_rank], rows[:, c.kv_lora_rank:]
-            k_nope = torch.einsum("lc,hdc->hld", latent, wk)  # up-projected keys [H, L, dn]
-            v = torch.einsum("lc,hdc->hld", latent, wv)  # up-projected values [H, L, dv]
+            k_nope = latent @ wk.transpose(1, 2)  # up-projected keys [H, L, dn]
+            v = latent @ wv.transpose(1, 2)  # up-projected values [H, L, dv]
             k_pos = torch.arange(seq_len, device=q_nope.device)
             chunk = max(1, _SCORE_BUDGET // max(1, c.num_heads * seq_len))
             for lo in range(0, n_new, chunk):
@@ -112,10 +112,12 @@ class TorchNativeMLA(MLABackend):
         rows = cache[pages, offs].to(torch.float32)
         rows = torch.where(in_seq[..., None], rows, torch.zeros((), device=rows.device))
         latent, k_pe = rows[..., :c.kv_lora_rank], rows[..., c.kv_lora_rank:]
-        q_lat = torch.einsum("bhd,hdc->bhc", q_nope.to(torch.float32), w_kc.to(torch.float32))
-        scores = (torch.einsum("bhc,blc->bhl", q_lat, latent)
-                  + torch.einsum("bhr,blr->bhl", q_pe.to(torch.float32), k_pe)) * layer.scale
+        # absorbed query: [H, B, dn] @ [H, dn, c] -> [B, H, c]
+        q_lat = (q_nope.to(torch.float32).transpose(0, 1) @ w_kc.to(torch.float32)).transpose(0, 1)
+        scores = (q_lat @ latent.transpose(1, 2)
+                  + q_pe.to(torch.float32) @ k_pe.transpose(1, 2)) * layer.scale  # [B, H, L]
         scores = scores.masked_fill(~in_seq[:, None, :], float("-inf"))
-        o_lat = torch.einsum("bhl,blc->bhc", torch.softmax(scores, dim=-1), latent)
-        out = torch.einsum("bhc,hvc->bhv", o_lat, w_vc.to(torch.float32))
+        o_lat = torch.softmax(scores, dim=-1) @ latent  # [B, H, c]
+        # absorbed output: [H, B, c] @ [H, c, dv] -> [B, H, dv]
+        out = (o_lat.transpose(0, 1) @ w_vc.to(torch.float32).transpose(1, 2)).transpose(0, 1)
         return out.to(q_nope.dtype)
