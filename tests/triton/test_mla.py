@@ -48,3 +48,33 @@ def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, split
     assert out.shape == (len(lens), heads, dv)
     assert rel_err(out, ref) < 2e-4
     assert torch.equal(cache.view(-1, c + r).cpu()[batch.meta.out_cache_loc.cpu()], new.cpu())
+
+
+def test_tiny_deepseek_v3_with_triton_mla_matches_transformers(device, tmp_path) -> None:
+    """The model's MLA layers driving TritonMLA (decode, interpreted) give transformers'
+    logits. With a GPU the cuda platform resolves TritonMLA itself (run the model parity
+    tests with ``HETEROSERVE_TEST_PLATFORM=cuda``)."""
+    if device.type != "cpu":
+        pytest.skip("interpreter-only check; on a GPU the model parity tests cover it")
+    import transformers
+    from engine_harness import PagedSequence, cpu_args, decode, extend
+
+    from heteroserve.core.model_runner.build import build_model_runner
+    from heteroserve.core.models.tiny import build_tiny_model
+    from heteroserve.platforms.triton.mla import TritonMLA
+
+    path = build_tiny_model(tmp_path / "dsv3", "deepseek_v3", seed=3)
+    _, _, runner = build_model_runner(cpu_args(path))
+    runner.backend = TritonMLA(runner.backend.config)  # the cpu platform resolves torch_native
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [11, 57, 3, 200, 42, 9, 77]
+    seq = PagedSequence(runner, len(prompt) + 4)
+    ours = extend(runner, [(prompt, 0, seq)])[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(3):
+            token = int(ours.argmax())
+            ours = decode(runner, [(token, len(ids), seq)])[0]
+            ids.append(token)
+            ref = hf(torch.tensor([ids])).logits[0, -1]
+            assert rel_err(ours, ref) < 1e-4
