@@ -138,9 +138,16 @@ class DeepseekMoE(FusedMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
-        weights, ids = d.moe_grouped_topk(
-            self.gate(x), r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
-            self.e_score_correction_bias, r.routed_scaling_factor)
+        logits = self.gate(x)
+        if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
+            # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
+            weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)
+            if r.routed_scaling_factor != 1.0:
+                weights = weights * r.routed_scaling_factor
+        else:
+            weights, ids = d.moe_grouped_topk(
+                logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
+                self.e_score_correction_bias, r.routed_scaling_factor)
         out = self.ctx.all_reduce(d.fused_moe(x, self.w13, self.w2, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

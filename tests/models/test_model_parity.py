@@ -95,3 +95,13 @@ def test_scheduler_radix_and_chunked_prefill_equal_hf_generate(model) -> None:
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6,
                           do_sample=False)[0, len(ids):].tolist()
         assert first[f"r{i}"] == ref and again[f"r{i}"] == ref, f"{arch} request {i}"
+
+
+@torch.no_grad()
+def test_deepseek_v2_greedy_routing_matches_transformers(tmp_path) -> None:
+    """``topk_method: greedy`` (V2-Lite's routing: one group, through the top-k softmax op)."""
+    path = build_tiny_model(tmp_path, "deepseek_v2", seed=2, topk_method="greedy")
+    _, _, runner = build_model_runner(cpu_args(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = extend(runner, [(PROMPT, 0, PagedSequence(runner, len(PROMPT)))])[0]
+    assert _rel(ours, hf(torch.tensor([PROMPT])).logits[0, -1]) < REL_TOL
