@@ -131,14 +131,12 @@ def bench_throughput(runner, scheduler, n: int, inp: int, out: int) -> dict:
             "output_tok_per_s": n * out / res["wall_s"], **res}
 
 
-def plot(result: dict, path: Path) -> None:
-    """Bars of measured vs roofline tok/s per model (skipped, with a message, without
-    matplotlib)."""
+def plot(result: dict, path: Path) -> bool:
+    """Bars of measured vs roofline tok/s per model; False (no plot) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
-        _log("matplotlib not installed: no plot (the JSON has every number)")
-        return
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +154,7 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 def main() -> int:
@@ -215,8 +214,9 @@ def main() -> int:
         del runner, sched
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    plot(result, out_dir / "models.png")
-    _log(f"wrote {out_dir / 'models.json'} and {out_dir / 'models.png'}")
+    plotted = plot(result, out_dir / "models.png")
+    _log(f"wrote {out_dir / 'models.json'}" + (f" and {out_dir / 'models.png'}" if plotted
+                                              else " (matplotlib not installed: no plot)"))
     return 0
 
 
