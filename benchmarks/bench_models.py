@@ -10,7 +10,9 @@ Roofline of batch-1 decode: the bytes one token must read, over the measured cop
 (the whole embedding matrix when tied), one embedding row, and for routed experts only
 ``top_k / num_experts`` of them (DeepSeek-V2-Lite: 6 of 64); ``kv_bytes`` adds the KV cache
 read at the mean decode context. ``fraction_of_roofline`` uses weights + KV.
-Writes ``models.json`` and ``models.png`` under ``--out-dir``.
+Writes ``models.json`` and ``models.png`` under ``--out-dir``. Environment: ``HS_KERNELS``
+(comma-separated ``OP=IMPL`` overrides, e.g. ``mla_attention=torch_native``),
+``HS_GRAPH_MAX_BS`` (largest captured decode batch, default 16), ``HS_PLATFORM``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def build(model_dir: Path, platform: str, dtype: str, max_running: int, load_for
     args = ServerArgs(model_path=str(model_dir), load_format=load_format, dtype=dtype,
                       platform=platform, max_running_requests=max_running,
                       context_length=4096, mem_fraction_static=0.85,
+                      cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "16")),
                       kernel=[k for k in os.environ.get("HS_KERNELS", "").split(",") if k])
     _, dispatch, runner = build_model_runner(args)
     return runner, Scheduler(runner, args, [], runner.page_size), dispatch
@@ -178,7 +181,8 @@ def main() -> int:
         return 0
     result: dict = {"device": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(),
                     "torch": torch.__version__, "platform": platform, "models": {},
-                    "kernels_env": os.environ.get("HS_KERNELS", "")}
+                    "kernels_env": os.environ.get("HS_KERNELS", ""),
+                    "graph_max_bs_env": os.environ.get("HS_GRAPH_MAX_BS", "16")}
     bandwidth = None
     if not a.smoke:
         from roofline import copy_bandwidth
