@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,3 +238,29 @@ class Gemma2ForCausalLM(_GemmaCausalLM):
 class Gemma3ForCausalLM(_GemmaCausalLM):
     qk_norm = True
     default_pattern = 6
+
+
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."))
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """A multimodal Gemma 3 checkpoint served as text only: the language model's weights
+    (``language_model.model.*``, or transformers 5's ``model.language_model.*``) load under
+    Gemma 3's names; the vision tower and projector are skipped (image input is not
+    supported)."""
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        def text_only() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in tensors:
+                if name.startswith(_VISION_PREFIXES):
+                    continue
+                for old, new in _TEXT_PREFIXES:
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                        break
+                yield name, tensor
+
+        return super().load_weights(text_only())

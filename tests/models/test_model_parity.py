@@ -105,3 +105,25 @@ def test_deepseek_v2_greedy_routing_matches_transformers(tmp_path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = extend(runner, [(PROMPT, 0, PagedSequence(runner, len(PROMPT)))])[0]
     assert _rel(ours, hf(torch.tensor([PROMPT])).logits[0, -1]) < REL_TOL
+
+
+@torch.no_grad()
+def test_multimodal_gemma3_checkpoint_serves_its_text_model(tmp_path) -> None:
+    """``Gemma3ForConditionalGeneration`` (Gemma 3 4B+ checkpoints): text-only logits equal
+    transformers' multimodal model given token ids alone."""
+    text = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "sliding_window": 8, "query_pre_attn_scalar": 48,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "eos_token_id": 0, "bos_token_id": None, "pad_token_id": None}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    for p in hf.parameters():
+        p.normal_(0.0, 0.08 if p.dim() >= 2 else 0.1)
+    hf.save_pretrained(tmp_path)
+    _, _, runner = build_model_runner(cpu_args(tmp_path))
+    ours = extend(runner, [(PROMPT, 0, PagedSequence(runner, len(PROMPT)))])[0]
+    assert _rel(ours, hf(input_ids=torch.tensor([PROMPT])).logits[0, -1]) < REL_TOL
