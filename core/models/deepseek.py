@@ -127,14 +127,18 @@ class DeepseekMoE(FusedMoE):
         self.shared_experts = MLP(ctx, cfg.hidden_size, opts.moe_intermediate_size
                                   * opts.num_shared_experts) if opts.num_shared_experts else None
 
-    def load(self, name: str, tensor: torch.Tensor, expert: object = None) -> None:
+    def load(self, name: str, tensor: torch.Tensor, expert: int | None = None) -> None:
+        """``e_score_correction_bias`` (no expert index), else expert ``expert``'s
+        ``w1``/``w2``/``w3`` as :meth:`FusedMoE.load`."""
         if name == "e_score_correction_bias":
             if self.e_score_correction_bias is None:
                 raise ValueError("e_score_correction_bias in a checkpoint whose topk_method "
                                  "is not noaux_tc")
             self.e_score_correction_bias.data.copy_(tensor.to(torch.float32))
             return
-        super().load(name, tensor, int(expert))  # type: ignore[arg-type]
+        if expert is None:
+            raise ValueError(f"expert weight {name!r} needs an expert index")
+        super().load(name, tensor, expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
