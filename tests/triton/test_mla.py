@@ -78,3 +78,33 @@ def test_tiny_deepseek_v3_with_triton_mla_matches_transformers(device, tmp_path)
             ids.append(token)
             ref = hf(torch.tensor([ids])).logits[0, -1]
             assert rel_err(ours, ref) < 1e-4
+
+
+def test_decode_graph_replay_with_triton_mla_equals_eager(device, tmp_path) -> None:
+    """Decode graphs (the cpu platform's eager stand-in; padded rows on page 0) over a
+    DeepSeek model with TritonMLA equal eager decode: what a CUDA capture replays."""
+    from engine_harness import PagedSequence, cpu_args, extend
+
+    from heteroserve.core.kernels.attention import ForwardMode as Mode
+    from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+    from heteroserve.core.model_runner.build import build_model_runner
+    from heteroserve.core.model_runner.graph_decode import DecodeGraphs
+    from heteroserve.core.models.tiny import build_tiny_model
+    from heteroserve.platforms.triton.mla import TritonMLA
+
+    if device.type != "cpu":
+        pytest.skip("interpreter-only check; on a GPU the cuda conformance model check covers it")
+    path = build_tiny_model(tmp_path / "dsv3", "deepseek_v3", seed=4)
+    _, _, runner = build_model_runner(cpu_args(path, cuda_graph_max_bs=4, max_running_requests=4))
+    runner.backend = TritonMLA(runner.backend.config)
+    graphs = DecodeGraphs(runner)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    seqs = [PagedSequence(runner, len(p) + 1) for p in prompts]
+    tokens = [int(r.argmax()) for r in extend(runner, [(p, 0, s) for p, s in zip(prompts, seqs)])]
+    fb = build_forward_batch([SequenceInput([t], len(p), s.pages)
+                              for t, p, s in zip(tokens, prompts, seqs)],
+                             Mode.DECODE, runner.page_size, runner.device)
+    eager = runner.forward_eager(fb).clone()
+    replayed = graphs.run(fb)
+    assert replayed is not None and replayed.shape == eager.shape
+    assert rel_err(replayed, eager) < 1e-5
