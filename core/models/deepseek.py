@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from heteroserve.core.kernels.mla import MLABackend, MLAConfig
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.embedding import VocabParallelEmbedding
+from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.layers.mla import MLADims, MultiHeadLatentAttention
 from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.layers.norm import RMSNorm
@@ -114,13 +115,17 @@ def _softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> flo
 
 class DeepseekMoE(FusedMoE):
     """Routed experts (``FusedMoE`` storage) through ``moe_grouped_topk``, plus shared
-    experts; loads ``e_score_correction_bias`` (fp32) when the router uses one."""
+    experts; the router (``gate``) is fp32, and so is ``e_score_correction_bias`` when the
+    router uses one."""
 
     def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions) -> None:
         r = opts.routing
         super().__init__(ctx, r.num_experts, r.top_k, cfg.hidden_size,
                          opts.moe_intermediate_size, r.renormalize)
         self.routing = r
+        # the router runs in fp32 whatever the model dtype, as DeepSeek's reference does
+        self.gate = ReplicatedLinear(replace(ctx, dtype=torch.float32), cfg.hidden_size,
+                                     r.num_experts, bias=False, scheme="unquantized")
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(r.num_experts, dtype=torch.float32, device=ctx.device),
             requires_grad=False) if r.correction_bias else None
@@ -142,7 +147,7 @@ class DeepseekMoE(FusedMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
-        logits = self.gate(x)
+        logits = self.gate(x.to(torch.float32))
         if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
             # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
             weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)

@@ -84,3 +84,13 @@ def test_text_config_of_a_multimodal_checkpoint_gets_transformers_defaults(tmp_p
     assert cfg.architecture == "Gemma3ForConditionalGeneration"
     assert (cfg.head_dim, cfg.vocab_size, cfg.sliding_window) == (256, 262208, 1024)
     assert cfg.dtype == torch.bfloat16 and cfg.raw["query_pre_attn_scalar"] == 256
+
+
+def test_deepseek_router_stays_fp32_in_a_bf16_model(tmp_path) -> None:
+    path = build_tiny_model(tmp_path, "deepseek_v3", seed=1)
+    args = cpu_args(path)
+    args.dtype = "bfloat16"
+    _, _, runner = build_model_runner(args)
+    moe = runner.model.model.layers[1].mlp
+    assert moe.gate.weight.dtype == torch.float32 and moe.w13.dtype == torch.bfloat16
+    assert torch.isfinite(extend(runner, [([5, 6, 7], 0, PagedSequence(runner, 3))])[0]).all()
