@@ -28,10 +28,14 @@ class KVLayout(str, enum.Enum):
     torch_npu's BSH block layout).
     ``HND``: ``[num_pages, num_kv_heads, page_size, head_size]`` (flashinfer's other layout,
     vLLM-style paged attention kernels).
+    ``LATENT``: multi-head latent attention's single cache per layer,
+    ``[num_pages, page_size, kv_lora_rank + qk_rope_head_dim]`` (no V tensor; see
+    :mod:`heteroserve.core.kernels.mla`).
     """
 
     NHD = "NHD"
     HND = "HND"
+    LATENT = "latent"
 
 
 class Fp8Flavour(str, enum.Enum):

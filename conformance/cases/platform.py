@@ -45,7 +45,8 @@ class ModelCase(Case):
 
 
 def model_cases(ctx: ConformanceContext) -> list[ModelCase]:
-    """Dense Llama always; a Qwen3-MoE model too outside ``--conformance-quick``."""
-    archs = ("llama",) if ctx.quick else ("llama", "qwen3_moe")
+    """Dense Llama always; outside ``--conformance-quick`` also Qwen3-MoE, Gemma 3 (sliding
+    windows, per-layer rope, GeGLU) and DeepSeek-V3 (the platform's MLA, grouped routing)."""
+    archs = ("llama",) if ctx.quick else ("llama", "qwen3_moe", "gemma3", "deepseek_v3")
     return [ModelCase("model_greedy", f"{arch}-fp32-greedy16", torch.float32, arch)
             for arch in archs]

@@ -146,6 +146,8 @@ class AttentionBackend(ABC):
     """
 
     kv_layout: KVLayout = KVLayout.NHD
+    #: cache tensors per layer (K and V)
+    caches_per_layer: int = 2
     page_sizes: tuple[int, ...] | None = None
     #: whether a decode step may be captured in a device graph and replayed for later steps
     #: of the same batch size with new metadata values: the captured work reads metadata only

@@ -35,11 +35,12 @@ class Resolution:
 @dataclass
 class DispatchTable:
     """Selected implementations. Function ops are attributes named after the op; the
-    attention backend class is ``attention``; linear methods are in ``linear`` by scheme."""
+    attention backend class is ``attention`` (``mla_attention`` for latent attention); linear methods are in ``linear`` by scheme."""
 
     request: KernelRequest
     resolutions: dict[str, Resolution]
     attention: type
+    mla_attention: type
     rms_norm: ops.RMSNormOp
     fused_add_rms_norm: ops.FusedAddRMSNormOp
     silu_and_mul: ops.SiluAndMulOp
@@ -128,8 +129,9 @@ def negotiate_page_size(registry: KernelRegistry, request: KernelRequest,
 
 
 def wanted_ops(linear_schemes: Iterable[str] = ("unquantized",)) -> list[str]:
-    """Every op an engine resolves: attention, the function ops, one linear op per scheme."""
-    return [ops.ATTENTION, *ops.FUNCTION_OPS, *(ops.linear_op(s) for s in linear_schemes)]
+    """Every op an engine resolves: attention, MLA, the function ops, one linear op per
+    scheme."""
+    return [ops.ATTENTION, ops.MLA_ATTENTION, *ops.FUNCTION_OPS, *(ops.linear_op(s) for s in linear_schemes)]
 
 
 def resolve_all(registry: KernelRegistry, request: KernelRequest,
@@ -162,4 +164,4 @@ def resolve_dispatch(registry: KernelRegistry, request: KernelRequest,
     linear = {s: loaded[ops.linear_op(s)] for s in linear_schemes}
     return DispatchTable(
         request=request, resolutions=resolutions, linear=linear,
-        **{op: loaded[op] for op in (ops.ATTENTION, *ops.FUNCTION_OPS)})
+        **{op: loaded[op] for op in (ops.ATTENTION, ops.MLA_ATTENTION, *ops.FUNCTION_OPS)})

@@ -1,7 +1,7 @@
 """Every op of the kernel interface: its name, call signature and contract.
 
 An op is either a plain function (norms, activations, rotary, MoE, sampling, bitmask) or a
-class the engine instantiates once (attention backends, linear methods). Implementations are
+class the engine instantiates once (attention and MLA backends, linear methods). Implementations are
 registered per op in the :mod:`~heteroserve.core.kernels.registry`; the engine resolves one
 implementation per op into a :class:`~heteroserve.core.kernels.dispatch.DispatchTable` and
 calls it directly on the hot path.
@@ -20,6 +20,7 @@ import torch
 
 # -- op names ---------------------------------------------------------------------------------
 ATTENTION = "attention"
+MLA_ATTENTION = "mla_attention"  # a backend class (contract: core/kernels/mla.py)
 KV_WRITE = "kv_write"  # not separately registered: part of the attention backend, listed for docs
 RMS_NORM = "rms_norm"
 FUSED_ADD_RMS_NORM = "fused_add_rms_norm"

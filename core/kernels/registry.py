@@ -22,6 +22,7 @@ class KernelRequest:
 
     ``page_size`` may be ``None`` before negotiation (the attention backend proposes one).
     ``quant_scheme`` names the checkpoint's linear scheme (``unquantized`` when plain).
+    ``kv_lora_rank`` / ``qk_rope_head_dim``: the latent widths of an MLA model (None otherwise).
     """
 
     platform: str
@@ -34,6 +35,8 @@ class KernelRequest:
     sliding_window: bool = False
     logit_cap: bool = False
     quant_scheme: str = "unquantized"
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
     platform_page_sizes: tuple[int, ...] | None = None
 
     def with_page_size(self, page_size: int) -> KernelRequest:

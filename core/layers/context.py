@@ -9,6 +9,7 @@ import torch
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import AttentionBackend, AttentionMetadata
 from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.kernels.mla import MLABackend
 
 
 @dataclass
@@ -30,9 +31,10 @@ class LayerContext:
 
 @dataclass
 class ForwardContext:
-    """Per-step state the attention layers read: the backend, the KV caches, the metadata."""
+    """Per-step state the attention layers read: the backend, the KV caches, the metadata.
+    With an :class:`MLABackend`, ``k_caches`` are the latent caches and ``v_caches`` is empty."""
 
-    backend: AttentionBackend
+    backend: AttentionBackend | MLABackend
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     meta: AttentionMetadata

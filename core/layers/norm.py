@@ -24,3 +24,13 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ctx.dispatch.rms_norm(x, self.weight, self.eps)
         return self.ctx.dispatch.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, ``x / rms(x) * (1 + w)``: the checkpoint stores ``w`` and ``load``
+    keeps ``1 + w`` (added in fp32, then rounded to the parameter dtype), so the plain
+    ``rms_norm`` op computes it. In bf16 the rounding of ``1 + w`` is the only difference
+    from computing ``1 + w`` in fp32 on every call."""
+
+    def load(self, name: str, tensor: torch.Tensor, shard: object = None) -> None:
+        self.weight.data.copy_((tensor.to(torch.float32) + 1.0).to(self.weight.dtype))

@@ -33,6 +33,9 @@ def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None) 
         platform=platform.name, device_type=platform.device_type, dtype=cfg.dtype,
         head_size=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         page_size=page_size, sliding_window=cfg.sliding_window is not None,
+        logit_cap=cfg.attn_logit_softcap is not None,
+        kv_lora_rank=cfg.raw.get("kv_lora_rank"),
+        qk_rope_head_dim=cfg.raw.get("qk_rope_head_dim") if cfg.raw.get("kv_lora_rank") else None,
         platform_page_sizes=caps.kv_page_sizes)
 
 

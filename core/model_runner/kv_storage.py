@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from heteroserve.core.kernels.attention import AttentionBackend
+from heteroserve.core.kernels.mla import MLABackend
+
+Backend = AttentionBackend | MLABackend
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -15,8 +18,9 @@ GIB = 1 << 30
 
 @dataclass
 class KVStorage:
-    """Per-layer K and V caches of ``num_pages`` pages in the backend's layout. Page 0 is
-    reserved (never handed to a request)."""
+    """Per-layer K and V caches of ``num_pages`` pages in the backend's layout (an MLA
+    backend's single latent cache per layer is ``k_caches``; ``v_caches`` is then empty).
+    Page 0 is reserved (never handed to a request)."""
 
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
@@ -33,11 +37,11 @@ class KVStorage:
         return self.num_pages * self.bytes_per_page
 
 
-def bytes_per_page(backend: AttentionBackend, num_layers: int, dtype: torch.dtype) -> int:
+def bytes_per_page(backend: Backend, num_layers: int, dtype: torch.dtype) -> int:
     per_layer = 1
     for d in backend.kv_cache_shape(1):
         per_layer *= d
-    return 2 * num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+    return backend.caches_per_layer * num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
 def plan_num_pages(free_bytes: int, total_bytes: int, mem_fraction: float, page_bytes: int,
@@ -63,10 +67,11 @@ def plan_num_pages(free_bytes: int, total_bytes: int, mem_fraction: float, page_
     return int(pages)
 
 
-def allocate(backend: AttentionBackend, num_layers: int, num_pages: int, dtype: torch.dtype,
+def allocate(backend: Backend, num_layers: int, num_pages: int, dtype: torch.dtype,
              device: torch.device) -> KVStorage:
     shape = backend.kv_cache_shape(num_pages)
     k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device)
+         for _ in range(num_layers if backend.caches_per_layer == 2 else 0)]
     return KVStorage(k, v, num_pages, backend.config.page_size,
                      bytes_per_page(backend, num_layers, dtype))

@@ -9,7 +9,7 @@ import torch
 
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
-from heteroserve.core.kernels.attention import AttentionConfig, ForwardMode
+from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
@@ -43,11 +43,8 @@ class ModelRunner:
                            communicator if tp_size > 1 else None, dispatch.request.quant_scheme)
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()
-        attn_heads = self.model.model.layers[0].self_attn.attn
-        self.backend = dispatch.attention(AttentionConfig(
-            num_q_heads=attn_heads.num_heads, num_kv_heads=attn_heads.num_kv_heads,
-            head_size=cfg.head_dim, page_size=page_size, dtype=cfg.dtype, device=self.device,
-            max_batch_size=server_args.max_running_requests, max_context_len=cfg.context_len))
+        self.backend = self.model.build_attention_backend(
+            page_size, self.device, server_args.max_running_requests)
         self.kv = self._allocate_kv()
         self.num_pages = self.kv.num_pages
         self.max_total_tokens = self.kv.num_tokens

@@ -22,7 +22,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 @dataclass
 class ModelConfig:
     """Normalised model facts. ``rope_scaling`` is None for plain RoPE, else a dict with a
-    ``rope_type`` key; ``sliding_window`` is None unless the model really uses one."""
+    ``rope_type`` key; ``sliding_window`` is None unless the model really uses one;
+    ``attn_logit_softcap`` is Gemma 2's attention score cap (None: no cap)."""
 
     path: Path
     architecture: str
@@ -46,6 +47,7 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    attn_logit_softcap: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -69,6 +71,8 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         if not archs:
             raise ModelLoadError(f"{folder}/config.json names no architectures")
+        if isinstance(raw.get("text_config"), dict):
+            raw = _text_model(raw, archs)
         heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         theta, scaling = _rope(raw)
@@ -91,7 +95,27 @@ class ModelConfig:
             num_experts=raw.get("num_local_experts") or raw.get("num_experts") or 0,
             top_k=raw.get("num_experts_per_tok", 0),
             moe_intermediate_size=raw.get("moe_intermediate_size") or raw.get("intermediate_size", 0),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", True)), raw=raw)
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            attn_logit_softcap=raw.get("attn_logit_softcapping"), raw=raw)
+
+
+def _text_model(raw: dict[str, Any], archs: list[str]) -> dict[str, Any]:
+    """A multimodal checkpoint served as its text model (e.g. Gemma 3 4B+): its
+    ``text_config`` completed with the defaults of transformers' config class for that
+    ``model_type`` (checkpoints omit keys at their default), under the top-level
+    architecture, dtype and embedding tying."""
+    from transformers import CONFIG_MAPPING
+
+    text = raw["text_config"]
+    kind = text.get("model_type")
+    if kind not in CONFIG_MAPPING:
+        raise ModelLoadError(f"text_config.model_type {kind!r} is not a transformers config")
+    full = CONFIG_MAPPING[kind](**text).to_dict()
+    for key in ("torch_dtype", "dtype", "tie_word_embeddings", "eos_token_id"):
+        if raw.get(key) is not None:
+            full[key] = raw[key]
+    full["architectures"] = archs
+    return full
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

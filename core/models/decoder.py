@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.attention import AttentionBackend, AttentionConfig
+from heteroserve.core.kernels.mla import MLABackend
 from heteroserve.core.layers.attention import PagedAttention
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -142,10 +144,27 @@ class CausalLM(nn.Module):
     def __init__(self, ctx: LayerContext, cfg: ModelConfig) -> None:
         super().__init__()
         self.ctx, self.config = ctx, cfg
-        self.model = _Backbone(ctx, cfg, self.spec)
+        self.model = self.build_backbone(ctx, cfg)
         self.lm_head = ParallelLMHead(ctx, cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_attention_backend(self, page_size: int, device: torch.device,
+                                max_batch_size: int) -> AttentionBackend | MLABackend:
+        """The engine's attention backend for this model's layers (the dispatch table's
+        ``attention`` class here; latent-attention models pick ``mla_attention``)."""
+        attn = self.model.layers[0].self_attn.attn
+        cfg = self.config
+        return self.ctx.dispatch.attention(AttentionConfig(
+            num_q_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_size=cfg.head_dim,
+            page_size=page_size, dtype=cfg.dtype, device=device, max_batch_size=max_batch_size,
+            max_context_len=cfg.context_len))
+
+    def build_backbone(self, ctx: LayerContext, cfg: ModelConfig) -> nn.Module:
+        """The ``model`` submodule: ``embed_tokens``, ``layers`` (each with a ``self_attn``
+        whose ``attn`` is the attention layer) and the final ``norm``. Families with their own
+        layers override this."""
+        return _Backbone(ctx, cfg, self.spec)
 
     def forward(self, batch: ForwardBatch, fwd: ForwardContext) -> torch.Tensor:
         hidden = self.model.embed_tokens(batch.input_ids)

@@ -16,7 +16,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3",
+                 "deepseek_v2", "deepseek_v3")
 DEFAULT_MODEL_NAME = "heteroserve-tiny-llama"
 
 _CHAT_TEMPLATE = (
@@ -25,7 +26,34 @@ _CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+#: Gemma's turn format: ``user``/``model`` turns; a leading system message joins the first
+#: user turn (Gemma has no system role).
+_GEMMA_CHAT_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{% if loop.first %}{{ system }}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+#: DeepSeek's turn format: system text first, then ``<｜User｜>`` / ``<｜Assistant｜>`` turns,
+#: an assistant turn closed by the end-of-sentence token.
+_DEEPSEEK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<｜User｜>{{ message['content'] }}"
+    "{% else %}<｜Assistant｜>{{ message['content'] }}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+_CHAT_TEMPLATES = {"chatml": _CHAT_TEMPLATE, "gemma": _GEMMA_CHAT_TEMPLATE,
+                   "deepseek": _DEEPSEEK_CHAT_TEMPLATE}
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+                   "<start_of_turn>", "<end_of_turn>", "<｜User｜>", "<｜Assistant｜>",
+                   "<｜end▁of▁sentence｜>"]
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. A serving engine schedules requests, batches
@@ -63,6 +91,41 @@ def _tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     elif arch == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=96, norm_topk_prob=True)
+    elif arch == "gemma2":
+        # every option that differs from Llama: softcaps small enough to bite, a window
+        # shorter than the test prompts, query_pre_attn_scalar != head_dim
+        cfg = tf.Gemma2Config(**{**common, "tie_word_embeddings": True}, sliding_window=8,
+                              attn_logit_softcapping=10.0, final_logit_softcapping=5.0,
+                              query_pre_attn_scalar=48, hidden_activation="gelu_pytorch_tanh")
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True, "num_hidden_layers": 3},
+            sliding_window=8, query_pre_attn_scalar=48,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                   "rope_theta": 1000000.0}})
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        mla = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+        mla.update(num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=64,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=48,
+                   n_routed_experts=8, moe_intermediate_size=48, n_group=4, topk_group=2,
+                   first_k_dense_replace=1)
+        if arch == "deepseek_v2":  # no q LoRA, softmax group-limited routing, 2 shared experts
+            cfg = tf.DeepseekV2Config(
+                **mla, q_lora_rank=None, n_shared_experts=2, num_experts_per_tok=3,
+                topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 512, "mscale": 1.0,
+                                 "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1})
+        else:  # q LoRA, sigmoid routing with correction bias (noaux_tc), renormalised
+            cfg = tf.DeepseekV3Config(
+                **mla, q_lora_rank=96, n_shared_experts=1, num_experts_per_tok=2,
+                routed_scaling_factor=2.5, norm_topk_prob=True,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 512, "mscale": 1.0,
+                                 "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     for key, value in overrides.items():
@@ -70,11 +133,13 @@ def _tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     return cfg
 
 
-def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512) -> Any:
+def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512,
+                    chat_format: str = "chatml") -> Any:
     """Train a byte-level BPE tokenizer on the built-in corpus and save it to ``out_dir``.
 
     Any text round-trips through it (bytes are the base alphabet). Token 0 is
-    ``<|endoftext|>``, the EOS token; the chat template is ChatML.
+    ``<|endoftext|>``, the EOS token; the chat template is ChatML, or Gemma's or DeepSeek's
+    turn format with ``chat_format="gemma"`` / ``"deepseek"``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -89,9 +154,13 @@ def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512) -> A
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         additional_special_tokens=_SPECIAL_TOKENS[1:])
-    fast.chat_template = _CHAT_TEMPLATE
+    fast.chat_template = _CHAT_TEMPLATES[chat_format]
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def _chat_format(arch: str) -> str:
+    return next((f for f in ("gemma", "deepseek") if arch.startswith(f)), "chatml")
 
 
 def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed: int = 0,
@@ -108,7 +177,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(out, vocab_size=vocab_size, chat_format=_chat_format(arch))
     cfg = _tiny_config(arch, vocab_size=max(vocab_size, len(tokenizer)), **config_overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -116,6 +185,11 @@ def build_tiny_model(out_dir: str | os.PathLike[str], arch: str = "llama", seed:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+            elif arch.startswith("gemma"):  # norms store w of (1 + w); HF initialises w = 0
+                p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero in HF's init: make it matter
+                b.normal_(0.0, 0.1)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size

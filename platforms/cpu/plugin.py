@@ -31,6 +31,7 @@ def _lazy(module: str, attr: str) -> Callable[[], Any]:
 #: op -> (module, attribute) of the torch-native implementation.
 TORCH_NATIVE: dict[str, tuple[str, str]] = {
     ops.ATTENTION: ("attention", "TorchNativeAttention"),
+    ops.MLA_ATTENTION: ("mla", "TorchNativeMLA"),
     ops.RMS_NORM: ("norm", "rms_norm"),
     ops.FUSED_ADD_RMS_NORM: ("norm", "fused_add_rms_norm"),
     ops.SILU_AND_MUL: ("activation", "silu_and_mul"),

@@ -103,7 +103,7 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(
+def decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, o_ptr,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -172,7 +172,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         EXACT_FP32=exact_fp32(q.dtype), WRITE_KV=new_kv is not None,
         num_warps=4, num_stages=2, **pdl_args(q.device),
     )
-    _decode_reduce_kernel[(bsz, hq)](
+    decode_reduce_kernel[(bsz, hq)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),

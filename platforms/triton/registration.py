@@ -27,6 +27,8 @@ MIN_HEAD, MAX_HEAD = 16, 256
 TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
     ops.ATTENTION: ("attention", "TritonAttention",
                     "paged NHD attention: flash-style extend, split-KV decode, any page size"),
+    ops.MLA_ATTENTION: ("mla", "TritonMLA",
+                        "latent attention: split-KV absorbed decode (graph-safe), torch extend"),
     ops.RMS_NORM: ("norm", "rms_norm", "one-pass RMSNorm, row in registers"),
     ops.FUSED_ADD_RMS_NORM: ("norm", "fused_add_rms_norm", "residual add + RMSNorm, in place"),
     ops.SILU_AND_MUL: ("activation", "silu_and_mul", "gated SiLU"),

@@ -69,3 +69,28 @@ def test_config_reads_both_spellings(tmp_path) -> None:
     assert (a.dtype, a.rope_theta, a.rope_scaling) == (b.dtype, b.rope_theta, b.rope_scaling)
     assert a.dtype == torch.float16 and a.rope_theta == 1234.0
     assert a.rope_scaling["rope_type"] == "linear" and a.head_dim == 32
+
+
+def test_text_config_of_a_multimodal_checkpoint_gets_transformers_defaults(tmp_path) -> None:
+    """Gemma 3 12B's config.json lists only non-default text keys; the rest come from
+    transformers' Gemma3TextConfig."""
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "torch_dtype": "bfloat16",
+           "text_config": {"model_type": "gemma3_text", "hidden_size": 3840,
+                           "intermediate_size": 15360, "num_attention_heads": 16,
+                           "num_hidden_layers": 48, "num_key_value_heads": 8,
+                           "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}
+    cfg = ModelConfig.from_dict(raw, tmp_path)
+    assert cfg.architecture == "Gemma3ForConditionalGeneration"
+    assert (cfg.head_dim, cfg.vocab_size, cfg.sliding_window) == (256, 262208, 1024)
+    assert cfg.dtype == torch.bfloat16 and cfg.raw["query_pre_attn_scalar"] == 256
+
+
+def test_deepseek_router_stays_fp32_in_a_bf16_model(tmp_path) -> None:
+    path = build_tiny_model(tmp_path, "deepseek_v3", seed=1)
+    args = cpu_args(path)
+    args.dtype = "bfloat16"
+    _, _, runner = build_model_runner(args)
+    moe = runner.model.model.layers[1].mlp
+    assert moe.gate.weight.dtype == torch.float32 and moe.w13.dtype == torch.bfloat16
+    assert torch.isfinite(extend(runner, [([5, 6, 7], 0, PagedSequence(runner, 3))])[0]).all()

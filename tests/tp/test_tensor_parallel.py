@@ -26,7 +26,7 @@ def _generate(path, tp: int) -> list[list[int]]:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v3"])
 def test_tp2_equals_tp1(tmp_path, arch: str) -> None:
     path = build_tiny_model(tmp_path / arch, arch, seed=9)
     assert _generate(path, 2) == _generate(path, 1)

@@ -1,0 +1,118 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): projections here, attention through the
+engine's MLA backend (contract: ``core/kernels/mla.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heteroserve.core.kernels.mla import MLALayer
+from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.linear import (
+    ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+)
+from heteroserve.core.layers.norm import RMSNorm
+from heteroserve.core.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """MLA widths from the model config. ``q_lora_rank`` None: q is one projection of the
+    hidden state; else a low-rank pair with an RMSNorm between. ``rope_is_neox``: the rotary
+    dims rotate as halves (else as interleaved pairs, DeepSeek's layout)."""
+
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool
+    rope_is_neox: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+class MLAUpProjection(nn.Module):
+    """``kv_b_proj``: the checkpoint's ``[H * (qk_nope + v), kv_lora_rank]`` weight kept per
+    head as ``w_kc [H/tp, qk_nope, kv_lora_rank]`` and ``w_vc [H/tp, v, kv_lora_rank]`` (this
+    rank's heads), the form the MLA backend takes."""
+
+    def __init__(self, ctx: LayerContext, dims: MLADims) -> None:
+        super().__init__()
+        self.ctx, self.dims = ctx, dims
+        if dims.num_heads % ctx.tp_size:
+            raise ValueError(f"num_attention_heads={dims.num_heads} is not divisible by "
+                             f"tensor-parallel size {ctx.tp_size}")
+        self.heads = dims.num_heads // ctx.tp_size
+        make = lambda *shape: nn.Parameter(  # noqa: E731
+            torch.empty(*shape, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
+        self.w_kc = make(self.heads, dims.qk_nope_head_dim, dims.kv_lora_rank)
+        self.w_vc = make(self.heads, dims.v_head_dim, dims.kv_lora_rank)
+
+    def load(self, name: str, tensor: torch.Tensor, shard: object = None) -> None:
+        d = self.dims
+        if name != "weight":
+            raise ValueError(f"kv_b_proj has no parameter {name!r} (a quantized kv_b_proj is "
+                             "not supported)")
+        want = (d.num_heads * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"kv_b_proj.weight: checkpoint shape {list(tensor.shape)} does not "
+                             f"match {list(want)}")
+        start = self.ctx.tp_rank * self.heads
+        per_head = tensor.view(d.num_heads, -1, d.kv_lora_rank)[start:start + self.heads]
+        self.w_kc.data.copy_(per_head[:, :d.qk_nope_head_dim].to(self.w_kc.dtype))
+        self.w_vc.data.copy_(per_head[:, d.qk_nope_head_dim:].to(self.w_vc.dtype))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Hugging Face's DeepSeek attention module names (``q_proj`` or ``q_a_proj`` /
+    ``q_a_layernorm`` / ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+    ``kv_b_proj``, ``o_proj``); ``forward(positions, x [T, hidden], fwd)`` -> ``[T, hidden]``."""
+
+    def __init__(self, ctx: LayerContext, dims: MLADims, eps: float, layer_id: int,
+                 scale: float, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.dims = dims
+        q_out = dims.num_heads * dims.qk_head_dim
+        if dims.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(ctx, dims.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = ReplicatedLinear(ctx, dims.hidden_size, dims.q_lora_rank,
+                                             bias=dims.attention_bias)
+            self.q_a_layernorm = RMSNorm(ctx, dims.q_lora_rank, eps)
+            self.q_b_proj = ColumnParallelLinear(ctx, dims.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(
+            ctx, dims.hidden_size, dims.kv_lora_rank + dims.qk_rope_head_dim,
+            bias=dims.attention_bias)
+        self.kv_a_layernorm = RMSNorm(ctx, dims.kv_lora_rank, eps)
+        self.kv_b_proj = MLAUpProjection(ctx, dims)
+        self.o_proj = RowParallelLinear(ctx, dims.num_heads * dims.v_head_dim, dims.hidden_size,
+                                        bias=dims.attention_bias)
+        self.rotary_emb = rotary
+        self.attn = MLALayer(layer_id, scale)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, fwd: ForwardContext
+                ) -> torch.Tensor:
+        d, t = self.dims, x.shape[0]
+        if d.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, -1, d.qk_head_dim)
+        q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
+            [d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent.contiguous())
+        q_pe, k_pe = self.rotary_emb(positions, q_pe.contiguous(),
+                                     k_pe.reshape(t, 1, d.qk_rope_head_dim).contiguous())
+        o = fwd.backend.forward(
+            q_nope.contiguous(), q_pe.contiguous(), latent, k_pe.reshape(t, -1),
+            fwd.k_caches[self.attn.layer_id], self.kv_b_proj.w_kc, self.kv_b_proj.w_vc,
+            self.attn, fwd.meta)
+        return self.o_proj(o.reshape(t, -1))

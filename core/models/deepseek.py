@@ -1,0 +1,240 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1: multi-head latent attention and a routed MoE with
+shared experts.
+
+- Attention is MLA (:mod:`heteroserve.core.layers.mla`) over a latent KV cache; ``q_lora_rank``
+  may be absent (V2-Lite). RoPE covers only ``qk_rope_head_dim`` dims, as interleaved pairs
+  (V3 with ``rope_interleave: false``: halves); YaRN scaling multiplies the softmax scale by
+  ``mscale(factor, mscale_all_dim) ** 2``.
+- The first ``first_k_dense_replace`` layers have a dense MLP; the rest route each token to
+  ``num_experts_per_tok`` of ``n_routed_experts`` experts through the ``moe_grouped_topk`` op
+  (V2: softmax scores, ``greedy`` or ``group_limited_greedy``; V3: sigmoid scores with
+  ``e_score_correction_bias``, ``noaux_tc``), weights times ``routed_scaling_factor``, plus
+  ``n_shared_experts`` always-on experts (one MLP of ``n_shared * moe_intermediate_size``).
+- Multi-token-prediction layers of V3 checkpoints (index >= ``num_hidden_layers``) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from heteroserve.core.kernels.mla import MLABackend, MLAConfig
+from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.embedding import VocabParallelEmbedding
+from heteroserve.core.layers.linear import ReplicatedLinear
+from heteroserve.core.layers.mla import MLADims, MultiHeadLatentAttention
+from heteroserve.core.layers.moe import FusedMoE
+from heteroserve.core.layers.norm import RMSNorm
+from heteroserve.core.layers.rotary import RotaryEmbedding
+from heteroserve.core.models.config import ModelConfig, ModelLoadError
+from heteroserve.core.models.decoder import MLP, CausalLM, DecoderSpec
+
+_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    """How the router picks experts (see ``GroupedTopKOp``); ``greedy`` is one group."""
+
+    num_experts: int
+    top_k: int
+    num_groups: int
+    topk_group: int
+    scoring: str
+    renormalize: bool
+    routed_scaling_factor: float
+    correction_bias: bool
+
+
+@dataclass(frozen=True)
+class DeepseekOptions:
+    """DeepSeek facts read from ``config.json``."""
+
+    mla: MLADims
+    routing: RoutingOptions
+    moe_intermediate_size: int
+    num_shared_experts: int
+    first_k_dense_replace: int
+    softmax_scale: float
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, v3: bool) -> DeepseekOptions:
+        raw = cfg.raw
+
+        def need(key: str) -> Any:
+            if raw.get(key) is None:
+                raise ModelLoadError(f"{cfg.path}/config.json: {cfg.architecture} needs {key!r}")
+            return raw[key]
+
+        mla = MLADims(
+            hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+            q_lora_rank=raw.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
+            qk_nope_head_dim=need("qk_nope_head_dim"), qk_rope_head_dim=need("qk_rope_head_dim"),
+            v_head_dim=need("v_head_dim"), attention_bias=bool(raw.get("attention_bias")),
+            rope_is_neox=v3 and raw.get("rope_interleave") is False)
+        method = raw.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        if method not in _TOPK_METHODS:
+            raise ModelLoadError(f"{cfg.path}: topk_method {method!r} is not supported "
+                                 f"(supported: {', '.join(_TOPK_METHODS)})")
+        grouped = method != "greedy"
+        scoring = raw.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+        routing = RoutingOptions(
+            num_experts=need("n_routed_experts"), top_k=need("num_experts_per_tok"),
+            num_groups=int(raw.get("n_group") or 1) if grouped else 1,
+            topk_group=int(raw.get("topk_group") or 1) if grouped else 1,
+            scoring=scoring, renormalize=bool(raw.get("norm_topk_prob", v3)),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
+            correction_bias=method == "noaux_tc")
+        return cls(mla=mla, routing=routing,
+                   moe_intermediate_size=need("moe_intermediate_size"),
+                   num_shared_experts=int(raw.get("n_shared_experts") or 0),
+                   first_k_dense_replace=int(raw.get("first_k_dense_replace") or 0),
+                   softmax_scale=_softmax_scale(mla.qk_head_dim, cfg.rope_scaling))
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+    """``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under YaRN
+    (DeepSeek scales the whole score, not only the rotary dims)."""
+    scale = qk_head_dim ** -0.5
+    if rope_scaling and rope_scaling.get("mscale_all_dim"):
+        m = _yarn_mscale(float(rope_scaling["factor"]), float(rope_scaling["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class DeepseekMoE(FusedMoE):
+    """Routed experts (``FusedMoE`` storage) through ``moe_grouped_topk``, plus shared
+    experts; the router (``gate``) is fp32, and so is ``e_score_correction_bias`` when the
+    router uses one."""
+
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions) -> None:
+        r = opts.routing
+        super().__init__(ctx, r.num_experts, r.top_k, cfg.hidden_size,
+                         opts.moe_intermediate_size, r.renormalize)
+        self.routing = r
+        # the router runs in fp32 whatever the model dtype, as DeepSeek's reference does
+        self.gate = ReplicatedLinear(replace(ctx, dtype=torch.float32), cfg.hidden_size,
+                                     r.num_experts, bias=False, scheme="unquantized")
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(r.num_experts, dtype=torch.float32, device=ctx.device),
+            requires_grad=False) if r.correction_bias else None
+        self.shared_experts = MLP(ctx, cfg.hidden_size, opts.moe_intermediate_size
+                                  * opts.num_shared_experts) if opts.num_shared_experts else None
+
+    def load(self, name: str, tensor: torch.Tensor, expert: int | None = None) -> None:
+        """``e_score_correction_bias`` (no expert index), else expert ``expert``'s
+        ``w1``/``w2``/``w3`` as :meth:`FusedMoE.load`."""
+        if name == "e_score_correction_bias":
+            if self.e_score_correction_bias is None:
+                raise ValueError("e_score_correction_bias in a checkpoint whose topk_method "
+                                 "is not noaux_tc")
+            self.e_score_correction_bias.data.copy_(tensor.to(torch.float32))
+            return
+        if expert is None:
+            raise ValueError(f"expert weight {name!r} needs an expert index")
+        super().load(name, tensor, expert)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, r = self.ctx.dispatch, self.routing
+        logits = self.gate(x.to(torch.float32))
+        if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
+            # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
+            weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)
+            if r.routed_scaling_factor != 1.0:
+                weights = weights * r.routed_scaling_factor
+        else:
+            weights, ids = d.moe_grouped_topk(
+                logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
+                self.e_score_correction_bias, r.routed_scaling_factor)
+        out = self.ctx.all_reduce(d.fused_moe(x, self.w13, self.w2, weights, ids))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions,
+                 layer_id: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(ctx, opts.mla, cfg.rms_norm_eps, layer_id,
+                                                  opts.softmax_scale, rotary)
+        self.post_attention_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+        if layer_id < opts.first_k_dense_replace:
+            self.mlp: nn.Module = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.mlp = DeepseekMoE(ctx, cfg, opts)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, fwd: ForwardContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(hidden), hidden
+        else:
+            x, residual = self.input_layernorm(hidden, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(positions, x, fwd), residual)
+        return self.mlp(x), residual
+
+
+class DeepseekBackbone(nn.Module):
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(ctx, cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(ctx, opts.mla.qk_rope_head_dim, cfg.max_position,
+                                 cfg.rope_theta, cfg.rope_scaling, opts.mla.rope_is_neox)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(ctx, cfg, opts, i, rotary)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV2ForCausalLM(CausalLM):
+    spec = DecoderSpec(moe_module="mlp")
+    v3 = False
+
+    def build_backbone(self, ctx: LayerContext, cfg: ModelConfig) -> nn.Module:
+        self.options = DeepseekOptions.from_config(cfg, self.v3)
+        return DeepseekBackbone(ctx, cfg, self.options)
+
+    def build_attention_backend(self, page_size: int, device: torch.device,
+                                max_batch_size: int) -> MLABackend:
+        d, cfg = self.options.mla, self.config
+        return self.ctx.dispatch.mla_attention(MLAConfig(
+            num_heads=d.num_heads // self.ctx.tp_size, kv_lora_rank=d.kv_lora_rank,
+            qk_nope_head_dim=d.qk_nope_head_dim, qk_rope_head_dim=d.qk_rope_head_dim,
+            v_head_dim=d.v_head_dim, page_size=page_size, dtype=cfg.dtype, device=device,
+            max_batch_size=max_batch_size, max_context_len=cfg.context_len))
+
+    def _target(self, name: str) -> tuple[str, str, object]:
+        if name.endswith(".gate.e_score_correction_bias"):
+            return name[: -len(".gate.e_score_correction_bias")], "e_score_correction_bias", None
+        if ".self_attn.q_proj." in name:  # no q LoRA: a plain projection, not fused qkv
+            module, _, param = name.rpartition(".")
+            return module, param, None
+        return super()._target(name)
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """As :meth:`CausalLM.load_weights`, skipping V3's multi-token-prediction layers."""
+        n = self.config.num_layers
+
+        def main_layers() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in tensors:
+                m = _LAYER.match(name)
+                if m is None or int(m.group(1)) < n:
+                    yield name, tensor
+
+        return super().load_weights(main_layers())
+
+
+class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
+    v3 = True

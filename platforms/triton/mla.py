@@ -1,0 +1,155 @@
+"""Triton MLA (contract: ``core/kernels/mla.py``): split-KV decode over the latent cache.
+
+Decode absorbs the up-projections: ``q_lat[h] = q_nope[h] @ w_kc[h]`` and, after attention,
+``out[h] = o_lat[h] @ w_vc[h]^T`` (batched matmuls); in between one Triton kernel attends every
+query head over the shared latent rows, as multi-query attention with keys ``[c_kv | k_pe]``
+and values ``c_kv``: one program per (sequence, block of heads, split) reads each latent tile
+once for all its heads, then :func:`decode_reduce_kernel` merges the splits. The split count
+depends only on the batch size and the configured maximum context length, and the kernel
+reads lengths and pages from device tensors, so decode steps can be captured in graphs.
+``write_kv`` and ``extend`` are the torch-native ones (they run on any device).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from heteroserve.core.kernels.attention import AttentionMetadata
+from heteroserve.core.kernels.mla import MLAConfig, MLALayer
+from heteroserve.platforms.cpu.mla import TorchNativeMLA
+from heteroserve.platforms.triton.attention_common import (
+    NEG_INIT, log2_scores, online_softmax_step, page_slots,
+)
+from heteroserve.platforms.triton.attention_decode import choose_num_splits, decode_reduce_kernel
+from heteroserve.platforms.triton.jit_math import exact_fp32, mma
+
+BLOCK_H = 16
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_lat_ptr, q_pe_ptr, cache_ptr, mid_o_ptr, mid_lse_ptr,
+    seq_lens_ptr, kv_indptr_ptr, kv_indices_ptr, sm_scale,
+    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_cs,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    NUM_HEADS: tl.constexpr, LORA: tl.constexpr, ROPE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    page_base = tl.load(kv_indptr_ptr + b)
+    per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = split * per
+    s_hi = tl.minimum(s_lo + per, seq_len)
+
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = heads < NUM_HEADS
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < LORA
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < ROPE
+    q_lat = tl.load(q_lat_ptr + b.to(tl.int64) * stride_qlb + heads[:, None] * stride_qlh
+                    + offs_c[None, :], mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + b.to(tl.int64) * stride_qpb + heads[:, None] * stride_qph
+                   + offs_r[None, :], mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for n0 in range(s_lo, s_hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        n_mask = k_pos < s_hi
+        rows = page_slots(kv_indices_ptr, page_base, k_pos, n_mask, PAGE_SIZE) * stride_cs
+        latent = tl.load(cache_ptr + rows[:, None] + offs_c[None, :],
+                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        k_pe = tl.load(cache_ptr + rows[:, None] + LORA + offs_r[None, :],
+                       mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        qk = mma(q_lat, tl.trans(latent), EXACT_FP32) + mma(q_pe, tl.trans(k_pe), EXACT_FP32)
+        s = log2_scores(qk, sm_scale, 0.0, False)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(s, latent, acc, m_i, l_i, EXACT_FP32)
+
+    has_keys = l_i > 0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    mid = (mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh
+           + split * stride_ms + offs_c[None, :])
+    tl.store(mid, out, mask=h_mask[:, None] & c_mask[None, :])
+    tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
+             mask=h_mask)
+
+
+def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                      out: torch.Tensor, scale: float, meta: AttentionMetadata,
+                      num_splits: int, block_n: int | None = None) -> torch.Tensor:
+    """Fill ``out [B, H, c]`` with each sequence's attention over its latent rows: scores
+    ``scale * (q_lat . c_kv + q_pe . k_pe)``, values ``c_kv``. ``q_lat [B, H, c]``,
+    ``q_pe [B, H, r]`` (last dims contiguous), ``cache [pages, page_size, c + r]``."""
+    bsz, heads, lora = q_lat.shape
+    rope = q_pe.shape[-1]
+    if bsz == 0:
+        return out
+    if block_n is None:
+        block_n = 16 if q_lat.device.type == "cpu" or q_lat.dtype == torch.float32 else 32
+    mid_o = torch.empty((bsz, heads, num_splits, lora), dtype=torch.float32, device=q_lat.device)
+    mid_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q_lat.device)
+    flat = cache.view(-1, cache.shape[-1])
+    block_c = triton.next_power_of_2(lora)
+    _mla_decode_split_kernel[(bsz, triton.cdiv(heads, BLOCK_H), num_splits)](
+        q_lat, q_pe, flat, mid_o, mid_lse, meta.seq_lens, meta.kv_page_indptr,
+        meta.kv_page_indices, float(scale),
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), flat.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        NUM_HEADS=heads, LORA=lora, ROPE=rope, PAGE_SIZE=meta.page_size,
+        NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H, BLOCK_C=block_c,
+        BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=block_n,
+        EXACT_FP32=exact_fp32(q_lat.dtype), num_warps=8 if block_c >= 512 else 4,
+        num_stages=2)
+    decode_reduce_kernel[(bsz, heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, HEAD_DIM=lora,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_c,
+        num_warps=4, USE_PDL=False)
+    return out
+
+
+class TritonMLA(TorchNativeMLA):
+    """MLA with a Triton split-KV decode (graph-safe); ``write_kv`` and ``extend`` from
+    :class:`TorchNativeMLA`. Supports bf16/fp16/fp32, any page size, any head count."""
+
+    graph_safe = True
+
+    def __init__(self, config: MLAConfig) -> None:
+        super().__init__(config)
+        self._splits: dict[int, int] = {}
+
+    def _num_splits(self, batch_size: int, device: torch.device) -> int:
+        if batch_size not in self._splits:
+            self._splits[batch_size] = choose_num_splits(
+                batch_size, triton.cdiv(self.config.num_heads, BLOCK_H),
+                self.config.max_context_len, device)
+        return self._splits[batch_size]
+
+    def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+               w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
+               meta: AttentionMetadata) -> torch.Tensor:
+        self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
+        c = self.config
+        bsz = q_nope.shape[0]
+        if bsz != meta.batch_size:
+            raise ValueError(f"mla decode: expected one query per sequence "
+                             f"({meta.batch_size}), got {bsz}")
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1).contiguous()
+        o_lat = torch.empty((bsz, c.num_heads, c.kv_lora_rank), dtype=q_nope.dtype,
+                            device=q_nope.device)
+        mla_decode_latent(q_lat, q_pe.contiguous(), cache, o_lat, layer.scale, meta,
+                          self._num_splits(bsz, q_nope.device))
+        return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
