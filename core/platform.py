@@ -56,11 +56,14 @@ class Availability:
     ``available`` is False whenever the platform cannot run here; ``reason`` then says why in
     one line a user can act on (missing package, no device, driver too old). When available,
     ``devices`` names each device found (for example ``"NVIDIA H100 80GB HBM3"``).
+    ``simulated``: the platform stands in for its device on another one (a plugin's simulate
+    mode); it can be selected by name but never by ``--platform auto``.
     """
 
     available: bool
     reason: str
     devices: tuple[str, ...] = ()
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
