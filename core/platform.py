@@ -146,6 +146,11 @@ class Platform(ABC):
         """Seed every random generator the platform's kernels use."""
         torch.manual_seed(seed)
 
+    def runtime_versions(self) -> dict[str, str]:
+        """Versions of the device stack beneath torch (driver, runtime, vendor library), for
+        conformance reports. Default: none known. Must not raise."""
+        return {}
+
     def new_stream(self, device: torch.device) -> Any | None:
         """A new side stream for overlap, or None where the platform has no streams."""
         return None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from heteroserve.conformance.provenance import verify_digest
+
 PLUGIN_SOURCE = '''
 """A deliberately broken heteroserve plugin (conformance suite test)."""
 import torch
@@ -154,6 +156,15 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     assert "## Failures" in md and "## Skipped" in md and "takes no fp16" in md
     assert report["platform"] == "cpu" and report["torch_version"] and report["date"]
     assert report["devices"] and "--platform" in report["pytest_args"]
+    # tiers, provenance and the report's digest of itself
+    assert report["tiers"]["correct"]["status"] == "failed" and report["tier_reached"] == "none"
+    assert report["selection"]["deselected"] > 0 and not report["selection"]["complete"]
+    plugins = {p["distribution"]: p for p in report["provenance"]["plugins"]}
+    assert plugins["hs-broken-plugin"]["version"] == "0.1", plugins
+    assert report["provenance"]["torch"]["version"] == report["torch_version"]
+    assert verify_digest(report)
+    assert not verify_digest({**report, "platform": "tampered"})
+    assert "- tier reached: **none** (partial run" in md
 
 
 def test_capabilities_and_skip_ops_are_reported(plugin_path: Path, tmp_path: Path) -> None:
