@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 ("conf_dtype", DTYPE_NAMES.get(conf.case.dtype, str(conf.case.dtype))),
                 ("conf_provider", conf.spec.provider if conf.spec else "platform"),
                 ("conf_tier", tier_of(item.path.stem).value)]
+            if conf.probe_refusal:
+                item.user_properties.append(("conf_probe", conf.probe_refusal))
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ class ReportCollector:
         self.config = config
         self.results: dict[str, ConfResult] = {}
         self.deselected = 0
+        self.probes: dict[str, dict[str, str]] = {}
 
     # -- hooks -----------------------------------------------------------------------------
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
@@ -89,6 +90,9 @@ class ReportCollector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(p for p in report.user_properties if p[0].startswith("conf_"))
         if "conf_op" not in props:
+            return
+        if "conf_probe" in props:
+            self._probe(report, props)
             return
         res = self.results.setdefault(report.nodeid, ConfResult(
             report.nodeid, props["conf_op"], props["conf_impl"], props["conf_kind"],
@@ -104,6 +108,18 @@ class ReportCollector:
             res.outcome, res.message = "skipped", _one_line(report)
         elif report.when == "call" and report.passed and not res.outcome:
             res.outcome = "passed"
+
+    def _probe(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
+        """A claims probe (an xfail parameter): xpassed -> supported but unclaimed."""
+        if report.when != "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+            return
+        if hasattr(report, "wasxfail"):
+            verdict = "supported but unclaimed" if report.passed else "refusal confirmed"
+        else:
+            verdict = "not run"
+        self.probes[report.nodeid] = {
+            "test": report.nodeid, "op": props["conf_op"], "implementation": props["conf_impl"],
+            "refusal": props["conf_probe"], "verdict": verdict}
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.results:
@@ -192,6 +208,8 @@ class ReportCollector:
                        "reason": r.message} for r in results if r.outcome == "skipped"],
             # so partial runs (a time limit, a -k filter) can be merged test by test
             "passes": sorted(r.nodeid for r in results if r.outcome == "passed"),
+            # claims probing (informational): refused cases run anyway
+            "claims": sorted(self.probes.values(), key=lambda p: p["test"]),
             "skip_ops": dict(self.ctx.skip_ops),
             "plugin_failures": [{"plugin": f.plugin, "source": f.source, "error": f.error}
                                 for f in self.ctx.catalog.failures],
@@ -252,6 +270,13 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "|---|---|---|---:|"]
         out += [f"| {op} | {impl} | {reason} | {n} |" for (op, impl, reason), n in
                 sorted(grouped.items())]
+    unclaimed = [p for p in data["claims"] if p["verdict"] == "supported but unclaimed"]
+    if data["claims"]:
+        out += ["", "## Claims probing (informational)", "",
+                f"{len(data['claims'])} refused case(s) run anyway; {len(unclaimed)} passed "
+                "(supported but unclaimed: the `supports()` predicate could say yes).", ""]
+        out += [f"- `{p['test']}`: {p['verdict']} (refused: {p['refusal']})"
+                for p in data["claims"]]
     if data["skip_ops"]:
         out += ["", "## Ops the platform plugin skips", ""]
         out += [f"- `{op}`: {reason}" for op, reason in data["skip_ops"].items()]

@@ -129,7 +129,7 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     proc = _run(plugin_path, tmp_path, [
         "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform", "cpu",
         "--report", str(out), "-q", "-p", "no:cacheprovider",
-        "-k", "broken or (torch_native and (rms_norm or silu_and_mul))"])
+        "-k", "(broken or (torch_native and (rms_norm or silu_and_mul))) and not input_contract"])
     log = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 1, log
     report = json.loads((out / "conformance-cpu.json").read_text())
@@ -165,6 +165,11 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     assert verify_digest(report)
     assert not verify_digest({**report, "platform": "tampered"})
     assert "- tier reached: **none** (partial run" in md
+    # claims probing: the refused fp16 cases were run anyway, and failing, confirm the refusal
+    probes = [p for p in report["claims"] if p["implementation"] == "broken_rms_norm"]
+    assert probes and {p["verdict"] for p in probes} == {"refusal confirmed"}, probes
+    assert all("takes no fp16" in p["refusal"] for p in probes)
+    assert "## Claims probing (informational)" in md
 
 
 def test_capabilities_and_skip_ops_are_reported(plugin_path: Path, tmp_path: Path) -> None:
