@@ -82,6 +82,8 @@ class ReportCollector:
         self.results: dict[str, ConfResult] = {}
         self.deselected = 0
         self.probes: dict[str, dict[str, str]] = {}
+        # taken at the start: the code under test, not what the tree holds when the run ends
+        self.provenance = provenance(ctx)
 
     # -- hooks -----------------------------------------------------------------------------
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
@@ -197,7 +199,7 @@ class ReportCollector:
             "pytest_args": [str(a) for a in self.config.invocation_params.args],
             "torch_version": torch.__version__,
             "heteroserve_version": __version__,
-            "provenance": provenance(self.ctx),
+            "provenance": self.provenance,
             "capabilities": self.ctx.capabilities.describe(),
             "quick": self.ctx.quick,
             "summary": {**counts, "ok": counts["failed"] == 0 and counts["passed"] > 0},

@@ -30,7 +30,8 @@ from heteroserve.core.kernels.attention import (
 from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearMethod, LinearShape, ParamSpec
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
-    MOE_TOPK_SOFTMAX, RMS_NORM, ROTARY, SAMPLING, SILU_AND_MUL, TOKEN_BITMASK_APPLY,
+    MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, RMS_NORM, ROTARY, SAMPLING, SILU_AND_MUL,
+    TOKEN_BITMASK_APPLY,
     FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, GroupedTopKOp, RMSNormOp, RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
 )
@@ -62,7 +63,7 @@ __all__ = [
     # ops and their contracts
     "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "SILU_AND_MUL", "GELU_AND_MUL",
     "ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
-    "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "RMSNormOp", "FusedAddRMSNormOp",
+    "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR", "RMSNormOp", "FusedAddRMSNormOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",
     # attention and linear bases
