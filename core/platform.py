@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +146,12 @@ class Platform(ABC):
     def manual_seed(self, seed: int) -> None:
         """Seed every random generator the platform's kernels use."""
         torch.manual_seed(seed)
+
+    def compile_backend(self) -> str | Callable[..., Any] | None:
+        """The ``torch.compile`` backend for models on this platform (a registered backend
+        name or a backend callable), used only with ``--enable-torch-compile``. Default:
+        None, the platform does not compile and models run eagerly."""
+        return None
 
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the device stack beneath torch (driver, runtime, vendor library), for
