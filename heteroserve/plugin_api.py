@@ -63,7 +63,8 @@ __all__ = [
     # ops and their contracts
     "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "SILU_AND_MUL", "GELU_AND_MUL",
     "ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
-    "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR", "RMSNormOp", "FusedAddRMSNormOp",
+    "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
+    "RMSNormOp", "FusedAddRMSNormOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",
     # attention and linear bases

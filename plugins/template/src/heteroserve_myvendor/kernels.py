@@ -7,7 +7,8 @@ import torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Contract: ``heteroserve.plugin_api.RMSNormOp``. Replace the body with your library's fused kernel."""
+    """Contract: ``heteroserve.plugin_api.RMSNormOp``. Replace the body with your library's
+    fused kernel."""
     import torch_myvendor  # type: ignore[import-not-found]
 
     return torch_myvendor.rms_norm(x, weight, eps)
