@@ -2,7 +2,7 @@
 
 Expands every ``@conformance(...)`` test into (op, implementation, case) parameters, tags
 each item with ``conf_op`` / ``conf_impl`` / ``conf_kind`` / ``conf_dtype`` /
-``conf_provider`` user properties for the report,
+``conf_provider`` / ``conf_tier`` user properties for the report,
 and provides the ``ctx`` (the platform under test) and ``conf`` fixtures.
 """
 
@@ -13,6 +13,7 @@ import pytest
 from heteroserve.conformance.context import DTYPE_NAMES, ConformanceContext
 from heteroserve.conformance.params import MARKER, ConfParam, build_params
 from heteroserve.conformance.plugin import CONTEXT_KEY
+from heteroserve.conformance.tiers import tier_of
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,7 +47,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 ("conf_op", conf.label), ("conf_impl", conf.impl),
                 ("conf_kind", "native" if conf.native else "fallback"),
                 ("conf_dtype", DTYPE_NAMES.get(conf.case.dtype, str(conf.case.dtype))),
-                ("conf_provider", conf.spec.provider if conf.spec else "platform")]
+                ("conf_provider", conf.spec.provider if conf.spec else "platform"),
+                ("conf_tier", tier_of(item.path.stem).value)]
+            if conf.probe_refusal:
+                item.user_properties.append(("conf_probe", conf.probe_refusal))
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ class ConformanceContext:
     catalog: PluginCatalog
     quick: bool = False
     skip_ops: dict[str, str] = field(default_factory=dict)
+    #: refused cases per test and implementation run anyway as claims probes
+    probes_per_test: int = 1
 
     @property
     def name(self) -> str:
@@ -92,7 +94,7 @@ class ConformanceContext:
         return tuple(dict.fromkeys(sizes))
 
 
-def open_context(name: str, quick: bool = False) -> ConformanceContext:
+def open_context(name: str, quick: bool = False, probes_per_test: int = 1) -> ConformanceContext:
     """Load every plugin and select platform ``name``. Raises :class:`ConformanceSetupError`
     (one line plus the platform table) when it is unknown or unavailable."""
     catalog = load_plugins()
@@ -108,4 +110,5 @@ def open_context(name: str, quick: bool = False) -> ConformanceContext:
             f"platform {name}: capabilities() raised {type(exc).__name__}: {exc}") from None
     skip_ops = _parse_skip_ops(catalog.conformance_options.get(platform.name, {}))
     platform.set_device(0)
-    return ConformanceContext(platform, availability, capabilities, catalog, quick, skip_ops)
+    return ConformanceContext(platform, availability, capabilities, catalog, quick, skip_ops,
+                              probes_per_test)

@@ -4,7 +4,9 @@ A test declares its cases with :func:`conformance`; the suite's ``conftest.py`` 
 into one pytest parameter per (case, implementation) named ``<op>-<impl>-<case>``. A case the
 platform's plugin skips (``skip_ops``), the platform's capabilities rule out, or the
 implementation's ``KernelSpec.check`` refuses becomes a skipped parameter whose reason the
-report lists; nothing is dropped silently.
+report lists; nothing is dropped silently. Claims probing runs a sample of the cases an
+implementation refuses anyway (as non-strict xfail parameters): one that passes is reported
+as "supported but unclaimed", so ``supports()`` predicates stay honest both ways.
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ class ConfParam:
     native: bool
     case: Case
     spec: KernelSpec | None = None
+    #: why the implementation refused this case when the parameter is a claims probe
+    probe_refusal: str = ""
 
     @property
     def id(self) -> str:
-        """The pytest id: ``<op>-<impl>-<case>`` (so ``-k <impl>`` selects one implementation)."""
-        return f"{self.label}-{self.impl}-{self.case.name}"
+        """The pytest id: ``<op>-<impl>-<case>`` (so ``-k <impl>`` selects one implementation),
+        ``-probe`` appended for a claims probe."""
+        base = f"{self.label}-{self.impl}-{self.case.name}"
+        return f"{base}-probe" if self.probe_refusal else base
 
     def load(self) -> Any:
         """The implementation (function or class); a failing ``load`` fails the test."""
@@ -94,17 +100,31 @@ def conformance(cases: CaseSource, label: str | None = None,
 
 def _skip_reason(ctx: ConformanceContext, case: Case, spec: KernelSpec | None,
                  label: str) -> str | None:
+    return _skip(ctx, case, spec, label)[0]
+
+
+def _skip(ctx: ConformanceContext, case: Case, spec: KernelSpec | None,
+          label: str) -> tuple[str | None, bool]:
+    """``(reason, refused by the implementation itself)``."""
     for op in (label, case.op):
         if op in ctx.skip_ops:
-            return f"skip_ops of platform {ctx.name}: {ctx.skip_ops[op]}"
+            return f"skip_ops of platform {ctx.name}: {ctx.skip_ops[op]}", False
     reason = case.capability_skip(ctx)
     if reason:
-        return reason
+        return reason, False
     if spec is not None:
         support = spec.check(ctx.request(case.dtype, **case.request_fields()))
         if not support.ok:
-            return f"{spec.name} does not support this case: {support.reason}"
-    return None
+            return f"{spec.name} does not support this case: {support.reason}", True
+    return None, False
+
+
+def _probe(conf: ConfParam, reason: str) -> Any:
+    """A claims probe: the refused case run anyway; passing means "supported but unclaimed",
+    failing means the refusal was honest. Informational: it never fails the run."""
+    probe = ConfParam(conf.label, conf.impl, conf.native, conf.case, conf.spec, reason)
+    mark = pytest.mark.xfail(reason=f"claims probe: {reason}", strict=False)
+    return pytest.param(probe, id=probe.id, marks=[mark])
 
 
 def _param(conf: ConfParam, reason: str | None) -> Any:
@@ -114,8 +134,11 @@ def _param(conf: ConfParam, reason: str | None) -> Any:
 
 def build_params(ctx: ConformanceContext, cases: CaseSource, label: str | None = None,
                  impl: str | None = None) -> list[Any]:
-    """Expand ``cases`` into pytest parameters (see the module docstring)."""
+    """Expand ``cases`` into pytest parameters (see the module docstring). The first
+    ``ctx.probes_per_test`` cases each implementation refuses (its own ``supports()``, not
+    the platform's capabilities) are also run as claims probes."""
     params = []
+    probes: dict[str, int] = {}
     for case in cases(ctx):
         name = label or case.op
         if impl is not None:
@@ -127,5 +150,9 @@ def build_params(ctx: ConformanceContext, cases: CaseSource, label: str | None =
             params.append(_param(ConfParam(name, "none", False, case), None))
         for spec in specs:
             conf = ConfParam(name, spec.name, spec.is_native(ctx.name), case, spec)
-            params.append(_param(conf, _skip_reason(ctx, case, spec, name)))
+            reason, refused = _skip(ctx, case, spec, name)
+            params.append(_param(conf, reason))
+            if refused and reason and probes.get(spec.name, 0) < ctx.probes_per_test:
+                probes[spec.name] = probes.get(spec.name, 0) + 1
+                params.append(_probe(conf, reason))
     return params

@@ -28,6 +28,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write conformance-<platform>.json and .md into DIR")
     group.addoption("--conformance-quick", action="store_true", default=False,
                     help="run a smaller shape grid (smoke test of a new plugin)")
+    group.addoption("--conformance-probes", type=int, default=1, metavar="N",
+                    help="claims probing: run the first N cases per test that each "
+                         "implementation refuses anyway, reporting any that pass as "
+                         "'supported but unclaimed' (0: off, e.g. where a refused case "
+                         "could crash the device)")
 
 
 def _targets_suite(config: pytest.Config) -> bool:
@@ -54,7 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from heteroserve.conformance.report import ReportCollector
 
     try:
-        ctx = open_context(name, quick=bool(config.getoption("conformance_quick")))
+        ctx = open_context(name, quick=bool(config.getoption("conformance_quick")),
+                           probes_per_test=int(config.getoption("conformance_probes")))
     except ConformanceSetupError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONTEXT_KEY] = ctx

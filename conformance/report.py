@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
+from heteroserve.conformance.provenance import DIGEST_FIELD, content_digest, provenance
+from heteroserve.conformance.tiers import reached, summarize
+
 if TYPE_CHECKING:
     from heteroserve.conformance.context import ConformanceContext
 
@@ -34,6 +37,7 @@ class ConfResult:
     kind: str
     provider: str
     dtype: str = ""
+    tier: str = "correct"
     outcome: str = ""
     message: str = ""
     max_rel_err: float | None = None
@@ -76,15 +80,26 @@ class ReportCollector:
         self.report_dir = Path(report_dir) if report_dir else None
         self.config = config
         self.results: dict[str, ConfResult] = {}
+        self.deselected = 0
+        self.probes: dict[str, dict[str, str]] = {}
+        # taken at the start: the code under test, not what the tree holds when the run ends
+        self.provenance = provenance(ctx)
 
     # -- hooks -----------------------------------------------------------------------------
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += len(items)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(p for p in report.user_properties if p[0].startswith("conf_"))
         if "conf_op" not in props:
             return
+        if "conf_probe" in props:
+            self._probe(report, props)
+            return
         res = self.results.setdefault(report.nodeid, ConfResult(
             report.nodeid, props["conf_op"], props["conf_impl"], props["conf_kind"],
-            props.get("conf_provider", ""), props.get("conf_dtype", "")))
+            props.get("conf_provider", ""), props.get("conf_dtype", ""),
+            props.get("conf_tier", "correct")))
         for key, value in report.user_properties:
             if key == "max_rel_err":
                 res.max_rel_err = value if res.max_rel_err is None else max(res.max_rel_err, value)
@@ -96,12 +111,28 @@ class ReportCollector:
         elif report.when == "call" and report.passed and not res.outcome:
             res.outcome = "passed"
 
+    def _probe(self, report: pytest.TestReport, props: dict[str, Any]) -> None:
+        """A claims probe (an xfail parameter): xpassed -> supported but unclaimed."""
+        if report.when != "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+            return
+        if hasattr(report, "wasxfail"):
+            verdict = "supported but unclaimed" if report.passed else "refusal confirmed"
+        else:
+            verdict = "not run"
+        self.probes[report.nodeid] = {
+            "test": report.nodeid, "op": props["conf_op"], "implementation": props["conf_impl"],
+            "refusal": props["conf_probe"], "verdict": verdict}
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.results:
             return
         terminalreporter.section(f"heteroserve conformance: {self.ctx.name}")
         for line in self._table_lines():
             terminalreporter.write_line(line)
+        tiers = summarize((r.tier, r.outcome) for r in self.results.values())
+        terminalreporter.write_line(
+            "tiers: " + ", ".join(f"{t} {v['status']}" for t, v in tiers.items())
+            + f"; tier reached: {'+'.join(reached(tiers)) or 'none'}")
         if self.report_dir is not None:
             terminalreporter.write_line(f"report written to {self._path('md')}")
 
@@ -148,6 +179,7 @@ class ReportCollector:
         """The JSON document (also the source of the Markdown)."""
         from heteroserve import __version__
 
+        tiers = summarize((r.tier, r.outcome) for r in self.results.values())
         results = list(self.results.values())
         counts = {k: sum(r.outcome == k for r in results) for k in ("passed", "failed", "skipped")}
         rows = self.rows()
@@ -155,14 +187,19 @@ class ReportCollector:
             row["max_rel_err"] = _num(row["max_rel_err"])
             row["max_rel_err_by_dtype"] = {k: _num(v) for k, v in
                                            row["max_rel_err_by_dtype"].items()}
-        return {
+        doc = {
             "platform": self.ctx.name,
+            "tier_reached": "+".join(reached(tiers)) or "none",
+            "tiers": tiers,
+            "selection": {"quick": self.ctx.quick, "deselected": self.deselected,
+                          "complete": not self.ctx.quick and self.deselected == 0},
             "devices": list(self.ctx.availability.devices),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": _command_line(),
             "pytest_args": [str(a) for a in self.config.invocation_params.args],
             "torch_version": torch.__version__,
             "heteroserve_version": __version__,
+            "provenance": self.provenance,
             "capabilities": self.ctx.capabilities.describe(),
             "quick": self.ctx.quick,
             "summary": {**counts, "ok": counts["failed"] == 0 and counts["passed"] > 0},
@@ -173,30 +210,51 @@ class ReportCollector:
                        "reason": r.message} for r in results if r.outcome == "skipped"],
             # so partial runs (a time limit, a -k filter) can be merged test by test
             "passes": sorted(r.nodeid for r in results if r.outcome == "passed"),
+            # claims probing (informational): refused cases run anyway
+            "claims": sorted(self.probes.values(), key=lambda p: p["test"]),
             "skip_ops": dict(self.ctx.skip_ops),
             "plugin_failures": [{"plugin": f.plugin, "source": f.source, "error": f.error}
                                 for f in self.ctx.catalog.failures],
         }
+        doc[DIGEST_FIELD] = {"sha256": content_digest(doc),
+                             "of": "this document without this field, as JSON with sorted "
+                                   "keys and compact separators"}
+        return doc
 
 
 def render_markdown(data: dict[str, Any]) -> str:
     """The Markdown view of :meth:`ReportCollector.build`'s document."""
     s = data["summary"]
     verdict = "PASS" if s["ok"] else "FAIL"
+    prov = data["provenance"]
+    hs = prov["heteroserve"]
+    sel = data["selection"]
     out = [f"# heteroserve conformance report: `{data['platform']}` ({verdict})", "",
+           f"- tier reached: **{data['tier_reached']}**"
+           + ("" if sel["complete"] else " (partial run: holds for the selected tests only)"),
            f"- date: {data['date']}",
            f"- devices: {', '.join(data['devices']) or '-'}",
-           f"- torch {data['torch_version']}, heteroserve {data['heteroserve_version']}",
+           f"- torch {data['torch_version']}, heteroserve {data['heteroserve_version']} "
+           f"({hs['git_sha'] or 'no git SHA'})",
+           "- plugins: " + (", ".join(f"{p['distribution']} {p['version']} "
+                                       f"({p['git_sha'] or 'no git SHA'})"
+                                       for p in prov["plugins"]) or "-"),
+           f"- runtime: `{json.dumps(prov['runtime'])}`",
+           f"- digest (sha256 of the JSON report): `{data[DIGEST_FIELD]['sha256']}`",
            f"- command: `{data['command']}`",
            f"- capabilities: `{json.dumps(data['capabilities'])}`",
            f"- grid: {'quick' if data['quick'] else 'full'}",
            f"- result: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped", "",
-           "## Results", "",
-           "Max rel. error: worst `max|out - ref| / max|ref|` against the float64 oracle "
-           "(0 for exact checks); per dtype in the last column.", "",
-           "| op | implementation | kind | provider | passed | failed | skipped "
-           "| max rel. error | by dtype |",
-           "|---|---|---|---|---:|---:|---:|---:|---|"]
+           "## Tiers", "", "| tier | status | passed | failed | skipped |",
+           "|---|---|---:|---:|---:|"]
+    out += [f"| {t} | {v['status']} | {v['passed']} | {v['failed']} | {v['skipped']} |"
+            for t, v in data["tiers"].items()]
+    out += ["", "## Results", "",
+            "Max rel. error: worst `max|out - ref| / max|ref|` against the float64 oracle "
+            "(0 for exact checks); per dtype in the last column.", "",
+            "| op | implementation | kind | provider | passed | failed | skipped "
+            "| max rel. error | by dtype |",
+            "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in data["table"]:
         by = ", ".join(f"{k} {_fmt_err(v)}" for k, v in r["max_rel_err_by_dtype"].items())
         out.append(f"| {r['op']} | {r['implementation']} | {r['kind']} | {r['provider']} | "
@@ -214,6 +272,13 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "|---|---|---|---:|"]
         out += [f"| {op} | {impl} | {reason} | {n} |" for (op, impl, reason), n in
                 sorted(grouped.items())]
+    unclaimed = [p for p in data["claims"] if p["verdict"] == "supported but unclaimed"]
+    if data["claims"]:
+        out += ["", "## Claims probing (informational)", "",
+                f"{len(data['claims'])} refused case(s) run anyway; {len(unclaimed)} passed "
+                "(supported but unclaimed: the `supports()` predicate could say yes).", ""]
+        out += [f"- `{p['test']}`: {p['verdict']} (refused: {p['refusal']})"
+                for p in data["claims"]]
     if data["skip_ops"]:
         out += ["", "## Ops the platform plugin skips", ""]
         out += [f"- `{op}`: {reason}" for op, reason in data["skip_ops"].items()]

@@ -14,6 +14,7 @@ from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import distinct_logits, randn
 from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
+from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
 
 
 def _check_routing(out: object, tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,5 +88,9 @@ def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
     ids = scores.topk(case.top_k, dim=-1).indices.to(torch.int32)
     weights = torch.softmax(torch.randn(case.tokens, case.top_k, generator=gen), dim=-1)
     ids_dev, weights_dev = ids.to(dev), weights.to(dev)
-    out = run_op(fn, lambda: (x, w13, w2, weights_dev, ids_dev))
+    w13_k, w2_k = w13, w2
+    process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
+    if process is not None:  # the implementation's own expert layout, as the MoE layer does
+        w13_k, w2_k = process(w13.clone(), w2.clone())
+    out = run_op(fn, lambda: (x, w13_k, w2_k, weights_dev, ids_dev))
     assert_close(out, oracle.fused_moe(x, w13, w2, weights, ids), dt, "fused_moe", request)

@@ -37,6 +37,7 @@ class ServerArgs:
     disable_overlap_schedule: bool = False
     disable_cuda_graph: bool = False  # SGLang's spelling; disables any platform's graph capture
     cuda_graph_max_bs: int = 256
+    enable_torch_compile: bool = False  # compile with the platform's compile_backend()
 
     tp_size: int = 1
     nnodes: int = 1

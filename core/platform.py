@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +61,14 @@ class Availability:
     ``available`` is False whenever the platform cannot run here; ``reason`` then says why in
     one line a user can act on (missing package, no device, driver too old). When available,
     ``devices`` names each device found (for example ``"NVIDIA H100 80GB HBM3"``).
+    ``simulated``: the platform stands in for its device on another one (a plugin's simulate
+    mode); it can be selected by name but never by ``--platform auto``.
     """
 
     available: bool
     reason: str
     devices: tuple[str, ...] = ()
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,17 @@ class Platform(ABC):
     def manual_seed(self, seed: int) -> None:
         """Seed every random generator the platform's kernels use."""
         torch.manual_seed(seed)
+
+    def compile_backend(self) -> str | Callable[..., Any] | None:
+        """The ``torch.compile`` backend for models on this platform (a registered backend
+        name or a backend callable), used only with ``--enable-torch-compile``. Default:
+        None, the platform does not compile and models run eagerly."""
+        return None
+
+    def runtime_versions(self) -> dict[str, str]:
+        """Versions of the device stack beneath torch (driver, runtime, vendor library), for
+        conformance reports. Default: none known. Must not raise."""
+        return {}
 
     def new_stream(self, device: torch.device) -> Any | None:
         """A new side stream for overlap, or None where the platform has no streams."""

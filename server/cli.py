@@ -1,4 +1,4 @@
-"""The ``heteroserve`` command: serve, generate, bench, platforms, conformance.
+"""The ``heteroserve`` command: serve, generate, bench, platforms, conformance, bisect.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
 ``run(args) -> int``; this module only wires them and turns expected errors into one
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": "heteroserve.server.bench_cmd",
     "platforms": "heteroserve.server.platforms_cmd",
     "conformance": "heteroserve.server.conformance_cmd",
+    "bisect": "heteroserve.server.bisect_cmd",
 }
 
 

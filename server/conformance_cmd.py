@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+PYTEST_MISSING = ("heteroserve conformance needs pytest, which is not installed: "
+                  "pip install 'heteroserve[conformance]'")
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        import pytest  # noqa: F401  (the suite is a pytest plugin)
+    except ImportError:
+        print(PYTEST_MISSING, file=sys.stderr)
+        return 2
     from heteroserve.conformance.runner import run_conformance
 
     extra = [a for a in args.pytest_args if a != "--"]

@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--quant-scheme", default="unquantized")
     p.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
+    p.add_argument("--verbose", action="store_true",
+                   help="with --explain: every rejected candidate on its own line")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -87,7 +89,50 @@ def _explain(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> dic
     return table
 
 
-def _print_text(data: dict) -> None:
+OTHER_PLATFORM = "runs only on "  # KernelSpec.check's reason for a platform mismatch
+
+
+def grouped_rejections(rejected: list[dict]) -> str:
+    """One line for an op's rejected candidates: identical reasons grouped with their names
+    in parentheses, most common first; candidates for other platforms folded into one count
+    (``lower priority than torch_native (splitkv_decode); 6 for other platforms (cuda, rocm)``)."""
+    by_reason: dict[str, list[str]] = {}
+    elsewhere: dict[str, None] = {}
+    for rej in rejected:
+        if rej["reason"].startswith(OTHER_PLATFORM):
+            for name in rej["reason"].removeprefix(OTHER_PLATFORM).split(", "):
+                elsewhere[name] = None
+            by_reason.setdefault("", []).append(rej["name"])
+            continue
+        by_reason.setdefault(rej["reason"], []).append(rej["name"])
+    others = by_reason.pop("", [])
+    groups = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    parts = [f"{reason} ({', '.join(names)})" for reason, names in groups]
+    if others:
+        parts.append(f"{len(others)} for other platforms ({', '.join(sorted(elsewhere))})")
+    return "; ".join(parts)
+
+
+def _print_dispatch(dispatch: dict, verbose: bool) -> None:
+    req = dispatch["request"]
+    print(f"  dispatch for dtype={req['dtype']} head_size={req['head_size']} "
+          f"page_size={req['page_size']} quant={req['quant_scheme']}:")
+    for op, row in dispatch["ops"].items():
+        if row.get("chosen") is None:
+            print(f"    {op:<24} -> (none) {row.get('error', '')}")
+            continue
+        head = f"    {op:<24} -> {row['chosen']} ({row['kind']}, {row['provider']})"
+        if verbose:
+            print(head)
+            for rej in row["rejected"]:
+                print(f"    {'':<24}    not {rej['name']}: {rej['reason']}")
+        elif row["rejected"]:
+            print(f"{head}; not: {grouped_rejections(row['rejected'])}")
+        else:
+            print(head)
+
+
+def _print_text(data: dict, verbose: bool = False) -> None:
     for name, info in data["platforms"].items():
         state = "available" if info["available"] else "unavailable"
         print(f"{name}  [{state}]  from {info['source']}  priority {info['priority']}")
@@ -98,16 +143,7 @@ def _print_text(data: dict) -> None:
         print("  capabilities: " + ", ".join(f"{k}={v}" for k, v in caps.items()))
         dispatch = info.get("dispatch")
         if dispatch:
-            req = dispatch["request"]
-            print(f"  dispatch for dtype={req['dtype']} head_size={req['head_size']} "
-                  f"page_size={req['page_size']} quant={req['quant_scheme']}:")
-            for op, row in dispatch["ops"].items():
-                if row.get("chosen") is None:
-                    print(f"    {op:<24} -> (none) {row.get('error', '')}")
-                    continue
-                print(f"    {op:<24} -> {row['chosen']} ({row['kind']}, {row['provider']})")
-                for rej in row["rejected"]:
-                    print(f"    {'':<24}    not {rej['name']}: {rej['reason']}")
+            _print_dispatch(dispatch, verbose)
         print()
     for f in data["failed_plugins"]:
         print(f"plugin {f['plugin']} ({f['source']}) failed to load: {f['error']}")
@@ -118,5 +154,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        _print_text(data)
+        _print_text(data, verbose=args.verbose)
     return 0

@@ -37,6 +37,20 @@ def communicator_cases(ctx: ConformanceContext) -> list[CommCase]:
 
 
 @dataclass(frozen=True)
+class WorldCase(Case):
+    """A process group of ``world_size`` ranks of the platform's backend (with 4 ranks, the
+    two 2-rank subgroups are checked too)."""
+
+    world_size: int
+
+
+def world_cases(ctx: ConformanceContext) -> list[WorldCase]:
+    """Four ranks (world sizes 4 and, over subgroups, 2) in the platform's first dtype."""
+    dt = ctx.capabilities.dtypes[0]
+    return [WorldCase("communicator", f"{DTYPE_NAMES.get(dt, dt)}-world4+2", dt, 4)]
+
+
+@dataclass(frozen=True)
 class ModelCase(Case):
     """A tiny random-weight ``arch`` model (``core.models.tiny``), ``new_tokens`` greedy."""
 

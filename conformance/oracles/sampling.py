@@ -40,3 +40,13 @@ def support(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     if min_p > 0.0:
         keep &= probs >= min_p * probs.max() - _EPS
     return keep
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 min_p: float) -> torch.Tensor:
+    """float64 ``[V]``: the distribution a sampled row draws from, the temperature-scaled
+    softmax restricted to :func:`support` and renormalised. Exact only where no token sits
+    on a filter's boundary (the statistical cases keep wide margins)."""
+    probs = probabilities(logits, temperature)
+    kept = probs * support(logits, temperature, top_k, top_p, min_p)
+    return kept / kept.sum()

@@ -114,7 +114,17 @@ class FusedMoEOp(Protocol):
         ``x [T, H]``; ``w13 [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up); ``w2 [E, H, I]``;
         ``topk_weights`` fp32 ``[T, k]``; ``topk_ids`` int ``[T, k]`` in ``[0, E)``.
         ``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
-        ``e = topk_ids[t, j]``. Returns ``[T, H]`` in ``x.dtype``."""
+        ``e = topk_ids[t, j]``. Returns ``[T, H]`` in ``x.dtype``.
+
+        Weight processing (optional): an implementation that wants the experts in its own
+        layout (shuffled, interleaved, re-tiled) has an attribute
+        ``process_weights_after_loading(w13, w2) -> (w13, w2)``, see
+        :data:`MOE_PROCESS_WEIGHTS_ATTR`; the MoE layer calls it once after loading and then
+        passes only the returned tensors to this op."""
+
+
+#: name of the optional weight-processing attribute of a ``fused_moe`` implementation
+MOE_PROCESS_WEIGHTS_ATTR = "process_weights_after_loading"
 
 
 @dataclass

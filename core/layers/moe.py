@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.layers.linear import ReplicatedLinear
 
@@ -40,6 +41,16 @@ class FusedMoE(nn.Module):
             self.w2.data[expert].copy_(tensor[:, r * i:(r + 1) * i])
         else:
             raise ValueError(f"unknown expert weight {name!r}")
+
+    def process_weights_after_loading(self) -> None:
+        """Let the ``fused_moe`` implementation convert the loaded experts to its own layout
+        once (its optional ``process_weights_after_loading(w13, w2)``, see ``FusedMoEOp``)."""
+        process = getattr(self.ctx.dispatch.fused_moe, MOE_PROCESS_WEIGHTS_ATTR, None)
+        if process is None:
+            return
+        w13, w2 = process(self.w13.data, self.w2.data)
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.ctx.dispatch

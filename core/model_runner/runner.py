@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import LinearBase
+from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
 from heteroserve.core.model_runner import kv_storage
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
@@ -22,6 +24,17 @@ from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import Platform
 
 logger = logging.getLogger(__name__)
+
+
+def compile_model(model: torch.nn.Module, platform: Platform) -> Callable[..., torch.Tensor]:
+    """``model`` compiled with the platform's ``compile_backend()`` (dynamic shapes), or the
+    model itself, with a warning, when the platform names no backend."""
+    backend = platform.compile_backend()
+    if backend is None:
+        logger.warning("--enable-torch-compile: platform %s has no compile backend; running "
+                       "eagerly", platform.name)
+        return model
+    return torch.compile(model, backend=backend, dynamic=True)
 
 
 class ModelRunner:
@@ -50,6 +63,8 @@ class ModelRunner:
         self.max_total_tokens = self.kv.num_tokens
         self.max_context_len = cfg.context_len
         self.vocab_size = cfg.vocab_size
+        self.model_call = compile_model(self.model, platform) \
+            if server_args.enable_torch_compile else self.model
         self.graphs: Any = None
         if platform.capabilities().graph_capture and not server_args.disable_cuda_graph:
             from heteroserve.core.model_runner.graph_decode import DecodeGraphs
@@ -73,7 +88,7 @@ class ModelRunner:
                 raise ModelLoadError(f"{cfg.path}: checkpoint has no weights for {len(missing)} "
                                      f"module(s), e.g. {', '.join(missing[:3])}")
         for module in self.model.modules():
-            if isinstance(module, LinearBase):
+            if isinstance(module, (LinearBase, FusedMoE)):
                 module.process_weights_after_loading()
 
     def _allocate_kv(self) -> kv_storage.KVStorage:
@@ -101,7 +116,7 @@ class ModelRunner:
     def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         self.backend.prepare(batch.attn)
         fwd = ForwardContext(self.backend, self.kv.k_caches, self.kv.v_caches, batch.attn)
-        hidden = self.model(batch, fwd)
+        hidden = self.model_call(batch, fwd)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:

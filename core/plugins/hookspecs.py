@@ -7,6 +7,10 @@ cuda, rocm, xpu, npu) and an out-of-tree vendor's package::
     [project.entry-points."heteroserve.platforms"]
     myvendor = "myvendor_heteroserve.plugin"
 
+A plugin imports ``heteroserve.plugin_api`` only and declares the API version it was built
+for (``HETEROSERVE_PLUGIN_API = "1.0"`` on the entry-point module); the loader refuses an
+incompatible one by name (:mod:`heteroserve.core.plugins.api_version`).
+
 Hooks are called once at start-up, never on the hot path. Each plugin's hooks are called
 separately so that one plugin raising is reported with its error while the others load.
 A hook implementation whose name or arguments match no spec below is rejected at load time

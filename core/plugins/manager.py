@@ -12,7 +12,7 @@ import pluggy
 
 from heteroserve.core.kernels.registry import KernelRegistry
 from heteroserve.core.platform import Availability, Platform
-from heteroserve.core.plugins import hookspecs
+from heteroserve.core.plugins import api_version, hookspecs
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class PluginCatalog:
     platforms: dict[str, PlatformEntry] = field(default_factory=dict)
     registry: KernelRegistry = field(default_factory=KernelRegistry)
     failures: list[PluginFailure] = field(default_factory=list)
+    #: one-line remarks about plugins that loaded (an undeclared plugin API version)
+    notes: list[str] = field(default_factory=list)
     conformance_options: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def availability_table(self) -> str:
@@ -60,6 +62,7 @@ class PluginCatalog:
         for name, entry in sorted(self.platforms.items()):
             a = entry.availability
             state = "available" if a.available else f"unavailable: {a.reason}"
+            state += " (simulated; never chosen by auto)" if a.simulated else ""
             lines.append(f"  {name} ({entry.source}): {state}")
         for f in self.failures:
             lines.append(f"  plugin {f.plugin} ({f.source}) failed to load: {f.error}")
@@ -68,12 +71,14 @@ class PluginCatalog:
     def select(self, name: str = "auto") -> Platform:
         """Return the platform ``name`` (or the best available one for ``"auto"``).
 
-        Raises :class:`PlatformSelectionError` listing every platform and why each is
+        ``auto`` never picks a simulated platform, whatever its priority. Raises
+        :class:`PlatformSelectionError` listing every platform and why each is
         unavailable when ``name`` is unknown or unavailable, or when two available platforms
         tie for the top priority under ``auto``.
         """
         if name == "auto":
-            ready = [e for e in self.platforms.values() if e.availability.available]
+            ready = [e for e in self.platforms.values()
+                     if e.availability.available and not e.availability.simulated]
             if not ready:
                 raise PlatformSelectionError(
                     f"no platform is available:\n{self.availability_table()}")
@@ -100,7 +105,16 @@ def _plugin_source(plugin: object, default: str) -> str:
 
 
 def _register_plugin(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
-                     failures: list[PluginFailure]) -> bool:
+                     catalog: PluginCatalog) -> bool:
+    failures = catalog.failures
+    try:
+        note = api_version.check_declared(
+            name, getattr(plugin, api_version.DECLARATION_ATTR, None))
+    except api_version.PluginApiVersionError as exc:
+        failures.append(PluginFailure(name, source, str(exc)))
+        return False
+    if note and source != hookspecs.PROJECT:  # built-in platforms ship with the API itself
+        catalog.notes.append(note)
     try:
         pm.register(plugin, name=name)
         pm.check_pending()
@@ -134,7 +148,7 @@ def load_plugins(extra_plugins: Iterable[tuple[str, object]] = (),
     candidates += [(name, _plugin_source(obj, "in-process"), obj) for name, obj in extra_plugins]
     sources: dict[str, str] = {}
     for name, source, plugin in candidates:
-        if _register_plugin(pm, plugin, name, source, catalog.failures):
+        if _register_plugin(pm, plugin, name, source, catalog):
             sources[name] = source
     for name, source in sources.items():
         plugin = pm.get_plugin(name)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import shutil
+import subprocess
 from typing import Any
 
 import torch
@@ -86,6 +89,26 @@ class CudaPlatform(TorchCudaDeviceServices, Platform):
         from heteroserve.platforms.triton.pdl import pdl_enabled
 
         return pdl_enabled(torch.device("cuda", 0))
+
+    def runtime_versions(self) -> dict[str, str]:
+        """CUDA runtime torch was built with, the driver (from nvidia-smi), NCCL, flashinfer."""
+        out = {"cuda_runtime": str(torch.version.cuda)}
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                query = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       text=True, capture_output=True, timeout=20)
+                out["driver"] = query.stdout.strip().splitlines()[0] if query.stdout else "?"
+            except (OSError, subprocess.SubprocessError):
+                out["driver"] = "nvidia-smi failed"
+        if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
+            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        for dist in ("flashinfer-python", "triton"):
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return out
 
     def make_communicator(self, group: Any | None = None) -> Communicator:
         """Collectives over ``group`` through torch.distributed's ``nccl`` backend."""

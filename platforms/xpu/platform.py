@@ -10,6 +10,7 @@ it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import sys
 from typing import Any
@@ -23,19 +24,47 @@ from heteroserve.core.platform import (
 )
 
 IPEX_MODULE = "intel_extension_for_pytorch"
-IPEX_HINT = ("pip install heteroserve[xpu] (intel-extension-for-pytorch; optional, and only "
-             "for the exact torch version its release pins)")
+IPEX_DIST = "intel-extension-for-pytorch"
+IPEX_HINT = ("optional: pip install intel-extension-for-pytorch==<the release built for this "
+             "torch's major.minor>; heteroserve[xpu] does not pull it, so it never brings a "
+             "second torch")
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    parts = version.split("+")[0].split(".")[:2]
+    return tuple(int(p) for p in parts if p.isdigit())
+
+
+def _ipex_version() -> str | None:
+    """IPEX's version from the imported module or its distribution metadata (imports
+    nothing); None when neither says."""
+    module = sys.modules.get(IPEX_MODULE)
+    version = getattr(module, "__version__", None) if module is not None else None
+    if version is None:
+        try:
+            version = importlib.metadata.version(IPEX_DIST)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return str(version)
 
 
 def ipex_missing() -> str | None:
-    """Why IPEX cannot be imported here, or None when it can (imports nothing)."""
-    if IPEX_MODULE in sys.modules:
-        return None
-    try:
-        found = importlib.util.find_spec(IPEX_MODULE) is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"intel-extension-for-pytorch is not installed ({IPEX_HINT})"
+    """Why IPEX cannot be used here, or None when it can (imports nothing): not installed,
+    or a release built for another torch (each IPEX release pins one torch major.minor, and
+    importing a mismatched one breaks); then every op runs on ``torch.xpu`` alone."""
+    if IPEX_MODULE not in sys.modules:
+        try:
+            found = importlib.util.find_spec(IPEX_MODULE) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"intel-extension-for-pytorch is not installed ({IPEX_HINT})"
+    version = _ipex_version()
+    if version is not None and _major_minor(version) != _major_minor(torch.__version__):
+        return (f"intel-extension-for-pytorch {version} is built for torch "
+                f"{'.'.join(map(str, _major_minor(version)))}, this is torch {torch.__version__}"
+                " (the xpu platform runs on torch.xpu alone)")
+    return None
 
 
 def _xpu() -> Any | None:
@@ -68,7 +97,10 @@ class XpuPlatform(Platform):
             return Availability(False, f"torch.xpu is not available: {why}")
         count = int(xpu.device_count())
         names = tuple(str(xpu.get_device_name(i)) for i in range(count))
-        return Availability(True, f"{count} Intel GPU(s)", names)
+        ipex = ipex_missing()
+        return Availability(True, f"{count} Intel GPU(s); "
+                                  + (f"IPEX unused: {ipex}" if ipex else "IPEX kernels enabled"),
+                            names)
 
     def capabilities(self) -> PlatformCapabilities:
         xpu = _xpu()
@@ -79,7 +111,7 @@ class XpuPlatform(Platform):
             kv_layouts=(KVLayout.NHD, KVLayout.HND),
             graph_capture=xpu is not None and hasattr(xpu, "XPUGraph"),
             distributed_backend="xccl",
-            extra={"ipex": "available" if ipex_missing() is None else "not installed"},
+            extra={"ipex": "available" if ipex_missing() is None else "unused"},
         )
 
     # -- device services --------------------------------------------------------------------

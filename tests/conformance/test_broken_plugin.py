@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from heteroserve.conformance.provenance import verify_digest
+
 PLUGIN_SOURCE = '''
 """A deliberately broken heteroserve plugin (conformance suite test)."""
 import torch
@@ -127,7 +129,7 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     proc = _run(plugin_path, tmp_path, [
         "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform", "cpu",
         "--report", str(out), "-q", "-p", "no:cacheprovider",
-        "-k", "broken or (torch_native and (rms_norm or silu_and_mul))"])
+        "-k", "(broken or (torch_native and (rms_norm or silu_and_mul))) and not input_contract"])
     log = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 1, log
     report = json.loads((out / "conformance-cpu.json").read_text())
@@ -154,6 +156,20 @@ def test_broken_kernels_fail_and_correct_ones_pass(plugin_path: Path, tmp_path: 
     assert "## Failures" in md and "## Skipped" in md and "takes no fp16" in md
     assert report["platform"] == "cpu" and report["torch_version"] and report["date"]
     assert report["devices"] and "--platform" in report["pytest_args"]
+    # tiers, provenance and the report's digest of itself
+    assert report["tiers"]["correct"]["status"] == "failed" and report["tier_reached"] == "none"
+    assert report["selection"]["deselected"] > 0 and not report["selection"]["complete"]
+    plugins = {p["distribution"]: p for p in report["provenance"]["plugins"]}
+    assert plugins["hs-broken-plugin"]["version"] == "0.1", plugins
+    assert report["provenance"]["torch"]["version"] == report["torch_version"]
+    assert verify_digest(report)
+    assert not verify_digest({**report, "platform": "tampered"})
+    assert "- tier reached: **none** (partial run" in md
+    # claims probing: the refused fp16 cases were run anyway, and failing, confirm the refusal
+    probes = [p for p in report["claims"] if p["implementation"] == "broken_rms_norm"]
+    assert probes and {p["verdict"] for p in probes} == {"refusal confirmed"}, probes
+    assert all("takes no fp16" in p["refusal"] for p in probes)
+    assert "## Claims probing (informational)" in md
 
 
 def test_capabilities_and_skip_ops_are_reported(plugin_path: Path, tmp_path: Path) -> None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from heteroserve import hookimpl
-from heteroserve.core.kernels import ops
-from heteroserve.core.kernels.registry import KernelRegistry, KernelRequest, KernelSpec, Support
+from heteroserve.plugin_api import (
+    ATTENTION, KernelRegistry, KernelRequest, KernelSpec, Support, hookimpl,
+)
+
+#: the plugin API version this plugin was built for (the loader refuses incompatible ones)
+HETEROSERVE_PLUGIN_API = "1.0"
 
 
 def _load() -> Any:
@@ -30,5 +33,5 @@ def _supports(request: KernelRequest) -> Support:
 @hookimpl
 def heteroserve_register_kernels(registry: KernelRegistry) -> None:
     registry.register(KernelSpec(
-        op=ops.ATTENTION, name="splitkv_decode", load=_load, platforms=("cpu",), priority=-150,
+        op=ATTENTION, name="splitkv_decode", load=_load, platforms=("cpu",), priority=-150,
         supports=_supports, description="torch split-KV decode (flash-decoding), example plugin"))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
-from heteroserve.platforms.cpu.attention import TorchNativeAttention
+from heteroserve.plugin_api import AttentionLayer, AttentionMetadata, TorchNativeAttention
 
 CHUNK = 32
 

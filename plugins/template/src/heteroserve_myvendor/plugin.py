@@ -1,4 +1,4 @@
-"""Hook implementations (see heteroserve/core/plugins/hookspecs.py for every hook)."""
+"""Hook implementations (the hooks are documented in docs/plugin-authoring.md)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from typing import Any
 
 import torch
 
-from heteroserve import hookimpl
-from heteroserve.core.kernels import ops
-from heteroserve.core.kernels.registry import KernelRegistry, KernelRequest, KernelSpec, Support
+from heteroserve.plugin_api import (
+    RMS_NORM, KernelRegistry, KernelRequest, KernelSpec, Support, hookimpl, torch_native,
+)
 
-from heteroserve_myvendor.platform import MyVendorPlatform
+from heteroserve_myvendor.platform import MyVendorPlatform, simulating
+
+#: the plugin API version this plugin was built for (the loader refuses incompatible ones)
+HETEROSERVE_PLUGIN_API = "1.0"
 
 
 @hookimpl
@@ -19,6 +22,8 @@ def heteroserve_platforms() -> list[MyVendorPlatform]:
 
 
 def _load_rms_norm() -> Any:
+    if simulating():  # no device yet: the torch-native kernel stands in for yours
+        return torch_native(RMS_NORM)
     from heteroserve_myvendor.kernels import rms_norm  # imports your vendor library lazily
 
     return rms_norm
@@ -34,7 +39,7 @@ def _supports_rms_norm(request: KernelRequest) -> Support:
 def heteroserve_register_kernels(registry: KernelRegistry) -> None:
     # Every op you do not register falls back to the torch-native implementation.
     registry.register(KernelSpec(
-        op=ops.RMS_NORM, name="myvendor", load=_load_rms_norm, platforms=("myvendor",),
+        op=RMS_NORM, name="myvendor", load=_load_rms_norm, platforms=("myvendor",),
         priority=10, supports=_supports_rms_norm, description="MyVendor fused RMSNorm"))
 
 
