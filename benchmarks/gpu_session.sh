@@ -84,7 +84,7 @@ serve_llama8b() {
 }
 sglang_bench_serving() {
   serve_llama8b || return
-  for backend in vllm sglang-oai; do
+  for backend in ${SERVING_BACKENDS:-vllm sglang-oai}; do
     for mc in ${SERVING_LEVELS:-1 16 64}; do
       n=$(( mc == 1 ? 16 : 4 * mc ))
       timeout 240 python3 .carry/bench_serving.py --backend $backend \
@@ -92,7 +92,7 @@ sglang_bench_serving() {
         --dataset-name random-ids --random-input-len 1024 --random-output-len 256 \
         --random-range-ratio 1 --num-prompts $n --max-concurrency $mc --seed 1 \
         --output-file "$OUT/sglang_bench_serving.jsonl" --disable-tqdm 2>&1 \
-        | grep -E "Backend|Max request concurrency|Successful|Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Median TPOT"
+        | grep -E "Backend|Max request concurrency|Successful|Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Median TPOT|Error|Traceback"
     done
   done
   kill -TERM $SERVE_PID; wait $SERVE_PID; stamp "server exit code $?"

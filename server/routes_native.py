@@ -157,7 +157,12 @@ async def get_server_info(ctx: ServerContext = Depends(get_context)) -> dict[str
     args = dataclasses.asdict(ctx.server_args)
     args.pop("api_key", None)
     info = ctx.client.info
-    return json_safe({**args, "engine": dataclasses.asdict(info), "stats": ctx.client.get_stats()})
+    stats = ctx.client.get_stats()
+    # SGLang's clients (bench_serving) read per-rank internal states; no speculative decoding
+    internal = {"avg_spec_accept_length": None, "num_running_reqs": stats.get("num_running"),
+                "num_waiting_reqs": stats.get("num_waiting"), "token_usage": stats.get("kv_usage")}
+    return json_safe({**args, "engine": dataclasses.asdict(info), "stats": stats,
+                      "internal_states": [internal]})
 
 
 @ops_router.get("/health")
