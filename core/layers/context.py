@@ -9,12 +9,15 @@ import torch
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import AttentionBackend, AttentionMetadata
 from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.quantization.base import QuantFormat
 
 
 @dataclass
 class LayerContext:
     """Build-time facts: the dispatch table, parameter dtype and device, and this rank's place
-    in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``)."""
+    in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``).
+    ``quant``: the checkpoint's quantization format (None: every linear layer uses
+    ``quant_scheme``)."""
 
     dispatch: DispatchTable
     dtype: torch.dtype
@@ -23,6 +26,7 @@ class LayerContext:
     tp_size: int = 1
     communicator: Communicator | None = None
     quant_scheme: str = "unquantized"
+    quant: QuantFormat | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)

@@ -7,6 +7,7 @@ from torch import nn
 
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.layers.linear import ReplicatedLinear
+from heteroserve.core.quantization.base import QuantizationError
 
 
 class FusedMoE(nn.Module):
@@ -16,15 +17,20 @@ class FusedMoE(nn.Module):
     tensor, expert)`` (Mixtral names; Qwen's gate/up/down map onto them)."""
 
     def __init__(self, ctx: LayerContext, num_experts: int, top_k: int, hidden_size: int,
-                 intermediate_size: int, renormalize: bool) -> None:
+                 intermediate_size: int, renormalize: bool, prefix: str = "") -> None:
         super().__init__()
+        if ctx.quant is not None and any(ctx.quant.experts_quantized(f"{prefix}.experts.0.{p}")
+                                         for p in ("w1", "gate_proj")):
+            raise QuantizationError(f"{prefix}.experts: quantized MoE experts "
+                                    f"({ctx.quant.method}) are not supported yet; list them in "
+                                    "the format's ignore list to keep them unquantized")
         if intermediate_size % ctx.tp_size:
             raise ValueError(f"moe intermediate size {intermediate_size} is not divisible by "
                              f"tensor-parallel size {ctx.tp_size}")
         self.ctx, self.top_k, self.renormalize = ctx, top_k, renormalize
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
-                                     scheme="unquantized")
+                                     scheme="unquantized", prefix=f"{prefix}.gate")
         make = lambda *shape: nn.Parameter(  # noqa: E731
             torch.empty(*shape, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
         self.w13 = make(num_experts, 2 * self.inter, hidden_size)

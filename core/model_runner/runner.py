@@ -19,6 +19,7 @@ from heteroserve.core.model_runner.forward_batch import ForwardBatch
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import Platform
+from heteroserve.core.quantization import QuantFormat
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,17 @@ class ModelRunner:
 
     def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
                  model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
-                 communicator: Communicator | None = None, device_index: int | None = None) -> None:
+                 communicator: Communicator | None = None, device_index: int | None = None,
+                 quant: QuantFormat | None = None) -> None:
         self.server_args, self.platform, self.dispatch = server_args, platform, dispatch
         self.model_config = cfg = model_config
         self.page_size = page_size
         self.device = platform.device(server_args.device_index if device_index is None else device_index)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
-                           communicator if tp_size > 1 else None, dispatch.request.quant_scheme)
+                           communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
+                           quant)
+        self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()
         attn_heads = self.model.model.layers[0].self_attn.attn
@@ -74,6 +78,9 @@ class ModelRunner:
             if missing:
                 raise ModelLoadError(f"{cfg.path}: checkpoint has no weights for {len(missing)} "
                                      f"module(s), e.g. {', '.join(missing[:3])}")
+            for module in self.model.modules():
+                if isinstance(module, LinearBase):
+                    module.check_loaded()
         for module in self.model.modules():
             if isinstance(module, LinearBase):
                 module.process_weights_after_loading()

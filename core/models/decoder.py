@@ -40,11 +40,14 @@ class DecoderSpec:
 class SelfAttention(nn.Module):
     def __init__(self, ctx: LayerContext, cfg: ModelConfig, spec: DecoderSpec, layer_id: int) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(ctx, cfg.hidden_size, cfg.head_dim, cfg.num_heads,
-                                          cfg.num_kv_heads, spec.qkv_bias)
+        prefix = f"model.layers.{layer_id}.self_attn"
+        self.qkv_proj = QKVParallelLinear(
+            ctx, cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, spec.qkv_bias,
+            source_names=(f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"))
         heads, kv_heads, hd = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size, self.head_dim = heads * hd, kv_heads * hd, hd
-        self.o_proj = RowParallelLinear(ctx, cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(ctx, cfg.num_heads * hd, cfg.hidden_size, bias=False,
+                                        prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
         rotary_dim = int(hd * cfg.raw.get("partial_rotary_factor", 1.0))
@@ -70,11 +73,14 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, ctx: LayerContext, hidden: int, inter: int) -> None:
+    def __init__(self, ctx: LayerContext, hidden: int, inter: int, prefix: str = "") -> None:
         super().__init__()
         self.ctx = ctx
-        self.gate_up_proj = MergedColumnParallelLinear(ctx, hidden, [inter, inter], bias=False)
-        self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            ctx, hidden, [inter, inter], bias=False,
+            source_names=[f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False,
+                                           prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
@@ -95,11 +101,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
         if spec.moe_module:
             moe = FusedMoE(ctx, cfg.num_experts, cfg.top_k, cfg.hidden_size,
-                           cfg.moe_intermediate_size, cfg.norm_topk_prob)
+                           cfg.moe_intermediate_size, cfg.norm_topk_prob,
+                           prefix=f"model.layers.{layer_id}.{spec.moe_module}")
             setattr(self, spec.moe_module, moe)
             self.feed_forward: nn.Module = moe
         else:
-            self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size,
+                           prefix=f"model.layers.{layer_id}.mlp")
             self.feed_forward = self.mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
@@ -185,7 +193,12 @@ class CausalLM(nn.Module):
                 module = self.get_submodule(module_path)
             except AttributeError:
                 raise ModelLoadError(f"checkpoint tensor {name} has no matching module") from None
-            module.load(param, tensor, shard)
+            try:
+                module.load(param, tensor, shard)
+            except ModelLoadError:
+                raise
+            except ValueError as exc:
+                raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
             filled.add(f"{module_path}.{param}")
         return filled
 
