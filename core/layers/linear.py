@@ -99,7 +99,8 @@ class LinearBase(nn.Module):
         self.method.process_weights_after_loading(self)
 
     def _replace(self, name: str, tensor: torch.Tensor) -> None:
-        delattr(self, name)
+        if name in self._parameters:
+            delattr(self, name)
         self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,12 @@ class LinearBase(nn.Module):
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ValueError(f"{name}: checkpoint shape {list(tensor.shape)} does not match "
                              f"{list(dest.shape)}")
+        shared = spec.output_dim is None and spec.input_dim is not None  # e.g. g_idx
+        if shared and any(n == name for n, _ in self._loaded):
+            if not torch.equal(dest, tensor.to(dest.dtype)):
+                raise ValueError(f"{name} differs between the fused shards of {self.prefix}; "
+                                 "they share one input and must share it")
+            return
         dest.copy_(tensor.to(dest.dtype))
 
     def check_loaded(self) -> None:
