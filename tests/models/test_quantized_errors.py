@@ -90,3 +90,19 @@ def test_startup_block_names_format_and_kernel(base, tmp_path) -> None:
     block = startup_block(platform, load_plugins(), dispatch, runner)
     assert "quantization gptq (v1 layout, 4-bit, group 32, desc_act true" in block
     assert "gptq_w4a16           -> torch_native (native)" in block
+
+
+def test_platforms_explain_resolves_each_quant_scheme() -> None:
+    import argparse
+
+    from heteroserve.core.kernels.linear import LINEAR_SCHEMES
+    from heteroserve.server.platforms_cmd import describe, quant_schemes
+
+    args = argparse.Namespace(platform="cpu", explain=True, dtype=None, head_size=64,
+                              num_q_heads=4, num_kv_heads=2, page_size=None,
+                              quant_scheme="all", kernel=[])
+    ops = describe(load_plugins(), args)["platforms"]["cpu"]["dispatch"]["ops"]
+    for scheme in LINEAR_SCHEMES:
+        assert ops[f"linear.{scheme}"]["chosen"] == "torch_native"
+    with pytest.raises(ValueError, match="--quant-scheme awq is not a linear scheme"):
+        quant_schemes("awq")
