@@ -19,6 +19,7 @@ class ServerArgs:
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     quantization: str | None = None  # None: from config.json | fp8 | compressed-tensors | awq | gptq
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
     context_length: int | None = None
     served_model_name: str | None = None
     random_seed: int = 0
@@ -67,6 +68,8 @@ class ServerArgs:
                 "fp8", "compressed-tensors", "awq", "gptq"):
             raise ValueError("--quantization must be fp8, compressed-tensors, awq or gptq, got "
                              f"{self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"--kv-cache-dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
         for name in ("chunked_prefill_size", "max_running_requests", "tp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -30,14 +30,16 @@ def resolve_model_path(server_args: ServerArgs) -> str:
 
 
 def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None,
-                   quant: QuantFormat | None = None) -> KernelRequest:
+                   quant: QuantFormat | None = None, kv_cache_dtype: str = "auto"
+                   ) -> KernelRequest:
     caps = platform.capabilities()
     return KernelRequest(
         platform=platform.name, device_type=platform.device_type, dtype=cfg.dtype,
         head_size=cfg.head_dim, num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         page_size=page_size, sliding_window=cfg.sliding_window is not None,
         platform_page_sizes=caps.kv_page_sizes,
-        quant_scheme=quant.schemes()[0] if quant is not None else "unquantized")
+        quant_scheme=quant.schemes()[0] if quant is not None else "unquantized",
+        kv_cache_dtype=kv_cache_dtype)
 
 
 def linear_schemes(quant: QuantFormat | None) -> tuple[str, ...]:
@@ -63,7 +65,11 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
                          f"choose --dtype from {platform.capabilities().describe()['dtypes']}")
     quant = detect_quantization(cfg.raw, server_args.quantization)
     overrides = parse_kernel_overrides(server_args.kernel)
-    request = kernel_request(platform, cfg, server_args.page_size, quant)
+    if server_args.kv_cache_dtype != "auto" and platform.capabilities().fp8_flavour is None:
+        raise ValueError(f"--kv-cache-dtype {server_args.kv_cache_dtype}: platform "
+                         f"{platform.name} declares no fp8 flavour")
+    request = kernel_request(platform, cfg, server_args.page_size, quant,
+                             server_args.kv_cache_dtype)
     request = request.with_page_size(
         negotiate_page_size(catalog.registry, request, overrides.get("attention")))
     dispatch = resolve_dispatch(catalog.registry, request, overrides, linear_schemes(quant))
@@ -87,7 +93,8 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"{runner.weight_bytes() / 2**30:.2f} GiB weights, load format "
         f"{runner.server_args.load_format}, tp {runner.tp_size})",
         f"  kv cache     {kv.num_pages} pages x {kv.page_size} tokens = {kv.num_tokens} tokens, "
-        f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}",
+        f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}, "
+        f"{str(runner.backend.config.cache_dtype).removeprefix('torch.')}",
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
     ]

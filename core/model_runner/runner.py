@@ -50,7 +50,8 @@ class ModelRunner:
         self.backend = dispatch.attention(AttentionConfig(
             num_q_heads=attn_heads.num_heads, num_kv_heads=attn_heads.num_kv_heads,
             head_size=cfg.head_dim, page_size=page_size, dtype=cfg.dtype, device=self.device,
-            max_batch_size=server_args.max_running_requests, max_context_len=cfg.context_len))
+            max_batch_size=server_args.max_running_requests, max_context_len=cfg.context_len,
+            kv_cache_dtype=self._kv_cache_dtype()))
         self.kv = self._allocate_kv()
         self.num_pages = self.kv.num_pages
         self.max_total_tokens = self.kv.num_tokens
@@ -85,16 +86,27 @@ class ModelRunner:
             if isinstance(module, LinearBase):
                 module.process_weights_after_loading()
 
+    def _kv_cache_dtype(self) -> torch.dtype | None:
+        """``--kv-cache-dtype``: None (the model dtype) or the platform's fp8 dtype."""
+        if self.server_args.kv_cache_dtype == "auto":
+            return None
+        flavour = self.platform.capabilities().fp8_flavour
+        if flavour is None:
+            raise ValueError(f"--kv-cache-dtype {self.server_args.kv_cache_dtype}: platform "
+                             f"{self.platform.name} declares no fp8 flavour")
+        return flavour.torch_dtype
+
     def _allocate_kv(self) -> kv_storage.KVStorage:
         args, cfg = self.server_args, self.model_config
         self.platform.synchronize(self.device)
         free, total = self.platform.memory_info(self.device)
-        page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cfg.dtype)
+        cache_dtype = self.backend.config.cache_dtype
+        page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cache_dtype)
         cap = cfg.context_len * args.max_running_requests
         pool_cap = self.platform.capabilities().extra.get("kv_cache_max_bytes")
         pages = kv_storage.plan_num_pages(free, total, args.mem_fraction_static, page_bytes,
                                           self.page_size, args.max_total_tokens, cap, pool_cap)
-        return kv_storage.allocate(self.backend, cfg.num_layers, pages, cfg.dtype, self.device)
+        return kv_storage.allocate(self.backend, cfg.num_layers, pages, cache_dtype, self.device)
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -8,44 +8,18 @@ import pytest
 import torch
 import transformers
 
-from engine_harness import PagedSequence, cpu_args, decode, extend
+from engine_harness import cpu_args
 from heteroserve.core.model_runner.build import build_model_runner, startup_block
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
+from parity import assert_matches
 from quant_checkpoints import dequantized_reference, write_compressed_tensors, write_quantized
 
-PROMPT = [11, 57, 3, 200, 42, 9, 77, 301, 15, 64, 128, 5, 99]
-STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("base"), "llama", seed=1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@torch.no_grad()
-def assert_matches(runner, hf: torch.nn.Module, tol: float) -> None:
-    """Prefill then ``STEPS`` greedy decode steps: every step's logits within ``tol``
-    (relative to the largest) of transformers run incrementally with its KV cache, and
-    the same greedy tokens."""
-    seq = PagedSequence(runner, len(PROMPT) + STEPS + 1)
-    ours = extend(runner, [(PROMPT, 0, seq)])[0]
-    out = hf(torch.tensor([PROMPT]), use_cache=True)
-    ref, past = out.logits[0, -1], out.past_key_values
-    mine, theirs = [], []
-    for step in range(STEPS):
-        assert _rel(ours, ref) < tol, f"step {step}: {_rel(ours, ref):.2e}"
-        mine.append(int(ours.argmax()))
-        theirs.append(int(ref.argmax()))
-        token = theirs[-1]
-        ours = decode(runner, [(token, len(PROMPT) + step, seq)])[0]
-        out = hf(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-        ref, past = out.logits[0, -1], out.past_key_values
-    assert mine == theirs
 
 
 def _runner(path, **kw):
