@@ -13,6 +13,7 @@ from heteroserve.core.kernels.attention import AttentionConfig, ForwardMode
 from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import LinearBase
+from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
 from heteroserve.core.model_runner import kv_storage
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
@@ -80,7 +81,7 @@ class ModelRunner:
                 raise ModelLoadError(f"{cfg.path}: checkpoint has no weights for {len(missing)} "
                                      f"module(s), e.g. {', '.join(missing[:3])}")
             for module in self.model.modules():
-                if isinstance(module, LinearBase):
+                if isinstance(module, (LinearBase, FusedMoE)):
                     module.check_loaded()
         for module in self.model.modules():
             if isinstance(module, LinearBase):

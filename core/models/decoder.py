@@ -137,7 +137,7 @@ class _Backbone(nn.Module):
 _STACKED = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"),
             (".v_proj.", ".qkv_proj.", "v"), (".gate_proj.", ".gate_up_proj.", 0),
             (".up_proj.", ".gate_up_proj.", 1)]
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(\w+)$")
 _EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
@@ -169,7 +169,7 @@ class CausalLM(nn.Module):
     def _target(self, name: str) -> tuple[str, str, object]:
         """Map a checkpoint name to ``(module path, parameter name, shard)``."""
         m = _EXPERT.match(name)
-        if m:
+        if m and m.group(4) == "weight":
             return m.group(1), _EXPERT_NAMES.get(m.group(3), m.group(3)), int(m.group(2))
         shard = None
         for old, new, sid in _STACKED:
@@ -179,6 +179,16 @@ class CausalLM(nn.Module):
         module, _, param = name.rpartition(".")
         return module, param, shard
 
+    def _quantized_moe(self, path: str) -> FusedMoE | None:
+        """The MoE block at ``path`` when its experts are stored quantized, else None."""
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            return None
+        if isinstance(module, FusedMoE) and module.expert_quant.scheme != "unquantized":
+            return module
+        return None
+
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load every tensor; returns the set of module parameters that were filled.
         Raises :class:`ModelLoadError` for a name the model has no place for."""
@@ -187,6 +197,16 @@ class CausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            expert = _EXPERT.match(name)
+            moe = self._quantized_moe(expert.group(1)) if expert else None
+            if expert and moe is not None:
+                proj = _EXPERT_NAMES.get(expert.group(3), expert.group(3))
+                try:
+                    moe.load_quantized(proj, expert.group(4), tensor, int(expert.group(2)))
+                except ValueError as exc:
+                    raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
+                filled.add(f"{expert.group(1)}.w13")
                 continue
             module_path, param, shard = self._target(name)
             try:

@@ -50,6 +50,21 @@ def test_serialized_format_matches_transformers(case, base, tmp_path) -> None:
     assert_matches(runner, hf, tol)
 
 
+@pytest.mark.parametrize("fmt,opts", [("fp8-block", {}), ("gptq", {"desc_act": True}),
+                                      ("awq", {})], ids=["fp8-block", "gptq-act-order", "awq"])
+def test_moe_quantized_experts_match_transformers(fmt, opts, tmp_path) -> None:
+    """Per-expert quantized weights (dequantized to the model dtype at load) next to
+    quantized attention projections, in a tiny Qwen3-MoE."""
+    moe = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=2)
+    path, scheme, group = write_quantized(moe, tmp_path / "ckpt", fmt, **opts)
+    runner = _runner(path)
+    block = runner.model.model.layers[0].mlp
+    assert block.expert_quant.scheme == scheme
+    assert runner.model.model.layers[0].self_attn.qkv_proj.quant.scheme == scheme
+    hf = dequantized_reference(path, scheme, group, tmp_path)
+    assert_matches(runner, hf, 2e-2 if scheme.startswith("fp8") else 1e-3)
+
+
 CT_CASES = {  # preset -> (scheme of the projections, logits tolerance)
     "W4A16": ("gptq_w4a16", 2e-3),
     "W4A16_ASYM": ("awq_w4a16", 2e-3),

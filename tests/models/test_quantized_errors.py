@@ -78,10 +78,11 @@ def test_unknown_method_and_options_name_the_field(base, tmp_path) -> None:
     _fails(path, r"--quantization awq does not match", quantization="awq")
 
 
-def test_quantized_moe_experts_are_refused_by_name(tmp_path) -> None:
-    path = build_tiny_model(tmp_path / "moe", "mixtral", seed=1)
-    _edit_config(path, lambda c: c.update(quantization_config={"quant_method": "fp8"}))
-    _fails(path, r"model\.layers\.0\.block_sparse_moe\.experts: quantized MoE experts")
+def test_incomplete_quantized_expert_names_it(tmp_path) -> None:
+    moe = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=1)
+    path, _, _ = write_quantized(moe, tmp_path / "c", "fp8-block")
+    _edit_tensors(path, lambda t: t.pop("model.layers.0.mlp.experts.1.down_proj.weight_scale_inv"))
+    _fails(path, r"model\.layers\.0\.mlp\.experts\.1\.w2 \(down_proj\) are incomplete")
 
 
 def test_startup_block_names_format_and_kernel(base, tmp_path) -> None:
