@@ -115,7 +115,7 @@ def build(path: Path, a: argparse.Namespace, kv_cache_dtype: str):
     _, dispatch, runner = build_model_runner(args)
     kernels = {op: f"{impl} ({kind})" for op, impl, kind in dispatch.summary()
                if op.startswith("linear.")}
-    quant = "\n".join(quantization_lines(runner.quant, dispatch))
+    quant = "\n".join(quantization_lines(runner.quant, dispatch.resolutions))
     return runner, Scheduler(runner, args, [], runner.page_size), kernels, quant
 
 

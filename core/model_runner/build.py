@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.dispatch import (
-    DispatchTable, negotiate_page_size, parse_kernel_overrides, resolve_dispatch,
+    DispatchTable, Resolution, negotiate_page_size, parse_kernel_overrides, resolve_dispatch,
 )
 from heteroserve.core.kernels.ops import linear_op
 from heteroserve.core.kernels.registry import KernelRequest
@@ -98,7 +99,7 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
     ]
-    lines += quantization_lines(runner.quant, dispatch)
+    lines += quantization_lines(runner.quant, dispatch.resolutions)
     lines.append("  kernels")
     lines += [f"    {op:<22} {impl} ({kind})" for op, impl, kind in dispatch.summary()]
     for f in catalog.failures:
@@ -106,7 +107,8 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
     return "\n".join(lines)
 
 
-def quantization_lines(quant: QuantFormat | None, dispatch: DispatchTable) -> list[str]:
+def quantization_lines(quant: QuantFormat | None,
+                       resolutions: Mapping[str, Resolution]) -> list[str]:
     """The start-up block's quantization section: the format, then per scheme the kernel
     chosen and, where it is not the platform's own, why each native candidate was
     rejected (the reasons their ``supports()`` gave)."""
@@ -114,7 +116,7 @@ def quantization_lines(quant: QuantFormat | None, dispatch: DispatchTable) -> li
         return []
     lines = [f"  quantization {quant.describe()}"]
     for scheme in quant.schemes():
-        res = dispatch.resolutions[linear_op(scheme)]
+        res = resolutions[linear_op(scheme)]
         kind = "forced" if res.forced else ("native" if res.native else "fallback")
         lines.append(f"    {scheme:<20} -> {res.chosen.name} ({kind})")
         if not res.native:

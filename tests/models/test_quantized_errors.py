@@ -107,3 +107,25 @@ def test_platforms_explain_resolves_each_quant_scheme() -> None:
         assert ops[f"linear.{scheme}"]["chosen"] == "torch_native"
     with pytest.raises(ValueError, match="--quant-scheme awq is not a linear scheme"):
         quant_schemes("awq")
+
+
+def test_startup_lines_give_the_platform_kernels_reason_for_a_fallback() -> None:
+    """On a cuda platform without an fp8-capable GPU, the Triton fp8 kernels refuse and the
+    quantization lines say why, next to the torch-native fallback chosen."""
+    import torch
+
+    from heteroserve.core.kernels.dispatch import resolve_all
+    from heteroserve.core.kernels.registry import KernelRequest
+    from heteroserve.core.model_runner.build import linear_schemes, quantization_lines
+    from heteroserve.core.quantization import detect_quantization
+
+    quant = detect_quantization({"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128]}}, None)
+    request = KernelRequest(platform="cuda", device_type="cuda", dtype=torch.bfloat16,
+                            head_size=128, num_q_heads=8, num_kv_heads=2, page_size=16,
+                            quant_scheme="fp8_block")
+    resolutions = resolve_all(load_plugins().registry, request, {}, linear_schemes(quant))
+    lines = quantization_lines(quant, resolutions)
+    text = "\n".join(lines)
+    assert "fp8_block            -> torch_native (fallback)" in text
+    assert "triton rejected: " in text
