@@ -10,6 +10,7 @@ Converters are plain torch and run once at load time.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,17 +85,11 @@ class QuantFormat(ABC):
         start-up), e.g. static activation scales replaced by dynamic quantization."""
         return ()
 
-    def experts_quantized(self, prefix: str) -> bool:
-        """Whether the MoE expert projection ``prefix`` would be quantized."""
-        return self.layer_quant(prefix).scheme != "unquantized"
-
 
 def module_matches(prefix: str, patterns: list[str] | tuple[str, ...]) -> bool:
     """Whether module ``prefix`` matches one of ``patterns``: ``re:<regex>`` (matched against
     the whole name, as compressed-tensors does), an exact module name, or a name suffix
     (``lm_head``, ``mlp.gate``, the spelling of ``modules_to_not_convert``)."""
-    import re
-
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.match(pattern[3:], prefix):
