@@ -40,9 +40,8 @@ class AttentionConfig:
     ``kv_cache_dtype`` (None: ``dtype``) may be an fp8 dtype (the platform's flavour, e.g.
     ``float8_e4m3fn``) for backends whose spec lists ``fp8_e4m3`` in ``kv_cache_dtypes``:
     ``write_kv`` then stores ``k``/``v`` rounded to it, saturating at its largest finite
-    value, and attention reads the cached values converted back, unscaled (the engine does
-    not yet read per-layer K/V scales from checkpoints; e4m3's range of +-448 holds the K/V
-    of the models it serves).
+    value, and attention reads the cached values converted back, unscaled (per-layer K/V
+    scales are applied by the calling layer, ``PagedAttention``).
     """
 
     num_q_heads: int

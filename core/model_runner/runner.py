@@ -43,7 +43,7 @@ class ModelRunner:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
                            communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
-                           quant)
+                           quant, server_args.kv_cache_dtype != "auto")
         self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()

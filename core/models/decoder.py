@@ -193,8 +193,15 @@ class CausalLM(nn.Module):
         """Load every tensor; returns the set of module parameters that were filled.
         Raises :class:`ModelLoadError` for a name the model has no place for."""
         filled: set[str] = set()
+        kv_scales: dict[str, dict[str, float]] = {}
         for name, tensor in tensors:
             if "rotary_emb.inv_freq" in name:
+                continue
+            if name.endswith((".k_scale", ".v_scale")):
+                if tensor.numel() != 1:
+                    raise ModelLoadError(f"checkpoint tensor {name}: a per-layer KV scale has "
+                                         f"one value, got shape {list(tensor.shape)}")
+                kv_scales.setdefault(name.rsplit(".", 1)[0], {})[name[-7:]] = float(tensor)
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
@@ -220,7 +227,21 @@ class CausalLM(nn.Module):
             except ValueError as exc:
                 raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
             filled.add(f"{module_path}.{param}")
+        self._set_kv_scales(kv_scales)
         return filled
+
+    def _set_kv_scales(self, scales: dict[str, dict[str, float]]) -> None:
+        """Checkpoint ``<layer>.self_attn[.k_proj|.v_proj|.attn].k_scale`` / ``v_scale``: used
+        with an fp8 KV cache (``ctx.kv_cache_fp8``), ignored otherwise."""
+        if not self.ctx.kv_cache_fp8 or not scales:
+            return
+        for i, layer in enumerate(self.model.layers):
+            base = f"model.layers.{i}.self_attn"
+            found = {k: v for path, kv in scales.items() if path.startswith(base + ".")
+                     or path == base for k, v in kv.items()}
+            if found:
+                layer.self_attn.attn.set_kv_scales(found.get("k_scale", 1.0),
+                                                   found.get("v_scale", 1.0))
 
     def expected_tensors(self) -> int:
         return sum(1 for _ in self.parameters())
