@@ -114,6 +114,9 @@ class GptqFormat(QuantFormat):
         if fmt != "gptq":
             raise QuantizationError(f"quantization_config.checkpoint_format={fmt!r}: only the "
                                     "GPTQ v1 layout ('gptq') is supported")
+        if cfg.get("lm_head"):
+            raise QuantizationError("quantization_config.lm_head=true (a quantized LM head) is "
+                                    "not supported")
         if cfg.get("dynamic"):
             raise QuantizationError("quantization_config.dynamic (per-module GPTQ settings) "
                                     "is not supported")
