@@ -20,6 +20,8 @@
 #   decode1_flashinfer     batch-1 decode with flashinfer attention, then the defaults
 #   profile                batch-1 decode profile
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
+#   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
+#                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
 #   sglang_bench_serving   `heteroserve serve` of the Llama-3.1-8B shape (dummy weights, a word-level
 #                          tokenizer of its vocabulary: benchmarks/word_tokenizer.py) measured by
@@ -137,6 +139,8 @@ for step in "$@"; do
         | tail -6 ;;
     tests) HETEROSERVE_TEST_PLATFORM=cuda timeout 240 python3 -m pytest tests/triton \
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    quant) timeout "${BENCH_TIMEOUT:-470}" python3 benchmarks/bench_quant_llama8b.py \
+        --out-dir "$OUT" ${QUANT_ARGS:-} 2>&1 | grep -vi warn ;;
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \
         | grep -vi warn ;;
     sglang_bench_serving) sglang_bench_serving ;;

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from heteroserve.conformance.cases.attention import AttnCase
-from heteroserve.conformance.checks import SENTINEL, assert_bitwise_equal
+from heteroserve.conformance.checks import assert_bitwise_equal, sentinel
 from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.paged import (
     PagedBatch, build_batch, flat_slots, new_cache, write_slots,
@@ -48,10 +48,13 @@ def make_setup(conf: ConfParam, ctx: ConformanceContext) -> Setup:
         pytest.skip(f"{conf.impl} uses KV layout {layout.value}, which platform {ctx.name} "
                     f"does not declare")
     dev, dt = ctx.device, case.dtype
+    flavour = ctx.capabilities.fp8_flavour
+    cache_dt = flavour.torch_dtype if case.kv_fp8 and flavour is not None else dt
     lens = [p + n for p, n in case.seqs]
     backend = cls(AttentionConfig(case.q_heads, case.kv_heads, case.head_size, case.page_size,
                                   dt, dev, max_batch_size=max(8, len(lens)),
-                                  max_context_len=max(256, 2 * max(lens))))
+                                  max_context_len=max(256, 2 * max(lens)),
+                                  kv_cache_dtype=cache_dt if case.kv_fp8 else None))
     gen = case.generator()
     mode = ForwardMode.DECODE if case.kind == "decode" else ForwardMode.EXTEND
     batch = build_batch(case.seqs, case.page_size, mode, dev, gen)
@@ -61,9 +64,12 @@ def make_setup(conf: ConfParam, ctx: ConformanceContext) -> Setup:
 
     keys = [rand(n, case.kv_heads, case.head_size) for n in lens]
     values = [rand(n, case.kv_heads, case.head_size) for n in lens]
+    if case.kv_fp8:  # K/V exactly representable in the cache: writes stay exact checks
+        keys = [k.to(cache_dt).to(dt) for k in keys]
+        values = [v.to(cache_dt).to(dt) for v in values]
     q = rand(sum(n for _, n in case.seqs), case.q_heads, case.head_size)
     shape = backend.kv_cache_shape(batch.num_pages)
-    k_cache, v_cache = new_cache(shape, dt, dev), new_cache(shape, dt, dev)
+    k_cache, v_cache = new_cache(shape, cache_dt, dev), new_cache(shape, cache_dt, dev)
     for b, (p, _) in enumerate(case.seqs):
         write_slots(k_cache, layout, batch.slots(b, 0, p), keys[b][:p])
         write_slots(v_cache, layout, batch.slots(b, 0, p), values[b][:p])
@@ -77,10 +83,10 @@ def make_setup(conf: ConfParam, ctx: ConformanceContext) -> Setup:
 def expected_cache(s: Setup, cache: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
     """The host ``[slots, heads, dim]`` cache after every sequence's K (or V) is stored."""
     heads, dim = seqs[0].shape[1:]
-    want = torch.full((s.batch.num_pages * s.batch.meta.page_size, heads, dim), SENTINEL,
-                      dtype=cache.dtype)
+    want = torch.full((s.batch.num_pages * s.batch.meta.page_size, heads, dim),
+                      sentinel(cache.dtype), dtype=cache.dtype)
     for b, x in enumerate(seqs):
-        want[s.batch.slots(b, 0, x.shape[0])] = x
+        want[s.batch.slots(b, 0, x.shape[0])] = x.to(cache.dtype)
     return want
 
 

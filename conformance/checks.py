@@ -23,6 +23,11 @@ from heteroserve.conformance.tolerances import tolerance
 
 #: a finite value no test input comes near; caches are filled with it outside the live slots
 SENTINEL = 4096.0
+
+
+def sentinel(dtype: torch.dtype) -> float:
+    """:data:`SENTINEL`, or the largest finite value of a dtype that cannot hold it (fp8)."""
+    return min(SENTINEL, float(torch.finfo(dtype).max)) if dtype.is_floating_point else SENTINEL
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

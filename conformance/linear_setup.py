@@ -22,6 +22,8 @@ def checkpoint(case: LinearCase, w: torch.Tensor, fp8_dtype: torch.dtype | None,
         return {"weight": w.to(case.dtype)}
     if s == "fp8_per_tensor":
         return quantize.quantize_fp8_per_tensor(w, fp8_dtype)  # type: ignore[arg-type]
+    if s == "fp8_per_channel":
+        return quantize.quantize_fp8_per_channel(w, fp8_dtype)  # type: ignore[arg-type]
     if s == "fp8_block":
         return quantize.quantize_fp8_block(w, fp8_dtype)  # type: ignore[arg-type]
     if s == "int8_w8a8":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heteroserve.conformance.checks import SENTINEL
+from heteroserve.conformance.checks import sentinel
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
 from heteroserve.core.platform import KVLayout
 
@@ -67,8 +67,8 @@ def metadata_for(pages: list[list[int]], seqs: tuple[tuple[int, int], ...], page
 
 
 def new_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cache tensor filled with :data:`SENTINEL`."""
-    return torch.full(shape, SENTINEL, dtype=dtype, device=device)
+    """A cache tensor filled with :data:`SENTINEL` (fp8: its largest value)."""
+    return torch.full(shape, sentinel(dtype), dtype=dtype, device=device)
 
 
 def as_nhd(cache: torch.Tensor, layout: KVLayout) -> torch.Tensor:

@@ -38,6 +38,12 @@ def quantize_fp8_per_tensor(w: torch.Tensor, fp8_dtype: torch.dtype) -> dict[str
     return {"weight": to_fp8(w / scale.double(), fp8_dtype), "weight_scale": scale}
 
 
+def quantize_fp8_per_channel(w: torch.Tensor, fp8_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``weight [N, K]`` fp8 and ``weight_scale [N, 1]`` fp32, one scale per output row."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / fp8_max(fp8_dtype)).to(torch.float32)
+    return {"weight": to_fp8(w / scale.double(), fp8_dtype), "weight_scale": scale}
+
+
 def _blocks(n: int) -> int:
     return -(-n // FP8_BLOCK)
 
@@ -129,7 +135,7 @@ def w8a8_activations(gen: torch.Generator, tokens: int, k: int, scheme: str,
     t = (torch.randn(tokens, k, generator=gen, dtype=torch.float64) * qmax / 3).clamp(-qmax, qmax)
     if scheme == "fp8_per_tensor":
         groups = [(slice(None), slice(None))]
-    elif scheme == "int8_w8a8":
+    elif scheme in ("int8_w8a8", "fp8_per_channel"):
         groups = [(slice(r, r + 1), slice(None)) for r in range(tokens)]
     else:
         groups = [(slice(r, r + 1), slice(c, c + FP8_BLOCK))

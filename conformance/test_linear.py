@@ -25,7 +25,7 @@ def test_linear(conf: ConfParam, ctx: ConformanceContext,
     layer, ckpt, act_fp8, gen = load_layer(case, method, ctx)
     bias = (torch.randn(case.out_features, generator=gen, dtype=torch.float64)
             .to(dt)) if case.bias else None
-    if case.scheme in ("fp8_per_tensor", "fp8_block", "int8_w8a8"):
+    if case.scheme in ("fp8_per_tensor", "fp8_per_channel", "fp8_block", "int8_w8a8"):
         x = quantize.w8a8_activations(gen, case.tokens, case.in_features, case.scheme, dt,
                                       act_fp8)
     else:

@@ -18,6 +18,8 @@ class ServerArgs:
     tokenizer_path: str | None = None
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    quantization: str | None = None  # None: from config.json | fp8 | compressed-tensors | awq | gptq
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
     context_length: int | None = None
     served_model_name: str | None = None
     random_seed: int = 0
@@ -67,6 +69,12 @@ class ServerArgs:
             raise ValueError(f"--load-format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16"):
             raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in (
+                "fp8", "compressed-tensors", "awq", "gptq"):
+            raise ValueError("--quantization must be fp8, compressed-tensors, awq or gptq, got "
+                             f"{self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"--kv-cache-dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
         for name in ("chunked_prefill_size", "max_running_requests", "tp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

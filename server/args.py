@@ -29,6 +29,10 @@ _HELP: dict[str, str] = {
     "chunked_prefill_size": "max prompt tokens prefilled per step (longer prompts are chunked)",
     "schedule_policy": "fcfs or lpm (longest prefix match first)",
     "page_size": "KV page size in tokens (default: negotiated with the attention kernel)",
+    "kv_cache_dtype": "auto (the model dtype) or fp8_e4m3 (half the bytes per token; the "
+                      "attention kernel must list it)",
+    "quantization": "fp8|compressed-tensors|awq|gptq: must match the checkpoint's "
+                    "quantization_config; fp8 on an unquantized checkpoint quantizes it at load",
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from heteroserve.core.kernels.dispatch import (
     negotiate_page_size, parse_kernel_overrides, resolve_op, wanted_ops,
 )
+from heteroserve.core.kernels.linear import LINEAR_SCHEMES
 from heteroserve.core.kernels.registry import KernelRequest
 from heteroserve.core.plugins.manager import PluginCatalog, load_plugins
 
@@ -26,12 +27,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--quant-scheme", default="unquantized")
+    p.add_argument("--quant-scheme", default="unquantized",
+                   help="linear scheme(s) to resolve, comma-separated, or 'all' "
+                        f"({', '.join(LINEAR_SCHEMES)})")
     p.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
     p.add_argument("--verbose", action="store_true",
                    help="with --explain: every rejected candidate on its own line")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
+
+
+def quant_schemes(value: str) -> list[str]:
+    """``--quant-scheme`` -> the linear schemes to resolve (unquantized first). Raises
+    ``ValueError`` naming an unknown scheme."""
+    wanted = list(LINEAR_SCHEMES) if value == "all" else [v.strip() for v in value.split(",")]
+    unknown = [v for v in wanted if v not in LINEAR_SCHEMES]
+    if unknown:
+        raise ValueError(f"--quant-scheme {', '.join(unknown)} is not a linear scheme; known: "
+                         f"{', '.join(LINEAR_SCHEMES)} or all")
+    return list(dict.fromkeys(["unquantized", *wanted]))
 
 
 def _request(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> KernelRequest:
@@ -41,7 +55,7 @@ def _request(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> Ker
         platform=name, device_type=platform.device_type,
         dtype=_DTYPES[args.dtype] if args.dtype else caps.dtypes[0],
         head_size=args.head_size, num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,
-        page_size=args.page_size, quant_scheme=args.quant_scheme,
+        page_size=args.page_size, quant_scheme=quant_schemes(args.quant_scheme)[-1],
         platform_page_sizes=caps.kv_page_sizes)
 
 
@@ -71,7 +85,7 @@ def _explain(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> dic
     request = _request(catalog, name, args)
     request = request.with_page_size(
         negotiate_page_size(catalog.registry, request, overrides.get("attention")))
-    schemes = ["unquantized"] + ([args.quant_scheme] if args.quant_scheme != "unquantized" else [])
+    schemes = quant_schemes(args.quant_scheme)
     table: dict = {"request": {"dtype": str(request.dtype).removeprefix("torch."),
                                "head_size": request.head_size, "page_size": request.page_size,
                                "quant_scheme": request.quant_scheme}, "ops": {}}

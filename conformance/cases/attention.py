@@ -35,14 +35,18 @@ class AttnCase(Case):
     seqs: tuple[tuple[int, int], ...]
     sliding_window: int | None = None
     logit_cap: float | None = None
+    kv_fp8: bool = False  # caches in the platform's fp8 flavour (--kv-cache-dtype fp8_e4m3)
 
     def request_fields(self) -> dict[str, Any]:
         return dict(head_size=self.head_size, num_q_heads=self.q_heads,
                     num_kv_heads=self.kv_heads, page_size=self.page_size,
                     sliding_window=self.sliding_window is not None,
-                    logit_cap=self.logit_cap is not None)
+                    logit_cap=self.logit_cap is not None,
+                    kv_cache_dtype="fp8_e4m3" if self.kv_fp8 else "auto")
 
     def capability_skip(self, ctx: ConformanceContext) -> str | None:
+        if self.kv_fp8 and ctx.capabilities.fp8_flavour is None:
+            return f"platform {ctx.name} declares no fp8 flavour"
         return ctx.dtype_skip(self.dtype) or ctx.page_size_skip(self.page_size)
 
 
@@ -53,10 +57,13 @@ def _seqs(kind: str, long: bool) -> tuple[tuple[int, int], ...]:
 
 
 def _case(kind: str, dt: Any, hq: int, hk: int, d: int, page: int,
-          sw: int | None = None, cap: float | None = None, long: bool = False) -> AttnCase:
+          sw: int | None = None, cap: float | None = None, long: bool = False,
+          kv_fp8: bool = False) -> AttnCase:
     name = f"{DTYPE_NAMES[dt]}-p{page}-h{hq}:{hk}-d{d}"
     name += (f"-sw{sw}" if sw else "") + (f"-cap{cap:g}" if cap else "") + ("-long" if long else "")
-    return AttnCase(ops.ATTENTION, name, dt, kind, hq, hk, d, page, _seqs(kind, long), sw, cap)
+    name += "-kvfp8" if kv_fp8 else ""
+    return AttnCase(ops.ATTENTION, name, dt, kind, hq, hk, d, page, _seqs(kind, long), sw, cap,
+                    kv_fp8)
 
 
 def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
@@ -69,6 +76,8 @@ def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
         [(ctx.capabilities.kv_page_sizes or (16,))[0]]
         + [s.page_sizes[0] for s in ctx.specs(ops.ATTENTION) if s.page_sizes]))
     cases = [_case(kind, dt, 8, 2, 128, page) for dt in dtypes for page in pages]
+    cases += [_case(kind, dt, 8, 2, 128, page, kv_fp8=True) for dt in dtypes[:2]
+              for page in base_pages]
     if kind == "write_kv":
         return cases
     ratios, sizes = ((1, 8), (64, 128)) if ctx.quick else ((1, 2, 4, 8), (64, 128, 256))

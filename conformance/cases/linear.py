@@ -9,7 +9,7 @@ from heteroserve.conformance.context import ALL_DTYPES, DTYPE_NAMES, Conformance
 from heteroserve.conformance.params import Case
 from heteroserve.core.kernels.ops import linear_op
 
-FP8_SCHEMES = ("fp8_per_tensor", "fp8_block")
+FP8_SCHEMES = ("fp8_per_tensor", "fp8_per_channel", "fp8_block")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ _GRID: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
     "unquantized": [(1, 256, 128, 128, False, False), (7, 320, 200, 128, False, True),
                     (33, 512, 256, 128, False, False), (1, 1000, 200, 128, False, True)],
     "fp8_per_tensor": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],
+    "fp8_per_channel": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],
     "fp8_block": [(1, 256, 256, 128, False, False), (7, 320, 192, 128, False, True)],
     "int8_w8a8": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],
     "awq_w4a16": [(1, 256, 128, 128, False, False), (7, 256, 256, 64, False, True)],

@@ -24,7 +24,7 @@ def dequantize(scheme: str, p: dict[str, torch.Tensor], group_size: int) -> torc
     p = {name: t.cpu() for name, t in p.items()}
     if scheme == "unquantized":
         return p["weight"].double()
-    if scheme == "fp8_per_tensor":
+    if scheme in ("fp8_per_tensor", "fp8_per_channel"):
         return p["weight"].double() * p["weight_scale"].double()
     if scheme == "fp8_block":
         n, k = p["weight"].shape
@@ -56,13 +56,16 @@ def quantize_activations(scheme: str, x: torch.Tensor,
                          fp8_dtype: torch.dtype | None) -> torch.Tensor:
     """The float64 values a W8A8 scheme's dynamic activation quantization produces from ``x
     [T, K]`` (identity for weight-only schemes): per tensor (fp8_per_tensor), per token and
-    128-column group (fp8_block), per token symmetric int8 (int8_w8a8); scale = amax / max."""
+    128-column group (fp8_block), per token fp8 (fp8_per_channel), per token symmetric int8 (int8_w8a8); scale = amax / max."""
     x = x.double().cpu()
-    if scheme in ("fp8_per_tensor", "fp8_block"):
+    if scheme in ("fp8_per_tensor", "fp8_per_channel", "fp8_block"):
         assert fp8_dtype is not None, f"{scheme} needs the platform's fp8 dtype"
         m = float(torch.finfo(fp8_dtype).max)
         if scheme == "fp8_per_tensor":
             s = x.abs().max().clamp(min=1e-12) / m
+            return _fp8_round(x / s, fp8_dtype) * s
+        if scheme == "fp8_per_channel":
+            s = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / m
             return _fp8_round(x / s, fp8_dtype) * s
         out = torch.empty_like(x)
         for j in range(0, x.shape[1], FP8_BLOCK):

@@ -36,6 +36,12 @@ class AttentionConfig:
 
     Invariants: ``num_q_heads % num_kv_heads == 0``; ``head_size`` in 64..256 for the
     built-in kernels; ``page_size >= 1``.
+
+    ``kv_cache_dtype`` (None: ``dtype``) may be an fp8 dtype (the platform's flavour, e.g.
+    ``float8_e4m3fn``) for backends whose spec lists ``fp8_e4m3`` in ``kv_cache_dtypes``:
+    ``write_kv`` then stores ``k``/``v`` rounded to it, saturating at its largest finite
+    value, and attention reads the cached values converted back, unscaled (per-layer K/V
+    scales are applied by the calling layer, ``PagedAttention``).
     """
 
     num_q_heads: int
@@ -46,6 +52,12 @@ class AttentionConfig:
     device: torch.device
     max_batch_size: int = 256
     max_context_len: int = 8192
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV caches' dtype: ``kv_cache_dtype``, or ``dtype`` when None."""
+        return self.kv_cache_dtype or self.dtype
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,7 @@ class AttentionBackend(ABC):
 
     Tensors: q ``[T, num_q_heads, head_size]``, k/v ``[T, num_kv_heads, head_size]``, output
     ``[T, num_q_heads, head_size]``, all in ``config.dtype``; caches as
-    :meth:`kv_cache_shape` says. Query head ``h`` reads KV head ``h // (num_q_heads //
+    :meth:`kv_cache_shape` says, in ``config.cache_dtype``. Query head ``h`` reads KV head ``h // (num_q_heads //
     num_kv_heads)`` (GQA). Attention is causal within each sequence. Methods do not
     synchronise with the host.
     """

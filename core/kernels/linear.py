@@ -16,7 +16,11 @@ Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input fea
   activations quantized dynamically per tensor. ``W ≈ weight * weight_scale``. For both fp8
   schemes, activations are quantized to the fp8 format the layer's ``weight`` holds after
   ``process_weights_after_loading`` (a platform whose fp8 flavour is e4m3fnuz converts the
-  checkpoint's e4m3fn weight there, and its activations follow).
+  checkpoint's e4m3fn weight there, and its activations follow). The same holds for
+  ``fp8_per_channel``.
+- ``fp8_per_channel`` (W8A8): ``weight [N, K]`` fp8 e4m3, ``weight_scale [N, 1]`` fp32 (per
+  output channel); activations quantized dynamically per token. ``W[n] ≈ weight[n] *
+  weight_scale[n]``.
 - ``fp8_block`` (W8A8, DeepSeek style): ``weight [N, K]`` fp8, ``weight_scale_inv
   [ceil(N/128), ceil(K/128)]`` fp32 (one scale per 128x128 block); activations quantized
   dynamically per token and per 128-column group.
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 LINEAR_SCHEMES: tuple[str, ...] = (
-    "unquantized", "fp8_per_tensor", "fp8_block", "int8_w8a8", "awq_w4a16", "gptq_w4a16",
+    "unquantized", "fp8_per_tensor", "fp8_per_channel", "fp8_block", "int8_w8a8", "awq_w4a16", "gptq_w4a16",
 )
 
 #: AWQ packs column ``AWQ_ORDER[j]`` of each group of eight into nibble ``j``.
@@ -49,10 +53,22 @@ FP8_BLOCK: int = 128
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One checkpoint tensor a linear method expects: its shape and dtype."""
+    """One checkpoint tensor a linear method expects: its shape and dtype, and where the
+    layer's output and input features lie in it, so that loaders can place fused shards and
+    slice tensor-parallel parts of any layout.
+
+    ``output_dim`` is the dimension indexed by output features (None: the tensor does not
+    depend on them, e.g. a per-tensor scale or ``g_idx``); one index along it covers
+    ``output_pack`` consecutive output features (8 for nibble-packed columns, 128 for fp8
+    block scales). ``input_dim`` and ``input_pack`` say the same of the input features
+    (``input_pack`` is the group size for per-group tensors)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    output_dim: int | None = None
+    output_pack: int = 1
+    input_dim: int | None = None
+    input_pack: int = 1
 
 
 @dataclass(frozen=True)
@@ -130,29 +146,33 @@ def checkpoint_specs(scheme: str, shape: LinearShape) -> dict[str, ParamSpec]:
     docstring for their meaning). Raises ``ValueError`` for an unknown scheme or a shape the
     scheme cannot hold."""
     n, k = shape.output_size, shape.input_size
+    rows = dict(output_dim=0, input_dim=1)  # an [N, K] tensor
     if scheme == "unquantized":
-        return {"weight": ParamSpec((n, k), shape.params_dtype)}
+        return {"weight": ParamSpec((n, k), shape.params_dtype, **rows)}
     if scheme == "fp8_per_tensor":
-        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
+        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn, **rows),
                 "weight_scale": ParamSpec((1,), torch.float32)}
+    if scheme == "fp8_per_channel":
+        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn, **rows),
+                "weight_scale": ParamSpec((n, 1), torch.float32, output_dim=0)}
     if scheme == "fp8_block":
-        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn),
+        return {"weight": ParamSpec((n, k), torch.float8_e4m3fn, **rows),
                 "weight_scale_inv": ParamSpec((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
-                                              torch.float32)}
+                                              torch.float32, 0, FP8_BLOCK, 1, FP8_BLOCK)}
     if scheme == "int8_w8a8":
-        return {"weight": ParamSpec((n, k), torch.int8),
-                "weight_scale": ParamSpec((n, 1), torch.float32)}
+        return {"weight": ParamSpec((n, k), torch.int8, **rows),
+                "weight_scale": ParamSpec((n, 1), torch.float32, output_dim=0)}
     if scheme == "awq_w4a16":
         group = _w4_group(shape, 1)
-        return {"qweight": ParamSpec((k, n // 8), torch.int32),
-                "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                "scales": ParamSpec((k // group, n), torch.float16)}
+        return {"qweight": ParamSpec((k, n // 8), torch.int32, 1, 8, 0, 1),
+                "qzeros": ParamSpec((k // group, n // 8), torch.int32, 1, 8, 0, group),
+                "scales": ParamSpec((k // group, n), torch.float16, 1, 1, 0, group)}
     if scheme == "gptq_w4a16":
         group = _w4_group(shape, 8)
-        specs = {"qweight": ParamSpec((k // 8, n), torch.int32),
-                 "qzeros": ParamSpec((k // group, n // 8), torch.int32),
-                 "scales": ParamSpec((k // group, n), torch.float16)}
+        specs = {"qweight": ParamSpec((k // 8, n), torch.int32, 1, 1, 0, 8),
+                 "qzeros": ParamSpec((k // group, n // 8), torch.int32, 1, 8, 0, group),
+                 "scales": ParamSpec((k // group, n), torch.float16, 1, 1, 0, group)}
         if shape.has_g_idx:
-            specs["g_idx"] = ParamSpec((k,), torch.int32)
+            specs["g_idx"] = ParamSpec((k,), torch.int32, input_dim=0)
         return specs
     raise ValueError(f"unknown linear scheme {scheme!r}; known: {', '.join(LINEAR_SCHEMES)}")

@@ -23,6 +23,8 @@ class KernelRequest:
     ``page_size`` may be ``None`` before negotiation (the attention backend proposes one).
     ``quant_scheme`` names the checkpoint's linear scheme (``unquantized`` when plain).
     ``kv_lora_rank`` / ``qk_rope_head_dim``: the latent widths of an MLA model (None otherwise).
+    ``kv_cache_dtype``: ``auto`` (the model dtype) or ``fp8_e4m3`` (the platform's fp8
+    flavour; see :class:`~heteroserve.core.kernels.attention.AttentionConfig`).
     """
 
     platform: str
@@ -38,6 +40,7 @@ class KernelRequest:
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
     platform_page_sizes: tuple[int, ...] | None = None
+    kv_cache_dtype: str = "auto"
 
     def with_page_size(self, page_size: int) -> KernelRequest:
         return replace(self, page_size=page_size)
@@ -79,6 +82,8 @@ class KernelSpec:
     negotiation) and must not raise. Among supporting implementations the highest ``priority``
     wins. ``page_sizes`` (attention only) lists the KV page sizes the implementation accepts,
     preferred first (``None``: any); it is data so that negotiation needs no import.
+    ``kv_cache_dtypes`` (attention only) lists the KV cache dtypes it reads and writes
+    (``auto``: the model dtype; ``fp8_e4m3``).
     """
 
     op: str
@@ -91,6 +96,7 @@ class KernelSpec:
     provider: str = ""
     description: str = ""
     page_sizes: tuple[int, ...] | None = None
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
     def runs_on(self, platform: str) -> bool:
         return ANY_PLATFORM in self.platforms or platform in self.platforms
@@ -106,6 +112,9 @@ class KernelSpec:
         if (self.page_sizes is not None and request.page_size is not None
                 and request.page_size not in self.page_sizes):
             return Support.no(f"page size {request.page_size} not in {list(self.page_sizes)}")
+        if self.op == "attention" and request.kv_cache_dtype not in self.kv_cache_dtypes:
+            return Support.no(f"kv cache dtype {request.kv_cache_dtype} not supported "
+                              f"({', '.join(self.kv_cache_dtypes)})")
         try:
             return self.supports(request)
         except Exception as exc:  # a buggy predicate must not take the engine down

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -11,22 +13,42 @@ from heteroserve.core.layers.context import ForwardContext
 
 class PagedAttention(nn.Module):
     """Per-layer parameters for the backend; ``forward`` takes flat ``q [T, Hq*D]`` and
-    ``k, v [T, Hkv*D]`` and returns ``[T, Hq*D]``."""
+    ``k, v [T, Hkv*D]`` and returns ``[T, Hq*D]``.
+
+    Per-layer K/V scales (a checkpoint's ``self_attn.k_scale`` / ``v_scale``, for an fp8 KV
+    cache; 1.0 otherwise) are applied around the backend, which stores and reads cached
+    values unscaled: this layer writes ``k / k_scale`` and ``v / v_scale``, attends with
+    ``scale * k_scale`` and multiplies the output by ``v_scale``."""
 
     def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_size: int,
                  scale: float, sliding_window: int | None = None,
                  logit_cap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale = scale
+        self.k_scale = self.v_scale = 1.0
         self.params = AttentionLayer(layer_id, scale, sliding_window, logit_cap)
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """Use per-layer K/V cache scales (positive, finite). Raises ``ValueError``."""
+        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not 0.0 < value < float("inf"):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        self.k_scale, self.v_scale = k_scale, v_scale
+        self.params = replace(self.params, scale=self.scale * k_scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 fwd: ForwardContext) -> torch.Tensor:
         t = q.shape[0]
         lid = self.params.layer_id
+        if self.k_scale != 1.0:
+            k = k / self.k_scale
+        if self.v_scale != 1.0:
+            v = v / self.v_scale
         out = fwd.backend.forward(
             q.view(t, self.num_heads, self.head_size),
             k.view(t, self.num_kv_heads, self.head_size),
             v.view(t, self.num_kv_heads, self.head_size),
             fwd.k_caches[lid], fwd.v_caches[lid], self.params, fwd.meta)
-        return out.reshape(t, self.num_heads * self.head_size)
+        out = out.reshape(t, self.num_heads * self.head_size)
+        return out * self.v_scale if self.v_scale != 1.0 else out

@@ -10,12 +10,15 @@ from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import AttentionBackend, AttentionMetadata
 from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.mla import MLABackend
+from heteroserve.core.quantization.base import QuantFormat
 
 
 @dataclass
 class LayerContext:
     """Build-time facts: the dispatch table, parameter dtype and device, and this rank's place
-    in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``)."""
+    in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``).
+    ``quant``: the checkpoint's quantization format (None: every linear layer uses
+    ``quant_scheme``); ``kv_cache_fp8``: the KV cache is fp8 (checkpoint K/V scales apply)."""
 
     dispatch: DispatchTable
     dtype: torch.dtype
@@ -24,6 +27,8 @@ class LayerContext:
     tp_size: int = 1
     communicator: Communicator | None = None
     quant_scheme: str = "unquantized"
+    quant: QuantFormat | None = None
+    kv_cache_fp8: bool = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)

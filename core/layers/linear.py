@@ -2,9 +2,15 @@
 
 Tensor parallelism follows Megatron: column-parallel layers split output features across
 ranks (no communication), row-parallel layers split input features and all-reduce their
-output. Checkpoint tensors are full-size; each parameter's ``weight_loader`` slices this
-rank's part (only for the parameters of the unquantized scheme and per-output-channel scales;
-other quantized layouts load at ``tp_size == 1``).
+output. Checkpoint tensors are full-size; the layer places each one (or this rank's slice)
+where its :class:`~heteroserve.core.kernels.linear.ParamSpec` says the output and input
+features lie, so fused q/k/v and gate/up shards and TP slices work for packed and
+block-scaled layouts alike.
+
+Which scheme holds a layer comes from the checkpoint's quantization format
+(``ctx.quant``), asked by the Hugging Face names of the layer's sources (``q_proj``,
+``k_proj``, ``v_proj`` for a fused qkv); the format's converter turns its tensors into the
+scheme's (:mod:`heteroserve.core.quantization`).
 """
 
 from __future__ import annotations
@@ -12,9 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from heteroserve.core.kernels.linear import LinearShape
+from heteroserve.core.kernels.linear import LinearShape, ParamSpec, checkpoint_specs
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.layers.norm import RMSNorm
+from heteroserve.core.quantization.base import LayerQuant, QuantizationError
+from heteroserve.core.quantization.fp8 import quantize_per_tensor, requantize_to_common_scale
+
+Shard = int | str | None
+_PACKED_DTYPES = (torch.int8, torch.int32, torch.uint8, torch.float8_e4m3fn,
+                  torch.float8_e4m3fnuz, torch.float8_e5m2)
 
 
 def _divide(n: int, parts: int, what: str) -> int:
@@ -26,56 +38,156 @@ def _divide(n: int, parts: int, what: str) -> int:
 class LinearBase(nn.Module):
     """Holds the method's parameters for a ``[in_per_rank] -> [out_per_rank]`` projection.
 
-    ``output_slices``: sizes of the fused output shards on this rank (q/k/v or gate/up) so
-    that loaders can place each checkpoint tensor; ``shard_offsets`` are their start rows.
+    ``prefix``: the checkpoint module name; ``sources`` maps each shard id of a fused layer
+    to its checkpoint module name (default ``{None: prefix}``). :meth:`load` takes one
+    checkpoint tensor by its suffix (``weight``, ``weight_scale``, ``qweight``, ...);
+    :meth:`check_loaded` names any tensor the checkpoint did not provide.
     """
 
     tp_dim: int | None = None  # 0: split outputs (column), 1: split inputs (row), None: replicated
 
     def __init__(self, ctx: LayerContext, input_size: int, output_size: int, bias: bool,
-                 scheme: str | None = None) -> None:
+                 scheme: str | None = None, prefix: str = "",
+                 sources: dict[Shard, str] | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.input_size, self.output_size = input_size, output_size
-        self.method = ctx.dispatch.linear[scheme or ctx.quant_scheme]()
-        specs = self.method.create_weights(LinearShape(input_size, output_size, ctx.dtype))
-        for name, spec in specs.items():
+        self.prefix = prefix
+        self.sources: dict[Shard, str] = sources or {None: prefix}
+        self.quant = self._layer_quant(scheme)
+        if self.quant.has_g_idx and self.tp_dim == 1 and ctx.tp_size > 1:
+            raise QuantizationError(f"{prefix}: act-order g_idx with a row-parallel split "
+                                    f"(--tp-size {ctx.tp_size}) is not supported")
+        self.method = ctx.dispatch.linear[self.quant.scheme]()
+        shape = LinearShape(input_size, output_size, ctx.dtype, self.quant.group_size,
+                            self.quant.has_g_idx)
+        self.param_specs: dict[str, ParamSpec] = (
+            checkpoint_specs("unquantized", shape) if self.quant.online
+            else self.method.create_weights(shape))
+        for name, spec in self.param_specs.items():
             param = nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype, device=ctx.device),
                                  requires_grad=False)
             self.register_parameter(name, param)
         self.bias = nn.Parameter(torch.zeros(output_size, dtype=ctx.dtype, device=ctx.device),
                                  requires_grad=False) if bias else None
+        self._loaded: set[tuple[str, Shard]] = set()
+        self._received: dict[Shard, list[str]] = {}
+        self._shard_scales: dict[Shard, torch.Tensor] = {}
+
+    def _layer_quant(self, scheme: str | None) -> LayerQuant:
+        if scheme is not None or self.ctx.quant is None:
+            return LayerQuant(scheme or self.ctx.quant_scheme)
+        per_source = {sid: self.ctx.quant.layer_quant(name) for sid, name in self.sources.items()}
+        first = next(iter(per_source.values()))
+        if any(q.key() != first.key() for q in per_source.values()):
+            what = ", ".join(f"{self.sources[s]}: {q.label}" for s, q in per_source.items())
+            raise QuantizationError(f"{self.prefix}: fused shards are quantized differently "
+                                    f"({what})")
+        return first
 
     def process_weights_after_loading(self) -> None:
+        if self.quant.online:
+            weight, scale = quantize_per_tensor(self.weight.data)
+            self._replace("weight", weight)
+            self._replace("weight_scale", scale)
+        elif len(self._shard_scales) > 1:
+            ids = list(self.sources)
+            rows = [self._shard_layout(s)[:2] for s in ids]
+            common = requantize_to_common_scale(self.weight.data,
+                                                [self._shard_scales[s] for s in ids], rows)
+            self.weight_scale.data.copy_(common)
         self.method.process_weights_after_loading(self)
+
+    def _replace(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._parameters:
+            delattr(self, name)
+        self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
     # -- loading -----------------------------------------------------------------------------
-    def _rank_slice(self, tensor: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
-        return tensor.narrow(dim, rank * size, size)
+    def _shard_layout(self, shard: Shard) -> tuple[int, int, int, int]:
+        """``(first output row on this rank, rows, rank of the checkpoint slice, rows of the
+        whole checkpoint tensor)`` of ``shard``."""
+        if self.tp_dim == 0:
+            return 0, self.output_size, self.ctx.tp_rank, self.output_size * self.ctx.tp_size
+        return 0, self.output_size, 0, self.output_size
 
-    def load(self, name: str, tensor: torch.Tensor, shard: int | str | None = None) -> None:
-        """Copy this rank's part of checkpoint tensor ``tensor`` into parameter ``name``."""
+    def _checkpoint_shape(self, shard: Shard) -> tuple[int, int]:
+        """``[N, K]`` of the checkpoint layer behind ``shard`` (all ranks)."""
+        k = self.input_size * (self.ctx.tp_size if self.tp_dim == 1 else 1)
+        return self._shard_layout(shard)[3], k
+
+    def load(self, name: str, tensor: torch.Tensor, shard: Shard = None) -> None:
+        """Place checkpoint tensor ``<source>.<name>`` (this rank's part of it). Raises
+        ``ValueError`` naming the parameter when the tensor does not fit the scheme."""
+        if shard not in self.sources:
+            raise ValueError(f"{type(self).__name__} has no shard {shard!r}")
+        self._received.setdefault(shard, []).append(name)
+        if name == "bias":
+            if self.bias is None:
+                raise ValueError(f"{type(self).__name__} has no bias")
+            self._place("bias", tensor, shard, ParamSpec(tuple(self.bias.shape), self.bias.dtype,
+                                                        output_dim=0))
+            return
+        converted = ([(name, tensor)] if self.quant.online
+                     else self.quant.convert(name, tensor, self._checkpoint_shape(shard)))
+        for pname, part in converted:
+            spec = self.param_specs.get(pname)
+            if spec is None:
+                raise ValueError(f"the {self.quant.label} layout has no tensor {pname!r} "
+                                 f"(expected {', '.join(self.param_specs)})")
+            self._place(pname, part, shard, spec)
+            self._loaded.add((pname, shard))
+
+    def _place(self, name: str, tensor: torch.Tensor, shard: Shard, spec: ParamSpec) -> None:
         param = getattr(self, name)
-        if param is None:
-            raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
-        tensor = self._select(name, param, tensor, shard)
-        if tuple(tensor.shape) != tuple(param.shape):
+        if param.dtype in _PACKED_DTYPES and tensor.dtype != param.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} in the checkpoint, the "
+                             f"{self.quant.scheme} scheme stores {param.dtype}")
+        start, size, src, whole = self._shard_layout(shard)
+        dest = param.data
+        split_out = shard is not None or whole != size
+        if spec.output_dim is not None and split_out:
+            d, pack = spec.output_dim, spec.output_pack
+            if start % pack or size % pack:
+                raise ValueError(f"{name}: {size} output features at row {start} do not align "
+                                 f"with its packing of {pack}")
+            if tensor.shape[d] != whole // pack:
+                raise ValueError(f"{name}: checkpoint dim {d} is {tensor.shape[d]}, expected "
+                                 f"{whole // pack}")
+            tensor = tensor.narrow(d, src * (size // pack), size // pack)
+            dest = dest.narrow(d, start // pack, size // pack)
+        elif spec.output_dim is None and spec.input_dim is None and shard is not None:
+            self._shard_scales[shard] = tensor.reshape(1).to(torch.float32)
+        if spec.input_dim is not None and self.tp_dim == 1 and self.ctx.tp_size > 1:
+            d, per = spec.input_dim, param.shape[spec.input_dim]
+            if tensor.shape[d] != per * self.ctx.tp_size:
+                raise ValueError(f"{name}: checkpoint dim {d} is {tensor.shape[d]}, expected "
+                                 f"{per * self.ctx.tp_size} to split over {self.ctx.tp_size} ranks")
+            tensor = tensor.narrow(d, self.ctx.tp_rank * per, per)
+        if tuple(tensor.shape) != tuple(dest.shape):
             raise ValueError(f"{name}: checkpoint shape {list(tensor.shape)} does not match "
-                             f"{list(param.shape)}")
-        param.data.copy_(tensor.to(param.dtype))
+                             f"{list(dest.shape)}")
+        shared = spec.output_dim is None and spec.input_dim is not None  # e.g. g_idx
+        if shared and any(n == name for n, _ in self._loaded):
+            if not torch.equal(dest, tensor.to(dest.dtype)):
+                raise ValueError(f"{name} differs between the fused shards of {self.prefix}; "
+                                 "they share one input and must share it")
+            return
+        dest.copy_(tensor.to(dest.dtype))
 
-    def _select(self, name: str, param: torch.Tensor, tensor: torch.Tensor,
-                shard: int | str | None) -> torch.Tensor:
-        ctx = self.ctx
-        if self.tp_dim is None or ctx.tp_size == 1 or tensor.dim() == 0 or tensor.numel() == 1:
-            return tensor
-        dim = self.tp_dim if tensor.dim() > 1 or self.tp_dim == 0 else None
-        if dim is None:  # a row-parallel bias is added once, on the reduced output
-            return tensor
-        return self._rank_slice(tensor, dim, param.shape[dim], ctx.tp_rank)
+    def check_loaded(self) -> None:
+        """Raise :class:`QuantizationError` naming the first scheme tensor no checkpoint
+        tensor provided (e.g. a missing ``weight_scale``)."""
+        for shard, source in self.sources.items():
+            for pname in self.param_specs:
+                if (pname, shard) not in self._loaded:
+                    got = ", ".join(self._received.get(shard, [])) or "nothing"
+                    raise QuantizationError(
+                        f"checkpoint tensor for {source}.{pname} is missing ({self.quant.label} "
+                        f"layout; the checkpoint has {got} for {source})")
 
 
 class ReplicatedLinear(LinearBase):
@@ -88,9 +200,10 @@ class ColumnParallelLinear(LinearBase):
     tp_dim = 0
 
     def __init__(self, ctx: LayerContext, input_size: int, output_size: int, bias: bool,
-                 scheme: str | None = None) -> None:
+                 scheme: str | None = None, prefix: str = "",
+                 sources: dict[Shard, str] | None = None) -> None:
         super().__init__(ctx, input_size, _divide(output_size, ctx.tp_size, "output size"),
-                         bias, scheme)
+                         bias, scheme, prefix, sources)
 
     def forward_rms_norm(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +226,9 @@ class RowParallelLinear(LinearBase):
     tp_dim = 1
 
     def __init__(self, ctx: LayerContext, input_size: int, output_size: int, bias: bool,
-                 scheme: str | None = None) -> None:
+                 scheme: str | None = None, prefix: str = "") -> None:
         super().__init__(ctx, _divide(input_size, ctx.tp_size, "input size"), output_size,
-                         bias, scheme)
+                         bias, scheme, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
@@ -138,33 +251,37 @@ class RowParallelLinear(LinearBase):
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused along outputs (gate and up). Shard ``i`` of
-    the checkpoint fills rows ``sum(sizes[:i]) : sum(sizes[:i+1])`` of this rank's weight."""
+    the checkpoint fills rows ``sum(sizes[:i]) : sum(sizes[:i+1])`` of this rank's weight.
+    ``source_names[i]`` is shard ``i``'s checkpoint module name."""
 
     def __init__(self, ctx: LayerContext, input_size: int, output_sizes: list[int],
-                 bias: bool, scheme: str | None = None) -> None:
-        super().__init__(ctx, input_size, sum(output_sizes), bias, scheme)
+                 bias: bool, scheme: str | None = None,
+                 source_names: list[str] | None = None) -> None:
         self.shard_sizes = [_divide(s, ctx.tp_size, "output size") for s in output_sizes]
+        names = source_names or [""] * len(output_sizes)
+        prefix = ",".join(names)
+        super().__init__(ctx, input_size, sum(output_sizes), bias, scheme, prefix,
+                         dict(enumerate(names)))
 
-    def _select(self, name, param, tensor, shard):
+    def _shard_layout(self, shard: Shard) -> tuple[int, int, int, int]:
         if shard is None:
-            return super()._select(name, param, tensor, shard)
+            return super()._shard_layout(shard)
         index = int(shard)
         size = self.shard_sizes[index]
-        part = tensor.narrow(0, self.ctx.tp_rank * size, size) if self.ctx.tp_size > 1 else tensor
-        full = param.data.clone()
-        start = sum(self.shard_sizes[:index])
-        full.narrow(0, start, size).copy_(part.to(full.dtype))
-        return full
+        return sum(self.shard_sizes[:index]), size, self.ctx.tp_rank, size * self.ctx.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused; query heads split across ranks, KV heads split too or
-    replicated when there are fewer KV heads than ranks."""
+    replicated when there are fewer KV heads than ranks. ``source_names`` are the q, k and v
+    checkpoint module names."""
 
     def __init__(self, ctx: LayerContext, hidden_size: int, head_size: int, num_heads: int,
-                 num_kv_heads: int, bias: bool, scheme: str | None = None) -> None:
+                 num_kv_heads: int, bias: bool, scheme: str | None = None,
+                 source_names: tuple[str, str, str] = ("", "", "")) -> None:
         tp = ctx.tp_size
         self.num_heads = _divide(num_heads, tp, "num_attention_heads")
+        self.total_num_kv_heads = num_kv_heads
         if num_kv_heads >= tp:
             self.num_kv_heads = _divide(num_kv_heads, tp, "num_key_value_heads")
             self.kv_rank = ctx.tp_rank
@@ -176,15 +293,14 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_rank = ctx.tp_rank // (tp // num_kv_heads)
         self.head_size = head_size
         out = (self.num_heads + 2 * self.num_kv_heads) * head_size
-        LinearBase.__init__(self, ctx, hidden_size, out, bias, scheme)
+        LinearBase.__init__(self, ctx, hidden_size, out, bias, scheme, ",".join(source_names),
+                            dict(zip("qkv", source_names)))
 
-    def _select(self, name, param, tensor, shard):
+    def _shard_layout(self, shard: Shard) -> tuple[int, int, int, int]:
         if shard is None:
-            return LinearBase._select(self, name, param, tensor, shard)
+            return super()._shard_layout(shard)
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
-        offset, size, rank = {"q": (0, q, self.ctx.tp_rank), "k": (q, kv, self.kv_rank),
-                              "v": (q + kv, kv, self.kv_rank)}[shard]
-        part = tensor.narrow(0, rank * size, size)
-        full = param.data.clone()
-        full.narrow(0, offset, size).copy_(part.to(full.dtype))
-        return full
+        if shard == "q":
+            return 0, q, self.ctx.tp_rank, q * self.ctx.tp_size
+        whole_kv = self.total_num_kv_heads * self.head_size
+        return (q if shard == "k" else q + kv), kv, self.kv_rank, whole_kv

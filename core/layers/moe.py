@@ -7,29 +7,87 @@ from torch import nn
 
 from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
 from heteroserve.core.layers.context import LayerContext
+from heteroserve.core.kernels.linear import LinearShape, checkpoint_specs
 from heteroserve.core.layers.linear import ReplicatedLinear
+from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant, QuantizationError
+from heteroserve.core.quantization.dequantize import dequantize
+
+_HF_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 class FusedMoE(nn.Module):
     """``E`` SiLU-and-mul experts stored as ``w13 [E, 2I, H]`` (gate rows, then up rows) and
     ``w2 [E, H, I]``; with tensor parallelism each rank holds ``I / tp`` of every expert and
     the output is all-reduced. Checkpoint tensors load per expert: ``load("w1"|"w3"|"w2",
-    tensor, expert)`` (Mixtral names; Qwen's gate/up/down map onto them)."""
+    tensor, expert)`` (Mixtral names; Qwen's gate/up/down map onto them).
+
+    Quantized experts (per-expert fp8, int8 or 4-bit tensors of the checkpoint's format)
+    load through :meth:`load_quantized` and are dequantized to the model dtype: the fused
+    MoE op runs on dense weights (no memory saving for the experts)."""
 
     def __init__(self, ctx: LayerContext, num_experts: int, top_k: int, hidden_size: int,
-                 intermediate_size: int, renormalize: bool) -> None:
+                 intermediate_size: int, renormalize: bool, prefix: str = "") -> None:
         super().__init__()
+        self.prefix, self.hidden = prefix, hidden_size
+        self.expert_quant = self._expert_quant(ctx, prefix)
+        self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         if intermediate_size % ctx.tp_size:
             raise ValueError(f"moe intermediate size {intermediate_size} is not divisible by "
                              f"tensor-parallel size {ctx.tp_size}")
         self.ctx, self.top_k, self.renormalize = ctx, top_k, renormalize
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
-                                     scheme="unquantized")
+                                     scheme="unquantized", prefix=f"{prefix}.gate")
         make = lambda *shape: nn.Parameter(  # noqa: E731
             torch.empty(*shape, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
         self.w13 = make(num_experts, 2 * self.inter, hidden_size)
         self.w2 = make(num_experts, hidden_size, self.inter)
+
+    @staticmethod
+    def _expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
+        """How the checkpoint stores the experts (asked for expert 0's gate projection, in
+        both spellings); quantized experts are dequantized to the model dtype at load."""
+        if ctx.quant is None:
+            return UNQUANTIZED
+        for name in ("w1", "gate_proj"):
+            quant = ctx.quant.layer_quant(f"{prefix}.experts.0.{name}")
+            if quant.scheme != "unquantized":
+                if quant.online:
+                    raise QuantizationError(f"{prefix}.experts: --quantization fp8 does not "
+                                            "quantize MoE experts")
+                return quant
+        return UNQUANTIZED
+
+    def load_quantized(self, name: str, suffix: str, tensor: torch.Tensor, expert: int) -> None:
+        """Collect expert ``expert``'s projection ``name`` tensors (``suffix``: ``weight``,
+        ``weight_scale_inv``, ``qweight``, ...); once all the scheme's tensors are there,
+        dequantize and place them as :meth:`load` does. Raises ``ValueError`` naming a
+        tensor that does not fit."""
+        q = self.expert_quant
+        n, k = (self.hidden, self.inter * self.ctx.tp_size) if name == "w2" else \
+            (self.inter * self.ctx.tp_size, self.hidden)
+        parts = self._pending.setdefault((expert, name), {})
+        for pname, part in q.convert(suffix, tensor, (n, k)):
+            parts[pname] = part
+        wanted = checkpoint_specs(q.scheme, LinearShape(k, n, self.ctx.dtype, q.group_size,
+                                                        q.has_g_idx))
+        if set(wanted) <= set(parts):
+            for pname, spec in wanted.items():
+                if tuple(parts[pname].shape) != spec.shape:
+                    raise ValueError(f"{pname} has shape {list(parts[pname].shape)}, expected "
+                                     f"{list(spec.shape)}")
+            weight = dequantize(q.scheme, parts, q.group_size)
+            del self._pending[(expert, name)]
+            self.load(name, weight.to(self.ctx.dtype), expert)
+
+    def check_loaded(self) -> None:
+        """Raise :class:`QuantizationError` naming an expert projection whose quantized
+        tensors were not all in the checkpoint."""
+        for (expert, name), parts in self._pending.items():
+            raise QuantizationError(
+                f"checkpoint tensors for {self.prefix}.experts.{expert}.{name} "
+                f"({_HF_NAMES.get(name, name)}) are incomplete: got {', '.join(parts)} "
+                f"({self.expert_quant.label})")
 
     def load(self, name: str, tensor: torch.Tensor, expert: int) -> None:
         r, i = self.ctx.tp_rank, self.inter

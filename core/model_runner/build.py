@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.dispatch import (
-    DispatchTable, negotiate_page_size, parse_kernel_overrides, resolve_dispatch,
+    DispatchTable, Resolution, negotiate_page_size, parse_kernel_overrides, resolve_dispatch,
 )
+from heteroserve.core.kernels.ops import linear_op
 from heteroserve.core.kernels.registry import KernelRequest
 from heteroserve.core.model_runner.runner import ModelRunner
 from heteroserve.core.models.config import ModelConfig
 from heteroserve.core.platform import Platform
+from heteroserve.core.quantization import QuantFormat, detect_quantization
 from heteroserve.core.plugins.manager import load_plugins
 
 logger = logging.getLogger(__name__)
@@ -27,7 +30,9 @@ def resolve_model_path(server_args: ServerArgs) -> str:
     return str(ensure_default_model())
 
 
-def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None) -> KernelRequest:
+def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None,
+                   quant: QuantFormat | None = None, kv_cache_dtype: str = "auto"
+                   ) -> KernelRequest:
     caps = platform.capabilities()
     return KernelRequest(
         platform=platform.name, device_type=platform.device_type, dtype=cfg.dtype,
@@ -36,7 +41,15 @@ def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None) 
         logit_cap=cfg.attn_logit_softcap is not None,
         kv_lora_rank=cfg.raw.get("kv_lora_rank"),
         qk_rope_head_dim=cfg.raw.get("qk_rope_head_dim") if cfg.raw.get("kv_lora_rank") else None,
-        platform_page_sizes=caps.kv_page_sizes)
+        platform_page_sizes=caps.kv_page_sizes,
+        quant_scheme=quant.schemes()[0] if quant is not None else "unquantized",
+        kv_cache_dtype=kv_cache_dtype)
+
+
+def linear_schemes(quant: QuantFormat | None) -> tuple[str, ...]:
+    """The linear schemes an engine resolves: unquantized (LM head neighbours, routers,
+    ignored layers) and every scheme the checkpoint's format uses."""
+    return tuple(dict.fromkeys(("unquantized", *(quant.schemes() if quant else ()))))
 
 
 def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
@@ -54,13 +67,18 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     if cfg.dtype not in platform.capabilities().dtypes:
         raise ValueError(f"platform {platform.name} does not support {cfg.dtype}; "
                          f"choose --dtype from {platform.capabilities().describe()['dtypes']}")
+    quant = detect_quantization(cfg.raw, server_args.quantization)
     overrides = parse_kernel_overrides(server_args.kernel)
-    request = kernel_request(platform, cfg, server_args.page_size)
+    if server_args.kv_cache_dtype != "auto" and platform.capabilities().fp8_flavour is None:
+        raise ValueError(f"--kv-cache-dtype {server_args.kv_cache_dtype}: platform "
+                         f"{platform.name} declares no fp8 flavour")
+    request = kernel_request(platform, cfg, server_args.page_size, quant,
+                             server_args.kv_cache_dtype)
     request = request.with_page_size(
         negotiate_page_size(catalog.registry, request, overrides.get("attention")))
-    dispatch = resolve_dispatch(catalog.registry, request, overrides)
+    dispatch = resolve_dispatch(catalog.registry, request, overrides, linear_schemes(quant))
     runner = ModelRunner(server_args, platform, dispatch, cfg, request.page_size or 1,
-                         tp_rank, server_args.tp_size, communicator, index)
+                         tp_rank, server_args.tp_size, communicator, index, quant)
     if tp_rank == 0:
         logger.info("%s", startup_block(platform, catalog, dispatch, runner))
     return platform, dispatch, runner
@@ -79,12 +97,34 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"{runner.weight_bytes() / 2**30:.2f} GiB weights, load format "
         f"{runner.server_args.load_format}, tp {runner.tp_size})",
         f"  kv cache     {kv.num_pages} pages x {kv.page_size} tokens = {kv.num_tokens} tokens, "
-        f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}",
+        f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}, "
+        f"{str(runner.backend.config.cache_dtype).removeprefix('torch.')}",
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
-        "  kernels",
     ]
+    lines += quantization_lines(runner.quant, dispatch.resolutions)
+    lines.append("  kernels")
     lines += [f"    {op:<22} {impl} ({kind})" for op, impl, kind in dispatch.summary()]
     for f in catalog.failures:
         lines.append(f"  plugin {f.plugin} failed to load: {f.error}")
     return "\n".join(lines)
+
+
+def quantization_lines(quant: QuantFormat | None,
+                       resolutions: Mapping[str, Resolution]) -> list[str]:
+    """The start-up block's quantization section: the format, then per scheme the kernel
+    chosen and, where it is not the platform's own, why each native candidate was
+    rejected (the reasons their ``supports()`` gave)."""
+    if quant is None:
+        return []
+    lines = [f"  quantization {quant.describe()}"]
+    for scheme in quant.schemes():
+        res = resolutions[linear_op(scheme)]
+        kind = "forced" if res.forced else ("native" if res.native else "fallback")
+        lines.append(f"    {scheme:<20} -> {res.chosen.name} ({kind})")
+        if not res.native:
+            for name, reason in res.rejected:
+                if not reason.startswith("lower priority"):
+                    lines.append(f"      {name} rejected: {reason}")
+    lines += [f"    note: {note}" for note in quant.notes()]
+    return lines

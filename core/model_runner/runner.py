@@ -22,6 +22,7 @@ from heteroserve.core.model_runner.forward_batch import ForwardBatch
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import Platform
+from heteroserve.core.quantization import QuantFormat
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,21 @@ class ModelRunner:
 
     def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
                  model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
-                 communicator: Communicator | None = None, device_index: int | None = None) -> None:
+                 communicator: Communicator | None = None, device_index: int | None = None,
+                 quant: QuantFormat | None = None) -> None:
         self.server_args, self.platform, self.dispatch = server_args, platform, dispatch
         self.model_config = cfg = model_config
         self.page_size = page_size
         self.device = platform.device(server_args.device_index if device_index is None else device_index)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
-                           communicator if tp_size > 1 else None, dispatch.request.quant_scheme)
+                           communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
+                           quant, server_args.kv_cache_dtype != "auto")
+        self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()
         self.backend = self.model.build_attention_backend(
-            page_size, self.device, server_args.max_running_requests)
+            page_size, self.device, server_args.max_running_requests, self._kv_cache_dtype())
         self.kv = self._allocate_kv()
         self.num_pages = self.kv.num_pages
         self.max_total_tokens = self.kv.num_tokens
@@ -87,20 +91,34 @@ class ModelRunner:
             if missing:
                 raise ModelLoadError(f"{cfg.path}: checkpoint has no weights for {len(missing)} "
                                      f"module(s), e.g. {', '.join(missing[:3])}")
+            for module in self.model.modules():
+                if isinstance(module, (LinearBase, FusedMoE)):
+                    module.check_loaded()
         for module in self.model.modules():
             if isinstance(module, (LinearBase, FusedMoE)):
                 module.process_weights_after_loading()
+
+    def _kv_cache_dtype(self) -> torch.dtype | None:
+        """``--kv-cache-dtype``: None (the model dtype) or the platform's fp8 dtype."""
+        if self.server_args.kv_cache_dtype == "auto":
+            return None
+        flavour = self.platform.capabilities().fp8_flavour
+        if flavour is None:
+            raise ValueError(f"--kv-cache-dtype {self.server_args.kv_cache_dtype}: platform "
+                             f"{self.platform.name} declares no fp8 flavour")
+        return flavour.torch_dtype
 
     def _allocate_kv(self) -> kv_storage.KVStorage:
         args, cfg = self.server_args, self.model_config
         self.platform.synchronize(self.device)
         free, total = self.platform.memory_info(self.device)
-        page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cfg.dtype)
+        cache_dtype = self.backend.config.cache_dtype
+        page_bytes = kv_storage.bytes_per_page(self.backend, cfg.num_layers, cache_dtype)
         cap = cfg.context_len * args.max_running_requests
         pool_cap = self.platform.capabilities().extra.get("kv_cache_max_bytes")
         pages = kv_storage.plan_num_pages(free, total, args.mem_fraction_static, page_bytes,
                                           self.page_size, args.max_total_tokens, cap, pool_cap)
-        return kv_storage.allocate(self.backend, cfg.num_layers, pages, cfg.dtype, self.device)
+        return kv_storage.allocate(self.backend, cfg.num_layers, pages, cache_dtype, self.device)
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

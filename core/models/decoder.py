@@ -42,11 +42,14 @@ class DecoderSpec:
 class SelfAttention(nn.Module):
     def __init__(self, ctx: LayerContext, cfg: ModelConfig, spec: DecoderSpec, layer_id: int) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(ctx, cfg.hidden_size, cfg.head_dim, cfg.num_heads,
-                                          cfg.num_kv_heads, spec.qkv_bias)
+        prefix = f"model.layers.{layer_id}.self_attn"
+        self.qkv_proj = QKVParallelLinear(
+            ctx, cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, spec.qkv_bias,
+            source_names=(f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"))
         heads, kv_heads, hd = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size, self.head_dim = heads * hd, kv_heads * hd, hd
-        self.o_proj = RowParallelLinear(ctx, cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(ctx, cfg.num_heads * hd, cfg.hidden_size, bias=False,
+                                        prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(ctx, hd, cfg.rms_norm_eps) if spec.qk_norm else None
         rotary_dim = int(hd * cfg.raw.get("partial_rotary_factor", 1.0))
@@ -72,11 +75,14 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, ctx: LayerContext, hidden: int, inter: int) -> None:
+    def __init__(self, ctx: LayerContext, hidden: int, inter: int, prefix: str = "") -> None:
         super().__init__()
         self.ctx = ctx
-        self.gate_up_proj = MergedColumnParallelLinear(ctx, hidden, [inter, inter], bias=False)
-        self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            ctx, hidden, [inter, inter], bias=False,
+            source_names=[f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False,
+                                           prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
@@ -97,11 +103,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(ctx, cfg.hidden_size, cfg.rms_norm_eps)
         if spec.moe_module:
             moe = FusedMoE(ctx, cfg.num_experts, cfg.top_k, cfg.hidden_size,
-                           cfg.moe_intermediate_size, cfg.norm_topk_prob)
+                           cfg.moe_intermediate_size, cfg.norm_topk_prob,
+                           prefix=f"model.layers.{layer_id}.{spec.moe_module}")
             setattr(self, spec.moe_module, moe)
             self.feed_forward: nn.Module = moe
         else:
-            self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = MLP(ctx, cfg.hidden_size, cfg.intermediate_size,
+                           prefix=f"model.layers.{layer_id}.mlp")
             self.feed_forward = self.mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
@@ -131,7 +139,7 @@ class _Backbone(nn.Module):
 _STACKED = [(".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"),
             (".v_proj.", ".qkv_proj.", "v"), (".gate_proj.", ".gate_up_proj.", 0),
             (".up_proj.", ".gate_up_proj.", 1)]
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(\w+)$")
 _EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
@@ -150,15 +158,17 @@ class CausalLM(nn.Module):
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def build_attention_backend(self, page_size: int, device: torch.device,
-                                max_batch_size: int) -> AttentionBackend | MLABackend:
+                                max_batch_size: int, kv_cache_dtype: torch.dtype | None = None
+                                ) -> AttentionBackend | MLABackend:
         """The engine's attention backend for this model's layers (the dispatch table's
-        ``attention`` class here; latent-attention models pick ``mla_attention``)."""
+        ``attention`` class here; latent-attention models pick ``mla_attention``).
+        ``kv_cache_dtype``: the KV pool's dtype when it differs from the model's (fp8)."""
         attn = self.model.layers[0].self_attn.attn
         cfg = self.config
         return self.ctx.dispatch.attention(AttentionConfig(
             num_q_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_size=cfg.head_dim,
             page_size=page_size, dtype=cfg.dtype, device=device, max_batch_size=max_batch_size,
-            max_context_len=cfg.context_len))
+            max_context_len=cfg.context_len, kv_cache_dtype=kv_cache_dtype))
 
     def build_backbone(self, ctx: LayerContext, cfg: ModelConfig) -> nn.Module:
         """The ``model`` submodule: ``embed_tokens``, ``layers`` (each with a ``self_attn``
@@ -180,7 +190,7 @@ class CausalLM(nn.Module):
     def _target(self, name: str) -> tuple[str, str, object]:
         """Map a checkpoint name to ``(module path, parameter name, shard)``."""
         m = _EXPERT.match(name)
-        if m:
+        if m and m.group(4) == "weight":
             return m.group(1), _EXPERT_NAMES.get(m.group(3), m.group(3)), int(m.group(2))
         shard = None
         for old, new, sid in _STACKED:
@@ -190,23 +200,69 @@ class CausalLM(nn.Module):
         module, _, param = name.rpartition(".")
         return module, param, shard
 
+    def _quantized_moe(self, path: str) -> FusedMoE | None:
+        """The MoE block at ``path`` when its experts are stored quantized, else None."""
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            return None
+        if isinstance(module, FusedMoE) and module.expert_quant.scheme != "unquantized":
+            return module
+        return None
+
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load every tensor; returns the set of module parameters that were filled.
         Raises :class:`ModelLoadError` for a name the model has no place for."""
         filled: set[str] = set()
+        kv_scales: dict[str, dict[str, float]] = {}
         for name, tensor in tensors:
             if "rotary_emb.inv_freq" in name:
                 continue
+            if name.endswith((".k_scale", ".v_scale")):
+                if tensor.numel() != 1:
+                    raise ModelLoadError(f"checkpoint tensor {name}: a per-layer KV scale has "
+                                         f"one value, got shape {list(tensor.shape)}")
+                kv_scales.setdefault(name.rsplit(".", 1)[0], {})[name[-7:]] = float(tensor)
+                continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            expert = _EXPERT.match(name)
+            moe = self._quantized_moe(expert.group(1)) if expert else None
+            if expert and moe is not None:
+                proj = _EXPERT_NAMES.get(expert.group(3), expert.group(3))
+                try:
+                    moe.load_quantized(proj, expert.group(4), tensor, int(expert.group(2)))
+                except ValueError as exc:
+                    raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
+                filled.add(f"{expert.group(1)}.w13")
                 continue
             module_path, param, shard = self._target(name)
             try:
                 module = self.get_submodule(module_path)
             except AttributeError:
                 raise ModelLoadError(f"checkpoint tensor {name} has no matching module") from None
-            module.load(param, tensor, shard)
+            try:
+                module.load(param, tensor, shard)
+            except ModelLoadError:
+                raise
+            except ValueError as exc:
+                raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
             filled.add(f"{module_path}.{param}")
+        self._set_kv_scales(kv_scales)
         return filled
+
+    def _set_kv_scales(self, scales: dict[str, dict[str, float]]) -> None:
+        """Checkpoint ``<layer>.self_attn[.k_proj|.v_proj|.attn].k_scale`` / ``v_scale``: used
+        with an fp8 KV cache (``ctx.kv_cache_fp8``), ignored otherwise."""
+        if not self.ctx.kv_cache_fp8 or not scales:
+            return
+        for i, layer in enumerate(self.model.layers):
+            base = f"model.layers.{i}.self_attn"
+            found = {k: v for path, kv in scales.items() if path.startswith(base + ".")
+                     or path == base for k, v in kv.items()}
+            if found:
+                layer.self_attn.attn.set_kv_scales(found.get("k_scale", 1.0),
+                                                   found.get("v_scale", 1.0))
 
     def expected_tensors(self) -> int:
         return sum(1 for _ in self.parameters())

@@ -207,7 +207,13 @@ class DeepseekV2ForCausalLM(CausalLM):
         return DeepseekBackbone(ctx, cfg, self.options)
 
     def build_attention_backend(self, page_size: int, device: torch.device,
-                                max_batch_size: int) -> MLABackend:
+                                max_batch_size: int, kv_cache_dtype: torch.dtype | None = None
+                                ) -> MLABackend:
+        """The ``mla_attention`` backend over the latent cache (an fp8 latent cache is not
+        supported: ``ValueError``)."""
+        if kv_cache_dtype is not None:
+            raise ValueError("--kv-cache-dtype fp8_e4m3 is not supported for MLA models "
+                             "(the latent cache stays in the model dtype)")
         d, cfg = self.options.mla, self.config
         return self.ctx.dispatch.mla_attention(MLAConfig(
             num_heads=d.num_heads // self.ctx.tp_size, kv_lora_rank=d.kv_lora_rank,

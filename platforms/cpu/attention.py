@@ -21,6 +21,14 @@ from heteroserve.core.platform import KVLayout
 _SCORE_BUDGET = 1 << 24
 
 
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to the cache dtype; fp8 saturates at its largest finite value."""
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        fmax = float(torch.finfo(dtype).max)
+        return x.to(torch.float32).clamp(-fmax, fmax).to(dtype)
+    return x.to(dtype)
+
+
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor | int,
           window: int | None) -> torch.Tensor:
     """Boolean "may attend" mask, broadcast of ``q_pos [..., Q, 1]`` and ``k_pos [..., 1, K]``:
@@ -55,7 +63,7 @@ class TorchNativeAttention(AttentionBackend):
     """Paged attention with plain torch ops, NHD cache layout, any page size.
 
     Supports GQA, sliding windows (Hugging Face convention), logit soft-capping, any head
-    size, and q/cache dtypes bf16/fp16/fp32. Raises ``ValueError`` when tensor shapes do not
+    size, q dtypes bf16/fp16/fp32 and cache dtypes bf16/fp16/fp32 or fp8 (``fp8_e4m3``). Raises ``ValueError`` when tensor shapes do not
     match the config or the metadata.
     """
 
@@ -106,8 +114,8 @@ class TorchNativeAttention(AttentionBackend):
                              "cache locations")
         loc = meta.out_cache_loc.to(torch.long)
         pages, offs = loc // meta.page_size, loc % meta.page_size
-        self._store(k_cache, pages, offs, k.to(k_cache.dtype))
-        self._store(v_cache, pages, offs, v.to(v_cache.dtype))
+        self._store(k_cache, pages, offs, _to_cache(k, k_cache.dtype))
+        self._store(v_cache, pages, offs, _to_cache(v, v_cache.dtype))
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
@@ -166,8 +174,8 @@ class TorchNativeAttention(AttentionBackend):
         # Padding slots hold whatever the pool holds (maybe NaN); zero them so that masked
         # positions contribute exactly nothing.
         in_seq = (k_pos < seq_lens).view(bsz, 1, width, 1)
-        k_all = self._load(k_cache, pages, offs).transpose(1, 2)  # [B, Hk, L, D]
-        v_all = self._load(v_cache, pages, offs).transpose(1, 2)
+        k_all = self._load(k_cache, pages, offs).to(torch.float32).transpose(1, 2)  # [B, Hk, L, D]
+        v_all = self._load(v_cache, pages, offs).to(torch.float32).transpose(1, 2)
         k_all = torch.where(in_seq, k_all, torch.zeros((), dtype=k_all.dtype, device=q.device))
         v_all = torch.where(in_seq, v_all, torch.zeros((), dtype=v_all.dtype, device=q.device))
         allowed = _mask(seq_lens - 1, k_pos, seq_lens, layer.sliding_window)  # [B, 1, L]

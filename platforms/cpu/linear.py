@@ -106,6 +106,27 @@ class Fp8PerTensorLinear(LinearMethod):
         return _finish(y, x, bias)
 
 
+class Fp8PerChannelLinear(LinearMethod):
+    """W8A8 fp8: ``weight [N, K]`` fp8, ``weight_scale [N, 1]`` per output channel;
+    activations quantized per token (one fp8 scale per row)."""
+
+    scheme = "fp8_per_channel"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        weight = _get(layer, "weight")
+        _set(layer, "weight_scale",
+             _get(layer, "weight_scale").to(torch.float32).reshape(weight.shape[0], 1))
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        weight, w_scale = _get(layer, "weight"), _get(layer, "weight_scale")
+        k = weight.shape[1]
+        x2 = _check_k(x, k, self.scheme)
+        qx, x_scale = quantize_fp8_dynamic(x2, _fp8_of(weight), k)  # one group = one row
+        y = (qx.to(torch.float32) @ weight.to(torch.float32).t()) * x_scale * w_scale.reshape(1, -1)
+        return _finish(y, x, bias)
+
+
 class Fp8BlockLinear(LinearMethod):
     """W8A8 fp8, DeepSeek style: ``weight [N, K]`` fp8 with one ``weight_scale_inv`` per
     128x128 block; activations quantized per token and 128-column group."""

@@ -58,4 +58,5 @@ def heteroserve_register_kernels(registry: KernelRegistry) -> None:
         registry.register(KernelSpec(
             op=op, name="torch_native", load=_lazy(module, attr), platforms=(ANY_PLATFORM,),
             priority=FALLBACK_PRIORITY, native_on=("cpu",),
+            kv_cache_dtypes=("auto", "fp8_e4m3") if op == ops.ATTENTION else ("auto",),
             description="torch-native reference implementation; runs on any torch device"))

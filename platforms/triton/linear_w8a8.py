@@ -1,4 +1,4 @@
-"""W8A8 linear methods: fp8 per-tensor, fp8 128x128 block, int8 per-channel (contract and
+"""W8A8 linear methods: fp8 per-tensor, fp8 per-channel, fp8 128x128 block, int8 per-channel (contract and
 checkpoint layouts: ``core/kernels/linear.py``).
 
 Activations are quantized dynamically by :func:`~.quant.quantize_rows` (per tensor, per
@@ -73,6 +73,30 @@ class Fp8PerTensorLinear(LinearMethod):
             return _finish(y, x)
         y = scaled_gemm(q, weight, x_scale, (0, 0), w_scale, (0, 0), 1, FP8_BLOCK, x.dtype,
                         bias=bias, per_k_scales=True)
+        return _finish(y, x)
+
+
+class Fp8PerChannelLinear(LinearMethod):
+    """W8A8 fp8: ``weight [N, K]`` fp8, ``weight_scale [N, 1]`` fp32 per output channel;
+    activations quantized per token; the Triton GEMM applies the row and column scales per
+    128-column tile (fp32 accumulation)."""
+
+    scheme = "fp8_per_channel"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        weight = get_param(layer, "weight")
+        set_param(layer, "weight_scale", get_param(layer, "weight_scale").to(torch.float32)
+                  .reshape(weight.shape[0]).contiguous())
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
+        weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale")
+        fmax = _fp8_max(weight.dtype)
+        x2 = rows(x, weight.shape[1], self.scheme)
+        q, x_scale = quantize_rows(x2, weight.dtype, fmax, None)
+        y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale, (1, 0), 1,
+                        FP8_BLOCK, x.dtype, bias=bias, per_k_scales=True)
         return _finish(y, x)
 
 

@@ -44,6 +44,8 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
                                    "Triton GEMV for one row, torch F.linear for more"),
     ops.linear_op("fp8_per_tensor"): ("linear_w8a8", "Fp8PerTensorLinear",
                                       "torch._scaled_mm (Triton GEMM for odd shapes)"),
+    ops.linear_op("fp8_per_channel"): ("linear_w8a8", "Fp8PerChannelLinear",
+                                       "Triton fp8 GEMM, per-token x per-channel scales"),
     ops.linear_op("fp8_block"): ("linear_w8a8", "Fp8BlockLinear",
                                  "Triton 128x128 block-scaled fp8 GEMM"),
     ops.linear_op("int8_w8a8"): ("linear_w8a8", "Int8W8A8Linear",
@@ -121,6 +123,7 @@ def _int8(request: KernelRequest) -> Support:
 _SUPPORTS: dict[str, Callable[[KernelRequest], Support]] = {
     ops.ATTENTION: _attention,
     ops.linear_op("fp8_per_tensor"): _fp8,
+    ops.linear_op("fp8_per_channel"): _fp8,
     ops.linear_op("fp8_block"): _fp8,
     ops.linear_op("int8_w8a8"): _int8,
 }

@@ -21,7 +21,8 @@ def _fp8_ok() -> bool:
 
 
 @pytest.mark.parametrize("scheme,tokens", [("fp8_per_tensor", 7), ("fp8_per_tensor", 1500),
-                                           ("fp8_block", 33)])
+                                           ("fp8_block", 33), ("fp8_per_channel", 1),
+                                           ("fp8_per_channel", 300)])
 def test_fp8_linear(scheme: str, tokens: int) -> None:
     if not _fp8_ok():
         pytest.skip("fp8 needs compute capability 8.9+")
@@ -31,9 +32,11 @@ def test_fp8_linear(scheme: str, tokens: int) -> None:
     k, n, dt = 512, 384, torch.bfloat16
     w = torch.randn(n, k, generator=gen, dtype=torch.float64) * k ** -0.5
     fp8 = torch.float8_e4m3fn
-    ckpt = (quantize.quantize_fp8_per_tensor(w, fp8) if scheme == "fp8_per_tensor"
-            else quantize.quantize_fp8_block(w, fp8))
-    method = w8.Fp8PerTensorLinear() if scheme == "fp8_per_tensor" else w8.Fp8BlockLinear()
+    ckpt = {"fp8_per_tensor": quantize.quantize_fp8_per_tensor,
+            "fp8_per_channel": quantize.quantize_fp8_per_channel,
+            "fp8_block": quantize.quantize_fp8_block}[scheme](w, fp8)
+    method = {"fp8_per_tensor": w8.Fp8PerTensorLinear, "fp8_per_channel": w8.Fp8PerChannelLinear,
+              "fp8_block": w8.Fp8BlockLinear}[scheme]()
     layer = torch.nn.Module()
     for name in method.create_weights(LinearShape(k, n, dt)):
         layer.register_parameter(name, torch.nn.Parameter(ckpt[name].cuda(), requires_grad=False))

@@ -63,6 +63,21 @@ def test_scaled_gemm_block_scales(device: torch.device) -> None:
     assert rel_err(out, a_deq @ b_deq.T + bias.double()) < 1e-6
 
 
+def test_scaled_gemm_row_and_channel_scales(device: torch.device) -> None:
+    """The call fp8_per_channel makes: one scale per row of A, one per row of B, constant
+    over K, accumulated per 128-column tile (fp32 stand-ins for fp8)."""
+    from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
+
+    g = _gen(3)
+    m, n, k = 5, 96, 320
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    sa, sb = torch.rand(m, 1, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    out = scaled_gemm(a.to(device), b.to(device), sa.to(device), (1, 0), sb.to(device), (1, 0),
+                      1, 128, torch.float32, per_k_scales=True, config=(16, 32, 32, 1, 1))
+    ref = (a.double() * sa.double()) @ (b.double() * sb.double()[:, None]).T
+    assert rel_err(out, ref) < 1e-6
+
+
 def test_int8_w8a8_linear(device: torch.device) -> None:
     from heteroserve.platforms.triton.linear_w8a8 import Int8W8A8Linear
 

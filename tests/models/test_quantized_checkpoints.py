@@ -1,0 +1,143 @@
+"""Quantized checkpoints in their real formats, end to end on CPU: the engine's logits and
+greedy output against transformers (on the compressed-tensors checkpoint itself; on the
+dequantized weights, with the scheme's activation quantization, for fp8 / awq / gptq)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine_harness import cpu_args
+from heteroserve.core.model_runner.build import build_model_runner, startup_block
+from heteroserve.core.models.tiny import build_tiny_model
+from heteroserve.core.plugins.manager import load_plugins
+from parity import assert_matches
+from quant_checkpoints import dequantized_reference, write_compressed_tensors, write_quantized
+
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("base"), "llama", seed=1)
+
+
+def _runner(path, **kw):
+    return build_model_runner(cpu_args(path, **kw))[2]
+
+
+CASES = {  # name -> (format, options, logits tolerance)
+    "fp8-block": ("fp8-block", {}, 2e-2),
+    "fp8-tensor-static": ("fp8-tensor", {}, 3e-2),
+    "awq-g32": ("awq", {}, 1e-3),
+    "gptq-sym": ("gptq", {"desc_act": False, "sym": True}, 1e-3),
+    "gptq-sym-act-order": ("gptq", {"desc_act": True, "sym": True}, 1e-3),
+    "gptq-asym-act-order-g64": ("gptq", {"desc_act": True, "sym": False, "group": 64}, 1e-3),
+    "awq-ignore-down": ("awq", {"ignore": ("down_proj",)}, 1e-3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_serialized_format_matches_transformers(case, base, tmp_path) -> None:
+    fmt, opts, tol = CASES[case]
+    path, scheme, group = write_quantized(base, tmp_path / "ckpt", fmt, **opts)
+    runner = _runner(path)
+    layer = runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.quant.scheme == scheme
+    expect_down = "unquantized" if "down_proj" in opts.get("ignore", ()) else scheme
+    assert layer.mlp.down_proj.quant.scheme == expect_down
+    hf = dequantized_reference(path, scheme, group, tmp_path, skip=opts.get("ignore", ()))
+    assert_matches(runner, hf, tol)
+
+
+@pytest.mark.parametrize("fmt,opts", [("fp8-block", {}), ("gptq", {"desc_act": True}),
+                                      ("awq", {})], ids=["fp8-block", "gptq-act-order", "awq"])
+def test_moe_quantized_experts_match_transformers(fmt, opts, tmp_path) -> None:
+    """Per-expert quantized weights (dequantized to the model dtype at load) next to
+    quantized attention projections, in a tiny Qwen3-MoE."""
+    moe = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=2)
+    path, scheme, group = write_quantized(moe, tmp_path / "ckpt", fmt, **opts)
+    runner = _runner(path)
+    block = runner.model.model.layers[0].mlp
+    assert block.expert_quant.scheme == scheme
+    assert runner.model.model.layers[0].self_attn.qkv_proj.quant.scheme == scheme
+    hf = dequantized_reference(path, scheme, group, tmp_path)
+    assert_matches(runner, hf, 2e-2 if scheme.startswith("fp8") else 1e-3)
+
+
+CT_CASES = {  # preset -> (scheme of the projections, logits tolerance)
+    "W4A16": ("gptq_w4a16", 2e-3),
+    "W4A16_ASYM": ("awq_w4a16", 2e-3),
+    "W8A8": ("int8_w8a8", 5e-2),  # compressed-tensors' int8 grid is amax / 127.5
+    "FP8_DYNAMIC": ("fp8_per_channel", 2e-2),
+    "FP8_BLOCK": ("fp8_block", 2e-2),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CT_CASES))
+def test_compressed_tensors_matches_transformers(preset, base, tmp_path) -> None:
+    pytest.importorskip("compressed_tensors")
+    scheme, tol = CT_CASES[preset]
+    path = write_compressed_tensors(base, tmp_path / preset, preset,
+                                    ignore=("lm_head", "re:.*layers\\.1\\.mlp\\.down_proj"))
+    runner = _runner(path)
+    layers = runner.model.model.layers
+    assert layers[0].mlp.down_proj.quant.scheme == scheme
+    assert layers[1].mlp.down_proj.quant.scheme == "unquantized"  # ignore honoured
+    if preset == "W4A16_ASYM":  # transformers cannot load its zero points: dequantized weights
+        hf = dequantized_reference(path, scheme, 32, tmp_path)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert_matches(runner, hf, tol)
+
+
+def test_compressed_tensors_fp8_static_tensor(base, tmp_path) -> None:
+    """Per-tensor FP8 with static input scales loads as fp8_per_tensor (fused shards
+    requantized to one scale) and quantizes activations dynamically per tensor, which the
+    start-up block says; the reference is the dequantized checkpoint with that activation
+    quantization."""
+    pytest.importorskip("compressed_tensors")
+    path = write_compressed_tensors(base, tmp_path / "FP8", "FP8")
+    runner = _runner(path)
+    assert runner.model.model.layers[0].self_attn.o_proj.quant.scheme == "fp8_per_tensor"
+    assert "static input_scale" in startup_block(runner.platform, load_plugins(),
+                                                 runner.dispatch, runner)
+    hf = dequantized_reference(path, "fp8_per_tensor", 0, tmp_path)
+    assert_matches(runner, hf, 3e-2)
+
+
+def test_online_fp8_of_unquantized_checkpoint(base, tmp_path) -> None:
+    """``--quantization fp8`` quantizes every projection per tensor at load; the reference
+    is transformers on the same per-tensor fp8 weights with per-tensor fp8 activations."""
+    from safetensors.torch import load_file, save_file
+
+    from heteroserve.conformance.quantize import quantize_fp8_per_tensor
+    from quant_checkpoints import PROJECTIONS, add_activation_hooks
+
+    runner = _runner(base, quantization="fp8")
+    layer = runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.qkv_proj.weight_scale.shape == (1,)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    for f in base.iterdir():
+        if f.suffix != ".safetensors":
+            (ref_dir / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(base / "model.safetensors"))
+    fused = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in tensors:
+        base_name, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+        if leaf in PROJECTIONS:
+            stem = base_name.rpartition(".")[0]
+            groups.setdefault((stem, fused.get(leaf, leaf)), []).append(name)
+    for names in groups.values():  # one scale per fused engine layer
+        whole = torch.cat([tensors[n].double() for n in names])
+        q = quantize_fp8_per_tensor(whole, torch.float8_e4m3fn)
+        deq = (q["weight"].double() * q["weight_scale"].double()).float()
+        for n, part in zip(names, deq.split([tensors[n].shape[0] for n in names])):
+            tensors[n] = part.contiguous()
+    save_file(tensors, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    add_activation_hooks(hf, "fp8_per_tensor")
+    assert_matches(runner, hf, 3e-2)
