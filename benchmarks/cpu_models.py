@@ -40,7 +40,7 @@ def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: int 
     from heteroserve.core.model_runner.build import build_model_runner
     from heteroserve.core.scheduler import Scheduler
 
-    extra = {} if cpu_threads is None else {"cpu_threads": cpu_threads}
+    extra = {} if cpu_threads is None else {"cpu_threads": str(cpu_threads)}
     args = ServerArgs(model_path=str(model_dir(name)), dtype=dtype, platform="cpu",
                       disable_radix_cache=True, max_running_requests=max_running,
                       max_total_tokens=max_running * 256, **extra)

@@ -27,8 +27,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from heteroserve.core.scheduler import Req
     from heteroserve.core.scheduler.sampling_params import SamplingParams
 

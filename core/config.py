@@ -39,6 +39,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 256
 
     tp_size: int = 1
+    cpu_threads: str = "auto"  # torch intra-op threads: auto | N | core list "0-3" (binds)
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None

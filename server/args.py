@@ -29,6 +29,9 @@ _HELP: dict[str, str] = {
     "chunked_prefill_size": "max prompt tokens prefilled per step (longer prompts are chunked)",
     "schedule_policy": "fcfs or lpm (longest prefix match first)",
     "page_size": "KV page size in tokens (default: negotiated with the attention kernel)",
+    "cpu_threads": "torch intra-op threads of each engine process: auto (the cores it may run "
+                   "on, split between tensor-parallel ranks), a count, or a core list such as "
+                   "0-3 to bind to (ranks: 0-3|4-7)",
 }
 
 
