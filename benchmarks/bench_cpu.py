@@ -5,7 +5,8 @@
 For each case (model, dtype, batch) it alternates heteroserve and HF runs on the same random-
 weight Llama (``cpu_models.py``): ``batch`` prompts of 128 random tokens, 64 new tokens,
 greedy, ``ignore_eos``. A run's tok/s is its generated tokens over its wall time (prefill
-included) for both engines. It reports the median of ``--repeats`` runs per engine and their
+included) for both engines; tokens per CPU-second of the process are reported next to it
+(steadier where other jobs take the cores). It reports the median of ``--repeats`` runs per engine and their
 ratio, heteroserve's median decode step, and, measured in the same run, the machine's matvec
 bandwidth (a bf16 matrix-vector product over a 128 MiB weight, plain and oneDNN-packed; the
 faster counts) and GEMM rate (bf16 and fp32), from which the batch-1 memory roofline of each
@@ -77,7 +78,7 @@ def run_heteroserve(scheduler, prompts: list[list[int]], tag: str) -> dict[str, 
     from heteroserve.core.scheduler import Req
     from heteroserve.core.scheduler.sampling_params import SamplingParams
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, ids in enumerate(prompts):
         sp = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         scheduler.add_request(Req(rid=f"{tag}-{i}", input_ids=ids, sampling_params=sp))
@@ -90,27 +91,30 @@ def run_heteroserve(scheduler, prompts: list[list[int]], tag: str) -> dict[str, 
         if produced and first is None:
             first = time.perf_counter()
         tokens += produced
-    wall = time.perf_counter() - t0
-    return {"tok_per_s": tokens / wall, "tokens": tokens,
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tok_per_s": tokens / wall, "tok_per_cpu_s": tokens / cpu, "tokens": tokens,
             "decode_step_s": statistics.median(step_times) if step_times else float("nan")}
 
 
 def run_hf(model, prompts: list[list[int]]) -> dict[str, float]:
     ids = torch.tensor(prompts)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                              pad_token_id=0)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"tok_per_s": tokens / wall, "tokens": tokens}
+    return {"tok_per_s": tokens / wall, "tok_per_cpu_s": tokens / cpu, "tokens": tokens}
 
 
-def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float) -> dict:
+def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
+             cpu_threads: str | None) -> dict:
     import transformers
 
-    runner, scheduler = build_engine(name, dtype, max_running=max(16, batch))
+    # --cpu-threads sizes torch's pool for the whole process: HF runs with the same threads
+    runner, scheduler = build_engine(name, dtype, max_running=max(16, batch),
+                                     cpu_threads=cpu_threads)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(model_dir(name)), dtype=DTYPES[dtype]).eval()
     prompts = random_prompts(batch, PROMPT_LEN, runner.vocab_size, seed=batch)
@@ -127,17 +131,24 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float)
     hs_tps = statistics.median(r["tok_per_s"] for r in hs_runs)
     hf_tps = statistics.median(r["tok_per_s"] for r in hf_runs)
     step_s = statistics.median(r["decode_step_s"] for r in hs_runs)
+    hs_cpu = statistics.median(r["tok_per_cpu_s"] for r in hs_runs)
+    hf_cpu = statistics.median(r["tok_per_cpu_s"] for r in hf_runs)
     weight_bytes = runner.weight_bytes()
     roofline_step_s = weight_bytes / matvec_Bps
     result = {"model": name, "dtype": dtype, "batch": batch,
               "heteroserve_tok_per_s": hs_tps, "hf_tok_per_s": hf_tps, "ratio": hs_tps / hf_tps,
+              # tokens per second of this process's CPU time (all its threads): less sensitive
+              # than wall time to other jobs taking the cores, but it counts spin-waiting
+              "heteroserve_tok_per_cpu_s": hs_cpu, "hf_tok_per_cpu_s": hf_cpu,
+              "cpu_time_ratio": hs_cpu / hf_cpu,
               "heteroserve_decode_step_s": step_s, "weight_bytes": weight_bytes,
               "roofline_decode_step_s": roofline_step_s,
               "fraction_of_roofline": roofline_step_s / step_s if batch == 1 else None,
               "heteroserve_runs": [r["tok_per_s"] for r in hs_runs],
               "hf_runs": [r["tok_per_s"] for r in hf_runs]}
     print(f"{name} {dtype} batch {batch}: heteroserve {hs_tps:.1f} tok/s, HF {hf_tps:.1f} "
-          f"tok/s, ratio {hs_tps / hf_tps:.2f}, decode step {step_s * 1e3:.2f} ms "
+          f"tok/s, ratio {hs_tps / hf_tps:.2f} (per CPU-second {hs_cpu / hf_cpu:.2f}), "
+          f"decode step {step_s * 1e3:.2f} ms "
           f"(roofline {roofline_step_s * 1e3:.2f} ms)", flush=True)
     return result
 
@@ -180,8 +191,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="all", help="comma list of model:dtype:batch, or all")
+    ap.add_argument("--cpu-threads", default=None,
+                    help="heteroserve's --cpu-threads (also what HF runs with); default auto")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_bench.json"))
     a = ap.parse_args()
+    if a.cpu_threads is not None and a.cpu_threads.isdigit():
+        torch.set_num_threads(int(a.cpu_threads))  # the ceilings below run with it too
     cases = CASES if a.cases == "all" else tuple(
         (m, d, int(b)) for m, d, b in (c.split(":") for c in a.cases.split(",")))
     load_before = os.getloadavg()
@@ -189,7 +204,8 @@ def main() -> None:
     print(f"matvec {bandwidth['matvec_Bps'] / 1e9:.1f} GB/s, GEMM bf16 "
           f"{rates['bfloat16_flops'] / 1e9:.0f} GFLOP/s, fp32 {rates['float32_flops'] / 1e9:.0f} "
           "GFLOP/s", flush=True)
-    results = [run_case(m, d, b, a.repeats, bandwidth["matvec_Bps"]) for m, d, b in cases]
+    results = [run_case(m, d, b, a.repeats, bandwidth["matvec_Bps"], a.cpu_threads)
+               for m, d, b in cases]
     report = {
         "benchmark": "bench_cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
         "repeats": a.repeats, "statistic": "median", "interleaved": True,
