@@ -8,6 +8,7 @@ safetensors) under ``$HS_BENCH_MODELS`` (default ``/tmp/heteroserve-bench-models
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -34,13 +35,16 @@ def model_dir(name: str) -> Path:
     return path
 
 
-def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: int | None = None):
+def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: str | None = None):
     """``(runner, scheduler)`` for model ``name`` on the cpu platform, radix cache off."""
     from heteroserve.core.config import ServerArgs
     from heteroserve.core.model_runner.build import build_model_runner
     from heteroserve.core.scheduler import Scheduler
 
-    extra = {} if cpu_threads is None else {"cpu_threads": str(cpu_threads)}
+    # older code (measured for before/after comparisons) has no cpu_threads: the caller's
+    # torch.set_num_threads stands in for it there
+    known = {f.name for f in dataclasses.fields(ServerArgs)}
+    extra = {"cpu_threads": cpu_threads} if cpu_threads and "cpu_threads" in known else {}
     args = ServerArgs(model_path=str(model_dir(name)), dtype=dtype, platform="cpu",
                       disable_radix_cache=True, max_running_requests=max_running,
                       max_total_tokens=max_running * 256, **extra)
