@@ -42,6 +42,7 @@ class ServerArgs:
     enable_torch_compile: bool = False  # compile with the platform's compile_backend()
 
     tp_size: int = 1
+    cpu_threads: str = "auto"  # torch intra-op threads: auto | N | core list "0-3" (binds)
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None

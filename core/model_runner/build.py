@@ -17,6 +17,7 @@ from heteroserve.core.models.config import ModelConfig
 from heteroserve.core.platform import Platform
 from heteroserve.core.quantization import QuantFormat, detect_quantization
 from heteroserve.core.plugins.manager import load_plugins
+from heteroserve.core.runtime.host_threads import HostThreads, apply_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     platform = catalog.select(server_args.platform)
     index = server_args.device_index if device_index is None else device_index
     platform.set_device(index)
+    threads = apply_cpu_threads(server_args.cpu_threads, tp_rank, server_args.tp_size)
     model_path = resolve_model_path(server_args)
     cfg = ModelConfig.from_folder(model_path, server_args.dtype, server_args.context_length)
     if cfg.dtype not in platform.capabilities().dtypes:
@@ -80,11 +82,12 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     runner = ModelRunner(server_args, platform, dispatch, cfg, request.page_size or 1,
                          tp_rank, server_args.tp_size, communicator, index, quant)
     if tp_rank == 0:
-        logger.info("%s", startup_block(platform, catalog, dispatch, runner))
+        logger.info("%s", startup_block(platform, catalog, dispatch, runner, threads))
     return platform, dispatch, runner
 
 
-def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: ModelRunner) -> str:
+def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: ModelRunner,
+                  threads: HostThreads | None = None) -> str:
     """The one readable block that says what the engine decided."""
     cfg, kv = runner.model_config, runner.kv
     avail = catalog.platforms[platform.name].availability
@@ -99,6 +102,7 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"  kv cache     {kv.num_pages} pages x {kv.page_size} tokens = {kv.num_tokens} tokens, "
         f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}, "
         f"{str(runner.backend.config.cache_dtype).removeprefix('torch.')}",
+        *([f"  host threads {threads.describe()}"] if threads else []),
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
     ]

@@ -1,4 +1,8 @@
-"""Torch-native gated activations (contracts in ``core/kernels/ops.py``)."""
+"""Torch-native gated activations (contracts in ``core/kernels/ops.py``).
+
+They run in the input dtype: ``silu``/``gelu`` evaluate in fp32 inside the kernel and round
+once, the product rounds once more, and no fp32 copy of the activations is made.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,14 @@ _GELU_APPROXIMATIONS = ("none", "tanh")
 def _split_gate_up(x: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[-1] % 2:
         raise ValueError(f"{op}: last dim must be even ([gate | up]), got {x.shape[-1]}")
-    gate, up = x.to(torch.float32).chunk(2, dim=-1)
+    gate, up = x.chunk(2, dim=-1)
     return gate, up
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., 2I]`` = ``[gate | up]`` -> ``silu(gate) * up`` ``[..., I]`` in ``x.dtype``
-    (computed in fp32)."""
+    """``x [..., 2I]`` = ``[gate | up]`` -> ``silu(gate) * up`` ``[..., I]`` in ``x.dtype``."""
     gate, up = _split_gate_up(x, "silu_and_mul")
-    return (F.silu(gate) * up).to(x.dtype)
+    return F.silu(gate).mul_(up)
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -29,4 +32,4 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         raise ValueError(f"gelu_and_mul: approximate must be one of {_GELU_APPROXIMATIONS}, "
                          f"got {approximate!r}")
     gate, up = _split_gate_up(x, "gelu_and_mul")
-    return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
+    return F.gelu(gate, approximate=approximate).mul_(up)

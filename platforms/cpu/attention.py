@@ -1,23 +1,30 @@
-"""Torch-native paged attention (contract: ``core/kernels/attention.py``).
+"""Torch-native paged attention (contract: ``core/kernels/attention.py``), built for CPU.
 
-Runs on any torch device. ``extend`` computes every sequence's slot table at once, then
-gathers K/V and attends sequence by sequence, chunking long query runs so the score matrix
-stays bounded. ``decode`` is fully vectorised over a padded batch. Scores,
-softmax and the weighted sum are fp32; outputs are in q's dtype. No host synchronisation:
-only the host-side lengths in the metadata drive the Python loop.
+Runs on any torch device. :meth:`~TorchNativeAttention.prepare` turns the step's page tables
+into slot indices once per step; every layer then gathers exactly the K/V slots it needs with
+one ``index_select`` per cache and attends with ``F.scaled_dot_product_attention`` on the
+storage dtype (its CPU flash kernel computes scores, softmax and the weighted sum in fp32
+and rounds once at the end). Decode attends the whole batch in one call, the query heads of a
+KV head as that head's query rows (GQA without repeating K/V); a mask is built only when the
+sequences' lengths differ or a sliding window cuts keys off. Extend attends sequence by
+sequence, causal without a mask when there is no cached prefix. Logit soft-capping, which
+SDPA cannot express, takes an fp32 matmul path. No host synchronisation: only the host-side
+lengths in the metadata drive the Python loops.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from heteroserve.core.kernels.attention import (
-    AttentionBackend, AttentionLayer, AttentionMetadata,
+    AttentionBackend, AttentionLayer, AttentionMetadata, ForwardMode,
 )
 from heteroserve.core.platform import KVLayout
 
-#: Upper bound on fp32 score elements materialised at once per sequence chunk.
+#: Upper bound on score (or mask) elements materialised at once per sequence chunk.
 _SCORE_BUDGET = 1 << 24
 
 
@@ -29,9 +36,38 @@ def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor | int,
-          window: int | None) -> torch.Tensor:
-    """Boolean "may attend" mask, broadcast of ``q_pos [..., Q, 1]`` and ``k_pos [..., 1, K]``:
+@dataclass
+class _StepSlots:
+    """One step's slot indices, shared by every layer.
+
+    ``decode``: int64 ``[B, L]`` (``L`` = longest sequence), row ``b`` the slots of positions
+    ``0..L-1`` of sequence ``b``, positions past its end pointing at its position 0 (finite
+    data; masked out). ``extend``: per sequence, int64 ``[seq_len]``. ``ragged``: the decode
+    lengths differ (a length mask is needed)."""
+
+    meta: AttentionMetadata
+    decode: torch.Tensor | None
+    extend: list[torch.Tensor]
+    ragged: bool
+
+
+def _slot_table(meta: AttentionMetadata, width: int) -> torch.Tensor:
+    """int64 ``[B, width]``: slot of positions ``0..width-1`` of each sequence; positions at or
+    past a sequence's length repeat the slot of its position 0."""
+    ps = meta.page_size
+    pos = torch.arange(width, device=meta.kv_page_indices.device)
+    table = meta.block_table.to(torch.long)
+    page_col = (pos // ps).clamp(max=table.shape[1] - 1)
+    slots = table[:, page_col] * ps + pos % ps
+    if min(meta.seq_lens_cpu) < width:
+        inside = pos[None, :] < meta.seq_lens.to(torch.long)[:, None]
+        slots = torch.where(inside, slots, slots[:, :1])
+    return slots
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor | int,
+                 window: int | None) -> torch.Tensor:
+    """Boolean "may attend", broadcast of ``q_pos [..., Q, 1]`` and ``k_pos [..., 1, K]``:
     causal, inside the sequence (``k_pos < k_len``) and, with ``window = w``,
     ``k_pos > q_pos - w``."""
     allowed = (k_pos <= q_pos) & (k_pos < k_len)
@@ -40,44 +76,67 @@ def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor | int,
     return allowed
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-            layer: AttentionLayer) -> torch.Tensor:
-    """``q [N, Hk, G, Q, D]``, ``k/v [N, Hk, K, D]``, ``allowed`` broadcastable to
-    ``[N, 1, 1, Q, K]`` -> fp32 ``[N, Hk, G, Q, D]``. Every query row must allow >= 1 key."""
-    qf, kf, vf = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
-    if layer.logit_cap is None:
-        n, hk, g, nq, d = qf.shape
-        out = F.scaled_dot_product_attention(
-            qf.reshape(n, hk, g * nq, d), kf, vf,
-            attn_mask=allowed.expand(n, 1, g, nq, -1).reshape(n, 1, g * nq, -1),
-            scale=layer.scale)
-        return out.view(n, hk, g, nq, d)
-    scores = torch.matmul(qf, kf.unsqueeze(2).transpose(-1, -2)) * layer.scale
-    cap = float(layer.logit_cap)
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      allowed: torch.Tensor | None, layer: AttentionLayer) -> torch.Tensor:
+    """Soft-capped attention in fp32: ``q [N, Hq, Q, D]``, ``k/v [N, Hk, K, D]``, ``allowed``
+    broadcastable to ``[N, Hq, Q, K]`` (None: all) -> ``[N, Hq, Q, D]`` in ``q.dtype``."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * layer.scale
+    cap = float(layer.logit_cap)  # type: ignore[arg-type]
     scores = cap * torch.tanh(scores / cap)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), vf.unsqueeze(2))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+            layer: AttentionLayer, causal: bool = False) -> torch.Tensor:
+    """``q [N, Hq, Q, D]``, ``k/v [N, Hk, K, D]`` (query head ``h`` reads KV head ``h //
+    (Hq / Hk)``), ``allowed`` broadcastable to ``[N, Hq, Q, K]`` or None; ``causal`` (only with
+    ``allowed`` None and ``Q == K``) masks the upper triangle. Every query row must allow >= 1
+    key. Returns ``[N, Hq, Q, D]`` in ``q.dtype``."""
+    if layer.logit_cap is not None:
+        if causal:
+            n = q.shape[-2]
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return _capped_attention(q, k, v, allowed, layer)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
+                                          scale=layer.scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class TorchNativeAttention(AttentionBackend):
     """Paged attention with plain torch ops, NHD cache layout, any page size.
 
     Supports GQA, sliding windows (Hugging Face convention), logit soft-capping, any head
-    size, q dtypes bf16/fp16/fp32 and cache dtypes bf16/fp16/fp32 or fp8 (``fp8_e4m3``). Raises ``ValueError`` when tensor shapes do not
-    match the config or the metadata.
+    size, q dtypes bf16/fp16/fp32 and cache dtypes bf16/fp16/fp32 or fp8 (``fp8_e4m3``,
+    stored with saturation). Raises ``ValueError`` when tensor shapes do not match the config
+    or the metadata.
     """
 
     kv_layout = KVLayout.NHD
     page_sizes = None
 
-    # -- layout-specific indexing (overridden by the HND variant) --------------------------
-    def _store(self, cache: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor,
-               x: torch.Tensor) -> None:
-        cache[pages, offs] = x
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._slots: _StepSlots | None = None
 
-    def _load(self, cache: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """``pages``/``offs`` of any shape ``S`` -> ``[*S, Hk, D]``."""
-        return cache[pages, offs]
+    # -- layout-specific indexing (overridden by the HND variant) --------------------------
+    def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        if cache.is_contiguous():
+            cache.view(-1, *cache.shape[2:])[slots] = x
+        else:
+            ps = cache.shape[1]
+            cache[slots // ps, slots % ps] = x
+
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` int64 of any shape ``S`` -> ``[*S, Hk, D]`` (a copy)."""
+        if not cache.is_contiguous():
+            ps = cache.shape[1]
+            return cache[slots // ps, slots % ps]
+        flat = cache.view(-1, *cache.shape[2:])
+        return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
 
     # -- helpers ---------------------------------------------------------------------------
     def _check(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -92,16 +151,25 @@ class TorchNativeAttention(AttentionBackend):
             raise ValueError(f"attention: cache shape {tuple(k_cache.shape)} does not match "
                              f"{self.kv_layout.value} layout {self.kv_cache_shape(-1)}")
 
-    def _slots(self, meta: AttentionMetadata, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Page and in-page offset of positions ``0..width-1`` of every sequence, ``[B, width]``
-        each (positions past a sequence's end land on padding page 0)."""
-        ps = meta.page_size
-        pos = torch.arange(width, device=meta.kv_page_indices.device)
-        table = meta.block_table.to(torch.long)
-        page_col = (pos // ps).clamp(max=table.shape[1] - 1)
-        return table[:, page_col], (pos % ps).expand(table.shape[0], -1)
+    def _step_slots(self, meta: AttentionMetadata) -> _StepSlots:
+        """This step's slot indices, computed on the first layer (or in :meth:`prepare`)."""
+        if self._slots is not None and self._slots.meta is meta:
+            return self._slots
+        lens = meta.seq_lens_cpu
+        if meta.mode is ForwardMode.DECODE and lens:
+            slots = _StepSlots(meta, _slot_table(meta, max(lens)), [], min(lens) != max(lens))
+        else:
+            table = _slot_table(meta, max(lens, default=1)) if lens else None
+            slots = _StepSlots(meta, None, [] if table is None else
+                               [table[b, :n] for b, n in enumerate(lens)], False)
+        self._slots = slots
+        return slots
 
     # -- contract --------------------------------------------------------------------------
+    def prepare(self, meta: AttentionMetadata) -> None:
+        self._slots = None  # the same metadata object may come back with new contents
+        self._step_slots(meta)
+
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store ``k/v [T, Hk, D]`` at slots ``meta.out_cache_loc``; nothing else changes."""
@@ -113,20 +181,18 @@ class TorchNativeAttention(AttentionBackend):
             raise ValueError(f"write_kv: {k.shape[0]} tokens but {meta.out_cache_loc.shape[0]} "
                              "cache locations")
         loc = meta.out_cache_loc.to(torch.long)
-        pages, offs = loc // meta.page_size, loc % meta.page_size
-        self._store(k_cache, pages, offs, _to_cache(k, k_cache.dtype))
-        self._store(v_cache, pages, offs, _to_cache(v, v_cache.dtype))
+        self._store(k_cache, loc, _to_cache(k, k_cache.dtype))
+        self._store(v_cache, loc, _to_cache(v, v_cache.dtype))
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
         """Causal attention of each new token over its prefix and the new tokens before it."""
         self._check(q, k_cache, meta)
         c = self.config
-        hk, group, d = c.num_kv_heads, c.num_q_heads // c.num_kv_heads, c.head_size
         out = torch.empty_like(q)
         if q.shape[0] == 0:
             return out
-        pages, offs = self._slots(meta, meta.max_seq_len)
+        slots = self._step_slots(meta).extend
         device, window = q.device, layer.sliding_window
         q_start = 0
         for b, (seq_len, prefix) in enumerate(zip(meta.seq_lens_cpu, meta.prefix_lens_cpu)):
@@ -134,25 +200,26 @@ class TorchNativeAttention(AttentionBackend):
             if n_new <= 0:
                 continue
             # [L, Hk, D] -> [1, Hk, L, D]
-            k_seq = self._load(k_cache, pages[b, :seq_len], offs[b, :seq_len])
-            v_seq = self._load(v_cache, pages[b, :seq_len], offs[b, :seq_len])
-            k_seq = k_seq.to(torch.float32).transpose(0, 1)[None]
-            v_seq = v_seq.to(torch.float32).transpose(0, 1)[None]
-            k_pos = torch.arange(seq_len, device=device)
-            chunk = max(1, _SCORE_BUDGET // max(1, c.num_q_heads * seq_len))
+            k_seq = self._gather(k_cache, slots[b]).to(q.dtype).transpose(0, 1)[None]
+            v_seq = self._gather(v_cache, slots[b]).to(q.dtype).transpose(0, 1)[None]
+            plain_causal = prefix == 0 and (window is None or window >= seq_len)
+            chunk = n_new if plain_causal else \
+                max(1, _SCORE_BUDGET // max(1, c.num_q_heads * seq_len))
             for lo in range(0, n_new, chunk):
                 hi = min(n_new, lo + chunk)
                 rows = slice(q_start + lo, q_start + hi)
-                # [n, Hq, D] -> [1, Hk, G, n, D]
-                q_blk = q[rows].reshape(hi - lo, hk, group, d).permute(1, 2, 0, 3)[None]
-                q_pos = torch.arange(prefix + lo, prefix + hi, device=device)
-                # only keys some query of this chunk can see: causal end, window start
-                k_lo = 0 if window is None else max(0, prefix + lo - window + 1)
-                keys = slice(k_lo, prefix + hi)
-                allowed = _mask(q_pos[:, None], k_pos[None, keys], seq_len, window)
-                o = _attend(q_blk, k_seq[:, :, keys], v_seq[:, :, keys],
-                            allowed[None, None, None], layer)
-                out[rows] = o[0].permute(2, 0, 1, 3).reshape(hi - lo, c.num_q_heads, d).to(q.dtype)
+                q_blk = q[rows].transpose(0, 1)[None]  # [1, Hq, n, D]
+                if plain_causal:
+                    o = _attend(q_blk, k_seq, v_seq, None, layer, causal=True)
+                else:
+                    # only keys some query of this chunk can see: causal end, window start
+                    k_lo = 0 if window is None else max(0, prefix + lo - window + 1)
+                    keys = slice(k_lo, prefix + hi)
+                    q_pos = torch.arange(prefix + lo, prefix + hi, device=device)
+                    k_pos = torch.arange(k_lo, prefix + hi, device=device)
+                    allowed = _window_mask(q_pos[:, None], k_pos[None, :], seq_len, window)
+                    o = _attend(q_blk, k_seq[:, :, keys], v_seq[:, :, keys], allowed, layer)
+                out[rows] = o[0].transpose(0, 1)
             q_start += n_new
         return out
 
@@ -167,21 +234,19 @@ class TorchNativeAttention(AttentionBackend):
         bsz, hk, group, d = q.shape[0], c.num_kv_heads, c.num_q_heads // c.num_kv_heads, c.head_size
         if bsz == 0:
             return torch.empty_like(q)
-        width = meta.max_seq_len
-        pages, offs = self._slots(meta, width)
-        seq_lens = meta.seq_lens.to(torch.long).view(bsz, 1, 1)
-        k_pos = torch.arange(width, device=q.device).view(1, 1, width)
-        # Padding slots hold whatever the pool holds (maybe NaN); zero them so that masked
-        # positions contribute exactly nothing.
-        in_seq = (k_pos < seq_lens).view(bsz, 1, width, 1)
-        k_all = self._load(k_cache, pages, offs).to(torch.float32).transpose(1, 2)  # [B, Hk, L, D]
-        v_all = self._load(v_cache, pages, offs).to(torch.float32).transpose(1, 2)
-        k_all = torch.where(in_seq, k_all, torch.zeros((), dtype=k_all.dtype, device=q.device))
-        v_all = torch.where(in_seq, v_all, torch.zeros((), dtype=v_all.dtype, device=q.device))
-        allowed = _mask(seq_lens - 1, k_pos, seq_lens, layer.sliding_window)  # [B, 1, L]
-        q_blk = q.reshape(bsz, hk, group, 1, d)
-        o = _attend(q_blk, k_all, v_all, allowed.view(bsz, 1, 1, 1, width), layer)
-        return o.reshape(bsz, c.num_q_heads, d).to(q.dtype)
+        step = self._step_slots(meta)
+        assert step.decode is not None
+        width = step.decode.shape[1]
+        k_all = self._gather(k_cache, step.decode).to(q.dtype).transpose(1, 2)  # [B, Hk, L, D]
+        v_all = self._gather(v_cache, step.decode).to(q.dtype).transpose(1, 2)
+        window = layer.sliding_window
+        allowed = None
+        if step.ragged or (window is not None and window < width):
+            seq_lens = meta.seq_lens.to(torch.long).view(bsz, 1, 1)
+            k_pos = torch.arange(width, device=q.device).view(1, 1, width)
+            allowed = _window_mask(seq_lens - 1, k_pos, seq_lens, window).view(bsz, 1, 1, width)
+        o = _attend(q.view(bsz, hk, group, d), k_all, v_all, allowed, layer)  # [B, Hk, G, D]
+        return o.reshape(bsz, c.num_q_heads, d)
 
 
 class TorchNativeAttentionHND(TorchNativeAttention):
@@ -189,9 +254,10 @@ class TorchNativeAttentionHND(TorchNativeAttention):
 
     kv_layout = KVLayout.HND
 
-    def _store(self, cache: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor,
-               x: torch.Tensor) -> None:
-        cache[pages, :, offs] = x
+    def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        ps = cache.shape[2]
+        cache[slots // ps, :, slots % ps] = x
 
-    def _load(self, cache: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return cache[pages, :, offs]
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        ps = cache.shape[2]
+        return cache[slots // ps, :, slots % ps]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
+from heteroserve.platforms.cpu.prepack import is_packed, packed_linear, prepack_weight
 from heteroserve.platforms.cpu.quant_pack import AWQ_ORDER, unpack_nibbles
 
 _MIN_SCALE = 1e-12
@@ -76,14 +77,24 @@ def quantize_int8_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class UnquantizedLinear(LinearMethod):
-    """``weight [N, K]`` in the model dtype; ``y = x @ W^T + bias``."""
+    """``weight [N, K]`` in the model dtype; ``y = x @ W^T + bias``.
+
+    On CPU the weight is prepacked for oneDNN at load where oneDNN runs its dtype natively
+    (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN tensor that only ``apply``
+    reads. Elsewhere it stays as loaded and ``apply`` is ``F.linear``."""
 
     scheme = "unquantized"
 
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        packed = prepack_weight(_get(layer, "weight"))
+        if packed is not None:
+            _set(layer, "weight", packed)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         weight = _get(layer, "weight")
+        if is_packed(weight):
+            return packed_linear(x, weight, bias)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), b)
 

@@ -1,4 +1,8 @@
-"""Torch-native RMSNorm and fused residual-add + RMSNorm (contracts in ``core/kernels/ops.py``)."""
+"""Torch-native RMSNorm and fused residual-add + RMSNorm (contracts in ``core/kernels/ops.py``).
+
+Both go through aten's ``rms_norm``, which reduces and scales in fp32 and rounds once to the
+input dtype, so bf16/fp16 inputs never take an fp32 round trip through memory.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +16,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match "
                          f"hidden size {x.shape[-1]}")
-    xf = x.to(torch.float32)
-    inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf * inv_rms * weight.to(torch.float32)).to(x.dtype)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    return torch.rms_norm(x, weight.shape, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``r = x + residual`` (rounded to ``x.dtype``); returns ``(rms_norm(r), r)``.
+    """``r = x + residual`` (one rounding to ``x.dtype``); returns ``(rms_norm(r), r)``.
 
-    Does not modify its inputs. Raises ``ValueError`` on mismatched shapes."""
+    In place: ``r`` is written into ``residual`` when it has ``x``'s dtype (the op contract
+    allows it). Raises ``ValueError`` on mismatched shapes."""
     if x.shape != residual.shape:
         raise ValueError(f"fused_add_rms_norm: x {tuple(x.shape)} and residual "
                          f"{tuple(residual.shape)} differ in shape")
-    r = (x.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
+    if residual.dtype == x.dtype:
+        r = residual.add_(x)
+    else:
+        r = (x.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
     return rms_norm(r, weight, eps), r

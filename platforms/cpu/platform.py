@@ -11,6 +11,7 @@ from heteroserve.core.graph import EagerGraphRunner, GraphRunner
 from heteroserve.core.platform import (
     Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
 )
+from heteroserve.platforms.cpu.features import detect_cpu_features
 
 
 def _host_memory() -> tuple[int, int]:
@@ -32,8 +33,9 @@ class CpuPlatform(Platform):
     priority = 0
 
     def detect(self) -> Availability:
+        isa = detect_cpu_features().describe()["matmul_units"]
         return Availability(True, "the host CPU is always available",
-                            (f"{os.cpu_count()} CPU cores",))
+                            (f"{os.cpu_count()} CPU cores, {isa}",))
 
     def capabilities(self) -> PlatformCapabilities:
         return PlatformCapabilities(
@@ -45,7 +47,8 @@ class CpuPlatform(Platform):
             distributed_backend="gloo",
             # host memory is shared with everything else: cap the KV pool (--max-total-tokens
             # still lowers it)
-            extra={"kv_cache_max_bytes": 4 << 30},
+            # isa, matmul units, oneDNN prepack dtypes: shown in the start-up block
+            extra={"kv_cache_max_bytes": 4 << 30, **detect_cpu_features().describe()},
         )
 
     def device(self, index: int = 0) -> torch.device:

@@ -9,20 +9,24 @@ import torch
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    """Rotate the first ``R = 2 * cos.shape[-1]`` dims of ``x [T, H, D]``; fp32 math."""
+    """Rotate the first ``R = 2 * cos.shape[-1]`` dims of ``x [T, H, D]`` into a new tensor,
+    in ``x.dtype`` (``cos``/``sin`` ``[T, 1, R/2]`` already in it); the rest is copied."""
     rot_dim = 2 * cos.shape[-1]
-    rot = x[..., :rot_dim].to(torch.float32)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if rot_dim < x.shape[-1]:
+        out[..., rot_dim:] = x[..., rot_dim:]
     if is_neox:
-        x1, x2 = rot.chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        half = rot_dim // 2
+        x1, x2 = x[..., :half], x[..., half:rot_dim]
+        o1, o2 = out[..., :half], out[..., half:rot_dim]
     else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    out = out.to(x.dtype)
-    if rot_dim == x.shape[-1]:
-        return out
-    return torch.cat([out, x[..., rot_dim:]], dim=-1)
+        x1, x2 = x[..., 0:rot_dim:2], x[..., 1:rot_dim:2]
+        o1, o2 = out[..., 0:rot_dim:2], out[..., 1:rot_dim:2]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -31,7 +35,8 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     ``cos_sin_cache [max_position, R]`` holds ``[cos | sin]``; only the first ``R <= D`` dims
     of each head rotate (NeoX halves when ``is_neox``, else GPT-J interleaved pairs), the
-    rest pass through. Returns new ``(q, k)`` in the input dtypes; inputs are not modified.
+    rest pass through. Returns new contiguous ``(q, k)`` in the input dtypes, computed in
+    them (cos/sin rounded to it, as Hugging Face does); inputs (any strides) are not modified.
     Raises ``ValueError`` on inconsistent shapes (positions are not range-checked, to avoid a
     host sync).
     """
@@ -45,6 +50,8 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
         raise ValueError(f"rotary: positions {tuple(positions.shape)}, q {tuple(q.shape)} and "
                          f"k {tuple(k.shape)} disagree on the token count")
-    cos_sin = cos_sin_cache.index_select(0, positions.to(torch.long)).to(torch.float32)
+    cos_sin = cos_sin_cache.index_select(0, positions.to(torch.long)).to(q.dtype).unsqueeze(1)
     cos, sin = cos_sin.chunk(2, dim=-1)
+    if k.dtype != q.dtype:
+        return _rotate(q, cos, sin, is_neox), _rotate(k, cos.to(k.dtype), sin.to(k.dtype), is_neox)
     return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)

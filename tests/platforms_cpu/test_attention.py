@@ -169,3 +169,11 @@ def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="write_kv"):
         backend.write_kv(torch.zeros(3, 4, 64), torch.zeros(3, 4, 64), k_cache, v_cache,
                          batch.meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equal_lengths_and_prefilled_prefix(dtype: torch.dtype) -> None:
+    # equal lengths: no mask at all; a long prefix crossing pages; GQA 8:2
+    _run(TorchNativeAttention, [(20, 1), (20, 1), (20, 1)], 8, 8, 2, 64, dtype, None, None,
+         ForwardMode.DECODE)
+    _run(TorchNativeAttention, [(0, 12), (0, 12)], 4, 8, 2, 64, dtype, None, None)

@@ -226,3 +226,38 @@ def test_registered_names_resolve() -> None:
     for scheme in LINEAR_SCHEMES:
         module, attr = TORCH_NATIVE[f"linear.{scheme}"]
         assert getattr(L, attr).scheme == scheme
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unquantized_prepacks_where_onednn_runs_the_dtype(dtype: torch.dtype) -> None:
+    from heteroserve.platforms.cpu.features import detect_cpu_features
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=gen).to(dtype)
+    x = torch.randn(5, 64, generator=gen).to(dtype)
+    method = L.UnquantizedLinear()
+    layer = _layer(method, LinearShape(64, 48, dtype), {"weight": w.clone()})
+    assert layer.weight.is_mkldnn == (dtype in detect_cpu_features().prepack_dtypes())
+    for rows in (x[:1], x, x.t().contiguous().t()):  # one row, several, a strided input
+        y = method.apply(layer, rows)
+        assert y.dtype == dtype and y.shape == (rows.shape[0], 48)
+        if dtype == torch.float32:  # one fp32 accumulation either way, order may differ
+            torch.testing.assert_close(y, torch.nn.functional.linear(rows, w))
+        else:  # bf16/fp16: one rounding of the fp32 accumulation
+            torch.testing.assert_close(y, torch.nn.functional.linear(rows, w), atol=0, rtol=1e-2)
+
+
+def test_unquantized_keeps_the_weight_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from heteroserve.platforms.cpu import prepack
+    from heteroserve.platforms.cpu.features import CpuFeatures
+
+    absent = CpuFeatures(isa="DEFAULT", avx512=False, avx512_bf16=False, amx_bf16=False,
+                         onednn=False, mkl=False, onednn_bf16=False, onednn_fp16=False)
+    monkeypatch.setattr(prepack, "detect_cpu_features", lambda: absent)
+    assert absent.prepack_dtypes() == () and "off" in absent.describe()["onednn_prepack"]
+    w = torch.randn(8, 16)
+    method = L.UnquantizedLinear()
+    layer = _layer(method, LinearShape(16, 8, torch.float32), {"weight": w.clone()})
+    assert not layer.weight.is_mkldnn
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(method.apply(layer, x), x @ w.T)
