@@ -51,6 +51,11 @@ class MLAConfig:
         """Width of one cached token: ``kv_lora_rank + qk_rope_head_dim``."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The latent cache's dtype: the model's (no fp8 latent cache)."""
+        return self.dtype
+
 
 @dataclass(frozen=True)
 class MLALayer:

@@ -153,14 +153,15 @@ class Scheduler:
         req.pages += pages
         return True
 
-    def _chunk(self, req: Req, budget: int) -> int:
-        return min(req.pending_len, budget, self.args.chunked_prefill_size)
+    @staticmethod
+    def _chunk(req: Req, budget: int) -> int:
+        return min(req.pending_len, budget)
 
     def _prefill_batch(self) -> list[tuple[Req, int]]:
         """Requests to extend this step and how many tokens each: chunks in progress first,
-        then waiting requests, within ``max_prefill_tokens`` in all and
-        ``chunked_prefill_size`` per request."""
-        budget = self.args.max_prefill_tokens
+        then waiting requests, within ``min(chunked_prefill_size, max_prefill_tokens)``
+        tokens in all (as SGLang's two budgets; a longer prompt is chunked)."""
+        budget = min(self.args.chunked_prefill_size, self.args.max_prefill_tokens)
         batch: list[tuple[Req, int]] = []
         for req in self.running:  # chunked prefills in progress come first
             if not req.prefilled and budget > 0:
