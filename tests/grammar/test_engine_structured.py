@@ -32,7 +32,10 @@ def test_every_json_schema_output_validates(engine) -> None:
     assert len(names) >= 20
     for name, out in zip(names, outs):
         assert out["meta_info"]["finish_reason"]["type"] == "stop", name
-        jsonschema.validate(json.loads(out["text"]), SCHEMAS[name],
+        # random weights can emit byte sequences that are not UTF-8: the grammar counts such a
+        # run as one character, the decoded text as one U+FFFD per byte
+        text = re.sub("\ufffd+", "\ufffd", out["text"])
+        jsonschema.validate(json.loads(text), SCHEMAS[name],
                             format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 

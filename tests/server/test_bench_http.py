@@ -83,7 +83,7 @@ def test_smoke_run_writes_the_report(tmp_path: Path) -> None:
     for row in report["table"]:
         assert row["failed"] == 0 and row["http_output_tok_s"] > 0
         assert row["chunks_with_text_per_token"] is not None
-        assert row["offline_decode_step_ms"] > 0
+        assert row["offline_decode_step_ms"] is not None  # a difference of timings: any sign
     assert report["offline"]["ttft_c1"]["ttft_ms_p50"] > 0
     assert report["offline"]["throughput"]["output_tokens"] == 4 * 4
     assert report["http"]["exit_code"] == 0 and report["commit"]

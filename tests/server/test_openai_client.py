@@ -154,12 +154,13 @@ def test_stop_string(oai, greedy_completion) -> None:
     assert out.choices[0].finish_reason == "stop"
 
 
-def test_completion_logprobs(oai, greedy_completion) -> None:
+def test_completion_logprobs(oai, greedy_completion, tokenizer) -> None:
     out = oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, logprobs=3,
                                  extra_body=NO_EOS, **GREEDY)
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
-    assert "".join(lp.tokens) == greedy_completion.choices[0].text
+    special = set(tokenizer.hf.all_special_tokens)  # in logprobs, skipped in the text
+    assert "".join(t for t in lp.tokens if t not in special) == greedy_completion.choices[0].text
     for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert token_lp <= 0.0
         assert 1 <= len(top) <= 3
