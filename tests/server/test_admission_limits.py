@@ -83,19 +83,28 @@ def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
 
 
 def test_a_burst_over_the_queue_limit_gets_429s(limited_server: ServerProcess) -> None:
-    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 64,
-            "ignore_eos": True}
+    """40 requests at once against 4 running + 8 queued: at most 12 are admitted. Every
+    stream stays open until all 40 have their status, so no admitted request ends (and frees
+    its place) during the burst."""
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}
+    start, answered = threading.Barrier(40), threading.Barrier(40)
 
     def one(i: int) -> int:
         # rids that look like health probes get no special treatment
         with httpx.Client(base_url=limited_server.url, timeout=120, trust_env=False) as c:
-            return c.post("/v1/completions", json={**body, "rid": f"HEALTH_CHECK_{i}"}).status_code
+            start.wait()
+            with c.stream("POST", "/v1/completions",
+                          json={**body, "rid": f"HEALTH_CHECK_{i}"}) as resp:
+                answered.wait()  # closing the stream aborts the request: not before all answered
+                return resp.status_code
 
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
         codes = list(pool.map(one, range(40)))
     assert set(codes) <= {200, 429}
     assert codes.count(200) <= 12, codes
     assert codes.count(429) >= 28
+    limited_server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 0)
 
 
 def test_streaming_sends_one_event_per_token_and_deltas_add_up(
