@@ -12,7 +12,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -70,6 +70,15 @@ class Availability:
     devices: tuple[str, ...] = ()
     simulated: bool = False
 
+
+
+class DeviceEvent(Protocol):
+    """A device event as torch's stream events behave: ``record()`` on the current stream,
+    ``synchronize()`` blocks the host until the work recorded before it is done."""
+
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
 
 @dataclass(frozen=True)
 class PlatformCapabilities:
@@ -166,7 +175,7 @@ class Platform(ABC):
         """A new side stream for overlap, or None where the platform has no streams."""
         return None
 
-    def new_event(self) -> Any | None:
+    def new_event(self) -> DeviceEvent | None:
         """A new timing/sync event, or None where the platform has no events."""
         return None
 

@@ -21,7 +21,7 @@ from heteroserve.core.model_runner import kv_storage
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
-from heteroserve.core.platform import Platform
+from heteroserve.core.platform import DeviceEvent, Platform
 from heteroserve.core.quantization import QuantFormat
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class ModelRunner:
         """Mask ``logits`` rows ``rows`` in place with packed int32 ``bitmask`` rows."""
         self.dispatch.token_bitmask_apply(logits, bitmask, rows)
 
-    def new_event(self) -> Any:
+    def new_event(self) -> DeviceEvent | None:
         """A platform device event (None where the platform has none: no overlap)."""
         return self.platform.new_event()
 

@@ -12,14 +12,19 @@ else takes the synchronous path, so the results are identical either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
 from heteroserve.core.scheduler import batch_sampling
+from heteroserve.core.platform import DeviceEvent
+from heteroserve.core.scheduler.outputs import StepOutput
 from heteroserve.core.scheduler.request import Req, ReqState
+
+if TYPE_CHECKING:
+    from heteroserve.core.scheduler.scheduler import Scheduler
 
 
 @dataclass
@@ -29,7 +34,7 @@ class InflightDecode:
     reqs: list[Req]
     tokens: torch.Tensor  # device, int64 [B]
     host: torch.Tensor  # pinned host copy, valid once ``event`` completed
-    event: Any
+    event: DeviceEvent
 
 
 def eligible(req: Req) -> bool:
@@ -39,7 +44,7 @@ def eligible(req: Req) -> bool:
             and not sp.needs_penalties and not sp.logit_bias)
 
 
-def can_chain(sched: Any, inflight: InflightDecode) -> bool:
+def can_chain(sched: Scheduler, inflight: InflightDecode) -> bool:
     """Whether the next decode step may be launched before ``inflight`` is read back."""
     if sched.waiting or [id(r) for r in sched.running] != [id(r) for r in inflight.reqs]:
         return False
@@ -49,7 +54,7 @@ def can_chain(sched: Any, inflight: InflightDecode) -> bool:
     return new_pages <= sched.allocator.num_free
 
 
-def launch_decode(sched: Any, reqs: list[Req], previous: InflightDecode | None) -> InflightDecode:
+def launch_decode(sched: Scheduler, reqs: list[Req], previous: InflightDecode | None) -> InflightDecode:
     """Queue a decode step for ``reqs`` (pages must already cover one more slot each).
     With ``previous``, its device tokens are this step's inputs."""
     runner = sched.runner
@@ -69,11 +74,12 @@ def launch_decode(sched: Any, reqs: list[Req], previous: InflightDecode | None) 
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=not tokens.is_cpu)
     host.copy_(tokens, non_blocking=True)
     event = runner.new_event()
+    assert event is not None  # overlap is on only where the platform has events
     event.record()
     return InflightDecode(reqs, tokens, host, event)
 
 
-def resolve(sched: Any, inflight: InflightDecode) -> list:
+def resolve(sched: Scheduler, inflight: InflightDecode) -> list[StepOutput]:
     """Wait for ``inflight``'s tokens and account them (skipping requests that finished in
     the meantime: their extra token is discarded)."""
     inflight.event.synchronize()

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -21,7 +22,10 @@ from heteroserve.core.cache.page_allocator import PageAllocator
 from heteroserve.core.cache.radix_cache import NoopPrefixCache, RadixCache
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.kernels.attention import ForwardMode
+from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.platform import DeviceEvent
 from heteroserve.core.scheduler import batch_sampling, overlap
 from heteroserve.core.scheduler.grammar_step import GrammarStep
 from heteroserve.core.scheduler.policy import order_waiting
@@ -29,6 +33,41 @@ from heteroserve.core.scheduler.outputs import FinishReason, StepOutput
 from heteroserve.core.scheduler.request import Req, ReqState
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work, from :meth:`Scheduler.schedule` to :meth:`Scheduler.update`:
+    ``entries`` pairs each request with its new-token count, ``seqs`` are the runner's view
+    of them (same order), ``ends[i]`` says whether entry ``i`` reaches the end of its known
+    tokens this step, ``to_sample`` are the requests that get a token (in order), and
+    ``forward`` is the device batch."""
+
+    mode: ForwardMode
+    entries: list[tuple[Req, int]]
+    seqs: list[SequenceInput]
+    ends: list[bool]
+    to_sample: list[Req]
+    forward: ForwardBatch
+
+
+class StepRunner(Protocol):
+    """What the scheduler needs from the model runner (the step boundary)."""
+
+    page_size: int
+    num_pages: int
+    vocab_size: int
+    max_context_len: int
+    device: torch.device
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor: ...
+
+    def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor) -> None: ...
+
+    def new_event(self) -> DeviceEvent | None: ...
 #: a queued request sharing at least this many uncached tokens with one being prefilled in
 #: the same step waits a step and reuses that prefix from the cache instead of recomputing it
 IN_BATCH_SHARE = 32
@@ -39,7 +78,7 @@ class Scheduler:
     ``apply_token_bitmask``, ``new_event``, ``page_size``, ``num_pages``, ``device``,
     ``vocab_size`` and ``max_context_len``."""
 
-    def __init__(self, model_runner: Any, server_args: ServerArgs, eos_token_ids: list[int],
+    def __init__(self, model_runner: StepRunner, server_args: ServerArgs, eos_token_ids: list[int],
                  page_size: int, tokenizer_info: Any | None = None,
                  think_end_id: int | None = None) -> None:
         self.runner, self.args = model_runner, server_args
@@ -215,37 +254,52 @@ class Scheduler:
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Run one forward pass and return what it produced (with overlap scheduling, what
-        the previous decode step produced while this one runs)."""
+        the previous decode step produced while this one runs): ``schedule()`` ->
+        ``runner.forward`` -> ``update()``."""
         if self._inflight is not None:
             done, self._inflight = self._inflight, None
             if overlap.can_chain(self, done):
                 self._inflight = overlap.launch_decode(self, list(self.running), done)
             return overlap.resolve(self, done)
-        batch = self._prefill_batch()
-        if batch:
+        batch = self.schedule()
+        if batch is None:
+            return []
+        return self.update(batch, self.runner.forward(batch.forward))
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Choose this step's work: an extend batch when prefill work fits, else a decode
+        batch of every running request (None: nothing to run, or a decode step launched on
+        the overlap path). Pages are allocated and grammar masks start filling here."""
+        entries = self._prefill_batch()
+        if entries:
             seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages,
-                                  all_logits=r.wants_prompt_logprobs) for r, n in batch]
+                                  all_logits=r.wants_prompt_logprobs) for r, n in entries]
             mode = ForwardMode.EXTEND
         else:
             self._ensure_decode_pages()
-            batch = [(r, 1) for r in self.running]
-            if not batch:
-                return []
+            entries = [(r, 1) for r in self.running]
+            if not entries:
+                return None
             if self.overlap and all(overlap.eligible(r) for r in self.running):
                 self._inflight = overlap.launch_decode(self, list(self.running), None)
-                return []
-            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in batch]
+                return None
+            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in entries]
             mode = ForwardMode.DECODE
-        ends = [r.kv_len + n == len(r.fill_ids) for r, n in batch]
-        to_sample = [r for (r, _), end in zip(batch, ends)
+        ends = [r.kv_len + n == len(r.fill_ids) for r, n in entries]
+        to_sample = [r for (r, _), end in zip(entries, ends)
                      if end and r.sampling_params.max_new_tokens > 0]
         self.grammar.start(to_sample)
-        logits = self.runner.forward(build_forward_batch(seqs, mode, self.page_size,
-                                                         self.runner.device))
+        forward = build_forward_batch(seqs, mode, self.page_size, self.runner.device)
+        return ScheduledBatch(mode, entries, seqs, ends, to_sample, forward)
+
+    def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[StepOutput]:
+        """Account a forward pass of ``batch`` (``logits``: fp32, one row per
+        ``SequenceInput.num_logit_rows``): advance KV lengths, cache computed prefixes,
+        report prompt logprobs, sample and finish; returns the per-request deltas."""
         outputs: list[StepOutput] = []
         sample_rows: list[int] = []
         row = 0
-        for (r, n), seq, end in zip(batch, seqs, ends):
+        for (r, n), seq, end in zip(batch.entries, batch.seqs, batch.ends):
             rows = seq.num_logit_rows
             if seq.all_logits:
                 outputs.extend(self._prompt_logprobs(r, logits[row:row + rows]))
@@ -254,13 +308,13 @@ class Scheduler:
             row += rows
             r.kv_len += n
             r.prefilled = r.prefilled or r.kv_len == len(r.fill_ids)
-            if mode is ForwardMode.EXTEND and self.cache.enabled:
+            if batch.mode is ForwardMode.EXTEND and self.cache.enabled:
                 self._cache_prefix(r)
             if end and r.sampling_params.max_new_tokens == 0:  # prompt only: no generation
                 outputs.append(self._complete(r, FinishReason.of_length(0), StepOutput(r.rid)))
         if row != len(sample_rows) or row != logits.shape[0]:
             logits = logits[sample_rows]
-        return outputs + self._sample_and_finish(logits, to_sample)
+        return outputs + self._sample_and_finish(logits, batch.to_sample)
 
     def _prompt_logprobs(self, req: Req, logits: torch.Tensor) -> list[StepOutput]:
         """Report the prompt logprobs that this step's logits rows (positions ``kv_len``
