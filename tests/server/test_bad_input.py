@@ -41,7 +41,7 @@ def test_bad_sampling_values_are_400_and_the_engine_lives(http: httpx.Client, ex
         err = _error(http.post("/v1/completions", json={**COMPLETION, **extra,
                                                         "stream": stream}), 400)
         assert err["param"] == param and err["type"] == "invalid_request_error"
-    ok = http.post("/v1/completions", json=COMPLETION)
+    ok = http.post("/v1/completions", json={**COMPLETION, "ignore_eos": True})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
 
 
@@ -78,7 +78,7 @@ def test_reserved_chat_template_kwargs_are_400(http: httpx.Client, kwargs: dict)
 
 
 def test_max_tokens_zero_generates_nothing(http: httpx.Client) -> None:
-    out = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 0}).json()
+    out = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 0}).json()  # no EOS possible
     assert out["choices"][0]["text"] == "" and out["usage"]["completion_tokens"] == 0
     assert out["choices"][0]["finish_reason"] == "length"
     gen = http.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 0}})
