@@ -65,6 +65,8 @@ class EngineClient:
         self._death_callbacks: list[Callable[[str], None]] = []
         self._stats: dict[str, float] = {}
         self._health: asyncio.Future | None = None
+        self.registry = RequestRegistry(self.tokenizer, self._send,
+                                        server_args.max_queued_requests)
         self.channel, addresses = Channel.bind()
         self.supervisor = Supervisor(server_args, sorted(self.tokenizer.eos_token_ids),
                                      addresses, ranks_per_node(server_args), scheduler_factory)
@@ -75,8 +77,6 @@ class EngineClient:
         except BaseException:
             self.shutdown()
             raise
-        self.registry = RequestRegistry(self.tokenizer, self._send,
-                                        server_args.max_queued_requests)
         self.admission = Admission(self.tokenizer, self.info, server_args, tokenizer_path)
         self._receiver = threading.Thread(target=self._receive_loop, name="heteroserve-frontend",
                                           daemon=True)
@@ -115,22 +115,18 @@ class EngineClient:
             self._die(msg.message)
 
     def _die(self, reason: str, expected: bool = False) -> None:
-        if self.registry_or_none() is not None and self.registry.dead is not None:
+        if self.registry.dead is not None:
             return
         if not expected:
             logger.error("engine is dead: %s", reason)
             self.supervisor.kill()  # ranks wait on each other forever
-        if self.registry_or_none() is not None:
-            self.registry.fail_all(reason)
+        self.registry.fail_all(reason)
         if not expected:
             for callback in list(self._death_callbacks):
                 try:
                     callback(reason)
                 except Exception:
                     logger.exception("engine-death callback failed")
-
-    def registry_or_none(self) -> RequestRegistry | None:
-        return getattr(self, "registry", None)
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, msg: object) -> None:
@@ -157,7 +153,7 @@ class EngineClient:
     def _check_alive(self) -> None:
         if self._closed:
             raise EngineDeadError("engine is shut down")
-        dead = self.registry_or_none() and self.registry.dead
+        dead = self.registry.dead
         if dead:
             raise EngineDeadError(f"engine is dead: {dead}")
 

@@ -137,13 +137,13 @@ class RequestRegistry:
             if len(states) > 1:
                 self._deferred[rids[0]] = list(zip(states[1:], msgs[1:]))
             try:
-                self._send_one(states[0], msgs[0])
+                self._send_one(msgs[0])
             except EngineDeadError:
                 self._forget(p.rid)
                 raise
             return stream
 
-    def _send_one(self, state: RequestState, msg: TokenizedRequest) -> None:
+    def _send_one(self, msg: TokenizedRequest) -> None:
         self.counters.num_requests_total += 1
         self.counters.prompt_tokens_total += len(msg.input_ids)
         self.send(msg)
@@ -182,7 +182,7 @@ class RequestRegistry:
             if state.finished:
                 continue
             try:
-                self._send_one(state, msg)
+                self._send_one(msg)
             except EngineDeadError as exc:
                 state.finish_with(FinishReason.error(str(exc)))
                 self._retire(state)
@@ -293,10 +293,6 @@ class RequestRegistry:
     def num_inflight(self) -> int:
         with self.lock:
             return len(self._states)
-
-    def num_running(self) -> int:
-        with self.lock:
-            return sum(1 for s in self._states.values() if s.started)
 
 
 def _deliver_all(pairs: list[tuple[RequestStream, list[Item]]]) -> None:
