@@ -3,6 +3,7 @@
 # then run the named steps, writing everything (and session.log) under $OUT. Usage:
 #   bash benchmarks/gpu_session.sh gemv decode1 profile conformance
 # Steps:
+#   attention_sweep        benchmarks/attention_sweep.py: Triton extend/decode launch configurations
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fi_build_decode, fi_build_llama, fi_build_all
 #                          benchmarks/flashinfer_jit_warmup.py, a ninja per module: the flashinfer
@@ -19,6 +20,8 @@
 #   decode1_variants       batch-1 decode without PDL, with the prologue-fused GEMVs, defaults
 #   decode1_flashinfer     batch-1 decode with flashinfer attention, then the defaults
 #   profile                batch-1 decode profile
+#   profile_moe            Qwen3-30B-A3B decode profile at batch 1 and 256 (benchmarks/profile_llama8b.py)
+#   profile_prefill        long-prompt prefill profile, PREFILL_LENS tokens (benchmarks/profile_prefill.py)
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
@@ -103,6 +106,8 @@ for step in "$@"; do
   stamp "== $step =="
   case $step in
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
+    attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
+        ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
     gemv_fused) timeout 200 python3 benchmarks/gemv_fused_sweep.py --out "$OUT/gemv_fused.json" ;;
     fi_build_decode) fi_build decode --kind decode ;;
     fi_build_llama) fi_build llama --kind extend --kind decode --only bf16-p1-h8:2-d128 ;;
@@ -128,6 +133,11 @@ for step in "$@"; do
         2>&1 | tail -22 ;;
     profile) HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/profile_llama8b.py 1 \
         > "$OUT/profile_decode1.txt" 2>&1; grep -A16 "== decode" "$OUT/profile_decode1.txt" | cut -c1-60,150-200 ;;
+    profile_moe) HS_MODEL_DIR=benchmarks/models/qwen3-30b-a3b HS_GRAPH_MAX_BS=256 timeout 200 \
+        python3 benchmarks/profile_llama8b.py 1,256 > "$OUT/profile_qwen3moe.txt" 2>&1
+        grep -A18 "== decode" "$OUT/profile_qwen3moe.txt" | cut -c1-70,150-200 ;;
+    profile_prefill) timeout 200 python3 benchmarks/profile_prefill.py ${PREFILL_LENS:-8192,32768} \
+        > "$OUT/profile_prefill.txt" 2>&1; grep -A20 "== prefill" "$OUT/profile_prefill.txt" | cut -c1-75,150-200 ;;
     conformance) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
         --report "$OUT" -- -q -p no:cacheprovider 2>&1 | tail -15 ;;
     conf_triton) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \

@@ -140,12 +140,14 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      out: torch.Tensor, layer: AttentionLayer, meta: AttentionMetadata,
                      num_kv_heads: int, num_splits: int, block_n: int | None = None,
-                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     launch: tuple[int, int] | None = None) -> torch.Tensor:
     """Fill ``out [B, Hq, D]`` with attention of each sequence's single query ``q [B, Hq, D]``
     (at position ``seq_len - 1``) over its whole paged NHD cache. ``num_splits >= 1``.
     ``new_kv``: this step's ``(k, v)`` ``[B, Hk, D]`` (last dim contiguous); when given, the
     split kernel also stores them at ``meta.out_cache_loc`` (what ``write_kv`` would do)
-    before attending, saving a launch."""
+    before attending, saving a launch. ``launch``: the split kernel's ``(num_warps,
+    num_stages)`` instead of the default (tuning)."""
     bsz, hq, d = q.shape
     if bsz == 0:
         return out
@@ -157,6 +159,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             block_n = 16
     mid_o = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+    warps, stages = launch or (4, 2)
     window = layer.sliding_window or 0
     k_new, v_new = new_kv if new_kv is not None else (q, q)
     _decode_split_kernel[(bsz, num_kv_heads, num_splits)](
@@ -170,7 +173,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_CAP=layer.logit_cap is not None, HAS_WINDOW=layer.sliding_window is not None,
         EXACT_FP32=exact_fp32(q.dtype), WRITE_KV=new_kv is not None,
-        num_warps=4, num_stages=2, **pdl_args(q.device),
+        num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     decode_reduce_kernel[(bsz, hq)](
         mid_o, mid_lse, out,

@@ -1,0 +1,58 @@
+"""Where a long prefill's time goes: one prompt of N tokens (default 8192 and 32768) through the
+Llama-3.1-8B-shaped engine (dummy bf16 weights, engine defaults: chunked prefill of 8192),
+timed end to end (time to first token), then once more under torch.profiler; prints the wall
+time, the device-kernel time and the top kernels by device time.
+
+    python benchmarks/profile_prefill.py 8192,32768 > profile_prefill.txt
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llama8b import build_engine, random_prompts  # noqa: E402
+
+
+def one_prompt(sched, rid: str, ids: list[int]) -> float:
+    from heteroserve.core.scheduler import Req
+    from heteroserve.core.scheduler.sampling_params import SamplingParams
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    sched.add_request(Req(rid=rid, input_ids=ids, sampling_params=SamplingParams(
+        max_new_tokens=1, temperature=0.0, ignore_eos=True)))
+    while sched.has_work():
+        sched.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768").split(",")]
+    runner, sched = build_engine(True, 8, 8192, 0.85)
+    vocab = runner.vocab_size
+    one_prompt(sched, "warm", random_prompts(1, 2048, vocab, 1)[0])
+    for n in lengths:
+        ids = random_prompts(1, n, vocab, n)[0]
+        wall = one_prompt(sched, f"t{n}", ids)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            one_prompt(sched, f"p{n}", ids)
+        events = prof.key_averages()
+        device_s = sum(e.self_device_time_total for e in events
+                       if e.device_type == DeviceType.CUDA) / 1e6
+        print(f"\n== prefill {n} tokens: TTFT {wall:.3f} s, device kernels {device_s:.3f} s "
+              f"({device_s / wall:.0%} busy)")
+        print(events.table(sort_by="self_device_time_total", row_limit=14,
+                           max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
