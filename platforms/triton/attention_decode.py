@@ -22,6 +22,7 @@ from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
 from heteroserve.platforms.triton.attention_common import (
     NEG_INIT, log2_scores, online_softmax_step, page_slots,
 )
+from heteroserve.platforms.triton.kv_write import cache_saturation, to_cache
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
@@ -41,7 +42,8 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    EXACT_FP32: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
+    EXACT_FP32: tl.constexpr, WRITE_KV: tl.constexpr, CACHE_MAX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     wait_for_previous(USE_PDL)
     b = tl.program_id(0)
@@ -72,8 +74,8 @@ def _decode_split_kernel(
                             mask=d_mask)
             v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_d,
                             mask=d_mask)
-            tl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(k_cache_ptr + dst, to_cache(k_new, k_cache_ptr, CACHE_MAX), mask=d_mask)
+            tl.store(v_cache_ptr + dst, to_cache(v_new, v_cache_ptr, CACHE_MAX), mask=d_mask)
         tl.debug_barrier()
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -86,11 +88,11 @@ def _decode_split_kernel(
         slots = page_slots(kv_indices_ptr, page_base, k_pos, n_mask, PAGE_SIZE)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + slots[:, None] * stride_cs + kv_off, mask=kv_mask, other=0.0)
-        qk = mma(q, tl.trans(k), EXACT_FP32)
+        qk = mma(q, tl.trans(k.to(q.dtype)), EXACT_FP32)
         s = log2_scores(qk, sm_scale, logit_cap, HAS_CAP)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         v = tl.load(v_cache_ptr + slots[:, None] * stride_cs + kv_off, mask=kv_mask, other=0.0)
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, EXACT_FP32)
+        acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, EXACT_FP32)
 
     has_keys = l_i > 0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -173,6 +175,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_CAP=layer.logit_cap is not None, HAS_WINDOW=layer.sliding_window is not None,
         EXACT_FP32=exact_fp32(q.dtype), WRITE_KV=new_kv is not None,
+        CACHE_MAX=cache_saturation(k_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     decode_reduce_kernel[(bsz, hq)](

@@ -79,11 +79,11 @@ def _extend_kernel(
         slots = page_slots(kv_indices_ptr, page_base, k_pos, all_n, PAGE_SIZE)
         k = tl.load(k_cache_ptr + slots[:, None] * stride_cs + kv_off,
                     mask=d_mask[None, :], other=0.0)
-        qk = mma(q, tl.trans(k), EXACT_FP32)
+        qk = mma(q, tl.trans(k.to(q.dtype)), EXACT_FP32)
         s = log2_scores(qk, sm_scale, logit_cap, HAS_CAP)
         v = tl.load(v_cache_ptr + slots[:, None] * stride_cs + kv_off,
                     mask=d_mask[None, :], other=0.0)
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, EXACT_FP32)
+        acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, EXACT_FP32)
 
     # The diagonal (and, with a window, every) tile: causal / window / length mask.
     for start in range(full_end, hi, BLOCK_N):
@@ -92,14 +92,14 @@ def _extend_kernel(
         slots = page_slots(kv_indices_ptr, page_base, k_pos, n_mask, PAGE_SIZE)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + slots[:, None] * stride_cs + kv_off, mask=kv_mask, other=0.0)
-        qk = mma(q, tl.trans(k), EXACT_FP32)
+        qk = mma(q, tl.trans(k.to(q.dtype)), EXACT_FP32)
         s = log2_scores(qk, sm_scale, logit_cap, HAS_CAP)
         allowed = (k_pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if HAS_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         v = tl.load(v_cache_ptr + slots[:, None] * stride_cs + kv_off, mask=kv_mask, other=0.0)
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, EXACT_FP32)
+        acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, EXACT_FP32)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]

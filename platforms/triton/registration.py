@@ -22,6 +22,8 @@ _PKG = "heteroserve.platforms.triton"
 NAME = "triton"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MIN_HEAD, MAX_HEAD = 16, 256
+#: KV cache dtypes of the attention kernels (fp8: stored saturated, read back unscaled)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 #: op -> (module, attribute, what it is)
 TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
@@ -90,6 +92,12 @@ def _attention(request: KernelRequest) -> Support:
     hq, hk = request.num_q_heads, request.num_kv_heads
     if hq is not None and hk is not None and (hk <= 0 or hq % hk):
         return Support.no(f"{hq} query heads are not a multiple of {hk} KV heads")
+    if request.kv_cache_dtype == "fp8_e4m3" and request.device_type != "cpu":
+        cap = _nvidia_capability() if request.device_type == "cuda" else None
+        if cap is None or cap < (8, 9):
+            return Support.no("an fp8_e4m3 KV cache needs e4m3fn conversions: an NVIDIA GPU of "
+                              "compute capability 8.9+ (found "
+                              f"{'none' if cap is None else '%d.%d' % cap})")
     return Support.yes()
 
 
@@ -137,7 +145,8 @@ def triton_kernel_specs(platforms: tuple[str, ...], priority: int,
     return [
         KernelSpec(op=op, name=NAME, load=_lazy(module, attr), platforms=platforms,
                    priority=priority, supports=_SUPPORTS.get(op, _base), native_on=native_on,
-                   description=f"Triton: {what}")
+                   description=f"Triton: {what}",
+                   kv_cache_dtypes=KV_CACHE_DTYPES if op == ops.ATTENTION else ("auto",))
         for op, (module, attr, what) in TRITON_KERNELS.items()
     ] + [
         KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=platforms,

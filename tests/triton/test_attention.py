@@ -15,27 +15,42 @@ SENTINEL = 1234.5
 
 def _run(device: torch.device, mode: ForwardMode, seqs: tuple[tuple[int, int], ...],
          hq: int, hk: int, d: int, page: int, window: int | None, cap: float | None,
-         seed: int, max_context_len: int = 8192) -> None:
+         seed: int, max_context_len: int = 8192, cache_dtype: torch.dtype | None = None) -> None:
     from heteroserve.platforms.triton.attention import TritonAttention
+
+    def cached(x: torch.Tensor) -> torch.Tensor:  # what the cache holds, read back
+        if cache_dtype is None:
+            return x
+        fmax = torch.finfo(cache_dtype).max
+        return x.clamp(-fmax, fmax).to(cache_dtype).to(x.dtype)
 
     gen = torch.Generator().manual_seed(seed)
     batch = build_batch(seqs, page, mode, device, gen)
     meta = batch.meta
     cfg = AttentionConfig(hq, hk, d, page, torch.float32, device,
-                          max_context_len=max_context_len)
+                          max_context_len=max_context_len, kv_cache_dtype=cache_dtype)
     backend = TritonAttention(cfg)
     shape = backend.kv_cache_shape(batch.num_pages)
-    k_cache = torch.full(shape, SENTINEL, device=device)
-    v_cache = torch.full(shape, SENTINEL, device=device)
-    full_k = [torch.randn(p + n, hk, d, generator=gen) for p, n in seqs]
+    k_cache = torch.full(shape, SENTINEL, device=device).to(cfg.cache_dtype)
+    v_cache = torch.full(shape, SENTINEL, device=device).to(cfg.cache_dtype)
+    sentinel = float(k_cache.flatten()[0])
+    spread = 100.0 if cache_dtype is not None else 1.0
+    full_k = [torch.randn(p + n, hk, d, generator=gen) * spread for p, n in seqs]
     full_v = [torch.randn(p + n, hk, d, generator=gen) for p, n in seqs]
+    if cache_dtype is not None:
+        # values the cache holds exactly (the interpreter's fp32 -> fp8 rounding is wrong at
+        # binade edges), and some beyond its range, to check that writes saturate
+        full_k = [cached(x) for x in full_k]
+        full_v = [cached(x) for x in full_v]
+        for x in full_k:
+            x[::3, 0, :4] = torch.tensor([1000.0, -1000.0, 449.0, -3000.0])
     for b, (p, _) in enumerate(seqs):  # the cached prefix, written by the test itself
         slots = batch.slots(b, 0, p).to(device)
-        k_cache.view(-1, hk, d)[slots] = full_k[b][:p].to(device)
-        v_cache.view(-1, hk, d)[slots] = full_v[b][:p].to(device)
+        k_cache.view(-1, hk, d)[slots] = cached(full_k[b][:p]).to(device).to(cfg.cache_dtype)
+        v_cache.view(-1, hk, d)[slots] = cached(full_v[b][:p]).to(device).to(cfg.cache_dtype)
     new_k = torch.cat([full_k[b][p:] for b, (p, _) in enumerate(seqs)]).to(device)
     new_v = torch.cat([full_v[b][p:] for b, (p, _) in enumerate(seqs)]).to(device)
-    q = torch.randn(meta.num_tokens, hq, d, generator=gen).to(device)
+    q = torch.randn(meta.num_tokens, hq, d, generator=gen).to(device) / spread
     layer = AttentionLayer(0, d ** -0.5, window, cap)
 
     backend.prepare(meta)
@@ -46,13 +61,15 @@ def _run(device: torch.device, mode: ForwardMode, seqs: tuple[tuple[int, int], .
     written[meta.out_cache_loc.cpu()] = True
     for b, (p, _) in enumerate(seqs):
         written[batch.slots(b, 0, p)] = True
-    assert torch.equal(k_cache.view(-1, hk, d).cpu()[meta.out_cache_loc.cpu()], new_k.cpu())
-    assert torch.equal(v_cache.view(-1, hk, d).cpu()[meta.out_cache_loc.cpu()], new_v.cpu())
-    assert bool((k_cache.view(-1, hk, d).cpu()[~written] == SENTINEL).all())
+    loc = meta.out_cache_loc.cpu()
+    assert torch.equal(k_cache.view(-1, hk, d).cpu()[loc].float(), cached(new_k.cpu()))
+    assert torch.equal(v_cache.view(-1, hk, d).cpu()[loc].float(), cached(new_v.cpu()))
+    assert bool((k_cache.view(-1, hk, d).cpu()[~written].float() == sentinel).all())
 
     start = 0
     for b, (p, n) in enumerate(seqs):
-        ref = attention_ref(q[start:start + n], full_k[b], full_v[b], torch.arange(p, p + n),
+        ref = attention_ref(q[start:start + n], cached(full_k[b]), cached(full_v[b]),
+                            torch.arange(p, p + n),
                             layer.scale, window, cap)
         err = rel_err(out[start:start + n], ref)
         assert err < 2e-5, f"sequence {b} ({p}+{n}): rel err {err:.3g}"
@@ -80,6 +97,15 @@ def test_decode(device: torch.device, seqs: tuple[tuple[int, int], ...], hq: int
                 d: int, page: int, window: int | None, cap: float | None, ctx: int) -> None:
     _run(device, ForwardMode.DECODE, seqs, hq, hk, d, page, window, cap, seed=7 + d,
          max_context_len=ctx)
+
+
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE])
+def test_fp8_kv_cache(device: torch.device, mode: ForwardMode) -> None:
+    """An fp8_e4m3 cache: writes round and saturate (values beyond 448), reads convert back
+    unscaled; attention equals the float64 reference over the rounded K/V."""
+    seqs = ((6, 9), (20, 3)) if mode is ForwardMode.EXTEND else ((30, 1), (7, 1))
+    _run(device, mode, seqs, 4, 2, 64, 8, None, None, seed=11,
+         cache_dtype=torch.float8_e4m3fn)
 
 
 def test_decode_splits_agree(device: torch.device) -> None:
