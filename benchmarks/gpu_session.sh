@@ -20,7 +20,8 @@
 #   decode1_variants       batch-1 decode without PDL, with the prologue-fused GEMVs, defaults
 #   decode1_flashinfer     batch-1 decode with flashinfer attention, then the defaults
 #   profile                batch-1 decode profile
-#   profile_moe            Qwen3-30B-A3B decode profile at batch 1 and 256 (benchmarks/profile_llama8b.py)
+#   profile_model          decode profiles of PROFILE_MODELS (folders of benchmarks/models, default
+#                          qwen3-30b-a3b) at PROFILE_BATCHES (default 1,256): benchmarks/profile_llama8b.py
 #   profile_prefill        long-prompt prefill profile, PREFILL_LENS tokens (benchmarks/profile_prefill.py)
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
@@ -133,9 +134,10 @@ for step in "$@"; do
         2>&1 | tail -22 ;;
     profile) HS_GRAPH_MAX_BS=1 timeout 120 python3 benchmarks/profile_llama8b.py 1 \
         > "$OUT/profile_decode1.txt" 2>&1; grep -A16 "== decode" "$OUT/profile_decode1.txt" | cut -c1-60,150-200 ;;
-    profile_moe) HS_MODEL_DIR=benchmarks/models/qwen3-30b-a3b HS_GRAPH_MAX_BS=256 timeout 200 \
-        python3 benchmarks/profile_llama8b.py 1,256 > "$OUT/profile_qwen3moe.txt" 2>&1
-        grep -A18 "== decode" "$OUT/profile_qwen3moe.txt" | cut -c1-70,150-200 ;;
+    profile_model) for m in ${PROFILE_MODELS:-qwen3-30b-a3b}; do
+        HS_MODEL_DIR=benchmarks/models/$m HS_GRAPH_MAX_BS=256 timeout 200 \
+        python3 benchmarks/profile_llama8b.py ${PROFILE_BATCHES:-1,256} > "$OUT/profile_$m.txt" 2>&1
+        grep -A18 "== decode" "$OUT/profile_$m.txt" | cut -c1-70,150-200; done ;;
     profile_prefill) timeout 200 python3 benchmarks/profile_prefill.py ${PREFILL_LENS:-8192,32768} \
         > "$OUT/profile_prefill.txt" 2>&1; grep -A20 "== prefill" "$OUT/profile_prefill.txt" | cut -c1-75,150-200 ;;
     conformance) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
