@@ -1,13 +1,27 @@
 """Measure the two ceilings of the device in the same run as a benchmark: copy bandwidth
 (bytes read + written per second by a large device-to-device copy) and the bf16 matmul rate.
+
+``device`` defaults to ``"cuda"`` (timed with device events); any other torch device (the cpu
+smoke runs) is timed with the host clock after a synchronisation.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
-def _time_ms(fn, iters: int) -> float:
+def _time_ms(fn, iters: int, device: str = "cuda") -> float:
+    if device != "cuda":
+        fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     torch.cuda.synchronize()
@@ -22,18 +36,19 @@ def _time_ms(fn, iters: int) -> float:
     return times[len(times) // 2]
 
 
-def copy_bandwidth(num_bytes: int = 4 << 30, iters: int = 10) -> float:
+def copy_bandwidth(num_bytes: int = 4 << 30, iters: int = 10, device: str = "cuda") -> float:
     """Bytes/s moved (read + write) by a device-to-device copy of ``num_bytes``."""
-    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters)
+    ms = _time_ms(lambda: dst.copy_(src), iters, device)
     del src, dst
     return 2 * num_bytes / (ms / 1e3)
 
 
-def matmul_rate(n: int = 8192, iters: int = 10) -> float:
-    """bf16 FLOP/s of an ``n x n x n`` product on random data."""
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    ms = _time_ms(lambda: a @ b, iters)
+def matmul_rate(n: int = 8192, iters: int = 10, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of an ``n x n x n`` product of random ``dtype`` matrices (bf16 by default)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ms = _time_ms(lambda: a @ b, iters, device)
     return 2 * n ** 3 / (ms / 1e3)
