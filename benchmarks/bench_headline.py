@@ -182,8 +182,8 @@ def _commit() -> str:
 def measure_ceilings(platform: str, smoke: bool) -> dict:
     device = "cpu" if smoke else platform
     if smoke:
-        return {"copy_bandwidth_Bps": copy_bandwidth(32 << 20, 5, device),
-                "matmul_flops": matmul_rate(256, 5, device, torch.float32)}
+        return {"copy_bandwidth_Bps": copy_bandwidth(32 << 20, 10, device),
+                "matmul_flops": matmul_rate(384, 10, device, torch.float32)}
     return {"copy_bandwidth_Bps": copy_bandwidth(device=device),
             "matmul_flops": matmul_rate(device=device)}
 
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     "workloads": {}, "skipped": {}}
     log("measuring ceilings")
     result["ceilings"] = ceilings = measure_ceilings(platform, a.smoke)
-    log(f"copy {ceilings['copy_bandwidth_Bps'] / 1e12:.3f} TB/s, "
-        f"matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    log(f"copy {ceilings['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
+        f"matmul {ceilings['matmul_flops'] / 1e9:.1f} GFLOP/s")
 
     def write() -> None:
         result["elapsed_s"] = time.perf_counter() - t_start

@@ -51,12 +51,13 @@ class ParamCounts:
 
 
 def param_counts(cfg: dict) -> ParamCounts:
-    """Counts for a Llama- or Qwen3-MoE-style config (``num_experts`` absent: dense)."""
+    """Counts for a Llama- or Qwen3-MoE-style config (no expert count: dense)."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // heads
     attention = layers * (h * (heads + 2 * kv_heads) * hd + heads * hd * h)
-    experts = cfg.get("num_experts") or 0
+    # ``num_local_experts``: the name transformers 5 writes (and Mixtral's)
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
     step = cfg.get("decoder_sparse_step") or 1
     dense_only = set(cfg.get("mlp_only_layers") or [])
     moe = [i for i in range(layers)
