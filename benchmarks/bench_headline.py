@@ -127,8 +127,9 @@ def _prefill(r: Run, label: str) -> dict:
 
 
 def prefill_warmup(r: Run) -> None:
-    """One prompt a little longer than a chunk (JIT compilation, allocator growth)."""
-    n = r.shapes.chunked_prefill + 100
+    """One prompt of two chunks and a little more (JIT compilation of the extend kernels with
+    and without a prefix, allocator growth)."""
+    n = 2 * r.shapes.chunked_prefill + 100
     run_requests(r.scheduler, random_prompts(1, n, r.runner.vocab_size, 7), 1)
 
 
@@ -184,8 +185,10 @@ def measure_ceilings(platform: str, smoke: bool) -> dict:
     if smoke:
         return {"copy_bandwidth_Bps": copy_bandwidth(32 << 20, 10, device),
                 "matmul_flops": matmul_rate(384, 10, device, torch.float32)}
-    return {"copy_bandwidth_Bps": copy_bandwidth(device=device),
-            "matmul_flops": matmul_rate(device=device)}
+    ceilings = {"copy_bandwidth_Bps": copy_bandwidth(device=device),
+                "matmul_flops": matmul_rate(device=device)}
+    torch.cuda.empty_cache()  # the 8 GiB of copy buffers, before the KV pool is sized
+    return ceilings
 
 
 def engine_for(model: str, model_dir: Path, shapes: Shapes, platform: str, smoke: bool):
