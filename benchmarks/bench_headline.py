@@ -23,9 +23,11 @@ run (roofline.py: a 4 GiB copy, an 8192^3 bf16 matmul). Workloads (value / floor
                         bench_models.bench_decode1 against its weights + KV roofline
 
 Writes ``--out`` (``{"device", "date", "commit", "workloads": {name: {"value", "unit",
-"floor", "fraction", "target"}}, ...}``; rewritten after every workload so a run cut short keeps
-what it measured), one ``<stem>-<name>.json`` and ``<stem>-<name>.png`` per workload next to it,
-and ``<stem>.png`` (every fraction next to its target). ``--profile NAME[,NAME]`` (or ``all``):
+"floor", "fraction", "target"}}, "errors", "skipped", ...}``; rewritten after every workload so
+a run cut short keeps what it measured; a workload that raises goes to ``errors``, the rest of
+its model's workloads to ``skipped``, and the exit status is 1), one ``<stem>-<name>.json`` and
+``<stem>-<name>.png`` per workload next to it, and ``<stem>.png`` (every fraction next to its
+target). ``--profile NAME[,NAME]`` (or ``all``):
 when such a workload misses its target, it runs again under torch.profiler (an offline workload
 with one wave of ``max_running`` prompts) and its JSON gains ``profile``: the top kernels by
 device time. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
@@ -162,7 +164,8 @@ def models_decode1(r: Run) -> dict:
 #: model -> [(workload name, function)] in run order
 PLAN = {
     "llama8b": [("llama8b_decode1", llama8b_decode1),
-                *[(f"llama8b_prefill_{k}", lambda r, k=k: _prefill(r, k)) for k in ("8k", "32k", "100k")],
+                *[(f"llama8b_prefill_{k}", lambda r, k=k: _prefill(r, k))
+                  for k in ("8k", "32k", "100k")],
                 ("llama8b_offline", llama8b_offline)],
     "qwen3moe": [("qwen3moe_decode1", qwen3moe_decode1), ("qwen3moe_offline", qwen3moe_offline)],
     "deepseek_v2_lite": [("deepseek_v2_lite_decode1", models_decode1)],
@@ -205,6 +208,20 @@ def engine_for(model: str, model_dir: Path, shapes: Shapes, platform: str, smoke
     return (*bench_models.build(model_dir, platform, dtype, shapes.max_running, fmt),)
 
 
+def record(result: dict, ceilings: dict, name: str, entry: dict, out: Path) -> dict:
+    """Write ``<stem>-<name>.json`` (everything) and ``.png``; return the summary's entry."""
+    stem = out.with_suffix("")
+    Path(f"{stem}-{name}.json").write_text(json.dumps(
+        {"device": result["device"], "date": result["date"], "commit": result["commit"],
+         "ceilings": ceilings, "name": name, **entry}, indent=2, default=str))
+    plot_workload(name, entry, result["device"], Path(f"{stem}-{name}.png"))
+    summary = {k: entry[k] for k in ("value", "unit", "floor", "fraction", "target")}
+    summary.update({k: entry[k] for k in ("wall_s", "floor_s", "chunk_s") if k in entry})
+    if "profile" in entry:
+        summary["profile_top"] = entry["profile"]["top"][:12]
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results" / "h200-latest.json"))
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     "commit": _commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
                     "platform": platform, "smoke": a.smoke,
                     "env": {k: os.environ[k] for k in bench_llama8b.ENV_KNOBS if k in os.environ},
-                    "workloads": {}, "skipped": {}}
+                    "workloads": {}, "skipped": {}, "errors": {}}
     log("measuring ceilings")
     result["ceilings"] = ceilings = measure_ceilings(platform, a.smoke)
     log(f"copy {ceilings['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
@@ -267,15 +284,25 @@ def main(argv: list[str] | None = None) -> int:
         dtype_bytes = next(runner.model.parameters()).element_size()
         run = Run(runner, sched, cfg, model_dir, ceilings, shapes, dtype_bytes)
         log(f"built {model}: kv pool {runner.max_total_tokens} tokens")
-        warmed = False
+        warmed, failed = False, None
         for name, fn in steps:
             if name not in wanted:
                 continue
-            if "prefill" in name and not warmed:
-                prefill_warmup(run)
-                warmed = True
+            if failed:  # the engine may hold the failed workload's requests: do not reuse it
+                result["skipped"][name] = f"after the error in {failed}"
+                continue
             log(f"{name}")
-            entry = fn(run)
+            try:
+                if "prefill" in name and not warmed:
+                    prefill_warmup(run)
+                    warmed = True
+                entry = fn(run)
+            except Exception as exc:  # noqa: BLE001 - recorded, the other models still run
+                failed = name
+                result["errors"][name] = f"{type(exc).__name__}: {exc}"
+                log(f"{name} failed: {result['errors'][name]}")
+                write()
+                continue
             entry["target"] = TARGETS.get(name)
             entry["kernels"] = dispatch.summary()
             missed = entry["target"] is not None and entry["fraction"] < entry["target"]
@@ -285,20 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"profiling {name}")
                 again = (lambda: fn(run, waves=1)) if "offline" in name else (lambda: fn(run))
                 entry["profile"] = profile_top_kernels(again, with_device=platform == "cuda")
-                top = entry["profile"]["top"][:3]
-                log(f"{name} profile: " + "; ".join(f"{t['share']:.0%} {t['name'][:50]}" for t in top))
-            stem = out.with_suffix("")
-            Path(f"{stem}-{name}.json").write_text(json.dumps(
-                {"device": result["device"], "date": result["date"], "commit": result["commit"],
-                 "ceilings": ceilings, "name": name, **entry}, indent=2, default=str))
-            plot_workload(name, entry, result["device"], Path(f"{stem}-{name}.png"))
-            result["workloads"][name] = {k: entry[k] for k in
-                                         ("value", "unit", "floor", "fraction", "target")}
-            for k in ("wall_s", "floor_s", "chunk_s"):
-                if k in entry:
-                    result["workloads"][name][k] = entry[k]
-            if "profile" in entry:
-                result["workloads"][name]["profile_top"] = entry["profile"]["top"][:12]
+                log(f"{name} profile: " + "; ".join(
+                    f"{t['share']:.0%} {t['name'][:50]}" for t in entry["profile"]["top"][:3]))
+            result["workloads"][name] = record(result, ceilings, name, entry, out)
             write()
         platform_obj, device = runner.platform, runner.device
         del run, runner, sched, dispatch
@@ -306,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"freed {model}")
     plot_summary(result["workloads"], result["device"], out.with_suffix(".png"))
     write()
-    log(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
-    return 0
+    log(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)"
+        + (f"; errors in {sorted(result['errors'])}" if result["errors"] else ""))
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

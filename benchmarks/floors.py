@@ -37,7 +37,8 @@ class ParamCounts:
     @property
     def per_token_linear(self) -> int:
         """Parameters one token multiplies in the layers (LM head and embedding left out)."""
-        return self.attention + self.router + self.dense_mlp + self.moe_layers * self.top_k * self.expert
+        experts = self.moe_layers * self.top_k * self.expert
+        return self.attention + self.router + self.dense_mlp + experts
 
     @property
     def all_experts(self) -> int:

@@ -73,6 +73,7 @@ def test_smoke_run_writes_every_workload_next_to_its_floor(tmp_path: Path) -> No
     names = {"llama8b_decode1", "llama8b_offline", "llama8b_prefill_8k", "llama8b_prefill_32k",
              "llama8b_prefill_100k", "qwen3moe_decode1", "qwen3moe_offline"}
     assert set(result["workloads"]) == names
+    assert result["errors"] == {} and result["skipped"] == {}
     for name, w in result["workloads"].items():
         assert {"value", "unit", "floor", "fraction"} <= set(w), name
         assert w["value"] > 0 and w["floor"] > 0, name
