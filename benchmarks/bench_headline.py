@@ -185,7 +185,8 @@ def _commit() -> str:
 
 def measure_ceilings(platform: str, smoke: bool) -> dict:
     device = "cpu" if smoke else platform
-    if smoke:
+    if smoke:  # one thread: its CPU time is the work's (see roofline.py)
+        torch.set_num_threads(1)
         return {"copy_bandwidth_Bps": copy_bandwidth(32 << 20, 10, device),
                 "matmul_flops": matmul_rate(384, 10, device, torch.float32)}
     ceilings = {"copy_bandwidth_Bps": copy_bandwidth(device=device),
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     "commit": _commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
                     "platform": platform, "smoke": a.smoke,
                     "env": {k: os.environ[k] for k in bench_llama8b.ENV_KNOBS if k in os.environ},
-                    "workloads": {}, "skipped": {}, "errors": {}}
+                    "workloads": {}, "skipped": {}, "errors": {}, "seconds": {}}
     log("measuring ceilings")
     result["ceilings"] = ceilings = measure_ceilings(platform, a.smoke)
     log(f"copy {ceilings['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
@@ -279,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir = MODELS[model]
         log(f"building {model} ({model_dir.name})")
+        t_phase = time.perf_counter()
         runner, sched, dispatch = engine_for(model, model_dir, shapes, platform, a.smoke)
+        result["seconds"][f"build_{model}"] = time.perf_counter() - t_phase
         cfg = json.loads((model_dir / "config.json").read_text())
         dtype_bytes = next(runner.model.parameters()).element_size()
         run = Run(runner, sched, cfg, model_dir, ceilings, shapes, dtype_bytes)
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["skipped"][name] = f"after the error in {failed}"
                 continue
             log(f"{name}")
+            t_phase = time.perf_counter()
             try:
                 if "prefill" in name and not warmed:
                     prefill_warmup(run)
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} profile: " + "; ".join(
                     f"{t['share']:.0%} {t['name'][:50]}" for t in entry["profile"]["top"][:3]))
             result["workloads"][name] = record(result, ceilings, name, entry, out)
+            result["seconds"][name] = time.perf_counter() - t_phase  # warm-up and profile too
             write()
         platform_obj, device = runner.platform, runner.device
         del run, runner, sched, dispatch
