@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,6 +55,10 @@ import floors  # noqa: E402
 from bench_common import build_engine, free_engine, log, random_prompts, run_requests  # noqa: E402
 from headline_report import plot_summary, plot_workload, profile_top_kernels  # noqa: E402
 from roofline import copy_bandwidth, matmul_rate  # noqa: E402
+
+if TYPE_CHECKING:
+    from heteroserve.core.model_runner.runner import ModelRunner
+    from heteroserve.core.scheduler.scheduler import Scheduler
 
 MODELS = {"llama8b": HERE / "models" / "llama-3.1-8b",
           "qwen3moe": HERE / "models" / "qwen3-30b-a3b",
@@ -89,8 +94,8 @@ SMOKE = Shapes(decode_out=8, llama_offline=(6, 24, 6), qwen_offline=(6, 24, 6),
 class Run:
     """What every workload function needs."""
 
-    runner: object
-    scheduler: object
+    runner: ModelRunner
+    scheduler: Scheduler
     cfg: dict
     model_dir: Path
     ceilings: dict
