@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import log as _log  # noqa: E402
+from bench_common import random_prompts, run_requests  # noqa: E402,F401 (re-exported)
 from roofline import copy_bandwidth, matmul_rate  # noqa: E402
 
 MODEL_DIR = Path(os.environ.get("HS_MODEL_DIR", Path(__file__).resolve().parent / "models" / "llama-3.1-8b"))
@@ -36,62 +37,15 @@ MODEL_DIR = Path(os.environ.get("HS_MODEL_DIR", Path(__file__).resolve().parent 
 ENV_KNOBS = ("HS_KERNELS", "HS_GRAPH_MAX_BS", "HETEROSERVE_TRITON_PDL")
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def build_engine(disable_radix: bool, max_running: int, chunked: int, mem_fraction: float):
-    from heteroserve.core.config import ServerArgs
-    from heteroserve.core.model_runner.build import build_model_runner
-    from heteroserve.core.scheduler import Scheduler
+    from bench_common import build_engine as build
 
-    args = ServerArgs(model_path=str(MODEL_DIR), load_format="dummy", dtype="bfloat16",
-                      platform=os.environ.get("HS_PLATFORM", "cuda"),
-                      disable_radix_cache=disable_radix, max_running_requests=max_running,
-                      chunked_prefill_size=chunked, mem_fraction_static=mem_fraction,
-                      kernel=[k for k in os.environ.get("HS_KERNELS", "").split(",") if k],
-                      cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "256")))
-    platform, dispatch, runner = build_model_runner(args)
-    return runner, Scheduler(runner, args, [], runner.page_size)
-
-
-def run_requests(scheduler, prompts: list[list[int]], output_len: int) -> dict:
-    """Submit everything, step until done; returns timing and per-request latencies."""
-    from heteroserve.core.scheduler import Req
-    from heteroserve.core.scheduler.sampling_params import SamplingParams
-
-    t0 = time.perf_counter()
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for i, ids in enumerate(prompts):
-        sp = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
-        scheduler.add_request(Req(rid=f"r{i}", input_ids=ids, sampling_params=sp))
-    steps = 0
-    while scheduler.has_work():
-        outs = scheduler.step()
-        steps += 1
-        now = time.perf_counter()
-        for o in outs:
-            if o.new_token_ids:
-                first.setdefault(o.rid, now)
-                last[o.rid] = now
-                counts[o.rid] = counts.get(o.rid, 0) + len(o.new_token_ids)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    ttft = sorted(first[r] - t0 for r in first)
-    itl = sorted((last[r] - first[r]) / max(counts[r] - 1, 1) for r in first if counts[r] > 1)
-    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
-    return {"elapsed_s": elapsed, "steps": steps, "output_tokens": sum(counts.values()),
-            "input_tokens": sum(len(p) for p in prompts),
-            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
-            "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99),
-            "stats": scheduler.get_stats()}
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+    runner, scheduler, _ = build(MODEL_DIR, platform=os.environ.get("HS_PLATFORM", "cuda"),
+                                 disable_radix_cache=disable_radix,
+                                 max_running_requests=max_running, chunked_prefill_size=chunked,
+                                 mem_fraction_static=mem_fraction,
+                                 cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "256")))
+    return runner, scheduler
 
 
 def weight_bytes(runner) -> int:
@@ -131,10 +85,10 @@ def workload_floor(cfg: dict, n: int, inp: int, out: int, ceilings: dict, max_ru
 
 
 def bench_throughput(runner, scheduler, ceilings: dict, n: int, inp: int, out: int,
-                     max_running: int) -> dict:
+                     max_running: int, model_dir: Path = MODEL_DIR) -> dict:
     run_requests(scheduler, random_prompts(4, 64, runner.vocab_size, 3), 8)  # warm-up
     res = run_requests(scheduler, random_prompts(n, inp, runner.vocab_size, 4), out)
-    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    cfg = json.loads((model_dir / "config.json").read_text())
     floor = workload_floor(cfg, n, inp, out, ceilings, max_running)
     total = (res["input_tokens"] + res["output_tokens"]) / res["elapsed_s"]
     return {"num_prompts": n, "input_len": inp, "output_len": out,

@@ -28,59 +28,18 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_llama8b import random_prompts  # noqa: E402
+from bench_common import build_engine, log as _log, random_prompts, run_requests  # noqa: E402
 
 MODELS = {"deepseek-v2-lite": HERE / "models" / "deepseek-v2-lite",
           "gemma-3-12b": HERE / "models" / "gemma-3-12b"}
 SMOKE_ARCHS = {"deepseek-v2-lite": "deepseek_v2", "gemma-3-12b": "gemma3"}
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def build(model_dir: Path, platform: str, dtype: str, max_running: int, load_format: str):
-    from heteroserve.core.config import ServerArgs
-    from heteroserve.core.model_runner.build import build_model_runner
-    from heteroserve.core.scheduler import Scheduler
-
-    args = ServerArgs(model_path=str(model_dir), load_format=load_format, dtype=dtype,
-                      platform=platform, max_running_requests=max_running,
-                      context_length=4096, mem_fraction_static=0.85,
-                      cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "16")),
-                      kernel=[k for k in os.environ.get("HS_KERNELS", "").split(",") if k])
-    _, dispatch, runner = build_model_runner(args)
-    return runner, Scheduler(runner, args, [], runner.page_size), dispatch
-
-
-def run_requests(scheduler, prompts: list[list[int]], output_len: int) -> dict:
-    """Submit every prompt (greedy, ignore_eos), step until done; wall time, p50 inter-token
-    latency and p50 time to first token."""
-    from heteroserve.core.scheduler import Req
-    from heteroserve.core.scheduler.sampling_params import SamplingParams
-
-    runner = scheduler.runner
-    t0 = time.perf_counter()
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for i, ids in enumerate(prompts):
-        sp = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
-        scheduler.add_request(Req(rid=f"r{i}", input_ids=ids, sampling_params=sp))
-    while scheduler.has_work():
-        outs = scheduler.step()
-        now = time.perf_counter()
-        for o in outs:
-            if o.new_token_ids:
-                first.setdefault(o.rid, now)
-                last[o.rid] = now
-                counts[o.rid] = counts.get(o.rid, 0) + len(o.new_token_ids)
-    runner.platform.synchronize(runner.device)
-    wall = time.perf_counter() - t0
-    itl = sorted((last[r] - first[r]) / max(counts[r] - 1, 1) for r in first if counts[r] > 1)
-    ttft = sorted(first[r] - t0 for r in first)
-    return {"wall_s": wall, "output_tokens": sum(counts.values()),
-            "itl_p50_s": itl[len(itl) // 2], "ttft_p50_s": ttft[len(ttft) // 2]}
+    return build_engine(model_dir, platform=platform, dtype=dtype, load_format=load_format,
+                        max_running_requests=max_running, context_length=4096,
+                        mem_fraction_static=0.85,
+                        cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "16")))
 
 
 def active_weight_bytes(runner) -> int:
@@ -130,8 +89,8 @@ def bench_throughput(runner, scheduler, n: int, inp: int, out: int) -> dict:
     run_requests(scheduler, random_prompts(4, 64, runner.vocab_size, 3), 8)  # warm-up
     res = run_requests(scheduler, random_prompts(n, inp, runner.vocab_size, 4), out)
     return {"num_prompts": n, "input_len": inp, "output_len": out,
-            "total_tok_per_s": n * (inp + out) / res["wall_s"],
-            "output_tok_per_s": n * out / res["wall_s"], **res}
+            "total_tok_per_s": n * (inp + out) / res["elapsed_s"],
+            "output_tok_per_s": n * out / res["elapsed_s"], **res}
 
 
 def plot(result: dict, path: Path) -> bool:

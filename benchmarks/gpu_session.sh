@@ -35,6 +35,10 @@
 #   http                   benchmarks/bench_http.py: heteroserve serve at concurrency 1/16/64/256
 #                          next to the offline Engine (needs the server's wheels in .whl: run
 #                          benchmarks/http_wheels.sh on the host first)
+#   h200                   benchmarks/bench_headline.py: every issue-17 workload next to its floor
+#                          -> $OUT/h200-latest.json, h200-latest-<workload>.json/.png (< 9 min);
+#                          H200_ARGS adds options (e.g. --profile qwen3moe_decode1), HS_COMMIT
+#                          names the commit (the copy here has no .git)
 # DEADLINE (seconds after this script starts) caps the fi_build and conf_full limits; a step
 # cut there may take 30 s more to stop, so keep DEADLINE that far under the call's limit.
 set -uo pipefail
@@ -158,6 +162,8 @@ for step in "$@"; do
     sglang_bench_serving) sglang_bench_serving ;;
     http) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_http.py --out-dir "$OUT" \
         2>&1 | grep -v -i warn ;;
+    h200) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_headline.py \
+        --out "$OUT/h200-latest.json" ${H200_ARGS:-} 2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;
   esac
 done
