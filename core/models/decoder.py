@@ -69,8 +69,10 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
-        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
-        o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), fwd)
+        # strided views of qkv all the way down: the rotary and attention contracts take
+        # rows with any stride (last dim contiguous), so no per-layer copies
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, fwd)
         return self.o_proj(o)
 
 
