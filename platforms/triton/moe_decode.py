@@ -43,12 +43,13 @@ from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 #: Largest ``T * top_k`` that takes this path (``fused_moe`` uses the grouped GEMM above).
 #: Each pair streams its expert's weights into the SMs, while the grouped GEMM streams every
 #: touched expert once for all its pairs; the surplus, ``pairs / distinct experts``, is served
-#: by the L2 (pair-fastest grids), whose bandwidth is about 2.5x the DRAM's on Hopper. With
-#: uniform routing 64 pairs over 128 experts (Qwen3-30B-A3B, T=8) touch about 50 experts
-#: (surplus 1.27x), over 64 experts (DeepSeek-V2-Lite, T=10) about 41 (1.56x): well under the
-#: L2's margin, while the grouped path's ten sorting launches cost as much as reading ~100 MB.
-#: At 128 pairs the surplus nears 2x for 64 experts, so the limit stays at 64; the GPU sweep
-#: ``benchmarks/moe_decode_sweep.py`` times both paths at T = 1..16 to move it.
+#: by the L2 (pair- and token-fastest grids), whose bandwidth is about 2.5x the DRAM's on
+#: Hopper. With uniform routing 64 pairs over 128 experts (Qwen3-30B-A3B, T=8) touch about 52
+#: experts (surplus 1.24x), 60 over 64 experts (DeepSeek-V2-Lite, T=10) about 40 (1.5x): well
+#: inside the L2's margin, while the grouped path's ten-odd sorting launches cost, by
+#: estimate, what reading ~100 MB does (25 us at 4 TB/s; a whole T=1 layer is 75-104 MB).
+#: At 128 pairs the surplus reaches 1.55x over 128 experts but 2.3x over 64, so the limit
+#: stays at 64; ``benchmarks/moe_decode_sweep.py`` times both paths at T = 1..16 to move it.
 MAX_DECODE_PAIRS = 64
 
 #: bytes of one weight row a program loads per step (16-byte vectors for 64 threads)
