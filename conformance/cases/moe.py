@@ -86,3 +86,11 @@ def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
                          dt, t, e, k, h, i)
             for dt in ALL_DTYPES for t, e, k, h, i in grid]
+
+
+def fused_moe_graph_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
+    """The platform's preferred dtype, 2 and 24 tokens over 16 experts with k=4: 8 and 96
+    (token, expert) pairs, one on each side of the few-token / grouped switch."""
+    dt = ctx.capabilities.dtypes[0]
+    return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64", dt,
+                         t, 16, 4, 128, 64) for t in (2, 24)]
