@@ -250,9 +250,10 @@ def table(report: dict) -> str:
         paired.setdefault((r["model"], r["tokens"]), {})[r["path"]] = r
     for (model, t), p in paired.items():
         g, d = p["grouped"], p["decode"]
+        err = max(g["rel_err"], d["rel_err"])
         lines.append(f"{model:17s} T={t:2d} {g['routed_bytes'] / 1e6:7.1f} MB  grouped "
                      f"{g['us']:8.1f} us ({g['fraction_of_copy']:5.1%})  decode {d['us']:8.1f} "
-                     f"us ({d['fraction_of_copy']:5.1%})  err {max(g['rel_err'], d['rel_err']):.1e}")
+                     f"us ({d['fraction_of_copy']:5.1%})  err {err:.1e}")
     timed = [s for s in report["sweep"] if "us" in s]
     for key in dict.fromkeys((s["model"], s["tokens"]) for s in timed):
         best = min((s for s in timed if (s["model"], s["tokens"]) == key), key=lambda s: s["us"])
