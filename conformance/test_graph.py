@@ -1,6 +1,7 @@
 """Graph replay equals eager: capture a decode attention step plus RMSNorm with the platform's
 graph runner, change the inputs in place, replay, and compare with calling the ops eagerly.
-Runs for every attention backend (and for :class:`EagerGraphRunner` platforms too)."""
+Runs for every attention backend (and for :class:`EagerGraphRunner` platforms too). Fused MoE
+likewise, with new activations, routing ids and weights before the replay."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import pytest
 import torch
 
 from heteroserve.conformance.attention_setup import make_setup, write_and_check
+from heteroserve.conformance.cases.moe import FusedMoECase, fused_moe_graph_cases
 from heteroserve.conformance.cases.platform import graph_cases
 from heteroserve.conformance.checks import assert_close
 from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import randn
+from heteroserve.conformance.oracles import moe as moe_oracle
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.oracles.norm import rms_norm as rms_norm_ref
 from heteroserve.conformance.paged import write_slots
 from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.core.kernels import ops
+from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
 
 EPS = 1e-6
 
@@ -70,3 +74,42 @@ def test_graph_replay(conf: ConfParam, ctx: ConformanceContext,
     assert_close(replay_attn, ref, case.dtype, "replayed decode vs oracle", request)
     assert_close(replay_norm, rms_norm_ref(x, weight, EPS), case.dtype,
                  "replayed rms_norm vs oracle", request)
+
+
+@conformance(fused_moe_graph_cases, label="fused_moe_graph_replay")
+def test_fused_moe_graph_replay(conf: ConfParam, ctx: ConformanceContext,
+                                request: pytest.FixtureRequest) -> None:
+    case: FusedMoECase = conf.case  # type: ignore[assignment]
+    fn = conf.load()
+    gen = case.generator()
+    dev, dt = ctx.device, case.dtype
+    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=dt, device=dev,
+                scale=case.hidden ** -0.5)
+    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=dt, device=dev,
+               scale=case.intermediate ** -0.5)
+    w13_k, w2_k = w13, w2
+    process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
+    if process is not None:  # the implementation's own expert layout, as the MoE layer does
+        w13_k, w2_k = process(w13.clone(), w2.clone())
+
+    def routing() -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.rand(case.tokens, case.experts, generator=gen).topk(case.top_k, dim=-1)
+        return (torch.softmax(torch.randn(case.tokens, case.top_k, generator=gen), dim=-1),
+                ids.indices.to(torch.int32))
+
+    x = randn(gen, case.tokens, case.hidden, dtype=dt, device=dev)
+    weights, ids = (t.to(dev) for t in routing())
+    out = torch.zeros_like(x)
+
+    def step() -> None:
+        out.copy_(fn(x, w13_k, w2_k, weights, ids))
+
+    graph = ctx.platform.make_graph_runner(dev).capture(step)
+    new_weights, new_ids = routing()
+    x.copy_(randn(gen, case.tokens, case.hidden, dtype=dt, device=dev))
+    weights.copy_(new_weights.to(dev))
+    ids.copy_(new_ids.to(dev))
+    graph.replay()
+    ctx.platform.synchronize(dev)
+    assert_close(out, moe_oracle.fused_moe(x, w13, w2, new_weights, new_ids), dt,
+                 "replayed fused_moe (new x, ids, weights) vs oracle", request)

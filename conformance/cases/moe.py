@@ -74,10 +74,23 @@ def grouped_topk_cases(ctx: ConformanceContext) -> list[GroupedTopKCase]:
 
 
 def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
-    """Every dtype x 1-33 tokens over 4-8 experts (some experts get no token)."""
-    grid = [(1, 4, 2, 128, 64), (6, 8, 2, 128, 96)]
+    """Every dtype x 1-40 tokens over 4-128 experts (some experts get no token; several
+    tokens share experts). Both sides of 64 (token, expert) pairs, where implementations
+    switch from a few-token (decode) kernel to a grouped GEMM (Triton's ``MAX_DECODE_PAIRS``),
+    are in the quick grid; the full grid adds exactly 64 pairs over 128 experts (Qwen3-MoE's
+    count) and a DeepSeek-like k=6 with widths that are no multiple of a tile."""
+    # (tokens, experts, top_k, hidden, intermediate)
+    grid = [(1, 4, 2, 128, 64), (6, 8, 2, 128, 96), (40, 8, 2, 128, 64)]
     if not ctx.quick:
-        grid += [(33, 8, 3, 256, 128)]
+        grid += [(33, 8, 3, 256, 128), (8, 128, 8, 256, 96), (3, 64, 6, 200, 88)]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
                          dt, t, e, k, h, i)
             for dt in ALL_DTYPES for t, e, k, h, i in grid]
+
+
+def fused_moe_graph_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
+    """The platform's preferred dtype, 2 and 24 tokens over 16 experts with k=4: 8 and 96
+    (token, expert) pairs, one on each side of the few-token / grouped switch."""
+    dt = ctx.capabilities.dtypes[0]
+    return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64", dt,
+                         t, 16, 4, 128, 64) for t in (2, 24)]

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.moe_align import align_pairs
+from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
 
@@ -16,9 +18,11 @@ MAX_EXPERTS = 4096
 def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, stride_l, num_experts,
     TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
+    wait_for_previous(USE_PDL)  # the logits come from the router projection just before
     valid = offs < num_experts
     x = tl.load(logits_ptr + row * stride_l + offs, mask=valid, other=float("-inf"))
     x = x.to(tl.float32)
@@ -59,7 +63,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
         _topk_softmax_kernel[(t,)](
             logits, weights, ids, logits.stride(0), e, TOP_K=top_k, RENORM=renormalize,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-            num_warps=1 if e <= 256 else 4)
+            num_warps=1 if e <= 256 else 4, **pdl_args(logits.device))
     return weights, ids
 
 
@@ -79,24 +83,48 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
         raise ValueError(f"fused_moe: weights must be {x.dtype}, got {w13.dtype}/{w2.dtype}")
 
 
+def _contiguous_rows(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three operands with a contiguous last dim (copies only where needed)."""
+    return (x if x.stride(1) == 1 else x.contiguous(),
+            w13 if w13.stride(2) == 1 else w13.contiguous(),
+            w2 if w2.stride(2) == 1 else w2.contiguous())
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               configs: tuple[Config, Config] | None = None) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
     ``e = topk_ids[t, j]``; ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (same dtype).
-    Returns ``[T, H]`` in ``x.dtype``. Two grouped-GEMM launches (SiLU-and-mul fused into the
-    first), pairs grouped on device without host sync; the per-pair results (rounded to
-    ``x.dtype``) are summed over ``k``. ``configs`` overrides the tile choice (tuning; both
-    must share ``BLOCK_M``). Raises ``ValueError`` on inconsistent shapes."""
+    Returns ``[T, H]`` in ``x.dtype``. Up to ``MAX_DECODE_PAIRS`` pairs (``T * k``) take the
+    decode path (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`: two GEMV-style
+    launches, no sorting, the sum over ``k`` fused in fp32); more take the grouped GEMM
+    (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning). Neither
+    synchronises with the host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
+    _check(x, w13, w2, topk_weights, topk_ids)
+    t, top_k = topk_ids.shape
+    if t == 0 or top_k == 0:
+        return torch.zeros_like(x)
+    if configs is None and t * top_k <= MAX_DECODE_PAIRS:
+        return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids)
+    return grouped_moe(x, w13, w2, topk_weights, topk_ids, configs)
+
+
+def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                configs: tuple[Config, Config] | None = None) -> torch.Tensor:
+    """:func:`fused_moe` through two grouped-GEMM launches (SiLU-and-mul fused into the
+    first) whatever the pair count, pairs grouped on device without host sync; the per-pair
+    results (rounded to ``x.dtype``) are summed over ``k``. ``configs`` overrides the tile
+    choice (tuning; both must share ``BLOCK_M``). Raises ``ValueError`` on inconsistent
+    shapes."""
     _check(x, w13, w2, topk_weights, topk_ids)
     t, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
-    x = x if x.stride(1) == 1 else x.contiguous()
-    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
+    x, w13, w2 = _contiguous_rows(x, w13, w2)
     num_pairs = t * top_k
     cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
     if cfg1[0] != cfg2[0]:

@@ -38,7 +38,7 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
     ops.ROTARY: ("rotary", "apply_rotary", "rotary embedding in place (NeoX and GPT-J)"),
     ops.MOE_TOPK_SOFTMAX: ("moe", "topk_softmax", "softmax + top-k routing, one row a program"),
     ops.FUSED_MOE: ("moe", "fused_moe",
-                    "grouped GEMM over expert-sorted pairs, SiLU-and-mul fused in the first"),
+                    "GEMV pair kernels up to 64 pairs, else grouped GEMM over expert-sorted pairs"),
     ops.SAMPLING: ("sampling", "sample",
                    "sorted-threshold filters + counter-noise Gumbel-max draw on device"),
     ops.TOKEN_BITMASK_APPLY: ("bitmask", "apply_token_bitmask", "grammar bitmask, in place"),

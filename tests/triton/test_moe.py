@@ -58,11 +58,16 @@ def _moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Ten
     return out
 
 
+@pytest.mark.parametrize("path", ["fused_moe", "grouped_moe"])
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", [(5, 4, 2, 32, 24), (1, 8, 3, 48, 16),
                                                                (20, 3, 1, 16, 40)])
-def test_fused_moe(device: torch.device, tokens: int, experts: int, top_k: int, hidden: int,
-                   inter: int) -> None:
-    from heteroserve.platforms.triton.moe import fused_moe
+def test_fused_moe(device: torch.device, path: str, tokens: int, experts: int, top_k: int,
+                   hidden: int, inter: int) -> None:
+    """``fused_moe`` (the decode path at these sizes) and the grouped GEMM it uses above
+    ``MAX_DECODE_PAIRS`` pairs, forced."""
+    from heteroserve.platforms.triton import moe
+
+    fused_moe = getattr(moe, path)
 
     g = _gen(tokens * experts)
     x = torch.randn(tokens, hidden, generator=g)

@@ -1,0 +1,215 @@
+"""The few-token fused MoE path (``moe_decode.py``) against float64, the threshold that picks
+it in ``fused_moe``, its GPU launch shapes, and (on a GPU) graph capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_refs import rel_err
+
+from heteroserve.platforms.triton import moe
+from heteroserve.platforms.triton.moe_decode import (
+    MAX_DECODE_PAIRS, DecodeConfig, DecodeTile, choose_tiles, decode_moe,
+)
+
+
+def _moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Tensor,
+             ids: torch.Tensor) -> torch.Tensor:
+    x, w13, w2, tw = x.double().cpu(), w13.double().cpu(), w2.double().cpu(), tw.double().cpu()
+    ids = ids.cpu()
+    inter = w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w13[e] @ x[t]
+            out[t] += tw[t, j] * (w2[e] @ (F.silu(h[:inter]) * h[inter:]))
+    return out
+
+
+def _problem(tokens: int, experts: int, top_k: int, hidden: int, inter: int, seed: int,
+             shared: bool = False):
+    """fp32 operands; ``shared``: every token routed to the same experts (in another order)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5
+    tw = torch.rand(tokens, top_k, generator=g)
+    if shared:
+        base = torch.randperm(experts, generator=g)[:top_k]
+        ids = torch.stack([base.roll(t) for t in range(tokens)])
+    else:
+        ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    return x, w13, w2, tw, ids.to(torch.int32)
+
+
+# (tokens, experts, top_k, hidden, inter, shared): the CPU tiles are 16x32 (gate-up) and
+# 8x32 (down), so 64/32 runs unmasked, 72/40 and 96/48 mask both kernels, k=3 masks a slot
+CASES = [(1, 8, 2, 64, 32, False), (3, 16, 4, 72, 40, False), (5, 8, 3, 96, 48, True),
+         (2, 12, 3, 128, 96, False)]
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,shared", CASES)
+def test_decode_moe_matches_float64(device: torch.device, tokens: int, experts: int,
+                                    top_k: int, hidden: int, inter: int, shared: bool) -> None:
+    x, w13, w2, tw, ids = _problem(tokens, experts, top_k, hidden, inter, tokens + hidden,
+                                   shared)
+    dev = [t.to(device) for t in (x, w13, w2, tw, ids)]
+    out = moe.fused_moe(*dev)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
+
+
+def test_decode_moe_strided_inputs_int64_ids_and_odd_tiles(device: torch.device) -> None:
+    """Non-contiguous routing tensors, int64 ids, one output per down program, and tiles
+    wider than K (a single masked K step)."""
+    x, w13, w2, tw, ids = _problem(3, 10, 4, 24, 24, 7)
+    ids_t = ids.long().t().contiguous().t()  # same values, column-major
+    tw_t = tw.t().contiguous().t()
+    cfg = DecodeConfig(DecodeTile(4, 64, 1), DecodeTile(1, 32, 1))
+    out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw_t.to(device),
+                     ids_t.to(device), cfg)
+    assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
+
+
+def test_fused_moe_takes_the_decode_path_up_to_the_threshold(
+        device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return decode_moe(x, *args, **kwargs)
+
+    monkeypatch.setattr(moe, "decode_moe", spy)
+    top_k = 4
+    small = MAX_DECODE_PAIRS // top_k
+    for tokens in (1, small, small + 1):
+        x, w13, w2, tw, ids = _problem(tokens, 16, top_k, 16, 16, tokens)
+        out = moe.fused_moe(*(t.to(device) for t in (x, w13, w2, tw, ids)))
+        assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
+    assert calls == [1, small]  # small + 1 tokens took the grouped GEMM
+
+
+def test_gpu_tiles_for_the_target_models() -> None:
+    """The H200 (132 SMs) launch shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite experts:
+    enough programs, about 16 KiB of weights per load, exact K loops where possible."""
+    for tokens in (1, 8):
+        for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
+            cfg = choose_tiles(tokens, top_k, hidden, inter, 2, 132)
+            g, d = cfg.gate_up, cfg.down
+            assert tokens * top_k * (inter // g.block_n) >= 4 * 132
+            assert tokens * (hidden // d.block_n) >= 4 * 132
+            assert hidden % g.block_k == 0
+            assert 8 * 1024 <= 2 * g.block_n * g.block_k * 2 <= 16 * 1024
+            assert 8 * 1024 <= 8 * d.block_n * d.block_k * 2 <= 16 * 1024
+    assert choose_tiles(1, 8, 2048, 768, 2, 132).down.block_k == 256  # 768 = 3 x 256, exact
+    assert choose_tiles(1, 6, 2048, 1408, 2, 132).down.block_k == 512  # masked last step
+    assert choose_tiles(1, 16, 64, 64, 4, 132).down.block_n == 1
+    assert choose_tiles(1, 1, 64, 64, 4, 132).down.block_k == 64  # no wider than K
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_moe_graph_capture_bf16() -> None:
+    dev = torch.device("cuda")
+    x, w13, w2, tw, ids = _problem(4, 16, 6, 2048, 1408, 3)
+    x, w13, w2 = (t.to(dev, torch.bfloat16) for t in (x, w13, w2))
+    tw, ids = tw.to(dev), ids.to(dev)
+    ref = _moe_ref(x, w13, w2, tw, ids)
+    moe.fused_moe(x, w13, w2, tw, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe(x, w13, w2, tw, ids)
+    ids.copy_(ids.flip(0))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-2
+    assert rel_err(out, ref) > 1e-2  # the replay read the new ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_decode_layers_chained_in_a_graph() -> None:
+    """Router -> top-k softmax -> both decode kernels, three layers in one graph: every kernel
+    reads what the one just before wrote (with PDL, the waits must hold), and the down kernel's
+    early loads of ids and routing weights see the router's current output."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    layers = [(torch.randn(512, 32, generator=g).to(dev),
+               (torch.randn(32, 2 * 256, 512, generator=g) / 512 ** 0.5).to(dev, dt),
+               (torch.randn(32, 512, 256, generator=g) / 256 ** 0.5).to(dev, dt))
+              for _ in range(3)]
+    x0 = torch.randn(2, 512, generator=g).to(dev, dt)
+
+    def forward(x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        seen = []
+        for gate, w13, w2 in layers:
+            tw, ids = moe.topk_softmax(x.float() @ gate, 8, True)
+            seen.append((x, tw, ids))
+            x = moe.fused_moe(x, w13, w2, tw, ids)
+        return seen + [(x,)]
+
+    forward(x0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen = forward(x0)
+    x0.copy_(torch.randn(2, 512, generator=g).to(dev, dt))
+    graph.replay()
+    torch.cuda.synchronize()
+    for n, (gate, w13, w2) in enumerate(layers):
+        x, tw, ids = seen[n]
+        ref_tw, ref_ids = torch.softmax(x.double() @ gate.double(), -1).topk(8, dim=-1)
+        assert torch.equal(ids.sort(-1).values.long(), ref_ids.sort(-1).values)
+        assert rel_err(tw, ref_tw / ref_tw.sum(-1, keepdim=True)) < 1e-4
+        assert rel_err(seen[n + 1][0], _moe_ref(x, w13, w2, tw, ids)) < 1e-2
+
+
+def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
+    """The compiled (not interpreted) kernels at the H200 launch shapes of both target models
+    build for sm_90a, load weights in 16-byte vectors on the unmasked and masked paths, and
+    wait with ``griddepcontrol`` (PDL). Runs the Triton compiler in a child process without
+    the interpreter; no GPU needed."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    ptrs = ["x_ptr", "w_ptr", "ids_ptr", "inter_ptr", "route_ptr", "out_ptr"]
+    ints = ["N", "K", "stride_xm", "stride_we", "stride_wn", "stride_om"]
+    gate_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "inter_ptr": "*fp32",
+                **dict.fromkeys(["N", "K", "num_pairs", "top_k", "stride_xm", "stride_we",
+                                 "stride_wn"], "i32"),
+                **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL"], "constexpr")}
+    down_sig = {"inter_ptr": "*fp32", "w_ptr": "*bf16", "ids_ptr": "*i32", "route_ptr": "*fp32",
+                "out_ptr": "*bf16",
+                **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn", "stride_om"],
+                                "i32"),
+                **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL"],
+                                "constexpr")}
+    jobs = []
+    for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
+        cfg = choose_tiles(1, top_k, hidden, inter, 2, 132)
+        g, d = cfg.gate_up, cfg.down
+        jobs.append({"kernel": "_gate_up_kernel", "signature": gate_sig,
+                     "constexprs": {"EVEN": inter % g.block_n == 0 and hidden % g.block_k == 0,
+                                    "BLOCK_N": g.block_n, "BLOCK_K": g.block_k,
+                                    "USE_PDL": True}, "num_warps": g.num_warps})
+        jobs.append({"kernel": "_down_kernel", "signature": down_sig,
+                     "constexprs": {"TOP_K": top_k, "BLOCK_E": 8,
+                                    "EVEN": hidden % d.block_n == 0 and inter % d.block_k == 0,
+                                    "BLOCK_N": d.block_n, "BLOCK_K": d.block_k, "USE_PDL": True},
+                     "num_warps": d.num_warps})
+    assert [j["constexprs"]["EVEN"] for j in jobs] == [True, True, True, False]
+    for job in jobs:
+        job.update(module="heteroserve.platforms.triton.moe_decode", aligned=ptrs + ints)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" /
+                                               "hopper_ptx.py"), json.dumps(jobs)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
+        assert res["griddepcontrol_wait"], job["kernel"]
+        assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights per thread
