@@ -226,11 +226,15 @@ class Scheduler:
                 if shared - cached >= IN_BATCH_SHARE:
                     continue  # wait one step: it will hit the prefix this step computes
             headroom = len(self.running)  # a page per running request for its next decode
-            if self._available_pages() < -(-self._chunk(req, budget) // self.page_size) + headroom:
+            # an embedding request takes pages for its whole prompt at once: retracted
+            # mid-prefill, it would have to pool (so recompute) every token again
+            upfront = req.pending_len if req.embed is not None else self._chunk(req, budget)
+            if self._available_pages() < -(-upfront // self.page_size) + headroom:
                 break
             self._admit(req)
             n = self._chunk(req, budget)
-            if not self.grow_pages(req, req.kv_len + n):
+            upto = len(req.fill_ids) if req.embed is not None else req.kv_len + n
+            if not self.grow_pages(req, upto):
                 self._release(req, cache_it=False)
                 req.state = ReqState.WAITING
                 break
@@ -291,7 +295,9 @@ class Scheduler:
             if self.overlap and all(overlap.eligible(r) for r in self.running):
                 self._inflight = overlap.launch_decode(self, list(self.running), None)
                 return None
-            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in entries]
+            # a request still prefilling (its chunk found no pages) advances one token here
+            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages,
+                                  pool=self._pooling(r, r.kv_len + 1)) for r, _ in entries]
             mode = ForwardMode.DECODE
         ends = [r.kv_len + n == len(r.fill_ids) for r, n in entries]
         to_sample = [r for (r, _), end in zip(entries, ends)
