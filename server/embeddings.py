@@ -118,7 +118,7 @@ def _spec(ctx: ServerContext, req: EmbeddingRequest) -> EmbedSpec:
 
 
 def _check_dimensions(ctx: ServerContext, dimensions: int | None) -> None:
-    hidden = int(getattr(ctx.client.info, "hidden_size", 0) or 0)
+    hidden = ctx.client.info.hidden_size
     if dimensions is not None and dimensions != hidden:
         raise bad_request(f"dimensions={dimensions} is not supported: this model's embeddings "
                           f"have {hidden} dimensions (it is not trained for Matryoshka "

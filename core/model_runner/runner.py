@@ -68,6 +68,7 @@ class ModelRunner:
         self.max_total_tokens = self.kv.num_tokens
         self.max_context_len = cfg.context_len
         self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
         self.model_call = compile_model(self.model, platform) \
             if server_args.enable_torch_compile else self.model
         self.graphs: Any = None
@@ -142,7 +143,7 @@ class ModelRunner:
         ``[0, hidden]`` tensor without). Always eager (pooling happens in extend steps)."""
         logits, pooled = self._run(batch)
         if pooled is None:
-            pooled = torch.zeros(0, self.model_config.hidden_size, device=logits.device)
+            pooled = torch.zeros(0, self.hidden_size, device=logits.device)
         return logits, pooled
 
     def _run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:

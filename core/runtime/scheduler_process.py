@@ -93,7 +93,7 @@ def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
         max_context_len=int(scheduler.max_context_len),
         max_running_requests=int(scheduler.max_running_requests),
         vocab_size=int(model_runner.vocab_size), pid=os.getpid(),
-        hidden_size=int(getattr(getattr(model_runner, "model_config", None), "hidden_size", 0)))
+        hidden_size=int(getattr(model_runner, "hidden_size", 0)))
 
 
 def _make_req(msg: TokenizedRequest) -> Any:
