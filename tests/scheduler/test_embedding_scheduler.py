@@ -131,3 +131,17 @@ def test_embedding_request_must_not_generate() -> None:
             sampling_params=SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match="pooling must be one of"):
         EmbedSpec.of("cls")
+
+
+def test_forward_batch_names_the_pooled_rows() -> None:
+    from heteroserve.core.kernels.attention import ForwardMode
+    from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
+
+    seqs = [SequenceInput([1, 2, 3], 0, [0], pool=PoolingType.MEAN),
+            SequenceInput([4, 5], 0, [1]),
+            SequenceInput([6, 7, 8, 9], 4, [2, 3], pool=PoolingType.LAST)]
+    fb = build_forward_batch(seqs, ForwardMode.EXTEND, 4, torch.device("cpu"))
+    assert fb.pooling is not None and fb.pooling.num_pooled == 2
+    assert fb.pooling.rows.tolist() == [0, 1, 2, 8]
+    assert fb.pooling.segments.tolist() == [0, 0, 0, 1]
+    assert build_forward_batch(seqs[1:2], ForwardMode.EXTEND, 4, torch.device("cpu")).pooling is None
