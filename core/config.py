@@ -60,6 +60,8 @@ class ServerArgs:
     grammar_cache_bytes: int = 64 * 1024 * 1024  # compiled-grammar cache size
     max_request_bytes: int = 32 * 1024 * 1024  # largest HTTP request body (413 beyond)
     keep_serving_on_engine_death: bool = False  # else the server exits when the engine dies
+    embedding_pooling: str = "last"  # last | mean: /v1/embeddings' default pooling
+    disable_embedding_normalize: bool = False  # else embeddings are scaled to unit L2 norm
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mem_fraction_static <= 1.0:
@@ -85,6 +87,9 @@ class ServerArgs:
             raise ValueError("--max-prefill-tokens must be >= 1")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")
+        if self.embedding_pooling not in ("last", "mean"):
+            raise ValueError(f"--embedding-pooling must be last or mean, got "
+                             f"{self.embedding_pooling!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ServerArgs:

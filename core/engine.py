@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from heteroserve.core.config import ServerArgs
+from heteroserve.core.model_runner.pooling import EmbedSpec
 from heteroserve.core.runtime.errors import RequestError
 from heteroserve.core.runtime.frontend import EngineClient
 from heteroserve.core.runtime.io_struct import GenerateRequest
+from heteroserve.core.runtime.outputs import FinishKind
 from heteroserve.core.runtime.registry import RequestStream
 from heteroserve.core.runtime.sglang_output import SGLangAccumulator
 
@@ -193,6 +195,45 @@ class Engine:
                 raise RequestError("stream=True takes a single prompt")
             return self._cumulative((await self._start(reqs))[0], reqs[0])
         return self._shape(await self._collect(reqs), batch)
+
+    def encode(self, prompt: str | list[str] | None = None,
+               input_ids: list[int] | list[list[int]] | None = None,
+               pooling: str | None = None, normalize: bool | None = None
+               ) -> Output | list[Output]:
+        """Embed one prompt (returns a dict) or a batch (a list): ``{"embedding": [float],
+        "meta_info": {"id", "prompt_tokens", "finish_reason"}}`` (SGLang's ``encode``
+        shape). ``pooling``: ``last`` | ``mean`` (default ``--embedding-pooling``);
+        ``normalize``: unit L2 norm (default: on unless ``--disable-embedding-normalize``).
+        Raises :class:`RequestError` on invalid input, ``RuntimeError`` when the engine
+        fails a request."""
+        reqs, batch = _as_batch(prompt, input_ids)
+        try:
+            spec = EmbedSpec.of(pooling or self.server_args.embedding_pooling,
+                                not self.server_args.disable_embedding_normalize
+                                if normalize is None else normalize)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        for req in reqs:
+            req.embed = spec
+        future = asyncio.run_coroutine_threadsafe(self._embed(reqs), self._loop)
+        results = future.result()
+        return results if batch else results[0]
+
+    async def _embed(self, reqs: list[GenerateRequest]) -> list[Output]:
+        async def one(stream: RequestStream) -> Output:
+            last = None
+            async for out in stream:
+                last = out
+            if last is None or last.finish is None or last.embedding is None \
+                    or last.finish.kind in (FinishKind.ERROR, FinishKind.ABORT):
+                why = last.finish.message if last is not None and last.finish else None
+                raise RuntimeError(f"request {stream.rid} failed: {why or 'no embedding'}")
+            return {"embedding": last.embedding,
+                    "meta_info": {"id": stream.rid, "prompt_tokens": last.usage.prompt_tokens,
+                                  "finish_reason": last.finish.to_sglang()}}
+
+        streams = await self._start(reqs)
+        return list(await asyncio.gather(*(one(s) for s in streams)))
 
     def abort(self, rid: str) -> None:
         """Abort a running request by id (no-op when unknown)."""

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from heteroserve import __version__
 from heteroserve.core.config import ServerArgs
 from heteroserve.server.context import ServerContext
+from heteroserve.server.embeddings import router as embeddings_router
 from heteroserve.server.errors import install_error_handlers
 from heteroserve.server.limits import EdgeLimits
 from heteroserve.server.metrics import ServerMetrics
@@ -68,6 +69,7 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
                        is_draining=lambda: app.state.draining)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(embeddings_router)
     app.include_router(native_router)
     app.include_router(ops_router)
     return app

@@ -36,6 +36,9 @@ _HELP: dict[str, str] = {
     "cpu_threads": "torch intra-op threads of each engine process: auto (the cores it may run "
                    "on, split between tensor-parallel ranks), a count, or a core list such as "
                    "0-3 to bind to (ranks: 0-3|4-7)",
+    "embedding_pooling": "/v1/embeddings pooling of the final hidden states when a request "
+                         "names none: last (token) or mean",
+    "disable_embedding_normalize": "return embeddings as pooled, not scaled to unit L2 norm",
 }
 
 

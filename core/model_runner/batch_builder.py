@@ -7,19 +7,23 @@ from dataclasses import dataclass
 import torch
 
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
-from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.model_runner.forward_batch import ForwardBatch, PoolingInput
+from heteroserve.core.model_runner.pooling import PoolingType
 
 
 @dataclass
 class SequenceInput:
     """One sequence in a step: its new tokens, how many tokens are already cached, and its
     pages in order (covering at least ``prefix_len + len(new_token_ids)`` slots).
-    ``all_logits``: compute logits for every new token (prompt logprobs), not only the last."""
+    ``all_logits``: compute logits for every new token (prompt logprobs), not only the last.
+    ``pool``: also return the fp32 sum of final hidden states of this sequence's last new
+    token (``LAST``) or of all its new tokens (``MEAN``); None for ordinary sequences."""
 
     new_token_ids: list[int]
     prefix_len: int
     pages: list[int]
     all_logits: bool = False
+    pool: PoolingType | None = None
 
     @property
     def num_logit_rows(self) -> int:
@@ -42,6 +46,9 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
     prefix_lens: list[int] = []
     last_page_len: list[int] = []
     logit_rows: list[int] = []
+    pool_rows: list[int] = []
+    pool_segments: list[int] = []
+    num_pooled = 0
     for s in seqs:
         n_new = len(s.new_token_ids)
         if n_new == 0 or (mode is ForwardMode.DECODE and n_new != 1):
@@ -55,6 +62,11 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
             positions.append(pos)
             out_loc.append(s.pages[pos // page_size] * page_size + pos % page_size)
         logit_rows += range(qo_indptr[-1] + n_new - s.num_logit_rows, qo_indptr[-1] + n_new)
+        if s.pool is not None:
+            first = qo_indptr[-1] + (n_new - 1 if s.pool is PoolingType.LAST else 0)
+            pool_rows += range(first, qo_indptr[-1] + n_new)
+            pool_segments += [num_pooled] * (qo_indptr[-1] + n_new - first)
+            num_pooled += 1
         qo_indptr.append(qo_indptr[-1] + n_new)
         page_indices += s.pages[:n_pages]
         page_indptr.append(len(page_indices))
@@ -64,14 +76,16 @@ def build_forward_batch(seqs: list[SequenceInput], mode: ForwardMode, page_size:
 
     # two host-to-device copies per step: one per dtype, sliced into fields on the device
     i32_fields = [qo_indptr, seq_lens, prefix_lens, page_indptr, page_indices, last_page_len]
-    i64_fields = [input_ids, positions, out_loc, logit_rows]
+    i64_fields = [input_ids, positions, out_loc, logit_rows, pool_rows, pool_segments]
     i32 = _split(torch.tensor(sum(i32_fields, []), dtype=torch.int32), i32_fields, device)
     i64 = _split(torch.tensor(sum(i64_fields, []), dtype=torch.int64), i64_fields, device)
     meta = AttentionMetadata(
         mode=mode, page_size=page_size, qo_indptr=i32[0], seq_lens=i32[1], prefix_lens=i32[2],
         kv_page_indptr=i32[3], kv_page_indices=i32[4], kv_last_page_len=i32[5],
         out_cache_loc=i64[2], seq_lens_cpu=seq_lens, prefix_lens_cpu=prefix_lens)
-    return ForwardBatch(input_ids=i64[0], positions=i64[1], attn=meta, logits_indices=i64[3])
+    pooling = PoolingInput(i64[4], i64[5], num_pooled) if num_pooled else None
+    return ForwardBatch(input_ids=i64[0], positions=i64[1], attn=meta, logits_indices=i64[3],
+                        pooling=pooling)
 
 
 def _split(host: torch.Tensor, fields: list[list[int]], device: torch.device) -> list[torch.Tensor]:

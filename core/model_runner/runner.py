@@ -19,6 +19,7 @@ from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
 from heteroserve.core.model_runner import kv_storage
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.model_runner.pooling import pool_rows
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import DeviceEvent, Platform
@@ -67,6 +68,7 @@ class ModelRunner:
         self.max_total_tokens = self.kv.num_tokens
         self.max_context_len = cfg.context_len
         self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
         self.model_call = compile_model(self.model, platform) \
             if server_args.enable_torch_compile else self.model
         self.graphs: Any = None
@@ -132,10 +134,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        return self._run(batch)[0]
+
+    @torch.inference_mode()
+    def forward_pooled(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s logits plus, for a batch with ``pooling``, the fp32
+        ``[num_pooled, hidden]`` sums of the final-norm hidden states it selects (an empty
+        ``[0, hidden]`` tensor without). Always eager (pooling happens in extend steps)."""
+        logits, pooled = self._run(batch)
+        if pooled is None:
+            pooled = torch.zeros(0, self.hidden_size, device=logits.device)
+        return logits, pooled
+
+    def _run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.backend.prepare(batch.attn)
         fwd = ForwardContext(self.backend, self.kv.k_caches, self.kv.v_caches, batch.attn)
         hidden = self.model_call(batch, fwd)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        pooled = None
+        if batch.pooling is not None:
+            p = batch.pooling
+            pooled = pool_rows(hidden, p.rows, p.segments, p.num_pooled)
+        return self.model.compute_logits(hidden[batch.logits_indices]), pooled
 
     def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         """Next token ids int64 ``[B]`` through the platform's sampling op."""

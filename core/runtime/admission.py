@@ -22,6 +22,7 @@ from typing import Any
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.grammar.compile_pool import GrammarBusyError, GrammarCompilePool
 from heteroserve.core.grammar.spec import KINDS, GrammarError, spec_from_sampling_params
+from heteroserve.core.model_runner.pooling import EmbedSpec
 from heteroserve.core.runtime.errors import QueueFullError, RequestError, one_line
 from heteroserve.core.runtime.io_struct import GenerateRequest, ReadyInfo
 from heteroserve.core.runtime.request_state import RequestOptions
@@ -46,7 +47,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 class PreparedRequest:
     """A validated request: prompt ids, validated ``SamplingParams`` (grammar attached), the
     number of choices, what the frontend does with the tokens, and the scheduler's logprob
-    options (``logprob_start_len`` >= 0 only when prompt logprobs were asked for)."""
+    options (``logprob_start_len`` >= 0 only when prompt logprobs were asked for).
+    ``embed``: set for an embedding request (then ``max_new_tokens`` is 0 and ``n`` 1)."""
 
     rid: str
     input_ids: list[int]
@@ -55,6 +57,7 @@ class PreparedRequest:
     options: RequestOptions
     logprob_start_len: int
     health_check: bool = False
+    embed: EmbedSpec | None = None
 
 
 def check_text(text: str, what: str) -> None:
@@ -164,16 +167,15 @@ class Admission:
     async def prepare(self, req: GenerateRequest) -> PreparedRequest:
         """Validate and tokenize ``req``; compile its output constraint. Raises
         :class:`RequestError`, or :class:`QueueFullError` when the grammar pool is busy."""
+        if req.embed is not None:
+            return await self._prepare_embedding(req)
         sp, n = _sampling_params(req, self.vocab_size)
         top_n = req.top_logprobs_num
         if isinstance(top_n, bool) or not isinstance(top_n, int) or \
                 not 0 <= top_n <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], "
                                f"got {top_n!r}", param="top_logprobs_num")
-        rid = req.rid if req.rid is not None else uuid.uuid4().hex
-        if not isinstance(rid, str) or not rid or len(rid) > MAX_RID_CHARS:
-            raise RequestError(f"rid must be a non-empty string of at most {MAX_RID_CHARS} "
-                               "characters", param="rid")
+        rid = self._rid(req)
         for stop in sp.stop_strings:
             check_text(stop, "stop")
         ids = await self._prompt_ids(req)
@@ -187,6 +189,32 @@ class Admission:
             return_logprob=bool(req.return_logprob) or top_n > 0, top_logprobs_num=top_n,
             prompt_logprobs=start >= 0)
         return PreparedRequest(rid, ids, sp, n, options, start, req.health_check)
+
+    async def _prepare_embedding(self, req: GenerateRequest) -> PreparedRequest:
+        """An embedding request: one prefill-only choice whose prompt may fill the whole
+        context window (it generates nothing)."""
+        if not isinstance(req.embed, EmbedSpec):
+            raise RequestError("embed must be an EmbedSpec", param="embed")
+        if req.n != 1 or req.stream or req.return_logprob or req.top_logprobs_num \
+                or req.logprob_start_len != -1:
+            raise RequestError("an embedding request has one choice, no streaming and no "
+                               "logprobs", param="n")
+        rid = self._rid(req)
+        ids = await self._prompt_ids(req)
+        limit = min(self.info.max_context_len, self.info.max_total_tokens)
+        if len(ids) > limit:
+            raise RequestError(f"the input has {len(ids)} tokens, more than the model's "
+                               f"maximum of {limit}; shorten it", param="input")
+        return PreparedRequest(rid, ids, SamplingParams(max_new_tokens=0), 1,
+                               RequestOptions(stop=[]), -1, req.health_check, embed=req.embed)
+
+    @staticmethod
+    def _rid(req: GenerateRequest) -> str:
+        rid = req.rid if req.rid is not None else uuid.uuid4().hex
+        if not isinstance(rid, str) or not rid or len(rid) > MAX_RID_CHARS:
+            raise RequestError(f"rid must be a non-empty string of at most {MAX_RID_CHARS} "
+                               "characters", param="rid")
+        return rid
 
     async def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if (req.text is None) == (req.input_ids is None):

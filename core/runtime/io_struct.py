@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from heteroserve.core.model_runner.pooling import EmbedSpec
 from heteroserve.core.scheduler.outputs import StepOutput
 from heteroserve.core.scheduler.sampling_params import SamplingParams
 
@@ -26,6 +27,8 @@ class GenerateRequest:
     per-token logprobs; ``top_logprobs_num`` > 0 adds that many alternatives per position;
     ``logprob_start_len`` >= 0 asks for prompt logprobs from that prompt position on.
     ``health_check`` marks the engine's own liveness probe (never set from a client field).
+    ``embed``: an embedding request (prefill only, ``n`` 1, no logprobs): its one output
+    carries the pooled prompt embedding instead of generated tokens.
     """
 
     text: str | None = None
@@ -38,6 +41,7 @@ class GenerateRequest:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     health_check: bool = False
+    embed: EmbedSpec | None = None
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TokenizedRequest:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    embed: EmbedSpec | None = None
 
 
 @dataclass
@@ -109,3 +114,4 @@ class ReadyInfo:
     max_running_requests: int
     vocab_size: int = 0
     pid: int = 0
+    hidden_size: int = 0

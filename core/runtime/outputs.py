@@ -47,7 +47,8 @@ class RequestOutput:
     ``prompt_logprobs``: prompt positions ``prompt_logprobs_start..`` computed since the
     previous output (``None`` when not asked for or none new). ``finish`` is set on the last
     output only; ``ttft`` / ``e2e_latency`` (seconds since the request was registered) are set
-    on the last output too.
+    on the last output too. ``embedding``: an embedding request's pooled vector, on its last
+    (only) output.
     """
 
     rid: str
@@ -61,6 +62,7 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     ttft: float | None = None
     e2e_latency: float | None = None
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:

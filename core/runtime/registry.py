@@ -129,7 +129,7 @@ class RequestRegistry:
                 states.append(state)
             msgs = [TokenizedRequest(rid, p.input_ids, p.sampling_params,
                                      p.options.return_logprob, p.options.top_logprobs_num,
-                                     p.logprob_start_len) for rid in rids]
+                                     p.logprob_start_len, p.embed) for rid in rids]
             self._groups[p.rid] = rids
             for state in states:
                 self._states[state.rid] = state

@@ -76,6 +76,8 @@ class RequestState:
         pending = self._buffer()
         if step.prompt_logprobs is not None:
             self._add_prompt_logprobs(pending, step)
+        if step.embedding is not None:
+            pending.embedding = step.embedding
         reason = step.finish
         ids = step.new_token_ids
         if ids and self.first_token_time is None:

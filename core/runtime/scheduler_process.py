@@ -92,7 +92,8 @@ def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
         max_total_tokens=int(scheduler.max_total_tokens), page_size=page_size,
         max_context_len=int(scheduler.max_context_len),
         max_running_requests=int(scheduler.max_running_requests),
-        vocab_size=int(model_runner.vocab_size), pid=os.getpid())
+        vocab_size=int(model_runner.vocab_size), pid=os.getpid(),
+        hidden_size=int(getattr(model_runner, "hidden_size", 0)))
 
 
 def _make_req(msg: TokenizedRequest) -> Any:
@@ -100,7 +101,7 @@ def _make_req(msg: TokenizedRequest) -> Any:
 
     return Req(rid=msg.rid, input_ids=list(msg.input_ids), sampling_params=msg.sampling_params,
                return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
-               logprob_start_len=msg.logprob_start_len)
+               logprob_start_len=msg.logprob_start_len, embed=msg.embed)
 
 
 class SchedulerLoop:

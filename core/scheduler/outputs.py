@@ -79,6 +79,8 @@ class StepOutput:
     starting at prompt position ``prompt_logprobs_start`` (``None`` for a position that has
     no logprob, i.e. position 0); ``prompt_top_logprobs`` parallel to it.
     ``finish``: set on the request's last output. Counts are totals so far.
+    ``embedding``: an embedding request's pooled vector (fp32 values as floats), on its
+    last output only.
     """
 
     rid: str
@@ -92,3 +94,4 @@ class StepOutput:
     cached_tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    embedding: list[float] | None = None

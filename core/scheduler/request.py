@@ -7,6 +7,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from heteroserve.core.model_runner.pooling import EmbedSpec, PoolAccumulator
 from heteroserve.core.scheduler.outputs import FinishReason
 from heteroserve.core.scheduler.sampling_params import SamplingParams
 
@@ -30,6 +31,10 @@ class Req:
     Prompt logprobs (``logprob_start_len >= 0``): ``prompt_logprob_next`` is the next prompt
     position whose logprob is still to be reported; prefix-cache matches stop short of it so
     that the logits it needs are computed.
+
+    Embedding requests (``embed`` set, ``max_new_tokens == 0``) pool their prompt's final
+    hidden states into ``pool`` while they prefill and finish when the prompt is done; mean
+    pooling never reuses cached KV (every token's hidden state is needed).
     """
 
     rid: str
@@ -51,11 +56,17 @@ class Req:
     finish: FinishReason | None = None
     arrival: int = 0
     prompt_logprob_next: int = 0
+    embed: EmbedSpec | None = None
+    pool: PoolAccumulator | None = None
 
     def __post_init__(self) -> None:
         if not self.input_ids:
             raise ValueError("empty prompt")
         self.prompt_logprob_next = max(self.logprob_start_len, 0)
+        if self.embed is not None:
+            if self.sampling_params.max_new_tokens != 0:
+                raise ValueError("an embedding request generates no tokens (max_new_tokens 0)")
+            self.pool = PoolAccumulator(self.embed)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -67,6 +78,8 @@ class Req:
         """How many leading tokens may come from the prefix cache: all but the last, and
         none at or after the position whose logits the next prompt logprob needs."""
         limit = len(self.fill_ids) - 1
+        if self.embed is not None and not self.embed.reuses_prefix:
+            return 0
         if self.wants_prompt_logprobs:
             limit = min(limit, max(self.prompt_logprob_next - 1, 0))
         return limit

@@ -25,6 +25,7 @@ from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
+from heteroserve.core.model_runner.pooling import PoolingType
 from heteroserve.core.platform import DeviceEvent
 from heteroserve.core.scheduler import batch_sampling, overlap
 from heteroserve.core.scheduler.grammar_step import GrammarStep
@@ -61,6 +62,8 @@ class StepRunner(Protocol):
     device: torch.device
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor: ...
+
+    def forward_pooled(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
 
@@ -180,6 +183,8 @@ class Scheduler:
         req.cached_tokens = max(req.cached_tokens, match.num_tokens) if req.output_ids \
             else match.num_tokens
         req.state = ReqState.RUNNING
+        if req.pool is not None:
+            req.pool.reset()
         return True
 
     def grow_pages(self, req: Req, upto: int) -> bool:
@@ -215,17 +220,21 @@ class Scheduler:
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
-            if self.cache.enabled:
+            if self.cache.enabled and (req.embed is None or req.embed.reuses_prefix):
                 shared = in_batch.match_prefix(req.fill_ids, count=False).num_tokens
                 cached = self.cache.match_prefix(req.fill_ids, count=False).num_tokens
                 if shared - cached >= IN_BATCH_SHARE:
                     continue  # wait one step: it will hit the prefix this step computes
             headroom = len(self.running)  # a page per running request for its next decode
-            if self._available_pages() < -(-self._chunk(req, budget) // self.page_size) + headroom:
+            # an embedding request takes pages for its whole prompt at once: retracted
+            # mid-prefill, it would have to pool (so recompute) every token again
+            upfront = req.pending_len if req.embed is not None else self._chunk(req, budget)
+            if self._available_pages() < -(-upfront // self.page_size) + headroom:
                 break
             self._admit(req)
             n = self._chunk(req, budget)
-            if not self.grow_pages(req, req.kv_len + n):
+            upto = len(req.fill_ids) if req.embed is not None else req.kv_len + n
+            if not self.grow_pages(req, upto):
                 self._release(req, cache_it=False)
                 req.state = ReqState.WAITING
                 break
@@ -264,6 +273,8 @@ class Scheduler:
         batch = self.schedule()
         if batch is None:
             return []
+        if batch.forward.pooling is not None:
+            return self.update(batch, *self.runner.forward_pooled(batch.forward))
         return self.update(batch, self.runner.forward(batch.forward))
 
     def schedule(self) -> ScheduledBatch | None:
@@ -273,7 +284,8 @@ class Scheduler:
         entries = self._prefill_batch()
         if entries:
             seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages,
-                                  all_logits=r.wants_prompt_logprobs) for r, n in entries]
+                                  all_logits=r.wants_prompt_logprobs,
+                                  pool=self._pooling(r, r.kv_len + n)) for r, n in entries]
             mode = ForwardMode.EXTEND
         else:
             self._ensure_decode_pages()
@@ -283,7 +295,9 @@ class Scheduler:
             if self.overlap and all(overlap.eligible(r) for r in self.running):
                 self._inflight = overlap.launch_decode(self, list(self.running), None)
                 return None
-            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages) for r, _ in entries]
+            # a request still prefilling (its chunk found no pages) advances one token here
+            seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages,
+                                  pool=self._pooling(r, r.kv_len + 1)) for r, _ in entries]
             mode = ForwardMode.DECODE
         ends = [r.kv_len + n == len(r.fill_ids) for r, n in entries]
         to_sample = [r for (r, _), end in zip(entries, ends)
@@ -292,14 +306,31 @@ class Scheduler:
         forward = build_forward_batch(seqs, mode, self.page_size, self.runner.device)
         return ScheduledBatch(mode, entries, seqs, ends, to_sample, forward)
 
-    def update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[StepOutput]:
+    @staticmethod
+    def _pooling(req: Req, upto: int) -> PoolingType | None:
+        """What ``req``'s step computing tokens up to ``upto`` pools: mean pooling takes
+        every chunk, last-token pooling only the chunk that ends the prompt."""
+        if req.embed is None:
+            return None
+        if req.embed.pooling is PoolingType.LAST and upto < len(req.fill_ids):
+            return None
+        return req.embed.pooling
+
+    def update(self, batch: ScheduledBatch, logits: torch.Tensor,
+               pooled: torch.Tensor | None = None) -> list[StepOutput]:
         """Account a forward pass of ``batch`` (``logits``: fp32, one row per
-        ``SequenceInput.num_logit_rows``): advance KV lengths, cache computed prefixes,
-        report prompt logprobs, sample and finish; returns the per-request deltas."""
+        ``SequenceInput.num_logit_rows``; ``pooled``: fp32 ``[P, hidden]``, one row per
+        sequence with ``pool`` set, in order): advance KV lengths, cache computed prefixes,
+        report prompt logprobs, pool hidden states, sample and finish; returns the
+        per-request deltas."""
         outputs: list[StepOutput] = []
         sample_rows: list[int] = []
         row = 0
+        pooled_row = 0
         for (r, n), seq, end in zip(batch.entries, batch.seqs, batch.ends):
+            if seq.pool is not None and r.pool is not None and pooled is not None:
+                r.pool.add(pooled[pooled_row], n if seq.pool is PoolingType.MEAN else 1)
+                pooled_row += 1
             rows = seq.num_logit_rows
             if seq.all_logits:
                 outputs.extend(self._prompt_logprobs(r, logits[row:row + rows]))
@@ -311,10 +342,24 @@ class Scheduler:
             if batch.mode is ForwardMode.EXTEND and self.cache.enabled:
                 self._cache_prefix(r)
             if end and r.sampling_params.max_new_tokens == 0:  # prompt only: no generation
-                outputs.append(self._complete(r, FinishReason.of_length(0), StepOutput(r.rid)))
+                outputs.append(self._complete_prompt_only(r))
         if row != len(sample_rows) or row != logits.shape[0]:
             logits = logits[sample_rows]
         return outputs + self._sample_and_finish(logits, batch.to_sample)
+
+    def _complete_prompt_only(self, req: Req) -> StepOutput:
+        """Finish ``req`` after its prefill; an embedding request carries its embedding (or
+        fails alone when it cannot be formed)."""
+        if req.pool is None:
+            return self._complete(req, FinishReason.of_length(0), StepOutput(req.rid))
+        try:
+            embedding = req.pool.result()
+        except Exception as exc:  # one request's pooling, never the loop
+            logger.warning("request %s failed: %s", req.rid, exc)
+            return self._complete(req, FinishReason.error(f"{type(exc).__name__}: {exc}"),
+                                  StepOutput(req.rid))
+        return self._complete(req, FinishReason.of_length(0),
+                              StepOutput(req.rid, embedding=embedding))
 
     def _prompt_logprobs(self, req: Req, logits: torch.Tensor) -> list[StepOutput]:
         """Report the prompt logprobs that this step's logits rows (positions ``kv_len``

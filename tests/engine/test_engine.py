@@ -238,6 +238,24 @@ def test_structured_output_follows_the_regex(engine: Engine) -> None:
     assert out["text"].isdigit() and len(out["text"]) == 3
 
 
+def test_encode_matches_transformers_hidden_states(engine: Engine, hf_model) -> None:
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    with torch.no_grad():
+        hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()
+    one = engine.encode(PROMPTS[5])
+    assert one["meta_info"]["prompt_tokens"] == len(ids)
+    want = torch.nn.functional.normalize(hidden[-1], dim=0)
+    assert (torch.tensor(one["embedding"], dtype=torch.float64) - want).abs().max() < 1e-4
+    batch = engine.encode(input_ids=[ids, ids[:3]], pooling="mean", normalize=False)
+    assert (torch.tensor(batch[0]["embedding"], dtype=torch.float64)
+            - hidden.mean(0)).abs().max() < 1e-4
+    assert len(batch) == 2 and batch[1]["meta_info"]["prompt_tokens"] == 3
+    with pytest.raises(RequestError, match="pooling"):
+        engine.encode("hi", pooling="cls")
+    with pytest.raises(RequestError, match="maximum"):
+        engine.encode(input_ids=[5] * 3000)
+
+
 def test_health_generate_and_stats(engine: Engine) -> None:
     assert asyncio.run(engine.client.health_generate(timeout=30))
     stats = engine.get_stats()
