@@ -126,6 +126,11 @@ class FusedMoEOp(Protocol):
 #: name of the optional weight-processing attribute of a ``fused_moe`` implementation
 MOE_PROCESS_WEIGHTS_ATTR = "process_weights_after_loading"
 
+#: name of the optional boolean attribute by which a function op's implementation (e.g.
+#: ``fused_moe``) declares that it makes no host synchronisation, so that a device graph may
+#: capture it (attention backends say the same with ``AttentionBackend.graph_safe``)
+GRAPH_SAFE_ATTR = "graph_safe"
+
 
 @dataclass
 class SamplingBatch:

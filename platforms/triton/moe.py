@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
@@ -136,3 +137,7 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     route = topk_weights.reshape(-1).to(torch.float32).contiguous()
     moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2)
     return out.view(t, top_k, h).sum(dim=1)
+
+
+# no host synchronisation on either path: device graphs may capture it
+setattr(fused_moe, GRAPH_SAFE_ATTR, True)

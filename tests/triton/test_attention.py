@@ -11,6 +11,7 @@ from heteroserve.conformance.paged import build_batch
 from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
 
 SENTINEL = 1234.5
+FP8_SENTINEL = 96.0  # exactly representable in e4m3 (a device cast of 1234.5 gives NaN)
 
 
 def _run(device: torch.device, mode: ForwardMode, seqs: tuple[tuple[int, int], ...],
@@ -31,9 +32,9 @@ def _run(device: torch.device, mode: ForwardMode, seqs: tuple[tuple[int, int], .
                           max_context_len=max_context_len, kv_cache_dtype=cache_dtype)
     backend = TritonAttention(cfg)
     shape = backend.kv_cache_shape(batch.num_pages)
-    k_cache = torch.full(shape, SENTINEL, device=device).to(cfg.cache_dtype)
-    v_cache = torch.full(shape, SENTINEL, device=device).to(cfg.cache_dtype)
-    sentinel = float(k_cache.flatten()[0])
+    sentinel = SENTINEL if cache_dtype is None else FP8_SENTINEL
+    k_cache = torch.full(shape, sentinel, device=device).to(cfg.cache_dtype)
+    v_cache = torch.full(shape, sentinel, device=device).to(cfg.cache_dtype)
     spread = 100.0 if cache_dtype is not None else 1.0
     full_k = [torch.randn(p + n, hk, d, generator=gen) * spread for p, n in seqs]
     full_v = [torch.randn(p + n, hk, d, generator=gen) for p, n in seqs]
