@@ -130,3 +130,112 @@ def test_w8_gemv_rejects_bad_shapes(device: torch.device) -> None:
     with pytest.raises(ValueError, match="weight scale"):
         w8.w8_gemv(x, w, torch.ones(31, device=device), w8.ACT_ROW, w8.WS_CHANNEL, 127.0,
                    torch.float32)
+
+
+def _w4_reference(x: torch.Tensor, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                  group: int) -> torch.Tensor:
+    g = torch.arange(q.shape[0]) // group
+    w = (q.double() - zeros.double()[g]) * scales.double()[g]  # [K, N]
+    return x.double() @ w
+
+
+@pytest.mark.parametrize("rows,k,n,group", [(1, 100, 40, 32), (2, 352, 200, 32),
+                                            (4, 256, 128, 64), (1, 512, 16, 512)])
+def test_w4a16_gemv_against_float64(device: torch.device, rows: int, k: int, n: int,
+                                    group: int) -> None:
+    """Every nibble position with codes 0..15 and zero points 0..15 (so the in-place
+    mantissa trick is checked for each shift): ragged K (not a multiple of 8 or of the
+    tile), N not a multiple of the tile, one group over all of K."""
+    from heteroserve.platforms.triton.w4a16_gemv import w4a16_gemv
+    from heteroserve.platforms.triton.w4a16_pack import pack_rows
+
+    g = _gen(rows + k + n)
+    groups = -(-k // group)
+    q = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(0, 16, (groups, n), generator=g).to(torch.float16)
+    scales = (torch.rand(groups, n, generator=g) / 8 + 0.01).to(torch.float16)
+    x = torch.randn(rows, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    out = w4a16_gemv(x.to(device), pack_rows(q).to(device), zeros.to(device),
+                     scales.to(device), group, bias.to(device))
+    ref = _w4_reference(x, q, zeros, scales, group) + bias.double()
+    assert out.shape == (rows, n) and rel_err(out, ref) < 2e-6
+
+
+def _layer(method: object, shape: LinearShape, ckpt: dict[str, torch.Tensor],
+           device: torch.device) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    for name, spec in method.create_weights(shape).items():  # type: ignore[attr-defined]
+        assert (tuple(spec.shape), spec.dtype) == (tuple(ckpt[name].shape), ckpt[name].dtype)
+        layer.register_parameter(name, torch.nn.Parameter(ckpt[name].to(device),
+                                                          requires_grad=False))
+    method.process_weights_after_loading(layer)  # type: ignore[attr-defined]
+    return layer
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+_METHODS = {"fp8_per_tensor": "Fp8PerTensorLinear", "fp8_per_channel": "Fp8PerChannelLinear",
+            "fp8_block": "Fp8BlockLinear", "int8_w8a8": "Int8W8A8Linear"}
+
+
+@pytest.mark.parametrize("scheme", list(_METHODS))
+def test_w8a8_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``apply`` on ``[2, 2, K]`` (4 rows) runs the GEMV and matches the oracle; int8 with 7
+    rows runs the GEMM (fp8's GEMM needs a GPU: the activation cast of ``quantize_rows``)."""
+    from heteroserve.platforms.triton import linear_w8a8
+
+    fp8 = torch.float8_e4m3fn
+    calls = _spy(monkeypatch, linear_w8a8, "w8_gemv")
+    method = getattr(linear_w8a8, _METHODS[scheme])()
+    k, n = 320, 136
+    g = _gen(len(scheme))
+    ckpt = _W8[scheme][0](torch.randn(n, k, generator=g, dtype=torch.float64) / 16, fp8)
+    layer = _layer(method, LinearShape(k, n, torch.float32), ckpt, device)
+    for t in (4, 7) if scheme == "int8_w8a8" else (4,):
+        x = _activations(g, t, k, scheme, fp8)
+        bias = torch.randn(n, generator=g)
+        x_in = x.view(2, t // 2, k) if t == 4 else x
+        out = method.apply(layer, x_in.to(device), bias.to(device))
+        ref = oracle.linear(scheme, x, ckpt, 128, bias, fp8)
+        assert rel_err(out.reshape(t, n), ref) < 2e-6
+    assert calls == [4]
+
+
+@pytest.mark.parametrize("scheme", ["awq", "gptq"])
+def test_w4a16_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWQ and GPTQ (act-order by permutation) ``apply``: 1 and 3 rows through the GEMV, 9
+    through the GEMM, all equal to the oracle."""
+    from heteroserve.platforms.triton import linear_w4a16
+
+    calls = _spy(monkeypatch, linear_w4a16, "w4a16_gemv")
+    k, n, group = 256, 72, 64
+    g = _gen(11)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / 16
+    if scheme == "awq":
+        ckpt, method, g_idx = quantize.pack_awq(w, group), linear_w4a16.AwqW4A16Linear(), None
+    else:
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[torch.randperm(k, generator=g)] = torch.arange(k) // group
+        ckpt, method = quantize.pack_gptq(w, group, g_idx), linear_w4a16.GptqW4A16Linear()
+    layer = _layer(method, LinearShape(k, n, torch.float32, group, g_idx is not None), ckpt,
+                   device)
+    for t in (1, 3, 9):
+        x = torch.randn(t, k, generator=g)
+        bias = torch.randn(n, generator=g)
+        out = method.apply(layer, x.to(device), bias.to(device))
+        ref = oracle.linear(f"{scheme}_w4a16", x, ckpt, group, bias, None)
+        assert rel_err(out, ref) < 2e-6
+    assert calls == [1, 3]
