@@ -239,3 +239,33 @@ def test_w4a16_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme
         ref = oracle.linear(f"{scheme}_w4a16", x, ckpt, group, bias, None)
         assert rel_err(out, ref) < 2e-6
     assert calls == [1, 3]
+
+
+@pytest.mark.parametrize("config,scheme,kernel", [
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+      "version": "gemm"}, "awq_w4a16", "4-bit GEMV for <= 4 rows"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
+        "g": {"targets": ["Linear"],
+              "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                          "strategy": "channel"},
+              "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                    "strategy": "token", "dynamic": True}}}},
+     "int8_w8a8", "int8 GEMV (x quantized in-kernel) for <= 4 rows"),
+])
+def test_startup_block_names_the_cuda_decode_kernel(config: dict, scheme: str,
+                                                    kernel: str) -> None:
+    """The start-up block's quantization lines on the cuda platform name the GEMV that the
+    scheme's decode rows run on (fp8 needs an fp8-capable GPU to resolve there)."""
+    from heteroserve.core.kernels.dispatch import resolve_all
+    from heteroserve.core.kernels.registry import KernelRequest
+    from heteroserve.core.model_runner.build import linear_schemes, quantization_lines
+    from heteroserve.core.plugins.manager import load_plugins
+    from heteroserve.core.quantization import detect_quantization
+
+    quant = detect_quantization({"quantization_config": config}, None)
+    request = KernelRequest(platform="cuda", device_type="cuda", dtype=torch.bfloat16,
+                            head_size=128, num_q_heads=8, num_kv_heads=2, page_size=16,
+                            quant_scheme=scheme)
+    resolutions = resolve_all(load_plugins().registry, request, {}, linear_schemes(quant))
+    text = "\n".join(quantization_lines(quant, resolutions))
+    assert f"{scheme:<20} -> triton (native): Triton: {kernel}" in text
