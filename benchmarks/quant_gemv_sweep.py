@@ -1,0 +1,256 @@
+"""Batch-1 quantized linear layers of Llama-3.1-8B on the GPU: each scheme's decode path
+before the GEMVs (the GEMM-shaped kernels, with a separate activation-quantization launch for
+W8A8) against the GEMV path now in ``apply``, through the real linear methods.
+
+Weights are random tensors in each scheme's checkpoint layout, loaded through the method's
+``process_weights_after_loading``; enough copies rotate that the set is larger than the L2,
+so every call streams from device memory. Each path is captured in one CUDA graph (which
+also checks that it is graph-capturable) and timed by replay; bandwidth counts the weight
+bytes a call reads (weights, scales, zero points), next to the copy bandwidth measured in
+the same run. The old path is the same ``apply`` with the GEMV row threshold set to 0. The
+new path's output is compared with the old one's (relative max error). Writes JSON.
+In ``--smoke`` runs the old path's errors are the interpreter's (its bf16 ``tl.dot`` and
+fp8 cast are wrong), not the kernels'; the new path is checked against float64 there.
+Usage: ``python benchmarks/quant_gemv_sweep.py --out quant_gemv.json`` (about a minute on
+an H200); ``--smoke`` runs tiny shapes on the CPU under the Triton interpreter and checks the
+new path against the float64 oracle of conformance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: (name, N, K) of Llama-3.1-8B's projections at tensor-parallel size 1
+SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
+          ("down_proj", 4096, 14336)]
+SMOKE_SHAPES = [("ragged_n", 200, 384)]
+SCHEMES = ("unquantized", "fp8_block", "fp8_per_channel", "fp8_per_tensor", "int8_w8a8",
+           "awq_w4a16", "gptq_w4a16")
+METHODS = {"unquantized": ("linear_float", "UnquantizedLinear"),
+           "fp8_block": ("linear_w8a8", "Fp8BlockLinear"),
+           "fp8_per_channel": ("linear_w8a8", "Fp8PerChannelLinear"),
+           "fp8_per_tensor": ("linear_w8a8", "Fp8PerTensorLinear"),
+           "int8_w8a8": ("linear_w8a8", "Int8W8A8Linear"),
+           "awq_w4a16": ("linear_w4a16", "AwqW4A16Linear"),
+           "gptq_w4a16": ("linear_w4a16", "GptqW4A16Linear")}
+GROUP = 128
+L2_MULTIPLE = 4 * 60 * 2**20
+FP8 = torch.float8_e4m3fn
+
+
+def checkpoint(scheme: str, n: int, k: int, device: torch.device,
+               gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors in ``scheme``'s checkpoint layout (``core/kernels/linear.py``), with
+    weights of a realistic magnitude (outputs near unit scale for unit activations)."""
+    from heteroserve.core.kernels.linear import FP8_BLOCK
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def rand_words(*shape: int) -> torch.Tensor:
+        return torch.randint(-2**31, 2**31 - 1, shape, generator=gen,
+                             dtype=torch.int64).to(torch.int32).to(device)
+
+    s = 1.0 / math.sqrt(k)
+    if scheme == "unquantized":
+        return {"weight": (randn(n, k) * s).to(torch.bfloat16)}
+    if scheme.startswith("fp8"):
+        w = (randn(n, k) * 100).clamp(-448, 448).to(FP8)
+        scale = {"fp8_block": lambda: torch.full((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)),
+                                                 s / 100, device=device),
+                 "fp8_per_channel": lambda: torch.full((n, 1), s / 100, device=device),
+                 "fp8_per_tensor": lambda: torch.full((1,), s / 100, device=device)}[scheme]()
+        name = "weight_scale_inv" if scheme == "fp8_block" else "weight_scale"
+        return {"weight": w, name: scale}
+    if scheme == "int8_w8a8":
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+        return {"weight": w, "weight_scale": torch.full((n, 1), s / 64, device=device)}
+    scales = (torch.rand(k // GROUP, n, generator=gen) * s / 4).to(torch.float16).to(device)
+    if scheme == "awq_w4a16":
+        return {"qweight": rand_words(k, n // 8), "qzeros": rand_words(k // GROUP, n // 8),
+                "scales": scales}
+    return {"qweight": rand_words(k // 8, n), "qzeros": rand_words(k // GROUP, n // 8),
+            "scales": scales}
+
+
+def build_layer(scheme: str, n: int, k: int, ckpt: dict[str, torch.Tensor]
+                ) -> tuple[object, torch.nn.Module]:
+    """``(method, layer)`` loaded from ``ckpt`` the way the model loader does it."""
+    import importlib
+
+    from heteroserve.core.kernels.linear import LinearShape
+
+    module, attr = METHODS[scheme]
+    method = getattr(importlib.import_module(f"heteroserve.platforms.triton.{module}"), attr)()
+    layer = torch.nn.Module()
+    for name in method.create_weights(LinearShape(k, n, torch.bfloat16, GROUP)):
+        layer.register_parameter(name, torch.nn.Parameter(ckpt[name].clone(),
+                                                          requires_grad=False))
+    method.process_weights_after_loading(layer)
+    return method, layer
+
+
+def weight_bytes(layer: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+@contextmanager
+def old_path() -> Iterator[None]:
+    """The decode path before the GEMVs: every row count goes to the GEMM."""
+    from heteroserve.platforms.triton import linear_w4a16, linear_w8a8
+
+    saved = linear_w8a8.W8_GEMV_MAX_ROWS, linear_w4a16.W4_GEMV_MAX_ROWS
+    linear_w8a8.W8_GEMV_MAX_ROWS = linear_w4a16.W4_GEMV_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        linear_w8a8.W8_GEMV_MAX_ROWS, linear_w4a16.W4_GEMV_MAX_ROWS = saved
+
+
+def call_for(scheme: str, method: object, path: str
+             ) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    if scheme == "unquantized" and path == "old":
+        return lambda layer, x: F.linear(x, layer.weight)  # cuBLAS
+    return lambda layer, x: method.apply(layer, x)  # type: ignore[attr-defined]
+
+
+def graph_us(call: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+             layers: list[torch.nn.Module], x: torch.Tensor, min_calls: int = 400) -> float:
+    """Microseconds per call, from replays of one CUDA graph that cycles through ``layers``."""
+    for layer in layers:  # compile and warm up outside the capture
+        call(layer, x)
+    torch.cuda.synchronize()
+    rounds = max(1, -(-min_calls // len(layers)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for layer in layers:
+                call(layer, x)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 5
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * rounds * len(layers))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+@contextmanager
+def _new_path() -> Iterator[None]:
+    yield
+
+
+def measure_shape(name: str, n: int, k: int, schemes: tuple[str, ...], device: torch.device,
+                  smoke: bool, copy_Bps: float) -> list[dict]:
+    """Rows ``{shape, scheme, path, us, GBps, frac_copy, ...}`` for one layer shape; in
+    ``smoke`` mode also the new path's error against the float64 oracle (asserted < 2e-2,
+    the bf16 conformance bound)."""
+    from heteroserve.conformance.oracles import linear as oracle
+
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(device)
+    rows = []
+    for scheme in schemes:
+        ckpt = checkpoint(scheme, n, k, device, gen)
+        method, first = build_layer(scheme, n, k, ckpt)
+        nbytes = weight_bytes(first)
+        copies = 1 if smoke else max(1, -(-L2_MULTIPLE // nbytes))
+        layers = [first] + [build_layer(scheme, n, k, ckpt)[1] for _ in range(copies - 1)]
+        outs: dict[str, torch.Tensor] = {}
+        for path in ("old", "new"):
+            call = call_for(scheme, method, path)
+            with old_path() if path == "old" else _new_path():
+                if smoke:
+                    t0 = time.perf_counter()
+                    outs[path] = call(first, x)
+                    t = (time.perf_counter() - t0) * 1e6
+                else:
+                    outs[path] = call(first, x)
+                    t = graph_us(call, layers, x)
+            bps = nbytes / (t * 1e-6)
+            row = {"shape": name, "N": n, "K": k, "scheme": scheme, "path": path, "us": t,
+                   "weight_bytes": nbytes, "GBps": bps / 1e9, "frac_copy": bps / copy_Bps}
+            note = ""
+            if path == "new":
+                row["rel_err_vs_old"] = rel_err(outs["new"], outs["old"])
+                note = f"  err vs old {row['rel_err_vs_old']:.1e}"
+                if smoke:
+                    ref = oracle.linear(scheme, x.double().cpu(),
+                                        {key: v.cpu() for key, v in ckpt.items()}, GROUP, None,
+                                        FP8)
+                    row["rel_err_vs_oracle"] = rel_err(outs["new"], ref)
+                    note += f"  vs float64 {row['rel_err_vs_oracle']:.1e}"
+                    assert row["rel_err_vs_oracle"] < 2e-2, row
+            rows.append(row)
+            print(f"{name:13s} {scheme:16s} {path}: {t:9.1f} us {bps / 1e9:8.1f} GB/s "
+                  f"{bps / copy_Bps:6.1%} of copy{note}", flush=True)
+        del ckpt, layers, first
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _cpu_copy_bandwidth(num_bytes: int = 64 << 20) -> float:
+    src = torch.ones(num_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t0 = time.perf_counter()
+    dst.copy_(src)
+    return 2 * num_bytes / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="quant_gemv.json")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU under the Triton interpreter")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="comma-separated subset of " + ", ".join(SCHEMES))
+    a = ap.parse_args(argv)
+    schemes = tuple(s for s in a.schemes.split(",") if s)
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        ap.error(f"unknown scheme(s) {', '.join(unknown)}")
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        device, shapes, copy_Bps = torch.device("cpu"), SMOKE_SHAPES, _cpu_copy_bandwidth()
+        device_name = "cpu (Triton interpreter)"
+    else:
+        from roofline import copy_bandwidth
+
+        device, shapes, copy_Bps = torch.device("cuda"), SHAPES, copy_bandwidth()
+        device_name = torch.cuda.get_device_name()
+    print(f"device {device_name}, copy bandwidth {copy_Bps / 1e12:.2f} TB/s", flush=True)
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for name, n, k in shapes:
+        rows += measure_shape(name, n, k, schemes, device, a.smoke, copy_Bps)
+    Path(a.out).write_text(json.dumps({
+        "device": device_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(sys.argv), "copy_bandwidth_Bps": copy_Bps,
+        "seconds": time.perf_counter() - t0, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
