@@ -43,6 +43,33 @@ def _nibble(src, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg, stride_sg,
+          acc, EVEN: tl.constexpr):
+    """``acc + s * (sum_j q_j x_j - z * sum_j x_j)`` for the word rows ``ww`` (see the
+    module)."""
+    wn_mask = (ww < kw)[:, None] & n_mask[None, :]
+    g = (ww * 8) // group
+    z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=wn_mask, other=0.0)
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=wn_mask, other=0.0)
+    high = words >> 20
+    dot = tl.zeros(acc.shape, dtype=tl.float32)
+    x_sum = tl.zeros([acc.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(8):
+        kk = ww * 8 + j
+        if EVEN:
+            xj = tl.load(x_row + kk, eviction_policy="evict_last").to(tl.float32)
+        else:
+            xj = tl.load(x_row + kk, mask=kk < K, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+        x_sum += xj
+        if j < 5:
+            dot += _nibble(words, 4 * j) * (xj * (0.0625 ** j))[:, None]
+        else:
+            dot += _nibble(high, 4 * (j - 5)) * (xj * (0.0625 ** (j - 5)))[:, None]
+    return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K, group,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_ym,
@@ -63,36 +90,18 @@ def _w4a16_gemv_kernel(
                         eviction_policy="evict_first")
     wait_for_previous(USE_PDL)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-    for w0 in range(0, kw, BLOCK_KW):
+    acc = _tile(words, x_row, z_ptr, s_ptr, offs_w, offs_n, n_mask, kw, K, group, stride_zg,
+                stride_sg, tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32), EVEN)
+    for w0 in range(BLOCK_KW, kw, BLOCK_KW):
         ww = w0 + offs_w
-        w_mask = ww < kw
-        wn_mask = w_mask[:, None] & n_mask[None, :]
-        if w0 > 0:
-            q_ptrs += BLOCK_KW * stride_qk
-            if EVEN:
-                words = tl.load(q_ptrs, eviction_policy="evict_first")
-            else:
-                words = tl.load(q_ptrs, mask=wn_mask, other=0, eviction_policy="evict_first")
-        g = (ww * 8) // group
-        z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=wn_mask, other=0.0)
-        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=wn_mask, other=0.0)
-        high = words >> 20
-        dot = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-        for j in tl.static_range(8):
-            kk = ww * 8 + j
-            if EVEN:
-                xj = tl.load(x_row + kk, eviction_policy="evict_last").to(tl.float32)
-            else:
-                xj = tl.load(x_row + kk, mask=kk < K, other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
-            x_sum += xj
-            if j < 5:
-                dot += _nibble(words, 4 * j) * (xj * (0.0625 ** j))[:, None]
-            else:
-                dot += _nibble(high, 4 * (j - 5)) * (xj * (0.0625 ** (j - 5)))[:, None]
-        acc += s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
+        q_ptrs += BLOCK_KW * stride_qk
+        if EVEN:
+            words = tl.load(q_ptrs, eviction_policy="evict_first")
+        else:
+            words = tl.load(q_ptrs, mask=(ww < kw)[:, None] & n_mask[None, :], other=0,
+                            eviction_policy="evict_first")
+        acc = _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg,
+                    stride_sg, acc, EVEN)
     y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -86,6 +86,26 @@ def _load_x(x_row, kk, k_mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _tile(w, x_row, ws_row, kk, k_mask, scale, qmax, min_scale, acc, ACT: tl.constexpr,
+          WS: tl.constexpr, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
+          SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
+          GROUP: tl.constexpr):
+    """``acc + w * quant(x[kk]) * scales``: one weight tile's products (see the module)."""
+    a = _load_x(x_row, kk, k_mask, EVEN)
+    if ACT == 2:  # per 128 columns: BLOCK_K holds whole groups
+        grouped = tl.reshape(tl.abs(a), [BLOCK_K // GROUP, GROUP])
+        g_scale = tl.maximum(tl.max(grouped, axis=1) / qmax, min_scale)
+        g_scale = tl.reshape(tl.broadcast_to(g_scale[:, None], [BLOCK_K // GROUP, GROUP]),
+                             [BLOCK_K])
+        a = _quantize(a, g_scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * g_scale
+    else:
+        a = _quantize(a, scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
+    if WS == 2:
+        a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
+    return acc + w.to(tl.float32) * a[None, :]
+
+
+@triton.jit
 def _w8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_wsn, stride_ym, qmax, min_scale,
@@ -121,25 +141,18 @@ def _w8_gemv_kernel(
 
     if WS == 2:
         ws_row = ws_ptr + ((pid_n * BLOCK_N) // GROUP) * stride_wsn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    else:
+        ws_row = ws_ptr
+    acc = _tile(w, x_row, ws_row, offs_k, offs_k < K, scale, qmax, min_scale,
+                tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), ACT, WS, IS_INT, MIN_NORMAL,
+                SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        if k0 > 0:
-            w_ptrs += BLOCK_K
-            w = _load_w(w_ptrs, n_mask, k_mask, EVEN)
-        a = _load_x(x_row, kk, k_mask, EVEN)
-        if ACT == 2:  # per 128 columns: BLOCK_K holds whole groups
-            grouped = tl.reshape(tl.abs(a), [BLOCK_K // GROUP, GROUP])
-            g_scale = tl.maximum(tl.max(grouped, axis=1) / qmax, min_scale)
-            g_scale = tl.reshape(tl.broadcast_to(g_scale[:, None], [BLOCK_K // GROUP, GROUP]),
-                                 [BLOCK_K])
-            a = _quantize(a, g_scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * g_scale
-        else:
-            a = _quantize(a, scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
-        if WS == 2:
-            a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
+        w_ptrs += BLOCK_K
+        w = _load_w(w_ptrs, n_mask, k_mask, EVEN)
+        acc = _tile(w, x_row, ws_row, kk, k_mask, scale, qmax, min_scale, acc, ACT, WS, IS_INT,
+                    MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
 
     y = tl.sum(acc, axis=1)
     if ACT != 2:
