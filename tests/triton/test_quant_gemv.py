@@ -269,3 +269,50 @@ def test_startup_block_names_the_cuda_decode_kernel(config: dict, scheme: str,
     resolutions = resolve_all(load_plugins().registry, request, {}, linear_schemes(quant))
     text = "\n".join(quantization_lines(quant, resolutions))
     assert f"{scheme:<20} -> triton (native): Triton: {kernel}" in text
+
+
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize("scheme", list(_W8) + ["awq", "gptq"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_gemv_equals_gemm_path_and_graph_replay(scheme: str, rows: int) -> None:
+    """On the GPU, bf16 activations: the GEMV path of ``apply`` equals the GEMM path (the
+    same activation quantization; fp8 by the hardware cast there) up to bf16 rounding of
+    the output, and replaying it from a CUDA graph gives the eager result bit for bit."""
+    from heteroserve.platforms.triton import linear_w4a16, linear_w8a8
+
+    dev = torch.device("cuda")
+    k, n = 4096 + 384, 1000  # ragged against the 1024-column tile and the 16-row one
+    g = _gen(rows)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    if scheme in _W8:
+        ckpt = _W8[scheme][0](w, torch.float8_e4m3fn)
+        method = getattr(linear_w8a8, _METHODS[scheme])()
+        module, limit = linear_w8a8, "W8_GEMV_MAX_ROWS"
+        shape = LinearShape(k, n, torch.bfloat16)
+    else:
+        ckpt = (quantize.pack_awq(w, 128) if scheme == "awq" else quantize.pack_gptq(w, 128, None))
+        method = (linear_w4a16.AwqW4A16Linear() if scheme == "awq"
+                  else linear_w4a16.GptqW4A16Linear())
+        module, limit = linear_w4a16, "W4_GEMV_MAX_ROWS"
+        shape = LinearShape(k, n, torch.bfloat16, 128)
+    layer = _layer(method, shape, ckpt, dev)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16).to(dev)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(dev)
+    eager = method.apply(layer, x, bias)
+    saved = getattr(module, limit)
+    setattr(module, limit, 0)
+    try:
+        gemm = method.apply(layer, x, bias)
+    finally:
+        setattr(module, limit, saved)
+    assert rel_err(eager.float(), gemm.double()) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = method.apply(layer, x, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, eager)
