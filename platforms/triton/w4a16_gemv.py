@@ -129,6 +129,8 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
     sms = multiprocessors(device)
     while block_n > 8 and rows * triton.cdiv(n, block_n) < 4 * sms:
         block_n //= 2
+    while triton.cdiv(n, block_n) > 65535:  # CUDA's limit on the second grid dimension
+        block_n *= 2
     block_kw = min(1024 // block_n, triton.next_power_of_2(triton.cdiv(k, 8)))
     return W4GemvConfig(block_n, block_kw, 4, 1)
 

@@ -41,6 +41,7 @@ WS_TENSOR, WS_CHANNEL, WS_BLOCK = 0, 1, 2
 #: at most this many rows go through the GEMV (more: the scheme's GEMM)
 W8_GEMV_MAX_ROWS = 4
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the output tiles)
 
 
 @triton.jit
@@ -189,6 +190,8 @@ def choose_w8_config(n: int, k: int, rows: int, device: torch.device) -> W8GemvC
     sms = multiprocessors(device)
     while block_n > 2 and rows * triton.cdiv(n, block_n) < 4 * sms:
         block_n //= 2
+    while triton.cdiv(n, block_n) > _MAX_GRID_Y:
+        block_n *= 2
     return W8GemvConfig(block_n, block_k, 4, 1)
 
 
