@@ -9,6 +9,8 @@ also checks that it is graph-capturable) and timed by replay; bandwidth counts t
 bytes a call reads (weights, scales, zero points), next to the copy bandwidth measured in
 the same run. The old path is the same ``apply`` with the GEMV row threshold set to 0. The
 new path's output is compared with the old one's (relative max error). Writes JSON.
+``--sweep`` also times each GEMV over a grid of launch shapes (minutes; for tuning
+``choose_w8_config`` / ``choose_w4_config``).
 In ``--smoke`` runs the old path's errors are the interpreter's (its bf16 ``tl.dot`` and
 fp8 cast are wrong), not the kernels'; the new path is checked against float64 there.
 Usage: ``python benchmarks/quant_gemv_sweep.py --out quant_gemv.json`` (about a minute on
@@ -58,11 +60,11 @@ def checkpoint(scheme: str, n: int, k: int, device: torch.device,
     from heteroserve.core.kernels.linear import FP8_BLOCK
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device)
+        return torch.randn(*shape, generator=gen, device=device)
 
     def rand_words(*shape: int) -> torch.Tensor:
-        return torch.randint(-2**31, 2**31 - 1, shape, generator=gen,
-                             dtype=torch.int64).to(torch.int32).to(device)
+        return torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64,
+                             device=device).to(torch.int32)
 
     s = 1.0 / math.sqrt(k)
     if scheme == "unquantized":
@@ -76,9 +78,9 @@ def checkpoint(scheme: str, n: int, k: int, device: torch.device,
         name = "weight_scale_inv" if scheme == "fp8_block" else "weight_scale"
         return {"weight": w, name: scale}
     if scheme == "int8_w8a8":
-        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8, device=device)
         return {"weight": w, "weight_scale": torch.full((n, 1), s / 64, device=device)}
-    scales = (torch.rand(k // GROUP, n, generator=gen) * s / 4).to(torch.float16).to(device)
+    scales = (torch.rand(k // GROUP, n, generator=gen, device=device) * s / 4).to(torch.float16)
     if scheme == "awq_w4a16":
         return {"qweight": rand_words(k, n // 8), "qzeros": rand_words(k // GROUP, n // 8),
                 "scales": scales}
@@ -168,8 +170,8 @@ def measure_shape(name: str, n: int, k: int, schemes: tuple[str, ...], device: t
     the bf16 conformance bound)."""
     from heteroserve.conformance.oracles import linear as oracle
 
-    gen = torch.Generator().manual_seed(n * 7 + k)
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(device)
+    gen = torch.Generator(device).manual_seed(n * 7 + k)  # device-side: fast for 8B shapes
+    x = torch.randn(1, k, generator=gen, device=device).to(torch.bfloat16)
     rows = []
     for scheme in schemes:
         ckpt = checkpoint(scheme, n, k, device, gen)
@@ -211,6 +213,82 @@ def measure_shape(name: str, n: int, k: int, schemes: tuple[str, ...], device: t
     return rows
 
 
+#: scheme -> (activation granularity, weight-scale layout, scale parameter) of ``w8_gemv``
+_W8_ARGS = {"fp8_block": ("ACT_GROUP", "WS_BLOCK", "weight_scale_inv"),
+            "fp8_per_channel": ("ACT_ROW", "WS_CHANNEL", "weight_scale"),
+            "fp8_per_tensor": ("ACT_TENSOR", "WS_TENSOR", "weight_scale"),
+            "int8_w8a8": ("ACT_ROW", "WS_CHANNEL", "weight_scale")}
+
+
+def config_calls(scheme: str, layer: torch.nn.Module
+                 ) -> list[tuple[dict, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]]]:
+    """``(config, call)`` for each launch shape of the scheme's GEMV (``--sweep``)."""
+    from heteroserve.platforms.triton import w4a16_gemv as w4
+    from heteroserve.platforms.triton import w8_gemv as w8
+
+    out = []
+    if scheme in _W8_ARGS:
+        act, ws, scale = (getattr(w8, _W8_ARGS[scheme][0]), getattr(w8, _W8_ARGS[scheme][1]),
+                          _W8_ARGS[scheme][2])
+        for bn in (4, 8, 16, 32):
+            for bk in (512, 1024, 2048):
+                for warps in (4, 8):
+                    cfg = w8.W8GemvConfig(bn, bk, warps, 1)
+                    out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w8.w8_gemv(
+                        x, lay.weight, getattr(lay, scale), act, ws,
+                        float(torch.finfo(lay.weight.dtype).max)
+                        if lay.weight.dtype.is_floating_point else 127.0, x.dtype,
+                        config=cfg)))
+    elif scheme.endswith("w4a16"):
+        for bn in (8, 16, 32):
+            for bkw in (32, 64, 128, 256):
+                for warps in (4, 8):
+                    cfg = w4.W4GemvConfig(bn, bkw, warps, 1)
+                    out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w4.w4a16_gemv(
+                        x, lay.w4_qweight, lay.w4_zeros, lay.w4_scales,
+                        lay.w4_in_features // lay.w4_zeros.shape[0], config=cfg)))
+    return out
+
+
+def sweep_shape(name: str, n: int, k: int, schemes: tuple[str, ...], copy_bps: float
+                ) -> list[dict]:
+    """The GEMV of each scheme over a grid of launch shapes; rows with ``config``, the best
+    last per scheme (a config the compiler rejects is a row with its error)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device).manual_seed(n * 7 + k)  # device-side: fast for 8B shapes
+    x = torch.randn(1, k, generator=gen, device=device).to(torch.bfloat16)
+    rows: list[dict] = []
+    for scheme in schemes:
+        ckpt = checkpoint(scheme, n, k, device, gen)
+        method, first = build_layer(scheme, n, k, ckpt)
+        nbytes = weight_bytes(first)
+        layers = [first] + [build_layer(scheme, n, k, ckpt)[1]
+                            for _ in range(max(1, -(-L2_MULTIPLE // nbytes)) - 1)]
+        ref = method.apply(first, x).double()
+        best = None
+        for cfg, call in config_calls(scheme, first):
+            try:
+                err = rel_err(call(first, x), ref)
+                t = graph_us(call, layers, x, min_calls=200)
+            except Exception as e:  # noqa: BLE001 - a rejected config is a row
+                rows.append({"shape": name, "scheme": scheme, "config": cfg,
+                             "error": str(e)[:200]})
+                continue
+            row = {"shape": name, "N": n, "K": k, "scheme": scheme, "path": "sweep",
+                   "config": cfg, "us": t, "GBps": nbytes / t / 1e3,
+                   "frac_copy": nbytes / (t * 1e-6) / copy_bps, "rel_err_vs_default": err}
+            rows.append(row)
+            if err < 1e-2 and (best is None or t < best["us"]):
+                best = row
+        if best is not None:
+            print(f"{name:13s} {scheme:16s} best {best['us']:8.1f} us "
+                  f"{best['frac_copy']:6.1%} of copy {best['config']}", flush=True)
+            rows.append({**best, "path": "sweep_best"})
+        del ckpt, layers, first
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _cpu_copy_bandwidth(num_bytes: int = 64 << 20) -> float:
     src = torch.ones(num_bytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -224,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="quant_gemv.json")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU under the Triton interpreter")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time each GEMV over a grid of launch shapes (GPU, minutes)")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="comma-separated subset of " + ", ".join(SCHEMES))
     a = ap.parse_args(argv)
@@ -245,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name, n, k in shapes:
         rows += measure_shape(name, n, k, schemes, device, a.smoke, copy_Bps)
+        if a.sweep and not a.smoke:
+            rows += sweep_shape(name, n, k, tuple(s for s in schemes if s != "unquantized"),
+                                copy_Bps)
     Path(a.out).write_text(json.dumps({
         "device": device_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv), "copy_bandwidth_Bps": copy_Bps,
