@@ -13,7 +13,8 @@ mis-rounds values that carry into the next binade.
 Activation granularity (``ACT``): ``ACT_TENSOR`` (one scale over all rows: fp8 per-tensor),
 ``ACT_ROW`` (per token: fp8 per-channel, int8), ``ACT_GROUP`` (per token and 128 columns: fp8
 block). The first two need the amax before the first product, so each program makes one
-pre-pass over its row(s) (``K`` elements from L2, small next to its weight slice). Weight
+pre-pass over its row(s) (``K`` elements from L2, small next to its weight slice, read in
+steps of up to 4096 so that the pass costs few dependent round trips). Weight
 scale (``WS``): ``WS_TENSOR`` (one fp32), ``WS_CHANNEL`` (one per output row), ``WS_BLOCK``
 (``[ceil(N/128), ceil(K/128)]``; a program's ``BLOCK_N`` rows lie in one 128-row block).
 
@@ -112,7 +113,8 @@ def _w8_gemv_kernel(
     stride_xm, stride_wn, stride_wsn, stride_ym, qmax, min_scale,
     ACT: tl.constexpr, WS: tl.constexpr, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,7 +128,8 @@ def _w8_gemv_kernel(
 
     scale = 1.0
     if ACT != 2:  # one scale per row or per tensor: the amax first
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        amax = tl.zeros([AMAX_BLOCK], dtype=tl.float32)
+        offs_a = tl.arange(0, AMAX_BLOCK)
         if ACT == 0:
             first_row = 0
             last_row = M
@@ -134,9 +137,9 @@ def _w8_gemv_kernel(
             first_row = row
             last_row = row + 1
         for r in range(first_row, last_row):
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
-                a = _load_x(x_ptr + r * stride_xm, kk, kk < K, EVEN)  # r * K: small
+            for k0 in range(0, K, AMAX_BLOCK):  # wide steps: few dependent L2 round trips
+                kk = k0 + offs_a
+                a = _load_x(x_ptr + r * stride_xm, kk, kk < K, False)  # r * K: small
                 amax = tl.maximum(amax, tl.abs(a))
         scale = tl.maximum(tl.max(amax, axis=0) / qmax, min_scale)
 
@@ -235,6 +238,8 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
         y.stride(0), float(qmax), MIN_SCALE,
         ACT=act, WS=ws, IS_INT=not weight.dtype.is_floating_point, HAS_BIAS=bias is not None,
         MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic, EVEN=even, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK,
+        AMAX_BLOCK=128 if x.device.type == "cpu" else min(4096, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(x.device))
     return y
