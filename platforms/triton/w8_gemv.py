@@ -225,7 +225,8 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
     if tuple(weight_scale.shape) != want or not weight_scale.is_contiguous():
         raise ValueError(f"w8_gemv: weight scale {tuple(weight_scale.shape)}, expected {want}")
     cfg = config or choose_w8_config(n, k, m, x.device)
-    if (act == ACT_GROUP or ws == WS_BLOCK) and (cfg.block_k % FP8_BLOCK or FP8_BLOCK % cfg.block_n):
+    blocked = act == ACT_GROUP or ws == WS_BLOCK
+    if blocked and (cfg.block_k % FP8_BLOCK or FP8_BLOCK % cfg.block_n):
         raise ValueError(f"w8_gemv: {cfg} does not tile 128x128 scale blocks")
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
