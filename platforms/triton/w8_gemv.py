@@ -2,8 +2,10 @@
 with 1-byte weights (fp8 e4m3 or int8) read once at the copy ceiling.
 
 Honest to the W8A8 contract (``core/kernels/linear.py``): the activation is quantized
-*inside* the kernel exactly as :func:`~.quant.quantize_rows` would quantize it (same scale
-``max(amax / qmax, 1e-12)``, same clamp, round-to-nearest-even onto the fp8 or int8 grid), so
+*inside* the kernel as :func:`~.quant.quantize_rows` would quantize it (same scale
+``max(amax / qmax, 1e-12)``, same clamp, round-to-nearest-even onto the fp8 or int8 grid; it
+multiplies by ``1 / scale`` where that kernel divides, and neither is correctly rounded on
+the GPU (Triton's fp32 division is approximate); for power-of-two scales both are exact), so
 the result is the scheme's result without a separate quantization launch and without the
 activation round trip. The quantized value stays in fp32 registers (it is exact there), so
 fp8 rounding is done by integer arithmetic on the fp32 bits (:func:`round_fp8`): identical to
@@ -62,9 +64,9 @@ def round_fp8(v, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _quantize(a, scale, qmax, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
+def _quantize(a, inv_scale, qmax, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
               SUB_MAGIC: tl.constexpr):
-    v = tl.minimum(tl.maximum(a / scale, -qmax), qmax)
+    v = tl.minimum(tl.maximum(a * inv_scale, -qmax), qmax)
     if IS_INT:
         return (v + _ROUND_MAGIC) - _ROUND_MAGIC
     else:
@@ -99,11 +101,13 @@ def _tile(w, x_row, ws_row, kk, k_mask, scale, qmax, min_scale, acc, ACT: tl.con
     if ACT == 2:  # per 128 columns: BLOCK_K holds whole groups
         grouped = tl.reshape(tl.abs(a), [BLOCK_K // GROUP, GROUP])
         g_scale = tl.maximum(tl.max(grouped, axis=1) / qmax, min_scale)
+        g_inv = tl.reshape(tl.broadcast_to((1.0 / g_scale)[:, None], [BLOCK_K // GROUP, GROUP]),
+                           [BLOCK_K])
         g_scale = tl.reshape(tl.broadcast_to(g_scale[:, None], [BLOCK_K // GROUP, GROUP]),
                              [BLOCK_K])
-        a = _quantize(a, g_scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * g_scale
+        a = _quantize(a, g_inv, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * g_scale
     else:
-        a = _quantize(a, scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
+        a = _quantize(a, 1.0 / scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
     if WS == 2:
         a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
     if IS_INT:  # 1.5 * 2**23 + w exactly: an integer add instead of a slow int-to-float
@@ -190,14 +194,16 @@ class W8GemvConfig:
 
 def choose_w8_config(n: int, k: int, rows: int, device: torch.device) -> W8GemvConfig:
     """1 KiB of each weight row per step (64 threads x 16-byte loads), and the widest
-    ``BLOCK_N`` (at most 16) that still leaves four programs per multiprocessor, as
-    :func:`~.gemv.choose_config` does for 16-bit weights."""
+    ``BLOCK_N`` (at most 16) that still leaves two programs per multiprocessor. Every
+    program quantizes the activation columns it reads, so narrower programs repeat that work
+    over fewer weight bytes; :func:`~.gemv.choose_config` (no such work) aims at four. Not
+    yet measured: ``benchmarks/quant_gemv_sweep.py --sweep`` times the alternatives."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W8GemvConfig(16, 128, 1, 1)
     block_k = 1024 if k >= 1024 else max(FP8_BLOCK, triton.next_power_of_2(k))
     block_n = 16
     sms = multiprocessors(device)
-    while block_n > 2 and rows * triton.cdiv(n, block_n) < 4 * sms:
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
     while triton.cdiv(n, block_n) > _MAX_GRID_Y:
         block_n *= 2
