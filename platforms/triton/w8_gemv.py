@@ -92,24 +92,34 @@ def _load_x(x_row, kk, k_mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _tile(w, x_row, ws_row, kk, k_mask, scale, qmax, min_scale, acc, ACT: tl.constexpr,
+def _broadcast_groups(v, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``[BLOCK_K // GROUP]`` -> ``[BLOCK_K]``, each value repeated over its group."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [BLOCK_K // GROUP, GROUP]), [BLOCK_K])
+
+
+@triton.jit
+def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.constexpr,
           WS: tl.constexpr, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
           SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
           GROUP: tl.constexpr):
-    """``acc + w * quant(x[kk]) * scales``: one weight tile's products (see the module)."""
+    """``acc + w * quant(x[k0:k0+BLOCK_K]) * scales``: one weight tile's products (see the
+    module)."""
+    kk = k0 + offs_k
+    k_mask = kk < K
     a = _load_x(x_row, kk, k_mask, EVEN)
     if ACT == 2:  # per 128 columns: BLOCK_K holds whole groups
         grouped = tl.reshape(tl.abs(a), [BLOCK_K // GROUP, GROUP])
         g_scale = tl.maximum(tl.max(grouped, axis=1) / qmax, min_scale)
-        g_inv = tl.reshape(tl.broadcast_to((1.0 / g_scale)[:, None], [BLOCK_K // GROUP, GROUP]),
-                           [BLOCK_K])
-        g_scale = tl.reshape(tl.broadcast_to(g_scale[:, None], [BLOCK_K // GROUP, GROUP]),
-                             [BLOCK_K])
-        a = _quantize(a, g_inv, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * g_scale
+        g_inv = _broadcast_groups(1.0 / g_scale, BLOCK_K, GROUP)
+        if WS == 2:  # the weight's block scale joins the activation's, once per group
+            groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            g_scale *= tl.load(ws_row + groups, mask=groups < tl.cdiv(K, GROUP), other=0.0)
+        a = _quantize(a, g_inv, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * \
+            _broadcast_groups(g_scale, BLOCK_K, GROUP)
     else:
         a = _quantize(a, 1.0 / scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
-    if WS == 2:
-        a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
+        if WS == 2:
+            a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
     if IS_INT:  # 1.5 * 2**23 + w exactly: an integer add instead of a slow int-to-float
         wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
     else:
@@ -157,16 +167,14 @@ def _w8_gemv_kernel(
         ws_row = ws_ptr + ((pid_n * BLOCK_N) // GROUP) * stride_wsn
     else:
         ws_row = ws_ptr
-    acc = _tile(w, x_row, ws_row, offs_k, offs_k < K, scale, qmax, min_scale,
+    acc = _tile(w, x_row, ws_row, 0, offs_k, K, scale, qmax, min_scale,
                 tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), ACT, WS, IS_INT, MIN_NORMAL,
                 SUB_MAGIC, EVEN, BLOCK_K, GROUP)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
         w_ptrs += BLOCK_K
-        w = _load_w(w_ptrs, n_mask, k_mask, EVEN)
-        acc = _tile(w, x_row, ws_row, kk, k_mask, scale, qmax, min_scale, acc, ACT, WS, IS_INT,
-                    MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+        w = _load_w(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
+        acc = _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT, WS,
+                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
 
     y = tl.sum(acc, axis=1)
     if ACT != 2:
