@@ -99,6 +99,7 @@ def _explain(catalog: PluginCatalog, name: str, args: argparse.Namespace) -> dic
         table["ops"][op] = {
             "chosen": res.chosen.name, "provider": res.chosen.provider,
             "kind": "forced" if res.forced else ("native" if res.native else "fallback"),
+            "description": res.chosen.description,
             "rejected": [{"name": n, "reason": r} for n, r in res.rejected]}
     return table
 
@@ -144,6 +145,8 @@ def _print_dispatch(dispatch: dict, verbose: bool) -> None:
             print(f"{head}; not: {grouped_rejections(row['rejected'])}")
         else:
             print(head)
+        if op.startswith("linear.") and row.get("description"):
+            print(f"    {'':<24}    kernel: {row['description']}")
 
 
 def _print_text(data: dict, verbose: bool = False) -> None:

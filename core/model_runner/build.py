@@ -125,7 +125,8 @@ def quantization_lines(quant: QuantFormat | None,
     for scheme in quant.schemes():
         res = resolutions[linear_op(scheme)]
         kind = "forced" if res.forced else ("native" if res.native else "fallback")
-        lines.append(f"    {scheme:<20} -> {res.chosen.name} ({kind})")
+        what = f": {res.chosen.description}" if res.chosen.description else ""
+        lines.append(f"    {scheme:<20} -> {res.chosen.name} ({kind}){what}")
         if not res.native:
             for name, reason in res.rejected:
                 if not reason.startswith("lower priority"):

@@ -6,6 +6,10 @@ N]`` int32, ``w4_zeros`` / ``w4_scales`` ``[G, N]`` fp16. Act-order GPTQ whose g
 hold ``group_size`` rows is turned into plain grouping by permuting the weight's input rows
 once (``w4_perm``; ``apply`` gathers the activation columns in that order); any other
 ``g_idx`` is kept (``w4_g_idx``) and read per row by the kernel.
+
+Up to :data:`~.w4a16_gemv.W4_GEMV_MAX_ROWS` rows (the decode step) go through
+:func:`~.w4a16_gemv.w4a16_gemv` (nibbles unpacked in registers, bias fused, one launch) on
+the same layout; layers that keep a ``g_idx`` always use the GEMM.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
+from heteroserve.platforms.triton.w4a16_gemv import W4_GEMV_MAX_ROWS, w4a16_gemv
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
 
 
@@ -33,6 +38,9 @@ class _W4A16Linear(LinearMethod):
             x2 = x2.index_select(1, perm)
         g_idx = getattr(layer, "w4_g_idx", None)
         group = k // zeros.shape[0] if g_idx is None else k
+        if g_idx is None and x2.shape[0] <= W4_GEMV_MAX_ROWS:
+            y = w4a16_gemv(x2, qweight, zeros, scales, group, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         y = w4a16_gemm(x2, qweight, zeros, scales, group, g_idx)
         if bias is not None:
             y = y + bias.to(y.dtype)

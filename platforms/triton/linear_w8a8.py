@@ -1,8 +1,11 @@
 """W8A8 linear methods: fp8 per-tensor, fp8 per-channel, fp8 128x128 block, int8 per-channel (contract and
 checkpoint layouts: ``core/kernels/linear.py``).
 
-Activations are quantized dynamically by :func:`~.quant.quantize_rows` (per tensor, per
-token and 128-column group, per token). fp8 per-tensor runs on ``torch._scaled_mm``
+Up to :data:`~.w8_gemv.W8_GEMV_MAX_ROWS` rows (the decode step) go through
+:func:`~.w8_gemv.w8_gemv`, one launch that quantizes the activation in registers with the same
+rule and streams the 1-byte weight at the copy ceiling. Larger inputs: activations are
+quantized dynamically by :func:`~.quant.quantize_rows` (per tensor, per token and 128-column
+group, per token). fp8 per-tensor runs on ``torch._scaled_mm``
 (cuBLASLt) for large 16-bit batches when the shape allows it (K and N multiples of 16 on a
 CUDA device); everything else runs on :func:`~.scaled_gemm.scaled_gemm`. fp8 products are always accumulated in fp32
 per 128-column tile, so long K loses no precision to fast fp8 accumulation.
@@ -16,6 +19,9 @@ from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.platforms.triton.linear_params import get_param, rows, set_param
 from heteroserve.platforms.triton.quant import MIN_SCALE, quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
+from heteroserve.platforms.triton.w8_gemv import (
+    ACT_GROUP, ACT_ROW, ACT_TENSOR, W8_GEMV_MAX_ROWS, WS_BLOCK, WS_CHANNEL, WS_TENSOR, w8_gemv,
+)
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -61,6 +67,9 @@ class Fp8PerTensorLinear(LinearMethod):
         weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale")
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
+        if x2.shape[0] <= W8_GEMV_MAX_ROWS:
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_TENSOR, WS_TENSOR, fmax, x.dtype,
+                                   bias), x)
         x_scale = (x2.abs().amax().to(torch.float32) / fmax).clamp(min=MIN_SCALE).reshape(1)
         q, _ = quantize_rows(x2, weight.dtype, fmax, None, scale=x_scale)
         if _scaled_mm_ok(x2, weight):
@@ -94,6 +103,9 @@ class Fp8PerChannelLinear(LinearMethod):
         weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale")
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
+        if x2.shape[0] <= W8_GEMV_MAX_ROWS:
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, fmax, x.dtype,
+                                   bias), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, None)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale, (1, 0), 1,
                         FP8_BLOCK, x.dtype, bias=bias, per_k_scales=True)
@@ -122,6 +134,9 @@ class Fp8BlockLinear(LinearMethod):
         weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale_inv")
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
+        if x2.shape[0] <= W8_GEMV_MAX_ROWS:
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_GROUP, WS_BLOCK, fmax, x.dtype,
+                                   bias), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 1), w_scale,
                         (w_scale.stride(0), 1), FP8_BLOCK, FP8_BLOCK, x.dtype, bias=bias,
@@ -146,6 +161,9 @@ class Int8W8A8Linear(LinearMethod):
         """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
         weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale")
         x2 = rows(x, weight.shape[1], self.scheme)
+        if x2.shape[0] <= W8_GEMV_MAX_ROWS:
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, 127.0, x.dtype,
+                                   bias), x)
         q, x_scale = quantize_rows(x2, torch.int8, 127.0, None)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale.reshape(-1), (1, 0),
                         1, weight.shape[1], x.dtype, bias=bias)

@@ -1,0 +1,163 @@
+"""Triton GEMV for 4-bit weights (AWQ / GPTQ after repacking) at decode sizes: ``y = x @ W``
+with the nibbles unpacked in registers and the packed words read once.
+
+Layout (:mod:`.w4a16_gemm`, made by :mod:`.w4a16_pack`): ``qweight [ceil(K/8), N]`` int32,
+nibble ``j`` of word ``[w, n]`` = ``q[8w + j, n]``; ``zeros``, ``scales`` ``[G, N]`` fp16;
+``W[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n]``. A program owns
+``BLOCK_N`` columns (``4 * BLOCK_N`` contiguous bytes of each word row, whole 32-byte sectors
+from ``BLOCK_N = 8``) and walks all of K in ``[BLOCK_KW, BLOCK_N]`` word tiles; no split-K.
+
+Per word the eight products are summed before the zero point and scale apply (they share a
+group: groups are multiples of 8 rows), ``s * (sum_j q_j x_j - z * sum_j x_j)``, so the
+per-nibble work is one logic op, one subtract and one FMA: nibble ``j`` is masked in place
+and or-ed under the exponent of ``2**23`` (``(bits & (15 << 4j)) | 0x4B000000`` is the fp32
+``2**23 + q * 16**j``, exact), and ``x_j`` is pre-scaled by ``16**-j`` (nibbles 5..7 from the
+word shifted right by 20, so the mantissa holds them). No int-to-float conversion, which
+would bound the kernel below the copy rate.
+
+Grid: ``(rows, cdiv(N, BLOCK_N))``, rows fastest (their programs share the weight slice
+through L2). The first word tile loads before the PDL wait (the weights are parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+
+#: at most this many rows go through the GEMV (more: the dequant-GEMM)
+W4_GEMV_MAX_ROWS = 4
+_TWO_23 = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _nibble(src, SHIFT: tl.constexpr):
+    """``q * 2**SHIFT`` as fp32 for the nibble at bits ``SHIFT..SHIFT+3`` of int32 ``src``."""
+    bits = (src & (15 << SHIFT)) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - _TWO_23
+
+
+@triton.jit
+def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg, stride_sg,
+          acc, EVEN: tl.constexpr):
+    """``acc + s * (sum_j q_j x_j - z * sum_j x_j)`` for the word rows ``ww`` (see the
+    module)."""
+    wn_mask = (ww < kw)[:, None] & n_mask[None, :]
+    g = (ww * 8) // group
+    z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=wn_mask, other=0.0)
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=wn_mask, other=0.0)
+    high = words >> 20
+    dot = tl.zeros(acc.shape, dtype=tl.float32)
+    x_sum = tl.zeros([acc.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(8):
+        kk = ww * 8 + j
+        if EVEN:
+            xj = tl.load(x_row + kk, eviction_policy="evict_last").to(tl.float32)
+        else:
+            xj = tl.load(x_row + kk, mask=kk < K, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+        x_sum += xj
+        if j < 5:
+            dot += _nibble(words, 4 * j) * (xj * (0.0625 ** j))[:, None]
+        else:
+            dot += _nibble(high, 4 * (j - 5)) * (xj * (0.0625 ** (j - 5)))[:, None]
+    return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K, group,
+    stride_xm, stride_qk, stride_zg, stride_sg, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_KW)
+    n_mask = offs_n < N
+    kw = tl.cdiv(K, 8)
+    q_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
+    if EVEN:
+        words = tl.load(q_ptrs, eviction_policy="evict_first")
+    else:
+        words = tl.load(q_ptrs, mask=(offs_w < kw)[:, None] & n_mask[None, :], other=0,
+                        eviction_policy="evict_first")
+    wait_for_previous(USE_PDL)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    acc = _tile(words, x_row, z_ptr, s_ptr, offs_w, offs_n, n_mask, kw, K, group, stride_zg,
+                stride_sg, tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32), EVEN)
+    for w0 in range(BLOCK_KW, kw, BLOCK_KW):
+        ww = w0 + offs_w
+        q_ptrs += BLOCK_KW * stride_qk
+        if EVEN:
+            words = tl.load(q_ptrs, eviction_policy="evict_first")
+        else:
+            words = tl.load(q_ptrs, mask=(ww < kw)[:, None] & n_mask[None, :], other=0,
+                            eviction_policy="evict_first")
+        acc = _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg,
+                    stride_sg, acc, EVEN)
+    y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
+             mask=n_mask)
+
+
+@dataclass(frozen=True)
+class W4GemvConfig:
+    """Launch shape: output columns per program, packed words (8 K-rows each) per step,
+    warps, pipeline stages."""
+
+    block_n: int
+    block_kw: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    """4 KiB word tiles; the widest ``BLOCK_N`` (16 down to 8, one 32-byte sector) that
+    leaves four programs per multiprocessor."""
+    if device.type == "cpu":  # the interpreter: small tiles exercise the masks
+        return W4GemvConfig(16, 8, 1, 1)
+    block_n = 16
+    sms = multiprocessors(device)
+    while block_n > 8 and rows * triton.cdiv(n, block_n) < 4 * sms:
+        block_n //= 2
+    while triton.cdiv(n, block_n) > 65535:  # CUDA's limit on the second grid dimension
+        block_n *= 2
+    block_kw = min(1024 // block_n, triton.next_power_of_2(triton.cdiv(k, 8)))
+    return W4GemvConfig(block_n, block_kw, 4, 1)
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+               scales: torch.Tensor, group: int, bias: torch.Tensor | None = None,
+               config: W4GemvConfig | None = None) -> torch.Tensor:
+    """``x [M, K]`` (fp16/bf16/fp32, last dim contiguous; ``M <= W4_GEMV_MAX_ROWS`` is where
+    it pays) times the packed 4-bit ``W [K, N]`` (+ ``bias [N]``) -> ``[M, N]`` in
+    ``x.dtype``, fp32 accumulation. ``group``: K-rows per zero/scale row, a multiple of 8
+    (``g_idx`` layouts go to the GEMM). Raises ``ValueError`` on mismatched shapes."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    groups = zeros.shape[0]
+    if (qweight.shape[0] != triton.cdiv(k, 8) or qweight.stride(1) != 1 or x.stride(1) != 1
+            or group % 8 or groups * group < k or zeros.shape != scales.shape
+            or zeros.shape[1] != n or zeros.stride(1) != 1 or scales.stride(1) != 1):
+        raise ValueError(f"w4a16_gemv: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                         f"zeros/scales {tuple(zeros.shape)} with group {group} do not fit")
+    cfg = config or choose_w4_config(n, k, m, x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    even = n % cfg.block_n == 0 and k % (8 * cfg.block_kw) == 0
+    _w4a16_gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](
+        x, qweight, zeros, scales, bias if bias is not None else y, y, n, k, group,
+        x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
+    return y

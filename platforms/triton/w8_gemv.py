@@ -1,0 +1,266 @@
+"""Triton GEMV for the W8A8 schemes at decode sizes (a few rows): ``y = quant(x) @ W^T``
+with 1-byte weights (fp8 e4m3 or int8) read once at the copy ceiling.
+
+Honest to the W8A8 contract (``core/kernels/linear.py``): the activation is quantized
+*inside* the kernel as :func:`~.quant.quantize_rows` would quantize it (same scale
+``max(amax / qmax, 1e-12)``, same clamp, round-to-nearest-even onto the fp8 or int8 grid; it
+multiplies by ``1 / scale`` where that kernel divides, and neither is correctly rounded on
+the GPU (Triton's fp32 division is approximate); for power-of-two scales both are exact), so
+the result is the scheme's result without a separate quantization launch and without the
+activation round trip. The quantized value stays in fp32 registers (it is exact there), so
+fp8 rounding is done by integer arithmetic on the fp32 bits (:func:`round_fp8`): identical to
+the hardware's ``cvt.rn.satfinite`` and also right in the Triton interpreter, whose fp8 cast
+mis-rounds values that carry into the next binade. int8 weights become fp32 by an integer
+add under the exponent of ``1.5 * 2**23`` and one subtraction (exact), not by the
+int-to-float conversion, whose throughput is below one byte per lane per cycle.
+
+Activation granularity (``ACT``): ``ACT_TENSOR`` (one scale over all rows: fp8 per-tensor),
+``ACT_ROW`` (per token: fp8 per-channel, int8), ``ACT_GROUP`` (per token and 128 columns: fp8
+block). The first two need the amax before the first product, so each program makes one
+pre-pass over its row(s) (``K`` elements from L2, small next to its weight slice, read in
+steps of up to 4096 so that the pass costs few dependent round trips). Weight
+scale (``WS``): ``WS_TENSOR`` (one fp32), ``WS_CHANNEL`` (one per output row), ``WS_BLOCK``
+(``[ceil(N/128), ceil(K/128)]``; a program's ``BLOCK_N`` rows lie in one 128-row block).
+
+Grid: ``(rows, cdiv(N, BLOCK_N))`` with the row index fastest, so the programs of the rows
+that read the same weight slice run together and share it through L2. Weights and scales are
+the layer's loaded parameters (no kernel writes them): the first weight tile loads before the
+PDL wait (:mod:`.pdl`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+from heteroserve.platforms.triton.quant import MIN_SCALE
+
+ACT_TENSOR, ACT_ROW, ACT_GROUP = 0, 1, 2
+WS_TENSOR, WS_CHANNEL, WS_BLOCK = 0, 1, 2
+#: at most this many rows go through the GEMV (more: the scheme's GEMM)
+W8_GEMV_MAX_ROWS = 4
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the output tiles)
+
+
+@triton.jit
+def round_fp8(v, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):
+    """fp32 ``v`` (``|v| <=`` the fp8 max) rounded to nearest-even on the e4m3 grid (3
+    mantissa bits, normals from ``MIN_NORMAL``, subnormal step ``MIN_NORMAL / 8``), as fp32.
+    Normals: round the fp32 bits at mantissa bit 20 (ties to even; a carry moves into the
+    exponent). Subnormals: ``(v + SUB_MAGIC) - SUB_MAGIC`` with ``SUB_MAGIC = 1.5 * 2**23 *
+    step``."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (v + SUB_MAGIC) - SUB_MAGIC
+    return tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
+
+
+@triton.jit
+def _quantize(a, inv_scale, qmax, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
+              SUB_MAGIC: tl.constexpr):
+    v = tl.minimum(tl.maximum(a * inv_scale, -qmax), qmax)
+    if IS_INT:
+        return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    else:
+        return round_fp8(v, MIN_NORMAL, SUB_MAGIC)
+
+
+@triton.jit
+def _load_w(w_ptrs, n_mask, k_mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    else:
+        return tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                       eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_x(x_row, kk, k_mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(x_row + kk, eviction_policy="evict_last").to(tl.float32)
+    else:
+        return tl.load(x_row + kk, mask=k_mask, other=0.0,
+                       eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _broadcast_groups(v, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``[BLOCK_K // GROUP]`` -> ``[BLOCK_K]``, each value repeated over its group."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [BLOCK_K // GROUP, GROUP]), [BLOCK_K])
+
+
+@triton.jit
+def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.constexpr,
+          WS: tl.constexpr, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
+          SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
+          GROUP: tl.constexpr):
+    """``acc + w * quant(x[k0:k0+BLOCK_K]) * scales``: one weight tile's products (see the
+    module)."""
+    kk = k0 + offs_k
+    k_mask = kk < K
+    a = _load_x(x_row, kk, k_mask, EVEN)
+    if ACT == 2:  # per 128 columns: BLOCK_K holds whole groups
+        grouped = tl.reshape(tl.abs(a), [BLOCK_K // GROUP, GROUP])
+        g_scale = tl.maximum(tl.max(grouped, axis=1) / qmax, min_scale)
+        g_inv = _broadcast_groups(1.0 / g_scale, BLOCK_K, GROUP)
+        if WS == 2:  # the weight's block scale joins the activation's, once per group
+            groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            g_scale *= tl.load(ws_row + groups, mask=groups < tl.cdiv(K, GROUP), other=0.0)
+        a = _quantize(a, g_inv, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC) * \
+            _broadcast_groups(g_scale, BLOCK_K, GROUP)
+    else:
+        a = _quantize(a, 1.0 / scale, qmax, IS_INT, MIN_NORMAL, SUB_MAGIC)
+        if WS == 2:
+            a = a * tl.load(ws_row + kk // GROUP, mask=k_mask, other=0.0)
+    if IS_INT:  # 1.5 * 2**23 + w exactly: an integer add instead of a slow int-to-float
+        wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
+    else:
+        wf = w.to(tl.float32)
+    return acc + wf * a[None, :]
+
+
+@triton.jit
+def _w8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_wsn, stride_ym, qmax, min_scale,
+    ACT: tl.constexpr, WS: tl.constexpr, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w = _load_w(w_ptrs, n_mask, offs_k < K, EVEN)  # a parameter: may load before the wait
+    wait_for_previous(USE_PDL)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+
+    scale = 1.0
+    if ACT != 2:  # one scale per row or per tensor: the amax first
+        amax = tl.zeros([AMAX_BLOCK], dtype=tl.float32)
+        offs_a = tl.arange(0, AMAX_BLOCK)
+        if ACT == 0:
+            first_row = 0
+            last_row = M
+        else:
+            first_row = row
+            last_row = row + 1
+        for r in range(first_row, last_row):
+            for k0 in range(0, K, AMAX_BLOCK):  # wide steps: few dependent L2 round trips
+                kk = k0 + offs_a
+                a = _load_x(x_ptr + r * stride_xm, kk, kk < K, False)  # r * K: small
+                amax = tl.maximum(amax, tl.abs(a))
+        scale = tl.maximum(tl.max(amax, axis=0) / qmax, min_scale)
+
+    if WS == 2:
+        ws_row = ws_ptr + ((pid_n * BLOCK_N) // GROUP) * stride_wsn
+    else:
+        ws_row = ws_ptr
+    acc = _tile(w, x_row, ws_row, 0, offs_k, K, scale, qmax, min_scale,
+                tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), ACT, WS, IS_INT, MIN_NORMAL,
+                SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w_ptrs += BLOCK_K
+        w = _load_w(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
+        acc = _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT, WS,
+                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+
+    y = tl.sum(acc, axis=1)
+    if ACT != 2:
+        y = y * scale
+    if WS == 0:
+        y = y * tl.load(ws_ptr)
+    elif WS == 1:
+        y = y * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
+             mask=n_mask)
+
+
+@dataclass(frozen=True)
+class W8GemvConfig:
+    """Launch shape: output rows per program, K per step (a multiple of 128 for block
+    scales), warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_w8_config(n: int, k: int, rows: int, device: torch.device) -> W8GemvConfig:
+    """1 KiB of each weight row per step (64 threads x 16-byte loads), and the widest
+    ``BLOCK_N`` (at most 16) that still leaves two programs per multiprocessor. Every
+    program quantizes the activation columns it reads, so narrower programs repeat that work
+    over fewer weight bytes; :func:`~.gemv.choose_config` (no such work) aims at four. Not
+    yet measured: ``benchmarks/quant_gemv_sweep.py --sweep`` times the alternatives."""
+    if device.type == "cpu":  # the interpreter: small tiles exercise the masks
+        return W8GemvConfig(16, 128, 1, 1)
+    block_k = 1024 if k >= 1024 else max(FP8_BLOCK, triton.next_power_of_2(k))
+    block_n = 16
+    sms = multiprocessors(device)
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    while triton.cdiv(n, block_n) > _MAX_GRID_Y:
+        block_n *= 2
+    return W8GemvConfig(block_n, block_k, 4, 1)
+
+
+def _fp8_constants(dtype: torch.dtype) -> tuple[float, float]:
+    if not dtype.is_floating_point:
+        return 1.0, 0.0
+    smallest = float(torch.finfo(dtype).smallest_normal)
+    return smallest, 1.5 * 2.0**23 * smallest / 8
+
+
+def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, act: int,
+            ws: int, qmax: float, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+            config: W8GemvConfig | None = None) -> torch.Tensor:
+    """``x [M, K]`` (last dim contiguous, ``M <= W8_GEMV_MAX_ROWS`` is where it pays) and
+    ``weight [N, K]`` fp8 e4m3 (fn or fnuz) or int8, contiguous last dim -> ``[M, N]`` in
+    ``out_dtype``: ``sum_k quant(x)[m, k] * weight[n, k] * sw(n, k) (+ bias)`` with ``quant``
+    the scheme's dynamic activation quantization at granularity ``act`` onto ``weight``'s
+    grid (``qmax``: 448 / 240 / 127) and ``sw`` the fp32 ``weight_scale`` of layout ``ws``
+    (contiguous: ``[1]``, ``[N]`` or ``[ceil(N/128), ceil(K/128)]``). fp32 accumulation.
+    Raises ``ValueError`` for mismatched shapes."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"w8_gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must "
+                         "agree on K with contiguous last dims")
+    want = {WS_TENSOR: (1,), WS_CHANNEL: (n,),
+            WS_BLOCK: (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))}[ws]
+    if tuple(weight_scale.shape) != want or not weight_scale.is_contiguous():
+        raise ValueError(f"w8_gemv: weight scale {tuple(weight_scale.shape)}, expected {want}")
+    cfg = config or choose_w8_config(n, k, m, x.device)
+    blocked = act == ACT_GROUP or ws == WS_BLOCK
+    if blocked and (cfg.block_k % FP8_BLOCK or FP8_BLOCK % cfg.block_n):
+        raise ValueError(f"w8_gemv: {cfg} does not tile 128x128 scale blocks")
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    min_normal, sub_magic = _fp8_constants(weight.dtype)
+    even = n % cfg.block_n == 0 and k % cfg.block_k == 0
+    _w8_gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](
+        x, weight, weight_scale, bias if bias is not None else y, y, m, n, k,
+        x.stride(0), weight.stride(0), weight_scale.stride(0) if ws == WS_BLOCK else 0,
+        y.stride(0), float(qmax), MIN_SCALE,
+        ACT=act, WS=ws, IS_INT=not weight.dtype.is_floating_point, HAS_BIAS=bias is not None,
+        MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic, EVEN=even, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK,
+        AMAX_BLOCK=128 if x.device.type == "cpu" else min(4096, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_args(x.device))
+    return y
