@@ -143,7 +143,7 @@ def _reply_message(content: str, reasoning: str | None, plan: ToolPlan,
         return ChatResponseMessage(content=content, reasoning_content=reasoning), reason
     parsed = plan.parser.parse(content)
     calls = [ToolCall(id=new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-             for c in parsed.calls]
+             for c in parsed.calls[:plan.max_calls]]
     if calls and reason == "stop":
         reason = "tool_calls"
     return ChatResponseMessage(content=parsed.content, reasoning_content=reasoning,
@@ -186,7 +186,8 @@ async def _stream(call: EngineCall, rid: str, model: str, split: _Splitter, plan
             st = states.get(out.index)
             if st is None:
                 st = states[out.index] = _ChoiceStream(
-                    tools=ToolCallStream(plan.parser) if plan.parser is not None else None)
+                    tools=ToolCallStream(plan.parser, plan.max_calls)
+                    if plan.parser is not None else None)
             st.usage = out.usage
             if out.finish is not None:
                 err = finish_error(out.finish)

@@ -7,7 +7,8 @@ tool_choice    behaviour
 =============  ==============================================================================
 ``none``       tools are rendered into the prompt (as vLLM does), the output is not parsed
 ``auto``       the output is parsed with ``--tool-call-parser`` (400 without one); the
-               default when tools are given and the server has a parser, else ``none``
+               default when tools are given and the server has a parser, else ``none``;
+               only the first call is kept when ``parallel_tool_calls`` is false
 ``required``   the grammar forces a JSON array of ``{"name", "parameters"}`` objects, each
                valid against its tool's schema (one item when ``parallel_tool_calls`` is false)
 named          the grammar forces the named function's arguments object
@@ -43,12 +44,14 @@ class ToolMode(enum.Enum):
 class ToolPlan:
     """How one request uses tools. ``parser`` reads its output (None: plain content);
     ``constraint``: sampling-parameter entries that force the output (``json_schema``);
-    ``template_tools``: the tools as the chat template receives them (None: no tools)."""
+    ``template_tools``: the tools as the chat template receives them (None: no tools);
+    ``max_calls``: calls kept from one output (1 with ``parallel_tool_calls: false``)."""
 
     mode: ToolMode
     parser: ToolCallParser | None = None
     constraint: dict[str, str] | None = None
     template_tools: list[dict[str, Any]] | None = None
+    max_calls: int | None = None
 
 
 def _parameters(tool: ChatTool) -> dict[str, Any]:
@@ -139,5 +142,6 @@ def plan_tools(req: ChatCompletionRequest, parser: ToolCallParser | None,
         raise bad_request("tool_choice 'auto' needs the server started with "
                           "--tool-call-parser NAME", "tool_choice")
     if tools and parser is not None and choice in (None, "auto"):
-        return ToolPlan(ToolMode.AUTO, parser, None, template)
+        return ToolPlan(ToolMode.AUTO, parser, None, template,
+                        1 if req.parallel_tool_calls is False else None)
     return ToolPlan(ToolMode.NONE, None, None, template)

@@ -39,10 +39,12 @@ class _Sent:
 
 
 class ToolCallStream:
-    """One streaming choice's tool-call state (see the module docstring)."""
+    """One streaming choice's tool-call state (see the module docstring); calls after the
+    first ``max_calls`` are not sent."""
 
-    def __init__(self, parser: ToolCallParser) -> None:
+    def __init__(self, parser: ToolCallParser, max_calls: int | None = None) -> None:
         self.parser = parser
+        self.max_calls = max_calls
         self.text = ""
         self._content = 0
         self._calls: list[_Sent] = []
@@ -63,7 +65,7 @@ class ToolCallStream:
         if len(scan.content) > self._content:
             out.content = scan.content[self._content:]
             self._content = len(scan.content)
-        for index, draft in enumerate(scan.calls):
+        for index, draft in enumerate(scan.calls[:self.max_calls]):
             if draft.name is None:
                 break
             if index == len(self._calls):

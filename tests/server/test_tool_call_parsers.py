@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -173,3 +175,21 @@ def test_required_schema_hoists_defs() -> None:
                 [{"name": "other", "parameters": {}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def test_parallel_false_keeps_the_first_call_while_streaming() -> None:
+    text = f'[TOOL_CALLS] [{{"name": "a", "arguments": {W}}}, {{"name": "b", "arguments": {W2}}}]'
+    stream = ToolCallStream(create_parser("mistral"), max_calls=1)
+    deltas = stream.push(text, final=True).tool_calls
+    assert {d.index for d in deltas} == {0} and deltas[0].function.arguments == W
+
+
+def test_unknown_parser_fails_at_start_up(tmp_path) -> None:
+    """A bad --tool-call-parser stops ``serve`` with one line, before any model loads."""
+    proc = subprocess.run([sys.executable, "-m", "heteroserve.server.cli", "serve",
+                           "--model-path", str(tmp_path / "absent"), "--port", "0",
+                           "--tool-call-parser", "gpt5"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "--tool-call-parser must be one of" in proc.stderr
+    assert "Traceback" not in proc.stderr
