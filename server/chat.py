@@ -11,6 +11,7 @@ content that is left once reasoning is split off.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ from heteroserve.server.tool_calls.plan import ToolPlan, plan_tools
 from heteroserve.server.tool_calls.stream import ToolCallStream, new_call_id
 
 
-def _message_dict(i: int, msg: ChatMessage) -> dict[str, Any]:
+def template_message(i: int, msg: ChatMessage) -> dict[str, Any]:
+    """Message ``i`` as the chat template receives it: text parts joined, ``content`` never
+    null, earlier tool calls' arguments decoded. Raises a 400 APIError for non-text parts
+    or a null content without tool calls."""
     content = msg.content
     if isinstance(content, list):
         texts = []
@@ -53,7 +57,23 @@ def _message_dict(i: int, msg: ChatMessage) -> dict[str, Any]:
         raise bad_request("message content must not be null", f"messages.{i}.content")
     out = msg.model_dump(exclude_none=True)
     out["content"] = content if content is not None else ""
+    for call in out.get("tool_calls", []):
+        _arguments_as_object(call)
     return out
+
+
+def _arguments_as_object(call: dict[str, Any]) -> None:
+    """An earlier assistant turn's tool call carries ``arguments`` as JSON text (OpenAI's
+    shape); chat templates (Llama 3.1's, Qwen's, Hermes') expect a mapping, so a JSON object
+    is decoded, as vLLM does. Anything else is left as sent."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            value = json.loads(function["arguments"])
+        except ValueError:
+            return
+        if isinstance(value, dict):
+            function["arguments"] = value
 
 
 async def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest,
@@ -62,7 +82,7 @@ async def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest,
     template and tokenize, in the engine's admission pool (no extra special tokens: the
     template writes them). Raises a 400 APIError for unsupported content, reserved template
     arguments or a template that fails."""
-    messages = [_message_dict(i, m) for i, m in enumerate(req.messages)]
+    messages = [template_message(i, m) for i, m in enumerate(req.messages)]
     try:
         return await ctx.client.admission.render_chat(messages, req.chat_template_kwargs,
                                                       tools)

@@ -193,3 +193,17 @@ def test_unknown_parser_fails_at_start_up(tmp_path) -> None:
     assert proc.returncode != 0
     assert "--tool-call-parser must be one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_history_tool_call_arguments_reach_the_template_as_objects() -> None:
+    """An assistant turn's ``arguments`` JSON text is decoded for the chat template."""
+    from heteroserve.server.chat import template_message
+    from heteroserve.server.protocol import ChatMessage
+
+    msg = ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": W}},
+        {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "oops"}}]})
+    out = template_message(0, msg)
+    assert out["tool_calls"][0]["function"]["arguments"] == json.loads(W)
+    assert out["tool_calls"][1]["function"]["arguments"] == "oops"
+    assert out["content"] == ""
