@@ -199,3 +199,18 @@ def test_bad_tool_requests_are_400(tool_server, extra, param) -> None:
     assert err["type"] == "invalid_request_error" and "\n" not in err["message"]
     if param is not None:
         assert err["param"] == param, err
+
+
+def test_tool_result_round_trip(oai) -> None:
+    """The assistant's tool call and the tool's result go back as history (the client's own
+    message objects); the next turn is served."""
+    first = oai.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, **SAMPLING)
+    message = first.choices[0].message
+    call = message.tool_calls[0]
+    history = [*MESSAGES, message, {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    reply = oai.chat.completions.create(
+        model=MODEL_NAME, messages=history, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, **SAMPLING)
+    _check_calls(reply.choices[0].message)
