@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from heteroserve.server.tool_calls.jsonscan import scan_object, skip_ws
 
