@@ -55,6 +55,7 @@ class ServerArgs:
     stream_interval: int = 1
 
     reasoning_parser: str | None = None  # deepseek-r1 | qwen3
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral | qwen25 | deepseek_v3
     grammar_compile_timeout: float = 10.0
     grammar_max_bytes: int = 256 * 1024  # largest schema / regex / grammar text
     grammar_cache_bytes: int = 64 * 1024 * 1024  # compiled-grammar cache size

@@ -26,6 +26,7 @@ from heteroserve.server.limits import EdgeLimits
 from heteroserve.server.metrics import ServerMetrics
 from heteroserve.server.routes_native import native_router, ops_router
 from heteroserve.server.routes_openai import router as openai_router
+from heteroserve.server.tool_calls import create_parser
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,14 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     """A FastAPI app over ``client`` (an ``EngineClient`` or an object with its interface).
 
     ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends. Raises
-    ``ValueError`` for an unknown ``--reasoning-parser``.
+    ``ValueError`` for an unknown ``--reasoning-parser`` or ``--tool-call-parser``.
     """
     ctx = ServerContext(client=client, server_args=server_args,
                         model_name=served_model_name(server_args),
                         metrics=ServerMetrics(client),
-                        reasoning_parser=_reasoning_parser(server_args, client))
+                        reasoning_parser=_reasoning_parser(server_args, client),
+                        tool_parser=create_parser(server_args.tool_call_parser)
+                        if server_args.tool_call_parser else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

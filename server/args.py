@@ -33,6 +33,8 @@ _HELP: dict[str, str] = {
                       "attention kernel must list it)",
     "quantization": "fp8|compressed-tensors|awq|gptq: must match the checkpoint's "
                     "quantization_config; fp8 on an unquantized checkpoint quantizes it at load",
+    "tool_call_parser": "parse tool calls from chat output: hermes|qwen25|llama3_json|mistral|"
+                        "deepseek_v3 (tool_choice required/named need none)",
     "cpu_threads": "torch intra-op threads of each engine process: auto (the cores it may run "
                    "on, split between tensor-parallel ranks), a count, or a core list such as "
                    "0-3 to bind to (ranks: 0-3|4-7)",

@@ -1,5 +1,5 @@
 """What every route needs, built once per app: the engine client, the served model name,
-metrics, the reasoning parser, and the small helpers shared by the OpenAI routes."""
+metrics, the reasoning and tool-call parsers, and the small helpers shared by the OpenAI routes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from heteroserve.core.runtime.outputs import Usage as EngineUsage
 from heteroserve.server.errors import APIError
 from heteroserve.server.metrics import ServerMetrics
 from heteroserve.server.protocol import PromptTokensDetails, Usage
+from heteroserve.server.tool_calls.base import ToolCallParser
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ServerContext:
     model_name: str
     metrics: ServerMetrics
     reasoning_parser: Any = None
+    tool_parser: ToolCallParser | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

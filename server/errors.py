@@ -87,8 +87,10 @@ def engine_error(exc: BaseException) -> APIError:
 def _loc_param(loc: Sequence[Any]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # pydantic adds the union member it tried ("str", "list[int]"...) after the field name
-    parts = [p for p in parts if not (p.startswith(("list[", "dict[")) or p in
-                                      ("str", "int", "float", "bool", "function-after"))]
+    # (a literal's allowed values, or a model's class name, for a union of those)
+    parts = [p for p in parts if not (p.startswith(("list[", "dict[", "literal[")) or p in
+                                      ("str", "int", "float", "bool", "function-after")
+                                      or (p[:1].isupper() and p.isidentifier()))]
     return ".".join(parts) or None
 
 

@@ -28,10 +28,12 @@ _DIRECT = {
 }
 
 
-def sampling_params(req: SamplingFields, max_new_tokens: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_new_tokens: int | None,
+                    tool_constraint: dict[str, str] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` for ``req`` (``max_new_tokens`` as given; None leaves the
-    engine's default). Raises a 400 APIError for what has no meaning here (``min_tokens``,
-    conflicting output constraints)."""
+    engine's default; ``tool_constraint``: the constraint ``tool_choice`` imposes). Raises a
+    400 APIError for what has no meaning here (``min_tokens``, conflicting output
+    constraints)."""
     if req.ignored_fields():
         logger.debug("ignoring unknown request fields: %s", ", ".join(req.ignored_fields()))
     if req.min_tokens:
@@ -45,5 +47,5 @@ def sampling_params(req: SamplingFields, max_new_tokens: int | None) -> Sampling
             params[key] = value
     if req.top_k == 0:
         params["top_k"] = -1  # OpenAI-style 0 means "no top-k"; SGLang spells it -1
-    params.update(structured_output_params(req))
+    params.update(structured_output_params(req, tool_constraint))
     return SamplingParams(**params)

@@ -187,8 +187,11 @@ def run(args: argparse.Namespace) -> int:
     from heteroserve.core.models.tiny import DEFAULT_MODEL_NAME, ensure_default_model
     from heteroserve.core.runtime.frontend import EngineClient
     from heteroserve.server.app import create_app, served_model_name
+    from heteroserve.server.tool_calls import create_parser
 
     server_args = server_args_from_namespace(args)
+    if server_args.tool_call_parser:
+        create_parser(server_args.tool_call_parser)  # refuse a bad name before loading the model
     if args.shutdown_timeout < 0:
         raise ValueError("--shutdown-timeout must be >= 0")
     if server_args.node_rank > 0:

@@ -46,13 +46,17 @@ def _from_response_format(req: SamplingFields) -> dict[str, Any]:
                       "response_format.type")
 
 
-def structured_output_params(req: SamplingFields) -> dict[str, Any]:
-    """The sampling-parameter entries that constrain ``req``'s output (empty when none).
+def structured_output_params(req: SamplingFields,
+                             tool_constraint: dict[str, str] | None = None) -> dict[str, Any]:
+    """The sampling-parameter entries that constrain ``req``'s output (empty when none);
+    ``tool_constraint`` is the one ``tool_choice`` imposes (see ``tool_calls.plan``).
 
     Raises a 400 :class:`~heteroserve.server.errors.APIError` when more than one constraint
     is given or one is malformed (a schema that is not JSON, an empty choice list).
     """
     found: dict[str, tuple[str, Any]] = {}  # request field -> (sampling key, value)
+    for key, value in (tool_constraint or {}).items():
+        found["tool_choice"] = (key, value)
     for field, value in _from_response_format(req).items():
         found["response_format"] = (field, value)
     if req.json_schema is not None:

@@ -90,6 +90,9 @@ BAD_CHAT = [
     ({"stop": [""]}, "stop"),
     ({"stream": "yes please"}, "stream"),
     ({"tool_choice": "required"}, "tool_choice"),
+    # this server has no --tool-call-parser (tests/server/test_tool_calls_http.py has one)
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+     "tool_choice"),
     ({"regex": "a+", "json_schema": {"type": "object"}}, None),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, None),
     ({"max_tokens": 2040}, None),  # prompt + max_tokens beyond the context window
