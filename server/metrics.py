@@ -70,9 +70,10 @@ class ServerMetrics:
                 buckets = spec.buckets if spec.buckets is not None \
                     else token_buckets(max_context_len)
                 # not registered anywhere: families() renders it (under every name)
-                self._histograms[spec.name] = Histogram(
-                    f"{PREFIX}:{spec.name}", spec.doc, ["model_name"], registry=None,
-                    buckets=buckets)
+                hist = Histogram(f"{PREFIX}:{spec.name}", spec.doc, ["model_name"],
+                                 registry=None, buckets=buckets)
+                hist.labels(model_name)  # the series exists (all zero) before any request
+                self._histograms[spec.name] = hist
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 

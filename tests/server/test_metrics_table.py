@@ -27,3 +27,39 @@ def test_buckets() -> None:
             assert spec.buckets == (), spec.name
     assert token_buckets(2048) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
     assert token_buckets(0) == (1.0,)
+
+
+def test_docs_list_every_metric() -> None:
+    """docs/server.md's metrics table names every series under every prefix."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "server.md").read_text()
+    for spec in METRICS:
+        suffix = "_total" if spec.kind is Kind.COUNTER else ""
+        for prefix, names in (("heteroserve", (spec.name,)), ("vllm", spec.vllm),
+                              ("sglang", spec.sglang)):
+            for name in names:
+                assert f"`{prefix}:{name}{suffix}`" in doc, (prefix, name)
+
+
+def test_fresh_exposition_has_every_series() -> None:
+    """Before any request, every family of the table (ours and the compat engine's) exists
+    with its labels, so dashboards and alerts see zeros rather than no data."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from heteroserve.server.metrics import ServerMetrics
+
+    idle = SimpleNamespace(get_stats=dict, is_alive=lambda: True)
+    for flavour in COMPAT:
+        text = ServerMetrics(idle, "m", 4096, flavour).render().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for spec in METRICS:
+            for name in (f"heteroserve:{spec.name}",
+                         *(f"{flavour}:{n}" for n in spec.compat_names(flavour))):
+                family = families[name]
+                assert family.type == spec.kind.value and family.samples, name
+                assert all(s.labels["model_name"] == "m" for s in family.samples), name
+        other = "sglang" if flavour == "vllm" else "vllm"
+        assert not [n for n in families if n.startswith(other + ":")]
