@@ -43,8 +43,9 @@ def test_heteroserve_names_labels_and_values(server, http) -> None:
     first = _generate(http, PROMPT, max_new_tokens=5, ignore_eos=True)
     again = _generate(http, PROMPT, max_new_tokens=3, ignore_eos=True)  # prefix-cache hit
     probe = http.post("/generate", json={"input_ids": [7, 8, 9], "sampling_params": {
-        "max_new_tokens": 1, "temperature": 0}}).json()["output_ids"][0]
-    stopped = _generate(http, [7, 8, 9], max_new_tokens=6, stop_token_ids=[probe])
+        "max_new_tokens": 1, "temperature": 0, "ignore_eos": True}}).json()["output_ids"][0]
+    stopped = _generate(http, [7, 8, 9], max_new_tokens=6, stop_token_ids=[probe])  # greedy:
+    # its first token is the probe's, so it ends there with finish reason "stop"
     metas = [first, again, stopped]
     assert [m["finish_reason"]["type"] for m in metas] == ["length", "length", "stop"]
     metas.append({"prompt_tokens": 3, "completion_tokens": 1})  # the probe (length)
