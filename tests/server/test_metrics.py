@@ -14,11 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import API_KEY, MODEL_NAME, ServerProcess, kv_idle, labelled_samples
 
-from heteroserve.server.metrics_table import FINISH_REASONS, METRICS, Kind
+from heteroserve.server.metrics_table import FINISH_REASONS, METRICS
 
 M = "heteroserve:"
 PROMPT = list(range(3, 43))  # 40 tokens: whole pages the prefix cache keeps
-HISTOGRAMS = [s.name for s in METRICS if s.kind is Kind.HISTOGRAM]
 
 
 def _scrape(http: httpx.Client) -> str:
