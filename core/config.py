@@ -52,6 +52,8 @@ class ServerArgs:
     api_key: str | None = None
     max_queued_requests: int | None = None
     log_level: str = "info"
+    metrics_compat: str | None = None  # vllm | sglang: /metrics also under that engine's names
+    decode_log_interval: int = 40  # decode steps between throughput log lines; 0: none
     stream_interval: int = 1
 
     reasoning_parser: str | None = None  # deepseek-r1 | qwen3
@@ -91,6 +93,10 @@ class ServerArgs:
         if self.embedding_pooling not in ("last", "mean"):
             raise ValueError(f"--embedding-pooling must be last or mean, got "
                              f"{self.embedding_pooling!r}")
+        if self.metrics_compat is not None and self.metrics_compat not in ("vllm", "sglang"):
+            raise ValueError(f"--metrics-compat must be vllm or sglang, got {self.metrics_compat!r}")
+        if self.decode_log_interval < 0:
+            raise ValueError("--decode-log-interval must be >= 0 (0 turns the log off)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ServerArgs:

@@ -50,9 +50,11 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends. Raises
     ``ValueError`` for an unknown ``--reasoning-parser`` or ``--tool-call-parser``.
     """
-    ctx = ServerContext(client=client, server_args=server_args,
-                        model_name=served_model_name(server_args),
-                        metrics=ServerMetrics(client),
+    model_name = served_model_name(server_args)
+    metrics = ServerMetrics(client, model_name, int(client.info.max_context_len),
+                            server_args.metrics_compat)
+    ctx = ServerContext(client=client, server_args=server_args, model_name=model_name,
+                        metrics=metrics,
                         reasoning_parser=_reasoning_parser(server_args, client),
                         tool_parser=create_parser(server_args.tool_call_parser)
                         if server_args.tool_call_parser else None)

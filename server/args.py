@@ -35,6 +35,11 @@ _HELP: dict[str, str] = {
                     "quantization_config; fp8 on an unquantized checkpoint quantizes it at load",
     "tool_call_parser": "parse tool calls from chat output: hermes|qwen25|llama3_json|mistral|"
                         "deepseek_v3 (tool_choice required/named need none)",
+    "metrics_compat": "also expose /metrics under vLLM's (vllm:...) or SGLang's (sglang:...) "
+                      "names and labels, so their Grafana dashboards work unchanged",
+    "decode_log_interval": "log one throughput line (running requests, KV tokens and usage, "
+                           "generation token/s, queue) every N decode steps, at most once a "
+                           "second; 0 turns it off (vLLM: --disable-log-stats)",
     "cpu_threads": "torch intra-op threads of each engine process: auto (the cores it may run "
                    "on, split between tensor-parallel ranks), a count, or a core list such as "
                    "0-3 to bind to (ranks: 0-3|4-7)",
@@ -64,12 +69,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         elif f.name == "log_level":
             parser.add_argument(*names, dest=f.name, default=default, help=help_text,
                                 choices=("debug", "info", "warning", "error", "critical"))
+        elif f.name == "metrics_compat":
+            parser.add_argument(*names, dest=f.name, default=None, help=help_text,
+                                choices=("vllm", "sglang"))
         elif f.name == "kernel":
             parser.add_argument(*names, dest=f.name, action="append", default=[],
                                 metavar="OP=IMPL", help=help_text)
         else:
             parser.add_argument(*names, dest=f.name, type=_arg_type(tp), default=default,
                                 help=help_text)
+    parser.add_argument("--disable-log-stats", dest="decode_log_interval", action="store_const",
+                        const=0, default=argparse.SUPPRESS,
+                        help="vLLM's spelling of --decode-log-interval 0")
 
 
 def server_args_from_namespace(ns: argparse.Namespace) -> ServerArgs:

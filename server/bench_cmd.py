@@ -117,7 +117,7 @@ def summarize(records: list[RequestRecord], duration: float, peak_kv: float | No
         "itl_ms_mean": statistics.fmean(itls) if itls else float("nan"),
         "itl_ms_p50": _percentile(itls, 0.5), "itl_ms_p99": _percentile(itls, 0.99),
         "cache_hit_rate": (sum(r.cached_tokens for r in ok) / inp) if inp else 0.0,
-        "peak_kv_usage": peak_kv,  # fraction of the KV pool, cached prefixes included
+        "peak_kv_usage": peak_kv,  # fraction of the KV pool held by requests (not the cache)
     }
 
 

@@ -151,8 +151,8 @@ class EngineCall:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _observe(self, out: RequestOutput) -> None:
-        if self.metrics is not None and out.finished:
-            self.metrics.observe_finished(out)
+        if self.metrics is not None:
+            self.metrics.observe(out)
 
     async def abort(self) -> None:
         """Abort every choice of this call that is still running (idempotent)."""

@@ -1,18 +1,23 @@
-"""Prometheus metrics for ``GET /metrics``.
+"""Prometheus metrics for ``GET /metrics``, built from the table in
+:mod:`heteroserve.server.metrics_table`.
 
-Two sources, one registry per app (so several apps in one process never collide):
+One registry per app (so several apps in one process never collide) holding one collector:
 
-- :class:`EngineCollector` reads ``EngineClient.get_stats()`` at scrape time: running and
-  queued requests, KV pool use, prefix-cache hit rate (gauges) and the frontend's request and
-  token counters.
-- :class:`ServerMetrics` holds latency histograms observed as requests finish: time to first
-  token, inter-token latency (one observation per generated token after the first, so
-  ``sum / count`` is the mean time per output token) and end-to-end latency.
+- gauges and counters are read from ``EngineClient.get_stats()`` at scrape time (the
+  scheduler's snapshot, refreshed a few times a second while busy and once when it goes
+  idle, plus the frontend's request and token counters);
+- histograms are observed by :meth:`ServerMetrics.observe` as request outputs pass through
+  the server: inter-token gaps on every output, the per-request ones (TTFT, time per output
+  token, end-to-end latency, queue time, prompt and generation token counts) when a request
+  completes (finish reason ``stop`` or ``length``).
+
+Every series is ``heteroserve:<name>{model_name=...}``; ``compat`` (``--metrics-compat``)
+repeats the same samples under vLLM's or SGLang's names and labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -20,117 +25,121 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from heteroserve.core.runtime.outputs import FinishKind, RequestOutput
-
-PREFIX = "heteroserve"
-
-# gauge name -> (help, stats keys tried in order)
-_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "num_requests_running": ("Requests being decoded or prefilled now.",
-                             ("num_running_reqs", "num_running", "running_requests")),
-    "num_requests_waiting": ("Requests queued in the scheduler, not yet running.",
-                             ("num_queue_reqs", "num_waiting_reqs", "num_waiting",
-                              "waiting_requests")),
-    "kv_cache_usage_ratio": ("Fraction of KV-pool slots held by requests (0..1).",
-                             ("token_usage", "kv_usage", "kv_cache_usage")),
-    "kv_used_tokens": ("KV-pool slots held by requests (excludes evictable cached prefixes).",
-                       ("num_used_tokens", "kv_used_tokens", "used_tokens")),
-    "kv_cached_tokens": ("KV-pool slots held only by the prefix cache (evictable).",
-                         ("num_cached_tokens", "kv_cached_tokens", "evictable_tokens",
-                          "evictable_size")),
-    "cache_hit_rate": ("Prefix-cache hit rate over recent prompts (0..1).",
-                       ("cache_hit_rate",)),
-}
-
-# counter name -> (help, frontend counter key)
-_COUNTERS: dict[str, tuple[str, str]] = {
-    "requests": ("Generation requests sent to the engine (each choice of n counts).",
-                 "num_requests_total"),
-    "requests_finished": ("Generation requests finished (any reason).", "num_finished_total"),
-    "requests_aborted": ("Generation requests aborted (client gone, abort call, shutdown).",
-                         "num_aborted_total"),
-    "prompt_tokens": ("Prompt tokens of requests sent to the engine.", "prompt_tokens_total"),
-    "generation_tokens": ("Tokens generated.", "generation_tokens_total"),
-    "cached_tokens": ("Prompt tokens served from the prefix cache.", "cached_tokens_total"),
-}
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
-                0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+from heteroserve.server.metrics_table import (
+    COMPAT_LABELS, FINISH_REASONS, METRICS, PREFIX, Kind, MetricSpec, Source, token_buckets,
+)
 
 
-def _number(stats: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    for key in keys:
-        value = stats.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def _number(stats: dict[str, Any], key: str) -> float:
+    value = stats.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
 
 
-class EngineCollector(Collector):
-    """Reads the engine client's stats at each scrape (see the module docstring). A gauge whose
-    stats key the scheduler does not report is omitted; ``kv_total_tokens`` and
-    ``engine_alive`` are always present."""
+def _renamed(family: Metric, name: str, extra: dict[str, str]) -> Metric:
+    """``family``'s samples under ``name`` with ``extra`` labels added."""
+    out = Metric(name, family.documentation, family.type)
+    for s in family.samples:
+        out.add_sample(name + s.name[len(family.name):], {**s.labels, **extra}, s.value,
+                       s.timestamp, s.exemplar)
+    return out
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+
+class _Collector(Collector):
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.client.get_stats()
-        for name, (doc, keys) in _GAUGES.items():
-            value = _number(stats, keys)
-            if value is None and name == "kv_cache_usage_ratio":
-                used, total = _number(stats, _GAUGES["kv_used_tokens"][1]), \
-                    _number(stats, ("max_total_tokens",))
-                value = used / total if used is not None and total else None
-            if value is None and name == "cache_hit_rate":
-                prompt = float(stats.get("prompt_tokens_total") or 0)
-                value = float(stats.get("cached_tokens_total") or 0) / prompt if prompt else 0.0
-            if value is not None:
-                yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
-        yield GaugeMetricFamily(f"{PREFIX}_kv_total_tokens", "KV-pool size in tokens.",
-                                value=float(stats.get("max_total_tokens") or 0))
-        yield GaugeMetricFamily(f"{PREFIX}_num_requests_inflight",
-                                "Requests the frontend is waiting on (all states).",
-                                value=float(stats.get("num_inflight") or 0))
-        yield GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 while the engine process serves.",
-                                value=1.0 if self.client.is_alive() else 0.0)
-        for name, (doc, key) in _COUNTERS.items():
-            yield CounterMetricFamily(f"{PREFIX}_{name}", doc,
-                                      value=float(stats.get(key) or 0))
+        return iter(self.metrics.families())
 
 
 class ServerMetrics:
-    """The metrics registry of one app: engine gauges and counters plus latency histograms."""
+    """The metrics of one app. ``client``: an ``EngineClient`` (or its interface:
+    ``get_stats()``, ``is_alive()``); ``model_name``: the ``model_name`` label;
+    ``max_context_len`` bounds the token-count buckets; ``compat``: ``"vllm"``,
+    ``"sglang"`` or ``None``."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, model_name: str, max_context_len: int,
+                 compat: str | None = None) -> None:
+        self.client, self.model_name, self.compat = client, model_name, compat
+        self.labels = {"model_name": model_name}
+        self._histograms: dict[str, Histogram] = {}
+        for spec in METRICS:
+            if spec.kind is Kind.HISTOGRAM:
+                buckets = spec.buckets if spec.buckets is not None \
+                    else token_buckets(max_context_len)
+                # not registered anywhere: families() renders it (under every name)
+                hist = Histogram(f"{PREFIX}:{spec.name}", spec.doc, ["model_name"],
+                                 registry=None, buckets=buckets)
+                hist.labels(model_name)  # the series exists (all zero) before any request
+                self._histograms[spec.name] = hist
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EngineCollector(client))
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
-                              "Time from request arrival to its first generated token.",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds",
-                             "Time between consecutive generated tokens of a request.",
-                             buckets=_ITL_BUCKETS, registry=self.registry)
-        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds",
-                             "Time from request arrival to its last token.",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_Collector(self))
 
-    def observe_finished(self, out: RequestOutput) -> None:
-        """Record a finished choice from its last output (``ttft``, ``e2e_latency``, usage);
-        aborted and failed choices record nothing."""
+    # -- observing ------------------------------------------------------------------------------
+    def _observe(self, name: str, value: float) -> None:
+        self._histograms[name].labels(self.model_name).observe(max(0.0, value))
+
+    def observe(self, out: RequestOutput) -> None:
+        """Record one output of a choice: its inter-token gaps, and on a completed choice's
+        last output (``stop`` / ``length``) the per-request histograms. Aborted and failed
+        choices add their token gaps only."""
+        for gap in out.token_gaps:
+            self._observe("inter_token_latency_seconds", gap)
         if out.finish is None or out.finish.kind in (FinishKind.ABORT, FinishKind.ERROR):
             return
-        e2e, ttft = out.e2e_latency, out.ttft
-        if e2e is not None:
-            self.e2e.observe(max(0.0, e2e))
-        if ttft is not None:
-            self.ttft.observe(max(0.0, ttft))
-            gaps = out.usage.completion_tokens - 1
-            if gaps > 0 and e2e is not None:
-                per_token = max(0.0, e2e - ttft) / gaps
-                for _ in range(gaps):
-                    self.itl.observe(per_token)
+        usage = out.usage
+        self._observe("request_prompt_tokens", usage.prompt_tokens)
+        self._observe("request_generation_tokens", usage.completion_tokens)
+        if out.queue_time is not None:
+            self._observe("request_queue_time_seconds", out.queue_time)
+        if out.e2e_latency is not None:
+            self._observe("e2e_request_latency_seconds", out.e2e_latency)
+        if out.ttft is not None:
+            self._observe("time_to_first_token_seconds", out.ttft)
+            if usage.completion_tokens > 1 and out.e2e_latency is not None:
+                self._observe("time_per_output_token_seconds",
+                              (out.e2e_latency - out.ttft) / (usage.completion_tokens - 1))
+
+    # -- exposition -----------------------------------------------------------------------------
+    def _family(self, spec: MetricSpec, stats: dict[str, Any]) -> Metric:
+        name = f"{PREFIX}:{spec.name}"
+        if spec.kind is Kind.HISTOGRAM:
+            family = next(iter(self._histograms[spec.name].collect()))
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            return family
+        if spec.kind is Kind.GAUGE:
+            family = GaugeMetricFamily(name, spec.doc, labels=["model_name"])
+            value = (1.0 if self.client.is_alive() else 0.0) if spec.source is Source.ALIVE \
+                else _number(stats, spec.stat)
+            family.add_metric([self.model_name], value)
+            return family
+        if spec.name == "request_success":
+            family = CounterMetricFamily(name, spec.doc, labels=["model_name", "finished_reason"])
+            by_reason = stats.get(spec.stat) or {}
+            for reason in FINISH_REASONS:
+                family.add_metric([self.model_name, reason], float(by_reason.get(reason, 0)))
+            return family
+        family = CounterMetricFamily(name, spec.doc, labels=["model_name"])
+        family.add_metric([self.model_name], _number(stats, spec.stat))
+        return family
+
+    def families(self) -> list[Metric]:
+        """Every metric family of one scrape: ours, then the ``compat`` engine's names."""
+        stats = self.client.get_stats()
+        ours = [(spec, self._family(spec, stats)) for spec in METRICS]
+        out = [family for _, family in ours]
+        if self.compat is not None:
+            out += list(self._compat(ours, self.compat))
+        return out
+
+    @staticmethod
+    def _compat(ours: Iterable[tuple[MetricSpec, Metric]], flavour: str) -> Iterator[Metric]:
+        extra = COMPAT_LABELS[flavour]
+        for spec, family in ours:
+            for alt in spec.compat_names(flavour):
+                yield _renamed(family, f"{flavour}:{alt}", extra)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

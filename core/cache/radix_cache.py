@@ -46,6 +46,7 @@ class RadixCache:
         self.root = Node()
         self.root.lock_ref = 1  # the root is never evicted
         self.cached_pages = 0
+        self.locked_pages = 0  # cached pages in nodes some request holds a lock on
         self.hit_tokens = 0
         self.queried_tokens = 0
 
@@ -114,6 +115,8 @@ class RadixCache:
 
     def inc_lock(self, node: Node) -> None:
         while node is not None:
+            if node.lock_ref == 0:
+                self.locked_pages += len(node.pages)
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
 
@@ -122,6 +125,8 @@ class RadixCache:
             if node.lock_ref <= 0:
                 raise ValueError("radix cache lock released more often than taken")
             node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.locked_pages -= len(node.pages)
             node = node.parent  # type: ignore[assignment]
 
     def _leaves(self) -> list[Node]:
@@ -134,12 +139,8 @@ class RadixCache:
         return out
 
     def evictable_pages(self) -> int:
-        total, stack = 0, [self.root]
-        while stack:
-            n = stack.pop()
-            total += len(n.pages) if n.lock_ref == 0 else 0
-            stack.extend(n.children.values())
-        return total
+        """Cached pages no running request holds (what :meth:`evict` can free); O(1)."""
+        return self.cached_pages - self.locked_pages
 
     def evict(self, num_pages: int) -> list[int]:
         """Free at least ``num_pages`` pages (fewer if not enough are unlocked), least recently

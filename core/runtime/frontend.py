@@ -171,13 +171,15 @@ class EngineClient:
 
     def get_stats(self) -> dict[str, Any]:
         """The scheduler's latest stats snapshot (``num_running``, ``num_waiting``,
-        ``kv_usage``, ``cache_hit_rate``, page counts... refreshed a few times a second while
-        busy and once when it goes idle) plus ``kv_used_tokens`` / ``kv_cached_tokens``, the
-        frontend's counters, ``num_inflight``, ``num_queued_frontend`` and
-        ``max_total_tokens``."""
+        ``kv_usage``, ``cache_hit_rate``, page counts... see ``Scheduler.get_stats``;
+        refreshed a few times a second while busy and once when it goes idle) plus
+        ``kv_used_tokens`` (held by requests), ``kv_evictable_tokens`` /
+        ``kv_cached_tokens`` (the prefix cache's unlocked / all slots), the frontend's
+        counters, ``num_inflight``, ``num_queued_frontend`` and ``max_total_tokens``."""
         out: dict[str, Any] = dict(self._stats)
         page = self.info.page_size
         for pages, tokens in (("kv_request_pages", "kv_used_tokens"),
+                              ("kv_evictable_pages", "kv_evictable_tokens"),
                               ("kv_cached_pages", "kv_cached_tokens")):
             if isinstance(out.get(pages), (int, float)):
                 out[tokens] = int(out[pages]) * page

@@ -47,8 +47,11 @@ class RequestOutput:
     ``prompt_logprobs``: prompt positions ``prompt_logprobs_start..`` computed since the
     previous output (``None`` when not asked for or none new). ``finish`` is set on the last
     output only; ``ttft`` / ``e2e_latency`` (seconds since the request was registered) are set
-    on the last output too. ``embedding``: an embedding request's pooled vector, on its last
-    (only) output.
+    on the last output too, and so is ``queue_time``: seconds the request waited in the
+    scheduler's queue before it was first scheduled (``None`` if it never was).
+    ``token_gaps``: for each token of this delta that follows an earlier one, the seconds
+    since that earlier token arrived (the inter-token latency as the frontend sees it).
+    ``embedding``: an embedding request's pooled vector, on its last (only) output.
     """
 
     rid: str
@@ -63,6 +66,8 @@ class RequestOutput:
     ttft: float | None = None
     e2e_latency: float | None = None
     embedding: list[float] | None = None
+    queue_time: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -49,6 +49,8 @@ class RequestState:
     num_output_tokens: int = 0
     usage: Usage = field(default_factory=Usage)
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    queue_time: float | None = None
     finish: FinishReason | None = None
     started: bool = False  # the scheduler produced something for it: it left the queue
     health_check: bool = False
@@ -80,8 +82,15 @@ class RequestState:
             pending.embedding = step.embedding
         reason = step.finish
         ids = step.new_token_ids
-        if ids and self.first_token_time is None:
-            self.first_token_time = time.perf_counter()
+        if step.queue_time is not None:
+            self.queue_time = step.queue_time
+        if ids:  # one token per step (StepOutput's contract)
+            now = time.perf_counter()
+            if self.first_token_time is None:
+                self.first_token_time = now
+            if self.last_token_time is not None:
+                pending.token_gaps.append(now - self.last_token_time)
+            self.last_token_time = now
         # a matched stop token is counted but its text is not emitted (SGLang's stop trim)
         trim_last = bool(not self.options.no_stop_trim and reason is not None
                          and reason.kind is FinishKind.STOP and isinstance(reason.matched, int)
@@ -152,6 +161,7 @@ class RequestState:
         if out.finish is not None:
             now = time.perf_counter()
             out.e2e_latency = now - self.created
+            out.queue_time = self.queue_time
             if self.first_token_time is not None:
                 out.ttft = self.first_token_time - self.created
         self.sink(out)

@@ -35,6 +35,7 @@ from heteroserve.core.runtime.io_struct import (
     TokenizedRequest,
 )
 from heteroserve.core.runtime.supervisor import LaunchSpec
+from heteroserve.core.runtime.throughput_log import ThroughputLog
 from heteroserve.core.runtime.transport import Channel
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,11 @@ def _make_req(msg: TokenizedRequest) -> Any:
 
 
 class SchedulerLoop:
-    """The event loop of one scheduler process (see the module docstring)."""
+    """The event loop of one scheduler process (see the module docstring). ``log_stats``:
+    log the periodic throughput line (rank 0 only)."""
 
     def __init__(self, scheduler: Any, inbox: queue.Queue, outbox: queue.Queue,
-                 parent_pid: int, lockstep: Any = None) -> None:
+                 parent_pid: int, lockstep: Any = None, log_stats: bool = True) -> None:
         self.scheduler = scheduler
         self.inbox = inbox
         self.lockstep = lockstep  # tensor_parallel.LockstepInbox when tp_size > 1
@@ -117,6 +119,8 @@ class SchedulerLoop:
         self._last_stats = 0.0
         self._peak_kv = 0.0
         self._running = True
+        interval = scheduler.args.decode_log_interval if log_stats else 0
+        self.throughput = ThroughputLog(interval, scheduler.page_size)
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedRequest):
@@ -157,11 +161,19 @@ class SchedulerLoop:
 
     def _stats_due(self, force: bool = False) -> dict[str, Any] | None:
         """The scheduler's stats when a snapshot is due (or ``force``), else None. Every
-        call also folds the current KV use into ``peak_kv_usage`` (a running maximum)."""
+        call also folds the current KV use into ``peak_kv_usage`` (a running maximum) and
+        feeds the throughput log (``gen_throughput`` in the snapshot)."""
         try:
             stats = dict(self.scheduler.get_stats())
+            if self.scheduler.has_work():
+                line = self.throughput.observe(stats)
+                if line is not None:
+                    logger.info(line)
+            else:
+                self.throughput.idle()
         except Exception as exc:  # stats must never stop serving
             return {"stats_error": one_line(exc)}
+        stats["gen_throughput"] = self.throughput.gen_throughput
         usage = stats.get("kv_usage")
         if isinstance(usage, (int, float)):
             self._peak_kv = max(self._peak_kv, float(usage))
@@ -253,7 +265,7 @@ def _follow(scheduler: Any, group: Any, parent_pid: int) -> None:
     from heteroserve.core.runtime.tensor_parallel import LockstepInbox
 
     loop = SchedulerLoop(scheduler, queue.Queue(), _Discard(), parent_pid,  # type: ignore[arg-type]
-                         LockstepInbox(group, None))
+                         LockstepInbox(group, None), log_stats=False)
     with torch.inference_mode():
         try:
             loop.run()

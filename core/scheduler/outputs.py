@@ -78,7 +78,9 @@ class StepOutput:
     ``prompt_logprobs``: logprobs of prompt tokens computed this step, in prompt order
     starting at prompt position ``prompt_logprobs_start`` (``None`` for a position that has
     no logprob, i.e. position 0); ``prompt_top_logprobs`` parallel to it.
-    ``finish``: set on the request's last output. Counts are totals so far.
+    ``finish``: set on the request's last output. Counts are totals so far;
+    ``queue_time``: seconds the request waited in the scheduler's queue before it was first
+    scheduled (``None`` while it has not been).
     ``embedding``: an embedding request's pooled vector (fp32 values as floats), on its
     last output only.
     """
@@ -95,3 +97,4 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     embedding: list[float] | None = None
+    queue_time: float | None = None

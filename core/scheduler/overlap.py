@@ -58,6 +58,7 @@ def launch_decode(sched: Scheduler, reqs: list[Req], previous: InflightDecode | 
     """Queue a decode step for ``reqs`` (pages must already cover one more slot each).
     With ``previous``, its device tokens are this step's inputs."""
     runner = sched.runner
+    sched.counters["decode_steps"] += 1
     for r in reqs:
         sched.grow_pages(r, r.kv_len + 1)
     first = [0 if previous is not None else r.fill_ids[r.kv_len] for r in reqs]

@@ -28,6 +28,9 @@ class Req:
     ``kv_len`` tokens of it already are. ``pages`` covers ``kv_len`` (prefix pages come from
     the radix cache and are locked through ``cache_node``).
 
+    ``queue_time``: seconds from :meth:`Scheduler.add_request` to the first step that
+    scheduled it (a retraction does not reset it).
+
     Prompt logprobs (``logprob_start_len >= 0``): ``prompt_logprob_next`` is the next prompt
     position whose logprob is still to be reported; prefix-cache matches stop short of it so
     that the logits it needs are computed.
@@ -58,6 +61,8 @@ class Req:
     prompt_logprob_next: int = 0
     embed: EmbedSpec | None = None
     pool: PoolAccumulator | None = None
+    queued_at: float = 0.0  # time.monotonic() when it was queued
+    queue_time: float | None = None  # seconds from queued to first scheduled (None: not yet)
 
     def __post_init__(self) -> None:
         if not self.input_ids:

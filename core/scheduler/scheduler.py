@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,7 +102,7 @@ class Scheduler:
                         and model_runner.new_event() is not None)
         self._inflight: overlap.InflightDecode | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0,
-                         "retractions": 0, "overlapped_steps": 0}
+                         "retractions": 0, "overlapped_steps": 0, "decode_steps": 0}
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -112,6 +113,7 @@ class Scheduler:
                              f"{self.max_total_tokens}; shorten it")
         req.derive_seed(self.args.random_seed)
         req.arrival = next(self._arrivals)
+        req.queued_at = time.monotonic()
         self.grammar.attach(req)
         self.counters["prompt_tokens"] += len(req.input_ids)
         self.waiting.append(req)
@@ -240,6 +242,8 @@ class Scheduler:
                 break
             self.waiting.remove(req)
             self.running.append(req)
+            if req.queue_time is None:
+                req.queue_time = time.monotonic() - req.queued_at
             batch.append((req, n))
             in_batch.insert(req.fill_ids, [0] * (len(req.fill_ids) // self.page_size))
             budget -= n
@@ -299,6 +303,7 @@ class Scheduler:
             seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages,
                                   pool=self._pooling(r, r.kv_len + 1)) for r, _ in entries]
             mode = ForwardMode.DECODE
+            self.counters["decode_steps"] += 1
         ends = [r.kv_len + n == len(r.fill_ids) for r, n in entries]
         to_sample = [r for (r, _), end in zip(entries, ends)
                      if end and r.sampling_params.max_new_tokens > 0]
@@ -459,17 +464,29 @@ class Scheduler:
     def _fill_counts(out: StepOutput, req: Req) -> None:
         out.cached_tokens, out.prompt_tokens = req.cached_tokens, len(req.input_ids)
         out.completion_tokens = len(req.output_ids)
+        out.queue_time = req.queue_time
 
     def get_stats(self) -> dict[str, Any]:
-        used = self.allocator.num_used
+        """A snapshot for metrics and logs. ``kv_usage`` (0..1) is the fraction of the pool
+        that requests hold: evictable prefix-cache pages (cached, no running request on
+        them) count as free, since any allocation may reclaim them; ``kv_used_pages``
+        includes them. ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` are
+        prompt tokens looked up in / found in the prefix cache (retracted requests count
+        again when readmitted); ``num_retractions`` counts requests preempted for KV room."""
+        used, evictable = self.allocator.num_used, self.cache.evictable_pages()
+        held = used - evictable
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv_used_pages": used, "kv_total_pages": self.allocator.capacity,
-                "kv_usage": used / self.allocator.capacity,
+                "kv_usage": held / self.allocator.capacity,
                 "kv_cached_pages": self.cache.cached_pages,
-                "kv_request_pages": used - self.cache.cached_pages,
+                "kv_evictable_pages": evictable,
+                "kv_request_pages": held,
                 "cache_hit_rate": self.cache.hit_rate,
+                "prefix_cache_queries_total": self.cache.queried_tokens,
+                "prefix_cache_hits_total": self.cache.hit_tokens,
                 "cached_tokens_total": self.counters["cached_tokens"],
                 "prompt_tokens_total": self.counters["prompt_tokens"],
                 "generation_tokens_total": self.counters["generation_tokens"],
                 "num_retractions": self.counters["retractions"],
-                "overlapped_steps": self.counters["overlapped_steps"]}
+                "overlapped_steps": self.counters["overlapped_steps"],
+                "decode_steps": self.counters["decode_steps"]}

@@ -49,6 +49,17 @@ def test_radix_cache_against_reference(program) -> None:
                     assert prefix[: i * PAGE] in cached
         assert alloc.num_free + cache.cached_pages == alloc.capacity
         assert cache.cached_pages == len(cached)
+        assert cache.evictable_pages() == _unlocked_pages(cache)
+
+
+def _unlocked_pages(cache: RadixCache) -> int:
+    """Pages in nodes nobody locks, counted by walking the tree (the O(1) counter's oracle)."""
+    total, stack = 0, [cache.root]
+    while stack:
+        node = stack.pop()
+        total += len(node.pages) if node.lock_ref == 0 else 0
+        stack.extend(node.children.values())
+    return total
 
 
 def test_lru_evicts_least_recently_used_first() -> None:

@@ -346,3 +346,35 @@ def test_random_workloads_match_the_model_and_leak_nothing(seed, num_pages, page
             assert outs[rid] == reference_greedy(runner, prompt, n), rid
     assert set(finals) == set(prompts)
     assert_no_leak(sched)
+
+
+def test_kv_usage_excludes_evictable_prefix_cache() -> None:
+    """Busy: usage counts the pages requests hold. Idle with the prefix cache full of
+    finished prompts: usage is 0 although those pages are still allocated (evictable)."""
+    sched, _ = make()
+    add(sched, PROMPTS[:4])
+    sched.step()
+    busy = sched.get_stats()
+    assert busy["kv_usage"] > 0 and busy["kv_request_pages"] > 0
+    drain(sched)
+    idle = sched.get_stats()
+    assert idle["kv_cached_pages"] > 0 and idle["kv_used_pages"] == idle["kv_cached_pages"]
+    assert idle["kv_evictable_pages"] == idle["kv_cached_pages"]
+    assert idle["kv_usage"] == 0 and idle["kv_request_pages"] == 0
+    add(sched, PROMPTS[:1], prefix="again")  # a cache hit locks cached pages: they count
+    sched.step()
+    again = sched.get_stats()
+    assert again["kv_evictable_pages"] < idle["kv_evictable_pages"] and again["kv_usage"] > 0
+    assert again["prefix_cache_hits_total"] > 0
+    assert again["prefix_cache_queries_total"] >= again["prefix_cache_hits_total"]
+
+
+def test_queue_time_is_reported_once_scheduled() -> None:
+    """Every output carries the seconds from add_request to the first scheduling step;
+    a request that waits behind a full batch waits longer than the first."""
+    sched, _ = make(max_running_requests=1)
+    add(sched, PROMPTS[:2], max_new_tokens=3)
+    _, finals = drain(sched)
+    first, second = finals["r0"].queue_time, finals["r1"].queue_time
+    assert first is not None and second is not None
+    assert 0 <= first < second

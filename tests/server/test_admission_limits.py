@@ -104,7 +104,7 @@ def test_a_burst_over_the_queue_limit_gets_429s(limited_server: ServerProcess) -
     assert set(codes) <= {200, 429}
     assert codes.count(200) <= 12, codes
     assert codes.count(429) >= 28
-    limited_server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 0)
+    limited_server.wait_metrics(lambda m: m["heteroserve:num_requests_inflight"] == 0)
 
 
 def test_streaming_sends_one_event_per_token_and_deltas_add_up(

@@ -54,9 +54,9 @@ def test_64_concurrent_streams_then_kv_empty(server) -> None:
     assert all(reason == "length" and usage == TOKENS for _, reason, usage in results)
     after = server.wait_metrics(kv_idle)
     assert kv_idle(after), after
-    finished = after["heteroserve_requests_finished_total"] - before["heteroserve_requests_finished_total"]
+    finished = after["heteroserve:requests_finished_total"] - before["heteroserve:requests_finished_total"]
     assert finished >= CLIENTS
-    assert after["heteroserve_requests_aborted_total"] == before["heteroserve_requests_aborted_total"]
+    assert after["heteroserve:requests_aborted_total"] == before["heteroserve:requests_aborted_total"]
 
 
 def _long_request(stream: bool) -> dict:
@@ -77,11 +77,11 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server) -> None:
                     break  # leaving the block closes the connection mid-stream
     t0 = time.monotonic()
     after = server.wait_metrics(
-        lambda m: kv_idle(m) and m["heteroserve_requests_aborted_total"]
-        > before["heteroserve_requests_aborted_total"])
+        lambda m: kv_idle(m) and m["heteroserve:requests_aborted_total"]
+        > before["heteroserve:requests_aborted_total"])
     assert kv_idle(after), after
-    assert after["heteroserve_requests_aborted_total"] == before["heteroserve_requests_aborted_total"] + 1
-    generated = after["heteroserve_generation_tokens_total"] - before["heteroserve_generation_tokens_total"]
+    assert after["heteroserve:requests_aborted_total"] == before["heteroserve:requests_aborted_total"] + 1
+    generated = after["heteroserve:generation_tokens_total"] - before["heteroserve:generation_tokens_total"]
     assert generated < 1900, "the request ran to completion instead of being aborted"
     assert time.monotonic() - t0 < 20
 
@@ -96,7 +96,7 @@ def test_disconnect_before_non_streaming_reply_aborts(server) -> None:
         except httpx.ReadTimeout:
             pass  # the client gives up and closes its connection
     after = server.wait_metrics(
-        lambda m: kv_idle(m) and m["heteroserve_requests_aborted_total"]
-        > before["heteroserve_requests_aborted_total"])
+        lambda m: kv_idle(m) and m["heteroserve:requests_aborted_total"]
+        > before["heteroserve:requests_aborted_total"])
     assert kv_idle(after), after
-    assert after["heteroserve_requests_aborted_total"] == before["heteroserve_requests_aborted_total"] + 1
+    assert after["heteroserve:requests_aborted_total"] == before["heteroserve:requests_aborted_total"] + 1

@@ -47,7 +47,7 @@ def test_queue_full_is_429_with_retry_after(small_server) -> None:
             assert next(lines).startswith("data: ")
             with client.stream("POST", "/v1/completions", json=_long(True)) as queued:
                 assert queued.status_code == 200
-                small_server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 2)
+                small_server.wait_metrics(lambda m: m["heteroserve:num_requests_inflight"] == 2)
                 with httpx.Client(base_url=small_server.url, timeout=30.0,
                                   trust_env=False) as other:
                     resp = other.post("/v1/chat/completions", json={
@@ -70,7 +70,7 @@ def test_port_in_use_fails_fast(tiny_model, small_server) -> None:
 
 
 def test_sigterm_drains_then_exits_cleanly(small_server) -> None:
-    small_server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 0)
+    small_server.wait_metrics(lambda m: m["heteroserve:num_requests_inflight"] == 0)
     engine_pid = httpx.get(small_server.url + "/get_server_info",
                            trust_env=False).json()["engine"]["pid"]
     assert pid_alive(engine_pid)
@@ -131,7 +131,7 @@ def test_keep_serving_flag_answers_503_after_engine_death(tiny_model, tmp_path) 
             resp = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi"})
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "engine_dead"
-            assert server.metrics()["heteroserve_engine_alive"] == 0.0
+            assert server.metrics()["heteroserve:engine_alive"] == 0.0
         assert server.stop() == 0, server.log()
     finally:
         server.stop()
@@ -157,7 +157,7 @@ def test_sigterm_past_the_grace_period_ends_requests_with_errors(tiny_model, tmp
                 lines = resp.iter_lines()
                 assert next(lines).startswith("data: ")
                 plain.start()
-                server.wait_metrics(lambda m: m["heteroserve_num_requests_inflight"] == 2)
+                server.wait_metrics(lambda m: m["heteroserve:num_requests_inflight"] == 2)
                 server.proc.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line.startswith("data: ")]
         plain.join(30)

@@ -64,10 +64,11 @@ class ServerProcess:
         raise RuntimeError(f"server not healthy after {START_TIMEOUT_S}s:\n{self.log()}")
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` parsed with prometheus_client: sample name -> value (unlabelled)."""
+        """``/metrics`` parsed with prometheus_client: sample name -> value, for the samples
+        labelled with the served model name only (histogram buckets and per-reason
+        counters are left out; see :func:`labelled_samples`)."""
         text = httpx.get(self.url + "/metrics", timeout=10.0, trust_env=False).text
-        return {s.name: s.value for fam in text_string_to_metric_families(text)
-                for s in fam.samples if not s.labels}
+        return model_samples(text)
 
     def wait_metrics(self, predicate, timeout: float = 20.0) -> dict[str, float]:
         """Poll ``/metrics`` until ``predicate(metrics)`` holds (bounded); returns the last
@@ -92,6 +93,19 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
+def model_samples(text: str) -> dict[str, float]:
+    """Sample name -> value of an exposition's samples whose only label is
+    ``model_name=MODEL_NAME``."""
+    return {s.name: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.labels == {"model_name": MODEL_NAME}}
+
+
+def labelled_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value for every sample of an exposition."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 def pid_alive(pid: int) -> bool:
     """True while process ``pid`` exists and is not a zombie."""
     try:
@@ -104,7 +118,7 @@ def pid_alive(pid: int) -> bool:
 def kv_idle(m: dict[str, float]) -> bool:
     """The engine holds no request: nothing running, queued or in flight, no KV slot used
     by a request (evictable prefix-cache entries do not count)."""
-    return (m.get("heteroserve_num_requests_running") == 0
-            and m.get("heteroserve_num_requests_waiting") == 0
-            and m.get("heteroserve_num_requests_inflight") == 0
-            and m.get("heteroserve_kv_used_tokens") == 0)
+    return (m.get("heteroserve:num_requests_running") == 0
+            and m.get("heteroserve:num_requests_waiting") == 0
+            and m.get("heteroserve:num_requests_inflight") == 0
+            and m.get("heteroserve:kv_used_tokens") == 0)
