@@ -91,7 +91,10 @@ def test_w8_gemv_against_float64(device: torch.device, scheme: str, rows: int, k
 
 
 def test_w8_gemv_fnuz_block(device: torch.device) -> None:
-    """e4m3fnuz weights (max 240, one more binade of subnormals) quantize x onto their grid."""
+    """e4m3fnuz weights (max 240, one more binade of subnormals) quantize x onto their grid
+    (the flavour of AMD GPUs: interpreted on the cpu; NVIDIA's Triton has no e4m3fnuz)."""
+    if device.type == "cuda" and torch.version.hip is None:
+        pytest.skip("e4m3fnuz does not compile for NVIDIA GPUs (AMD's fp8 flavour)")
     fp8 = torch.float8_e4m3fnuz
     g = _gen(7)
     w = torch.randn(136, 384, generator=g, dtype=torch.float64) / 20
