@@ -3,6 +3,7 @@
 Everything a plugin needs is here, and only what is here is promised to stay (see
 ``docs/plugin-api.md``): the hook marker, the Platform contract and its capability types, the
 kernel registry's types, every op name and contract, the attention and linear-method bases,
+the quantization-format types (a checkpoint reader and its linear scheme),
 the communicator and graph-runner bases, the torch-native reference kernels (to build on or
 to fall back to) and the conformance runner. A plugin declares the version it was built for::
 
@@ -45,6 +46,9 @@ from heteroserve.core.plugins.api_version import (
     DECLARATION_ATTR, PLUGIN_API_VERSION, ApiVersion, PluginApiVersionError, is_compatible,
 )
 from heteroserve.core.plugins.hookspecs import ENTRY_POINT_GROUP, hookimpl
+from heteroserve.core.quantization.base import (
+    UNQUANTIZED, LayerQuant, QuantFormat, QuantFormatSpec, QuantizationError, module_matches,
+)
 
 if TYPE_CHECKING:
     from heteroserve.platforms.cpu.attention import TorchNativeAttention
@@ -70,6 +74,9 @@ __all__ = [
     # attention and linear bases
     "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata", "ForwardMode",
     "LinearMethod", "LinearShape", "ParamSpec", "LINEAR_SCHEMES",
+    # quantization formats (checkpoint readers a plugin adds)
+    "QuantFormat", "QuantFormatSpec", "LayerQuant", "UNQUANTIZED", "QuantizationError",
+    "module_matches",
     # communicator and graphs
     "Communicator", "TorchDistributedCommunicator", "GraphRunner", "CapturedGraph",
     "EagerGraphRunner",

@@ -96,7 +96,8 @@ class LinearMethod(ABC):
 
     def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
         """The tensors a checkpoint provides for a layer of ``shape``, by parameter name
-        (the scheme's layout, :func:`checkpoint_specs`; override only to add tensors)."""
+        (the scheme's layout, :func:`checkpoint_specs`). Override to add tensors, or, for a
+        scheme a plugin adds (not in :data:`LINEAR_SCHEMES`), to declare all of them."""
         return checkpoint_specs(self.scheme, shape)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

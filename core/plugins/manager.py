@@ -13,6 +13,8 @@ import pluggy
 from heteroserve.core.kernels.registry import KernelRegistry
 from heteroserve.core.platform import Availability, Platform
 from heteroserve.core.plugins import api_version, hookspecs
+from heteroserve.core.quantization import FORMATS
+from heteroserve.core.quantization.base import QuantFormatSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class PluginCatalog:
     #: one-line remarks about plugins that loaded (an undeclared plugin API version)
     notes: list[str] = field(default_factory=list)
     conformance_options: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: checkpoint quantization formats added by plugins, by ``quant_method``
+    quant_formats: dict[str, QuantFormatSpec] = field(default_factory=dict)
 
     def availability_table(self) -> str:
         lines = []
@@ -182,10 +186,32 @@ def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
     trial = KernelRegistry()
     for spec in [*catalog.registry.for_all(), *specs]:
         trial.register(spec)  # raises DuplicateKernelError before anything is kept
+    formats = _quant_formats(pm, plugin, source, catalog)
     for spec in specs:
         catalog.registry.register(spec)
+    catalog.quant_formats.update(formats)
     for p in platforms:
         catalog.platforms[p.name] = PlatformEntry(p, source)
     for options in _call(pm, plugin, "heteroserve_conformance_options"):
         for p in platforms:
             catalog.conformance_options[p.name] = dict(options or {})
+
+
+def _quant_formats(pm: pluggy.PluginManager, plugin: object, source: str,
+                   catalog: PluginCatalog) -> dict[str, QuantFormatSpec]:
+    """One plugin's quantization formats, checked against the built-in ones and those other
+    plugins took (raises ``ValueError`` naming the method; nothing is kept then)."""
+    found: dict[str, QuantFormatSpec] = {}
+    for spec in [s for r in _call(pm, plugin, "heteroserve_quantization_formats")
+                 for s in (r or [])]:
+        if not isinstance(spec, QuantFormatSpec):
+            raise TypeError(f"heteroserve_quantization_formats() returned "
+                            f"{type(spec).__name__}, not a QuantFormatSpec")
+        if spec.method in FORMATS:
+            raise ValueError(f"quantization format {spec.method!r} is built in")
+        taken = catalog.quant_formats.get(spec.method) or found.get(spec.method)
+        if taken is not None:
+            raise ValueError(f"quantization format {spec.method!r} is already provided by "
+                             f"{taken.provider}")
+        found[spec.method] = replace(spec, provider=spec.provider or source)
+    return found
