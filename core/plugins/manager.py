@@ -173,7 +173,7 @@ def _call(pm: pluggy.PluginManager, plugin: object, hook: str, **kwargs: object)
 
 def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
              catalog: PluginCatalog) -> None:
-    """Take one plugin's platforms and kernels, all or nothing."""
+    """Take one plugin's platforms, kernels and quantization formats, all or nothing."""
     platforms: list[Platform] = [p for r in _call(pm, plugin, "heteroserve_platforms") for p in r]
     for p in platforms:
         if p.name in catalog.platforms:
