@@ -28,7 +28,9 @@ from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.attention import (
     AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, ForwardMode,
 )
-from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import (
+    LINEAR_SCHEMES, LinearMethod, LinearSchemeSpec, LinearShape, ParamSpec,
+)
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
     MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, RMS_NORM, ROTARY, SAMPLING, SILU_AND_MUL,
@@ -75,7 +77,7 @@ __all__ = [
     "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata", "ForwardMode",
     "LinearMethod", "LinearShape", "ParamSpec", "LINEAR_SCHEMES",
     # quantization formats (checkpoint readers a plugin adds)
-    "QuantFormat", "QuantFormatSpec", "LayerQuant", "UNQUANTIZED", "QuantizationError",
+    "QuantFormat", "QuantFormatSpec", "LinearSchemeSpec", "LayerQuant", "UNQUANTIZED", "QuantizationError",
     "module_matches",
     # communicator and graphs
     "Communicator", "TorchDistributedCommunicator", "GraphRunner", "CapturedGraph",

@@ -38,6 +38,7 @@ Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input fea
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,25 @@ class ParamSpec:
     output_pack: int = 1
     input_dim: int | None = None
     input_pack: int = 1
+
+
+@dataclass(frozen=True)
+class LinearSchemeSpec:
+    """A linear scheme a plugin adds (hook ``heteroserve_linear_schemes``): its definition,
+    so that the conformance suite can certify every ``linear.<name>`` kernel of it.
+
+    ``quantize``: float64 ``W [N, K]`` -> the scheme's checkpoint tensors, named and laid out
+    as its kernels' ``create_weights`` declares them. ``dequantize``: those tensors ->
+    float64 ``W [N, K]``, the scheme's meaning; the oracle is ``x @ dequantize(...)^T``
+    with ``x`` unquantized (weight-only schemes). ``name`` must not be a built-in scheme.
+    ``provider``: filled in by the loader.
+    """
+
+    name: str
+    quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    dequantize: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    description: str = ""
+    provider: str = ""
 
 
 @dataclass(frozen=True)

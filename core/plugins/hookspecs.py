@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from heteroserve.core.kernels.linear import LinearSchemeSpec
     from heteroserve.core.kernels.registry import KernelRegistry
     from heteroserve.core.platform import Platform
     from heteroserve.core.quantization.base import QuantFormatSpec
@@ -80,4 +81,16 @@ def heteroserve_quantization_formats() -> list[QuantFormatSpec]:
     registered in :func:`heteroserve_register_kernels` like any other op. Must not import
     vendor packages. A method that is built in or taken by another plugin is reported as
     this plugin's failure, and none of its platforms, kernels or formats are kept.
+    """
+
+
+@hookspec
+def heteroserve_linear_schemes() -> list[LinearSchemeSpec]:
+    """Return the definitions of the linear schemes this plugin adds (may be empty).
+
+    A :class:`~heteroserve.core.kernels.linear.LinearSchemeSpec` gives the scheme's quantizer
+    and dequantizer; the conformance suite runs every ``linear.<name>`` kernel, from any
+    plugin, against ``x @ dequantize(quantize(W))^T``. A scheme without a definition cannot
+    be certified. A built-in scheme name or one another plugin defined is reported as this
+    plugin's failure.
     """

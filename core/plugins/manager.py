@@ -10,6 +10,7 @@ from functools import cached_property
 
 import pluggy
 
+from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearSchemeSpec
 from heteroserve.core.kernels.registry import KernelRegistry
 from heteroserve.core.platform import Availability, Platform
 from heteroserve.core.plugins import api_version, hookspecs
@@ -60,6 +61,8 @@ class PluginCatalog:
     conformance_options: dict[str, dict[str, object]] = field(default_factory=dict)
     #: checkpoint quantization formats added by plugins, by ``quant_method``
     quant_formats: dict[str, QuantFormatSpec] = field(default_factory=dict)
+    #: definitions of the linear schemes plugins added, by scheme name
+    linear_schemes: dict[str, LinearSchemeSpec] = field(default_factory=dict)
 
     def availability_table(self) -> str:
         lines = []
@@ -187,9 +190,11 @@ def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
     for spec in [*catalog.registry.for_all(), *specs]:
         trial.register(spec)  # raises DuplicateKernelError before anything is kept
     formats = _quant_formats(pm, plugin, source, catalog)
+    schemes = _linear_schemes(pm, plugin, source, catalog)
     for spec in specs:
         catalog.registry.register(spec)
     catalog.quant_formats.update(formats)
+    catalog.linear_schemes.update(schemes)
     for p in platforms:
         catalog.platforms[p.name] = PlatformEntry(p, source)
     for options in _call(pm, plugin, "heteroserve_conformance_options"):
@@ -214,4 +219,22 @@ def _quant_formats(pm: pluggy.PluginManager, plugin: object, source: str,
             raise ValueError(f"quantization format {spec.method!r} is already provided by "
                              f"{taken.provider}")
         found[spec.method] = replace(spec, provider=spec.provider or source)
+    return found
+
+
+def _linear_schemes(pm: pluggy.PluginManager, plugin: object, source: str,
+                    catalog: PluginCatalog) -> dict[str, LinearSchemeSpec]:
+    """One plugin's linear-scheme definitions (raises naming a taken or built-in name)."""
+    found: dict[str, LinearSchemeSpec] = {}
+    for spec in [s for r in _call(pm, plugin, "heteroserve_linear_schemes") for s in (r or [])]:
+        if not isinstance(spec, LinearSchemeSpec):
+            raise TypeError(f"heteroserve_linear_schemes() returned {type(spec).__name__}, "
+                            "not a LinearSchemeSpec")
+        if spec.name in LINEAR_SCHEMES:
+            raise ValueError(f"linear scheme {spec.name!r} is built in")
+        taken = catalog.linear_schemes.get(spec.name) or found.get(spec.name)
+        if taken is not None:
+            raise ValueError(f"linear scheme {spec.name!r} is already defined by "
+                             f"{taken.provider}")
+        found[spec.name] = replace(spec, provider=spec.provider or source)
     return found

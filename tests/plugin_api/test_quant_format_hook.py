@@ -1,16 +1,20 @@
 """Plugin-registered quantization formats: the example plugin adds the ``example-int8-wo``
 checkpoint format and its linear scheme without touching the core. A tiny checkpoint written
 here in that format loads and generates the same greedy tokens as transformers on the
-dequantized weights; a built-in method cannot be taken over; without the plugin the format is
-refused by name."""
+dequantized weights; the conformance suite certifies its kernel against the plugin's scheme
+definition; a built-in method or scheme cannot be taken over; without the plugin the format
+is refused by name."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -24,7 +28,9 @@ from engine_harness import cpu_args
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
 from heteroserve.core.quantization import detect_quantization
-from heteroserve.plugin_api import QuantFormatSpec, QuantizationError, hookimpl
+from heteroserve.plugin_api import (
+    LinearSchemeSpec, QuantFormatSpec, QuantizationError, hookimpl,
+)
 from parity import assert_matches
 
 EXAMPLE_SRC = Path(__file__).resolve().parents[2] / "plugins/example/src"
@@ -170,3 +176,48 @@ def test_a_reader_returning_garbage_is_reported() -> None:
                                                 "ZeroDivisionError"):
         detect_quantization({"quantization_config": {"quant_method": "toy"}}, None,
                             catalog.quant_formats)
+
+
+def test_a_plugin_scheme_is_certified_by_the_conformance_suite(tmp_path: Path) -> None:
+    """The example's LinearSchemeSpec gives the suite the scheme's definition: its kernel
+    runs every linear case (each dtype, with and without bias) against it."""
+    env = dict(os.environ)
+    paths = [str(EXAMPLE_SRC)]
+    if not any(ep.name == "example_splitkv"
+               for ep in md.entry_points(group="heteroserve.platforms")):
+        info = tmp_path / "site/heteroserve_example_splitkv-0.1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\n"
+                                       "Name: heteroserve-example-splitkv\nVersion: 0.1.0\n")
+        (info / "entry_points.txt").write_text(
+            "[heteroserve.platforms]\nexample_splitkv = heteroserve_example_splitkv.plugin\n")
+        paths.append(str(info.parent))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform",
+         "cpu", "--report", str(out), "-q", "-p", "no:cacheprovider", "-k", "example_int8_wo"],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((out / "conformance-cpu.json").read_text())
+    row, = [r for r in report["table"] if r["op"] == "linear.example_int8_wo"]
+    assert row["implementation"] == "example_int8_wo_torch" and row["failed"] == 0
+    assert row["passed"] == 6 and row["provider"] == "heteroserve-example-splitkv", row
+
+
+def _scheme_plugin(name: str) -> types.SimpleNamespace:
+    @hookimpl
+    def heteroserve_linear_schemes() -> list[LinearSchemeSpec]:
+        return [LinearSchemeSpec(name=name, quantize=lambda w: {}, dequantize=lambda p: None)]
+
+    return types.SimpleNamespace(heteroserve_linear_schemes=heteroserve_linear_schemes,
+                                 HETEROSERVE_PLUGIN_API="1.0")
+
+
+def test_a_taken_scheme_name_refuses_the_plugin() -> None:
+    catalog = load_plugins([("thief", _scheme_plugin("int8_w8a8")), ("a", _scheme_plugin("s")),
+                            ("b", _scheme_plugin("s"))], use_entry_points=False)
+    errors = {f.plugin: f.error for f in catalog.failures}
+    assert errors == {"thief": "ValueError: linear scheme 'int8_w8a8' is built in",
+                      "b": "ValueError: linear scheme 's' is already defined by in-process"}
+    assert set(catalog.linear_schemes) == {"s"}

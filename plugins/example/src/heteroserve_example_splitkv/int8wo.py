@@ -98,6 +98,21 @@ class Int8WeightOnlyLinear(LinearMethod):
         return y.to(x.dtype)
 
 
+def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float ``W [N, K]`` -> the scheme's tensors: ``weight = round(W / s)`` int8 with ``s =
+    amax(|W[n]|) / 127`` per output row (rows of zeros get ``s = 1``)."""
+    w = w.to(torch.float64)
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale.to(torch.float32)}
+
+
+def dequantize(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scheme's meaning: float64 ``W = weight * weight_scale`` (``[N, K]``)."""
+    return tensors["weight"].to(torch.float64) * tensors["weight_scale"].to(torch.float64)
+
+
 def supports(request: KernelRequest) -> Support:
     """Any device torch runs on; model dtypes fp32, bf16 and fp16."""
     if request.dtype not in _SCALE_DTYPES:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from heteroserve.plugin_api import (
-    ANY_PLATFORM, ATTENTION, KernelRegistry, KernelRequest, KernelSpec, QuantFormat,
-    QuantFormatSpec, Support, hookimpl, linear_op,
+    ANY_PLATFORM, ATTENTION, KernelRegistry, KernelRequest, KernelSpec, LinearSchemeSpec,
+    QuantFormat, QuantFormatSpec, Support, hookimpl, linear_op,
 )
 
 #: the plugin API version this plugin was built for (the loader refuses incompatible ones)
@@ -70,3 +70,11 @@ def heteroserve_register_kernels(registry: KernelRegistry) -> None:
 def heteroserve_quantization_formats() -> list[QuantFormatSpec]:
     return [QuantFormatSpec(method="example-int8-wo", reader=_read_int8wo,
                             description="int8 weight-only, per output channel (example plugin)")]
+
+
+@hookimpl
+def heteroserve_linear_schemes() -> list[LinearSchemeSpec]:
+    from heteroserve_example_splitkv.int8wo import SCHEME, dequantize, quantize
+
+    return [LinearSchemeSpec(name=SCHEME, quantize=quantize, dequantize=dequantize,
+                             description="int8 weights, one scale per output channel")]
