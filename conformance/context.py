@@ -48,6 +48,10 @@ class ConformanceContext:
     skip_ops: dict[str, str] = field(default_factory=dict)
     #: refused cases per test and implementation run anyway as claims probes
     probes_per_test: int = 1
+    #: the performance tier's required fraction of the copy bandwidth (None: not requested)
+    performance_fraction: float | None = None
+    #: measurements shared by the tests of a run (the copy bandwidth)
+    measurements: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -94,9 +98,14 @@ class ConformanceContext:
         return tuple(dict.fromkeys(sizes))
 
 
-def open_context(name: str, quick: bool = False, probes_per_test: int = 1) -> ConformanceContext:
+def open_context(name: str, quick: bool = False, probes_per_test: int = 1,
+                 performance_fraction: float | None = None) -> ConformanceContext:
     """Load every plugin and select platform ``name``. Raises :class:`ConformanceSetupError`
-    (one line plus the platform table) when it is unknown or unavailable."""
+    (one line plus the platform table) when it is unknown or unavailable, or when
+    ``performance_fraction`` is not in (0, 1]."""
+    if performance_fraction is not None and not 0.0 < performance_fraction <= 1.0:
+        raise ConformanceSetupError(f"--conformance-performance {performance_fraction}: the "
+                                    "fraction of the copy bandwidth must be in (0, 1]")
     catalog = load_plugins()
     try:
         platform = catalog.select(name)
@@ -111,4 +120,4 @@ def open_context(name: str, quick: bool = False, probes_per_test: int = 1) -> Co
     skip_ops = _parse_skip_ops(catalog.conformance_options.get(platform.name, {}))
     platform.set_device(0)
     return ConformanceContext(platform, availability, capabilities, catalog, quick, skip_ops,
-                              probes_per_test)
+                              probes_per_test, performance_fraction)

@@ -9,6 +9,7 @@ import torch
 from heteroserve.conformance import quantize
 from heteroserve.conformance.cases.linear import FP8_SCHEMES, LinearCase
 from heteroserve.conformance.context import ConformanceContext
+from heteroserve.conformance.oracles import linear as oracle
 from heteroserve.core.kernels.linear import LinearMethod, LinearShape
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -57,7 +58,9 @@ def load_layer(case: LinearCase, method: LinearMethod, ctx: ConformanceContext
     gen = case.generator()
     w = torch.randn(case.out_features, case.in_features, generator=gen,
                     dtype=torch.float64) * case.in_features ** -0.5
-    ckpt = checkpoint(case, w, w_fp8, gen)
+    plugin_scheme = ctx.catalog.linear_schemes.get(case.scheme)
+    ckpt = (plugin_scheme.quantize(w.clone()) if plugin_scheme is not None
+            else checkpoint(case, w, w_fp8, gen))
     assert set(specs) == set(ckpt), \
         f"create_weights names {sorted(specs)}, the {case.scheme} checkpoint has {sorted(ckpt)}"
     layer = torch.nn.Module()
@@ -73,3 +76,17 @@ def load_layer(case: LinearCase, method: LinearMethod, ctx: ConformanceContext
     if case.scheme in FP8_SCHEMES and processed is not None and processed.dtype in FP8_DTYPES:
         act_fp8 = processed.dtype  # the contract: activations take the weight's fp8 format
     return layer, ckpt, act_fp8, gen
+
+
+def reference(case: LinearCase, ctx: ConformanceContext, x: torch.Tensor,
+              ckpt: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              act_fp8: torch.dtype | None) -> torch.Tensor:
+    """Float64 ``x @ W^T (+ bias)`` for ``case``'s checkpoint: the suite's oracle for a
+    built-in scheme, the plugin's own ``LinearSchemeSpec.dequantize`` for one a plugin
+    defines (its activations unquantized)."""
+    plugin_scheme = ctx.catalog.linear_schemes.get(case.scheme)
+    if plugin_scheme is None:
+        return oracle.linear(case.scheme, x, ckpt, case.group_size, bias, act_fp8)
+    w = plugin_scheme.dequantize({k: t.cpu() for k, t in ckpt.items()}).double()
+    y = x.double().cpu() @ w.T
+    return y if bias is None else y + bias.double().cpu()

@@ -33,6 +33,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "implementation refuses anyway, reporting any that pass as "
                          "'supported but unclaimed' (0: off, e.g. where a refused case "
                          "could crash the device)")
+    group.addoption("--conformance-performance", type=float, default=None, metavar="FRACTION",
+                    help="run the optional performance tier: memory-bound ops must move "
+                         "bytes at FRACTION (0-1] of the device's measured copy bandwidth "
+                         "(off by default)")
 
 
 def _targets_suite(config: pytest.Config) -> bool:
@@ -60,7 +64,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         ctx = open_context(name, quick=bool(config.getoption("conformance_quick")),
-                           probes_per_test=int(config.getoption("conformance_probes")))
+                           probes_per_test=int(config.getoption("conformance_probes")),
+                           performance_fraction=config.getoption("conformance_performance"))
     except ConformanceSetupError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONTEXT_KEY] = ctx

@@ -82,6 +82,8 @@ class ReportCollector:
         self.results: dict[str, ConfResult] = {}
         self.deselected = 0
         self.probes: dict[str, dict[str, str]] = {}
+        #: performance-tier measurements, by test
+        self.performance: dict[str, dict[str, Any]] = {}
         # taken at the start: the code under test, not what the tree holds when the run ends
         self.provenance = provenance(ctx)
 
@@ -103,6 +105,8 @@ class ReportCollector:
         for key, value in report.user_properties:
             if key == "max_rel_err":
                 res.max_rel_err = value if res.max_rel_err is None else max(res.max_rel_err, value)
+            elif key == "perf":
+                self.performance[report.nodeid] = {"test": report.nodeid, **value}
         if report.failed:
             if res.outcome != "failed":
                 res.outcome, res.message = "failed", f"{report.when}: {_one_line(report)}"
@@ -213,6 +217,10 @@ class ReportCollector:
             # claims probing (informational): refused cases run anyway
             "claims": sorted(self.probes.values(), key=lambda p: p["test"]),
             "skip_ops": dict(self.ctx.skip_ops),
+            # the optional performance tier: what was asked for and what each op reached
+            "performance": {"required_fraction": self.ctx.performance_fraction,
+                            "measurements": [self.performance[k]
+                                             for k in sorted(self.performance)]},
             "plugin_failures": [{"plugin": f.plugin, "source": f.source, "error": f.error}
                                 for f in self.ctx.catalog.failures],
         }
@@ -279,6 +287,15 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "(supported but unclaimed: the `supports()` predicate could say yes).", ""]
         out += [f"- `{p['test']}`: {p['verdict']} (refused: {p['refusal']})"
                 for p in data["claims"]]
+    perf = data.get("performance") or {}
+    if perf.get("measurements"):
+        out += ["", "## Performance", "",
+                f"Memory-bound ops against the measured copy bandwidth; required fraction "
+                f"{perf['required_fraction']}.", "",
+                "| op | implementation | case | GB/s | copy GB/s | fraction |",
+                "|---|---|---|---:|---:|---:|"]
+        out += [f"| {m['op']} | {m['implementation']} | {m['case']} | {m['gb_per_s']} | "
+                f"{m['copy_gb_per_s']} | {m['fraction']} |" for m in perf["measurements"]]
     if data["skip_ops"]:
         out += ["", "## Ops the platform plugin skips", ""]
         out += [f"- `{op}`: {reason}" for op, reason in data["skip_ops"].items()]

@@ -1,6 +1,7 @@
 """Conformance of every linear method: checkpoint tensors from the suite's own quantizers,
 ``create_weights`` / ``process_weights_after_loading`` / ``apply`` against the dequantized
-float64 oracle (with the dynamic activation quantization of W8A8 schemes)."""
+float64 oracle (with the dynamic activation quantization of W8A8 schemes). A scheme a plugin
+adds is run against its own definition (``LinearSchemeSpec.quantize`` / ``dequantize``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from heteroserve.conformance import quantize
 from heteroserve.conformance.cases.linear import LinearCase, linear_cases
 from heteroserve.conformance.checks import assert_bitwise_equal, assert_close, run_op
 from heteroserve.conformance.context import ConformanceContext
-from heteroserve.conformance.linear_setup import load_layer
-from heteroserve.conformance.oracles import linear as oracle
+from heteroserve.conformance.linear_setup import load_layer, reference
 from heteroserve.conformance.params import ConfParam, conformance
 
 
@@ -35,5 +35,5 @@ def test_linear(conf: ConfParam, ctx: ConformanceContext,
     x_dev, bias_dev = x.to(dev), bias.to(dev) if bias is not None else None
     out = run_op(lambda: method.apply(layer, x_dev, bias_dev), tuple)
     assert_bitwise_equal(x_dev, x, "apply must not modify x")
-    ref = oracle.linear(case.scheme, x, ckpt, case.group_size, bias, act_fp8)
+    ref = reference(case, ctx, x, ckpt, bias, act_fp8)
     assert_close(out, ref, dt, f"linear.{case.scheme}", request)

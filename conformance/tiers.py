@@ -9,8 +9,8 @@ Each test module of the suite belongs to one tier:
 - ``distributed``: every collective of the platform's communicator at world sizes 1, 2 and 4.
 - ``sampling``: the sampling op's support rules and chi-square tests of its draws against the
   oracle distribution (temperature, top-k, top-p, min-p; masked tokens never drawn).
-- ``performance``: optional; memory-bound ops at a stated fraction of the measured copy
-  bandwidth (not part of this suite yet, so always ``not run``).
+- ``performance``: optional (``--conformance-performance FRACTION``): memory-bound ops move
+  bytes at ``FRACTION`` of the device's measured copy bandwidth; ``not run`` unless asked for.
 
 A tier is ``passed`` when at least one of its tests passed and none failed; a report's
 ``tier_reached`` lists the passed tiers, and is empty unless ``correct`` passed.
@@ -38,6 +38,7 @@ MODULE_TIERS: dict[str, Tier] = {
     "test_distributed": Tier.DISTRIBUTED,
     "test_sampling": Tier.SAMPLING,
     "test_sampling_stats": Tier.SAMPLING,
+    "test_performance": Tier.PERFORMANCE,
 }
 
 

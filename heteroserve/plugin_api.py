@@ -3,6 +3,7 @@
 Everything a plugin needs is here, and only what is here is promised to stay (see
 ``docs/plugin-api.md``): the hook marker, the Platform contract and its capability types, the
 kernel registry's types, every op name and contract, the attention and linear-method bases,
+the quantization-format types (a checkpoint reader and its linear scheme),
 the communicator and graph-runner bases, the torch-native reference kernels (to build on or
 to fall back to) and the conformance runner. A plugin declares the version it was built for::
 
@@ -27,7 +28,9 @@ from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.attention import (
     AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, ForwardMode,
 )
-from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearMethod, LinearShape, ParamSpec
+from heteroserve.core.kernels.linear import (
+    LINEAR_SCHEMES, LinearMethod, LinearSchemeSpec, LinearShape, ParamSpec,
+)
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
     MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, RMS_NORM, ROTARY, SAMPLING, SILU_AND_MUL,
@@ -45,6 +48,9 @@ from heteroserve.core.plugins.api_version import (
     DECLARATION_ATTR, PLUGIN_API_VERSION, ApiVersion, PluginApiVersionError, is_compatible,
 )
 from heteroserve.core.plugins.hookspecs import ENTRY_POINT_GROUP, hookimpl
+from heteroserve.core.quantization.base import (
+    UNQUANTIZED, LayerQuant, QuantFormat, QuantFormatSpec, QuantizationError, module_matches,
+)
 
 if TYPE_CHECKING:
     from heteroserve.platforms.cpu.attention import TorchNativeAttention
@@ -70,6 +76,9 @@ __all__ = [
     # attention and linear bases
     "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata", "ForwardMode",
     "LinearMethod", "LinearShape", "ParamSpec", "LINEAR_SCHEMES",
+    # quantization formats (checkpoint readers a plugin adds)
+    "QuantFormat", "QuantFormatSpec", "LinearSchemeSpec", "LayerQuant", "UNQUANTIZED", "QuantizationError",
+    "module_matches",
     # communicator and graphs
     "Communicator", "TorchDistributedCommunicator", "GraphRunner", "CapturedGraph",
     "EagerGraphRunner",

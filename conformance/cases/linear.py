@@ -46,11 +46,18 @@ _GRID: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
 }
 
 
+#: the shapes of a scheme a plugin defines (``LinearSchemeSpec``)
+PLUGIN_GRID: list[tuple[int, int, int, int, bool, bool]] = [
+    (1, 256, 128, 128, False, False), (7, 320, 200, 128, False, True)]
+
+
 def linear_cases(ctx: ConformanceContext) -> list[LinearCase]:
     """Every scheme of ``LINEAR_SCHEMES`` x every dtype x the scheme's shapes (ragged fp8
-    blocks, W4A16 group sizes 64 and 128, GPTQ act-order, with and without bias)."""
+    blocks, W4A16 group sizes 64 and 128, GPTQ act-order, with and without bias), then every
+    scheme a plugin defines (:data:`PLUGIN_GRID`)."""
     cases = []
-    for scheme, grid in _GRID.items():
+    grids = {**_GRID, **{name: PLUGIN_GRID for name in sorted(ctx.catalog.linear_schemes)}}
+    for scheme, grid in grids.items():
         for dt in ALL_DTYPES:
             for t, k, n, g, gidx, bias in (grid[:1] if ctx.quick else grid):
                 name = f"{DTYPE_NAMES[dt]}-T{t}-K{k}-N{n}"

@@ -38,6 +38,7 @@ Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input fea
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,25 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class LinearSchemeSpec:
+    """A linear scheme a plugin adds (hook ``heteroserve_linear_schemes``): its definition,
+    so that the conformance suite can certify every ``linear.<name>`` kernel of it.
+
+    ``quantize``: float64 ``W [N, K]`` -> the scheme's checkpoint tensors, named and laid out
+    as its kernels' ``create_weights`` declares them. ``dequantize``: those tensors ->
+    float64 ``W [N, K]``, the scheme's meaning; the oracle is ``x @ dequantize(...)^T``
+    with ``x`` unquantized (weight-only schemes). ``name`` must not be a built-in scheme.
+    ``provider``: filled in by the loader.
+    """
+
+    name: str
+    quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    dequantize: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    description: str = ""
+    provider: str = ""
+
+
+@dataclass(frozen=True)
 class LinearShape:
     """A linear layer's size and options. ``group_size`` is used by the W4A16 schemes."""
 
@@ -96,7 +116,8 @@ class LinearMethod(ABC):
 
     def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
         """The tensors a checkpoint provides for a layer of ``shape``, by parameter name
-        (the scheme's layout, :func:`checkpoint_specs`; override only to add tensors)."""
+        (the scheme's layout, :func:`checkpoint_specs`). Override to add tensors, or, for a
+        scheme a plugin adds (not in :data:`LINEAR_SCHEMES`), to declare all of them."""
         return checkpoint_specs(self.scheme, shape)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

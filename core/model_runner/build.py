@@ -69,7 +69,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     if cfg.dtype not in platform.capabilities().dtypes:
         raise ValueError(f"platform {platform.name} does not support {cfg.dtype}; "
                          f"choose --dtype from {platform.capabilities().describe()['dtypes']}")
-    quant = detect_quantization(cfg.raw, server_args.quantization)
+    quant = detect_quantization(cfg.raw, server_args.quantization, catalog.quant_formats)
     overrides = parse_kernel_overrides(server_args.kernel)
     if server_args.kv_cache_dtype != "auto" and platform.capabilities().fp8_flavour is None:
         raise ValueError(f"--kv-cache-dtype {server_args.kv_cache_dtype}: platform "

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from heteroserve.core.kernels.linear import LinearSchemeSpec
     from heteroserve.core.kernels.registry import KernelRegistry
     from heteroserve.core.platform import Platform
+    from heteroserve.core.quantization.base import QuantFormatSpec
 
 PROJECT = "heteroserve"
 ENTRY_POINT_GROUP = "heteroserve.platforms"
@@ -65,4 +67,30 @@ def heteroserve_conformance_options() -> dict[str, object]:
     Keys understood: ``"skip_ops"`` (list of op names with a reason each, as
     ``{"op": "reason"}``) for ops the vendor deliberately leaves to the fallback. Returning
     an empty dict means "test everything"; the report lists every skip with its reason.
+    """
+
+
+@hookspec
+def heteroserve_quantization_formats() -> list[QuantFormatSpec]:
+    """Return the checkpoint quantization formats this plugin adds (may be empty).
+
+    Each :class:`~heteroserve.core.quantization.base.QuantFormatSpec` names the
+    ``quantization_config.quant_method`` it reads and a reader that turns that config into a
+    ``QuantFormat`` (which linear scheme holds each layer, and how the checkpoint's tensors
+    become the scheme's). A scheme of the plugin's own needs ``linear.<scheme>`` kernels,
+    registered in :func:`heteroserve_register_kernels` like any other op. Must not import
+    vendor packages. A method that is built in or taken by another plugin is reported as
+    this plugin's failure, and none of its platforms, kernels or formats are kept.
+    """
+
+
+@hookspec
+def heteroserve_linear_schemes() -> list[LinearSchemeSpec]:
+    """Return the definitions of the linear schemes this plugin adds (may be empty).
+
+    A :class:`~heteroserve.core.kernels.linear.LinearSchemeSpec` gives the scheme's quantizer
+    and dequantizer; the conformance suite runs every ``linear.<name>`` kernel, from any
+    plugin, against ``x @ dequantize(quantize(W))^T``. A scheme without a definition cannot
+    be certified. A built-in scheme name or one another plugin defined is reported as this
+    plugin's failure.
     """

@@ -10,9 +10,12 @@ from functools import cached_property
 
 import pluggy
 
+from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearSchemeSpec
 from heteroserve.core.kernels.registry import KernelRegistry
 from heteroserve.core.platform import Availability, Platform
 from heteroserve.core.plugins import api_version, hookspecs
+from heteroserve.core.quantization import FORMATS
+from heteroserve.core.quantization.base import QuantFormatSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class PluginCatalog:
     #: one-line remarks about plugins that loaded (an undeclared plugin API version)
     notes: list[str] = field(default_factory=list)
     conformance_options: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: checkpoint quantization formats added by plugins, by ``quant_method``
+    quant_formats: dict[str, QuantFormatSpec] = field(default_factory=dict)
+    #: definitions of the linear schemes plugins added, by scheme name
+    linear_schemes: dict[str, LinearSchemeSpec] = field(default_factory=dict)
 
     def availability_table(self) -> str:
         lines = []
@@ -169,7 +176,7 @@ def _call(pm: pluggy.PluginManager, plugin: object, hook: str, **kwargs: object)
 
 def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
              catalog: PluginCatalog) -> None:
-    """Take one plugin's platforms and kernels, all or nothing."""
+    """Take one plugin's platforms, kernels and quantization formats, all or nothing."""
     platforms: list[Platform] = [p for r in _call(pm, plugin, "heteroserve_platforms") for p in r]
     for p in platforms:
         if p.name in catalog.platforms:
@@ -182,10 +189,52 @@ def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
     trial = KernelRegistry()
     for spec in [*catalog.registry.for_all(), *specs]:
         trial.register(spec)  # raises DuplicateKernelError before anything is kept
+    formats = _quant_formats(pm, plugin, source, catalog)
+    schemes = _linear_schemes(pm, plugin, source, catalog)
     for spec in specs:
         catalog.registry.register(spec)
+    catalog.quant_formats.update(formats)
+    catalog.linear_schemes.update(schemes)
     for p in platforms:
         catalog.platforms[p.name] = PlatformEntry(p, source)
     for options in _call(pm, plugin, "heteroserve_conformance_options"):
         for p in platforms:
             catalog.conformance_options[p.name] = dict(options or {})
+
+
+def _quant_formats(pm: pluggy.PluginManager, plugin: object, source: str,
+                   catalog: PluginCatalog) -> dict[str, QuantFormatSpec]:
+    """One plugin's quantization formats, checked against the built-in ones and those other
+    plugins took (raises ``ValueError`` naming the method; nothing is kept then)."""
+    found: dict[str, QuantFormatSpec] = {}
+    for spec in [s for r in _call(pm, plugin, "heteroserve_quantization_formats")
+                 for s in (r or [])]:
+        if not isinstance(spec, QuantFormatSpec):
+            raise TypeError(f"heteroserve_quantization_formats() returned "
+                            f"{type(spec).__name__}, not a QuantFormatSpec")
+        if spec.method in FORMATS:
+            raise ValueError(f"quantization format {spec.method!r} is built in")
+        taken = catalog.quant_formats.get(spec.method) or found.get(spec.method)
+        if taken is not None:
+            raise ValueError(f"quantization format {spec.method!r} is already provided by "
+                             f"{taken.provider}")
+        found[spec.method] = replace(spec, provider=spec.provider or source)
+    return found
+
+
+def _linear_schemes(pm: pluggy.PluginManager, plugin: object, source: str,
+                    catalog: PluginCatalog) -> dict[str, LinearSchemeSpec]:
+    """One plugin's linear-scheme definitions (raises naming a taken or built-in name)."""
+    found: dict[str, LinearSchemeSpec] = {}
+    for spec in [s for r in _call(pm, plugin, "heteroserve_linear_schemes") for s in (r or [])]:
+        if not isinstance(spec, LinearSchemeSpec):
+            raise TypeError(f"heteroserve_linear_schemes() returned {type(spec).__name__}, "
+                            "not a LinearSchemeSpec")
+        if spec.name in LINEAR_SCHEMES:
+            raise ValueError(f"linear scheme {spec.name!r} is built in")
+        taken = catalog.linear_schemes.get(spec.name) or found.get(spec.name)
+        if taken is not None:
+            raise ValueError(f"linear scheme {spec.name!r} is already defined by "
+                             f"{taken.provider}")
+        found[spec.name] = replace(spec, provider=spec.provider or source)
+    return found

@@ -14,6 +14,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,6 +85,38 @@ class QuantFormat(ABC):
         """Things the engine does differently from the format's own description (shown at
         start-up), e.g. static activation scales replaced by dynamic quantization."""
         return ()
+
+
+#: ``quant_method`` spelling: lower case letters, digits, ``-`` and ``_``
+_METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+@dataclass(frozen=True)
+class QuantFormatSpec:
+    """A checkpoint quantization format a plugin adds (hook
+    ``heteroserve_quantization_formats``).
+
+    ``method``: the ``quantization_config.quant_method`` it reads, lower case (config.json's
+    value is lower-cased before the lookup); it must not be a built-in method or another
+    plugin's. ``reader``: ``quantization_config`` (the dict from config.json) ->
+    :class:`QuantFormat`; raises :class:`QuantizationError` naming the field it refuses.
+    The formats' :meth:`QuantFormat.schemes` may name built-in linear schemes or the plugin's
+    own, for which the plugin registers ``linear.<scheme>`` kernels whose
+    :meth:`~heteroserve.core.kernels.linear.LinearMethod.create_weights` declares the
+    tensors. ``provider``: filled in by the loader (the plugin's distribution).
+    """
+
+    method: str
+    reader: Callable[[dict[str, Any]], QuantFormat]
+    description: str = ""
+    provider: str = ""
+
+    def __post_init__(self) -> None:
+        if not _METHOD_NAME.fullmatch(self.method):
+            raise ValueError(f"quantization format method {self.method!r} must be lower case "
+                             "letters, digits, '-' or '_'")
+        if not callable(self.reader):
+            raise TypeError(f"quantization format {self.method!r}: reader is not callable")
 
 
 def module_matches(prefix: str, patterns: list[str] | tuple[str, ...]) -> bool:
