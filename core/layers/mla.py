@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.mla import MLALayer
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import (
@@ -15,6 +16,7 @@ from heteroserve.core.layers.linear import (
 )
 from heteroserve.core.layers.norm import RMSNorm
 from heteroserve.core.layers.rotary import RotaryEmbedding
+from heteroserve.core.quantization.dequantize import dequantize
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,13 @@ class MLADims:
 class MLAUpProjection(nn.Module):
     """``kv_b_proj``: the checkpoint's ``[H * (qk_nope + v), kv_lora_rank]`` weight kept per
     head as ``w_kc [H/tp, qk_nope, kv_lora_rank]`` and ``w_vc [H/tp, v, kv_lora_rank]`` (this
-    rank's heads), the form the MLA backend takes."""
+    rank's heads), the form the MLA backend takes.
+
+    An FP8-block checkpoint (DeepSeek-V3/R1) stores it as e4m3 ``weight`` plus
+    ``weight_scale_inv [ceil(N/128), ceil(K/128)]``: both are held until the other arrives,
+    then dequantized into the model dtype (the absorbed form multiplies queries and outputs by
+    these per-head matrices, not a linear layer's input). :meth:`check_loaded` raises when
+    half of such a pair never came."""
 
     def __init__(self, ctx: LayerContext, dims: MLADims) -> None:
         super().__init__()
@@ -54,20 +62,41 @@ class MLAUpProjection(nn.Module):
             torch.empty(*shape, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
         self.w_kc = make(self.heads, dims.qk_nope_head_dim, dims.kv_lora_rank)
         self.w_vc = make(self.heads, dims.v_head_dim, dims.kv_lora_rank)
+        self._fp8_parts: dict[str, torch.Tensor] = {}
 
     def load(self, name: str, tensor: torch.Tensor, shard: object = None) -> None:
         d = self.dims
-        if name != "weight":
-            raise ValueError(f"kv_b_proj has no parameter {name!r} (a quantized kv_b_proj is "
-                             "not supported)")
         want = (d.num_heads * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank)
-        if tuple(tensor.shape) != want:
+        fp8_weight = name == "weight" and tensor.dtype.itemsize == 1 and tensor.is_floating_point()
+        if name not in ("weight", "weight_scale_inv"):
+            raise ValueError(f"kv_b_proj has no parameter {name!r} (of quantized formats only "
+                             "FP8-block weight + weight_scale_inv is supported)")
+        if tuple(tensor.shape) != want and name == "weight":
             raise ValueError(f"kv_b_proj.weight: checkpoint shape {list(tensor.shape)} does not "
                              f"match {list(want)}")
+        if fp8_weight or name == "weight_scale_inv":
+            blocks = tuple(-(-n // FP8_BLOCK) for n in want)
+            if name == "weight_scale_inv" and tuple(tensor.shape) != blocks:
+                raise ValueError(f"kv_b_proj.weight_scale_inv: checkpoint shape "
+                                 f"{list(tensor.shape)} does not match {list(blocks)} (128x128 "
+                                 "blocks of the weight)")
+            self._fp8_parts[name] = tensor
+            if len(self._fp8_parts) < 2:
+                return
+            tensor = dequantize("fp8_block", self._fp8_parts, -1)
+            self._fp8_parts = {}
         start = self.ctx.tp_rank * self.heads
         per_head = tensor.view(d.num_heads, -1, d.kv_lora_rank)[start:start + self.heads]
         self.w_kc.data.copy_(per_head[:, :d.qk_nope_head_dim].to(self.w_kc.dtype))
         self.w_vc.data.copy_(per_head[:, d.qk_nope_head_dim:].to(self.w_vc.dtype))
+
+    def check_loaded(self) -> None:
+        """Raise ``ValueError`` when an FP8-block weight came without its scales (or the
+        reverse)."""
+        if self._fp8_parts:
+            have = next(iter(self._fp8_parts))
+            other = "weight_scale_inv" if have == "weight" else "weight"
+            raise ValueError(f"kv_b_proj: checkpoint has {have} but no {other}")
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -15,6 +15,7 @@ from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import LinearBase
+from heteroserve.core.layers.mla import MLAUpProjection
 from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
 from heteroserve.core.model_runner import kv_storage
@@ -96,6 +97,11 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, (LinearBase, FusedMoE)):
                     module.check_loaded()
+                elif isinstance(module, MLAUpProjection):
+                    try:
+                        module.check_loaded()
+                    except ValueError as exc:
+                        raise ModelLoadError(f"{cfg.path}: {exc}") from None
         for module in self.model.modules():
             if isinstance(module, (LinearBase, FusedMoE)):
                 module.process_weights_after_loading()

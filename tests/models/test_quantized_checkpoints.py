@@ -65,6 +65,38 @@ def test_moe_quantized_experts_match_transformers(fmt, opts, tmp_path) -> None:
     assert_matches(runner, hf, 2e-2 if scheme.startswith("fp8") else 1e-3)
 
 
+def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None:
+    """DeepSeek-V3's published format: every projection FP8 with 128x128 ``weight_scale_inv``
+    (MLA's ``q_a/q_b/kv_a/kv_b`` and ``o_proj``, the dense and shared MLPs, the routed experts),
+    the router and LM head in bf16. ``kv_b_proj`` is dequantized at load (the absorbed MLA
+    multiplies by it per head), so the reference quantizes every projection's input but its."""
+    # expert widths of 128: fused gate/up shards of block-fp8 start on 128-row boundaries, as
+    # in the real checkpoints (moe_intermediate_size 2048)
+    v3 = build_tiny_model(tmp_path / "v3", "deepseek_v3", seed=3, moe_intermediate_size=128)
+    path, scheme, group = write_quantized(v3, tmp_path / "ckpt", "fp8-block")
+    runner = _runner(path)
+    attn = runner.model.model.layers[0].self_attn
+    assert attn.q_a_proj.quant.scheme == attn.o_proj.quant.scheme == scheme == "fp8_block"
+    assert runner.model.model.layers[1].mlp.expert_quant.scheme == scheme
+    hf = dequantized_reference(path, scheme, group, tmp_path, skip=("kv_b_proj",))
+    assert_matches(runner, hf, 2e-2)
+
+
+def test_deepseek_v3_fp8_kv_b_proj_without_scales_fails_by_name(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from heteroserve.core.models.config import ModelLoadError
+
+    v3 = build_tiny_model(tmp_path / "v3", "deepseek_v3", seed=3, moe_intermediate_size=128)
+    path, _, _ = write_quantized(v3, tmp_path / "ckpt", "fp8-block")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="kv_b_proj: checkpoint has weight but no "
+                                             "weight_scale_inv"):
+        _runner(path)
+
+
 CT_CASES = {  # preset -> (scheme of the projections, logits tolerance)
     "W4A16": ("gptq_w4a16", 2e-3),
     "W4A16_ASYM": ("awq_w4a16", 2e-3),

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from heteroserve.conformance import quantize as cq
 from heteroserve.conformance.oracles.linear import dequantize
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # + MLA's
 
 
 def _is_projection(name: str) -> bool:
@@ -184,11 +185,12 @@ def fake_quant_input(scheme: str, x: torch.Tensor) -> torch.Tensor:
         s = (xf.abs().amax() / fmax).clamp(min=1e-12)
     elif scheme == "fp8_per_channel":
         s = (xf.abs().amax(-1, keepdim=True) / fmax).clamp(min=1e-12)
-    elif scheme == "fp8_block":
-        g = xf.unflatten(-1, (-1, 128))
+    elif scheme == "fp8_block":  # groups of 128 columns, the last one possibly shorter
+        k = xf.shape[-1]
+        g = torch.nn.functional.pad(xf, (0, -k % 128)).unflatten(-1, (-1, 128))
         s = (g.abs().amax(-1, keepdim=True) / fmax).clamp(min=1e-12)
         q = (g / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn).to(torch.float32) * s
-        return q.flatten(-2).to(x.dtype)
+        return q.flatten(-2)[..., :k].to(x.dtype)
     else:
         return x
     return ((xf / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn).to(torch.float32) * s).to(x.dtype)
