@@ -11,6 +11,7 @@ over enough weight copies that the set is larger than the L2 cache, and the repl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 from gemv_sweep import rotating_weights, sweep_configs  # noqa: E402
 
 from heteroserve.platforms.triton.activation import silu_and_mul
@@ -38,30 +40,11 @@ EPS = 1e-5
 
 
 def graph_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor],
-              rounds: int = 5) -> float:
+             rounds: int = 5) -> float:
     """Microseconds per call when ``call(w)`` for every ``w`` (four rounds) is replayed from one
-    graph, median of ``rounds`` replays: the time a decode graph sees, without host launch cost."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for w in weights:  # warm up (compile) outside the capture
-            call(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(4):
-            for w in weights:
-                call(w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (4 * len(weights)))
-    return sorted(times)[len(times) // 2]
+    graph (``roofline.graph_us``)."""
+    calls = [functools.partial(call, w) for _ in range(4) for w in weights]
+    return roofline.graph_us(calls, rounds)
 
 
 def _variants(prologue: str, k: int, dev: torch.device):

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import graph_us  # noqa: E402
+
 from heteroserve.platforms.triton.moe import grouped_moe  # noqa: E402
 from heteroserve.platforms.triton.moe_decode import (  # noqa: E402
     MAX_DECODE_PAIRS, DecodeConfig, DecodeTile, choose_config, decode_moe,
@@ -110,31 +113,6 @@ def reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Te
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-
-
-def graph_us(calls: list[Callable[[], object]], rounds: int = 5) -> float:
-    """Microseconds per call when every call is replayed from one CUDA graph (median of
-    ``rounds`` replays): the time a decode graph sees, without host launch cost."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for call in calls:  # compile and warm up outside the capture
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
 
 
 def wall_us(calls: list[Callable[[], object]]) -> float:

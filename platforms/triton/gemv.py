@@ -36,7 +36,8 @@ PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
 
 
 @triton.jit
-def _weight_tile(w_ptrs, n_mask, k_mask, EVEN: tl.constexpr):
+def weight_tile(w_ptrs, n_mask, k_mask, EVEN: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_K]`` weight tile streamed once (evict first); unmasked when ``EVEN``."""
     if EVEN:
         return tl.load(w_ptrs, eviction_policy="evict_first")
     else:
@@ -84,11 +85,11 @@ def _gemv_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     if STATIC_WEIGHT:  # no kernel of the step writes W: its first tile may load before the
         # wait, so with PDL that load's latency hides behind the previous kernel's tail
-        w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
+        w = weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
         wait_for_previous(USE_PDL)
     else:
         wait_for_previous(USE_PDL)
-        w = _weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
+        w = weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, offs_k, offs_k < K, K, pid, sum_sq,
                                  PROLOGUE, HAS_RESIDUAL, EVEN)
@@ -97,7 +98,7 @@ def _gemv_kernel(
         kk = k0 + offs_k
         k_mask = kk < K
         w_ptrs += BLOCK_K
-        w = _weight_tile(w_ptrs, n_mask, k_mask, EVEN)
+        w = weight_tile(w_ptrs, n_mask, k_mask, EVEN)
         a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
                                      PROLOGUE, HAS_RESIDUAL, EVEN)
         acc += w.to(tl.float32) * a[None, :]

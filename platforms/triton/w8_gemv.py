@@ -38,6 +38,7 @@ import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.gemv import weight_tile
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 from heteroserve.platforms.triton.quant import MIN_SCALE
 
@@ -71,15 +72,6 @@ def _quantize(a, inv_scale, qmax, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr
         return (v + _ROUND_MAGIC) - _ROUND_MAGIC
     else:
         return round_fp8(v, MIN_NORMAL, SUB_MAGIC)
-
-
-@triton.jit
-def _load_w(w_ptrs, n_mask, k_mask, EVEN: tl.constexpr):
-    if EVEN:
-        return tl.load(w_ptrs, eviction_policy="evict_first")
-    else:
-        return tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                       eviction_policy="evict_first")
 
 
 @triton.jit
@@ -142,7 +134,7 @@ def _w8_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    w = _load_w(w_ptrs, n_mask, offs_k < K, EVEN)  # a parameter: may load before the wait
+    w = weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)  # a parameter: may load before the wait
     wait_for_previous(USE_PDL)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
 
@@ -172,7 +164,7 @@ def _w8_gemv_kernel(
                 SUB_MAGIC, EVEN, BLOCK_K, GROUP)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
-        w = _load_w(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
+        w = weight_tile(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
         acc = _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT, WS,
                     IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
 
