@@ -23,6 +23,7 @@ from heteroserve.server.context import ServerContext
 from heteroserve.server.errors import install_error_handlers
 from heteroserve.server.limits import EdgeLimits
 from heteroserve.server.metrics import ServerMetrics
+from heteroserve.server.routes_admin import admin_router
 from heteroserve.server.routes_native import native_router, ops_router
 from heteroserve.server.routes_openai import router as openai_router
 
@@ -42,14 +43,17 @@ def _reasoning_parser(server_args: ServerArgs, client: Any) -> Any:
     return ReasoningParser.create(server_args.reasoning_parser, client.tokenizer.hf)
 
 
-def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = True) -> FastAPI:
+def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = True,
+               model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app over ``client`` (an ``EngineClient`` or an object with its interface).
 
-    ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends. Raises
-    ``ValueError`` for an unknown ``--reasoning-parser``.
+    ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends.
+    ``model_aliases``: more names ``model`` fields may carry (listed after the served name by
+    ``/v1/models``). Raises ``ValueError`` for an unknown ``--reasoning-parser``.
     """
     ctx = ServerContext(client=client, server_args=server_args,
                         model_name=served_model_name(server_args),
+                        model_aliases=tuple(model_aliases),
                         metrics=ServerMetrics(client),
                         reasoning_parser=_reasoning_parser(server_args, client))
 
@@ -69,5 +73,6 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(admin_router)
     app.include_router(ops_router)
     return app
