@@ -30,7 +30,7 @@ from typing import Any
 
 from heteroserve.core.scheduler.outputs import SHUTDOWN_CODE, FinishReason
 from heteroserve.server.args import (
-    log_level_arg, add_positional_model, add_server_args, server_args_from_namespace,
+    add_positional_model, add_server_args, log_level_arg, server_args_from_namespace,
 )
 
 logger = logging.getLogger("heteroserve.server")
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
             logger.info(startup_banner(client.info, served_model_name(server_args),
                                        str(server_args.model_path), _url(sock),
                                        bool(server_args.api_key)))
-            server = _uvicorn_server(app, client, args.uvicornlog_level_arg or server_args.log_level,
+            server = _uvicorn_server(app, client, args.uvicorn_log_level or server_args.log_level,
                                      args.shutdown_timeout,
                                      not args.disable_access_log)
             if not server_args.keep_serving_on_engine_death:
