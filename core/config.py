@@ -13,6 +13,9 @@ from typing import Any
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: vLLM's and SGLang's spellings of the fp8 KV cache (both mean e4m3 on every platform here)
 KV_CACHE_DTYPE_ALIASES = {"fp8": "fp8_e4m3", "fp8_e4m3fn": "fp8_e4m3"}
+#: vLLM's/SGLang's names for a checkpoint format plus a kernel choice; the platform's
+#: registry picks the kernel here, so they mean the format
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
 
 @dataclass
@@ -73,6 +76,8 @@ class ServerArgs:
     def __post_init__(self) -> None:
         self.log_level = self.log_level.lower()
         self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.quantization is not None:
+            self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}")

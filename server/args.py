@@ -53,8 +53,9 @@ _HELP: dict[str, str] = {
     "disable_cuda_graph": "no graph capture on any platform (vLLM: --enforce-eager)",
     "kv_cache_dtype": "auto (the model dtype) or fp8_e4m3 (also spelled fp8 / fp8_e4m3fn; "
                       "half the bytes per token; the attention kernel must list it)",
-    "quantization": "fp8|compressed-tensors|awq|gptq: must match the checkpoint's "
-                    "quantization_config; fp8 on an unquantized checkpoint quantizes it at load",
+    "quantization": "fp8|compressed-tensors|awq|gptq (awq_marlin, gptq_marlin: the same "
+                    "formats): must match the checkpoint's quantization_config; fp8 on an "
+                    "unquantized checkpoint quantizes it at load",
     "cpu_threads": "torch intra-op threads of each engine process: auto (the cores it may run "
                    "on, split between tensor-parallel ranks), a count, or a core list such as "
                    "0-3 to bind to (ranks: 0-3|4-7)",

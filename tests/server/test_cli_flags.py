@@ -34,6 +34,8 @@ def parse(*argv: str) -> ServerArgs:
     (["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8_e4m3"),
     (["--kv-cache-dtype", "auto"], ["--kv-cache-dtype", "auto"], "kv_cache_dtype", "auto"),
     (["--quantization", "fp8"], ["--quantization", "fp8"], "quantization", "fp8"),
+    (["--quantization", "awq"], ["--quantization", "awq_marlin"], "quantization", "awq"),
+    (["--quantization", "gptq"], ["--quantization", "gptq_marlin"], "quantization", "gptq"),
     (["--trust-remote-code"], ["--trust-remote-code"], "trust_remote_code", True),
     (["--enable-metrics"], ["--enable-metrics"], "enable_metrics", True),
     (["--device", "cpu"], ["--device", "cpu"], "device", "cpu"),
