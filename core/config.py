@@ -10,22 +10,33 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: vLLM's and SGLang's spellings of the fp8 KV cache (both mean e4m3 on every platform here)
+KV_CACHE_DTYPE_ALIASES = {"fp8": "fp8_e4m3", "fp8_e4m3fn": "fp8_e4m3"}
+#: vLLM's/SGLang's names for a checkpoint format plus a kernel choice; the platform's
+#: registry picks the kernel here, so they mean the format
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
+
+
 @dataclass
 class ServerArgs:
     """Every option of an engine. Validation errors raise ``ValueError`` with one line."""
 
     model_path: str | None = None
     tokenizer_path: str | None = None
+    trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     quantization: str | None = None  # None: from config.json | fp8 | compressed-tensors | awq | gptq
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
     context_length: int | None = None
     served_model_name: str | None = None
+    chat_template: str | None = None  # a Jinja file or inline Jinja; replaces the tokenizer's
     random_seed: int = 0
 
     platform: str = "auto"
     kernel: list[str] = field(default_factory=list)  # OP=IMPL overrides
+    device: str | None = None  # a torch device type: picks the platform that drives it
     device_index: int = 0
 
     mem_fraction_static: float = 0.85
@@ -50,6 +61,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
+    enable_metrics: bool = False  # accepted for SGLang/vLLM command lines; /metrics is always on
     max_queued_requests: int | None = None
     log_level: str = "info"
     metrics_compat: str | None = None  # vllm | sglang: /metrics also under that engine's names
@@ -67,6 +79,15 @@ class ServerArgs:
     disable_embedding_normalize: bool = False  # else embeddings are scaled to unit L2 norm
 
     def __post_init__(self) -> None:
+        self.log_level = self.log_level.lower()
+        self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.quantization is not None:
+            self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, "
+                             f"got {self.log_level!r}")
+        if self.device is not None and not self.device.strip():
+            raise ValueError("--device must name a torch device type such as cpu")
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
         if self.schedule_policy not in ("fcfs", "lpm"):

@@ -24,6 +24,7 @@ from heteroserve.server.embeddings import router as embeddings_router
 from heteroserve.server.errors import install_error_handlers
 from heteroserve.server.limits import EdgeLimits
 from heteroserve.server.metrics import ServerMetrics
+from heteroserve.server.routes_admin import admin_router
 from heteroserve.server.routes_native import native_router, ops_router
 from heteroserve.server.routes_openai import router as openai_router
 from heteroserve.server.tool_calls import create_parser
@@ -44,17 +45,20 @@ def _reasoning_parser(server_args: ServerArgs, client: Any) -> Any:
     return ReasoningParser.create(server_args.reasoning_parser, client.tokenizer.hf)
 
 
-def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = True) -> FastAPI:
+def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = True,
+               model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app over ``client`` (an ``EngineClient`` or an object with its interface).
 
-    ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends. Raises
-    ``ValueError`` for an unknown ``--reasoning-parser`` or ``--tool-call-parser``.
+    ``shutdown_client``: call ``client.shutdown()`` when the app's lifespan ends.
+    ``model_aliases``: more names ``model`` fields may carry (listed after the served name by
+    ``/v1/models``). Raises ``ValueError`` for an unknown ``--reasoning-parser`` or
+    ``--tool-call-parser``.
     """
     model_name = served_model_name(server_args)
     metrics = ServerMetrics(client, model_name, int(client.info.max_context_len),
                             server_args.metrics_compat)
     ctx = ServerContext(client=client, server_args=server_args, model_name=model_name,
-                        metrics=metrics,
+                        model_aliases=tuple(model_aliases), metrics=metrics,
                         reasoning_parser=_reasoning_parser(server_args, client),
                         tool_parser=create_parser(server_args.tool_call_parser)
                         if server_args.tool_call_parser else None)
@@ -76,5 +80,6 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(native_router)
+    app.include_router(admin_router)
     app.include_router(ops_router)
     return app

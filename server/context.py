@@ -22,7 +22,8 @@ from heteroserve.server.tool_calls.base import ToolCallParser
 @dataclass
 class ServerContext:
     """Per-app state. ``client`` is an ``EngineClient`` (or anything with its interface);
-    ``model_name`` is the one name ``model`` fields may carry (``None`` and ``""`` mean it)."""
+    ``model_name`` is the name ``model`` fields carry (``None`` and ``""`` mean it);
+    ``model_aliases`` are other names accepted for it."""
 
     client: Any
     server_args: ServerArgs
@@ -30,6 +31,7 @@ class ServerContext:
     metrics: ServerMetrics
     reasoning_parser: Any = None
     tool_parser: ToolCallParser | None = None
+    model_aliases: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -42,7 +44,7 @@ class ServerContext:
 
     def check_model(self, model: str | None) -> None:
         """Raise a 404 ``model_not_found`` unless ``model`` names the served model."""
-        if model and model != self.model_name:
+        if model and model != self.model_name and model not in self.model_aliases:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} (see GET /v1/models)",
                            param="model", code="model_not_found")

@@ -27,22 +27,22 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
                    responses=_ERRORS, route_class=OffLoopJSONRoute)
 
 
-def _card(ctx: ServerContext) -> ModelCard:
-    return ModelCard(id=ctx.model_name, created=ctx.created,
+def _card(ctx: ServerContext, name: str | None = None) -> ModelCard:
+    return ModelCard(id=name or ctx.model_name, created=ctx.created,
                      root=ctx.server_args.model_path, max_model_len=ctx.context_len)
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: ServerContext = Depends(get_context)) -> ModelList:
-    """The one served model."""
-    return ModelList(data=[_card(ctx)])
+    """The one served model: its served name first, then its aliases."""
+    return ModelList(data=[_card(ctx, name) for name in (ctx.model_name, *ctx.model_aliases)])
 
 
 @router.get("/models/{model:path}", response_model=ModelCard)
 async def retrieve_model(model: str, ctx: ServerContext = Depends(get_context)) -> ModelCard:
     """The served model by name (404 for any other name)."""
     ctx.check_model(model)
-    return _card(ctx)
+    return _card(ctx, model)
 
 
 def _disconnected() -> Response:

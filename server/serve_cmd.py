@@ -29,7 +29,9 @@ from types import FrameType
 from typing import Any
 
 from heteroserve.core.scheduler.outputs import SHUTDOWN_CODE, FinishReason
-from heteroserve.server.args import add_server_args, server_args_from_namespace
+from heteroserve.server.args import (
+    add_positional_model, add_server_args, log_level_arg, server_args_from_namespace,
+)
 
 logger = logging.getLogger("heteroserve.server")
 
@@ -41,13 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
                        description="Start the OpenAI-compatible HTTP server (plus SGLang's "
                                    "native /generate) for one model.")
-    add_server_args(p)
-    p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
-                   metavar="SECONDS",
-                   help="on SIGTERM, wait this long for in-flight requests before aborting "
-                        f"them (default: {DEFAULT_SHUTDOWN_TIMEOUT_S})")
-    p.add_argument("--disable-access-log", action="store_true",
-                   help="do not log one line per HTTP request")
+    add_positional_model(p)
+    groups = add_server_args(p, serve=True)
+    http, logs = groups["HTTP server"], groups["logging and metrics"]
+    http.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                      metavar="SECONDS",
+                      help="on SIGTERM, wait this long for in-flight requests before aborting "
+                           f"them (default: {DEFAULT_SHUTDOWN_TIMEOUT_S})")
+    logs.add_argument("--disable-access-log", action="store_true",
+                      help="do not log one line per HTTP request")
+    logs.add_argument("--uvicorn-log-level", type=log_level_arg, default=None, metavar="LEVEL",
+                      help="log level of the HTTP server's own logger (default: --log-level)")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="accepted for vLLM command lines: heteroserve never logs request "
+                           "contents (--disable-access-log drops the per-request line)")
     p.set_defaults(run=run)
 
 
@@ -198,19 +207,22 @@ def run(args: argparse.Namespace) -> int:
         return _serve_worker_node(server_args)
     sock = bind_socket(server_args.host, server_args.port)
     try:
+        aliases: tuple[str, ...] = ()
         if server_args.model_path is None:
-            server_args = dataclasses.replace(
-                server_args, model_path=str(ensure_default_model()),
-                served_model_name=server_args.served_model_name or DEFAULT_MODEL_NAME)
+            # the default model's id is its local folder, so that clients which load the
+            # tokenizer by model id (bench_serving, lm-eval) find it; its short name still works
+            server_args = dataclasses.replace(server_args, model_path=str(ensure_default_model()))
+            aliases = () if server_args.served_model_name else (DEFAULT_MODEL_NAME,)
         with _sigterm_interrupts():
             client = EngineClient(server_args)
         outcome = {"code": 0}
         try:
-            app = create_app(client, server_args)
+            app = create_app(client, server_args, model_aliases=aliases)
             logger.info(startup_banner(client.info, served_model_name(server_args),
                                        str(server_args.model_path), _url(sock),
                                        bool(server_args.api_key)))
-            server = _uvicorn_server(app, client, server_args.log_level, args.shutdown_timeout,
+            server = _uvicorn_server(app, client, args.uvicorn_log_level or server_args.log_level,
+                                     args.shutdown_timeout,
                                      not args.disable_access_log)
             if not server_args.keep_serving_on_engine_death:
                 _exit_when_engine_dies(server, client, outcome)

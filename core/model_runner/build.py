@@ -60,7 +60,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     """Select the platform, resolve the dispatch table, load the model, size the KV pool, and
     log one start-up block saying what was decided. Errors are one-line exceptions."""
     catalog = load_plugins()
-    platform = catalog.select(server_args.platform)
+    platform = catalog.select(server_args.platform, server_args.device)
     index = server_args.device_index if device_index is None else device_index
     platform.set_device(index)
     threads = apply_cpu_threads(server_args.cpu_threads, tp_rank, server_args.tp_size)

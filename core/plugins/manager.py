@@ -75,17 +75,32 @@ class PluginCatalog:
             lines.append(f"  plugin {f.plugin} ({f.source}) failed to load: {f.error}")
         return "\n".join(lines) or "  (no platforms discovered)"
 
-    def select(self, name: str = "auto") -> Platform:
+    def select(self, name: str = "auto", device_type: str | None = None) -> Platform:
         """Return the platform ``name`` (or the best available one for ``"auto"``).
 
-        ``auto`` never picks a simulated platform, whatever its priority. Raises
-        :class:`PlatformSelectionError` listing every platform and why each is
-        unavailable when ``name`` is unknown or unavailable, or when two available platforms
-        tie for the top priority under ``auto``.
+        ``device_type`` (``--device``, a torch device type) narrows ``auto`` to the platforms
+        whose ``device_type`` it is, and must match a named platform's. ``auto`` never picks
+        a simulated platform, whatever its priority. Raises :class:`PlatformSelectionError`
+        listing every platform and why each is unavailable when ``name`` is unknown or
+        unavailable, when no available platform drives ``device_type``, or when two
+        available platforms tie for the top priority under ``auto``.
         """
+        if device_type is not None and name != "auto":
+            chosen = self.select(name)
+            if chosen.device_type != device_type:
+                raise PlatformSelectionError(
+                    f"--device {device_type} contradicts --platform {name} (device type "
+                    f"{chosen.device_type})")
+            return chosen
         if name == "auto":
             ready = [e for e in self.platforms.values()
-                     if e.availability.available and not e.availability.simulated]
+                     if e.availability.available and not e.availability.simulated
+                     and device_type in (None, e.platform.device_type)]
+            if not ready and device_type is not None:
+                kinds = sorted({e.platform.device_type for e in self.platforms.values()})
+                raise PlatformSelectionError(
+                    f"--device {device_type}: no available platform drives that device type "
+                    f"(known device types: {', '.join(kinds)}):\n{self.availability_table()}")
             if not ready:
                 raise PlatformSelectionError(
                     f"no platform is available:\n{self.availability_table()}")

@@ -36,6 +36,8 @@ MAX_RID_CHARS = 256
 #: longer than ``context * CHARS_PER_TOKEN_BOUND`` characters cannot fit and is refused
 #: before it is tokenized
 CHARS_PER_TOKEN_BOUND = 64
+#: the most token ids one detokenize call decodes
+MAX_DETOKENIZE_IDS = 1 << 20
 #: keyword arguments the chat template call owns; a request may not set them
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "add_generation_prompt", "tokenize",
@@ -128,6 +130,21 @@ class Admission:
         """Token ids of ``text`` (in the pool). Raises :class:`RequestError`."""
         self._check_prompt_chars(text, "prompt")
         return await self._run(self._encode, text, add_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        bad = next((i for i in ids if not 0 <= i < self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary "
+                               f"[0, {self.tokenizer.vocab_size})", param="tokens")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    async def detokenize(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (in the pool; at most :data:`MAX_DETOKENIZE_IDS`). Raises
+        :class:`RequestError` for too many ids or one outside the vocabulary."""
+        if len(ids) > MAX_DETOKENIZE_IDS:
+            raise RequestError(f"{len(ids)} token ids; at most {MAX_DETOKENIZE_IDS} may be "
+                               "decoded at once", param="tokens")
+        return await self._run(self._decode, list(ids), skip_special_tokens)
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
         try:

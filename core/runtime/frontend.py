@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from heteroserve.core.config import ServerArgs
 from heteroserve.core.runtime.admission import Admission
 from heteroserve.core.runtime.errors import EngineDeadError, one_line
 from heteroserve.core.runtime.io_struct import (
-    GenerateRequest, Hello, OutputBatch, RequestFailed, SchedulerFatal, ShutdownRequest,
+    FlushCacheRequest, FlushCacheResult, GenerateRequest, Hello, OutputBatch, RequestFailed,
+    SchedulerFatal, ShutdownRequest,
 )
 from heteroserve.core.runtime.outputs import FinishReason
 from heteroserve.core.runtime.registry import RequestRegistry, RequestStream
@@ -59,12 +61,15 @@ class EngineClient:
             server_args = dataclasses.replace(server_args, model_path=str(ensure_default_model()))
         self.server_args = server_args = with_init_addr(server_args)
         tokenizer_path = server_args.tokenizer_path or server_args.model_path
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer_path, server_args.chat_template,
+                                        server_args.trust_remote_code)
         self._closed = False
         self._send_lock = threading.Lock()
         self._death_callbacks: list[Callable[[str], None]] = []
         self._stats: dict[str, float] = {}
         self._health: asyncio.Future | None = None
+        self._control_ids = itertools.count(1)
+        self._control: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.registry = RequestRegistry(self.tokenizer, self._send,
                                         server_args.max_queued_requests)
         self.channel, addresses = Channel.bind()
@@ -111,6 +116,8 @@ class EngineClient:
             self.registry.dispatch(msg)
         elif isinstance(msg, RequestFailed):
             self.registry.reject(msg.rid, msg.message)
+        elif isinstance(msg, FlushCacheResult):
+            self._resolve_control(msg.req_id, msg)
         elif isinstance(msg, SchedulerFatal):
             self._die(msg.message)
 
@@ -121,6 +128,8 @@ class EngineClient:
             logger.error("engine is dead: %s", reason)
             self.supervisor.kill()  # ranks wait on each other forever
         self.registry.fail_all(reason)
+        for req_id in list(self._control):
+            self._resolve_control(req_id, EngineDeadError(reason))
         if not expected:
             for callback in list(self._death_callbacks):
                 try:
@@ -160,6 +169,40 @@ class EngineClient:
     def abort(self, rid: str) -> None:
         """Abort request ``rid`` (all its choices); unknown rids are ignored. Thread-safe."""
         self.registry.abort(rid)
+
+    async def flush_cache(self, timeout: float = 30.0) -> FlushCacheResult:
+        """Ask the scheduler to empty its radix prefix cache; returns its answer (``flushed``
+        is False while requests run). Raises ``EngineDeadError`` or ``TimeoutError``."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        req_id = next(self._control_ids)
+        future: asyncio.Future = loop.create_future()
+        self._control[req_id] = (loop, future)
+        try:
+            self._send(FlushCacheRequest(req_id))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._control.pop(req_id, None)
+
+    def _resolve_control(self, req_id: int, result: FlushCacheResult | Exception) -> None:
+        """Complete the control call ``req_id`` (from the receiver thread)."""
+        pending = self._control.pop(req_id, None)
+        if pending is None:
+            return
+        loop, future = pending
+
+        def complete() -> None:
+            if future.done():
+                return
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(complete)
+        except RuntimeError:  # the caller's loop is closed: nobody waits any more
+            pass
 
     def end_all(self, reason: FinishReason) -> None:
         """End every request in flight with ``reason`` (the server's shutdown)."""

@@ -72,6 +72,25 @@ class Hello:
 
 
 @dataclass
+class FlushCacheRequest:
+    """Ask the scheduler to empty its radix prefix cache; answered by a
+    :class:`FlushCacheResult` with the same ``req_id``."""
+
+    req_id: int
+
+
+@dataclass
+class FlushCacheResult:
+    """``flushed``: whether the cache was emptied (it is not while requests run);
+    ``freed_pages``: KV pages returned to the pool; ``message``: why not, when not."""
+
+    req_id: int
+    flushed: bool
+    freed_pages: int = 0
+    message: str = ""
+
+
+@dataclass
 class ShutdownRequest:
     """Ask the scheduler process to exit its loop."""
 

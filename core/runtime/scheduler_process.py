@@ -3,8 +3,9 @@
 One process per tensor-parallel rank (``tp_rank``), started by
 :class:`~heteroserve.core.runtime.supervisor.Supervisor`. Rank 0 talks to the frontend over
 the :class:`~heteroserve.core.runtime.transport.Channel` pair: it receives
-:class:`TokenizedRequest`, :class:`AbortRequest`, :class:`ShutdownRequest` and sends
-:class:`OutputBatch`, :class:`RequestFailed`, :class:`SchedulerFatal`. Other ranks follow rank
+:class:`TokenizedRequest`, :class:`AbortRequest`, :class:`FlushCacheRequest`,
+:class:`ShutdownRequest` and sends :class:`OutputBatch`, :class:`RequestFailed`,
+:class:`FlushCacheResult`, :class:`SchedulerFatal`. Other ranks follow rank
 0 in lockstep.
 
 Start-up writes exactly one pickled message to the launch spec's ready pipe:
@@ -31,8 +32,8 @@ import zmq
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.runtime.errors import one_line
 from heteroserve.core.runtime.io_struct import (
-    AbortRequest, Hello, OutputBatch, ReadyInfo, RequestFailed, SchedulerFatal, ShutdownRequest,
-    TokenizedRequest,
+    AbortRequest, FlushCacheRequest, FlushCacheResult, Hello, OutputBatch, ReadyInfo,
+    RequestFailed, SchedulerFatal, ShutdownRequest, TokenizedRequest,
 )
 from heteroserve.core.runtime.supervisor import LaunchSpec
 from heteroserve.core.runtime.throughput_log import ThroughputLog
@@ -136,6 +137,17 @@ class SchedulerLoop:
                     self.outbox.put(OutputBatch(list(outputs)))
             except Exception as exc:
                 logger.warning("abort of %s failed: %s", msg.rid, one_line(exc))
+        elif isinstance(msg, FlushCacheRequest):
+            try:
+                freed = self.scheduler.flush_cache()
+            except Exception as exc:  # a failed flush is answered, never fatal
+                logger.warning("flush_cache failed: %s", one_line(exc))
+                self.outbox.put(FlushCacheResult(msg.req_id, False, 0, one_line(exc)))
+                return
+            self.outbox.put(FlushCacheResult(
+                msg.req_id, freed is not None, freed or 0,
+                "" if freed is not None else "requests are running or queued; flush the "
+                "cache when the server is idle"))
         elif isinstance(msg, ShutdownRequest):
             self._running = False
         elif isinstance(msg, Hello):
@@ -215,7 +227,8 @@ def _grammar_support(server_args: ServerArgs, vocab_size: int) -> tuple[Any | No
     then refused) and the ``</think>`` id when a reasoning parser is configured."""
     from heteroserve.core.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
+    tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path,
+                               trust_remote_code=server_args.trust_remote_code)
     think_end_id = None
     if server_args.reasoning_parser:
         from heteroserve.core.grammar.reasoning import ReasoningParser
@@ -294,7 +307,7 @@ def run_scheduler_process(spec: LaunchSpec) -> None:
             from heteroserve.core.runtime.tensor_parallel import init_tensor_parallel
             from heteroserve.core.plugins.manager import load_plugins
 
-            platform = load_plugins().select(server_args.platform)
+            platform = load_plugins().select(server_args.platform, server_args.device)
             group = init_tensor_parallel(server_args, platform, tp_rank)
             scheduler, info = build_scheduler(server_args, list(spec.eos_token_ids), group)
         else:

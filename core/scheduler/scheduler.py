@@ -132,6 +132,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inflight)
 
+    def flush_cache(self) -> int | None:
+        """Empty the radix prefix cache (its pages go back to the pool, its hit counters
+        restart) and return the number of pages freed; ``None`` (nothing done) while any
+        request is queued or running, since their pages are locked in the cache."""
+        if self.has_work():
+            return None
+        freed = self.cache.evict(self.cache.cached_pages)
+        self.allocator.free(freed)
+        self.cache.reset()
+        return len(freed)
+
     # -- pages ---------------------------------------------------------------------------------
     def _alloc(self, n: int) -> list[int] | None:
         if n <= 0:

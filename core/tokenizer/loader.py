@@ -93,20 +93,57 @@ def _generation_eos(path: Path) -> list[int]:
     return ids
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+#: the longest ``--chat-template`` file or inline text accepted
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20
+
+
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text of ``--chat-template``: the contents of the file ``value`` names, or
+    ``value`` itself when it is inline Jinja (has ``{{`` or ``{%``). Raises
+    :class:`TokenizerError` when it is neither, is over :data:`MAX_CHAT_TEMPLATE_BYTES`, or
+    does not parse as Jinja."""
+    path = Path(value).expanduser()
+    if "{{" not in value and "{%" not in value:
+        if not path.is_file():
+            raise TokenizerError(f"--chat-template {value!r} is neither a file nor inline "
+                                 "Jinja ({{ ... }} / {% ... %})")
+        if path.stat().st_size > MAX_CHAT_TEMPLATE_BYTES:
+            raise TokenizerError(f"--chat-template file {value} is over "
+                                 f"{MAX_CHAT_TEMPLATE_BYTES} bytes")
+        value = path.read_text(encoding="utf-8")
+    if len(value.encode()) > MAX_CHAT_TEMPLATE_BYTES:
+        raise TokenizerError(f"--chat-template is over {MAX_CHAT_TEMPLATE_BYTES} bytes")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TokenizerError(f"--chat-template does not parse: {exc.message} "
+                             f"(line {exc.lineno})") from None
+    return value
+
+
+def load_tokenizer(path: str | os.PathLike[str], chat_template: str | None = None,
+                   trust_remote_code: bool = False) -> Tokenizer:
     """Load the tokenizer in folder ``path`` (never downloads).
 
-    Raises :class:`TokenizerError` with one line when the folder or its tokenizer files are
-    missing or unreadable.
+    ``chat_template`` (a file or inline Jinja, see :func:`resolve_chat_template`) replaces
+    the tokenizer's own template. ``trust_remote_code`` lets transformers run a tokenizer
+    class shipped in the folder. Raises :class:`TokenizerError` with one line when the folder
+    or its tokenizer files are missing or unreadable, or the template is bad.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise TokenizerError(f"tokenizer folder {str(path)!r} does not exist")
+    template = resolve_chat_template(chat_template) if chat_template else None
     from transformers import AutoTokenizer
 
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                           trust_remote_code=trust_remote_code)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TokenizerError(f"cannot load a tokenizer from {folder}: {first}") from None
+    if template is not None:
+        hf.chat_template = template
     return Tokenizer(hf, str(folder), _generation_eos(folder))

@@ -89,3 +89,46 @@ def test_local_completions_loglikelihoods_match_transformers(server, tiny_model,
     assert all(ll < -1.0 for ll in lls)  # random weights: far from a perfect score
     ppl = results["results"]["hs_local_ll"]["perplexity,none"]
     assert ppl > 1.5
+
+
+def test_local_chat_completions_generates_what_the_server_answers(server, http, tmp_path,
+                                                                  monkeypatch) -> None:
+    """lm-eval's ``local-chat-completions`` runs a ``generate_until`` task through
+    ``/v1/chat/completions``; each response is the server's greedy chat reply."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (tmp_path / "hs_local_chat.yaml").write_text(f"""task: hs_local_chat
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+generation_kwargs:
+  until: ["<never>"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    results = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args={"model": MODEL_NAME, "base_url": f"{server.url}/v1/chat/completions",
+                    "num_concurrent": 2, "max_retries": 1,
+                    "header": {"Authorization": f"Bearer {API_KEY}"}},
+        tasks=["hs_local_chat"], task_manager=TaskManager(include_path=str(tmp_path)),
+        apply_chat_template=True, log_samples=True)
+    samples = results["samples"]["hs_local_chat"]
+    assert len(samples) == len(DOCS)
+    for sample in samples:
+        context = sample["doc"]["context"]
+        want = http.post("/v1/chat/completions", json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": context}],
+            "max_tokens": 6, "temperature": 0, "stop": ["<never>"]}).json()
+        assert sample["resps"][0][0] == want["choices"][0]["message"]["content"], context
+    assert "exact_match,none" in results["results"]["hs_local_chat"]

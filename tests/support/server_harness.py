@@ -32,16 +32,23 @@ def free_port() -> int:
 class ServerProcess:
     """One ``heteroserve serve`` subprocess on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, model_path: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, model_path: Path | None, log_path: Path, *extra: str,
+                 argv: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        """``argv``: a whole ``heteroserve`` command line instead of the harness's (each
+        ``{port}`` in it becomes the free port; ``model_path`` and ``extra`` are unused)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "heteroserve.server.cli", "serve",
-               "--model-path", str(model_path), "--served-model-name", MODEL_NAME,
-               "--host", "127.0.0.1", "--port", str(self.port), "--platform", "cpu",
-               "--log-level", "warning", "--disable-access-log", *extra]
+        if argv is not None:
+            cmd = [sys.executable, "-m", "heteroserve.server.cli",
+                   *(a.replace("{port}", str(self.port)) for a in argv)]
+        else:
+            cmd = [sys.executable, "-m", "heteroserve.server.cli", "serve",
+                   "--model-path", str(model_path), "--served-model-name", MODEL_NAME,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--platform", "cpu",
+                   "--log-level", "warning", "--disable-access-log", *extra]
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_healthy()
 
     def log(self) -> str:
