@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from heteroserve.core.runtime.errors import RequestError
 from heteroserve.server.auth import require_api_key
 from heteroserve.server.chat import chat_prompt_ids
+from heteroserve.server.tool_calls.plan import plan_tools
 from heteroserve.server.context import ServerContext, get_context
 from heteroserve.server.errors import bad_request, engine_error
 from heteroserve.server.json_body import OffLoopJSONRoute
@@ -84,7 +85,8 @@ async def _ids(ctx: ServerContext, req: TokenizeRequest) -> list[list[int]] | li
                               "template writes them)", "add_special_tokens")
         chat = ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools,
                                      chat_template_kwargs=req.chat_template_kwargs)
-        return await chat_prompt_ids(ctx, chat)
+        plan = plan_tools(chat, ctx.tool_parser, ctx.server_args.grammar_max_bytes)
+        return await chat_prompt_ids(ctx, chat, plan.template_tools)
     special = True if req.add_special_tokens is None else req.add_special_tokens
     texts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
     if not texts or len(texts) > MAX_TOKENIZE_PROMPTS:

@@ -62,7 +62,8 @@ def test_sglang_command_line_serves(tiny_model: Path, tmp_path: Path) -> None:
         assert _smoke(proc.url) == "my-model"
         info = httpx.get(proc.url + "/get_model_info", trust_env=False).json()
         assert info["model_path"] == str(tiny_model) and info["served_model_name"] == "my-model"
-        assert "heteroserve_" in httpx.get(proc.url + "/metrics", trust_env=False).text
+        assert "heteroserve:num_requests_running{model_name=\"my-model\"}" in httpx.get(
+            proc.url + "/metrics", trust_env=False).text
     finally:
         assert proc.stop() == 0, proc.log()
 
