@@ -80,7 +80,8 @@ class _Worker(threading.Thread):
         proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, start_new_session=True)
         assert proc.stdin is not None and proc.stdout is not None
-        write_message(proc.stdin, (self.pool.tokenizer_path, self.pool.vocab_size))
+        write_message(proc.stdin, (self.pool.tokenizer_path, self.pool.vocab_size,
+                                   self.pool.trust_remote_code))
         if not self._wait_readable(proc, time.monotonic() + WORKER_START_TIMEOUT_S, 0):
             proc.kill()
             raise GrammarError("the grammar compiler did not start")
@@ -149,8 +150,9 @@ class GrammarCompilePool:
     the caller's event loop."""
 
     def __init__(self, tokenizer_path: str, vocab_size: int, limits: CompileLimits,
-                 workers: int = 2) -> None:
+                 workers: int = 2, trust_remote_code: bool = False) -> None:
         self.tokenizer_path, self.vocab_size, self.limits = tokenizer_path, vocab_size, limits
+        self.trust_remote_code = trust_remote_code  # --trust-remote-code, for the tokenizer
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()
         self._cache_size = 0

@@ -68,8 +68,9 @@ def main() -> None:
     from heteroserve.core.grammar.compiler import tokenizer_info
     from heteroserve.core.tokenizer import load_tokenizer
 
-    path, vocab_size = read_message(stdin)
-    info = tokenizer_info(load_tokenizer(path).hf, vocab_size)
+    path, vocab_size, trust_remote_code = read_message(stdin)
+    info = tokenizer_info(load_tokenizer(path, trust_remote_code=trust_remote_code).hf,
+                          vocab_size)
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     write_message(stdout, ("ready", None))
     while True:

@@ -106,7 +106,8 @@ class Admission:
         self.grammars = GrammarCompilePool(tokenizer_path, info.vocab_size, CompileLimits(
             timeout=server_args.grammar_compile_timeout,
             max_spec_bytes=server_args.grammar_max_bytes,
-            cache_bytes=server_args.grammar_cache_bytes))
+            cache_bytes=server_args.grammar_cache_bytes),
+            trust_remote_code=server_args.trust_remote_code)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -67,13 +67,15 @@ def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
         for t in threads:
             t.start()
         busy = _health_latencies(probe, lambda: any(t.is_alive() for t in threads))
-    for t in threads:
-        t.join()
+        for t in threads:
+            t.join()
+        idle += _health_latencies(probe, lambda: False, count=len(busy))
     assert results["schema"].status_code == 400, results["schema"].text
     assert "compile" in results["schema"].json()["error"]["message"]
     assert results["prompt"].status_code == 400, results["prompt"].text
     # the bound is the 100 ms plus the worst /health of this (2-core) machine when
-    # nothing else happens: scheduling noise, not the event loop
+    # the server is idle, before and after (as many polls as while busy): scheduling noise of
+    # the machine, not the event loop
     worst, noise = max(busy), max(idle)
     assert worst < 0.1 + noise, f"/health took {worst:.3f}s (idle worst {noise:.3f}s)"
     assert _rss(limited_server.proc.pid) - rss_before < 1024 ** 3

@@ -5,6 +5,8 @@ tools call answer in their shapes: ``/tokenize``, ``/detokenize``, ``/flush_cach
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,30 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
     assert proc.stop() == 0, proc.log()
 
 
+def with_remote_code_tokenizer(model: Path, dest: Path) -> Path:
+    """A copy of ``model`` whose tokenizer class ships in the folder (``auto_map``), as
+    checkpoints that need ``--trust-remote-code`` do."""
+    shutil.copytree(model, dest)
+    (dest / "remote_tok.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class RemoteTok(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="RemoteTok", auto_map={"AutoTokenizer": [None, "remote_tok.RemoteTok"]})
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_trust_remote_code_loads_a_tokenizer_shipped_with_the_model(tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    from heteroserve.core.tokenizer import load_tokenizer
+    from heteroserve.core.tokenizer.loader import TokenizerError
+
+    folder = with_remote_code_tokenizer(tiny_model, tmp_path / "m")
+    with pytest.raises(TokenizerError, match="custom code"):
+        load_tokenizer(folder)
+    assert type(load_tokenizer(folder, trust_remote_code=True).hf).__name__ == "RemoteTok"
+
+
 def _smoke(url: str) -> str:
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
         model = http.get("/v1/models").json()["data"][0]["id"]
@@ -50,8 +76,10 @@ def test_vllm_command_line_serves(vllm_server: ServerProcess, tiny_model: Path) 
 
 
 def test_sglang_command_line_serves(tiny_model: Path, tmp_path: Path) -> None:
-    """``python -m sglang.launch_server ...`` as SGLang's docs write it."""
-    argv = ["serve", "--model-path", str(tiny_model), "--host", "127.0.0.1", "--port", "{port}",
+    """``python -m sglang.launch_server ...`` as SGLang's docs write it, on a model whose
+    tokenizer needs ``--trust-remote-code`` (in the server and in the grammar compiler)."""
+    model = with_remote_code_tokenizer(tiny_model, tmp_path / "model")
+    argv = ["serve", "--model-path", str(model), "--host", "127.0.0.1", "--port", "{port}",
             "--tp", "1", "--mem-fraction-static", "0.8", "--context-length", "256",
             "--max-running-requests", "4", "--chunked-prefill-size", "128",
             "--log-level", "INFO", "--enable-metrics", "--trust-remote-code",
@@ -61,7 +89,10 @@ def test_sglang_command_line_serves(tiny_model: Path, tmp_path: Path) -> None:
     try:
         assert _smoke(proc.url) == "my-model"
         info = httpx.get(proc.url + "/get_model_info", trust_env=False).json()
-        assert info["model_path"] == str(tiny_model) and info["served_model_name"] == "my-model"
+        assert info["model_path"] == str(model) and info["served_model_name"] == "my-model"
+        regex = httpx.post(proc.url + "/generate", trust_env=False, timeout=60, json={
+            "text": "Answer:", "sampling_params": {"regex": "(yes|no)", "max_new_tokens": 4}})
+        assert regex.status_code == 200 and regex.json()["text"] in ("yes", "no"), regex.text
         assert "heteroserve:num_requests_running{model_name=\"my-model\"}" in httpx.get(
             proc.url + "/metrics", trust_env=False).text
     finally:
