@@ -64,6 +64,17 @@ def _caches(num_pages: int, hk: int, device: torch.device) -> tuple[torch.Tensor
             torch.randn(shape, device=device, dtype=torch.bfloat16))
 
 
+def checked_time(call, out: torch.Tensor, ref: torch.Tensor | None, bench
+                 ) -> tuple[float, float, torch.Tensor]:
+    """Run ``call`` once (filling ``out``), compare with ``ref`` (the first variant's output
+    when None), then time it with ``bench``: ``(ms, max abs diff, ref)``. Raises what the
+    launch raises (a configuration that does not compile)."""
+    call()
+    torch.cuda.synchronize()
+    ref = out.float().clone() if ref is None else ref
+    return bench(call), float((out.float() - ref).abs().max()), ref
+
+
 def sweep_extend(device: torch.device, peak: float) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -83,12 +94,8 @@ def sweep_extend(device: torch.device, peak: float) -> list[dict]:
                     extend_attention(q, k_cache, v_cache, out, layer, batch.meta, new, 8,
                                      config=cfg, heavy_first=heavy)
                 try:
-                    call()
-                    torch.cuda.synchronize()
-                    if ref is None:
-                        ref = out.float().clone()
-                    err = float((out.float() - ref).abs().max())
-                    ms = triton.testing.do_bench(call, warmup=5, rep=60)
+                    ms, err, ref = checked_time(call, out, ref, lambda f: triton.testing.do_bench(
+                        f, warmup=5, rep=60))
                 except Exception as exc:  # a config that does not compile (shared memory)
                     _log(f"extend {name} {cfg} heavy={heavy}: {type(exc).__name__}")
                     continue
@@ -121,12 +128,8 @@ def sweep_decode(device: torch.device, bandwidth: float) -> list[dict]:
                 decode_attention(q, k_cache, v_cache, out, layer, batch.meta, hk, s,
                                  block_n=block_n, launch=(warps, stages))
             try:
-                call()
-                torch.cuda.synchronize()
-                if ref is None:
-                    ref = out.float().clone()
-                err = float((out.float() - ref).abs().max())
-                ms = triton.testing.do_bench_cudagraph(call, rep=50)
+                ms, err, ref = checked_time(call, out, ref, lambda f: triton.testing.do_bench_cudagraph(
+                    f, rep=50))
             except Exception as exc:
                 _log(f"decode {name} {(s, block_n, warps, stages)}: {type(exc).__name__}")
                 continue

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 import pluggy
 
@@ -217,39 +218,40 @@ def _collect(pm: pluggy.PluginManager, plugin: object, name: str, source: str,
             catalog.conformance_options[p.name] = dict(options or {})
 
 
+def _named_specs(pm: pluggy.PluginManager, plugin: object, source: str, hook: str,
+                 spec_type: type, key: str, built_in: Collection[str], taken: dict[str, Any],
+                 what: str, verb: str) -> dict[str, Any]:
+    """One plugin's ``spec_type`` results of ``hook``, keyed by their ``key`` attribute:
+    ``TypeError`` for a result of another type, ``ValueError`` naming a ``what`` that is
+    ``built_in`` or already in ``taken`` (from another plugin); nothing is kept then. Each
+    spec's ``provider`` defaults to ``source``."""
+    found: dict[str, Any] = {}
+    for spec in [s for r in _call(pm, plugin, hook) for s in (r or [])]:
+        if not isinstance(spec, spec_type):
+            raise TypeError(f"{hook}() returned {type(spec).__name__}, not a "
+                            f"{spec_type.__name__}")
+        name = getattr(spec, key)
+        if name in built_in:
+            raise ValueError(f"{what} {name!r} is built in")
+        other = taken.get(name) or found.get(name)
+        if other is not None:
+            raise ValueError(f"{what} {name!r} is already {verb} by {other.provider}")
+        found[name] = replace(spec, provider=spec.provider or source)
+    return found
+
+
 def _quant_formats(pm: pluggy.PluginManager, plugin: object, source: str,
                    catalog: PluginCatalog) -> dict[str, QuantFormatSpec]:
     """One plugin's quantization formats, checked against the built-in ones and those other
     plugins took (raises ``ValueError`` naming the method; nothing is kept then)."""
-    found: dict[str, QuantFormatSpec] = {}
-    for spec in [s for r in _call(pm, plugin, "heteroserve_quantization_formats")
-                 for s in (r or [])]:
-        if not isinstance(spec, QuantFormatSpec):
-            raise TypeError(f"heteroserve_quantization_formats() returned "
-                            f"{type(spec).__name__}, not a QuantFormatSpec")
-        if spec.method in FORMATS:
-            raise ValueError(f"quantization format {spec.method!r} is built in")
-        taken = catalog.quant_formats.get(spec.method) or found.get(spec.method)
-        if taken is not None:
-            raise ValueError(f"quantization format {spec.method!r} is already provided by "
-                             f"{taken.provider}")
-        found[spec.method] = replace(spec, provider=spec.provider or source)
-    return found
+    return _named_specs(pm, plugin, source, "heteroserve_quantization_formats",
+                        QuantFormatSpec, "method", FORMATS, catalog.quant_formats,
+                        "quantization format", "provided")
 
 
 def _linear_schemes(pm: pluggy.PluginManager, plugin: object, source: str,
                     catalog: PluginCatalog) -> dict[str, LinearSchemeSpec]:
     """One plugin's linear-scheme definitions (raises naming a taken or built-in name)."""
-    found: dict[str, LinearSchemeSpec] = {}
-    for spec in [s for r in _call(pm, plugin, "heteroserve_linear_schemes") for s in (r or [])]:
-        if not isinstance(spec, LinearSchemeSpec):
-            raise TypeError(f"heteroserve_linear_schemes() returned {type(spec).__name__}, "
-                            "not a LinearSchemeSpec")
-        if spec.name in LINEAR_SCHEMES:
-            raise ValueError(f"linear scheme {spec.name!r} is built in")
-        taken = catalog.linear_schemes.get(spec.name) or found.get(spec.name)
-        if taken is not None:
-            raise ValueError(f"linear scheme {spec.name!r} is already defined by "
-                             f"{taken.provider}")
-        found[spec.name] = replace(spec, provider=spec.provider or source)
-    return found
+    return _named_specs(pm, plugin, source, "heteroserve_linear_schemes", LinearSchemeSpec,
+                        "name", LINEAR_SCHEMES, catalog.linear_schemes, "linear scheme",
+                        "defined")
