@@ -28,7 +28,7 @@ a run cut short keeps what it measured; a workload that raises goes to ``errors`
 its model's workloads to ``skipped``, and the exit status is 1), one ``<stem>-<name>.json`` and
 ``<stem>-<name>.png`` per workload next to it, and ``<stem>.png`` (every fraction next to its
 target). ``--profile NAME[,NAME]`` (or ``all``):
-when such a workload misses its target, it runs again under torch.profiler (an offline workload
+when such a workload misses its target (or has none), it runs again under torch.profiler (an offline workload
 with one wave of ``max_running`` prompts) and its JSON gains ``profile``: the top kernels by
 device time. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
 """
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             missed = entry["target"] is not None and entry["fraction"] < entry["target"]
             log(f"{name}: {entry['value']:.4g} {entry['unit']}, floor {entry['floor']:.4g}, "
                 f"{100 * entry['fraction']:.1f}%" + (" (target missed)" if missed else ""))
-            if name in profiled and missed:
+            if name in profiled and (missed or entry["target"] is None):
                 log(f"profiling {name}")
                 again = (lambda: fn(run, waves=1)) if "offline" in name else (lambda: fn(run))
                 entry["profile"] = profile_top_kernels(again, with_device=platform == "cuda")

@@ -5,6 +5,8 @@
 # Steps:
 #   attention_sweep        benchmarks/attention_sweep.py: Triton extend/decode launch configurations
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
+#   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
+#                          vs bf16 at Llama-3.1-8B shapes and 16-8192 rows
 #   fi_build_decode, fi_build_llama, fi_build_all
 #                          benchmarks/flashinfer_jit_warmup.py, a ninja per module: the flashinfer
 #                          modules of the conformance grid's decode cases / of the bf16
@@ -111,6 +113,8 @@ for step in "$@"; do
   stamp "== $step =="
   case $step in
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
+    fp8_gemm) timeout 200 python3 benchmarks/fp8_gemm_sweep.py --out "$OUT/fp8_gemm.json" 2>&1 \
+        | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
     gemv_fused) timeout 200 python3 benchmarks/gemv_fused_sweep.py --out "$OUT/gemv_fused.json" ;;
@@ -151,8 +155,8 @@ for step in "$@"; do
     conf_flashinfer) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
         --report "$OUT/flashinfer" -- -q -p no:cacheprovider \
         -k "flashinfer and (bf16 or not attention) and (d128 or not attention)" 2>&1 | tail -12 ;;
-    triton_tests) timeout 200 python3 -m pytest tests/triton -q -p no:cacheprovider 2>&1 \
-        | tail -6 ;;
+    triton_tests) timeout 200 python3 -m pytest tests/triton -q -p no:cacheprovider \
+        ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 | tail -6 ;;
     tests) HETEROSERVE_TEST_PLATFORM=cuda timeout 240 python3 -m pytest tests/triton \
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
     quant) timeout "${BENCH_TIMEOUT:-470}" python3 benchmarks/bench_quant_llama8b.py \

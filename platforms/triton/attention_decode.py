@@ -9,7 +9,11 @@ at once (so each K/V tile is read once per group) over its share of the sequence
 writes a normalised partial output plus its log2-sum-exp. Stage 2: one program per (sequence,
 query head) merges the splits. The split count depends only on the batch size and the
 configured maximum context length, never on this step's lengths, so a captured graph stays
-valid for any sequence length.
+valid for any sequence length. Each split covers a whole number of ``BLOCK_N`` tiles, so a
+short sequence fills only the first few splits (:func:`split_share`); the programs of the
+others return at once and the merge reads only the filled ones (on an H200 at batch 1 and
+128 keys, 64 splits of which 2 held keys cost 6.3 us against 4.2 us for 8 splits, before the
+merge skipped the empty ones).
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
+
+
+@triton.jit
+def split_share(seq_len, start, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(per, filled)``: keys per split (a multiple of ``BLOCK_N``) of a sequence whose keys
+    ``[start, seq_len)`` are attended, and how many leading splits hold any (at least 1)."""
+    per = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    filled = tl.maximum(tl.cdiv(seq_len - start, tl.maximum(per, 1)), 1)
+    return per, filled
 
 
 @triton.jit
@@ -54,7 +67,9 @@ def _decode_split_kernel(
     start = 0
     if HAS_WINDOW:
         start = tl.maximum(seq_len - window, 0)
-    per = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per, filled = split_share(seq_len, start, NUM_SPLITS, BLOCK_N)
+    if split >= filled:  # holds no key (nor the new token): the merge skips it
+        return
     s_lo = start + split * per
     s_hi = tl.minimum(s_lo + per, seq_len)
 
@@ -106,16 +121,25 @@ def _decode_split_kernel(
 
 @triton.jit
 def decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, o_ptr,
+    mid_o_ptr, mid_lse_ptr, o_ptr, seq_lens_ptr, window,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """Merge the filled splits (:func:`split_share` with the split kernel's ``BLOCK_N`` =
+    ``SPLIT_BLOCK_N`` and its window) of sequence ``program_id(0)``, query head
+    ``program_id(1)``."""
     wait_for_previous(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    _, filled = split_share(seq_len, start, NUM_SPLITS, SPLIT_BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < filled
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask,
@@ -179,10 +203,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     decode_reduce_kernel[(bsz, hq)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, meta.seq_lens, int(window),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, HEAD_DIM=d,
+        NUM_SPLITS=num_splits, HEAD_DIM=d, SPLIT_BLOCK_N=block_n,
+        HAS_WINDOW=layer.sliding_window is not None,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
         num_warps=1 if block_d * num_splits <= 1024 else 4, **pdl_args(q.device),
     )

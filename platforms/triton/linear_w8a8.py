@@ -5,10 +5,13 @@ Up to :data:`~.w8_gemv.W8_GEMV_MAX_ROWS` rows (the decode step) go through
 :func:`~.w8_gemv.w8_gemv`, one launch that quantizes the activation in registers with the same
 rule and streams the 1-byte weight at the copy ceiling. Larger inputs: activations are
 quantized dynamically by :func:`~.quant.quantize_rows` (per tensor, per token and 128-column
-group, per token). fp8 per-tensor runs on ``torch._scaled_mm``
-(cuBLASLt) for large 16-bit batches when the shape allows it (K and N multiples of 16 on a
-CUDA device); everything else runs on :func:`~.scaled_gemm.scaled_gemm`. fp8 products are always accumulated in fp32
-per 128-column tile, so long K loses no precision to fast fp8 accumulation.
+group, per token). Batches above a scheme's :data:`CUBLAS_FP8_MIN_ROWS` (16-bit, K and N
+multiples of 16, a CUDA device) run on cuBLASLt's scaled fp8 GEMM (``torch._scaled_mm``): one
+scale for fp8 per-tensor; row scales (bf16) for fp8 per-channel and 1x128 / 128x128 block
+scales for fp8 block where a probe at load time shows that the device's cuBLASLt has them
+(:func:`scaled_mm_supports`). Everything else runs on :func:`~.scaled_gemm.scaled_gemm`,
+which accumulates fp8 products in fp32 per 128-column tile, so long K loses no precision to
+fast fp8 accumulation.
 """
 
 from __future__ import annotations
@@ -36,18 +39,68 @@ def _finish(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-#: below this many rows the Triton GEMM (fused per-tile scaling) beat cuBLASLt's fp8 GEMM
-#: on an H100 (cuBLASLt: 0.38 ms at 256 x 4096 x 14336, Triton 0.16 ms; 0.44 vs 0.77 ms at 4096)
-SCALED_MM_MIN_ROWS = 1024
+#: rows above which a scheme's GEMM runs on cuBLASLt's scaled fp8 GEMM (``torch._scaled_mm``:
+#: one scale, row scales, or 1x128 / 128x128 block scales) instead of the Triton GEMM, where
+#: the device has it. Measured on an H200 with ``benchmarks/fp8_gemm_sweep.py``
+#: (``benchmarks/results/fp8_gemm_h200.json``): cuBLASLt's block-scaled GEMM is 1.1-2x faster
+#: than the Triton one at 16-8192 rows of Llama-3.1-8B's layers; its row-scaled GEMM wins
+#: from 64 rows and loses at 16 (gate_up 47.9 vs 36.3 us).
+CUBLAS_FP8_MIN_ROWS: dict[str, int] = {"fp8_block": 4, "fp8_per_channel": 32,
+                                       "fp8_per_tensor": 32}
 
 
-def _scaled_mm_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """cuBLASLt fp8 for large 16-bit batches whose K and N are multiples of 16; fp32
-    outputs stay on the Triton GEMM, whose 16-row tiles accumulate exactly."""
+def _scaled_mm_ok(x2: torch.Tensor, weight: torch.Tensor, scheme: str) -> bool:
+    """cuBLASLt fp8 for 16-bit batches above the scheme's row threshold whose K and N are
+    multiples of 16; fp32 outputs stay on the Triton GEMM, whose 16-row tiles accumulate
+    exactly."""
     n, k = weight.shape
     return (x2.device.type == "cuda" and torch.version.hip is None and k % 16 == 0
             and n % 16 == 0 and hasattr(torch, "_scaled_mm")
-            and x2.shape[0] > SCALED_MM_MIN_ROWS and x2.dtype != torch.float32)
+            and x2.shape[0] > CUBLAS_FP8_MIN_ROWS[scheme] and x2.dtype != torch.float32)
+
+
+_PROBED: dict[tuple[str, int | None], bool] = {}
+
+
+def scaled_mm_supports(scheme: str, device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` runs ``scheme``'s scaling on ``device`` (fp8_block:
+    1x128 activation and 128x128 weight blocks, cuBLASLt 12.9+ on compute capability 9.x;
+    fp8_per_channel: row-wise scales). Probed once per device with a small product checked
+    against a dequantized matmul; any error or mismatch keeps the Triton GEMM. Call it
+    outside graph capture (the layers do, when their weights are processed)."""
+    key = (scheme, device.index)
+    if key in _PROBED:
+        return _PROBED[key]
+    ok = False
+    if device.type == "cuda" and torch.version.hip is None and hasattr(torch, "_scaled_mm"):
+        ok = _probe(scheme, device)
+    _PROBED[key] = ok
+    return ok
+
+
+def _probe(scheme: str, device: torch.device) -> bool:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    m, n, k = 128, 256, 512
+    x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.float8_e4m3fn)
+    try:
+        if scheme == "fp8_block":
+            ws = torch.rand(n // FP8_BLOCK, k // FP8_BLOCK, generator=gen).to(device) + 0.5
+            q, xs = quantize_rows(x, w.dtype, 448.0, FP8_BLOCK, group_major=True)
+            y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+            w_ref = w.float() * ws.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+            x_ref = q.float() * xs.repeat_interleave(FP8_BLOCK, 1)
+        else:
+            ws = torch.rand(n, generator=gen).to(device) + 0.5
+            q, xs = quantize_rows(x, w.dtype, 448.0, None)
+            y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.reshape(1, n),
+                                 out_dtype=torch.bfloat16)
+            w_ref, x_ref = w.float() * ws[:, None], q.float() * xs
+        ref = x_ref @ w_ref.t()
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        return err < 2e-2
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
 
 
 class Fp8PerTensorLinear(LinearMethod):
@@ -70,9 +123,10 @@ class Fp8PerTensorLinear(LinearMethod):
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
             return _finish(w8_gemv(x2, weight, w_scale, ACT_TENSOR, WS_TENSOR, fmax, x.dtype,
                                    bias), x)
-        x_scale = (x2.abs().amax().to(torch.float32) / fmax).clamp(min=MIN_SCALE).reshape(1)
+        amax = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32)  # one pass
+        x_scale = (amax / fmax).clamp(min=MIN_SCALE).reshape(1)
         q, _ = quantize_rows(x2, weight.dtype, fmax, None, scale=x_scale)
-        if _scaled_mm_ok(x2, weight):
+        if _scaled_mm_ok(x2, weight, self.scheme):
             fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale,
                                  bias=bias.to(x.dtype) if fused_bias else None,
@@ -96,6 +150,7 @@ class Fp8PerChannelLinear(LinearMethod):
         weight = get_param(layer, "weight")
         set_param(layer, "weight_scale", get_param(layer, "weight_scale").to(torch.float32)
                   .reshape(weight.shape[0]).contiguous())
+        scaled_mm_supports(self.scheme, weight.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +162,11 @@ class Fp8PerChannelLinear(LinearMethod):
             return _finish(w8_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, fmax, x.dtype,
                                    bias), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, None)
+        if (x.dtype == torch.bfloat16 and _scaled_mm_ok(x2, weight, self.scheme)
+                and scaled_mm_supports(self.scheme, x.device)):
+            y = torch._scaled_mm(q, weight.t(), scale_a=x_scale,
+                                 scale_b=w_scale.reshape(1, -1), out_dtype=x.dtype)
+            return _finish(y if bias is None else y + bias.to(y.dtype), x)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale, (1, 0), 1,
                         FP8_BLOCK, x.dtype, bias=bias, per_k_scales=True)
         return _finish(y, x)
@@ -127,6 +187,7 @@ class Fp8BlockLinear(LinearMethod):
             raise ValueError(f"fp8_block: weight_scale_inv {tuple(scale.shape)} does not cover "
                              f"weight {tuple(weight.shape)} in 128x128 blocks")
         set_param(layer, "weight_scale_inv", scale.to(torch.float32).contiguous())
+        scaled_mm_supports(self.scheme, weight.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,6 +198,13 @@ class Fp8BlockLinear(LinearMethod):
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
             return _finish(w8_gemv(x2, weight, w_scale, ACT_GROUP, WS_BLOCK, fmax, x.dtype,
                                    bias), x)
+        n, k = weight.shape
+        if (_scaled_mm_ok(x2, weight, self.scheme) and k % 512 == 0
+                and n % FP8_BLOCK == 0 and scaled_mm_supports(self.scheme, x.device)):
+            q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True)
+            y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
+                                 out_dtype=x.dtype)
+            return _finish(y if bias is None else y + bias.to(y.dtype), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 1), w_scale,
                         (w_scale.stride(0), 1), FP8_BLOCK, FP8_BLOCK, x.dtype, bias=bias,

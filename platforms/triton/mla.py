@@ -4,7 +4,7 @@ Decode absorbs the up-projections: ``q_lat[h] = q_nope[h] @ w_kc[h]`` and, after
 ``out[h] = o_lat[h] @ w_vc[h]^T`` (batched matmuls); in between one Triton kernel attends every
 query head over the shared latent rows, as multi-query attention with keys ``[c_kv | k_pe]``
 and values ``c_kv``: one program per (sequence, block of heads, split) reads each latent tile
-once for all its heads, then :func:`decode_reduce_kernel` merges the splits. The split count
+once for all its heads, then :func:`decode_reduce_kernel` merges the splits that hold keys. The split count
 depends only on the batch size and the configured maximum context length, and the kernel
 reads lengths and pages from device tensors, so decode steps can be captured in graphs.
 ``write_kv`` and ``extend`` are the torch-native ones (they run on any device).
@@ -22,7 +22,9 @@ from heteroserve.platforms.cpu.mla import TorchNativeMLA
 from heteroserve.platforms.triton.attention_common import (
     NEG_INIT, log2_scores, online_softmax_step, page_slots,
 )
-from heteroserve.platforms.triton.attention_decode import choose_num_splits, decode_reduce_kernel
+from heteroserve.platforms.triton.attention_decode import (
+    choose_num_splits, decode_reduce_kernel, split_share,
+)
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 
 BLOCK_H = 16
@@ -44,7 +46,9 @@ def _mla_decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     page_base = tl.load(kv_indptr_ptr + b)
-    per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per, filled = split_share(seq_len, 0, NUM_SPLITS, BLOCK_N)
+    if split >= filled:  # holds no key: the merge skips it
+        return
     s_lo = split * per
     s_hi = tl.minimum(s_lo + per, seq_len)
 
@@ -112,10 +116,10 @@ def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         EXACT_FP32=exact_fp32(q_lat.dtype), num_warps=8 if block_c >= 512 else 4,
         num_stages=2)
     decode_reduce_kernel[(bsz, heads)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, meta.seq_lens, 0,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, HEAD_DIM=lora,
+        NUM_SPLITS=num_splits, HEAD_DIM=lora, SPLIT_BLOCK_N=block_n, HAS_WINDOW=False,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_c,
         num_warps=4, USE_PDL=False)
     return out

@@ -20,7 +20,7 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, K, group, qmax, min_scale,
+    x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, stride_sg, K, group, qmax, min_scale,
     IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -36,7 +36,7 @@ def _quant_kernel(
             x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < hi, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
         scale = tl.maximum(tl.max(amax, 0) / qmax, min_scale)
-        tl.store(s_ptr + row * stride_sm + g, scale)
+        tl.store(s_ptr + row * stride_sm + g * stride_sg, scale)
     for off in range(lo, hi, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         m = cols < hi
@@ -48,24 +48,32 @@ def _quant_kernel(
 
 
 def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
-                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: torch.Tensor | None = None, group_major: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``.
 
     ``group``: columns per scale (``None``: the whole row). ``scale``: a precomputed fp32
     scale of one element (per-tensor); then ``group`` is ignored. Returns ``(q [M, K], s)``
-    with ``s`` fp32 ``[M, ceil(K / group)]`` (or ``scale`` itself)."""
+    with ``s`` fp32 ``[M, ceil(K / group)]`` (or ``scale`` itself), row-major, or with
+    ``group_major`` stored group by group (strides ``(1, M)``, what cuBLASLt's 1x128 block
+    scaling reads)."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty((m, k), dtype=out_dtype, device=x.device)
     g = k if (group is None or scale is not None) else group
     groups = max(1, triton.cdiv(k, g))
-    s = scale if scale is not None else torch.empty((m, groups), dtype=torch.float32,
-                                                     device=x.device)
+    if scale is not None:
+        s = scale
+    elif group_major:
+        s = torch.empty((groups, m), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     if m and k:
         block = min(1024, triton.next_power_of_2(g)) if x.device.type != "cpu" else 32
         _quant_kernel[(m, groups)](
-            x, q, s, x.stride(0), q.stride(0), s.stride(0) if scale is None else 0, k, g,
+            x, q, s, x.stride(0), q.stride(0), s.stride(0) if scale is None else 0,
+            s.stride(1) if scale is None else 0, k, g,
             float(qmax), MIN_SCALE, IS_INT=not out_dtype.is_floating_point,
             STATIC=scale is not None, BLOCK=block, num_warps=4)
     return q, s

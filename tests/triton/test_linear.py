@@ -44,6 +44,10 @@ def test_quantize_rows_int8_and_groups(device: torch.device) -> None:
     assert sf.shape == (5, 3) and rel_err(sf, ref_g) < 1e-7
     deq = qf.cpu() * sf.cpu().repeat_interleave(128, 1)[:, :300]
     assert rel_err(deq, x) < 1e-6
+    # group-major scales (cuBLASLt's 1x128 layout): same values, strides (1, M)
+    qg, sg = quantize_rows(x.to(device), torch.float32, 448.0, 128, group_major=True)
+    assert sg.shape == (5, 3) and sg.stride() == (1, 5)
+    assert torch.equal(sg.cpu(), sf.cpu()) and torch.equal(qg.cpu(), qf.cpu())
 
 
 def test_scaled_gemm_block_scales(device: torch.device) -> None:

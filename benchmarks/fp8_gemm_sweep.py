@@ -1,0 +1,146 @@
+"""fp8 GEMMs at prefill and large-batch decode sizes on the GPU: each fp8 scheme's Triton GEMM
+(:func:`~heteroserve.platforms.triton.scaled_gemm.scaled_gemm`) against cuBLASLt's scaled fp8
+GEMM (``torch._scaled_mm``: 1x128 / 128x128 block scales for ``fp8_block``, row scales for
+``fp8_per_channel``, one scale for ``fp8_per_tensor``), with bf16 cuBLAS (``F.linear``) timed
+beside them, at Llama-3.1-8B's projection shapes and ``M`` rows.
+
+Both fp8 paths go through the real linear method's ``apply`` (activation quantization
+included); the path is chosen by ``CUBLAS_FP8_MIN_ROWS`` of
+``platforms/triton/linear_w8a8.py`` (set to 0 or to infinity here). Each call is timed by replaying a CUDA graph, over enough
+weight copies that they do not fit in L2. The cuBLAS path's output is compared with the
+Triton path's. Writes JSON (and a PNG of speed-up over bf16 per M): the data behind
+``CUBLAS_FP8_MIN_ROWS``.
+
+Usage: ``python benchmarks/fp8_gemm_sweep.py --out fp8_gemm.json`` (about a minute on an H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_gemv_sweep import SHAPES, build_layer, checkpoint, graph_us, rel_err  # noqa: E402
+
+SCHEMES = ("fp8_block", "fp8_per_channel", "fp8_per_tensor")
+ROWS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+L2_BYTES = 240 * 2**20
+
+
+@contextmanager
+def thresholds(rows: int) -> Iterator[None]:
+    """Send every batch above ``rows`` rows (and no GEMV-sized one) to cuBLASLt."""
+    from heteroserve.platforms.triton import linear_w8a8 as w8
+
+    saved = dict(w8.CUBLAS_FP8_MIN_ROWS), w8.W8_GEMV_MAX_ROWS
+    w8.CUBLAS_FP8_MIN_ROWS.update({s: rows for s in SCHEMES})
+    w8.W8_GEMV_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        w8.CUBLAS_FP8_MIN_ROWS.update(saved[0])
+        w8.W8_GEMV_MAX_ROWS = saved[1]
+
+
+def _layers(scheme: str, n: int, k: int, device: torch.device, gen: torch.Generator
+            ) -> tuple[object, list[torch.nn.Module]]:
+    ckpt = checkpoint(scheme, n, k, device, gen)
+    method, first = build_layer(scheme, n, k, ckpt)
+    nbytes = sum(p.numel() * p.element_size() for p in first.parameters())
+    copies = max(1, -(-L2_BYTES // nbytes))
+    return method, [first] + [build_layer(scheme, n, k, ckpt)[1] for _ in range(copies - 1)]
+
+
+def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
+    from heteroserve.platforms.triton.linear_w8a8 import scaled_mm_supports
+
+    support = {s: scaled_mm_supports(s, device) for s in ("fp8_block", "fp8_per_channel")}
+    print(f"cuBLASLt scaled fp8 probe: {support}", flush=True)
+    results = []
+    for name, n, k in SHAPES:
+        gen = torch.Generator(device).manual_seed(n + k)
+        _, bf16_layers = _layers("unquantized", n, k, device, gen)
+        bf16: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = \
+            lambda layer, x: F.linear(x, layer.weight)  # noqa: E731
+        built = {s: _layers(s, n, k, device, gen) for s in SCHEMES}
+        for m in rows_list:
+            x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+            t_bf16 = graph_us(bf16, bf16_layers, x, min_calls=50)
+            row = {"shape": name, "N": n, "K": k, "M": m, "bf16_us": t_bf16}
+            for scheme, (method, layers) in built.items():
+                call = lambda layer, x, method=method: method.apply(layer, x)  # noqa: E731
+                with thresholds(10**12):
+                    y_triton = call(layers[0], x)
+                    row[f"{scheme}_triton_us"] = graph_us(call, layers, x, min_calls=50)
+                with thresholds(0):
+                    y_cublas = call(layers[0], x)
+                    row[f"{scheme}_cublas_us"] = graph_us(call, layers, x, min_calls=50)
+                row[f"{scheme}_cublas_err_vs_triton"] = rel_err(y_cublas, y_triton)
+            results.append(row)
+            print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
+                           for k_, v in row.items()), flush=True)
+    return results
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    """Speed-up over bf16 per M and shape; False (no plot) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True)
+    for ax, (name, _, _) in zip(axes, SHAPES):
+        rows = [r for r in results if r["shape"] == name]
+        ms = [r["M"] for r in rows]
+        for scheme in SCHEMES:
+            for path in ("triton", "cublas"):
+                ax.plot(ms, [r["bf16_us"] / r[f"{scheme}_{path}_us"] for r in rows],
+                        marker="o", label=f"{scheme} {path}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(name)
+        ax.set_xlabel("rows M")
+    axes[0].set_ylabel("speed-up over bf16 cuBLAS")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="fp8_gemm.json")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier run")
+    args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text())["results"], Path(args.plot).with_suffix(".png"))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("fp8_gemm_sweep needs a CUDA device")
+    device = torch.device("cuda")
+    t0 = time.time()
+    results = measure(device, tuple(int(r) for r in args.rows.split(",")))
+    out = Path(args.out)
+    doc = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                           time.gmtime()),
+           "torch": torch.__version__, "command": " ".join(sys.argv), "results": results,
+           "seconds": time.time() - t0}
+    out.write_text(json.dumps(doc, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
