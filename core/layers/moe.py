@@ -108,7 +108,8 @@ class FusedMoE(nn.Module):
         """Collect expert ``expert``'s projection ``name`` tensors (``suffix``: ``weight``,
         ``weight_scale_inv``, ``qweight``, ...); once all the scheme's tensors are there,
         dequantize and place them as :meth:`load` does. Raises ``ValueError`` naming a
-        tensor that does not fit."""
+        tensor that does not fit (:class:`QuantizationError`, one of them, when a plugin
+        scheme's ``dequantize`` raises or returns anything but a ``[N, K]`` tensor)."""
         q = self.expert_quant
         n, k = (self.hidden, self.inter * self.ctx.tp_size) if name == "w2" else \
             (self.inter * self.ctx.tp_size, self.hidden)
