@@ -122,7 +122,8 @@ class FusedMoE(nn.Module):
                 if tuple(parts[pname].shape) != spec.shape:
                     raise ValueError(f"{pname} has shape {list(parts[pname].shape)}, expected "
                                      f"{list(spec.shape)}")
-            weight = self._dense(parts, n, k, f"{self.prefix}.experts.{expert}.{name}")
+            weight = self._dense(parts, n, k, f"{self.prefix}.experts.{expert}.{name} "
+                                              f"({_HF_NAMES.get(name, name)})")
             del self._pending[(expert, name)]
             self.load(name, weight.to(self.ctx.dtype), expert)
 

@@ -126,3 +126,20 @@ def test_serve_refuses_an_unknown_quantization_in_one_line(moe_ckpt: Path,
     assert lines[0].startswith("heteroserve serve: error: "), lines[0]
     assert "--quantization 'bogus' is not supported; choose from fp8, " in lines[0]
     assert "example-int8-wo" in lines[0]
+
+
+@pytest.mark.parametrize("dequantize,message", [
+    (lambda p: 1 / 0, r"dequantize failed: ZeroDivisionError"),
+    (lambda p: torch.zeros(3), r"dequantize returned \[3\], expected a \[\d+, \d+\] tensor"),
+], ids=["raises", "wrong-shape"])
+def test_a_broken_plugin_dequantize_is_one_line_naming_the_expert(
+        moe_ckpt: Path, monkeypatch: pytest.MonkeyPatch, dequantize, message: str) -> None:
+    catalog = example_catalog(monkeypatch)
+    spec = dataclasses.replace(catalog.linear_schemes[SCHEME], dequantize=dequantize)
+    catalog = dataclasses.replace(catalog, linear_schemes={SCHEME: spec})
+    monkeypatch.setattr(build, "load_plugins", lambda: catalog)
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.experts\.0\.w\d \(\w+_proj\): "
+                                                r"linear scheme 'example_int8_wo' \(plugin "
+                                                rf"[^)]+\) {message}") as info:
+        _runner(moe_ckpt)
+    assert "\n" not in str(info.value)
