@@ -27,7 +27,7 @@ class ServerArgs:
     trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    quantization: str | None = None  # None: from config.json | fp8 | compressed-tensors | awq | gptq
+    quantization: str | None = None  # None: from config.json | fp8 | compressed-tensors | awq | gptq | a plugin's
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3
     context_length: int | None = None
     served_model_name: str | None = None
@@ -82,6 +82,8 @@ class ServerArgs:
         self.log_level = self.log_level.lower()
         self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
         if self.quantization is not None:
+            # the method itself is checked where the plugins' formats are known
+            # (detect_quantization), so a plugin's method works here too
             self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, "
@@ -96,10 +98,6 @@ class ServerArgs:
             raise ValueError(f"--load-format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16"):
             raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.quantization is not None and self.quantization not in (
-                "fp8", "compressed-tensors", "awq", "gptq"):
-            raise ValueError("--quantization must be fp8, compressed-tensors, awq or gptq, got "
-                             f"{self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(f"--kv-cache-dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
         for name in ("chunked_prefill_size", "max_running_requests", "tp_size", "nnodes"):

@@ -54,7 +54,9 @@ _HELP: dict[str, str] = {
     "kv_cache_dtype": "auto (the model dtype) or fp8_e4m3 (also spelled fp8 / fp8_e4m3fn; "
                       "half the bytes per token; the attention kernel must list it)",
     "quantization": "fp8|compressed-tensors|awq|gptq (awq_marlin, gptq_marlin: the same "
-                    "formats): must match the checkpoint's quantization_config; fp8 on an "
+                    "formats) or a quant_method an installed plugin adds (an unknown name "
+                    "is refused at start-up with the list): must match the checkpoint's "
+                    "quantization_config; fp8 on an "
                     "unquantized checkpoint quantizes it at load",
     "tool_call_parser": "parse tool calls from chat output: hermes|qwen25|llama3_json|mistral|"
                         "deepseek_v3 (tool_choice required/named need none)",

@@ -80,7 +80,8 @@ class LinearSchemeSpec:
     ``quantize``: float64 ``W [N, K]`` -> the scheme's checkpoint tensors, named and laid out
     as its kernels' ``create_weights`` declares them. ``dequantize``: those tensors ->
     float64 ``W [N, K]``, the scheme's meaning; the oracle is ``x @ dequantize(...)^T``
-    with ``x`` unquantized (weight-only schemes). ``name`` must not be a built-in scheme.
+    with ``x`` unquantized (weight-only schemes); MoE experts stored in the scheme are
+    dequantized with it at load. ``name`` must not be a built-in scheme.
     ``provider``: filled in by the loader.
     """
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import AttentionBackend, AttentionMetadata
 from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.kernels.linear import LinearSchemeSpec
 from heteroserve.core.kernels.mla import MLABackend
 from heteroserve.core.quantization.base import QuantFormat
 
@@ -18,7 +20,10 @@ class LayerContext:
     """Build-time facts: the dispatch table, parameter dtype and device, and this rank's place
     in the tensor-parallel group (``communicator`` is None when ``tp_size == 1``).
     ``quant``: the checkpoint's quantization format (None: every linear layer uses
-    ``quant_scheme``); ``kv_cache_fp8``: the KV cache is fp8 (checkpoint K/V scales apply)."""
+    ``quant_scheme``); ``kv_cache_fp8``: the KV cache is fp8 (checkpoint K/V scales apply);
+    ``linear_schemes``: the definitions of the linear schemes plugins added, by name (what
+    :class:`~heteroserve.core.layers.moe.FusedMoE` dequantizes a plugin scheme's experts
+    with)."""
 
     dispatch: DispatchTable
     dtype: torch.dtype
@@ -29,6 +34,7 @@ class LayerContext:
     quant_scheme: str = "unquantized"
     quant: QuantFormat | None = None
     kv_cache_fp8: bool = False
+    linear_schemes: Mapping[str, LinearSchemeSpec] = field(default_factory=dict)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)

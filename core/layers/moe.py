@@ -7,7 +7,7 @@ from torch import nn
 
 from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
 from heteroserve.core.layers.context import LayerContext
-from heteroserve.core.kernels.linear import LinearShape, checkpoint_specs
+from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearShape, ParamSpec, checkpoint_specs
 from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant, QuantizationError
 from heteroserve.core.quantization.dequantize import dequantize
@@ -23,7 +23,11 @@ class FusedMoE(nn.Module):
 
     Quantized experts (per-expert fp8, int8 or 4-bit tensors of the checkpoint's format)
     load through :meth:`load_quantized` and are dequantized to the model dtype: the fused
-    MoE op runs on dense weights (no memory saving for the experts)."""
+    MoE op runs on dense weights (no memory saving for the experts). A linear scheme a plugin
+    added works too: its tensors are those its resolved ``linear.<scheme>`` method's
+    ``create_weights`` declares, and its ``LinearSchemeSpec.dequantize``
+    (``ctx.linear_schemes``) makes the dense weight; a plugin scheme without one is refused
+    with a :class:`QuantizationError` naming the layer and the scheme."""
 
     def __init__(self, ctx: LayerContext, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, renormalize: bool, prefix: str = "") -> None:
@@ -31,6 +35,7 @@ class FusedMoE(nn.Module):
         self.prefix, self.hidden = prefix, hidden_size
         self.expert_quant = self._expert_quant(ctx, prefix)
         self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._specs: dict[tuple[int, int], dict[str, ParamSpec]] = {}
         if intermediate_size % ctx.tp_size:
             raise ValueError(f"moe intermediate size {intermediate_size} is not divisible by "
                              f"tensor-parallel size {ctx.tp_size}")
@@ -46,7 +51,9 @@ class FusedMoE(nn.Module):
     @staticmethod
     def _expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
         """How the checkpoint stores the experts (asked for expert 0's gate projection, in
-        both spellings); quantized experts are dequantized to the model dtype at load."""
+        both spellings); quantized experts are dequantized to the model dtype at load.
+        Raises :class:`QuantizationError` for online fp8 and for a plugin scheme with no
+        definition in ``ctx.linear_schemes`` (nothing to dequantize it with)."""
         if ctx.quant is None:
             return UNQUANTIZED
         for name in ("w1", "gate_proj"):
@@ -55,28 +62,68 @@ class FusedMoE(nn.Module):
                 if quant.online:
                     raise QuantizationError(f"{prefix}.experts: --quantization fp8 does not "
                                             "quantize MoE experts")
+                if quant.scheme not in LINEAR_SCHEMES and quant.scheme not in ctx.linear_schemes:
+                    raise QuantizationError(
+                        f"{prefix}.experts: linear scheme {quant.scheme!r} has no dequantize "
+                        "definition (no plugin returns a LinearSchemeSpec for it from "
+                        "heteroserve_linear_schemes), which MoE experts need")
                 return quant
         return UNQUANTIZED
+
+    def _wanted(self, n: int, k: int) -> dict[str, ParamSpec]:
+        """The tensors of one ``[n, k]`` expert projection in the experts' scheme: the
+        built-in layout, or what the resolved method of a plugin's scheme declares."""
+        if (n, k) not in self._specs:
+            q = self.expert_quant
+            shape = LinearShape(k, n, self.ctx.dtype, q.group_size, q.has_g_idx)
+            if q.scheme in LINEAR_SCHEMES:
+                self._specs[(n, k)] = checkpoint_specs(q.scheme, shape)
+            else:
+                method = self.ctx.dispatch.linear.get(q.scheme)
+                if method is None:
+                    raise QuantizationError(f"{self.prefix}.experts: no linear.{q.scheme} "
+                                            "kernel was resolved")
+                self._specs[(n, k)] = method().create_weights(shape)
+        return self._specs[(n, k)]
+
+    def _dense(self, parts: dict[str, torch.Tensor], n: int, k: int, where: str
+               ) -> torch.Tensor:
+        """Float ``W [n, k]`` of one expert projection (``where`` names it in errors)."""
+        q = self.expert_quant
+        if q.scheme in LINEAR_SCHEMES:
+            return dequantize(q.scheme, parts, q.group_size)
+        spec = self.ctx.linear_schemes[q.scheme]
+        who = f"{where}: linear scheme {q.scheme!r} (plugin {spec.provider or '?'}) dequantize"
+        try:
+            weight = spec.dequantize(dict(parts))
+        except Exception as exc:
+            raise QuantizationError(f"{who} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n, k):
+            got = list(weight.shape) if isinstance(weight, torch.Tensor) else \
+                type(weight).__name__
+            raise QuantizationError(f"{who} returned {got}, expected a [{n}, {k}] tensor")
+        return weight
 
     def load_quantized(self, name: str, suffix: str, tensor: torch.Tensor, expert: int) -> None:
         """Collect expert ``expert``'s projection ``name`` tensors (``suffix``: ``weight``,
         ``weight_scale_inv``, ``qweight``, ...); once all the scheme's tensors are there,
         dequantize and place them as :meth:`load` does. Raises ``ValueError`` naming a
-        tensor that does not fit."""
+        tensor that does not fit (:class:`QuantizationError`, one of them, when a plugin
+        scheme's ``dequantize`` raises or returns anything but a ``[N, K]`` tensor)."""
         q = self.expert_quant
         n, k = (self.hidden, self.inter * self.ctx.tp_size) if name == "w2" else \
             (self.inter * self.ctx.tp_size, self.hidden)
         parts = self._pending.setdefault((expert, name), {})
         for pname, part in q.convert(suffix, tensor, (n, k)):
             parts[pname] = part
-        wanted = checkpoint_specs(q.scheme, LinearShape(k, n, self.ctx.dtype, q.group_size,
-                                                        q.has_g_idx))
+        wanted = self._wanted(n, k)
         if set(wanted) <= set(parts):
             for pname, spec in wanted.items():
                 if tuple(parts[pname].shape) != spec.shape:
                     raise ValueError(f"{pname} has shape {list(parts[pname].shape)}, expected "
                                      f"{list(spec.shape)}")
-            weight = dequantize(q.scheme, parts, q.group_size)
+            weight = self._dense(parts, n, k, f"{self.prefix}.experts.{expert}.{name} "
+                                              f"({_HF_NAMES.get(name, name)})")
             del self._pending[(expert, name)]
             self.load(name, weight.to(self.ctx.dtype), expert)
 

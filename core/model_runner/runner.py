@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.kernels.dispatch import DispatchTable
+from heteroserve.core.kernels.linear import LinearSchemeSpec
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import LinearBase
@@ -44,13 +45,15 @@ class ModelRunner:
     """One rank's model, KV cache and attention backend.
 
     ``forward(batch) -> logits fp32 [B, vocab]`` runs one step; decode steps replay captured
-    graphs when the platform captures them (see :mod:`graph_decode`).
+    graphs when the platform captures them (see :mod:`graph_decode`). ``linear_schemes``:
+    the plugins' linear-scheme definitions by name (``PluginCatalog.linear_schemes``).
     """
 
     def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
                  model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
                  communicator: Communicator | None = None, device_index: int | None = None,
-                 quant: QuantFormat | None = None) -> None:
+                 quant: QuantFormat | None = None,
+                 linear_schemes: Mapping[str, LinearSchemeSpec] | None = None) -> None:
         self.server_args, self.platform, self.dispatch = server_args, platform, dispatch
         self.model_config = cfg = model_config
         self.page_size = page_size
@@ -58,7 +61,8 @@ class ModelRunner:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
                            communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
-                           quant, server_args.kv_cache_dtype != "auto")
+                           quant, server_args.kv_cache_dtype != "auto",
+                           dict(linear_schemes or {}))
         self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()

@@ -234,6 +234,8 @@ class CausalLM(nn.Module):
                 proj = _EXPERT_NAMES.get(expert.group(3), expert.group(3))
                 try:
                     moe.load_quantized(proj, expert.group(4), tensor, int(expert.group(2)))
+                except ModelLoadError:
+                    raise
                 except ValueError as exc:
                     raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
                 filled.add(f"{expert.group(1)}.w13")

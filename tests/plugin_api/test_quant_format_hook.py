@@ -7,12 +7,7 @@ is refused by name."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata as md
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import types
@@ -20,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 import heteroserve.core.model_runner.build as build
 from engine_harness import cpu_args
+from example_int8wo import (
+    QCFG, dequantized_int8wo, example_catalog, example_plugin_env, write_int8wo,
+)
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
 from heteroserve.core.quantization import detect_quantization
@@ -32,70 +29,6 @@ from heteroserve.plugin_api import (
     LinearSchemeSpec, QuantFormatSpec, QuantizationError, hookimpl,
 )
 from parity import assert_matches
-
-EXAMPLE_SRC = Path(__file__).resolve().parents[2] / "plugins/example/src"
-IGNORE = ["re:.*layers\\.1\\.mlp\\.down_proj"]
-QCFG = {"quant_method": "example-int8-wo", "bits": 8, "ignore": IGNORE}
-
-
-def _example_catalog(monkeypatch: pytest.MonkeyPatch):
-    """Every installed plugin plus the example plugin from this checkout (through its entry
-    point where it is installed)."""
-    monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
-    plugin = importlib.import_module("heteroserve_example_splitkv.plugin")
-    installed = any(ep.name == "example_splitkv"
-                    for ep in md.entry_points(group="heteroserve.platforms"))
-    catalog = load_plugins() if installed else load_plugins([("example_splitkv", plugin)])
-    assert "example-int8-wo" in catalog.quant_formats, catalog.failures
-    return catalog
-
-
-def _write_int8wo(src: Path, out: Path) -> Path:
-    """``src`` (fp32) with every projection but the ignored one quantized to int8 per output
-    channel (``scales = amax / 127``), in the example plugin's format."""
-    out.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out / f.name)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(src.glob("*.safetensors")):
-        for name, t in load_file(f).items():
-            module = name.removesuffix(".weight")
-            quantize = (name.endswith("_proj.weight") and t.dim() == 2
-                        and not re.fullmatch(IGNORE[0][3:], module))
-            if not quantize:
-                tensors[name] = t
-                continue
-            w = t.to(torch.float64)
-            scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            tensors[f"{module}.qweight"] = torch.round(w / scales[:, None]).clamp(
-                -127, 127).to(torch.int8)
-            tensors[f"{module}.scales"] = scales.to(torch.float32)
-    save_file(tensors, str(out / "model.safetensors"))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = QCFG
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    return out
-
-
-def _dequantized(ckpt: Path, out: Path) -> transformers.PreTrainedModel:
-    """transformers on ``W = qweight * scales`` (fp32), the reference."""
-    out.mkdir(parents=True)
-    for f in ckpt.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    cfg = json.loads((out / "config.json").read_text())
-    del cfg["quantization_config"]
-    (out / "config.json").write_text(json.dumps(cfg))
-    src = load_file(ckpt / "model.safetensors")
-    dense = {k: v for k, v in src.items() if not k.endswith((".qweight", ".scales"))}
-    for k, q in src.items():
-        if k.endswith(".qweight"):
-            module = k.removesuffix(".qweight")
-            dense[f"{module}.weight"] = (q.to(torch.float64) * src[f"{module}.scales"].to(
-                torch.float64)[:, None]).to(torch.float32)
-    save_file(dense, str(out / "model.safetensors"))
-    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +38,10 @@ def base(tmp_path_factory) -> Path:
 
 def test_plugin_format_loads_and_matches_the_dequantized_reference(
         base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    catalog = _example_catalog(monkeypatch)
+    catalog = example_catalog(monkeypatch)
     assert catalog.quant_formats["example-int8-wo"].provider
     monkeypatch.setattr(build, "load_plugins", lambda: catalog)
-    ckpt = _write_int8wo(base, tmp_path / "int8wo")
+    ckpt = write_int8wo(base, tmp_path / "int8wo")
     platform, dispatch, runner = build.build_model_runner(cpu_args(ckpt))
     layers = runner.model.model.layers
     qkv = layers[0].self_attn.qkv_proj
@@ -120,12 +53,12 @@ def test_plugin_format_loads_and_matches_the_dequantized_reference(
     block = build.startup_block(platform, catalog, dispatch, runner)
     assert "example-int8-wo (weights int8" in block
     assert "example_int8_wo      -> example_int8_wo_torch" in block
-    assert_matches(runner, _dequantized(ckpt, tmp_path / "ref"), 1e-4)
+    assert_matches(runner, dequantized_int8wo(ckpt, tmp_path / "ref"), 1e-4)
 
 
 def test_plugin_format_errors_are_one_line(base: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    catalog = _example_catalog(monkeypatch)
+    catalog = example_catalog(monkeypatch)
     formats = catalog.quant_formats
     with pytest.raises(QuantizationError, match=r"quantization_config.bits=4: example-int8-wo"):
         detect_quantization({"quantization_config": {**QCFG, "bits": 4}}, None, formats)
@@ -138,7 +71,7 @@ def test_plugin_format_errors_are_one_line(base: Path, tmp_path: Path,
                                                 "supported; supported: fp8, "):
         detect_quantization({"quantization_config": QCFG}, None, {})
     # a checkpoint missing a tensor is named
-    ckpt = _write_int8wo(base, tmp_path / "broken")
+    ckpt = write_int8wo(base, tmp_path / "broken")
     tensors = load_file(ckpt / "model.safetensors")
     del tensors["model.layers.0.self_attn.o_proj.scales"]
     save_file(tensors, str(ckpt / "model.safetensors"))
@@ -181,18 +114,7 @@ def test_a_reader_returning_garbage_is_reported() -> None:
 def test_a_plugin_scheme_is_certified_by_the_conformance_suite(tmp_path: Path) -> None:
     """The example's LinearSchemeSpec gives the suite the scheme's definition: its kernel
     runs every linear case (each dtype, with and without bias) against it."""
-    env = dict(os.environ)
-    paths = [str(EXAMPLE_SRC)]
-    if not any(ep.name == "example_splitkv"
-               for ep in md.entry_points(group="heteroserve.platforms")):
-        info = tmp_path / "site/heteroserve_example_splitkv-0.1.0.dist-info"
-        info.mkdir(parents=True)
-        (info / "METADATA").write_text("Metadata-Version: 2.1\n"
-                                       "Name: heteroserve-example-splitkv\nVersion: 0.1.0\n")
-        (info / "entry_points.txt").write_text(
-            "[heteroserve.platforms]\nexample_splitkv = heteroserve_example_splitkv.plugin\n")
-        paths.append(str(info.parent))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
+    env = example_plugin_env(tmp_path)
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform",
