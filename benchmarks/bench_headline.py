@@ -27,8 +27,8 @@ Writes ``--out`` (``{"device", "date", "commit", "workloads": {name: {"value", "
 a run cut short keeps what it measured; a workload that raises goes to ``errors``, the rest of
 its model's workloads to ``skipped``, and the exit status is 1), one ``<stem>-<name>.json`` and
 ``<stem>-<name>.png`` per workload next to it, and ``<stem>.png`` (every fraction next to its
-target). ``--profile NAME[,NAME]`` (or ``all``):
-when such a workload misses its target (or has none), it runs again under torch.profiler (an offline workload
+target). ``--profile NAME[,NAME]`` (or ``all``): when such a workload misses its target
+(or has none), it runs again under torch.profiler (an offline workload
 with one wave of ``max_running`` prompts) and its JSON gains ``profile``: the top kernels by
 device time. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
 """

@@ -73,7 +73,9 @@ class MLABackend(ABC):
     ``q_pe [T, H, qk_rope_head_dim]`` (already rotated), ``latent [T, kv_lora_rank]`` (already
     normed), ``k_pe [T, qk_rope_head_dim]`` (already rotated), ``w_kc [H, qk_nope_head_dim,
     kv_lora_rank]``, ``w_vc [H, v_head_dim, kv_lora_rank]``, cache as :meth:`kv_cache_shape`;
-    outputs ``[T, H, v_head_dim]``. Hooks (``prepare``, graph hooks, ``graph_safe``) mean
+    outputs ``[T, H, v_head_dim]``. The four inputs may be strided views (of the q and
+    ``kv_a`` projections): last dim contiguous, other strides arbitrary; an implementation
+    that needs dense tensors copies them itself. Hooks (``prepare``, graph hooks, ``graph_safe``) mean
     what they mean on :class:`~heteroserve.core.kernels.attention.AttentionBackend`. Methods
     do not synchronise with the host. Shape mismatches raise ``ValueError`` naming the tensor.
     """

@@ -137,11 +137,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split(
             [d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent.contiguous())
-        q_pe, k_pe = self.rotary_emb(positions, q_pe.contiguous(),
-                                     k_pe.reshape(t, 1, d.qk_rope_head_dim).contiguous())
+        # strided views of the projections all the way down (norm, rotary and the MLA
+        # contract take rows of any stride), so no per-layer copies
+        latent = self.kv_a_layernorm(latent)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         o = fwd.backend.forward(
-            q_nope.contiguous(), q_pe.contiguous(), latent, k_pe.reshape(t, -1),
+            q_nope, q_pe, latent, k_pe.squeeze(1),
             fwd.k_caches[self.attn.layer_id], self.kv_b_proj.w_kc, self.kv_b_proj.w_vc,
             self.attn, fwd.meta)
         return self.o_proj(o.reshape(t, -1))

@@ -7,7 +7,8 @@ and values ``c_kv``: one program per (sequence, block of heads, split) reads eac
 once for all its heads, then :func:`decode_reduce_kernel` merges the splits that hold keys. The split count
 depends only on the batch size and the configured maximum context length, and the kernel
 reads lengths and pages from device tensors, so decode steps can be captured in graphs.
-``write_kv`` and ``extend`` are the torch-native ones (they run on any device).
+``write_kv`` is one Triton launch (:func:`mla_write_latent`); ``extend`` is the torch-native
+one (it runs on any device).
 """
 
 from __future__ import annotations
@@ -89,6 +90,40 @@ def _mla_decode_split_kernel(
              mask=h_mask)
 
 
+@triton.jit
+def _mla_write_kernel(latent_ptr, k_pe_ptr, cache_ptr, loc_ptr, stride_lt, stride_kt,
+                      stride_cs, LORA: tl.constexpr, ROPE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    row = cache_ptr + tl.load(loc_ptr + t).to(tl.int64) * stride_cs
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < LORA
+    lat = tl.load(latent_ptr + t * stride_lt + offs_c, mask=c_mask)
+    tl.store(row + offs_c, lat.to(cache_ptr.dtype.element_ty), mask=c_mask)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < ROPE
+    pe = tl.load(k_pe_ptr + t * stride_kt + offs_r, mask=r_mask)
+    tl.store(row + LORA + offs_r, pe.to(cache_ptr.dtype.element_ty), mask=r_mask)
+
+
+def mla_write_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor,
+                     loc: torch.Tensor) -> None:
+    """Store row ``[latent[t] | k_pe[t]]`` at flat slot ``loc[t]`` of ``cache [pages,
+    page_size, c + r]`` for every token ``t`` (one launch). ``latent [T, c]``, ``k_pe [T, r]``:
+    last dims contiguous, rows any stride."""
+    t, lora = latent.shape
+    rope = k_pe.shape[-1]
+    if t == 0:
+        return
+    if latent.stride(1) != 1 or k_pe.stride(1) != 1:
+        raise ValueError("mla write_kv: latent and k_pe need contiguous last dims")
+    flat = cache.view(-1, cache.shape[-1])
+    _mla_write_kernel[(t,)](
+        latent, k_pe, flat, loc, latent.stride(0), k_pe.stride(0), flat.stride(0),
+        LORA=lora, ROPE=rope, BLOCK_C=triton.next_power_of_2(lora),
+        BLOCK_R=max(16, triton.next_power_of_2(rope)), num_warps=4)
+
+
 def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                       out: torch.Tensor, scale: float, meta: AttentionMetadata,
                       num_splits: int, block_n: int | None = None) -> torch.Tensor:
@@ -126,8 +161,9 @@ def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
 
 
 class TritonMLA(TorchNativeMLA):
-    """MLA with a Triton split-KV decode (graph-safe); ``write_kv`` and ``extend`` from
-    :class:`TorchNativeMLA`. Supports bf16/fp16/fp32, any page size, any head count."""
+    """MLA with a Triton split-KV decode (graph-safe) and a one-launch Triton ``write_kv``;
+    ``extend`` from :class:`TorchNativeMLA`. Supports bf16/fp16/fp32, any page size, any
+    head count."""
 
     graph_safe = True
 
@@ -142,6 +178,17 @@ class TritonMLA(TorchNativeMLA):
                 self.config.max_context_len, device)
         return self._splits[batch_size]
 
+    def write_kv(self, latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        c = self.config
+        if latent.shape != (meta.num_tokens, c.kv_lora_rank):
+            raise ValueError(f"mla write_kv: latent must be [{meta.num_tokens}, "
+                             f"{c.kv_lora_rank}], got {list(latent.shape)}")
+        if k_pe.shape != (meta.num_tokens, c.qk_rope_head_dim):
+            raise ValueError(f"mla write_kv: k_pe must be [{meta.num_tokens}, "
+                             f"{c.qk_rope_head_dim}], got {list(k_pe.shape)}")
+        mla_write_latent(latent, k_pe, cache, meta.out_cache_loc)
+
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
@@ -154,6 +201,6 @@ class TritonMLA(TorchNativeMLA):
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1).contiguous()
         o_lat = torch.empty((bsz, c.num_heads, c.kv_lora_rank), dtype=q_nope.dtype,
                             device=q_nope.device)
-        mla_decode_latent(q_lat, q_pe.contiguous(), cache, o_lat, layer.scale, meta,
+        mla_decode_latent(q_lat, q_pe, cache, o_lat, layer.scale, meta,
                           self._num_splits(bsz, q_nope.device))
         return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)

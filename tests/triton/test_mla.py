@@ -41,7 +41,9 @@ def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, split
     layer = MLALayer(0, (dn + r) ** -0.5)
 
     backend.prepare(batch.meta)
-    out = backend.forward(q_nope, q_pe, new[:, :c].contiguous(), new[:, c:].contiguous(), cache,
+    # latent / k_pe as strided views of one [T, c + r] projection (Triton write_kv takes rows
+    # of any stride)
+    out = backend.forward(q_nope, q_pe, new[:, :c], new[:, c:], cache,
                           w_kc, w_vc, layer, batch.meta)
     ref = mla_ref(q_nope, q_pe, [x[:, :c] for x in rows], [x[:, c:] for x in rows], w_kc, w_vc,
                   [1] * len(lens), layer.scale)
