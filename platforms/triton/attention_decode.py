@@ -7,7 +7,8 @@ launches, so the merge stays a second kernel.)
 Stage 1: one program per (sequence, KV head, split) handles all query heads of the GQA group
 at once (so each K/V tile is read once per group) over its share of the sequence's keys and
 writes a normalised partial output plus its log2-sum-exp. Stage 2: one program per (sequence,
-query head) merges the splits. The split count depends only on the batch size and the
+query head) merges the splits (with one split, stage 1 writes the output and stage 2 is
+not launched). The split count depends only on the batch size and the
 configured maximum context length, never on this step's lengths, so a captured graph stays
 valid for any sequence length. Each split covers a whole number of ``BLOCK_N`` tiles, so a
 short sequence fills only the first few splits (:func:`split_share`); the programs of the
@@ -114,9 +115,10 @@ def _decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     mid = (mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh
            + split * stride_ms + offs_d[None, :])
-    tl.store(mid, out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
-             mask=g_mask)
+    tl.store(mid, out.to(mid_o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if NUM_SPLITS > 1:  # one split: ``mid_o`` is the output itself, no merge follows
+        tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
+                 mask=g_mask)
 
 
 @triton.jit
@@ -183,8 +185,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n = 32 if block_d > 128 or q.dtype == torch.float32 else 64
         if q.device.type == "cpu":  # the interpreter: small tiles exercise the tiling logic
             block_n = 16
-    mid_o = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+    if num_splits == 1:  # the split kernel writes ``out`` directly (strides of [B, H, 1, D])
+        mid_o = out.unsqueeze(2)
+        mid_lse = out.new_empty((1, 1, 1), dtype=torch.float32)
+    else:
+        mid_o = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
     warps, stages = launch or (4, 2)
     window = layer.sliding_window or 0
     k_new, v_new = new_kv if new_kv is not None else (q, q)
@@ -202,6 +208,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         CACHE_MAX=cache_saturation(k_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
+    if num_splits == 1:
+        return out
     decode_reduce_kernel[(bsz, hq)](
         mid_o, mid_lse, out, meta.seq_lens, int(window),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),

@@ -85,9 +85,10 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     mid = (mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh
            + split * stride_ms + offs_c[None, :])
-    tl.store(mid, out, mask=h_mask[:, None] & c_mask[None, :])
-    tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
-             mask=h_mask)
+    tl.store(mid, out.to(mid_o_ptr.dtype.element_ty), mask=h_mask[:, None] & c_mask[None, :])
+    if NUM_SPLITS > 1:  # one split: ``mid_o`` is the output itself, no merge follows
+        tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
+                 mask=h_mask)
 
 
 @triton.jit
@@ -136,8 +137,13 @@ def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         return out
     if block_n is None:
         block_n = 16 if q_lat.device.type == "cpu" or q_lat.dtype == torch.float32 else 32
-    mid_o = torch.empty((bsz, heads, num_splits, lora), dtype=torch.float32, device=q_lat.device)
-    mid_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q_lat.device)
+    if num_splits == 1:  # the split kernel writes ``out`` directly, no merge
+        mid_o = out.unsqueeze(2)
+        mid_lse = out.new_empty((1, 1, 1), dtype=torch.float32)
+    else:
+        mid_o = torch.empty((bsz, heads, num_splits, lora), dtype=torch.float32,
+                            device=q_lat.device)
+        mid_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q_lat.device)
     flat = cache.view(-1, cache.shape[-1])
     block_c = triton.next_power_of_2(lora)
     _mla_decode_split_kernel[(bsz, triton.cdiv(heads, BLOCK_H), num_splits)](
@@ -150,6 +156,8 @@ def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=block_n,
         EXACT_FP32=exact_fp32(q_lat.dtype), num_warps=8 if block_c >= 512 else 4,
         num_stages=2)
+    if num_splits == 1:
+        return out
     decode_reduce_kernel[(bsz, heads)](
         mid_o, mid_lse, out, meta.seq_lens, 0,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
