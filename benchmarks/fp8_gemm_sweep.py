@@ -104,9 +104,9 @@ def plot(results: list[dict], path: Path) -> bool:
         rows = [r for r in results if r["shape"] == name]
         ms = [r["M"] for r in rows]
         for scheme in SCHEMES:
-            for path in ("triton", "cublas"):
-                ax.plot(ms, [r["bf16_us"] / r[f"{scheme}_{path}_us"] for r in rows],
-                        marker="o", label=f"{scheme} {path}")
+            for gemm in ("triton", "cublas"):
+                ax.plot(ms, [r["bf16_us"] / r[f"{scheme}_{gemm}_us"] for r in rows],
+                        marker="o", label=f"{scheme} {gemm}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(name)

@@ -42,11 +42,12 @@ def _finish(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #: rows above which a scheme's GEMM runs on cuBLASLt's scaled fp8 GEMM (``torch._scaled_mm``:
 #: one scale, row scales, or 1x128 / 128x128 block scales) instead of the Triton GEMM, where
 #: the device has it. Measured on an H200 with ``benchmarks/fp8_gemm_sweep.py``
-#: (``benchmarks/results/fp8_gemm_h200.json``): cuBLASLt's block-scaled GEMM is 1.1-2x faster
-#: than the Triton one at 16-8192 rows of Llama-3.1-8B's layers; its row-scaled GEMM wins
-#: from 64 rows and loses at 16 (gate_up 47.9 vs 36.3 us).
+#: (``benchmarks/results/fp8_gemm_h200.json`` / ``.png``, Llama-3.1-8B's layers, 16-8192
+#: rows): block and one-scale cuBLASLt GEMMs win from 16 rows (down_proj at 16 rows: 25.9 vs
+#: 50.3 us block, 34.4 vs 56.2 us one scale); the row-scaled one loses at 16 rows (gate_up
+#: 51.3 vs 36.1 us) and wins at 64 on three of the four layers.
 CUBLAS_FP8_MIN_ROWS: dict[str, int] = {"fp8_block": 4, "fp8_per_channel": 32,
-                                       "fp8_per_tensor": 32}
+                                       "fp8_per_tensor": 4}
 
 
 def _scaled_mm_ok(x2: torch.Tensor, weight: torch.Tensor, scheme: str) -> bool:
