@@ -54,13 +54,6 @@ class DispatchTable:
     token_bitmask_apply: ops.TokenBitmaskApplyOp
     linear: dict[str, type] = field(default_factory=dict)
 
-    def is_native(self, op: str) -> bool:
-        """Whether ``op`` resolved to an implementation native to the platform or forced by
-        ``--kernel`` (False for the torch-native fallback chosen by default, or an op not
-        resolved)."""
-        res = self.resolutions.get(op)
-        return res is not None and (res.native or res.forced)
-
     def summary(self) -> list[tuple[str, str, str]]:
         """``(op, implementation, native|fallback|forced)`` rows, op order."""
         rows = []
