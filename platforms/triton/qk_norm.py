@@ -98,8 +98,10 @@ def _qk_norm_rotary_kernel(
 
 def _block_heads(tokens: int, hq: int, hk: int, tile_d: int) -> int:
     """Heads a program: as many as fit :data:`MAX_TILE`, halved while the grid would have
-    fewer than :data:`MIN_PROGRAMS` programs (a power of 2, at least 1)."""
-    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), MAX_TILE // tile_d))
+    fewer than :data:`MIN_PROGRAMS` programs (a power of 2, at least 1). ``tile_d``: the
+    padded elements a head takes in the tile."""
+    fits = max(1, MAX_TILE // tile_d)
+    block_h = min(triton.next_power_of_2(max(hq, hk)), 1 << (fits.bit_length() - 1))
     while block_h > 1 and tokens * (triton.cdiv(hq, block_h) + triton.cdiv(hk, block_h)) \
             < MIN_PROGRAMS:
         block_h //= 2
@@ -138,9 +140,10 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
     half, tail = rot_dim // 2, d - rot_dim
     block_r = triton.next_power_of_2(half)
     block_tail = triton.next_power_of_2(tail) if tail else 1
-    block_h = _block_heads(t, hq, hk, 2 * block_r + block_tail)
+    tile_d = 2 * block_r + (block_tail if tail else 0)
+    block_h = _block_heads(t, hq, hk, tile_d)
     q_blocks = triton.cdiv(hq, block_h)
-    tile = block_h * (2 * block_r + block_tail)
+    tile = block_h * tile_d
     _qk_norm_rotary_kernel[(t, q_blocks + triton.cdiv(hk, block_h))](
         q, k, q_weight, k_weight, positions, cache, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cache.stride(0), hq, hk, q_blocks,

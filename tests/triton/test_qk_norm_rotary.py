@@ -32,7 +32,7 @@ def _ref(x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, cache: torch.Tenso
 
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize("t,hq,hk,d,rot", [(1, 32, 4, 128, 128), (5, 6, 2, 64, 32),
-                                           (3, 3, 3, 80, 48)])
+                                           (3, 3, 3, 80, 48), (33, 16, 2, 256, 256)])
 def test_fused_equals_reference_and_the_two_ops(device: torch.device, neox: bool, t: int,
                                                 hq: int, hk: int, d: int, rot: int) -> None:
     from heteroserve.platforms.triton.norm import rms_norm
@@ -81,15 +81,24 @@ def test_refuses_inconsistent_inputs(device: torch.device) -> None:
         qk_norm_rotary(q, k, w, w, EPS, pos[:1], cache, True)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33, 8192])
+@pytest.mark.parametrize("tile_d", [64, 128, 129, 257, 4096, 5000])
+def test_program_size_is_a_power_of_two(tokens: int, tile_d: int) -> None:
+    from heteroserve.platforms.triton.qk_norm import MAX_TILE, MIN_PROGRAMS, _block_heads
+
+    bh = _block_heads(tokens, 32, 4, tile_d)
+    assert bh >= 1 and bh & (bh - 1) == 0
+    assert bh == 1 or bh * tile_d <= MAX_TILE
+    assert bh == 1 or tokens * (-(-32 // bh) + -(-4 // bh)) >= MIN_PROGRAMS
+
+
 def test_program_size_spreads_small_batches() -> None:
-    from heteroserve.platforms.triton.qk_norm import MIN_PROGRAMS, _block_heads
+    from heteroserve.platforms.triton.qk_norm import _block_heads
 
     # batch-1 decode of Qwen3-MoE (32 q heads, 4 kv heads, D 128): one head a program
     assert _block_heads(1, 32, 4, 128) == 1
-    # a long prefill: whole tiles (4096 elements) per program
-    assert _block_heads(8192, 32, 4, 128) == 32
-    bh = _block_heads(16, 32, 4, 128)
-    assert 16 * (-(-32 // bh) + -(-4 // bh)) >= MIN_PROGRAMS
+    assert _block_heads(8192, 32, 4, 128) == 32  # a long prefill: the largest tile that fits
+    assert _block_heads(8192, 32, 4, 64 + 32) == 32  # partial rotary 64 of 80: 96 padded
 
 
 def test_registered_for_cuda_and_rocm_with_fallback_elsewhere() -> None:
@@ -102,3 +111,31 @@ def test_registered_for_cuda_and_rocm_with_fallback_elsewhere() -> None:
         request = KernelRequest(platform, platform, torch.bfloat16, 128, 32, 4, 16)
         res = resolve_all(registry, request)[ops.QK_NORM_ROTARY]
         assert res.chosen.name == "torch_native" and not res.native, platform
+
+
+def _conformance_cases() -> list:
+    from types import SimpleNamespace
+
+    from heteroserve.conformance.cases.qk_norm import qk_norm_rotary_cases
+
+    return qk_norm_rotary_cases(SimpleNamespace(quick=True))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", _conformance_cases(), ids=lambda c: c.name)
+def test_conformance_grid_every_dtype(device: torch.device, case) -> None:
+    """The conformance suite's quick grid and bounds, bf16 and fp16 included (the kernel has
+    no ``tl.dot``, so the interpreter rounds as the GPU does)."""
+    from heteroserve.conformance.oracles.qk_norm import qk_norm_rotary as oracle
+    from heteroserve.conformance.test_qk_norm import make_inputs
+    from heteroserve.conformance.tolerances import tolerance
+    from heteroserve.platforms.triton.qk_norm import qk_norm_rotary
+
+    inp = make_inputs(case, device)
+    q, k = inp.views(case)
+    q0, k0 = q.clone(), k.clone()
+    out = qk_norm_rotary(q, k, inp.q_weight, inp.k_weight, case.eps, inp.positions_dev,
+                         inp.cache_dev, case.is_neox)
+    for got, x, w in ((out[0], q0, inp.q_weight), (out[1], k0, inp.k_weight)):
+        ref = oracle(x, w, case.eps, inp.positions, inp.cache, case.is_neox)
+        assert got.dtype == case.dtype
+        assert rel_err(got, ref) <= tolerance(case.dtype).max_rel_err
