@@ -26,7 +26,8 @@ PAD = 24
 @dataclass
 class QKInputs:
     """A case's inputs: the qkv buffer (q, k, v and padding, on the device) of heads of
-    ``head_size``, the norm weights, host positions and the float64 cache (device copies alongside)."""
+    ``head_size``, the norm weights, host positions and the float64 cache (device copies
+    alongside)."""
 
     qkv: torch.Tensor
     head_size: int

@@ -71,8 +71,8 @@ __all__ = [
     "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "SILU_AND_MUL", "GELU_AND_MUL",
     "ROTARY", "QK_NORM_ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
-    "RMSNormOp", "FusedAddRMSNormOp",
-    "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "QKNormRotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
+    "RMSNormOp", "FusedAddRMSNormOp", "QKNormRotaryOp",
+    "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",
     # attention and linear bases
     "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata", "ForwardMode",
