@@ -1,7 +1,8 @@
 """Graph replay equals eager: capture a decode attention step plus RMSNorm with the platform's
 graph runner, change the inputs in place, replay, and compare with calling the ops eagerly.
 Runs for every attention backend (and for :class:`EagerGraphRunner` platforms too). Fused MoE
-likewise, with new activations, routing ids and weights before the replay."""
+likewise, with new activations, routing ids and weights before the replay; the fused q/k
+norm + rotary with new q/k values and positions."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import torch
 from heteroserve.conformance.attention_setup import make_setup, write_and_check
 from heteroserve.conformance.cases.moe import FusedMoECase, fused_moe_graph_cases
 from heteroserve.conformance.cases.platform import graph_cases
+from heteroserve.conformance.cases.qk_norm import QKNormRotaryCase, qk_norm_rotary_graph_cases
 from heteroserve.conformance.checks import assert_close
 from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import randn
 from heteroserve.conformance.oracles import moe as moe_oracle
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.oracles.norm import rms_norm as rms_norm_ref
+from heteroserve.conformance.oracles.qk_norm import qk_norm_rotary as qk_norm_rotary_ref
 from heteroserve.conformance.paged import write_slots
 from heteroserve.conformance.params import ConfParam, conformance
+from heteroserve.conformance.test_qk_norm import make_inputs
 from heteroserve.core.kernels import ops
 from heteroserve.core.graph import EagerGraphRunner
 from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR, MOE_PROCESS_WEIGHTS_ATTR
@@ -118,3 +122,35 @@ def test_fused_moe_graph_replay(conf: ConfParam, ctx: ConformanceContext,
     ctx.platform.synchronize(dev)
     assert_close(out, moe_oracle.fused_moe(x, w13, w2, new_weights, new_ids), dt,
                  "replayed fused_moe (new x, ids, weights) vs oracle", request)
+
+
+@conformance(qk_norm_rotary_graph_cases, label="qk_norm_graph_replay")
+def test_qk_norm_rotary_graph_replay(conf: ConfParam, ctx: ConformanceContext,
+                                     request: pytest.FixtureRequest) -> None:
+    case: QKNormRotaryCase = conf.case  # type: ignore[assignment]
+    fn = conf.load()
+    runner = ctx.platform.make_graph_runner(ctx.device)
+    if not getattr(fn, GRAPH_SAFE_ATTR, False) and not isinstance(runner, EagerGraphRunner):
+        pytest.skip(f"{conf.impl} does not declare {GRAPH_SAFE_ATTR} (host-synchronising "
+                    "implementations are not captured)")
+    inp = make_inputs(case, ctx.device)
+    q, k = inp.views(case)  # views of the static qkv buffer, as in a decode graph
+    out_q, out_k = torch.zeros_like(q), torch.zeros_like(k)
+
+    def step() -> None:
+        got_q, got_k = fn(q, k, inp.q_weight, inp.k_weight, case.eps, inp.positions_dev,
+                          inp.cache_dev, case.is_neox)
+        out_q.copy_(got_q)
+        out_k.copy_(got_k)
+
+    graph = runner.capture(step)
+    new = make_inputs(case, ctx.device, salt=1)
+    inp.qkv.copy_(new.qkv)
+    inp.positions_dev.copy_(new.positions_dev)
+    q0, k0 = (t.clone() for t in new.views(case))
+    graph.replay()
+    ctx.platform.synchronize(ctx.device)
+    for got, x, w, what in ((out_q, q0, inp.q_weight, "q"), (out_k, k0, inp.k_weight, "k")):
+        ref = qk_norm_rotary_ref(x, w, case.eps, new.positions, inp.cache, case.is_neox)
+        assert_close(got, ref, case.dtype, f"replayed qk_norm_rotary {what} (new q, k, "
+                     "positions) vs oracle", request)

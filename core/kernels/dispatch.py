@@ -46,6 +46,7 @@ class DispatchTable:
     silu_and_mul: ops.SiluAndMulOp
     gelu_and_mul: ops.GeluAndMulOp
     rotary_embedding: ops.RotaryOp
+    qk_norm_rotary: ops.QKNormRotaryOp
     moe_topk_softmax: ops.TopKSoftmaxOp
     moe_grouped_topk: ops.GroupedTopKOp
     fused_moe: ops.FusedMoEOp

@@ -27,6 +27,7 @@ FUSED_ADD_RMS_NORM = "fused_add_rms_norm"
 SILU_AND_MUL = "silu_and_mul"
 GELU_AND_MUL = "gelu_and_mul"
 ROTARY = "rotary_embedding"
+QK_NORM_ROTARY = "qk_norm_rotary"
 MOE_TOPK_SOFTMAX = "moe_topk_softmax"
 MOE_GROUPED_TOPK = "moe_grouped_topk"
 FUSED_MOE = "fused_moe"
@@ -40,8 +41,8 @@ def linear_op(scheme: str) -> str:
 
 
 FUNCTION_OPS: tuple[str, ...] = (
-    RMS_NORM, FUSED_ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, ROTARY, MOE_TOPK_SOFTMAX,
-    MOE_GROUPED_TOPK, FUSED_MOE, SAMPLING, TOKEN_BITMASK_APPLY,
+    RMS_NORM, FUSED_ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, ROTARY, QK_NORM_ROTARY,
+    MOE_TOPK_SOFTMAX, MOE_GROUPED_TOPK, FUSED_MOE, SAMPLING, TOKEN_BITMASK_APPLY,
 )
 
 
@@ -81,6 +82,28 @@ class RotaryOp(Protocol):
         halves ``(x[:R/2], x[R/2:R])``; otherwise GPT-J style interleaved pairs
         ``(x[0::2], x[1::2])`` within the first ``R`` dims. Returns ``(q, k)``; in place
         allowed.
+        """
+
+
+class QKNormRotaryOp(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, eps: float, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head RMSNorm of q and k, then rotary embedding, in one op (Qwen3, Gemma 3).
+
+        ``q [T, Hq, D]`` and ``k [T, Hk, D]`` of one dtype may be strided views (as split
+        from a fused qkv projection output: last dim contiguous, rows and heads any stride);
+        ``q_weight [D]`` and ``k_weight [D]`` are the effective norm weights (Gemma's
+        ``1 + w`` already folded in); ``positions`` int64 ``[T]``; ``cos_sin_cache`` fp32
+        ``[max_position, R]`` as for :class:`RotaryOp`.
+
+        Result: exactly the composition of the two ops, ``RotaryOp(positions,
+        RMSNormOp(q, q_weight, eps), RMSNormOp(k, k_weight, eps), cos_sin_cache, is_neox)``
+        with the norm applied to each head's ``D`` values (fp32 math, rounded to the dtype)
+        and the rotation to the normalised, rounded values. Returns ``(q, k)`` in the input
+        dtype and shapes; in place allowed (an implementation may overwrite ``q`` and ``k``
+        and nothing else of the tensors they view). Raises ``ValueError`` on inconsistent
+        shapes or dtypes (positions are not range-checked, to avoid a host sync).
         """
 
 

@@ -66,12 +66,12 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, -1, self.head_dim)
         k = k.reshape(t, -1, self.head_dim)
+        # strided views of qkv all the way down: the qk-norm, rotary and attention contracts
+        # take rows with any stride (last dim contiguous), so no per-layer copies
         if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
-        # strided views of qkv all the way down: the rotary and attention contracts take
-        # rows with any stride (last dim contiguous), so no per-layer copies
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb.forward_qk_norm(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, fwd)
         return self.o_proj(o)
 

@@ -142,10 +142,10 @@ class GemmaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, -1, self.head_dim)
         k = k.reshape(t, -1, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, -1, self.head_dim)
-        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
+        if self.q_norm is not None:  # OffsetRMSNorm weights hold 1 + w: the effective weight
+            q, k = self.rotary_emb.forward_qk_norm(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
         o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), fwd)
         return self.o_proj(o)
 

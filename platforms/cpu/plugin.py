@@ -37,6 +37,7 @@ TORCH_NATIVE: dict[str, tuple[str, str]] = {
     ops.SILU_AND_MUL: ("activation", "silu_and_mul"),
     ops.GELU_AND_MUL: ("activation", "gelu_and_mul"),
     ops.ROTARY: ("rotary", "apply_rotary"),
+    ops.QK_NORM_ROTARY: ("qk_norm", "qk_norm_rotary"),
     ops.MOE_TOPK_SOFTMAX: ("moe", "topk_softmax"),
     ops.MOE_GROUPED_TOPK: ("moe", "grouped_topk"),
     ops.FUSED_MOE: ("moe", "fused_moe"),

@@ -36,6 +36,8 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
     ops.SILU_AND_MUL: ("activation", "silu_and_mul", "gated SiLU"),
     ops.GELU_AND_MUL: ("activation", "gelu_and_mul", "gated GELU (erf or tanh)"),
     ops.ROTARY: ("rotary", "apply_rotary", "rotary embedding in place (NeoX and GPT-J)"),
+    ops.QK_NORM_ROTARY: ("qk_norm", "qk_norm_rotary",
+                         "per-head q/k RMSNorm + rotary in place, one launch"),
     ops.MOE_TOPK_SOFTMAX: ("moe", "topk_softmax", "softmax + top-k routing, one row a program"),
     ops.FUSED_MOE: ("moe", "fused_moe",
                     "GEMV pair kernels up to 64 pairs, else grouped GEMM over expert-sorted pairs"),
