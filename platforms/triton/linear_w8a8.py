@@ -202,9 +202,12 @@ class Fp8BlockLinear(LinearMethod):
         n, k = weight.shape
         if (_scaled_mm_ok(x2, weight, self.scheme) and k % 512 == 0
                 and n % FP8_BLOCK == 0 and scaled_mm_supports(self.scheme, x.device)):
-            q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True)
+            # cuBLASLt refuses 1x128 scales whose column stride (M) is not 16-byte aligned:
+            # quantize into 4-row-aligned buffers and drop the padding rows of the product
+            q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True,
+                                       row_multiple=4)
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
-                                 out_dtype=x.dtype)
+                                 out_dtype=x.dtype)[:x2.shape[0]]
             return _finish(y if bias is None else y + bias.to(y.dtype), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 1), w_scale,

@@ -48,27 +48,30 @@ def _quant_kernel(
 
 
 def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
-                  scale: torch.Tensor | None = None, group_major: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: torch.Tensor | None = None, group_major: bool = False,
+                  row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``.
 
     ``group``: columns per scale (``None``: the whole row). ``scale``: a precomputed fp32
     scale of one element (per-tensor); then ``group`` is ignored. Returns ``(q [M, K], s)``
     with ``s`` fp32 ``[M, ceil(K / group)]`` (or ``scale`` itself), row-major, or with
     ``group_major`` stored group by group (strides ``(1, M)``, what cuBLASLt's 1x128 block
-    scaling reads)."""
+    scaling reads). ``row_multiple``: ``q`` and ``s`` get ``ceil(M / row_multiple) *
+    row_multiple`` rows, those past ``M`` left unwritten (cuBLASLt wants 16-byte aligned scale
+    strides); callers use only the first ``M`` rows of what they compute from them."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    q = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    rows = triton.cdiv(m, row_multiple) * row_multiple
+    q = torch.empty((rows, k), dtype=out_dtype, device=x.device)
     g = k if (group is None or scale is not None) else group
     groups = max(1, triton.cdiv(k, g))
     if scale is not None:
         s = scale
     elif group_major:
-        s = torch.empty((groups, m), dtype=torch.float32, device=x.device).t()
+        s = torch.empty((groups, rows), dtype=torch.float32, device=x.device).t()
     else:
-        s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+        s = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
     if m and k:
         block = min(1024, triton.next_power_of_2(g)) if x.device.type != "cpu" else 32
         _quant_kernel[(m, groups)](

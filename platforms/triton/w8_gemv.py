@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.gemv import weight_tile
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 from heteroserve.platforms.triton.quant import MIN_SCALE
@@ -191,19 +192,31 @@ class W8GemvConfig:
     num_stages: int
 
 
-def choose_w8_config(n: int, k: int, rows: int, device: torch.device) -> W8GemvConfig:
-    """Eight output rows per program, 1 KiB of each weight row per step (512 bytes for wide
-    layers, ``N >= 2K``), four warps: the fastest of 24 launch shapes at Llama-3.1-8B's
-    layers on an H200 (``benchmarks/quant_gemv_sweep.py --sweep --schemes fp8_block``,
-    ``benchmarks/results/quant_gemv_sweep_h200.json``: 70.3 us for the four layers, 69.6 us
-    with each layer's best, 78.5 us with the earlier 16-row programs). Every program
-    quantizes the activation columns it reads; ``rows`` does not change the choice."""
+def choose_w8_config(n: int, k: int, rows: int, device: torch.device,
+                     act: int = ACT_GROUP) -> W8GemvConfig:
+    """The launch shape for an ``N x K`` fp8/int8 weight and activation granularity ``act``.
+
+    ``ACT_GROUP`` (fp8 block): eight output rows per program, 1 KiB of each weight row per
+    step (512 bytes for wide layers, ``N >= 2K``), four warps -- the fastest of 24 launch
+    shapes at Llama-3.1-8B's layers on an H200 (``benchmarks/quant_gemv_sweep.py --sweep
+    --schemes fp8_block``, ``benchmarks/results/quant_gemv_sweep_h200.json``: 70.3 us for the
+    four layers, 69.6 us with each layer's best, 78.5 us with 16-row programs).
+    ``ACT_ROW`` / ``ACT_TENSOR``: every program first makes an amax pass over the whole
+    activation row, so programs stay as wide as possible: 16 rows, halved while fewer than
+    two programs per multiprocessor (8-row programs took ct-fp8-tensor Llama-8B batch-1
+    decode from 305.5 to 283.3 tok/s on the H200)."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W8GemvConfig(16, 128, 1, 1)
     block_k = 1024 if k >= 1024 else max(FP8_BLOCK, triton.next_power_of_2(k))
-    if n >= 2 * k:
-        block_k = min(block_k, 512)
-    block_n = 8
+    if act == ACT_GROUP:
+        if n >= 2 * k:
+            block_k = min(block_k, 512)
+        block_n = 8
+    else:
+        block_n = 16
+        sms = multiprocessors(device)
+        while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
+            block_n //= 2
     while triton.cdiv(n, block_n) > _MAX_GRID_Y:
         block_n *= 2
     return W8GemvConfig(block_n, block_k, 4, 1)
@@ -235,7 +248,7 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
             WS_BLOCK: (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))}[ws]
     if tuple(weight_scale.shape) != want or not weight_scale.is_contiguous():
         raise ValueError(f"w8_gemv: weight scale {tuple(weight_scale.shape)}, expected {want}")
-    cfg = config or choose_w8_config(n, k, m, x.device)
+    cfg = config or choose_w8_config(n, k, m, x.device, act)
     blocked = act == ACT_GROUP or ws == WS_BLOCK
     if blocked and (cfg.block_k % FP8_BLOCK or FP8_BLOCK % cfg.block_n):
         raise ValueError(f"w8_gemv: {cfg} does not tile 128x128 scale blocks")

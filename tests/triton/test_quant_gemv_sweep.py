@@ -8,10 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="--smoke interprets kernels that this session has compiled")
 def test_smoke_run_writes_rows_for_old_and_new_paths(tmp_path: Path) -> None:
     import quant_gemv_sweep
 
