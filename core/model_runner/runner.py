@@ -14,6 +14,7 @@ from heteroserve.core.kernels.attention import ForwardMode
 from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.embedding import ParallelLMHead
 from heteroserve.core.layers.linear import LinearBase
 from heteroserve.core.layers.mla import MLAUpProjection
 from heteroserve.core.layers.moe import FusedMoE
@@ -103,7 +104,7 @@ class ModelRunner:
                     except ValueError as exc:
                         raise ModelLoadError(f"{cfg.path}: {exc}") from None
         for module in self.model.modules():
-            if isinstance(module, (LinearBase, FusedMoE)):
+            if isinstance(module, (LinearBase, FusedMoE, ParallelLMHead)):
                 module.process_weights_after_loading()
 
     def _kv_cache_dtype(self) -> torch.dtype | None:
