@@ -51,15 +51,34 @@ class _StepSlots:
     ragged: bool
 
 
+def _page_table(meta: AttentionMetadata) -> torch.Tensor:
+    """int64 ``[B, max_pages]``, row ``b`` the pages of sequence ``b``. When every sequence
+    has the same page count (decode of equal lengths, the common case) the CSR page list is
+    that table already and only a view and a cast are needed; otherwise it is
+    ``meta.block_table`` (padded with page 0)."""
+    ps, bsz = meta.page_size, meta.batch_size
+    counts = {-(-s // ps) for s in meta.seq_lens_cpu}
+    if len(counts) == 1:
+        n = counts.pop()
+        if n > 0:
+            return meta.kv_page_indices[: bsz * n].view(bsz, n).to(torch.long)
+    return meta.block_table.to(torch.long)
+
+
 def _slot_table(meta: AttentionMetadata, width: int) -> torch.Tensor:
-    """int64 ``[B, width]``: slot of positions ``0..width-1`` of each sequence; positions at or
-    past a sequence's length repeat the slot of its position 0."""
+    """int64 ``[B, width]`` (``width <= max(seq_lens)`` rounded up to pages): slot of
+    positions ``0..width-1`` of each sequence; positions at or past a sequence's length
+    repeat the slot of its position 0."""
     ps = meta.page_size
-    pos = torch.arange(width, device=meta.kv_page_indices.device)
-    table = meta.block_table.to(torch.long)
-    page_col = (pos // ps).clamp(max=table.shape[1] - 1)
-    slots = table[:, page_col] * ps + pos % ps
+    table = _page_table(meta)
+    pages = -(-width // ps)
+    if pages > table.shape[1]:
+        raise ValueError(f"attention: {width} positions need {pages} pages, the page table "
+                         f"lists {table.shape[1]}")
+    offsets = torch.arange(ps, device=table.device)
+    slots = (table[:, :pages, None] * ps + offsets).view(table.shape[0], pages * ps)[:, :width]
     if min(meta.seq_lens_cpu) < width:
+        pos = torch.arange(width, device=table.device)
         inside = pos[None, :] < meta.seq_lens.to(torch.long)[:, None]
         slots = torch.where(inside, slots, slots[:, :1])
     return slots
