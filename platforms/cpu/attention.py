@@ -33,7 +33,12 @@ def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype.itemsize == 1 and dtype.is_floating_point:
         fmax = float(torch.finfo(dtype).max)
         return x.to(torch.float32).clamp(-fmax, fmax).to(dtype)
-    return x.to(dtype)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (``x`` itself when it already is: no dispatch on the hot path)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
@@ -199,7 +204,7 @@ class TorchNativeAttention(AttentionBackend):
         if k.shape[0] != meta.out_cache_loc.shape[0]:
             raise ValueError(f"write_kv: {k.shape[0]} tokens but {meta.out_cache_loc.shape[0]} "
                              "cache locations")
-        loc = meta.out_cache_loc.to(torch.long)
+        loc = _as(meta.out_cache_loc, torch.long)
         self._store(k_cache, loc, _to_cache(k, k_cache.dtype))
         self._store(v_cache, loc, _to_cache(v, v_cache.dtype))
 
@@ -256,8 +261,8 @@ class TorchNativeAttention(AttentionBackend):
         step = self._step_slots(meta)
         assert step.decode is not None
         width = step.decode.shape[1]
-        k_all = self._gather(k_cache, step.decode).to(q.dtype).transpose(1, 2)  # [B, Hk, L, D]
-        v_all = self._gather(v_cache, step.decode).to(q.dtype).transpose(1, 2)
+        k_all = _as(self._gather(k_cache, step.decode), q.dtype).transpose(1, 2)  # [B, Hk, L, D]
+        v_all = _as(self._gather(v_cache, step.decode), q.dtype).transpose(1, 2)
         window = layer.sliding_window
         allowed = None
         if step.ragged or (window is not None and window < width):
