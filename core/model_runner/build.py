@@ -81,6 +81,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     dispatch = resolve_dispatch(catalog.registry, request, overrides, linear_schemes(quant))
     runner = ModelRunner(server_args, platform, dispatch, cfg, request.page_size or 1,
                          tp_rank, server_args.tp_size, communicator, index, quant)
+    runner.host_threads = threads
     if tp_rank == 0:
         logger.info("%s", startup_block(platform, catalog, dispatch, runner, threads))
     return platform, dispatch, runner

@@ -26,6 +26,7 @@ from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import DeviceEvent, Platform
 from heteroserve.core.quantization import QuantFormat
+from heteroserve.core.runtime.host_threads import HostThreads
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class ModelRunner:
     """One rank's model, KV cache and attention backend.
 
     ``forward(batch) -> logits fp32 [B, vocab]`` runs one step; decode steps replay captured
-    graphs when the platform captures them (see :mod:`graph_decode`).
+    graphs when the platform captures them (see :mod:`graph_decode`). ``host_threads``: what
+    ``--cpu-threads`` set for this process (filled in by ``build_model_runner``).
     """
+
+    host_threads: HostThreads | None = None
 
     def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
                  model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
