@@ -114,6 +114,11 @@ class LinearMethod(ABC):
     """
 
     scheme: str
+    #: True: the LM head (an unquantized ``[vocab, hidden]`` projection) also runs through
+    #: this method's ``process_weights_after_loading`` and ``apply``; False: it stays one plain
+    #: ``matmul`` on the embedding-shaped weight. Set it where the method beats the plain
+    #: product for that shape (CPU's oneDNN prepacking does, several-fold at decode sizes).
+    serves_lm_head: bool = False
 
     def create_weights(self, shape: LinearShape) -> dict[str, ParamSpec]:
         """The tensors a checkpoint provides for a layer of ``shape``, by parameter name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.core.layers.context import LayerContext
 
 
@@ -36,14 +37,40 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; each rank computes its vocabulary slice and the
-    slices are gathered. ``tie_to`` shares the embedding's weight (tied embeddings)."""
+    slices are gathered. ``tie_to`` shares the embedding's weight (tied embeddings).
+
+    Where the platform's unquantized linear method says it serves the LM head
+    (``LinearMethod.serves_lm_head``), :meth:`process_weights_after_loading` hands the weight
+    to it once (CPU: a oneDNN-packed copy) and :meth:`logits` runs through its ``apply``. A
+    tied head then holds its own repacked weight and the embedding keeps the plain one for
+    lookups (the table is stored twice)."""
+
+    def __init__(self, ctx: LayerContext, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(ctx, vocab_size, hidden_size)
+        self.method: LinearMethod | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    def process_weights_after_loading(self) -> None:
+        """Once, after loading (and tying): let the linear method repack the weight."""
+        method_cls = self.ctx.dispatch.linear.get("unquantized")
+        if method_cls is None or not method_cls.serves_lm_head or self.method is not None:
+            return
+        method = method_cls()
+        # a fresh parameter on this module only: a tied embedding keeps its own
+        plain = self.weight.data
+        del self.weight
+        self.weight = nn.Parameter(plain, requires_grad=False)
+        method.process_weights_after_loading(self)
+        self.method = method
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [B, H]`` -> fp32 ``[B, vocab_size]``."""
-        local = torch.matmul(hidden, self.weight.t()).float()
+        if self.method is not None:
+            local = self.method.apply(self, hidden).float()
+        else:
+            local = torch.matmul(hidden, self.weight.t()).float()
         if self.ctx.tp_size > 1 and self.ctx.communicator is not None:
             local = self.ctx.communicator.all_gather(local, dim=-1)
         return local[:, : self.vocab_size]

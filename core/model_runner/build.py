@@ -82,6 +82,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
     runner = ModelRunner(server_args, platform, dispatch, cfg, request.page_size or 1,
                          tp_rank, server_args.tp_size, communicator, index, quant,
                          catalog.linear_schemes)
+    runner.host_threads = threads
     if tp_rank == 0:
         logger.info("%s", startup_block(platform, catalog, dispatch, runner, threads))
     return platform, dispatch, runner

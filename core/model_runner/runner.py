@@ -15,6 +15,7 @@ from heteroserve.core.kernels.dispatch import DispatchTable
 from heteroserve.core.kernels.linear import LinearSchemeSpec
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.layers.context import ForwardContext, LayerContext
+from heteroserve.core.layers.embedding import ParallelLMHead
 from heteroserve.core.layers.linear import LinearBase
 from heteroserve.core.layers.mla import MLAUpProjection
 from heteroserve.core.layers.moe import FusedMoE
@@ -26,6 +27,7 @@ from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.registry import model_class
 from heteroserve.core.platform import DeviceEvent, Platform
 from heteroserve.core.quantization import QuantFormat
+from heteroserve.core.runtime.host_threads import HostThreads
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,11 @@ class ModelRunner:
     ``forward(batch) -> logits fp32 [B, vocab]`` runs one step; decode steps replay captured
     graphs when the platform captures them (see :mod:`graph_decode`). ``linear_schemes``:
     the plugins' linear-scheme definitions by name (``PluginCatalog.linear_schemes``).
+    ``host_threads``: what ``--cpu-threads`` set for this process (filled in by
+    ``build_model_runner``).
     """
+
+    host_threads: HostThreads | None = None
 
     def __init__(self, server_args: ServerArgs, platform: Platform, dispatch: DispatchTable,
                  model_config: ModelConfig, page_size: int, tp_rank: int = 0, tp_size: int = 1,
@@ -107,7 +113,7 @@ class ModelRunner:
                     except ValueError as exc:
                         raise ModelLoadError(f"{cfg.path}: {exc}") from None
         for module in self.model.modules():
-            if isinstance(module, (LinearBase, FusedMoE)):
+            if isinstance(module, (LinearBase, FusedMoE, ParallelLMHead)):
                 module.process_weights_after_loading()
 
     def _kv_cache_dtype(self) -> torch.dtype | None:

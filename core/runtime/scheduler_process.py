@@ -14,6 +14,9 @@ Start-up writes exactly one pickled message to the launch spec's ready pipe:
 ZMQ I/O stays off the step loop's critical path: a receiver thread unpickles incoming messages
 into a queue and a sender thread pickles and pushes outputs, so while the device computes
 step N (torch releases the GIL) new requests are received and step N-1's outputs are sent.
+Where ``--cpu-threads`` binds the compute threads to a core list, both I/O threads run on the
+cores it left free (:func:`io_thread_cores`), with ZMQ's I/O thread, not on a core an
+intra-op worker needs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import zmq
 
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.runtime.errors import one_line
+from heteroserve.core.runtime.host_threads import HostThreads, pin_current_thread
 from heteroserve.core.runtime.io_struct import (
     AbortRequest, FlushCacheRequest, FlushCacheResult, Hello, OutputBatch, ReadyInfo,
     RequestFailed, SchedulerFatal, ShutdownRequest, TokenizedRequest,
@@ -49,13 +53,15 @@ _STOP = object()
 class _Receiver(threading.Thread):
     """Reads messages from the channel into ``inbox`` until told to stop."""
 
-    def __init__(self, channel: Channel, inbox: queue.Queue) -> None:
+    def __init__(self, channel: Channel, inbox: queue.Queue, cores: tuple[int, ...] = ()) -> None:
         super().__init__(name="heteroserve-recv", daemon=True)
         self.channel = channel
         self.inbox = inbox
+        self.cores = cores
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        pin_current_thread(self.cores)
         while not self.stopping.is_set():
             try:
                 msg = self.channel.recv(200)
@@ -71,12 +77,14 @@ class _Receiver(threading.Thread):
 class _Sender(threading.Thread):
     """Sends everything put in ``outbox`` (``_STOP`` ends it after a flush)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, cores: tuple[int, ...] = ()) -> None:
         super().__init__(name="heteroserve-send", daemon=True)
         self.channel = channel
+        self.cores = cores
         self.outbox: queue.Queue = queue.Queue()
 
     def run(self) -> None:
+        pin_current_thread(self.cores)
         while True:
             item = self.outbox.get()
             if item is _STOP:
@@ -85,6 +93,13 @@ class _Sender(threading.Thread):
                 self.channel.send(item)
             except Exception as exc:
                 logger.error("cannot send %s: %s", type(item).__name__, one_line(exc))
+
+
+def io_thread_cores(scheduler: Any) -> tuple[int, ...]:
+    """Where the sender and receiver threads run: the cores ``--cpu-threads`` left free when
+    it bound the compute threads (empty: wherever the OS puts them)."""
+    threads = getattr(getattr(scheduler, "runner", None), "host_threads", None)
+    return threads.spare_cores if isinstance(threads, HostThreads) else ()
 
 
 def _ready_info(platform: Any, dispatch: Any, model_runner: Any, scheduler: Any,
@@ -322,10 +337,11 @@ def run_scheduler_process(spec: LaunchSpec) -> None:
         _report_ready(spec.ready_fd, "ready", info)
         _follow(scheduler, group, spec.parent_pid)
         return
-    channel = Channel.connect(spec.addresses)
+    io_cores = io_thread_cores(scheduler)
+    channel = Channel.connect(spec.addresses, io_cores)
     inbox: queue.Queue = queue.Queue()
-    receiver = _Receiver(channel, inbox)
-    sender = _Sender(channel)
+    receiver = _Receiver(channel, inbox, io_cores)
+    sender = _Sender(channel, io_cores)
     receiver.start()
     sender.start()
     _report_ready(spec.ready_fd, "ready", info)

@@ -33,7 +33,12 @@ def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype.itemsize == 1 and dtype.is_floating_point:
         fmax = float(torch.finfo(dtype).max)
         return x.to(torch.float32).clamp(-fmax, fmax).to(dtype)
-    return x.to(dtype)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (``x`` itself when it already is: no dispatch on the hot path)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
@@ -51,15 +56,34 @@ class _StepSlots:
     ragged: bool
 
 
+def _page_table(meta: AttentionMetadata) -> torch.Tensor:
+    """int64 ``[B, max_pages]``, row ``b`` the pages of sequence ``b``. When every sequence
+    has the same page count (decode of equal lengths, the common case) the CSR page list is
+    that table already and only a view and a cast are needed; otherwise it is
+    ``meta.block_table`` (padded with page 0)."""
+    ps, bsz = meta.page_size, meta.batch_size
+    counts = {-(-s // ps) for s in meta.seq_lens_cpu}
+    if len(counts) == 1:
+        n = counts.pop()
+        if n > 0:
+            return meta.kv_page_indices[: bsz * n].view(bsz, n).to(torch.long)
+    return meta.block_table.to(torch.long)
+
+
 def _slot_table(meta: AttentionMetadata, width: int) -> torch.Tensor:
-    """int64 ``[B, width]``: slot of positions ``0..width-1`` of each sequence; positions at or
-    past a sequence's length repeat the slot of its position 0."""
+    """int64 ``[B, width]`` (``width <= max(seq_lens)`` rounded up to pages): slot of
+    positions ``0..width-1`` of each sequence; positions at or past a sequence's length
+    repeat the slot of its position 0."""
     ps = meta.page_size
-    pos = torch.arange(width, device=meta.kv_page_indices.device)
-    table = meta.block_table.to(torch.long)
-    page_col = (pos // ps).clamp(max=table.shape[1] - 1)
-    slots = table[:, page_col] * ps + pos % ps
+    table = _page_table(meta)
+    pages = -(-width // ps)
+    if pages > table.shape[1]:
+        raise ValueError(f"attention: {width} positions need {pages} pages, the page table "
+                         f"lists {table.shape[1]}")
+    offsets = torch.arange(ps, device=table.device)
+    slots = (table[:, :pages, None] * ps + offsets).view(table.shape[0], pages * ps)[:, :width]
     if min(meta.seq_lens_cpu) < width:
+        pos = torch.arange(width, device=table.device)
         inside = pos[None, :] < meta.seq_lens.to(torch.long)[:, None]
         slots = torch.where(inside, slots, slots[:, :1])
     return slots
@@ -180,7 +204,7 @@ class TorchNativeAttention(AttentionBackend):
         if k.shape[0] != meta.out_cache_loc.shape[0]:
             raise ValueError(f"write_kv: {k.shape[0]} tokens but {meta.out_cache_loc.shape[0]} "
                              "cache locations")
-        loc = meta.out_cache_loc.to(torch.long)
+        loc = _as(meta.out_cache_loc, torch.long)
         self._store(k_cache, loc, _to_cache(k, k_cache.dtype))
         self._store(v_cache, loc, _to_cache(v, v_cache.dtype))
 
@@ -237,8 +261,8 @@ class TorchNativeAttention(AttentionBackend):
         step = self._step_slots(meta)
         assert step.decode is not None
         width = step.decode.shape[1]
-        k_all = self._gather(k_cache, step.decode).to(q.dtype).transpose(1, 2)  # [B, Hk, L, D]
-        v_all = self._gather(v_cache, step.decode).to(q.dtype).transpose(1, 2)
+        k_all = _as(self._gather(k_cache, step.decode), q.dtype).transpose(1, 2)  # [B, Hk, L, D]
+        v_all = _as(self._gather(v_cache, step.decode), q.dtype).transpose(1, 2)
         window = layer.sliding_window
         allowed = None
         if step.ragged or (window is not None and window < width):

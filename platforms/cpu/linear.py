@@ -84,6 +84,7 @@ class UnquantizedLinear(LinearMethod):
     reads. Elsewhere it stays as loaded and ``apply`` is ``F.linear``."""
 
     scheme = "unquantized"
+    serves_lm_head = True
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         packed = prepack_weight(_get(layer, "weight"))

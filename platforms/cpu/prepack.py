@@ -40,10 +40,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ W^T + bias`` against ``packed = prepack_weight(W)``; returns ``[..., N]``
     in ``x.dtype`` (``x`` is cast to the weight's dtype for the product when they differ)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != packed.dtype:
         x2 = x2.to(packed.dtype)
-    b = None if bias is None else bias.to(packed.dtype)
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    if bias is not None and bias.dtype != packed.dtype:
+        bias = bias.to(packed.dtype)
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -7,9 +7,14 @@ import os
 import pytest
 import torch
 
+import threading
+from types import SimpleNamespace
+
+from heteroserve.core.runtime import host_threads
 from heteroserve.core.runtime.host_threads import (
-    HostThreads, apply_cpu_threads, parse_core_list, plan_cpu_threads,
+    HostThreads, apply_cpu_threads, parse_core_list, pin_current_thread, plan_cpu_threads,
 )
+from heteroserve.core.runtime.scheduler_process import io_thread_cores
 
 
 def test_core_lists_parse_and_bad_ones_name_the_flag() -> None:
@@ -22,7 +27,8 @@ def test_core_lists_parse_and_bad_ones_name_the_flag() -> None:
 
 def test_plans() -> None:
     owned = len(os.sched_getaffinity(0))
-    assert plan_cpu_threads("auto", torch_default=64) == HostThreads(min(64, owned), None)
+    expected = min(64, owned) - (owned >= host_threads.RESERVE_FROM_CORES)
+    assert plan_cpu_threads("auto", torch_default=64) == HostThreads(expected, None)
     assert plan_cpu_threads("auto", torch_default=1) == HostThreads(1, None)
     assert plan_cpu_threads("auto", 1, 4 * owned, torch_default=64).threads == 1  # never 0
     assert plan_cpu_threads("3") == HostThreads(3, None)
@@ -45,3 +51,51 @@ def test_apply_sets_torch_threads_and_binds() -> None:
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(before)
+
+
+def test_auto_leaves_one_core_to_host_threads_on_large_shares(monkeypatch) -> None:
+    monkeypatch.setattr(host_threads, "_owned_cores", lambda: 16)
+    assert plan_cpu_threads("auto", torch_default=64).threads == 15
+    assert plan_cpu_threads("auto", torch_default=8).threads == 8  # torch already leaves room
+    assert plan_cpu_threads("auto", 0, 2, torch_default=64).threads == 7  # 8 cores per rank
+    assert plan_cpu_threads("auto", 0, 4, torch_default=64).threads == 4  # 4: no reserve
+    monkeypatch.setattr(host_threads, "_owned_cores", lambda: 2)
+    assert plan_cpu_threads("auto", torch_default=64).threads == 2
+
+
+def test_binding_leaves_spare_cores_to_the_io_threads() -> None:
+    before, affinity = torch.get_num_threads(), os.sched_getaffinity(0)
+    if len(affinity) < 2:
+        pytest.skip("needs two cores")
+    first = min(affinity)
+    try:
+        plan = apply_cpu_threads(f"{first}-{first}")
+        assert plan.spare_cores == tuple(sorted(affinity - {first}))
+        assert "I/O threads on cores" in plan.describe()
+        assert io_thread_cores(SimpleNamespace(runner=SimpleNamespace(host_threads=plan))) \
+            == plan.spare_cores
+        seen: list[set[int]] = []
+        worker = threading.Thread(target=lambda: (pin_current_thread(plan.spare_cores),
+                                                  seen.append(os.sched_getaffinity(0))))
+        worker.start()
+        worker.join()
+        assert seen == [set(plan.spare_cores)]  # the thread moved ...
+        assert os.sched_getaffinity(0) == {first}  # ... the compute thread did not
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(before)
+    assert io_thread_cores(SimpleNamespace()) == ()
+    pin_current_thread(())  # no-op
+
+
+def test_scheduler_channel_with_its_io_thread_pinned_still_carries_messages() -> None:
+    from heteroserve.core.runtime.transport import Channel
+
+    front, addrs = Channel.bind()
+    back = Channel.connect(addrs, (min(os.sched_getaffinity(0)),))
+    try:
+        back.send_when_connected({"ping": 1}, 2000)
+        assert front.recv(2000) == {"ping": 1}
+    finally:
+        back.close()
+        front.close()
