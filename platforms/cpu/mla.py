@@ -44,8 +44,9 @@ class TorchNativeMLA(MLABackend):
         page_col = (pos // ps).clamp(max=table.shape[1] - 1)
         return table[:, page_col], (pos % ps).expand(table.shape[0], -1)
 
-    def write_kv(self, latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
+    def _check_new_rows(self, latent: torch.Tensor, k_pe: torch.Tensor,
+                        meta: AttentionMetadata) -> None:
+        """``ValueError`` naming ``latent`` or ``k_pe`` when it is not ``[T, width]``."""
         c = self.config
         if latent.shape != (meta.num_tokens, c.kv_lora_rank):
             raise ValueError(f"mla write_kv: latent must be [{meta.num_tokens}, "
@@ -53,6 +54,10 @@ class TorchNativeMLA(MLABackend):
         if k_pe.shape != (meta.num_tokens, c.qk_rope_head_dim):
             raise ValueError(f"mla write_kv: k_pe must be [{meta.num_tokens}, "
                              f"{c.qk_rope_head_dim}], got {list(k_pe.shape)}")
+
+    def write_kv(self, latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        self._check_new_rows(latent, k_pe, meta)
         loc = meta.out_cache_loc.to(torch.long)
         cache[loc // meta.page_size, loc % meta.page_size] = torch.cat(
             [latent, k_pe], dim=-1).to(cache.dtype)

@@ -188,13 +188,7 @@ class TritonMLA(TorchNativeMLA):
 
     def write_kv(self, latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:
-        c = self.config
-        if latent.shape != (meta.num_tokens, c.kv_lora_rank):
-            raise ValueError(f"mla write_kv: latent must be [{meta.num_tokens}, "
-                             f"{c.kv_lora_rank}], got {list(latent.shape)}")
-        if k_pe.shape != (meta.num_tokens, c.qk_rope_head_dim):
-            raise ValueError(f"mla write_kv: k_pe must be [{meta.num_tokens}, "
-                             f"{c.qk_rope_head_dim}], got {list(k_pe.shape)}")
+        self._check_new_rows(latent, k_pe, meta)
         mla_write_latent(latent, k_pe, cache, meta.out_cache_loc)
 
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,

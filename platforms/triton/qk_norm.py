@@ -18,6 +18,7 @@ import triton.language as tl
 from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
 from heteroserve.platforms.cpu.qk_norm import check_qk_norm_rotary
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+from heteroserve.platforms.triton.rotary import token_cos_sin
 
 #: elements of one program's tile (heads x head size); bounds registers per program
 MAX_TILE = 4096
@@ -82,10 +83,7 @@ def _qk_norm_rotary_kernel(
     hb = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < HALF
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
-                  other=0.0).to(tl.float32)
+    cos, sin = token_cos_sin(pos_ptr, cache_ptr, t, stride_cache, offs_r, r_mask, HALF)
     if hb < q_blocks:
         _norm_rotate_block(q_ptr, qw_ptr, t, hb, cos, sin, eps, stride_qt, stride_qh,
                            num_q_heads, HEAD_DIM, HALF, TAIL, IS_NEOX, BLOCK_H, BLOCK_R,

@@ -32,6 +32,17 @@ def _rotate_block(
 
 
 @triton.jit
+def token_cos_sin(pos_ptr, cache_ptr, t, stride_cache, offs_r, r_mask, HALF: tl.constexpr):
+    """fp32 ``(cos, sin)`` ``[BLOCK_R]`` of token ``t``'s position from a ``[cos | sin]``
+    cache row (``HALF`` frequencies; lanes past ``r_mask`` are 0)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
+                  other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads, num_k_heads,
@@ -46,10 +57,7 @@ def _rotary_kernel(
     hb = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < HALF
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    cos = tl.load(cache_ptr + pos * stride_cache + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_r, mask=r_mask,
-                  other=0.0).to(tl.float32)
+    cos, sin = token_cos_sin(pos_ptr, cache_ptr, t, stride_cache, offs_r, r_mask, HALF)
     if hb < q_blocks:
         _rotate_block(q_ptr, t, hb, cos, sin, offs_r, r_mask, stride_qt, stride_qh,
                       num_q_heads, HALF, IS_NEOX, BLOCK_H)
