@@ -14,7 +14,7 @@ from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import distinct_logits, randn
 from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
-from heteroserve.conformance.quantize import quantize_fp8_block
+from heteroserve.conformance.quantize import quantize_fp8_block_experts
 from heteroserve.core.kernels.ops import (
     MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
@@ -75,16 +75,6 @@ def test_moe_grouped_topk(conf: ConfParam, ctx: ConformanceContext,
     assert_close(weights.cpu().gather(1, order), ref_w, torch.float32, "routing weights", request)
 
 
-def fp8_block_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 experts ``[E, N, K]`` -> ``(float8_e4m3fn values, fp32 block scales [E,
-    ceil(N/128), ceil(K/128)], float64 dequantized weights)`` (the suite's own quantizer)."""
-    parts = [quantize_fp8_block(w[e], torch.float8_e4m3fn) for e in range(w.shape[0])]
-    values = torch.stack([p["weight"] for p in parts])
-    scales = torch.stack([p["weight_scale_inv"] for p in parts])
-    full = scales.double().repeat_interleave(128, 1).repeat_interleave(128, 2)
-    return values, scales, values.double() * full[:, :w.shape[1], :w.shape[2]]
-
-
 @conformance(fused_moe_cases)
 def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
                    request: pytest.FixtureRequest) -> None:
@@ -108,8 +98,8 @@ def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
     ids_dev, weights_dev = ids.to(dev), weights.to(dev)
     quant = None
     if quantized:  # stored fp8 values + scales go in; the oracle sees their dequantized value
-        w13_q, s13, w13 = fp8_block_experts(w13.cpu())
-        w2_q, s2, w2 = fp8_block_experts(w2.cpu())
+        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
+        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
         w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
         quant = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
     else:

@@ -116,7 +116,10 @@ def fused_moe_fp8_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
 
 def fused_moe_graph_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
     """The platform's preferred dtype, 2 and 24 tokens over 16 experts with k=4: 8 and 96
-    (token, expert) pairs, one on each side of the few-token / grouped switch."""
+    (token, expert) pairs, one on each side of the few-token / grouped switch; dense
+    experts, then fp8_block experts (``I = 128``)."""
     dt = ctx.capabilities.dtypes[0]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64", dt,
-                         t, 16, 4, 128, 64) for t in (2, 24)]
+                         t, 16, 4, 128, 64) for t in (2, 24)] + \
+        [FusedMoECase(ops.FUSED_MOE, f"fp8_block-{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I128",
+                      dt, t, 16, 4, 128, 128, "fp8_block") for t in (2, 24)]

@@ -98,3 +98,71 @@ def test_wrong_shape_expert_scale_fails_naming_the_tensor(tmp_path, tensor, shap
     assert "\n" not in msg
     assert msg == (f"checkpoint tensor {tensor}: weight_scale_inv has shape {list(shape)}, "
                    "expected [1, 1]")
+
+
+def _layer(tp_size: int, tp_rank: int, inter: int, fp8_dtype=torch.float8_e4m3fn):
+    """A bare fp8-block FusedMoE (4 experts, H = 200) on the cpu dispatch table."""
+    from heteroserve.core.kernels.dispatch import resolve_dispatch
+    from heteroserve.core.kernels.registry import KernelRegistry, KernelRequest
+    from heteroserve.core.layers.context import LayerContext
+    from heteroserve.core.layers.moe import FusedMoE
+    from heteroserve.core.quantization.fp8 import Fp8Format
+    from heteroserve.platforms.cpu import plugin
+
+    registry = KernelRegistry()
+    plugin.heteroserve_register_kernels(registry)
+    table = resolve_dispatch(registry, KernelRequest("cpu", "cpu", torch.float32),
+                             linear_schemes=("unquantized", "fp8_block"))
+    quant = Fp8Format({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    ctx = LayerContext(table, torch.float32, torch.device("cpu"), tp_rank, tp_size,
+                       quant=quant, fp8_dtype=fp8_dtype)
+    return FusedMoE(ctx, 4, 2, 200, inter, True, prefix="model.layers.0.mlp")
+
+
+def test_tensor_parallel_rank_takes_whole_scale_blocks() -> None:
+    """I = 256 over tp 2: rank 1 holds rows 128..255 of gate and up (scale row 1 of each)
+    and columns 128..255 of down (scale column 1), and computes its share of the sum."""
+    from heteroserve.conformance.quantize import quantize_fp8_block_experts
+    from heteroserve.platforms.cpu.moe import fused_moe
+
+    g = torch.Generator().manual_seed(0)
+    layer = _layer(2, 1, 256)
+    assert layer.storage.kept and layer.w13.shape == (4, 256, 200)
+    assert layer.w13_scale.shape == (4, 2, 2) and layer.w2_scale.shape == (4, 2, 1)
+    full = {n: torch.randn(4, *shape, generator=g, dtype=torch.float64) * 0.05
+            for n, shape in (("w1", (256, 200)), ("w3", (256, 200)), ("w2", (200, 256)))}
+    q = {n: quantize_fp8_block_experts(w) for n, w in full.items()}
+    for e in range(4):
+        for n in ("w1", "w3", "w2"):
+            values, scales, _ = q[n]
+            layer.load_quantized(n, "weight_scale_inv", scales[e], e)
+            layer.load_quantized(n, "weight", values[e], e)
+    layer.check_loaded()
+    for n in ("w1", "w3"):  # whole-block slices of the stored values and scales
+        rows = slice(0, 128) if n == "w1" else slice(128, 256)
+        srow = slice(0, 1) if n == "w1" else slice(1, 2)
+        assert torch.equal(layer.w13.data[:, rows].view(torch.uint8),
+                           q[n][0][:, 128:].view(torch.uint8))
+        assert torch.equal(layer.w13_scale.data[:, srow], q[n][1][:, 1:2])
+    assert torch.equal(layer.w2_scale.data, q["w2"][1][:, :, 1:2])
+    x = torch.randn(5, 200, generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]], dtype=torch.int32)
+    deq = {n: t[2] for n, t in q.items()}
+    w13 = torch.cat([deq["w1"][:, 128:], deq["w3"][:, 128:]], dim=1)
+    ref = fused_moe(x.double(), w13, deq["w2"][:, :, 128:], weights, ids)
+    out = layer.experts(x, weights, ids)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("tp,inter,fp8,reason", [
+    (2, 384, torch.float8_e4m3fn, "the per-rank moe intermediate size 192 (tp 2) is not a "
+                                  "multiple of 128"),
+    (1, 128, torch.float8_e4m3fnuz, "the platform's fp8 flavour is float8_e4m3fnuz (the "
+                                    "checkpoint's experts are float8_e4m3fn)"),
+    (1, 128, None, "the platform declares no fp8 flavour"),
+])
+def test_dequantized_with_the_reason(tp, inter, fp8, reason) -> None:
+    layer = _layer(tp, 0, inter, fp8)
+    assert not layer.storage.kept and layer.storage.reason.startswith(reason)
+    assert layer.w13.dtype == torch.float32 and layer.weight_quant is None
