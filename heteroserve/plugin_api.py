@@ -36,7 +36,8 @@ from heteroserve.core.kernels.ops import (
     MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR,
     QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
     SILU_AND_MUL, TOKEN_BITMASK_APPLY,
-    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, QKNormRotaryOp, RMSNormOp,
+    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, QKNormRotaryOp,
+    RMSNormOp,
     RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
 )
