@@ -22,8 +22,9 @@ Block-scaled weights (``W_SCALED``, fp8_block experts, weight-only): the weight 
 the stored values (fp8 e4m3fn; any float dtype runs, as in the interpreter tests) and one
 fp32 scale per 128x128 block. A program's ``BLOCK_N`` rows (a divisor of 128) lie in one
 block row, so the scales fold into the activation: each K step multiplies ``x`` (gate and
-up rows: their own block rows) or ``inter * route`` by the scales of its columns, and the
-tile is converted to fp32 and multiplied as above.
+up rows: their own block rows) or ``inter * route`` by the scales of its columns (one
+scalar per tile when ``BLOCK_K`` divides 128, else each 128-column group's scale loaded once
+and repeated), and the tile is converted to fp32 and multiplied as above.
 
 Both launch with PDL where the platform has it (``pdl.py``). The down kernel loads its first
 weight tile before it waits: its inputs other than ``inter`` were complete before the gate-up
@@ -128,6 +129,36 @@ def choose_config(num_tokens: int, top_k: int, hidden: int, inter: int, dtype: t
 
 
 @triton.jit
+def _column_scales(row_ptr, k0, K, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The fp32 scales of columns ``k0 .. k0 + BLOCK_K`` in one block row (``row_ptr``: its
+    first scale): one scalar when the tile lies in one block column (``BLOCK_K`` divides
+    ``SCALE_BLOCK``), else ``[BLOCK_K]``, each group's scale loaded once and repeated."""
+    if BLOCK_K <= SCALE_BLOCK:
+        return tl.load(row_ptr + k0 // SCALE_BLOCK)
+    else:
+        g = k0 // SCALE_BLOCK + tl.arange(0, BLOCK_K // SCALE_BLOCK)
+        s = tl.load(row_ptr + g, mask=g < tl.cdiv(K, SCALE_BLOCK), other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, None], [BLOCK_K // SCALE_BLOCK, SCALE_BLOCK]),
+                          [BLOCK_K])
+
+
+@triton.jit
+def _slot_scales(row_ptrs, k0, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SCALE_BLOCK: tl.constexpr):
+    """:func:`_column_scales` for ``BLOCK_E`` block rows at once (``row_ptrs [BLOCK_E]``):
+    ``[BLOCK_E, 1]`` or ``[BLOCK_E, BLOCK_K]``."""
+    if BLOCK_K <= SCALE_BLOCK:
+        return tl.load(row_ptrs + k0 // SCALE_BLOCK)[:, None]
+    else:
+        g = k0 // SCALE_BLOCK + tl.arange(0, BLOCK_K // SCALE_BLOCK)
+        s = tl.load(row_ptrs[:, None] + g[None, :],
+                    mask=(g < tl.cdiv(K, SCALE_BLOCK))[None, :], other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, :, None],
+                                          [BLOCK_E, BLOCK_K // SCALE_BLOCK, SCALE_BLOCK]),
+                          [BLOCK_E, BLOCK_K])
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, ws_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we,
     stride_wn, stride_se, stride_sn,
@@ -147,10 +178,8 @@ def _gate_up_kernel(
     up_off = N * stride_wn
     if W_SCALED:  # the block rows of this program's gate rows and up rows
         n0 = (pid // num_pairs) * BLOCK_N
-        s_gate = ws_ptr + expert * stride_se + (n0 // SCALE_BLOCK) * stride_sn \
-            + offs_k // SCALE_BLOCK
-        s_up = ws_ptr + expert * stride_se + ((N + n0) // SCALE_BLOCK) * stride_sn \
-            + offs_k // SCALE_BLOCK
+        s_gate = ws_ptr + expert * stride_se + (n0 // SCALE_BLOCK) * stride_sn
+        s_up = ws_ptr + expert * stride_se + ((N + n0) // SCALE_BLOCK) * stride_sn
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # loads are written out in both branches (no helper): the interpreter pays per call
@@ -168,14 +197,9 @@ def _gate_up_kernel(
             w_up = tl.load(gate_ptrs + up_off + k0, mask=w_mask, other=0.0,
                            eviction_policy="evict_first")
         a = a.to(tl.float32)
-        if W_SCALED:  # powers of 2: (k0 + offs_k) // 128 == k0 // 128 + offs_k // 128
-            ks = k0 // SCALE_BLOCK
-            if EVEN:
-                a_gate = a * tl.load(s_gate + ks)
-                a_up = a * tl.load(s_up + ks)
-            else:
-                a_gate = a * tl.load(s_gate + ks, mask=k_mask, other=0.0)
-                a_up = a * tl.load(s_up + ks, mask=k_mask, other=0.0)
+        if W_SCALED:
+            a_gate = a * _column_scales(s_gate, k0, K, BLOCK_K, SCALE_BLOCK)
+            a_up = a * _column_scales(s_up, k0, K, BLOCK_K, SCALE_BLOCK)
             acc_gate += w_gate.to(tl.float32) * a_gate[None, :]
             acc_up += w_up.to(tl.float32) * a_up[None, :]
         else:
@@ -217,15 +241,14 @@ def _down_kernel(
     else:
         w = tl.load(w_ptrs, mask=en_mask & (offs_k < K)[None, None, :], other=0.0,
                     eviction_policy="evict_first")
-    if W_SCALED:  # [BLOCK_E, BLOCK_K]: each slot's expert, this block row, the K columns
-        s_ptrs = ws_ptr + experts[:, None] * stride_se \
-            + ((pid // num_tokens) * BLOCK_N // SCALE_BLOCK) * stride_sn \
-            + (offs_k // SCALE_BLOCK)[None, :]
+    if W_SCALED:  # each slot's expert, this program's block row
+        s_rows = ws_ptr + experts * stride_se \
+            + ((pid // num_tokens) * BLOCK_N // SCALE_BLOCK) * stride_sn
     wait_for_previous(USE_PDL)
     ek_mask = e_mask[:, None] & (offs_k < K)[None, :]
     a = tl.load(a_ptrs, mask=ek_mask, other=0.0) * route[:, None]
     if W_SCALED:
-        a = a * tl.load(s_ptrs, mask=ek_mask, other=0.0)
+        a = a * _slot_scales(s_rows, 0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
     acc = w.to(tl.float32) * a[:, None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN:
@@ -235,8 +258,8 @@ def _down_kernel(
                         other=0.0, eviction_policy="evict_first")
         ek_mask = e_mask[:, None] & (k0 + offs_k < K)[None, :]
         a = tl.load(a_ptrs + k0, mask=ek_mask, other=0.0) * route[:, None]
-        if W_SCALED:  # powers of 2: (k0 + offs_k) // 128 == k0 // 128 + offs_k // 128
-            a = a * tl.load(s_ptrs + k0 // SCALE_BLOCK, mask=ek_mask, other=0.0)
+        if W_SCALED:
+            a = a * _slot_scales(s_rows, k0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
         acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n,

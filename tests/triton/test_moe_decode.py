@@ -215,6 +215,9 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                         "SCALE_BLOCK": 128}, "num_warps": d.num_warps})
     assert [j["constexprs"]["EVEN"] for j in jobs] == [True, True, True, False] + \
         [True, False, True, False]
+    for job in jobs[-2:]:  # and K steps inside one scale block (one scale per tile)
+        jobs.append({**job, "constexprs": {**job["constexprs"], "BLOCK_K": 64,
+                                           "EVEN": False}})
     for job in jobs:
         job.update(module="heteroserve.platforms.triton.moe_decode", aligned=ptrs + ints)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -224,4 +227,5 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
         assert res["griddepcontrol_wait"], job["kernel"]
-        assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights per thread
+        if job["constexprs"]["BLOCK_K"] >= 128:  # the narrow fp8 tiles only need to build
+            assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights/thread

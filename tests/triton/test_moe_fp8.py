@@ -82,6 +82,21 @@ def test_fp8_block_experts_match_float64(device: torch.device, path: str, tokens
     assert rel_err(out, _ref(x, w13, s13, w2, s2, tw, ids)) < 1e-5
 
 
+@pytest.mark.parametrize("gate_up,down", [((16, 256), (8, 256)), ((4, 512), (2, 128)),
+                                          ((8, 64), (16, 512))])
+def test_decode_tiles_across_scale_blocks(device: torch.device, gate_up: tuple[int, int],
+                                          down: tuple[int, int]) -> None:
+    """K steps wider than a scale block (each group's scale loaded once and repeated, the last
+    group ragged: H = 200) and narrower (one scale per tile), on both decode kernels."""
+    from heteroserve.platforms.triton.moe_decode import DecodeConfig, DecodeTile, decode_moe
+
+    x, w13, s13, w2, s2, tw, ids = _problem(3, 5, 2, 200, 256, 11)
+    cfg = DecodeConfig(DecodeTile(*gate_up, 1), DecodeTile(*down, 1))
+    out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw.to(device),
+                     ids.to(device), cfg, scales=(s13.to(device), s2.to(device)))
+    assert rel_err(out, _ref(x, w13, s13, w2, s2, tw, ids)) < 1e-5
+
+
 def test_fused_moe_declares_fp8_block() -> None:
     assert getattr(moe.fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block",)
 
