@@ -61,6 +61,18 @@ def quantize_fp8_block(w: torch.Tensor, fp8_dtype: torch.dtype) -> dict[str, tor
     return {"weight": to_fp8(w / full[:n, :k], fp8_dtype), "weight_scale_inv": scales}
 
 
+def quantize_fp8_block_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    """float64 experts ``[E, N, K]`` -> ``(float8_e4m3fn values, fp32 block scales [E,
+    ceil(N/128), ceil(K/128)], float64 dequantized weights)``, each expert as
+    :func:`quantize_fp8_block` does it."""
+    parts = [quantize_fp8_block(w[e], torch.float8_e4m3fn) for e in range(w.shape[0])]
+    values = torch.stack([p["weight"] for p in parts])
+    scales = torch.stack([p["weight_scale_inv"] for p in parts])
+    full = scales.double().repeat_interleave(FP8_BLOCK, 1).repeat_interleave(FP8_BLOCK, 2)
+    return values, scales, values.double() * full[:, :w.shape[1], :w.shape[2]]
+
+
 def quantize_int8_per_channel(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """``weight [N, K]`` int8 (symmetric) and ``weight_scale [N, 1]`` fp32."""
     scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).to(torch.float32)

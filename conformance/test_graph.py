@@ -25,7 +25,10 @@ from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.conformance.test_qk_norm import make_inputs
 from heteroserve.core.kernels import ops
 from heteroserve.core.graph import EagerGraphRunner
-from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR, MOE_PROCESS_WEIGHTS_ATTR
+from heteroserve.conformance.quantize import quantize_fp8_block_experts
+from heteroserve.core.kernels.ops import (
+    GRAPH_SAFE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
+)
 
 EPS = 1e-6
 
@@ -90,16 +93,27 @@ def test_fused_moe_graph_replay(conf: ConfParam, ctx: ConformanceContext,
     if not getattr(fn, GRAPH_SAFE_ATTR, False) and not isinstance(runner, EagerGraphRunner):
         pytest.skip(f"{conf.impl} does not declare {GRAPH_SAFE_ATTR} (host-synchronising "
                     "implementations are not captured)")
+    quantized = case.weights != "dense"
+    if quantized and case.weights not in getattr(fn, MOE_WEIGHT_SCHEMES_ATTR, ()):
+        pytest.skip(f"{conf.impl} does not declare {case.weights} in {MOE_WEIGHT_SCHEMES_ATTR}")
     gen = case.generator()
     dev, dt = ctx.device, case.dtype
-    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=dt, device=dev,
+    wdt = torch.float64 if quantized else dt
+    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=wdt, device=dev,
                 scale=case.hidden ** -0.5)
-    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=dt, device=dev,
+    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=wdt, device=dev,
                scale=case.intermediate ** -0.5)
-    w13_k, w2_k = w13, w2
+    kwargs: dict[str, MoEWeightQuant] = {}
+    if quantized:  # fp8 values + block scales in; the oracle sees the dequantized weights
+        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
+        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
+        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
+        kwargs["quant"] = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
+    else:
+        w13_k, w2_k = w13, w2
     process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
     if process is not None:  # the implementation's own expert layout, as the MoE layer does
-        w13_k, w2_k = process(w13.clone(), w2.clone())
+        w13_k, w2_k = process(w13_k.clone(), w2_k.clone())
 
     def routing() -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.rand(case.tokens, case.experts, generator=gen).topk(case.top_k, dim=-1)
@@ -111,7 +125,7 @@ def test_fused_moe_graph_replay(conf: ConfParam, ctx: ConformanceContext,
     out = torch.zeros_like(x)
 
     def step() -> None:
-        out.copy_(fn(x, w13_k, w2_k, weights, ids))
+        out.copy_(fn(x, w13_k, w2_k, weights, ids, **kwargs))
 
     graph = runner.capture(step)
     new_weights, new_ids = routing()

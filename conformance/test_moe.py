@@ -14,7 +14,10 @@ from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import distinct_logits, randn
 from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
-from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
+from heteroserve.conformance.quantize import quantize_fp8_block_experts
+from heteroserve.core.kernels.ops import (
+    MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
+)
 
 
 def _check_routing(out: object, tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,20 +80,36 @@ def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
                    request: pytest.FixtureRequest) -> None:
     case: FusedMoECase = conf.case  # type: ignore[assignment]
     fn = conf.load()
+    quantized = case.weights != "dense"
+    if quantized and case.weights not in getattr(fn, MOE_WEIGHT_SCHEMES_ATTR, ()):
+        pytest.skip(f"{conf.impl} does not declare {case.weights} in "
+                    f"{MOE_WEIGHT_SCHEMES_ATTR} (the MoE layer dequantizes those experts)")
     gen = case.generator()
     dev, dt = ctx.device, case.dtype
     x = randn(gen, case.tokens, case.hidden, dtype=dt, device=dev)
-    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=dt, device=dev,
+    wdt = torch.float64 if quantized else dt
+    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=wdt, device=dev,
                 scale=case.hidden ** -0.5)
-    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=dt, device=dev,
+    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=wdt, device=dev,
                scale=case.intermediate ** -0.5)
     scores = torch.rand(case.tokens, case.experts, generator=gen)
     ids = scores.topk(case.top_k, dim=-1).indices.to(torch.int32)
     weights = torch.softmax(torch.randn(case.tokens, case.top_k, generator=gen), dim=-1)
     ids_dev, weights_dev = ids.to(dev), weights.to(dev)
-    w13_k, w2_k = w13, w2
+    quant = None
+    if quantized:  # stored fp8 values + scales go in; the oracle sees their dequantized value
+        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
+        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
+        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
+        quant = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
+    else:
+        w13_k, w2_k = w13, w2
     process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
     if process is not None:  # the implementation's own expert layout, as the MoE layer does
-        w13_k, w2_k = process(w13.clone(), w2.clone())
-    out = run_op(fn, lambda: (x, w13_k, w2_k, weights_dev, ids_dev))
+        w13_k, w2_k = process(w13_k.clone(), w2_k.clone())
+    if quant is None:
+        out = run_op(fn, lambda: (x, w13_k, w2_k, weights_dev, ids_dev))
+    else:
+        out = run_op(lambda *a: fn(*a, quant=quant), lambda: (x, w13_k, w2_k, weights_dev,
+                                                              ids_dev))
     assert_close(out, oracle.fused_moe(x, w13, w2, weights, ids), dt, "fused_moe", request)

@@ -33,9 +33,11 @@ from heteroserve.core.kernels.linear import (
 )
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
-    MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
+    MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR,
+    QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
     SILU_AND_MUL, TOKEN_BITMASK_APPLY,
-    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, GroupedTopKOp, QKNormRotaryOp, RMSNormOp,
+    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, QKNormRotaryOp,
+    RMSNormOp,
     RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "SILU_AND_MUL", "GELU_AND_MUL",
     "ROTARY", "QK_NORM_ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
+    "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant",
     "RMSNormOp", "FusedAddRMSNormOp", "QKNormRotaryOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from heteroserve.conformance.context import ALL_DTYPES, DTYPE_NAMES, ConformanceContext
 from heteroserve.conformance.params import Case
 from heteroserve.core.kernels import ops
+from heteroserve.core.platform import Fp8Flavour
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,24 @@ class GroupedTopKCase(Case):
 
 @dataclass(frozen=True)
 class FusedMoECase(Case):
-    """``tokens`` routed to ``top_k`` of ``experts`` SiLU-and-mul experts."""
+    """``tokens`` routed to ``top_k`` of ``experts`` SiLU-and-mul experts; ``weights``:
+    ``dense`` (the model dtype) or an expert weight scheme of ``ops.MOE_WEIGHT_SCHEMES``
+    (``fp8_block``: float8_e4m3fn values with 128x128 block scales, weight-only)."""
 
     tokens: int
     experts: int
     top_k: int
     hidden: int
     intermediate: int
+    weights: str = "dense"
+
+    def capability_skip(self, ctx: ConformanceContext) -> str | None:
+        if self.weights == "fp8_block" and ctx.capabilities.fp8_flavour is not Fp8Flavour.E4M3FN:
+            return (f"platform {ctx.name} declares fp8 flavour "
+                    f"{ctx.capabilities.fp8_flavour and ctx.capabilities.fp8_flavour.value}: "
+                    "the MoE layer passes fp8_block experts (float8_e4m3fn) only where it is "
+                    "e4m3fn")
+        return ctx.dtype_skip(self.dtype)
 
 
 def topk_softmax_cases(ctx: ConformanceContext) -> list[TopKCase]:
@@ -85,12 +97,29 @@ def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
         grid += [(33, 8, 3, 256, 128), (8, 128, 8, 256, 96), (3, 64, 6, 200, 88)]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
                          dt, t, e, k, h, i)
+            for dt in ALL_DTYPES for t, e, k, h, i in grid] + fused_moe_fp8_cases(ctx)
+
+
+def fused_moe_fp8_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
+    """fp8_block experts (``I`` a multiple of 128, as the MoE layer keeps them), every
+    dtype: 6 pairs (few-token kernel; ``H = 200``: ragged last scale block) and 80 pairs
+    (grouped GEMM; ``I = 256``: the up half in its own scale rows); the full grid adds
+    exactly 64 pairs over 16 experts and a DeepSeek-like k=6."""
+    # (tokens, experts, top_k, hidden, intermediate)
+    grid = [(3, 8, 2, 200, 128), (40, 8, 2, 128, 256)]
+    if not ctx.quick:
+        grid += [(8, 16, 8, 256, 128), (33, 64, 6, 384, 128)]
+    return [FusedMoECase(ops.FUSED_MOE, f"fp8_block-{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
+                         dt, t, e, k, h, i, "fp8_block")
             for dt in ALL_DTYPES for t, e, k, h, i in grid]
 
 
 def fused_moe_graph_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
     """The platform's preferred dtype, 2 and 24 tokens over 16 experts with k=4: 8 and 96
-    (token, expert) pairs, one on each side of the few-token / grouped switch."""
+    (token, expert) pairs, one on each side of the few-token / grouped switch; dense
+    experts, then fp8_block experts (``I = 128``)."""
     dt = ctx.capabilities.dtypes[0]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64", dt,
-                         t, 16, 4, 128, 64) for t in (2, 24)]
+                         t, 16, 4, 128, 64) for t in (2, 24)] + \
+        [FusedMoECase(ops.FUSED_MOE, f"fp8_block-{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I128",
+                      dt, t, 16, 4, 128, 128, "fp8_block") for t in (2, 24)]

@@ -129,9 +129,31 @@ class GroupedTopKOp(Protocol):
         unspecified."""
 
 
+#: expert weight schemes the ``fused_moe`` contract defines (see :class:`MoEWeightQuant`)
+MOE_WEIGHT_SCHEMES: tuple[str, ...] = ("fp8_block",)
+
+
+@dataclass(frozen=True)
+class MoEWeightQuant:
+    """Quantized expert weights passed to ``fused_moe`` (weight-only: ``x`` stays in the
+    model dtype).
+
+    ``scheme`` ``fp8_block`` (DeepSeek-V3, Qwen3-FP8 experts): ``w13`` float8_e4m3fn
+    ``[E, 2I, H]`` with ``w13_scale`` fp32 ``[E, ceil(2I/128), ceil(H/128)]``, ``w2``
+    float8_e4m3fn ``[E, H, I]`` with ``w2_scale`` fp32 ``[E, ceil(H/128), ceil(I/128)]``;
+    ``I`` is a multiple of 128 (the gate and up halves of ``w13`` and their scale rows start
+    on block boundaries). Meaning: ``W[e, n, k] = w[e, n, k] * scale[e, n // 128, k // 128]``
+    (W8A16: the product is ``x @ W^T`` in at least fp32 with ``x`` unquantized)."""
+
+    scheme: str
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+
+
 class FusedMoEOp(Protocol):
     def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 quant: MoEWeightQuant | None = None) -> torch.Tensor:
         """Mixture of experts with SiLU-and-mul experts.
 
         ``x [T, H]``; ``w13 [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up); ``w2 [E, H, I]``;
@@ -139,15 +161,28 @@ class FusedMoEOp(Protocol):
         ``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
         ``e = topk_ids[t, j]``. Returns ``[T, H]`` in ``x.dtype``.
 
+        Without ``quant`` the weights are in ``x.dtype``. With ``quant`` (a
+        :class:`MoEWeightQuant`) they are stored in ``quant.scheme`` and mean its dequantized
+        values. Only an implementation that lists the scheme in its
+        ``moe_weight_schemes`` attribute (:data:`MOE_WEIGHT_SCHEMES_ATTR`; default: none) is
+        ever passed ``quant``, always by keyword; the MoE layer dequantizes the experts for
+        any other. Raises ``ValueError`` for a scheme it does not run or inconsistent
+        shapes.
+
         Weight processing (optional): an implementation that wants the experts in its own
         layout (shuffled, interleaved, re-tiled) has an attribute
         ``process_weights_after_loading(w13, w2) -> (w13, w2)``, see
         :data:`MOE_PROCESS_WEIGHTS_ATTR`; the MoE layer calls it once after loading and then
-        passes only the returned tensors to this op."""
+        passes only the returned tensors to this op (quantized experts too: then it gets
+        and must return the stored tensors, whose scales it may not move)."""
 
 
 #: name of the optional weight-processing attribute of a ``fused_moe`` implementation
 MOE_PROCESS_WEIGHTS_ATTR = "process_weights_after_loading"
+
+#: name of the optional attribute (a tuple of scheme names from :data:`MOE_WEIGHT_SCHEMES`)
+#: by which a ``fused_moe`` implementation declares the quantized expert weights it runs
+MOE_WEIGHT_SCHEMES_ATTR = "moe_weight_schemes"
 
 #: name of the optional boolean attribute by which a function op's implementation (e.g.
 #: ``fused_moe``) declares that it makes no host synchronisation, so that a device graph may

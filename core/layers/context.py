@@ -23,7 +23,8 @@ class LayerContext:
     ``quant_scheme``); ``kv_cache_fp8``: the KV cache is fp8 (checkpoint K/V scales apply);
     ``linear_schemes``: the definitions of the linear schemes plugins added, by name (what
     :class:`~heteroserve.core.layers.moe.FusedMoE` dequantizes a plugin scheme's experts
-    with)."""
+    with); ``fp8_dtype``: the torch dtype of the platform's fp8 flavour (None: it declares
+    none), which decides whether fp8 MoE experts can stay fp8."""
 
     dispatch: DispatchTable
     dtype: torch.dtype
@@ -35,6 +36,7 @@ class LayerContext:
     quant: QuantFormat | None = None
     kv_cache_fp8: bool = False
     linear_schemes: Mapping[str, LinearSchemeSpec] = field(default_factory=dict)
+    fp8_dtype: torch.dtype | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)

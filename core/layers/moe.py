@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR
+from heteroserve.core.kernels.ops import (
+    FUSED_MOE, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR,
+    MoEWeightQuant,
+)
 from heteroserve.core.layers.context import LayerContext
-from heteroserve.core.kernels.linear import LINEAR_SCHEMES, LinearShape, ParamSpec, checkpoint_specs
+from heteroserve.core.kernels.linear import (
+    FP8_BLOCK, LINEAR_SCHEMES, LinearShape, ParamSpec, checkpoint_specs,
+)
 from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant, QuantizationError
 from heteroserve.core.quantization.dequantize import dequantize
 
 _HF_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+@dataclass(frozen=True)
+class ExpertStorage:
+    """How a MoE block holds its experts. ``scheme``: the checkpoint's linear scheme for them
+    (``unquantized``: float experts); ``kept``: they stay in that scheme in memory and go to
+    the fused MoE op as they are (with their scales); otherwise they are dequantized to the
+    model dtype at load and ``reason`` says why."""
+
+    scheme: str
+    kept: bool
+    reason: str = ""
+
+    def describe(self, dtype: torch.dtype) -> str:
+        """One line for the start-up block."""
+        if self.kept:
+            return f"{self.scheme} kept (weight-only through fused_moe, 128x128 block scales)"
+        return f"{self.scheme} dequantized to {str(dtype).removeprefix('torch.')}: {self.reason}"
+
+
+def expert_storages(model: nn.Module) -> list[ExpertStorage]:
+    """The distinct :class:`ExpertStorage` of ``model``'s quantized MoE blocks, in order."""
+    seen: dict[ExpertStorage, None] = {}
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and module.storage.scheme != "unquantized":
+            seen.setdefault(module.storage)
+    return list(seen)
 
 
 class FusedMoE(nn.Module):
@@ -22,8 +56,11 @@ class FusedMoE(nn.Module):
     tensor, expert)`` (Mixtral names; Qwen's gate/up/down map onto them).
 
     Quantized experts (per-expert fp8, int8 or 4-bit tensors of the checkpoint's format)
-    load through :meth:`load_quantized` and are dequantized to the model dtype: the fused
-    MoE op runs on dense weights (no memory saving for the experts). A linear scheme a plugin
+    load through :meth:`load_quantized`. ``fp8_block`` experts stay fp8 (``w13``/``w2``
+    float8_e4m3fn plus ``w13_scale``/``w2_scale`` fp32 block scales, passed to the fused MoE
+    op as a :class:`~heteroserve.core.kernels.ops.MoEWeightQuant`) where :attr:`storage`
+    says so (see :meth:`_storage`); every other case is dequantized to the model dtype at
+    load, and the fused MoE op runs on dense weights. A linear scheme a plugin
     added works too: its tensors are those its resolved ``linear.<scheme>`` method's
     ``create_weights`` declares, and its ``LinearSchemeSpec.dequantize``
     (``ctx.linear_schemes``) makes the dense weight; a plugin scheme without one is refused
@@ -43,10 +80,45 @@ class FusedMoE(nn.Module):
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
                                      scheme="unquantized", prefix=f"{prefix}.gate")
-        make = lambda *shape: nn.Parameter(  # noqa: E731
-            torch.empty(*shape, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
+        self.storage = self._storage(ctx)
+        self.weight_quant: MoEWeightQuant | None = None
+        kept = self.storage.kept and self.storage.scheme != "unquantized"
+        wdtype = torch.float8_e4m3fn if kept else ctx.dtype
+        make = lambda *shape, dtype=wdtype: nn.Parameter(  # noqa: E731
+            torch.empty(*shape, dtype=dtype, device=ctx.device), requires_grad=False)
         self.w13 = make(num_experts, 2 * self.inter, hidden_size)
         self.w2 = make(num_experts, hidden_size, self.inter)
+        if kept:  # fp8_block: one fp32 scale per 128x128 block of each expert projection
+            h_blocks, i_blocks = -(-hidden_size // FP8_BLOCK), self.inter // FP8_BLOCK
+            self.w13_scale = make(num_experts, 2 * i_blocks, h_blocks, dtype=torch.float32)
+            self.w2_scale = make(num_experts, h_blocks, i_blocks, dtype=torch.float32)
+            self.weight_quant = MoEWeightQuant(self.storage.scheme, self.w13_scale,
+                                               self.w2_scale)
+
+    def _storage(self, ctx: LayerContext) -> ExpertStorage:
+        """Keep quantized experts when the resolved ``fused_moe`` declares their scheme
+        (``moe_weight_schemes``), the platform's fp8 flavour is the checkpoint's e4m3fn, and
+        each rank's share of the intermediate size is a multiple of 128 (block scales of
+        the gate and up halves and of the tensor-parallel slices then stay whole)."""
+        scheme = self.expert_quant.scheme
+        if scheme == "unquantized":
+            return ExpertStorage(scheme, True)
+        res = ctx.dispatch.resolutions.get(FUSED_MOE)
+        impl = f"fused_moe={res.chosen.name}" if res is not None else "fused_moe"
+        if scheme not in MOE_WEIGHT_SCHEMES:
+            reason = f"the fused_moe contract has no {scheme} experts"
+        elif scheme not in getattr(ctx.dispatch.fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ()):
+            reason = f"{impl} does not run {scheme} experts"
+        elif ctx.fp8_dtype != torch.float8_e4m3fn:
+            reason = (f"the platform's fp8 flavour is {str(ctx.fp8_dtype).removeprefix('torch.')}"
+                      if ctx.fp8_dtype is not None else "the platform declares no fp8 flavour")
+            reason += " (the checkpoint's experts are float8_e4m3fn)"
+        elif self.inter % FP8_BLOCK:
+            reason = (f"the per-rank moe intermediate size {self.inter} (tp {ctx.tp_size}) is "
+                      f"not a multiple of {FP8_BLOCK}, which splits scale blocks")
+        else:
+            return ExpertStorage(scheme, True)
+        return ExpertStorage(scheme, False, reason)
 
     @staticmethod
     def _expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
@@ -107,25 +179,49 @@ class FusedMoE(nn.Module):
     def load_quantized(self, name: str, suffix: str, tensor: torch.Tensor, expert: int) -> None:
         """Collect expert ``expert``'s projection ``name`` tensors (``suffix``: ``weight``,
         ``weight_scale_inv``, ``qweight``, ...); once all the scheme's tensors are there,
-        dequantize and place them as :meth:`load` does. Raises ``ValueError`` naming a
-        tensor that does not fit (:class:`QuantizationError`, one of them, when a plugin
-        scheme's ``dequantize`` raises or returns anything but a ``[N, K]`` tensor)."""
+        place them: as they are where :attr:`storage` keeps the scheme, else dequantized as
+        :meth:`load` places a float weight. Raises ``ValueError`` naming a tensor that does
+        not fit, when that tensor arrives (:class:`QuantizationError`, one of them, when a
+        plugin scheme's ``dequantize`` raises or returns anything but a ``[N, K]`` tensor)."""
         q = self.expert_quant
         n, k = (self.hidden, self.inter * self.ctx.tp_size) if name == "w2" else \
             (self.inter * self.ctx.tp_size, self.hidden)
+        wanted = self._wanted(n, k)
         parts = self._pending.setdefault((expert, name), {})
         for pname, part in q.convert(suffix, tensor, (n, k)):
+            spec = wanted.get(pname)
+            if spec is not None and tuple(part.shape) != spec.shape:
+                raise ValueError(f"{pname} has shape {list(part.shape)}, expected "
+                                 f"{list(spec.shape)}")
             parts[pname] = part
-        wanted = self._wanted(n, k)
-        if set(wanted) <= set(parts):
-            for pname, spec in wanted.items():
-                if tuple(parts[pname].shape) != spec.shape:
-                    raise ValueError(f"{pname} has shape {list(parts[pname].shape)}, expected "
-                                     f"{list(spec.shape)}")
-            weight = self._dense(parts, n, k, f"{self.prefix}.experts.{expert}.{name} "
-                                              f"({_HF_NAMES.get(name, name)})")
-            del self._pending[(expert, name)]
-            self.load(name, weight.to(self.ctx.dtype), expert)
+        if not set(wanted) <= set(parts):
+            return
+        del self._pending[(expert, name)]
+        if self.weight_quant is not None:
+            self._place_fp8_block(name, parts["weight"], parts["weight_scale_inv"], expert)
+            return
+        weight = self._dense(parts, n, k, f"{self.prefix}.experts.{expert}.{name} "
+                                          f"({_HF_NAMES.get(name, name)})")
+        self.load(name, weight.to(self.ctx.dtype), expert)
+
+    def _place_fp8_block(self, name: str, weight: torch.Tensor, scale: torch.Tensor,
+                         expert: int) -> None:
+        """This rank's rows (``w1``/``w3``) or columns (``w2``) of a full-size fp8 weight and
+        the matching block scales (whole blocks: ``inter`` is a multiple of 128)."""
+        if weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"weight is {weight.dtype}; fp8_block experts are float8_e4m3fn")
+        r, i = self.ctx.tp_rank, self.inter
+        b = i // FP8_BLOCK
+        if name == "w2":
+            self.w2.data[expert].copy_(weight[:, r * i:(r + 1) * i])
+            self.w2_scale.data[expert].copy_(scale[:, r * b:(r + 1) * b])
+            return
+        rows, blocks = (slice(0, i), slice(0, b)) if name == "w1" else \
+            (slice(i, 2 * i), slice(b, 2 * b))
+        if name not in ("w1", "w3"):
+            raise ValueError(f"unknown expert weight {name!r}")
+        self.w13.data[expert, rows].copy_(weight[r * i:(r + 1) * i])
+        self.w13_scale.data[expert, blocks].copy_(scale[r * b:(r + 1) * b])
 
     def check_loaded(self) -> None:
         """Raise :class:`QuantizationError` naming an expert projection whose quantized
@@ -149,7 +245,8 @@ class FusedMoE(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Let the ``fused_moe`` implementation convert the loaded experts to its own layout
-        once (its optional ``process_weights_after_loading(w13, w2)``, see ``FusedMoEOp``)."""
+        once (its optional ``process_weights_after_loading(w13, w2)``, see ``FusedMoEOp``;
+        kept quantized experts go to it as stored, their scales stay)."""
         process = getattr(self.ctx.dispatch.fused_moe, MOE_PROCESS_WEIGHTS_ATTR, None)
         if process is None:
             return
@@ -157,7 +254,16 @@ class FusedMoE(nn.Module):
         self.w13 = nn.Parameter(w13, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
 
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                ) -> torch.Tensor:
+        """The routed experts' weighted sum for ``x [T, H]`` (this rank's part, before the
+        all-reduce), with the quantized weights' scales where the experts are kept."""
+        fused_moe = self.ctx.dispatch.fused_moe
+        if self.weight_quant is None:
+            return fused_moe(x, self.w13, self.w2, weights, ids)
+        return fused_moe(x, self.w13, self.w2, weights, ids, quant=self.weight_quant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.ctx.dispatch
         weights, ids = d.moe_topk_softmax(self.gate(x), self.top_k, self.renormalize)
-        return self.ctx.all_reduce(d.fused_moe(x, self.w13, self.w2, weights, ids))
+        return self.ctx.all_reduce(self.experts(x, weights, ids))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from heteroserve.core.config import ServerArgs
 from heteroserve.core.distributed.communicator import Communicator
@@ -12,6 +14,7 @@ from heteroserve.core.kernels.dispatch import (
 )
 from heteroserve.core.kernels.ops import linear_op
 from heteroserve.core.kernels.registry import KernelRequest
+from heteroserve.core.layers.moe import ExpertStorage, expert_storages
 from heteroserve.core.model_runner.runner import ModelRunner
 from heteroserve.core.models.config import ModelConfig
 from heteroserve.core.platform import Platform
@@ -108,7 +111,8 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
     ]
-    lines += quantization_lines(runner.quant, dispatch.resolutions)
+    lines += quantization_lines(runner.quant, dispatch.resolutions,
+                                expert_storages(runner.model), cfg.dtype)
     lines.append("  kernels")
     lines += [f"    {op:<22} {impl} ({kind})" for op, impl, kind in dispatch.summary()]
     for f in catalog.failures:
@@ -117,10 +121,13 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
 
 
 def quantization_lines(quant: QuantFormat | None,
-                       resolutions: Mapping[str, Resolution]) -> list[str]:
+                       resolutions: Mapping[str, Resolution],
+                       experts: Sequence[ExpertStorage] = (),
+                       dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The start-up block's quantization section: the format, then per scheme the kernel
     chosen and, where it is not the platform's own, why each native candidate was
-    rejected (the reasons their ``supports()`` gave)."""
+    rejected (the reasons their ``supports()`` gave); then, per quantized MoE expert
+    storage, whether the experts stay quantized or are dequantized to ``dtype`` and why."""
     if quant is None:
         return []
     lines = [f"  quantization {quant.describe()}"]
@@ -133,5 +140,6 @@ def quantization_lines(quant: QuantFormat | None,
             for name, reason in res.rejected:
                 if not reason.startswith("lower priority"):
                     lines.append(f"      {name} rejected: {reason}")
+    lines += [f"    experts {e.describe(dtype)}" for e in experts]
     lines += [f"    note: {note}" for note in quant.notes()]
     return lines

@@ -68,7 +68,7 @@ class ModelRunner:
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
                            communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
                            quant, server_args.kv_cache_dtype != "auto",
-                           dict(linear_schemes or {}))
+                           dict(linear_schemes or {}), self._fp8_dtype())
         self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()
@@ -115,6 +115,11 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, (LinearBase, FusedMoE, ParallelLMHead)):
                 module.process_weights_after_loading()
+
+    def _fp8_dtype(self) -> torch.dtype | None:
+        """The torch dtype of the platform's fp8 flavour, None when it declares none."""
+        flavour = self.platform.capabilities().fp8_flavour
+        return flavour.torch_dtype if flavour is not None else None
 
     def _kv_cache_dtype(self) -> torch.dtype | None:
         """``--kv-cache-dtype``: None (the model dtype) or the platform's fp8 dtype."""

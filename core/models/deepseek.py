@@ -157,7 +157,7 @@ class DeepseekMoE(FusedMoE):
             weights, ids = d.moe_grouped_topk(
                 logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
                 self.e_score_correction_bias, r.routed_scaling_factor)
-        out = self.ctx.all_reduce(d.fused_moe(x, self.w13, self.w2, weights, ids))
+        out = self.ctx.all_reduce(self.experts(x, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

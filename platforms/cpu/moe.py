@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.core.kernels.ops import MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
 from heteroserve.platforms.cpu.activation import silu_and_mul
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -90,14 +92,40 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return weights, ids.to(torch.int32)
 
 
+def _check_quant(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """``ValueError`` unless ``quant`` is ``fp8_block`` with scales matching the weights."""
+    if quant.scheme != "fp8_block":
+        raise ValueError(f"fused_moe: quantized experts {quant.scheme!r} are not supported "
+                         "(only fp8_block)")
+    e, two_i, h = w13.shape
+    blocks = lambda n: -(-n // FP8_BLOCK)  # noqa: E731
+    want13, want2 = (e, blocks(two_i), blocks(h)), (e, blocks(h), blocks(two_i // 2))
+    if tuple(quant.w13_scale.shape) != want13 or tuple(quant.w2_scale.shape) != want2 or \
+            (two_i // 2) % FP8_BLOCK:
+        raise ValueError(f"fused_moe: fp8_block scales w13 {tuple(quant.w13_scale.shape)} / "
+                         f"w2 {tuple(quant.w2_scale.shape)} do not fit w13 {tuple(w13.shape)} "
+                         f"and w2 {tuple(w2.shape)} (expected {want13} / {want2}, I a "
+                         f"multiple of {FP8_BLOCK})")
+
+
+def _dequantize_block(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``w [N, K] * scale[n // 128, k // 128]``."""
+    n, k = w.shape
+    full = scale.to(torch.float32).repeat_interleave(FP8_BLOCK, 0)
+    return w.to(torch.float32) * full.repeat_interleave(FP8_BLOCK, 1)[:n, :k]
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              quant: MoEWeightQuant | None = None) -> torch.Tensor:
     """SiLU-gated mixture of experts (see ``FusedMoEOp``).
 
     ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, ``topk_weights [T, k]``,
     ``topk_ids [T, k]`` in ``[0, E)``.
-    Expert GEMMs run in the weights' dtype; the weighted sum accumulates in fp32; the
-    result is ``[T, H]`` in ``x.dtype``. Raises ``ValueError`` on inconsistent shapes.
+    Expert GEMMs run in the weights' dtype; with ``quant`` (``fp8_block``) each touched
+    expert is dequantized to fp32 and its GEMMs run in fp32. The weighted sum accumulates
+    in fp32; the result is ``[T, H]`` in ``x.dtype``. Raises ``ValueError`` on inconsistent
+    shapes or an unsupported ``quant``.
     """
     num_tokens, hidden = x.shape
     num_experts, two_i, w13_hidden = w13.shape
@@ -106,6 +134,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         raise ValueError(f"fused_moe: inconsistent shapes x {tuple(x.shape)}, w13 "
                          f"{tuple(w13.shape)}, w2 {tuple(w2.shape)}, topk_weights "
                          f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}")
+    if quant is not None:
+        _check_quant(quant, w13, w2)
     out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return out.to(x.dtype)
@@ -118,14 +148,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if len(counts) > num_experts:
         raise ValueError(f"fused_moe: topk_ids reach expert {len(counts) - 1}, but there are "
                          f"only {num_experts} experts")
-    xw = x.to(w13.dtype)
+    xw = x.to(w13.dtype if quant is None else torch.float32)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = token_of[start:start + count]
-        h = torch.nn.functional.linear(xw.index_select(0, rows), w13[expert])
-        y = torch.nn.functional.linear(silu_and_mul(h), w2[expert])
+        if quant is None:
+            up, down = w13[expert], w2[expert]
+        else:
+            up = _dequantize_block(w13[expert], quant.w13_scale[expert])
+            down = _dequantize_block(w2[expert], quant.w2_scale[expert])
+        h = torch.nn.functional.linear(xw.index_select(0, rows), up)
+        y = torch.nn.functional.linear(silu_and_mul(h), down)
         out.index_add_(0, rows, y.to(torch.float32) * weight_of[start:start + count, None])
         start += count
     return out.to(x.dtype)
+
+
+setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))

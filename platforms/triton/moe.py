@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
+from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
@@ -69,7 +70,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-           topk_ids: torch.Tensor) -> None:
+           topk_ids: torch.Tensor, quant: MoEWeightQuant | None = None) -> None:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("fused_moe: x must be [T, H], w13 [E, 2I, H] and w2 [E, H, I]")
     e, two_i, h = w13.shape
@@ -80,8 +81,37 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
             topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
                          f"{tuple(topk_ids.shape)} must both be [T, k] with T={x.shape[0]}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+    if quant is None and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"fused_moe: weights must be {x.dtype}, got {w13.dtype}/{w2.dtype}")
+    if quant is not None:
+        _check_quant(quant, w13, w2)
+
+
+def _check_quant(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """fp8_block only: fp32 scales of the weights' block grid, ``I`` a multiple of 128 and
+    one weight dtype (fp8 e4m3fn in the engine; any float dtype computes the same)."""
+    if quant.scheme != "fp8_block":
+        raise ValueError(f"fused_moe: quantized experts {quant.scheme!r} are not supported "
+                         "(only fp8_block)")
+    e, two_i, h = w13.shape
+    blocks = lambda n: triton.cdiv(n, FP8_BLOCK)  # noqa: E731
+    want13, want2 = (e, blocks(two_i), blocks(h)), (e, blocks(h), blocks(two_i // 2))
+    if (tuple(quant.w13_scale.shape), tuple(quant.w2_scale.shape)) != (want13, want2) or \
+            (two_i // 2) % FP8_BLOCK or w13.dtype != w2.dtype or \
+            quant.w13_scale.dtype != torch.float32 or quant.w2_scale.dtype != torch.float32:
+        raise ValueError(f"fused_moe: fp8_block scales w13 {tuple(quant.w13_scale.shape)} / "
+                         f"w2 {tuple(quant.w2_scale.shape)} ({quant.w13_scale.dtype}) do not "
+                         f"fit w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} ({w13.dtype}/"
+                         f"{w2.dtype}): expected fp32 {want13} / {want2}, I a multiple of "
+                         f"{FP8_BLOCK}")
+
+
+def _scales(quant: MoEWeightQuant | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two block-scale tensors with a contiguous last dim, or None."""
+    if quant is None:
+        return None
+    return tuple(s if s.stride(2) == 1 else s.contiguous()  # type: ignore[return-value]
+                 for s in (quant.w13_scale, quant.w2_scale))
 
 
 def _contiguous_rows(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -94,50 +124,58 @@ def _contiguous_rows(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              quant: MoEWeightQuant | None = None,
               configs: tuple[Config, Config] | None = None) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
-    ``e = topk_ids[t, j]``; ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (same dtype).
-    Returns ``[T, H]`` in ``x.dtype``. Up to ``MAX_DECODE_PAIRS`` pairs (``T * k``) take the
-    decode path (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`: two GEMV-style
-    launches, no sorting, the sum over ``k`` fused in fp32); more take the grouped GEMM
+    ``e = topk_ids[t, j]``; ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (same dtype,
+    or with ``quant`` fp8_block: stored fp8 values times their 128x128 block scales, ``x``
+    unquantized). Returns ``[T, H]`` in ``x.dtype``. Up to ``MAX_DECODE_PAIRS`` pairs
+    (``T * k``) take the decode path
+    (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`: two GEMV-style launches,
+    no sorting, the sum over ``k`` fused in fp32); more take the grouped GEMM
     (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning). Neither
     synchronises with the host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
-    _check(x, w13, w2, topk_weights, topk_ids)
+    _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, top_k = topk_ids.shape
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
     if configs is None and t * top_k <= MAX_DECODE_PAIRS:
-        return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids)
-    return grouped_moe(x, w13, w2, topk_weights, topk_ids, configs)
+        return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids,
+                          scales=_scales(quant))
+    return grouped_moe(x, w13, w2, topk_weights, topk_ids, quant, configs)
 
 
 def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                quant: MoEWeightQuant | None = None,
                 configs: tuple[Config, Config] | None = None) -> torch.Tensor:
     """:func:`fused_moe` through two grouped-GEMM launches (SiLU-and-mul fused into the
     first) whatever the pair count, pairs grouped on device without host sync; the per-pair
     results (rounded to ``x.dtype``) are summed over ``k``. ``configs`` overrides the tile
-    choice (tuning; both must share ``BLOCK_M``). Raises ``ValueError`` on inconsistent
-    shapes."""
-    _check(x, w13, w2, topk_weights, topk_ids)
+    choice (tuning; both must share ``BLOCK_M``; with ``quant`` their ``BLOCK_K`` must
+    divide 128). Raises ``ValueError`` on inconsistent shapes."""
+    _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, h = x.shape
     e, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
     x, w13, w2 = _contiguous_rows(x, w13, w2)
+    s13, s2 = _scales(quant) or (None, None)
     num_pairs = t * top_k
     cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
     if cfg1[0] != cfg2[0]:
         raise ValueError("fused_moe: both GEMM configs must share BLOCK_M")
     pairs = align_pairs(topk_ids, e, cfg1[0])
     inter = torch.empty((num_pairs, two_i // 2), dtype=x.dtype, device=x.device)
-    moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1)
+    moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1, s13)
     out = torch.empty((num_pairs, h), dtype=x.dtype, device=x.device)
     route = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2)
+    moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2, s2)
     return out.view(t, top_k, h).sum(dim=1)
 
 
 # no host synchronisation on either path: device graphs may capture it
 setattr(fused_moe, GRAPH_SAFE_ATTR, True)
+# fp8_block experts (weight-only, block scales) on both paths
+setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))

@@ -18,6 +18,14 @@ GEMM's machinery (pairs sorted and padded by expert, ``BLOCK_M``-row tiles, a to
    fused, deterministic (no atomics) and rounded once to ``x.dtype``; loading the ``k``
    experts together keeps ``k`` GEMV tiles in flight per program.
 
+Block-scaled weights (``W_SCALED``, fp8_block experts, weight-only): the weight tiles hold
+the stored values (fp8 e4m3fn; any float dtype runs, as in the interpreter tests) and one
+fp32 scale per 128x128 block. A program's ``BLOCK_N`` rows (a divisor of 128) lie in one
+block row, so the scales fold into the activation: each K step multiplies ``x`` (gate and
+up rows: their own block rows) or ``inter * route`` by the scales of its columns (one
+scalar per tile when ``BLOCK_K`` divides 128, else each 128-column group's scale loaded once
+and repeated), and the tile is converted to fp32 and multiplied as above.
+
 Both launch with PDL where the platform has it (``pdl.py``). The down kernel loads its first
 weight tile before it waits: its inputs other than ``inter`` were complete before the gate-up
 kernel started (that kernel waited for them), so only ``inter`` needs the wait. No host
@@ -37,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton import device_info
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
@@ -120,9 +129,41 @@ def choose_config(num_tokens: int, top_k: int, hidden: int, inter: int, dtype: t
 
 
 @triton.jit
+def _column_scales(row_ptr, k0, K, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The fp32 scales of columns ``k0 .. k0 + BLOCK_K`` in one block row (``row_ptr``: its
+    first scale): one scalar when the tile lies in one block column (``BLOCK_K`` divides
+    ``SCALE_BLOCK``), else ``[BLOCK_K]``, each group's scale loaded once and repeated."""
+    if BLOCK_K <= SCALE_BLOCK:
+        return tl.load(row_ptr + k0 // SCALE_BLOCK)
+    else:
+        g = k0 // SCALE_BLOCK + tl.arange(0, BLOCK_K // SCALE_BLOCK)
+        s = tl.load(row_ptr + g, mask=g < tl.cdiv(K, SCALE_BLOCK), other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, None], [BLOCK_K // SCALE_BLOCK, SCALE_BLOCK]),
+                          [BLOCK_K])
+
+
+@triton.jit
+def _slot_scales(row_ptrs, k0, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SCALE_BLOCK: tl.constexpr):
+    """:func:`_column_scales` for ``BLOCK_E`` block rows at once (``row_ptrs [BLOCK_E]``):
+    ``[BLOCK_E, 1]`` or ``[BLOCK_E, BLOCK_K]``."""
+    if BLOCK_K <= SCALE_BLOCK:
+        return tl.load(row_ptrs + k0 // SCALE_BLOCK)[:, None]
+    else:
+        g = k0 // SCALE_BLOCK + tl.arange(0, BLOCK_K // SCALE_BLOCK)
+        s = tl.load(row_ptrs[:, None] + g[None, :],
+                    mask=(g < tl.cdiv(K, SCALE_BLOCK))[None, :], other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, :, None],
+                                          [BLOCK_E, BLOCK_K // SCALE_BLOCK, SCALE_BLOCK]),
+                          [BLOCK_E, BLOCK_K])
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we, stride_wn,
+    x_ptr, w_ptr, ws_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we,
+    stride_wn, stride_se, stride_sn,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pair = pid % num_pairs
@@ -135,6 +176,10 @@ def _gate_up_kernel(
     gate_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn \
         + offs_k[None, :]
     up_off = N * stride_wn
+    if W_SCALED:  # the block rows of this program's gate rows and up rows
+        n0 = (pid // num_pairs) * BLOCK_N
+        s_gate = ws_ptr + expert * stride_se + (n0 // SCALE_BLOCK) * stride_sn
+        s_up = ws_ptr + expert * stride_se + ((N + n0) // SCALE_BLOCK) * stride_sn
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # loads are written out in both branches (no helper): the interpreter pays per call
@@ -151,9 +196,15 @@ def _gate_up_kernel(
                              eviction_policy="evict_first")
             w_up = tl.load(gate_ptrs + up_off + k0, mask=w_mask, other=0.0,
                            eviction_policy="evict_first")
-        a = a.to(tl.float32)[None, :]
-        acc_gate += w_gate.to(tl.float32) * a
-        acc_up += w_up.to(tl.float32) * a
+        a = a.to(tl.float32)
+        if W_SCALED:
+            a_gate = a * _column_scales(s_gate, k0, K, BLOCK_K, SCALE_BLOCK)
+            a_up = a * _column_scales(s_up, k0, K, BLOCK_K, SCALE_BLOCK)
+            acc_gate += w_gate.to(tl.float32) * a_gate[None, :]
+            acc_up += w_up.to(tl.float32) * a_up[None, :]
+        else:
+            acc_gate += w_gate.to(tl.float32) * a[None, :]
+            acc_up += w_up.to(tl.float32) * a[None, :]
     gate = tl.sum(acc_gate, axis=1)
     up = tl.sum(acc_up, axis=1)
     tl.store(inter_ptr + pair.to(tl.int64) * N + offs_n, gate / (1.0 + tl.exp(-gate)) * up,
@@ -162,9 +213,10 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    inter_ptr, w_ptr, ids_ptr, route_ptr, out_ptr, N, K, num_tokens, stride_we, stride_wn,
-    stride_om, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    inter_ptr, w_ptr, ws_ptr, ids_ptr, route_ptr, out_ptr, N, K, num_tokens, stride_we,
+    stride_wn, stride_se, stride_sn, stride_om, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     # One load covers the tile [BLOCK_N, BLOCK_K] of all the token's experts at once
     # ([BLOCK_E, BLOCK_N, BLOCK_K], slots past TOP_K masked off), so a program keeps
@@ -189,34 +241,53 @@ def _down_kernel(
     else:
         w = tl.load(w_ptrs, mask=en_mask & (offs_k < K)[None, None, :], other=0.0,
                     eviction_policy="evict_first")
+    if W_SCALED:  # each slot's expert, this program's block row
+        s_rows = ws_ptr + experts * stride_se \
+            + ((pid // num_tokens) * BLOCK_N // SCALE_BLOCK) * stride_sn
     wait_for_previous(USE_PDL)
-    a = tl.load(a_ptrs, mask=e_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-    acc = w.to(tl.float32) * (a * route[:, None])[:, None, :]
+    ek_mask = e_mask[:, None] & (offs_k < K)[None, :]
+    a = tl.load(a_ptrs, mask=ek_mask, other=0.0) * route[:, None]
+    if W_SCALED:
+        a = a * _slot_scales(s_rows, 0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
+    acc = w.to(tl.float32) * a[:, None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs + k0, mask=en_mask, other=0.0, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptrs + k0, mask=en_mask & (k0 + offs_k < K)[None, None, :],
                         other=0.0, eviction_policy="evict_first")
-        a = tl.load(a_ptrs + k0, mask=e_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * (a * route[:, None])[:, None, :]
+        ek_mask = e_mask[:, None] & (k0 + offs_k < K)[None, :]
+        a = tl.load(a_ptrs + k0, mask=ek_mask, other=0.0) * route[:, None]
+        if W_SCALED:
+            a = a * _slot_scales(s_rows, k0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
+        acc += w.to(tl.float32) * a[:, None, :]
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n,
              y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor, config: DecodeConfig | None = None) -> torch.Tensor:
+               topk_ids: torch.Tensor, config: DecodeConfig | None = None,
+               scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The ``FusedMoEOp`` product for few tokens, two launches. Arguments as
     :func:`~heteroserve.platforms.triton.moe.fused_moe`, already checked there (shapes agree,
     ``T >= 1``, ``k >= 1``); ``w13``/``w2`` with a contiguous last dim. ``topk_ids`` int32 or
-    int64, ``topk_weights`` any float dtype (read as fp32). ``silu(gate) * up`` is kept in
-    fp32 and the weighted sum over ``k`` is rounded once to ``x.dtype``. Returns a new
-    ``[T, H]`` tensor in ``x.dtype``. Ids outside ``[0, E)`` are not checked (no host sync)."""
+    int64, ``topk_weights`` any float dtype (read as fp32). ``scales``: the fp32 block scales
+    ``(w13_scale, w2_scale)`` of fp8_block experts (checked there: ``I`` a multiple of 128,
+    contiguous last dims); the tiles' ``block_n`` must then divide 128. ``silu(gate) * up``
+    is kept in fp32 and the weighted sum over ``k`` is rounded once to ``x.dtype``. Returns
+    a new ``[T, H]`` tensor in ``x.dtype``. Ids outside ``[0, E)`` are not checked (no host
+    sync). Raises ``ValueError`` for a ``config`` whose ``block_n`` splits a scale block."""
     t, h = x.shape
     top_k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
-    cfg = config or choose_config(t, top_k, h, inter, x.dtype, x.device)
+    cfg = config or choose_config(t, top_k, h, inter, w13.dtype, x.device)
+    if scales is not None and (FP8_BLOCK % cfg.gate_up.block_n or FP8_BLOCK % cfg.down.block_n):
+        raise ValueError(f"decode_moe: block scales need block_n dividing {FP8_BLOCK}, got "
+                         f"{cfg.gate_up.block_n} / {cfg.down.block_n}")
+    s13, s2 = scales if scales is not None else (x, x)
+    strides13 = (s13.stride(0), s13.stride(1)) if scales is not None else (0, 0)
+    strides2 = (s2.stride(0), s2.stride(1)) if scales is not None else (0, 0)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     route = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     pairs = t * top_k
@@ -224,15 +295,16 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     pdl = pdl_args(x.device)
     g, d = cfg.gate_up, cfg.down
+    scaled = scales is not None
     _gate_up_kernel[(triton.cdiv(inter, g.block_n) * pairs,)](
-        x, w13, ids, hidden_act, inter, h, pairs, top_k, x.stride(0), w13.stride(0),
-        w13.stride(1), EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
-        BLOCK_N=g.block_n, BLOCK_K=g.block_k, num_warps=g.num_warps, num_stages=g.num_stages,
-        **pdl)
+        x, w13, s13, ids, hidden_act, inter, h, pairs, top_k, x.stride(0), w13.stride(0),
+        w13.stride(1), *strides13, EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
+        BLOCK_N=g.block_n, BLOCK_K=g.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
+        num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
     _down_kernel[(triton.cdiv(h, d.block_n) * t,)](
-        hidden_act, w2, ids, route, out, h, inter, t, w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
+        hidden_act, w2, s2, ids, route, out, h, inter, t, w2.stride(0), w2.stride(1),
+        *strides2, out.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
         EVEN=h % d.block_n == 0 and inter % d.block_k == 0,
-        BLOCK_N=d.block_n, BLOCK_K=d.block_k, num_warps=d.num_warps, num_stages=d.num_stages,
-        **pdl)
+        BLOCK_N=d.block_n, BLOCK_K=d.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
+        num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
     return out

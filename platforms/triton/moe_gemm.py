@@ -5,6 +5,12 @@ belongs to one expert, so a program loads that expert's weight tile once for ``B
 pairs. The first GEMM (``GATED``) keeps two accumulators, gate rows ``n`` and up rows
 ``N + n`` of ``w13``, and writes ``silu(gate) * up``: SiLU-and-mul never touches memory.
 The second multiplies by each pair's routing weight in the epilogue.
+
+Block-scaled weights (``W_SCALED``, fp8_block experts, weight-only): ``w`` holds the stored
+values (fp8 e4m3fn; any float dtype runs, which the interpreter tests use) and ``ws`` one
+fp32 scale per 128x128 block of each expert. ``BLOCK_K`` divides 128, so a K step lies in
+one block column; each tile's product ``a @ w`` (``w`` converted exactly to ``a``'s dtype)
+is multiplied by its columns' block scales before it joins the fp32 accumulator.
 """
 
 from __future__ import annotations
@@ -13,17 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.moe_align import AlignedPairs
 
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, sorted_ids_ptr, block_experts_ptr, num_rows_ptr, route_w_ptr,
+    a_ptr, w_ptr, ws_ptr, c_ptr, sorted_ids_ptr, block_experts_ptr, num_rows_ptr, route_w_ptr,
     N, K, num_pairs,
-    stride_am, stride_we, stride_wn, stride_cm,
+    stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_cm,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    EXACT_FP32: tl.constexpr,
+    EXACT_FP32: tl.constexpr, W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # GROUP_M row blocks (mostly one expert's) sweep the N tiles together, so each weight
@@ -48,16 +55,27 @@ def _moe_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if W_SCALED:  # the scale rows of this tile's columns (gate and up halves)
+        s_cols = ws_ptr + expert * stride_se + (offs_n // SCALE_BLOCK) * stride_sn
+        s_up_cols = ws_ptr + expert * stride_se + ((N + offs_n) // SCALE_BLOCK) * stride_sn
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
         w = tl.load(w_cols + offs_k[:, None], mask=w_mask, other=0.0)
-        acc += mma(a, w, EXACT_FP32)
+        if W_SCALED:
+            s = tl.load(s_cols + k0 // SCALE_BLOCK, mask=n_mask, other=0.0)
+            acc += mma(a, w.to(a.dtype), EXACT_FP32) * s[None, :]
+        else:
+            acc += mma(a, w, EXACT_FP32)
         if GATED:
             w_up = tl.load(w_cols + N * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
-            acc_up += mma(a, w_up, EXACT_FP32)
+            if W_SCALED:
+                s_up = tl.load(s_up_cols + k0 // SCALE_BLOCK, mask=n_mask, other=0.0)
+                acc_up += mma(a, w_up.to(a.dtype), EXACT_FP32) * s_up[None, :]
+            else:
+                acc_up += mma(a, w_up, EXACT_FP32)
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -90,21 +108,32 @@ def moe_configs(num_pairs: int, num_experts: int, dtype: torch.dtype,
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, pairs: AlignedPairs,
              a_row_div: int, gated: bool, route_weights: torch.Tensor | None,
-             config: Config) -> torch.Tensor:
+             config: Config, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Fill row ``p`` of ``out`` for every pair ``p``: ``a[p // a_row_div] @ w[e]^T`` with
     ``e`` the pair's expert (``gated``: ``silu(gate) * up`` over ``w[e]``'s two halves; with
-    ``route_weights`` fp32 ``[num_pairs]``, times the pair's weight). ``w [E, N(*2), K]``."""
+    ``route_weights`` fp32 ``[num_pairs]``, times the pair's weight). ``w [E, N(*2), K]``;
+    with ``w_scale`` fp32 ``[E, ceil(N(*2)/128), ceil(K/128)]`` (last dim contiguous) the
+    weight is ``w * w_scale[e, n // 128, k // 128]`` (``BLOCK_K`` must divide 128, and with
+    ``gated`` ``N`` must be a multiple of 128). Raises ``ValueError`` otherwise."""
     bm, bn, bk, warps, stages = config
     n = out.shape[1]
     k = a.shape[1]
+    if w_scale is not None and (FP8_BLOCK % bk or (gated and n % FP8_BLOCK)
+                                or w_scale.stride(2) != 1):
+        raise ValueError(f"moe_gemm: block scales need BLOCK_K dividing {FP8_BLOCK} (got "
+                         f"{bk}), a gated N multiple of {FP8_BLOCK} (got {n}) and contiguous "
+                         "scale rows")
+    ws = w_scale if w_scale is not None else out
     grid = (pairs.sorted_ids.numel() // bm * triton.cdiv(n, bn),)
     _moe_gemm_kernel[grid](
-        a, w, out, pairs.sorted_ids, pairs.block_experts, pairs.num_rows,
+        a, w, ws, out, pairs.sorted_ids, pairs.block_experts, pairs.num_rows,
         route_weights if route_weights is not None else out,
         n, k, pairs.num_pairs,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a.stride(0), w.stride(0), w.stride(1),
+        ws.stride(0) if w_scale is not None else 0, ws.stride(1) if w_scale is not None else 0,
+        out.stride(0),
         A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=route_weights is not None,
-        EXACT_FP32=exact_fp32(a.dtype),
+        EXACT_FP32=exact_fp32(a.dtype), W_SCALED=w_scale is not None, SCALE_BLOCK=FP8_BLOCK,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return out

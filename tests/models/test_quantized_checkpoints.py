@@ -53,8 +53,9 @@ def test_serialized_format_matches_transformers(case, base, tmp_path) -> None:
 @pytest.mark.parametrize("fmt,opts", [("fp8-block", {}), ("gptq", {"desc_act": True}),
                                       ("awq", {})], ids=["fp8-block", "gptq-act-order", "awq"])
 def test_moe_quantized_experts_match_transformers(fmt, opts, tmp_path) -> None:
-    """Per-expert quantized weights (dequantized to the model dtype at load) next to
-    quantized attention projections, in a tiny Qwen3-MoE."""
+    """Per-expert quantized weights (dequantized to the model dtype at load: fp8-block too,
+    its I = 96 splitting scale blocks) next to quantized attention projections, in a tiny
+    Qwen3-MoE."""
     moe = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=2)
     path, scheme, group = write_quantized(moe, tmp_path / "ckpt", fmt, **opts)
     runner = _runner(path)
@@ -77,7 +78,11 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     runner = _runner(path)
     attn = runner.model.model.layers[0].self_attn
     assert attn.q_a_proj.quant.scheme == attn.o_proj.quant.scheme == scheme == "fp8_block"
-    assert runner.model.model.layers[1].mlp.expert_quant.scheme == scheme
+    experts = runner.model.model.layers[1].mlp
+    assert experts.expert_quant.scheme == scheme
+    # I = 128: the routed experts stay fp8 through fused_moe (weight-only, block scales)
+    assert experts.storage.kept and experts.w13.dtype == torch.float8_e4m3fn
+    assert experts.w2_scale.shape == (experts.w2.shape[0], 1, 1)
     hf = dequantized_reference(path, scheme, group, tmp_path, skip=("kv_b_proj",))
     assert_matches(runner, hf, 2e-2)
 

@@ -120,3 +120,28 @@ def test_fused_moe_errors() -> None:
         fused_moe(x, w13, w2, weights, torch.tensor([[0], [3]]))
     with pytest.raises(ValueError, match="inconsistent"):
         fused_moe(x, w13, torch.zeros(3, 8, 5), weights, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_fused_moe_fp8_block_experts_and_bad_scales() -> None:
+    """fp8_block experts (declared in ``moe_weight_schemes``) equal the dense product of
+    their dequantized weights; a scale of the wrong block grid or another scheme is refused."""
+    from heteroserve.conformance.quantize import quantize_fp8_block_experts
+    from heteroserve.core.kernels.ops import MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
+
+    assert getattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block",)
+    g = torch.Generator().manual_seed(3)
+    w13_q, s13, w13 = quantize_fp8_block_experts(torch.randn(3, 256, 200, generator=g,
+                                                             dtype=torch.float64) * 0.07)
+    w2_q, s2, w2 = quantize_fp8_block_experts(torch.randn(3, 200, 128, generator=g,
+                                                          dtype=torch.float64) * 0.09)
+    x = torch.randn(4, 200, generator=g)
+    weights = torch.rand(4, 2, generator=g)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0]])
+    out = fused_moe(x, w13_q, w2_q, weights, ids, quant=MoEWeightQuant("fp8_block", s13, s2))
+    ref = fused_moe(x.double(), w13, w2, weights, ids)
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_moe(x, w13_q, w2_q, weights, ids, quant=MoEWeightQuant("fp8_block", s13, s13))
+    with pytest.raises(ValueError, match="only fp8_block"):
+        fused_moe(x, w13_q, w2_q, weights, ids, quant=MoEWeightQuant("int4", s13, s2))

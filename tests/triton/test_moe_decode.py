@@ -177,32 +177,47 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
     wait with ``griddepcontrol`` (PDL). Runs the Triton compiler in a child process without
     the interpreter; no GPU needed."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    ptrs = ["x_ptr", "w_ptr", "ids_ptr", "inter_ptr", "route_ptr", "out_ptr"]
-    ints = ["N", "K", "stride_xm", "stride_we", "stride_wn", "stride_om"]
-    gate_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "inter_ptr": "*fp32",
-                **dict.fromkeys(["N", "K", "num_pairs", "top_k", "stride_xm", "stride_we",
-                                 "stride_wn"], "i32"),
-                **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL"], "constexpr")}
-    down_sig = {"inter_ptr": "*fp32", "w_ptr": "*bf16", "ids_ptr": "*i32", "route_ptr": "*fp32",
-                "out_ptr": "*bf16",
-                **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn", "stride_om"],
-                                "i32"),
-                **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL"],
-                                "constexpr")}
+    ptrs = ["x_ptr", "w_ptr", "ws_ptr", "ids_ptr", "inter_ptr", "route_ptr", "out_ptr"]
+    ints = ["N", "K", "stride_xm", "stride_we", "stride_wn", "stride_se", "stride_om"]
     jobs = []
-    for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
-        cfg = choose_tiles(1, top_k, hidden, inter, 2, 132)
-        g, d = cfg.gate_up, cfg.down
-        jobs.append({"kernel": "_gate_up_kernel", "signature": gate_sig,
-                     "constexprs": {"EVEN": inter % g.block_n == 0 and hidden % g.block_k == 0,
-                                    "BLOCK_N": g.block_n, "BLOCK_K": g.block_k,
-                                    "USE_PDL": True}, "num_warps": g.num_warps})
-        jobs.append({"kernel": "_down_kernel", "signature": down_sig,
-                     "constexprs": {"TOP_K": top_k, "BLOCK_E": 8,
-                                    "EVEN": hidden % d.block_n == 0 and inter % d.block_k == 0,
-                                    "BLOCK_N": d.block_n, "BLOCK_K": d.block_k, "USE_PDL": True},
-                     "num_warps": d.num_warps})
-    assert [j["constexprs"]["EVEN"] for j in jobs] == [True, True, True, False]
+    # bf16 experts, then fp8_block experts (1-byte weights, fp32 block scales)
+    for w_type, elem_bytes in (("*bf16", 2), ("*fp8e4nv", 1)):
+        scaled = elem_bytes == 1
+        gate_sig = {"x_ptr": "*bf16", "w_ptr": w_type, "ws_ptr": "*fp32", "ids_ptr": "*i32",
+                    "inter_ptr": "*fp32",
+                    **dict.fromkeys(["N", "K", "num_pairs", "top_k", "stride_xm", "stride_we",
+                                     "stride_wn", "stride_se", "stride_sn"], "i32"),
+                    **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL", "W_SCALED",
+                                     "SCALE_BLOCK"], "constexpr")}
+        down_sig = {"inter_ptr": "*fp32", "w_ptr": w_type, "ws_ptr": "*fp32",
+                    "ids_ptr": "*i32", "route_ptr": "*fp32", "out_ptr": "*bf16",
+                    **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn",
+                                     "stride_se", "stride_sn", "stride_om"], "i32"),
+                    **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K",
+                                     "USE_PDL", "W_SCALED", "SCALE_BLOCK"], "constexpr")}
+        for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
+            if scaled and inter % 128:
+                continue  # fp8_block experts need I % 128 == 0 (1408 = 11 * 128 passes)
+            cfg = choose_tiles(1, top_k, hidden, inter, elem_bytes, 132)
+            g, d = cfg.gate_up, cfg.down
+            jobs.append({"kernel": "_gate_up_kernel", "signature": gate_sig,
+                         "constexprs": {"EVEN": inter % g.block_n == 0 and
+                                        hidden % g.block_k == 0,
+                                        "BLOCK_N": g.block_n, "BLOCK_K": g.block_k,
+                                        "USE_PDL": True, "W_SCALED": scaled,
+                                        "SCALE_BLOCK": 128}, "num_warps": g.num_warps})
+            jobs.append({"kernel": "_down_kernel", "signature": down_sig,
+                         "constexprs": {"TOP_K": top_k, "BLOCK_E": 8,
+                                        "EVEN": hidden % d.block_n == 0 and
+                                        inter % d.block_k == 0,
+                                        "BLOCK_N": d.block_n, "BLOCK_K": d.block_k,
+                                        "USE_PDL": True, "W_SCALED": scaled,
+                                        "SCALE_BLOCK": 128}, "num_warps": d.num_warps})
+    assert [j["constexprs"]["EVEN"] for j in jobs] == [True, True, True, False] + \
+        [True, False, True, False]
+    for job in jobs[-2:]:  # and K steps inside one scale block (one scale per tile)
+        jobs.append({**job, "constexprs": {**job["constexprs"], "BLOCK_K": 64,
+                                           "EVEN": False}})
     for job in jobs:
         job.update(module="heteroserve.platforms.triton.moe_decode", aligned=ptrs + ints)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -212,4 +227,5 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
         assert res["griddepcontrol_wait"], job["kernel"]
-        assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights per thread
+        if job["constexprs"]["BLOCK_K"] >= 128:  # the narrow fp8 tiles only need to build
+            assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights/thread
