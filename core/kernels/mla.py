@@ -73,9 +73,10 @@ class MLABackend(ABC):
     ``q_pe [T, H, qk_rope_head_dim]`` (already rotated), ``latent [T, kv_lora_rank]`` (already
     normed), ``k_pe [T, qk_rope_head_dim]`` (already rotated), ``w_kc [H, qk_nope_head_dim,
     kv_lora_rank]``, ``w_vc [H, v_head_dim, kv_lora_rank]``, cache as :meth:`kv_cache_shape`;
-    outputs ``[T, H, v_head_dim]``. The four inputs may be strided views (of the q and
-    ``kv_a`` projections): last dim contiguous, other strides arbitrary; an implementation
-    that needs dense tensors copies them itself. Hooks (``prepare``, graph hooks, ``graph_safe``) mean
+    outputs ``[T, H, v_head_dim]``. With ``strided_inputs`` (since plugin API 1.1) an
+    implementation takes ``q_nope``, ``q_pe`` and ``k_pe`` as strided views of the q and
+    ``kv_a`` projections (last dim contiguous, other strides arbitrary); without it the layer
+    passes dense copies, as plugin API 1.0 did. Hooks (``prepare``, graph hooks, ``graph_safe``) mean
     what they mean on :class:`~heteroserve.core.kernels.attention.AttentionBackend`. Methods
     do not synchronise with the host. Shape mismatches raise ``ValueError`` naming the tensor.
     """
@@ -85,6 +86,8 @@ class MLABackend(ABC):
     caches_per_layer: int = 1
     page_sizes: tuple[int, ...] | None = None
     graph_safe: bool = False
+    #: takes strided q_nope / q_pe / k_pe views (see the class docstring)
+    strided_inputs: bool = False
 
     def __init__(self, config: MLAConfig) -> None:
         self.config = config

@@ -137,12 +137,15 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split(
             [d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
-        # strided views of the projections all the way down (norm, rotary and the MLA
-        # contract take rows of any stride), so no per-layer copies
+        # strided views of the projections through the norm and rotary (their contracts take
+        # rows of any stride); dense copies only for an MLA backend that wants them
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
+        k_pe = k_pe.squeeze(1)
+        if not fwd.backend.strided_inputs:
+            q_nope, q_pe, k_pe = q_nope.contiguous(), q_pe.contiguous(), k_pe.contiguous()
         o = fwd.backend.forward(
-            q_nope, q_pe, latent, k_pe.squeeze(1),
+            q_nope, q_pe, latent, k_pe,
             fwd.k_caches[self.attn.layer_id], self.kv_b_proj.w_kc, self.kv_b_proj.w_vc,
             self.attn, fwd.meta)
         return self.o_proj(o.reshape(t, -1))

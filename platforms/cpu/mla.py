@@ -19,7 +19,9 @@ _SCORE_BUDGET = 1 << 24
 
 class TorchNativeMLA(MLABackend):
     """MLA with plain torch ops over a latent cache ``[pages, page_size, c + r]``, any page
-    size, q/cache dtypes bf16/fp16/fp32."""
+    size, q/cache dtypes bf16/fp16/fp32; takes strided inputs."""
+
+    strided_inputs = True
 
     def _check(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, meta: AttentionMetadata) -> None:
