@@ -137,3 +137,24 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], top_n: int
         return picked, [[] for _ in targets]
     vals, ids = lp.topk(top_n, dim=-1)
     return picked, [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+
+
+def prompt_logprobs(req: Req, logits: torch.Tensor
+                    ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """The prompt logprobs (and top pairs) from ``req.prompt_logprob_next`` on that
+    ``logits`` (fp32 rows for positions ``req.kv_len`` onwards) determine; position 0 has none
+    (``None``, no pairs). Empty when the rows reach no new prompt position."""
+    first = req.prompt_logprob_next
+    values: list[float | None] = []
+    tops: list[list[tuple[int, float]]] = []
+    if first == 0:
+        values, tops, first = [None], [[]], 1
+    end = min(req.kv_len + logits.shape[0], len(req.input_ids) - 1)  # last position + 1
+    # the logits row at position p - 1 gives the logprob of prompt token p
+    lo, hi = first - 1 - req.kv_len, end - req.kv_len
+    if hi > lo:
+        got, got_tops = token_logprobs(logits[lo:hi], req.input_ids[first:end + 1],
+                                       req.top_logprobs_num)
+        values += got
+        tops += got_tops
+    return values, tops

@@ -380,19 +380,7 @@ class Scheduler:
     def _prompt_logprobs(self, req: Req, logits: torch.Tensor) -> list[StepOutput]:
         """Report the prompt logprobs that this step's logits rows (positions ``kv_len``
         onwards of ``req``) determine; position 0 has none (reported as ``None``)."""
-        first = req.prompt_logprob_next
-        values: list[float | None] = []
-        tops: list[list[tuple[int, float]]] = []
-        if first == 0:
-            values, tops, first = [None], [[]], 1
-        end = min(req.kv_len + logits.shape[0], len(req.input_ids) - 1)  # last position + 1
-        # the logits row at position p - 1 gives the logprob of prompt token p
-        lo, hi = first - 1 - req.kv_len, end - req.kv_len
-        if hi > lo:
-            got, got_tops = batch_sampling.token_logprobs(
-                logits[lo:hi], req.input_ids[first:end + 1], req.top_logprobs_num)
-            values += got
-            tops += got_tops
+        values, tops = batch_sampling.prompt_logprobs(req, logits)
         if not values:
             return []
         start = req.prompt_logprob_next
