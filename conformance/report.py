@@ -84,6 +84,8 @@ class ReportCollector:
         self.probes: dict[str, dict[str, str]] = {}
         #: performance-tier measurements, by test
         self.performance: dict[str, dict[str, Any]] = {}
+        #: set when the session ends by Ctrl-C / SIGINT (a time limit): no tier is claimed
+        self.interrupted = False
         # taken at the start: the code under test, not what the tree holds when the run ends
         self.provenance = provenance(ctx)
 
@@ -143,6 +145,7 @@ class ReportCollector:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.report_dir is None or hasattr(self.config, "workerinput"):
             return  # a pytest-xdist worker saw part of the run; the controller writes it all
+        self.interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
         self.report_dir.mkdir(parents=True, exist_ok=True)
         data = self.build()
         self._path("json").write_text(json.dumps(data, indent=2) + "\n")
@@ -193,10 +196,13 @@ class ReportCollector:
                                            row["max_rel_err_by_dtype"].items()}
         doc = {
             "platform": self.ctx.name,
-            "tier_reached": "+".join(reached(tiers)) or "none",
+            # an interrupted run did not show any level: the tests it never reached could fail
+            "tier_reached": ("none" if self.interrupted else "+".join(reached(tiers)) or "none"),
             "tiers": tiers,
             "selection": {"quick": self.ctx.quick, "deselected": self.deselected,
-                          "complete": not self.ctx.quick and self.deselected == 0},
+                          "interrupted": self.interrupted,
+                          "complete": (not self.ctx.quick and self.deselected == 0
+                                       and not self.interrupted)},
             "devices": list(self.ctx.availability.devices),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": _command_line(),
@@ -233,13 +239,15 @@ class ReportCollector:
 def render_markdown(data: dict[str, Any]) -> str:
     """The Markdown view of :meth:`ReportCollector.build`'s document."""
     s = data["summary"]
-    verdict = "PASS" if s["ok"] else "FAIL"
+    sel = data["selection"]
+    verdict = ("INCOMPLETE" if sel.get("interrupted") else "PASS" if s["ok"] else "FAIL")
     prov = data["provenance"]
     hs = prov["heteroserve"]
-    sel = data["selection"]
     out = [f"# heteroserve conformance report: `{data['platform']}` ({verdict})", "",
            f"- tier reached: **{data['tier_reached']}**"
-           + ("" if sel["complete"] else " (partial run: holds for the selected tests only)"),
+           + (" (run interrupted before every test ran: no tier is claimed)"
+              if sel.get("interrupted") else
+              "" if sel["complete"] else " (partial run: holds for the selected tests only)"),
            f"- date: {data['date']}",
            f"- devices: {', '.join(data['devices']) or '-'}",
            f"- torch {data['torch_version']}, heteroserve {data['heteroserve_version']} "

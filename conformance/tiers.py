@@ -12,8 +12,10 @@ Each test module of the suite belongs to one tier:
 - ``performance``: optional (``--conformance-performance FRACTION``): memory-bound ops move
   bytes at ``FRACTION`` of the device's measured copy bandwidth; ``not run`` unless asked for.
 
-A tier is ``passed`` when at least one of its tests passed and none failed; a report's
-``tier_reached`` lists the passed tiers, and is empty unless ``correct`` passed.
+A tier is ``passed`` when at least one of its tests passed and none failed; in a tier of
+:data:`NO_SKIP_TIERS` a skipped test (too few devices for world size 4) makes it ``incomplete``
+instead, since the skipped cases are what the tier certifies. A report's ``tier_reached`` lists
+the passed tiers, and is empty unless ``correct`` passed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ MODULE_TIERS: dict[str, Tier] = {
 }
 
 
+#: tiers whose every case must run: a skip there means the level was not shown
+NO_SKIP_TIERS: frozenset[str] = frozenset({Tier.DISTRIBUTED.value})
+
+
 def tier_of(module_stem: str) -> Tier:
     """The tier of the suite's test module ``module_stem`` (``test_norm`` -> ``correct``)."""
     return MODULE_TIERS.get(module_stem, Tier.CORRECT)
@@ -49,15 +55,17 @@ def tier_of(module_stem: str) -> Tier:
 
 def summarize(outcomes: Iterable[tuple[str, str]]) -> dict[str, dict[str, int | str]]:
     """``(tier, outcome)`` pairs -> per tier ``{"status", "passed", "failed", "skipped"}``;
-    status is ``passed``, ``failed``, ``skipped`` (only skips) or ``not run``."""
+    status is ``passed``, ``failed``, ``incomplete`` (a skip in a tier of
+    :data:`NO_SKIP_TIERS`), ``skipped`` (only skips) or ``not run``."""
     counts = {t.value: {"passed": 0, "failed": 0, "skipped": 0} for t in Tier}
     for tier, outcome in outcomes:
         if outcome in ("passed", "failed", "skipped"):
             counts[tier][outcome] += 1
     out: dict[str, dict[str, int | str]] = {}
     for tier, c in counts.items():
-        status = ("failed" if c["failed"] else "passed" if c["passed"] else
-                  "skipped" if c["skipped"] else "not run")
+        status = ("failed" if c["failed"] else
+                  "incomplete" if c["skipped"] and tier in NO_SKIP_TIERS else
+                  "passed" if c["passed"] else "skipped" if c["skipped"] else "not run")
         out[tier] = {"status": status, **c}
     return out
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from heteroserve.conformance.provenance import content_digest, verify_digest
 from heteroserve.conformance.tiers import Tier, reached, summarize, tier_of
 
@@ -20,6 +26,42 @@ def test_reached_needs_correct_and_lists_passed_tiers_in_order() -> None:
     assert reached(ok) == ["correct", "distributed", "sampling"]
     broken = summarize([("correct", "passed"), ("correct", "failed"), ("sampling", "passed")])
     assert broken["correct"]["status"] == "failed" and reached(broken) == []
+
+
+def test_a_skipped_world_size_leaves_distributed_incomplete() -> None:
+    one_device = summarize([("correct", "passed"), ("distributed", "passed"),
+                            ("distributed", "skipped")])
+    assert one_device["distributed"]["status"] == "incomplete"
+    assert reached(one_device) == ["correct"]
+    skipped_norm = summarize([("correct", "passed"), ("correct", "skipped")])
+    assert skipped_norm["correct"]["status"] == "passed"
+
+
+INTERRUPTER = '''
+def pytest_runtest_teardown(item):
+    if "rms_norm" in item.nodeid:
+        raise KeyboardInterrupt
+'''
+
+
+def test_an_interrupted_run_claims_no_tier(tmp_path: Path) -> None:
+    """A run cut by SIGINT (a time limit) after its first test reports that, not a tier."""
+    (tmp_path / "interrupter.py").write_text(INTERRUPTER)
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform",
+         "cpu", "--conformance-quick", "--report", str(out), "-q", "-p", "no:cacheprovider",
+         "-p", "interrupter", "-k", "test_rms_norm and torch_native"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    log = proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "conformance-cpu.json").read_text())
+    assert report["summary"]["passed"] >= 1, log
+    assert report["tiers"]["correct"]["status"] == "passed", log
+    assert report["selection"]["interrupted"] and not report["selection"]["complete"]
+    assert report["tier_reached"] == "none"
+    md = (out / "conformance-cpu.md").read_text()
+    assert "(INCOMPLETE)" in md and "no tier is claimed" in md
 
 
 def test_digest_covers_everything_but_itself() -> None:
