@@ -8,12 +8,9 @@ so every call streams from device memory. Each path is captured in one CUDA grap
 also checks that it is graph-capturable) and timed by replay; bandwidth counts the weight
 bytes a call reads (weights, scales, zero points), next to the copy bandwidth measured in
 the same run. The old path is the same ``apply`` with the GEMV row threshold set to 0. The
-new path's output is compared with the old one's (relative max error). For the W8A8 schemes
-a third path, ``cuda_core``, is the GEMV of :mod:`w8_gemv` with the matrix-unit GEMV
-(:mod:`w8_mma_gemv`, the new path where the device has fp8 MMA) switched off. Writes JSON.
+new path's output is compared with the old one's (relative max error). Writes JSON.
 ``--sweep`` also times each GEMV over a grid of launch shapes (minutes; for tuning
-``choose_w8_config`` / ``choose_mma_config`` / ``choose_w4_config``); ``--mma-only`` limits
-the W8A8 sweep to the matrix-unit kernel.
+``choose_w8_config`` / ``choose_w4_config``).
 In ``--smoke`` runs the old path's errors are the interpreter's (its bf16 ``tl.dot`` and
 fp8 cast are wrong), not the kernels'; the new path is checked against float64 there.
 Usage: ``python benchmarks/quant_gemv_sweep.py --out quant_gemv.json`` (about a minute on
@@ -53,8 +50,6 @@ METHODS = {"unquantized": ("linear_float", "UnquantizedLinear"),
            "gptq_w4a16": ("linear_w4a16", "GptqW4A16Linear")}
 GROUP = 128
 L2_MULTIPLE = 4 * 60 * 2**20
-#: ``--mma-only``: the sweep times only the matrix-unit GEMV's launch shapes
-MMA_ONLY = False
 FP8 = torch.float8_e4m3fn
 
 
@@ -168,23 +163,6 @@ def _new_path() -> Iterator[None]:
     yield
 
 
-@contextmanager
-def cuda_core_path() -> Iterator[None]:
-    """The W8A8 decode GEMV on the CUDA cores (:mod:`.w8_gemv`), the matrix-unit one off."""
-    from heteroserve.platforms.triton import w8_mma_gemv
-
-    saved = w8_mma_gemv.MMA_GEMV_ENABLED
-    w8_mma_gemv.MMA_GEMV_ENABLED = False
-    try:
-        yield
-    finally:
-        w8_mma_gemv.MMA_GEMV_ENABLED = saved
-
-
-def _path_context(path: str):
-    return {"old": old_path, "cuda_core": cuda_core_path}.get(path, _new_path)()
-
-
 def measure_shape(name: str, n: int, k: int, schemes: tuple[str, ...], device: torch.device,
                   smoke: bool, copy_Bps: float) -> list[dict]:
     """Rows ``{shape, scheme, path, us, GBps, frac_copy, ...}`` for one layer shape; in
@@ -202,10 +180,9 @@ def measure_shape(name: str, n: int, k: int, schemes: tuple[str, ...], device: t
         copies = 1 if smoke else max(1, -(-L2_MULTIPLE // nbytes))
         layers = [first] + [build_layer(scheme, n, k, ckpt)[1] for _ in range(copies - 1)]
         outs: dict[str, torch.Tensor] = {}
-        paths = ("old", "cuda_core", "new") if scheme in _W8_ARGS else ("old", "new")
-        for path in paths:
+        for path in ("old", "new"):
             call = call_for(scheme, method, path)
-            with _path_context(path):
+            with old_path() if path == "old" else _new_path():
                 if smoke:
                     t0 = time.perf_counter()
                     outs[path] = call(first, x)
@@ -248,23 +225,11 @@ def config_calls(scheme: str, layer: torch.nn.Module
     """``(config, call)`` for each launch shape of the scheme's GEMV (``--sweep``)."""
     from heteroserve.platforms.triton import w4a16_gemv as w4
     from heteroserve.platforms.triton import w8_gemv as w8
-    from heteroserve.platforms.triton import w8_mma_gemv as w8m
 
     out = []
     if scheme in _W8_ARGS:
         act, ws, scale = (getattr(w8, _W8_ARGS[scheme][0]), getattr(w8, _W8_ARGS[scheme][1]),
                           _W8_ARGS[scheme][2])
-        qmax_of = (lambda lay: float(torch.finfo(lay.weight.dtype).max)
-                   if lay.weight.dtype.is_floating_point else 127.0)
-        for bn, warps in ((16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (128, 4), (128, 8)):
-            for stages in (3, 5):
-                mma = w8m.W8MmaConfig(bn, warps, stages)
-                out.append(({"kernel": "mma", **mma.__dict__},
-                            lambda lay, x, cfg=mma: w8m.w8_decode_gemv(
-                                x, lay.weight, getattr(lay, scale), act, ws, qmax_of(lay),
-                                x.dtype, config=cfg)))
-        if MMA_ONLY:
-            return out
         for bn in (4, 8, 16, 32):
             for bk in (512, 1024, 2048):
                 for warps in (4, 8):
@@ -341,11 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each GEMV over a grid of launch shapes (GPU, minutes)")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="comma-separated subset of " + ", ".join(SCHEMES))
-    ap.add_argument("--mma-only", action="store_true",
-                    help="the sweep covers only the matrix-unit W8A8 GEMV's launch shapes")
     a = ap.parse_args(argv)
-    global MMA_ONLY
-    MMA_ONLY = a.mma_only
     schemes = tuple(s for s in a.schemes.split(",") if s)
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:

@@ -2,9 +2,8 @@
 checkpoint layouts: ``core/kernels/linear.py``).
 
 Up to :data:`~.w8_gemv.W8_GEMV_MAX_ROWS` rows (the decode step) go through
-:func:`~.w8_mma_gemv.w8_decode_gemv`, one launch that quantizes the activation in registers with
-the same rule and streams the 1-byte weight: on the matrix units where the device has fp8 MMA
-and the output is 16-bit (:mod:`.w8_mma_gemv`), else on the CUDA cores (:mod:`.w8_gemv`). Larger inputs: activations are
+:func:`~.w8_gemv.w8_gemv`, one launch that quantizes the activation in registers with the same
+rule and streams the 1-byte weight at the copy ceiling. Larger inputs: activations are
 quantized dynamically by :func:`~.quant.quantize_rows` (per tensor, per token and 128-column
 group, per token). Batches above a scheme's :data:`CUBLAS_FP8_MIN_ROWS` (16-bit, K and N
 multiples of 16, a CUDA device) run on cuBLASLt's scaled fp8 GEMM (``torch._scaled_mm``): one
@@ -24,9 +23,8 @@ from heteroserve.platforms.triton.linear_params import get_param, rows, set_para
 from heteroserve.platforms.triton.quant import MIN_SCALE, quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
 from heteroserve.platforms.triton.w8_gemv import (
-    ACT_GROUP, ACT_ROW, ACT_TENSOR, W8_GEMV_MAX_ROWS, WS_BLOCK, WS_CHANNEL, WS_TENSOR,
+    ACT_GROUP, ACT_ROW, ACT_TENSOR, W8_GEMV_MAX_ROWS, WS_BLOCK, WS_CHANNEL, WS_TENSOR, w8_gemv,
 )
-from heteroserve.platforms.triton.w8_mma_gemv import w8_decode_gemv
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -124,8 +122,8 @@ class Fp8PerTensorLinear(LinearMethod):
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
-            return _finish(w8_decode_gemv(x2, weight, w_scale, ACT_TENSOR, WS_TENSOR, fmax,
-                                          x.dtype, bias), x)
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_TENSOR, WS_TENSOR, fmax, x.dtype,
+                                   bias), x)
         amax = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32)  # one pass
         x_scale = (amax / fmax).clamp(min=MIN_SCALE).reshape(1)
         q, _ = quantize_rows(x2, weight.dtype, fmax, None, scale=x_scale)
@@ -162,8 +160,8 @@ class Fp8PerChannelLinear(LinearMethod):
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
-            return _finish(w8_decode_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, fmax,
-                                          x.dtype, bias), x)
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, fmax, x.dtype,
+                                   bias), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, None)
         if (x.dtype == torch.bfloat16 and _scaled_mm_ok(x2, weight, self.scheme)
                 and scaled_mm_supports(self.scheme, x.device)):
@@ -199,8 +197,8 @@ class Fp8BlockLinear(LinearMethod):
         fmax = _fp8_max(weight.dtype)
         x2 = rows(x, weight.shape[1], self.scheme)
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
-            return _finish(w8_decode_gemv(x2, weight, w_scale, ACT_GROUP, WS_BLOCK, fmax,
-                                          x.dtype, bias), x)
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_GROUP, WS_BLOCK, fmax, x.dtype,
+                                   bias), x)
         n, k = weight.shape
         if (_scaled_mm_ok(x2, weight, self.scheme) and k % 512 == 0
                 and n % FP8_BLOCK == 0 and scaled_mm_supports(self.scheme, x.device)):
@@ -236,8 +234,8 @@ class Int8W8A8Linear(LinearMethod):
         weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale")
         x2 = rows(x, weight.shape[1], self.scheme)
         if x2.shape[0] <= W8_GEMV_MAX_ROWS:
-            return _finish(w8_decode_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, 127.0,
-                                          x.dtype, bias), x)
+            return _finish(w8_gemv(x2, weight, w_scale, ACT_ROW, WS_CHANNEL, 127.0, x.dtype,
+                                   bias), x)
         q, x_scale = quantize_rows(x2, torch.int8, 127.0, None)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale.reshape(-1), (1, 0),
                         1, weight.shape[1], x.dtype, bias=bias)

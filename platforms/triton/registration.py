@@ -47,21 +47,17 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
     ops.linear_op("unquantized"): ("linear_float", "UnquantizedLinear",
                                    "Triton GEMV for one row, torch F.linear for more"),
     ops.linear_op("fp8_per_tensor"): ("linear_w8a8", "Fp8PerTensorLinear",
-                                      "fp8 GEMV (x quantized in-kernel; on fp8 MMA from "
-                                      "sm89) for <= 4 rows, torch._scaled_mm / Triton GEMM "
-                                      "for more"),
+                                      "fp8 GEMV (x quantized in-kernel) for <= 4 rows, "
+                                      "torch._scaled_mm / Triton GEMM for more"),
     ops.linear_op("fp8_per_channel"): ("linear_w8a8", "Fp8PerChannelLinear",
-                                       "fp8 GEMV (x quantized in-kernel; on fp8 MMA from "
-                                       "sm89) for <= 4 rows, fp8 GEMM, per-token x "
-                                       "per-channel scales"),
+                                       "fp8 GEMV (x quantized in-kernel) for <= 4 rows, "
+                                       "fp8 GEMM, per-token x per-channel scales"),
     ops.linear_op("fp8_block"): ("linear_w8a8", "Fp8BlockLinear",
-                                 "fp8 GEMV (x quantized per 128 in-kernel; on fp8 MMA "
-                                 "from sm89) for <= 4 rows, 128x128 block-scaled fp8 GEMM "
-                                 "for more"),
+                                 "fp8 GEMV (x quantized per 128 in-kernel) for <= 4 "
+                                 "rows, 128x128 block-scaled fp8 GEMM for more"),
     ops.linear_op("int8_w8a8"): ("linear_w8a8", "Int8W8A8Linear",
-                                 "int8 GEMV (x quantized in-kernel; on int8 MMA from "
-                                 "sm89) for <= 4 rows, int8 GEMM (int32 accumulation) "
-                                 "for more"),
+                                 "int8 GEMV (x quantized in-kernel) for <= 4 rows, "
+                                 "int8 GEMM (int32 accumulation) for more"),
     ops.linear_op("awq_w4a16"): ("linear_w4a16", "AwqW4A16Linear",
                                  "4-bit GEMV for <= 4 rows, dequant-GEMM for more"),
     ops.linear_op("gptq_w4a16"): ("linear_w4a16", "GptqW4A16Linear",

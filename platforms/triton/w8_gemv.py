@@ -229,21 +229,6 @@ def _fp8_constants(dtype: torch.dtype) -> tuple[float, float]:
     return smallest, 1.5 * 2.0**23 * smallest / 8
 
 
-def check_w8_gemv_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       ws: int) -> None:
-    """Raises ``ValueError`` unless ``x [M, K]``, ``weight [N, K]`` (contiguous last dims)
-    and ``weight_scale`` of layout ``ws`` fit together (see :func:`w8_gemv`)."""
-    k = x.shape[1]
-    n = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError(f"w8_gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must "
-                         "agree on K with contiguous last dims")
-    want = {WS_TENSOR: (1,), WS_CHANNEL: (n,),
-            WS_BLOCK: (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))}[ws]
-    if tuple(weight_scale.shape) != want or not weight_scale.is_contiguous():
-        raise ValueError(f"w8_gemv: weight scale {tuple(weight_scale.shape)}, expected {want}")
-
-
 def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, act: int,
             ws: int, qmax: float, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
             config: W8GemvConfig | None = None) -> torch.Tensor:
@@ -254,9 +239,15 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
     grid (``qmax``: 448 / 240 / 127) and ``sw`` the fp32 ``weight_scale`` of layout ``ws``
     (contiguous: ``[1]``, ``[N]`` or ``[ceil(N/128), ceil(K/128)]``). fp32 accumulation.
     Raises ``ValueError`` for mismatched shapes."""
-    check_w8_gemv_args(x, weight, weight_scale, ws)
     m, k = x.shape
     n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"w8_gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must "
+                         "agree on K with contiguous last dims")
+    want = {WS_TENSOR: (1,), WS_CHANNEL: (n,),
+            WS_BLOCK: (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))}[ws]
+    if tuple(weight_scale.shape) != want or not weight_scale.is_contiguous():
+        raise ValueError(f"w8_gemv: weight scale {tuple(weight_scale.shape)}, expected {want}")
     cfg = config or choose_w8_config(n, k, m, x.device, act)
     blocked = act == ACT_GROUP or ws == WS_BLOCK
     if blocked and (cfg.block_k % FP8_BLOCK or FP8_BLOCK % cfg.block_n):

@@ -17,7 +17,6 @@ from heteroserve.conformance import quantize
 from heteroserve.conformance.oracles import linear as oracle
 from heteroserve.core.kernels.linear import LinearShape
 from heteroserve.platforms.triton import w8_gemv as w8
-from heteroserve.platforms.triton import w8_mma_gemv as w8m
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -89,51 +88,6 @@ def test_w8_gemv_against_float64(device: torch.device, scheme: str, rows: int, k
                      torch.float32, b.to(device) if b is not None else None)
     ref = oracle.linear(scheme, x, ckpt, 128, b, fp8)
     assert out.shape == (rows, n) and rel_err(out, ref) < 2e-6
-
-
-@pytest.mark.parametrize("scheme", list(_W8))
-@pytest.mark.parametrize("rows,k,n,bias,block_n", [(1, 320, 200, True, 16), (3, 256, 64, False, 32),
-                                                   (4, 200, 40, False, 16), (16, 384, 128, True, 64)])
-def test_w8_mma_gemv_matches_the_cuda_core_gemv(device: torch.device, scheme: str, rows: int,
-                                                k: int, n: int, bias: bool,
-                                                block_n: int) -> None:
-    """The matrix-unit GEMV (bf16 in and out) equals the CUDA-core one to bf16 rounding and
-    the float64 oracle to the bf16 bound: ragged K and N, up to 16 rows, bias."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        pytest.skip("fp8 MMA needs compute capability 8.9")
-    make, act, ws, scale_name = _W8[scheme]
-    fp8 = torch.float8_e4m3fn
-    g = _gen(rows * 1000 + k + n + 1)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    ckpt = make(w, fp8)
-    x = _activations(g, rows, k, scheme, fp8).to(torch.bfloat16)
-    b = torch.randn(n, generator=g) if bias else None
-    scale = ckpt[scale_name].float()
-    scale = (scale.reshape(-1) if ws != w8.WS_BLOCK else scale.contiguous()).to(device)
-    qmax = 127.0 if scheme == "int8_w8a8" else 448.0
-    args = (x.to(device), ckpt["weight"].to(device), scale, act, ws, qmax, torch.bfloat16,
-            b.to(device) if b is not None else None)
-    out = w8m.w8_decode_gemv(*args, config=w8m.W8MmaConfig(block_n, 1, 1))
-    cuda_core = w8.w8_gemv(*args)
-    ref = oracle.linear(scheme, x.float(), ckpt, 128, b, fp8)
-    assert out.shape == (rows, n) and out.dtype == torch.bfloat16
-    assert rel_err(out, cuda_core.double().cpu()) < 8e-3 and rel_err(out, ref) < 1e-2
-
-
-def test_w8_mma_gemv_refuses_what_it_cannot_run(device: torch.device) -> None:
-    w = torch.zeros(128, 128, dtype=torch.float8_e4m3fn, device=device)
-    s = torch.ones(1, 1, device=device)
-    x = torch.zeros(1, 128, dtype=torch.bfloat16, device=device)
-    with pytest.raises(ValueError, match="at most 16"):
-        w8m.w8_mma_gemv(x.expand(17, 128), w, s, w8.ACT_GROUP, w8.WS_BLOCK, 448.0,
-                        torch.bfloat16, None, w8m.W8MmaConfig(16, 1, 1))
-    with pytest.raises(ValueError, match="bf16 or fp16"):
-        w8m.w8_mma_gemv(x, w, s, w8.ACT_GROUP, w8.WS_BLOCK, 448.0, torch.float32, None,
-                        w8m.W8MmaConfig(16, 1, 1))
-    with pytest.raises(ValueError, match="128x128"):
-        w8m.w8_mma_gemv(x, w, s, w8.ACT_GROUP, w8.WS_BLOCK, 448.0, torch.bfloat16, None,
-                        w8m.W8MmaConfig(48, 1, 1))
-    assert not w8m.mma_gemv_applies(torch.device("cpu"), torch.bfloat16, 1)
 
 
 def test_w8_gemv_fnuz_block(device: torch.device) -> None:
@@ -246,7 +200,7 @@ def test_w8a8_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme:
     from heteroserve.platforms.triton import linear_w8a8
 
     fp8 = torch.float8_e4m3fn
-    calls = _spy(monkeypatch, linear_w8a8, "w8_decode_gemv")
+    calls = _spy(monkeypatch, linear_w8a8, "w8_gemv")
     method = getattr(linear_w8a8, _METHODS[scheme])()
     k, n = 320, 136
     g = _gen(len(scheme))
@@ -299,7 +253,7 @@ def test_w4a16_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme
                           "strategy": "channel"},
               "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
                                     "strategy": "token", "dynamic": True}}}},
-     "int8_w8a8", "int8 GEMV (x quantized in-kernel; on int8 MMA from sm89) for <= 4 rows"),
+     "int8_w8a8", "int8 GEMV (x quantized in-kernel) for <= 4 rows"),
 ])
 def test_startup_block_names_the_cuda_decode_kernel(config: dict, scheme: str,
                                                     kernel: str) -> None:
