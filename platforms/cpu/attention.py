@@ -2,7 +2,9 @@
 
 Runs on any torch device. :meth:`~TorchNativeAttention.prepare` turns the step's page tables
 into slot indices once per step; every layer then gathers exactly the K/V slots it needs with
-one ``index_select`` per cache and attends with ``F.scaled_dot_product_attention`` on the
+one ``index_select`` per cache (on the host, decode gathers head-major into two reused buffers:
+contiguous per head for SDPA, and no page faults on fresh multi-MB tensors every layer) and
+attends with ``F.scaled_dot_product_attention`` on the
 storage dtype (its CPU flash kernel computes scores, softmax and the weighted sum in fp32
 and rounds once at the end). Decode attends the whole batch in one call, the query heads of a
 KV head as that head's query rows (GQA without repeating K/V); a mask is built only when the
@@ -26,6 +28,9 @@ from heteroserve.core.platform import KVLayout
 
 #: Upper bound on score (or mask) elements materialised at once per sequence chunk.
 _SCORE_BUDGET = 1 << 24
+#: Largest decode K (or V) gather kept in a reused host buffer, in bytes; larger gathers
+#: allocate per call.
+_GATHER_BUFFER_BYTES = 64 << 20
 
 
 def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,6 +59,9 @@ class _StepSlots:
     decode: torch.Tensor | None
     extend: list[torch.Tensor]
     ragged: bool
+    #: decode rows of the caches viewed as ``[slots * Hk, D]``, head-major: int64
+    #: ``[B * Hk * L]``, made on first use
+    head_rows: torch.Tensor | None = None
 
 
 def _page_table(meta: AttentionMetadata) -> torch.Tensor:
@@ -145,6 +153,9 @@ class TorchNativeAttention(AttentionBackend):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._slots: _StepSlots | None = None
+        #: host buffers the decode gathers write into (K, V): a fresh multi-MB tensor per
+        #: layer costs the host page faults on first touch
+        self._gather_buffers: list[torch.Tensor | None] = [None, None]
 
     # -- layout-specific indexing (overridden by the HND variant) --------------------------
     def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -161,6 +172,27 @@ class TorchNativeAttention(AttentionBackend):
             return cache[slots // ps, slots % ps]
         flat = cache.view(-1, *cache.shape[2:])
         return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
+
+    def _gather_heads(self, which: int, cache: torch.Tensor, step: _StepSlots) -> torch.Tensor:
+        """Decode K (``which`` 0) or V (1) of a contiguous NHD host cache, head-major: ``[B,
+        Hk, L, D]`` contiguous (what SDPA reads fastest), in a reused buffer when it fits
+        :data:`_GATHER_BUFFER_BYTES`. Valid until the next call with the same ``which``."""
+        assert step.decode is not None
+        bsz, width = step.decode.shape
+        hk, d = cache.shape[2], cache.shape[3]
+        if step.head_rows is None:
+            heads = torch.arange(hk, device=cache.device)
+            step.head_rows = (step.decode[:, None, :] * hk + heads[None, :, None]).reshape(-1)
+        flat = cache.view(-1, d)
+        n = step.head_rows.numel() * d
+        if n * cache.element_size() > _GATHER_BUFFER_BYTES:
+            return flat.index_select(0, step.head_rows).view(bsz, hk, width, d)
+        buf = self._gather_buffers[which]
+        if buf is None or buf.numel() < n or buf.dtype != cache.dtype:
+            buf = self._gather_buffers[which] = torch.empty(n, dtype=cache.dtype)
+        out = buf[:n].view(-1, d)
+        torch.index_select(flat, 0, step.head_rows, out=out)
+        return out.view(bsz, hk, width, d)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -261,8 +293,13 @@ class TorchNativeAttention(AttentionBackend):
         step = self._step_slots(meta)
         assert step.decode is not None
         width = step.decode.shape[1]
-        k_all = _as(self._gather(k_cache, step.decode), q.dtype).transpose(1, 2)  # [B, Hk, L, D]
-        v_all = _as(self._gather(v_cache, step.decode), q.dtype).transpose(1, 2)
+        if (q.device.type == "cpu" and self.kv_layout is KVLayout.NHD
+                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            k_all = _as(self._gather_heads(0, k_cache, step), q.dtype)  # [B, Hk, L, D]
+            v_all = _as(self._gather_heads(1, v_cache, step), q.dtype)
+        else:
+            k_all = _as(self._gather(k_cache, step.decode), q.dtype).transpose(1, 2)
+            v_all = _as(self._gather(v_cache, step.decode), q.dtype).transpose(1, 2)
         window = layer.sliding_window
         allowed = None
         if step.ragged or (window is not None and window < width):
