@@ -11,6 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--platform", required=True, help="platform name to test")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write conformance-<platform>.json and .md into DIR")
+    p.add_argument("--test-timeout", type=float, default=None, metavar="S",
+                   help="seconds one test may run before it fails (pytest-timeout; default "
+                        "900, 0: no limit)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="extra pytest arguments after --, e.g. -- -k rms_norm -x")
     p.set_defaults(run=run)
@@ -26,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print(PYTEST_MISSING, file=sys.stderr)
         return 2
-    from heteroserve.conformance.runner import run_conformance
+    from heteroserve.conformance.runner import DEFAULT_TEST_TIMEOUT_S, run_conformance
 
     extra = [a for a in args.pytest_args if a != "--"]
-    return run_conformance(args.platform, args.report, extra)
+    timeout = DEFAULT_TEST_TIMEOUT_S if args.test_timeout is None else args.test_timeout
+    return run_conformance(args.platform, args.report, extra, timeout)

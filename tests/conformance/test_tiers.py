@@ -64,6 +64,33 @@ def test_an_interrupted_run_claims_no_tier(tmp_path: Path) -> None:
     assert "(INCOMPLETE)" in md and "no tier is claimed" in md
 
 
+SLEEPER = '''
+import time
+def pytest_runtest_call(item):
+    if "rms_norm" in item.nodeid:
+        time.sleep(30)
+'''
+
+
+def test_a_hung_test_fails_by_the_test_timeout_and_the_run_completes(tmp_path: Path) -> None:
+    """``heteroserve conformance --test-timeout``: a case that hangs is one failure with a
+    reason in a complete report, not a run that never ends."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "heteroserve.server.cli", "conformance", "--platform", "cpu",
+         "--test-timeout", "3", "--report", str(out), "--", "-q", "--conformance-quick",
+         "-p", "sleeper", "-k", "test_rms_norm and torch_native and bf16"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    log = proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, log
+    report = json.loads((out / "conformance-cpu.json").read_text())
+    assert report["selection"]["complete"] or report["selection"]["deselected"] > 0
+    assert not report["selection"]["interrupted"]
+    assert report["failures"] and all("Timeout" in f["message"] for f in report["failures"])
+
+
 def test_digest_covers_everything_but_itself() -> None:
     doc = {"platform": "cpu", "table": [{"op": "rms_norm", "passed": 3}]}
     doc["digest"] = {"sha256": content_digest(doc)}
