@@ -37,6 +37,19 @@ def test_a_skipped_world_size_leaves_distributed_incomplete() -> None:
     assert skipped_norm["correct"]["status"] == "passed"
 
 
+def _run_with_plugin(tmp_path: Path, plugin: str, source: str,
+                     command: list[str]) -> tuple[int, str, dict]:
+    """Run ``command`` (the suite on cpu, writing ``tmp_path/report``) with the pytest
+    plugin module ``plugin`` (``source``) importable; returns (exit code, log tail, report)."""
+    (tmp_path / f"{plugin}.py").write_text(source)
+    proc = subprocess.run([sys.executable, "-m", *command, "--report", str(tmp_path / "report"),
+                           "-q", "--conformance-quick", "-p", plugin],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    report = json.loads((tmp_path / "report" / "conformance-cpu.json").read_text())
+    return proc.returncode, proc.stdout[-2000:] + proc.stderr[-2000:], report
+
+
 INTERRUPTER = '''
 def pytest_runtest_teardown(item):
     if "rms_norm" in item.nodeid:
@@ -46,21 +59,15 @@ def pytest_runtest_teardown(item):
 
 def test_an_interrupted_run_claims_no_tier(tmp_path: Path) -> None:
     """A run cut by SIGINT (a time limit) after its first test reports that, not a tier."""
-    (tmp_path / "interrupter.py").write_text(INTERRUPTER)
-    out = tmp_path / "report"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--pyargs", "heteroserve.conformance", "--platform",
-         "cpu", "--conformance-quick", "--report", str(out), "-q", "-p", "no:cacheprovider",
-         "-p", "interrupter", "-k", "test_rms_norm and torch_native"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    log = proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads((out / "conformance-cpu.json").read_text())
+    _, log, report = _run_with_plugin(
+        tmp_path, "interrupter", INTERRUPTER,
+        ["pytest", "--pyargs", "heteroserve.conformance", "--platform", "cpu", "-p",
+         "no:cacheprovider", "-k", "test_rms_norm and torch_native"])
     assert report["summary"]["passed"] >= 1, log
     assert report["tiers"]["correct"]["status"] == "passed", log
     assert report["selection"]["interrupted"] and not report["selection"]["complete"]
     assert report["tier_reached"] == "none"
-    md = (out / "conformance-cpu.md").read_text()
+    md = (tmp_path / "report" / "conformance-cpu.md").read_text()
     assert "(INCOMPLETE)" in md and "no tier is claimed" in md
 
 
@@ -75,17 +82,11 @@ def pytest_runtest_call(item):
 def test_a_hung_test_fails_by_the_test_timeout_and_the_run_completes(tmp_path: Path) -> None:
     """``heteroserve conformance --test-timeout``: a case that hangs is one failure with a
     reason in a complete report, not a run that never ends."""
-    (tmp_path / "sleeper.py").write_text(SLEEPER)
-    out = tmp_path / "report"
-    proc = subprocess.run(
-        [sys.executable, "-m", "heteroserve.server.cli", "conformance", "--platform", "cpu",
-         "--test-timeout", "3", "--report", str(out), "--", "-q", "--conformance-quick",
-         "-p", "sleeper", "-k", "test_rms_norm and torch_native and bf16"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    log = proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.returncode == 1, log
-    report = json.loads((out / "conformance-cpu.json").read_text())
+    code, log, report = _run_with_plugin(
+        tmp_path, "sleeper", SLEEPER,
+        ["heteroserve.server.cli", "conformance", "--platform", "cpu", "--test-timeout", "3",
+         "--", "-k", "test_rms_norm and torch_native and bf16"])
+    assert code == 1, log
     assert report["selection"]["complete"] or report["selection"]["deselected"] > 0
     assert not report["selection"]["interrupted"]
     assert report["failures"] and all("Timeout" in f["message"] for f in report["failures"])
