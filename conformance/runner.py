@@ -22,7 +22,7 @@ def conformance_args(platform: str, report_dir: str | None,
     ``test_timeout_s`` seconds unless ``pytest_args`` set a timeout themselves (``0`` or
     None: no limit)."""
     args = ["--pyargs", PACKAGE, "--platform", platform, "-p", "no:cacheprovider"]
-    user_set = any("timeout" in a for a in pytest_args)
+    user_set = any(a.startswith(("--timeout", "timeout=")) for a in pytest_args)
     if test_timeout_s and not user_set and importlib.util.find_spec("pytest_timeout"):
         args += ["-o", f"timeout={test_timeout_s:g}"]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):  # entry points off: load it by name

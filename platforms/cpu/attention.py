@@ -189,7 +189,11 @@ class TorchNativeAttention(AttentionBackend):
             return flat.index_select(0, step.head_rows).view(bsz, hk, width, d)
         buf = self._gather_buffers[which]
         if buf is None or buf.numel() < n or buf.dtype != cache.dtype:
-            buf = self._gather_buffers[which] = torch.empty(n, dtype=cache.dtype)
+            # contexts grow a token a step: grow by half so most steps reuse the buffer
+            cap = _GATHER_BUFFER_BYTES // cache.element_size()
+            grown = 0 if buf is None or buf.dtype != cache.dtype else buf.numel() * 3 // 2
+            buf = torch.empty(min(cap, max(n, grown)), dtype=cache.dtype)
+            self._gather_buffers[which] = buf
         out = buf[:n].view(-1, d)
         torch.index_select(flat, 0, step.head_rows, out=out)
         return out.view(bsz, hk, width, d)
