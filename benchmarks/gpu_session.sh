@@ -128,7 +128,7 @@ for step in "$@"; do
     fi_build_llama) fi_build llama --kind extend --kind decode --only bf16-p1-h8:2-d128 ;;
     fi_build_all) fi_build all ${WARMUP_ARGS:-} ;;  # WARMUP_ARGS: e.g. --kind extend --only bf16
     conf_full)
-      limit=$(deadline_cap "${CONF_TIMEOUT:-420}")
+      limit=$(deadline_cap "${CONF_TIMEOUT:-520}")  # a full run: 420-470 s in 14-16 workers
       timeout -s INT -k 30 "$limit" heteroserve conformance --platform cuda \
         --test-timeout "${CONF_TEST_TIMEOUT:-300}" --report "$OUT/full" -- -q -p no:cacheprovider \
         -n "${CONF_WORKERS:-12}" ${CONF_FILTER:+-k "$CONF_FILTER"} 2>&1 | tail -40 ;;
