@@ -5,27 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from heteroserve.conformance.context import ALL_DTYPES, DTYPE_NAMES, ConformanceContext
-from heteroserve.conformance.params import Case
+from heteroserve.conformance.cases.elementwise import RotaryCase
 from heteroserve.core.kernels import ops
 
 
 @dataclass(frozen=True)
-class QKNormRotaryCase(Case):
-    """q/k of ``tokens x heads x head_size`` with values of about ``amplitude`` (256 makes
-    ``x * x`` overflow fp16); the first ``rotary_dim`` dims rotate, neox or GPT-J style, at
-    random positions below ``max_position``. ``strided``: q and k are views of one fused
-    ``[T, (Hq + 2 Hk) * D + pad]`` qkv buffer, as a model's qkv projection gives them."""
+class QKNormRotaryCase(RotaryCase):
+    """A :class:`RotaryCase` whose q/k heads are RMS-normalized first, with values of about
+    ``amplitude`` (256 makes ``x * x`` overflow fp16). ``strided``: q and k are views of one
+    fused ``[T, (Hq + 2 Hk) * D + pad]`` qkv buffer, as a model's qkv projection gives them."""
 
-    tokens: int
-    q_heads: int
-    kv_heads: int
-    head_size: int
-    rotary_dim: int
-    is_neox: bool
-    strided: bool
+    strided: bool = False
     amplitude: float = 1.0
     eps: float = 1e-6
-    max_position: int = 4096
 
 
 def qk_norm_rotary_cases(ctx: ConformanceContext) -> list[QKNormRotaryCase]:
@@ -44,7 +36,7 @@ def qk_norm_rotary_cases(ctx: ConformanceContext) -> list[QKNormRotaryCase]:
                     + ("" if r == d else f"-partial{r}") + f"-T{t}-h{hq}:{hk}-d{d}"
                     + ("-strided" if strided else "") + ("-large" if amp > 1 else ""))
             cases.append(QKNormRotaryCase(ops.QK_NORM_ROTARY, name, dt, t, hq, hk, d, r, neox,
-                                          strided, amp))
+                                          strided=strided, amplitude=amp))
     return cases
 
 
@@ -53,11 +45,11 @@ def qk_norm_rotary_refused_cases(ctx: ConformanceContext) -> list[QKNormRotaryCa
     width (the case's ``head_size`` is the weight's; q/k keep 64)."""
     dt = ctx.capabilities.dtypes[0]
     return [QKNormRotaryCase(ops.QK_NORM_ROTARY, f"{DTYPE_NAMES.get(dt, dt)}-weight-width", dt,
-                             3, 4, 2, 65, 64, True, True)]
+                             3, 4, 2, 65, 64, True, strided=True)]
 
 
 def qk_norm_rotary_graph_cases(ctx: ConformanceContext) -> list[QKNormRotaryCase]:
     """A batch-4 decode shape (Qwen3-MoE's heads) in the platform's first dtype."""
     dt = ctx.capabilities.dtypes[0]
     return [QKNormRotaryCase(ops.QK_NORM_ROTARY, f"{DTYPE_NAMES.get(dt, dt)}-T4-h32:4-d128", dt,
-                             4, 32, 4, 128, 128, True, True)]
+                             4, 32, 4, 128, 128, True, strided=True)]
