@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from heteroserve.conformance.context import ALL_DTYPES, DTYPE_NAMES, ConformanceContext
 from heteroserve.conformance.params import Case
 from heteroserve.core.kernels import ops
@@ -20,6 +22,9 @@ DECODE_LENS: tuple[int, ...] = (1, 2, 17, 130)
 #: long sequences, past the tile and split sizes of real kernels
 LONG_EXTEND: tuple[tuple[int, int], ...] = ((0, 300), (700, 45))
 LONG_DECODE: tuple[int, ...] = (1000, 513)
+#: prompts past the dense-extend threshold of kernels that switch paths by prompt length
+#: (cuda's SDPA extend: 1024 new tokens), one of them on top of a cached prefix
+PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 1100), (600, 1030))
 DEFAULT_PAGE_SIZES: tuple[int, ...] = (1, 16, 128)
 
 
@@ -50,7 +55,9 @@ class AttnCase(Case):
         return ctx.dtype_skip(self.dtype) or ctx.page_size_skip(self.page_size)
 
 
-def _seqs(kind: str, long: bool) -> tuple[tuple[int, int], ...]:
+def _seqs(kind: str, long: bool, prompt: bool) -> tuple[tuple[int, int], ...]:
+    if prompt:
+        return PROMPT_EXTEND
     if kind == "decode":
         return tuple((n - 1, 1) for n in (LONG_DECODE if long else DECODE_LENS))
     return LONG_EXTEND if long else EXTEND_BATCH
@@ -58,12 +65,12 @@ def _seqs(kind: str, long: bool) -> tuple[tuple[int, int], ...]:
 
 def _case(kind: str, dt: Any, hq: int, hk: int, d: int, page: int,
           sw: int | None = None, cap: float | None = None, long: bool = False,
-          kv_fp8: bool = False) -> AttnCase:
+          kv_fp8: bool = False, prompt: bool = False) -> AttnCase:
     name = f"{DTYPE_NAMES[dt]}-p{page}-h{hq}:{hk}-d{d}"
     name += (f"-sw{sw}" if sw else "") + (f"-cap{cap:g}" if cap else "") + ("-long" if long else "")
-    name += "-kvfp8" if kv_fp8 else ""
-    return AttnCase(ops.ATTENTION, name, dt, kind, hq, hk, d, page, _seqs(kind, long), sw, cap,
-                    kv_fp8)
+    name += ("-kvfp8" if kv_fp8 else "") + ("-prompt" if prompt else "")
+    return AttnCase(ops.ATTENTION, name, dt, kind, hq, hk, d, page, _seqs(kind, long, prompt),
+                    sw, cap, kv_fp8)
 
 
 def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
@@ -92,6 +99,9 @@ def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
                 cases += [_case(kind, dt, 8, 2, 128, page, sw=16, cap=5.0),
                           _case(kind, dt, 8, 1, 128, page, long=True),
                           _case(kind, dt, 8, 1, 128, page, sw=100, long=True)]
+        if kind == "extend" and not ctx.quick:
+            cases += [_case(kind, dt, 8, 2, 128, page, prompt=True) for dt in dtypes
+                      if dt is not torch.float32]
     return cases
 
 

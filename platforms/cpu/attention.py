@@ -25,12 +25,16 @@ from heteroserve.core.kernels.attention import (
     AttentionBackend, AttentionLayer, AttentionMetadata, ForwardMode,
 )
 from heteroserve.core.platform import KVLayout
+from heteroserve.platforms.cpu.decode_mirror import DecodeKVMirror
 
 #: Upper bound on score (or mask) elements materialised at once per sequence chunk.
 _SCORE_BUDGET = 1 << 24
 #: Largest decode K (or V) gather kept in a reused host buffer, in bytes; larger gathers
 #: allocate per call.
 _GATHER_BUFFER_BYTES = 64 << 20
+#: Most bytes the per-layer decode K/V mirrors (:mod:`.decode_mirror`) hold in all; layers
+#: past it gather per step.
+_MIRROR_BYTES = 512 << 20
 
 
 def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -156,6 +160,7 @@ class TorchNativeAttention(AttentionBackend):
         #: host buffers the decode gathers write into (K, V): a fresh multi-MB tensor per
         #: layer costs the host page faults on first touch
         self._gather_buffers: list[torch.Tensor | None] = [None, None]
+        self._mirror = DecodeKVMirror(_MIRROR_BYTES)
 
     # -- layout-specific indexing (overridden by the HND variant) --------------------------
     def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -215,6 +220,11 @@ class TorchNativeAttention(AttentionBackend):
         """This step's slot indices, computed on the first layer (or in :meth:`prepare`)."""
         if self._slots is not None and self._slots.meta is meta:
             return self._slots
+        self._mirror.reset()  # a step :meth:`prepare` did not announce
+        return self._plan_slots(meta)
+
+    def _plan_slots(self, meta: AttentionMetadata) -> _StepSlots:
+        """Compute and keep the step's slot indices."""
         lens = meta.seq_lens_cpu
         if meta.mode is ForwardMode.DECODE and lens:
             slots = _StepSlots(meta, _slot_table(meta, max(lens)), [], min(lens) != max(lens))
@@ -227,8 +237,14 @@ class TorchNativeAttention(AttentionBackend):
 
     # -- contract --------------------------------------------------------------------------
     def prepare(self, meta: AttentionMetadata) -> None:
-        self._slots = None  # the same metadata object may come back with new contents
-        self._step_slots(meta)
+        """Plan the step's slot indices; on the host, announce a decode step to the K/V
+        mirror (any other step resets it: prefill may reuse freed slots)."""
+        step = self._plan_slots(meta)  # the same metadata may come back with new contents
+        if (step.decode is not None and step.decode.device.type == "cpu"
+                and self.kv_layout is KVLayout.NHD):
+            self._mirror.begin_step(step.decode, meta.out_cache_loc)
+        else:
+            self._mirror.reset()
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -297,8 +313,13 @@ class TorchNativeAttention(AttentionBackend):
         step = self._step_slots(meta)
         assert step.decode is not None
         width = step.decode.shape[1]
-        if (q.device.type == "cpu" and self.kv_layout is KVLayout.NHD
-                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        host_nhd = (q.device.type == "cpu" and self.kv_layout is KVLayout.NHD
+                    and k_cache.is_contiguous() and v_cache.is_contiguous())
+        mirrored = (self._mirror.kv(layer.layer_id, k_cache, v_cache, q.dtype)
+                    if host_nhd and self._mirror.active else None)
+        if mirrored is not None:
+            k_all, v_all = mirrored  # [B, Hk, L, D]
+        elif host_nhd:
             k_all = _as(self._gather_heads(0, k_cache, step), q.dtype)  # [B, Hk, L, D]
             v_all = _as(self._gather_heads(1, v_cache, step), q.dtype)
         else:

@@ -19,7 +19,9 @@ from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.registry import KernelRegistry, KernelRequest, KernelSpec, Support
 from heteroserve.core.plugins import hookimpl
 from heteroserve.platforms.cuda.platform import CudaPlatform
-from heteroserve.platforms.triton.registration import triton_kernel_specs
+from heteroserve.platforms.triton.registration import (
+    KV_CACHE_DTYPES, attention_supports, triton_kernel_specs,
+)
 
 PLATFORMS = ("cuda",)
 TRITON_PRIORITY = 10
@@ -29,6 +31,9 @@ FLASHINFER_PRIORITY = 8
 #: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.52 / 1.83 us (rms_norm /
 #: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
+#: Triton decode + torch's flash SDPA for prompts of 1024+ new tokens
+#: (platforms/cuda/sdpa_extend.py); --kernel attention=triton_sdpa_extend
+SDPA_EXTEND_PRIORITY = 9
 _PKG = "heteroserve.platforms.cuda"
 
 
@@ -100,6 +105,17 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
             for op, module, attr, supports, priority, what in table]
 
 
+def sdpa_extend_spec() -> KernelSpec:
+    """Triton attention whose long extends run in torch's flash SDPA (imports nothing)."""
+    return KernelSpec(op=ops.ATTENTION, name="triton_sdpa_extend",
+                      load=_lazy("sdpa_extend", "TritonAttentionSDPAExtend"),
+                      platforms=PLATFORMS, priority=SDPA_EXTEND_PRIORITY,
+                      supports=attention_supports, native_on=PLATFORMS,
+                      kv_cache_dtypes=KV_CACHE_DTYPES,
+                      description="Triton decode and short extends; prompts of 1024+ new "
+                                  "tokens through torch's flash SDPA over gathered K/V")
+
+
 @hookimpl
 def heteroserve_platforms() -> list[CudaPlatform]:
     return [CudaPlatform()]
@@ -108,5 +124,5 @@ def heteroserve_platforms() -> list[CudaPlatform]:
 @hookimpl
 def heteroserve_register_kernels(registry: KernelRegistry) -> None:
     for spec in (*triton_kernel_specs(PLATFORMS, TRITON_PRIORITY, PLATFORMS),
-                 *flashinfer_kernel_specs()):
+                 sdpa_extend_spec(), *flashinfer_kernel_specs()):
         registry.register(spec)

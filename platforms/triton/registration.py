@@ -90,7 +90,9 @@ def _base(request: KernelRequest) -> Support:
     return Support.yes()
 
 
-def _attention(request: KernelRequest) -> Support:
+def attention_supports(request: KernelRequest) -> Support:
+    """What :class:`TritonAttention` (and backends built on it) serve: head size, GQA ratio,
+    fp8 KV caches on capable devices; never raises."""
     base = _base(request)
     if not base:
         return base
@@ -137,7 +139,7 @@ def _int8(request: KernelRequest) -> Support:
 
 
 _SUPPORTS: dict[str, Callable[[KernelRequest], Support]] = {
-    ops.ATTENTION: _attention,
+    ops.ATTENTION: attention_supports,
     ops.linear_op("fp8_per_tensor"): _fp8,
     ops.linear_op("fp8_per_channel"): _fp8,
     ops.linear_op("fp8_block"): _fp8,

@@ -1,0 +1,81 @@
+"""cuda's ``TritonAttentionSDPAExtend`` on the host: its dense extend (gather per sequence,
+bottom-right causal SDPA with GQA) against the float64 oracle, and which steps it leaves to
+the Triton kernel. Torch's flash kernel itself runs in the cuda conformance suite (the
+``-prompt`` extend cases)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heteroserve.conformance.oracles.attention import attention as attention_ref
+from heteroserve.conformance.paged import metadata_for
+from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
+from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend, flash_usable
+from heteroserve.platforms.triton.attention import TritonAttention
+
+HQ, HK, D = 8, 2, 64
+
+
+class _HostSDPA(TritonAttentionSDPAExtend):
+    """The dense path on CPU tensors: torch's CPU SDPA stands in for the flash kernel."""
+
+    min_new_tokens = 8
+
+    def _flash_usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        return True
+
+
+def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=page_size,
+                          dtype=dtype, device=torch.device("cpu"))
+    backend = _HostSDPA(cfg)
+    counts = [-(-(p + n) // page_size) for p, n in seqs]
+    perm = (torch.randperm(sum(counts) + 4, generator=gen) + 1).tolist()
+    pages, at = [], 0
+    for c in counts:
+        pages.append(perm[at:at + c])
+        at += c
+    meta = metadata_for(pages, seqs, page_size, ForwardMode.EXTEND, torch.device("cpu"))
+    shape = backend.kv_cache_shape(max(perm) + 1)
+    k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    keys = [torch.randn(p + n, HK, D, generator=gen).to(dtype) for p, n in seqs]
+    values = [torch.randn(p + n, HK, D, generator=gen).to(dtype) for p, n in seqs]
+    for b, (p, n) in enumerate(seqs):
+        for pos in range(p + n):
+            page, off = pages[b][pos // page_size], pos % page_size
+            k_cache[page, off], v_cache[page, off] = keys[b][pos], values[b][pos]
+    q = torch.randn(sum(n for _, n in seqs), HQ, D, generator=gen).to(dtype)
+    return backend, meta, q, k_cache, v_cache, keys, values
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype) -> None:
+    seqs = ((0, 40), (30, 20), (7, 9))
+    backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, page_size, dtype)
+    layer = AttentionLayer(layer_id=0, scale=1 / math.sqrt(D))
+    out = backend.extend(q, k_cache, v_cache, layer, meta)
+    ref = attention_ref(q, keys, values, [n for _, n in seqs], layer.scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32"])
+def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seqs = ((0, 40), (0, 4 if change == "short" else 12))
+    dtype = torch.float32 if change == "fp32" else torch.bfloat16
+    backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype)
+    layer = AttentionLayer(layer_id=0, scale=0.1, sliding_window=8 if change == "window" else None,
+                           logit_cap=3.0 if change == "cap" else None)
+    calls = []
+    monkeypatch.setattr(TritonAttention, "extend", lambda self, *a: calls.append(a) or a[0])
+    backend.extend(q, k_cache, v_cache, layer, meta)
+    assert len(calls) == 1
+
+
+def test_flash_is_never_claimed_off_cuda() -> None:
+    t = torch.zeros(1, HQ, 4, D, dtype=torch.bfloat16)
+    assert not flash_usable(t, t[:, :HK], t[:, :HK])
