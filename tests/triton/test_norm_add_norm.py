@@ -1,0 +1,119 @@
+"""Triton RMSNorm / residual add / RMSNorm (``norm_add_norm``) against float64 references on
+the conformance grid, bitwise against the Triton ``rms_norm`` then ``fused_add_rms_norm`` pair
+it replaces, its in-place and error contract, and its registration (interpreted on CPU,
+compiled on a GPU)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from heteroserve.core.kernels import ops
+from heteroserve.core.kernels.dispatch import resolve_all
+from heteroserve.core.kernels.registry import KernelRequest
+from heteroserve.core.plugins.manager import load_plugins
+from triton_refs import rel_err
+
+HAS_GPU = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _inputs(rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+            amplitude: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed + hidden)
+    x = torch.randn(rows, hidden, generator=g) * amplitude
+    r = torch.randn(rows, hidden, generator=g) * amplitude
+    w = torch.randn(hidden, generator=g) * 0.2 + 1.0
+    w2 = torch.randn(hidden, generator=g) * 0.2 + 1.0
+    return tuple(t.to(dtype).to(device) for t in (x, r, w, w2))
+
+
+def _conformance_cases() -> list:
+    from heteroserve.conformance.cases.elementwise import norm_add_norm_cases
+
+    return norm_add_norm_cases(SimpleNamespace(quick=not HAS_GPU))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", _conformance_cases(), ids=lambda c: c.name)
+def test_conformance_grid_every_dtype(device: torch.device, case) -> None:
+    """The conformance grid, oracle and bounds, bf16 and fp16 included (no ``tl.dot``, so
+    the interpreter rounds as the GPU does)."""
+    from heteroserve.conformance.oracles.norm import norm_add_norm as oracle
+    from heteroserve.conformance.tolerances import tolerance
+    from heteroserve.platforms.triton.norm import norm_add_norm
+
+    x, r, w, w2 = _inputs(case.tokens, case.hidden, case.dtype, device, case.amplitude)
+    ref_out, ref_res = oracle(x, r, w, w2, case.eps, case.dtype)
+    out, res = norm_add_norm(x.clone(), r.clone(), w, w2, case.eps)
+    assert out.dtype == res.dtype == case.dtype and out.shape == x.shape
+    bound = tolerance(case.dtype).max_rel_err
+    assert rel_err(res, ref_res) <= bound and rel_err(out, ref_out) <= bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("rows,hidden,amplitude", [(1, 3840, 1.0), (3, 7, 1.0), (5, 100, 256.0)])
+def test_bitwise_equal_to_the_two_launches(device: torch.device, dtype: torch.dtype, rows: int,
+                                           hidden: int, amplitude: float) -> None:
+    """The fused op rounds where ``rms_norm`` then ``fused_add_rms_norm`` round, so a model's
+    greedy tokens cannot change: both outputs are bitwise those of the pair."""
+    if HAS_GPU and dtype == torch.float32:
+        pytest.skip("compiled fp32 may contract the first scale and the add into one FMA "
+                    "(documented in norm_add_norm)")
+    from heteroserve.platforms.triton.norm import fused_add_rms_norm, norm_add_norm, rms_norm
+
+    x, r, w, w2 = _inputs(rows, hidden, dtype, device, amplitude, seed=7)
+    want_out, want_res = fused_add_rms_norm(rms_norm(x, w, 1e-6), r.clone(), w2, 1e-6)
+    out, res = norm_add_norm(x.clone(), r.clone(), w, w2, 1e-6)
+    assert torch.equal(res, want_res) and torch.equal(out, want_out)
+
+
+def test_in_place_and_strided_inputs(device: torch.device) -> None:
+    """Contiguous inputs: ``r`` is written into ``residual`` and the output into ``x``, which
+    are the returned tensors. Row-strided ones work on copies and leave the views alone."""
+    from heteroserve.platforms.triton.norm import fused_add_rms_norm, norm_add_norm, rms_norm
+
+    x, r, w, w2 = _inputs(4, 96, torch.float32, device)
+    want_out, want_res = fused_add_rms_norm(rms_norm(x, w, 1e-6), r.clone(), w2, 1e-6)
+    xc, rc = x.clone(), r.clone()
+    out, res = norm_add_norm(xc, rc, w, w2, 1e-6)
+    assert out.data_ptr() == xc.data_ptr() and res.data_ptr() == rc.data_ptr()
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    wide_x = torch.cat([x, x[:, :8]], dim=1)
+    wide_r = torch.cat([r, r[:, :8]], dim=1)
+    xs, rs = wide_x[:, :96], wide_r[:, :96]
+    out, res = norm_add_norm(xs, rs, w, w2, 1e-6)
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    assert torch.equal(wide_x[:, :96], x) and torch.equal(wide_r[:, :96], r)
+
+
+def test_empty_batch_and_bad_inputs(device: torch.device) -> None:
+    from heteroserve.platforms.triton.norm import MAX_HIDDEN, norm_add_norm
+
+    x, r, w, w2 = _inputs(0, 64, torch.float32, device)
+    out, res = norm_add_norm(x, r, w, w2, 1e-6)
+    assert out.shape == res.shape == (0, 64)
+    x, r, w, w2 = _inputs(2, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="differ"):
+        norm_add_norm(x, r[:1], w, w2, 1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        norm_add_norm(x, r.double(), w, w2, 1e-6)
+    with pytest.raises(ValueError, match="hidden size"):
+        norm_add_norm(x, r, w, w2[:63], 1e-6)
+    with pytest.raises(ValueError, match="hidden size"):
+        norm_add_norm(x, r, torch.ones(65, device=device), w2, 1e-6)
+    big = torch.zeros(1, MAX_HIDDEN + 1, device=device)
+    with pytest.raises(ValueError, match="exceeds"):
+        norm_add_norm(big, big.clone(), big[0], big[0], 1e-6)
+
+
+def test_registered_for_cuda_and_rocm_with_fallback_elsewhere() -> None:
+    registry = load_plugins().registry
+    for platform in ("cuda", "rocm"):  # torch names a HIP device "cuda" too
+        request = KernelRequest(platform, "cuda", torch.bfloat16, 256, 16, 8, 16)
+        res = resolve_all(registry, request)[ops.NORM_ADD_NORM]
+        assert res.chosen.name == "triton" and res.native, (platform, res.rejected)
+    request = KernelRequest("npu", "npu", torch.bfloat16, 256, 16, 8, 16)
+    res = resolve_all(registry, request)[ops.NORM_ADD_NORM]  # no vendor kernel
+    assert res.chosen.name == "torch_native" and not res.native
