@@ -1,7 +1,7 @@
 """Triton RMSNorm / residual add / RMSNorm (``norm_add_norm``) against float64 references on
 the conformance grid, bitwise against the Triton ``rms_norm`` then ``fused_add_rms_norm`` pair
-it replaces, its in-place and error contract, and its registration (interpreted on CPU,
-compiled on a GPU)."""
+it replaces, its in-place and error contract, its registration (interpreted on CPU, compiled
+on a GPU), and in a tiny Gemma 3 against transformers (interpreted only)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from engine_harness import PagedSequence, cpu_args, extend
 from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.dispatch import resolve_all
 from heteroserve.core.kernels.registry import KernelRequest
+from heteroserve.core.model_runner.build import build_model_runner
+from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
 from triton_refs import rel_err
 
@@ -33,7 +36,7 @@ def _inputs(rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
 def _conformance_cases() -> list:
     from heteroserve.conformance.cases.elementwise import norm_add_norm_cases
 
-    return norm_add_norm_cases(SimpleNamespace(quick=not HAS_GPU))  # type: ignore[arg-type]
+    return norm_add_norm_cases(SimpleNamespace(quick=False))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("case", _conformance_cases(), ids=lambda c: c.name)
@@ -117,3 +120,24 @@ def test_registered_for_cuda_and_rocm_with_fallback_elsewhere() -> None:
     request = KernelRequest("npu", "npu", torch.bfloat16, 256, 16, 8, 16)
     res = resolve_all(registry, request)[ops.NORM_ADD_NORM]  # no vendor kernel
     assert res.chosen.name == "torch_native" and not res.native
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the tiny model runs on the cpu platform: interpreter only")
+@torch.no_grad()
+def test_tiny_gemma3_with_the_triton_kernel_matches_transformers(tmp_path) -> None:
+    """The kernel in the model's calling pattern (in place on the o_proj and down_proj
+    outputs and on the residual stream), two calls a layer."""
+    import transformers
+
+    from heteroserve.platforms.triton.norm import norm_add_norm
+
+    path = build_tiny_model(tmp_path / "gemma3", "gemma3", seed=1)
+    _, dispatch, runner = build_model_runner(cpu_args(path))
+    calls = []
+    dispatch.norm_add_norm = lambda *a: calls.append(1) or norm_add_norm(*a)
+    prompt = [11, 57, 3, 200, 42, 9, 77]
+    ours = extend(runner, [(prompt, 0, PagedSequence(runner, len(prompt)))])[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = hf(torch.tensor([prompt])).logits[0, -1]
+    assert len(calls) == 2 * hf.config.num_hidden_layers
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
