@@ -56,6 +56,9 @@ def _norm_add_norm_kernel(
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = (x * inv_rms * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+    # the select keeps the compiler from contracting the scale and the add into an FMA in
+    # fp32 (checked in the PTX), which would skip the rounding of y that two launches make
+    y = tl.where(mask, y, 0.0)
     r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
     s = (y + r).to(y_ptr.dtype.element_ty)
     tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
@@ -124,8 +127,8 @@ def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = rms_norm(x, weight)``, ``r = y + residual``; returns ``(rms_norm(r,
     next_weight), r)``, one launch, each step rounded to ``x.dtype`` as :func:`rms_norm`
-    then :func:`fused_add_rms_norm` round it. (In fp32 the compiler may contract the first
-    scale and the add into one FMA, a rounding fewer than two launches make.)
+    then :func:`fused_add_rms_norm` round it (same math, reduction layout and warps, so the
+    results are bitwise theirs).
 
     In place: ``r`` is written into ``residual`` and the output rows into ``x`` (into
     contiguous copies when the inputs are not contiguous); the returned tensors are those
