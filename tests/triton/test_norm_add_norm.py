@@ -1,10 +1,16 @@
 """Triton RMSNorm / residual add / RMSNorm (``norm_add_norm``) against float64 references on
 the conformance grid, bitwise against the Triton ``rms_norm`` then ``fused_add_rms_norm`` pair
 it replaces, its in-place and error contract, its registration (interpreted on CPU, compiled
-on a GPU), and in a tiny Gemma 3 against transformers (interpreted only)."""
+on a GPU), its Hopper PTX (no extra FMA contraction against the pair), and in a tiny Gemma 3
+against transformers (interpreted only)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +144,38 @@ def test_tiny_gemma3_with_the_triton_kernel_matches_transformers(tmp_path) -> No
     ref = hf(torch.tensor([prompt])).logits[0, -1]
     assert len(calls) == 2 * hf.config.num_hidden_layers
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_hopper_ptx_contracts_no_more_than_the_pair() -> None:
+    """Compiled for sm_90a (no GPU needed): in every dtype the kernel has exactly the FMAs of
+    ``rms_norm`` plus ``fused_add_rms_norm`` (an FMA of the first scale and the add would skip
+    the rounding of the normed row), and it waits for the previous kernel (PDL)."""
+    ptrs, ints = ["x_ptr", "r_ptr", "w_ptr", "y_ptr"], ["stride_x", "stride_r", "stride_y"]
+    scalars = {name: "i32" for name in ints + ["hidden"]} | {"eps": "fp32"}
+    jobs = []
+    for dt in ("fp32", "bf16", "fp16"):
+        pair_sig = {p: f"*{dt}" for p in ptrs} | scalars
+        for residual in (False, True):
+            jobs.append({"kernel": "_rms_norm_kernel", "signature": {
+                **pair_sig, "BLOCK": "constexpr", "HAS_RESIDUAL": "constexpr",
+                "USE_PDL": "constexpr"}, "constexprs": {
+                "BLOCK": 4096, "HAS_RESIDUAL": residual, "USE_PDL": True}})
+        fused_sig = {p: f"*{dt}" for p in ("x_ptr", "r_ptr", "w_ptr", "w_next_ptr", "y_ptr")}
+        jobs.append({"kernel": "_norm_add_norm_kernel", "signature": {
+            **fused_sig, **scalars, "BLOCK": "constexpr", "USE_PDL": "constexpr"},
+            "constexprs": {"BLOCK": 4096, "USE_PDL": True}})
+    for job in jobs:
+        job.update(module="heteroserve.platforms.triton.norm", num_warps=16,
+                   aligned=ptrs + ["w_next_ptr"] + ints)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" /
+                                               "hopper_ptx.py"), json.dumps(jobs)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for i in range(0, len(results), 3):
+        plain, residual, fused = results[i:i + 3]
+        assert fused["griddepcontrol_wait"], jobs[i + 2]["signature"]["x_ptr"]
+        pair_fma = plain["f32_ops"]["fma"] + residual["f32_ops"]["fma"]
+        assert fused["f32_ops"]["fma"] == pair_fma, (jobs[i + 2]["signature"]["x_ptr"],
+                                                     plain, residual, fused)
