@@ -3,7 +3,8 @@
 - Non-contiguous inputs (row-strided views, as a fused QKV or gate-up split produces): an
   implementation either computes the right answer or raises; it never returns garbage.
 - Inputs the contract rules out (a weight of the wrong width, an odd gate-up width, a
-  residual of another shape) must raise, before or instead of returning anything.
+  residual of another shape, a second norm weight of the wrong width) must raise, before or
+  instead of returning anything.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def contract_cases(ctx: ConformanceContext) -> list[ContractCase]:
     """Both kinds for each per-token op, in the platform's first dtype."""
     dt = ctx.capabilities.dtypes[0]
     return [ContractCase(op, f"{DTYPE_NAMES.get(dt, dt)}-{kind}", dt, kind)
-            for op in (ops.RMS_NORM, ops.FUSED_ADD_RMS_NORM, ops.SILU_AND_MUL, ops.GELU_AND_MUL)
+            for op in (ops.RMS_NORM, ops.FUSED_ADD_RMS_NORM, ops.NORM_ADD_NORM, ops.SILU_AND_MUL,
+                       ops.GELU_AND_MUL)
             for kind in ("noncontiguous", "refused")]
 
 
@@ -66,6 +68,14 @@ def _case_call(op: str, kind: str, gen: torch.Generator, dt: torch.dtype, dev: t
             if kind != "refused" else (None, None)
         return (x.clone(), res.clone(), weight, EPS), \
             lambda out: [(out[0], ref_out), (out[1], ref_res)]
+    if op == ops.NORM_ADD_NORM:  # refused: the second weight is one too wide
+        x = _strided(gen, HIDDEN, dt, dev)
+        res = randn(gen, TOKENS, HIDDEN, dtype=dt, device=dev)
+        weight, next_weight = weight[:HIDDEN], weight.flip(0)
+        ref_out, ref_res = norm_oracle.norm_add_norm(x, res, weight, next_weight, EPS, dt) \
+            if kind != "refused" else (None, None)
+        return (x, res, weight, next_weight, EPS), \
+            lambda out: [(out[0], ref_out), (out[1], ref_res)]  # refs taken before the call
     x = _strided(gen, 2 * HIDDEN + (kind == "refused"), dt, dev)
     if op == ops.SILU_AND_MUL:
         return (x,), lambda out: [(out, act_oracle.silu_and_mul(x))]

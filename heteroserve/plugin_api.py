@@ -34,10 +34,10 @@ from heteroserve.core.kernels.linear import (
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
     MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR,
-    QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
+    NORM_ADD_NORM, QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
     SILU_AND_MUL, TOKEN_BITMASK_APPLY,
-    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, QKNormRotaryOp,
-    RMSNormOp,
+    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, NormAddNormOp,
+    QKNormRotaryOp, RMSNormOp,
     RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
 )
@@ -70,11 +70,12 @@ __all__ = [
     # registry
     "KernelRegistry", "KernelSpec", "KernelRequest", "Support", "ANY_PLATFORM",
     # ops and their contracts
-    "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "SILU_AND_MUL", "GELU_AND_MUL",
+    "ops", "ATTENTION", "RMS_NORM", "FUSED_ADD_RMS_NORM", "NORM_ADD_NORM", "SILU_AND_MUL",
+    "GELU_AND_MUL",
     "ROTARY", "QK_NORM_ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
     "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant",
-    "RMSNormOp", "FusedAddRMSNormOp", "QKNormRotaryOp",
+    "RMSNormOp", "FusedAddRMSNormOp", "NormAddNormOp", "QKNormRotaryOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",
     # attention and linear bases

@@ -1,4 +1,5 @@
-"""Cases for the per-token ops: RMSNorm, fused add + RMSNorm, gated activations, rotary."""
+"""Cases for the per-token ops: RMSNorm, fused add + RMSNorm, RMSNorm / add / RMSNorm, gated
+activations, rotary."""
 
 from __future__ import annotations
 
@@ -60,6 +61,17 @@ def rms_norm_cases(ctx: ConformanceContext) -> list[NormCase]:
 def fused_add_rms_norm_cases(ctx: ConformanceContext) -> list[NormCase]:
     """The RMSNorm grid, for the fused residual add."""
     return _norm_cases(ctx, ops.FUSED_ADD_RMS_NORM)
+
+
+def norm_add_norm_cases(ctx: ConformanceContext) -> list[NormCase]:
+    """Every dtype x Gemma 3 12B's hidden 3840 (one decode row), small odd widths (7, 100),
+    a large-amplitude case (x and residual), and Gemma 3 27B's 5376."""
+    shapes = [(1, 3840, 1.0), (3, 7, 1.0), (7, 100, 1.0), (5, 512, 256.0)]
+    if not ctx.quick:
+        shapes += [(17, 5376, 1.0)]
+    return [NormCase(ops.NORM_ADD_NORM, f"{DTYPE_NAMES[dt]}-T{t}-H{h}"
+                     + ("-large" if amp > 1 else ""), dt, t, h, 1e-6, amp)
+            for dt in ALL_DTYPES for t, h, amp in shapes]
 
 
 def _act_shapes(ctx: ConformanceContext) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ class DispatchTable:
     mla_attention: type
     rms_norm: ops.RMSNormOp
     fused_add_rms_norm: ops.FusedAddRMSNormOp
+    norm_add_norm: ops.NormAddNormOp
     silu_and_mul: ops.SiluAndMulOp
     gelu_and_mul: ops.GeluAndMulOp
     rotary_embedding: ops.RotaryOp

@@ -24,6 +24,7 @@ MLA_ATTENTION = "mla_attention"  # a backend class (contract: core/kernels/mla.p
 KV_WRITE = "kv_write"  # not separately registered: part of the attention backend, listed for docs
 RMS_NORM = "rms_norm"
 FUSED_ADD_RMS_NORM = "fused_add_rms_norm"
+NORM_ADD_NORM = "norm_add_norm"
 SILU_AND_MUL = "silu_and_mul"
 GELU_AND_MUL = "gelu_and_mul"
 ROTARY = "rotary_embedding"
@@ -41,8 +42,8 @@ def linear_op(scheme: str) -> str:
 
 
 FUNCTION_OPS: tuple[str, ...] = (
-    RMS_NORM, FUSED_ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, ROTARY, QK_NORM_ROTARY,
-    MOE_TOPK_SOFTMAX, MOE_GROUPED_TOPK, FUSED_MOE, SAMPLING, TOKEN_BITMASK_APPLY,
+    RMS_NORM, FUSED_ADD_RMS_NORM, NORM_ADD_NORM, SILU_AND_MUL, GELU_AND_MUL, ROTARY,
+    QK_NORM_ROTARY, MOE_TOPK_SOFTMAX, MOE_GROUPED_TOPK, FUSED_MOE, SAMPLING, TOKEN_BITMASK_APPLY,
 )
 
 
@@ -58,6 +59,22 @@ class FusedAddRMSNormOp(Protocol):
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``r = x + residual``; returns ``(rms_norm(r, weight, eps), r)``. In place: may
         overwrite ``x`` and ``residual``; callers use only the returned tensors."""
+
+
+class NormAddNormOp(Protocol):
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of a block's output, residual add, RMSNorm of the sum, in one op (Gemma's
+        sandwich norms: a post-norm followed by the next pre-norm).
+
+        ``x [T, H]`` and ``residual [T, H]`` of one dtype; ``weight [H]`` and
+        ``next_weight [H]`` are effective weights (Gemma's ``1 + w`` folded in); one ``eps``
+        for both norms. Result: exactly ``FusedAddRMSNormOp(RMSNormOp(x, weight, eps),
+        residual, next_weight, eps)``, rounded at the same points: ``y = x / rms(x) *
+        weight`` (fp32 math) rounded to the dtype, ``r = y + residual`` rounded to the
+        dtype, ``out = r / rms(r) * next_weight`` (fp32 math) rounded to the dtype. Returns
+        ``(out, r)``. In place: may overwrite ``x`` and ``residual``; callers use only the
+        returned tensors. Raises ``ValueError`` on mismatched shapes or dtypes."""
 
 
 class SiluAndMulOp(Protocol):

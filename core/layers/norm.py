@@ -9,7 +9,9 @@ from heteroserve.core.layers.context import LayerContext
 
 
 class RMSNorm(nn.Module):
-    """``forward(x)`` -> normed; ``forward(x, residual)`` -> ``(normed, x + residual)``."""
+    """``forward(x)`` -> normed; ``forward(x, residual)`` -> ``(normed, x + residual)``;
+    ``forward_add_norm(x, residual, next_norm)`` -> ``(next_norm(normed + residual),
+    normed + residual)``."""
 
     def __init__(self, ctx: LayerContext, size: int, eps: float) -> None:
         super().__init__()
@@ -24,6 +26,17 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ctx.dispatch.rms_norm(x, self.weight, self.eps)
         return self.ctx.dispatch.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r = self(x) + residual``; returns ``(next_norm(r), r)`` in one op
+        (``dispatch.norm_add_norm``, rounded as the two calls would be); ``x`` and
+        ``residual`` may be overwritten. Raises ``ValueError`` when the norms' ``eps``
+        differ (the op takes one)."""
+        if next_norm.eps != self.eps:
+            raise ValueError(f"norm_add_norm: eps {self.eps} and {next_norm.eps} differ")
+        return self.ctx.dispatch.norm_add_norm(x, residual, self.weight, next_norm.weight,
+                                               self.eps)
 
 
 class OffsetRMSNorm(RMSNorm):

@@ -1,7 +1,9 @@
 """Gemma 2 and Gemma 3 (text): the decoder with Gemma's differences.
 
 - RMSNorm scales by ``1 + w`` (:class:`OffsetRMSNorm`), and every block has four norms: the
-  attention and MLP outputs are normed before they join the residual stream.
+  attention and MLP outputs are normed before they join the residual stream. Each such
+  post-norm runs as one op with the pre-norm after it (``norm_add_norm``), so a layer takes
+  its input already normed.
 - Embeddings are multiplied by ``sqrt(hidden_size)`` (rounded to the model dtype, as
   transformers does); the MLP is GeGLU (``gelu_and_mul`` with the tanh approximation).
 - Attention scale is ``query_pre_attn_scalar ** -0.5``; scores may be soft-capped
@@ -176,17 +178,18 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GemmaMLP(ctx, cfg.hidden_size, cfg.intermediate_size, opts.approximate)
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None, fwd: ForwardContext
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
+                fwd: ForwardContext, next_norm: OffsetRMSNorm
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden, residual)`` -> ``(block output, residual)``; the stream is their sum."""
-        if residual is None:
-            x, residual = self.input_layernorm(hidden), hidden
-        else:
-            x, residual = self.input_layernorm(hidden, residual)
-        attn = self.post_attention_layernorm(self.self_attn(positions, x, fwd))
-        x, residual = self.pre_feedforward_layernorm(attn, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+        """``x``: the stream ``residual`` normed by this layer's ``input_layernorm``. Returns
+        ``(next_norm(stream), stream)`` for the stream after this layer. Each post-norm is
+        fused with the pre-norm after it (``pre_feedforward_layernorm``; ``next_norm``, the
+        next layer's ``input_layernorm`` or the final norm): one op for norm, add, norm."""
+        attn = self.self_attn(positions, x, fwd)
+        x, residual = self.post_attention_layernorm.forward_add_norm(
+            attn, residual, self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm.forward_add_norm(self.mlp(x), residual,
+                                                                next_norm)
 
 
 class GemmaBackbone(nn.Module):
@@ -217,12 +220,13 @@ class _GemmaCausalLM(CausalLM):
         return GemmaBackbone(ctx, cfg, self.options)
 
     def forward(self, batch: ForwardBatch, fwd: ForwardContext) -> torch.Tensor:
-        hidden = self.model.embed_tokens(batch.input_ids) * self.model.embed_scale
-        residual = None
-        for layer in self.model.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, fwd)
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        residual = self.model.embed_tokens(batch.input_ids) * self.model.embed_scale
+        layers = self.model.layers
+        x = layers[0].input_layernorm(residual)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, residual = layer(batch.positions, x, residual, fwd, next_norm)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.logits(hidden)

@@ -34,6 +34,7 @@ TORCH_NATIVE: dict[str, tuple[str, str]] = {
     ops.MLA_ATTENTION: ("mla", "TorchNativeMLA"),
     ops.RMS_NORM: ("norm", "rms_norm"),
     ops.FUSED_ADD_RMS_NORM: ("norm", "fused_add_rms_norm"),
+    ops.NORM_ADD_NORM: ("norm", "norm_add_norm"),
     ops.SILU_AND_MUL: ("activation", "silu_and_mul"),
     ops.GELU_AND_MUL: ("activation", "gelu_and_mul"),
     ops.ROTARY: ("rotary", "apply_rotary"),

@@ -1,4 +1,5 @@
-"""Triton RMSNorm and fused residual-add + RMSNorm (contracts in ``core/kernels/ops.py``).
+"""Triton RMSNorm, fused residual-add + RMSNorm and RMSNorm / add / RMSNorm (contracts in
+``core/kernels/ops.py``).
 
 One program per row holds the whole row in registers (hidden sizes up to ``MAX_HIDDEN``);
 math is fp32, outputs are rounded to the input dtype.
@@ -10,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
+from heteroserve.platforms.cpu.norm import check_norm_add_norm
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_HIDDEN = 65536
@@ -34,6 +37,35 @@ def _rms_norm_kernel(
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, (x * inv_rms * w).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _norm_add_norm_kernel(
+    x_ptr, r_ptr, w_ptr, w_next_ptr, y_ptr,
+    stride_x, stride_r, stride_y, hidden, eps,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One row: ``_rms_norm_kernel`` without residual, then with it, the intermediate row
+    kept in registers but rounded to the dtype where the two launches would store it."""
+    wait_for_previous(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv_rms * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+    # the select keeps the compiler from contracting the scale and the add into an FMA in
+    # fp32 (checked in the PTX), which would skip the rounding of y that two launches make
+    y = tl.where(mask, y, 0.0)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (y + r).to(y_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
+    s = s.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(s * s, 0) / hidden + eps)
+    w = tl.load(w_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (s * inv_rms * w).to(y_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -89,3 +121,32 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
             float(eps), BLOCK=block, HAS_RESIDUAL=True, num_warps=_warps(block),
             **pdl_args(x.device))
     return x, residual
+
+
+def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = rms_norm(x, weight)``, ``r = y + residual``; returns ``(rms_norm(r,
+    next_weight), r)``, one launch, each step rounded to ``x.dtype`` as :func:`rms_norm`
+    then :func:`fused_add_rms_norm` round it (same math, reduction layout and warps, so the
+    results are bitwise theirs).
+
+    In place: ``r`` is written into ``residual`` and the output rows into ``x`` (into
+    contiguous copies when the inputs are not contiguous); the returned tensors are those
+    buffers. Raises ``ValueError`` on mismatched shapes or dtypes."""
+    check_norm_add_norm(x, residual, weight, next_weight)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not residual.is_contiguous():
+        residual = residual.contiguous()
+    x2 = _rows(x, weight, "norm_add_norm")
+    r2 = residual.view(x2.shape)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(x2.shape[1])
+        _norm_add_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, next_weight, x2, x2.stride(0), r2.stride(0), x2.stride(0),
+            x2.shape[1], float(eps), BLOCK=block, num_warps=_warps(block),
+            **pdl_args(x.device))
+    return x, residual
+
+
+setattr(norm_add_norm, GRAPH_SAFE_ATTR, True)

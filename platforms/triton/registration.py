@@ -33,6 +33,8 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
                         "latent attention: split-KV absorbed decode (graph-safe), torch extend"),
     ops.RMS_NORM: ("norm", "rms_norm", "one-pass RMSNorm, row in registers"),
     ops.FUSED_ADD_RMS_NORM: ("norm", "fused_add_rms_norm", "residual add + RMSNorm, in place"),
+    ops.NORM_ADD_NORM: ("norm", "norm_add_norm",
+                        "RMSNorm, residual add, RMSNorm: one launch, in place"),
     ops.SILU_AND_MUL: ("activation", "silu_and_mul", "gated SiLU"),
     ops.GELU_AND_MUL: ("activation", "gelu_and_mul", "gated GELU (erf or tanh)"),
     ops.ROTARY: ("rotary", "apply_rotary", "rotary embedding in place (NeoX and GPT-J)"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from heteroserve.platforms.cpu.activation import gelu_and_mul, silu_and_mul
-from heteroserve.platforms.cpu.norm import fused_add_rms_norm, rms_norm
+from heteroserve.platforms.cpu.norm import fused_add_rms_norm, norm_add_norm, rms_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -49,11 +49,31 @@ def test_fused_add_rms_norm(dtype: torch.dtype) -> None:
     assert r.dtype == dtype and out.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_add_norm(dtype: torch.dtype) -> None:
+    """Against float64 with the contract's rounding points; ``r`` lands in ``residual``."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 100, generator=gen) * 40).to(dtype)
+    res = torch.randn(3, 100, generator=gen).to(dtype)
+    w, w2 = (torch.randn(2, 100, generator=gen) * 0.2 + 1).to(dtype)
+    y = _rms_ref(x, w, 1e-6).to(dtype)
+    ref_r = (y.double() + res.double()).to(dtype).double()
+    out, r = norm_add_norm(x.clone(), res, w, w2, 1e-6)
+    assert r.data_ptr() == res.data_ptr() and r.dtype == out.dtype == dtype
+    torch.testing.assert_close(r.double(), ref_r, **_tol(dtype))
+    torch.testing.assert_close(out.double(), _rms_ref(ref_r, w2, 1e-6), **_tol(dtype))
+
+
 def test_norm_shape_errors() -> None:
     with pytest.raises(ValueError, match="weight shape"):
         rms_norm(torch.zeros(2, 8), torch.zeros(4), 1e-6)
     with pytest.raises(ValueError, match="residual"):
         fused_add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(8), 1e-6)
+    z = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="residual"):
+        norm_add_norm(z, torch.zeros(2, 8, dtype=torch.float64), z[0], z[0], 1e-6)
+    with pytest.raises(ValueError, match="hidden size"):
+        norm_add_norm(z, z.clone(), z[0], torch.zeros(9), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

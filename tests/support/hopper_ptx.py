@@ -3,7 +3,8 @@ can check that the compiled path (not the interpreter's) builds, vectorises its 
 emits the PDL instructions. Must run in a process without ``TRITON_INTERPRET`` (the kernels
 must be decorated as compilable functions): ``python hopper_ptx.py JOBS`` with ``JOBS`` a
 JSON list of ``{"module", "kernel", "signature", "constexprs", "aligned", "num_warps"}``
-prints a JSON list of ``{"v4_loads", "griddepcontrol_wait", "ptx_lines"}``, one per job."""
+prints a JSON list of ``{"v4_loads", "griddepcontrol_wait", "ptx_lines", "f32_ops"}`` (the
+counts of ``fma``/``mul``/``add`` f32 instructions), one per job."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def main() -> int:
                      job["num_warps"])
         results.append({"v4_loads": len(re.findall(r"ld\.global\S*\.v4", ptx)),
                         "griddepcontrol_wait": "griddepcontrol.wait" in ptx,
-                        "ptx_lines": ptx.count("\n")})
+                        "ptx_lines": ptx.count("\n"),
+                        "f32_ops": {op: len(re.findall(rf"\b{op}(\.rn)?\.f32\b", ptx))
+                                    for op in ("fma", "mul", "add")}})
     print(json.dumps(results))
     return 0
 
