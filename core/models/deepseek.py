@@ -39,6 +39,7 @@ from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant
 
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_QKV_A = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(\w+)$")
 _SHARED = re.compile(r"^(model\.layers\.\d+\.mlp)\.shared_experts\.(\w+)\.(\w+)$")
 
 
@@ -339,6 +340,10 @@ class DeepseekV2ForCausalLM(CausalLM):
     def _target(self, name: str) -> tuple[str, str, object]:
         if name.endswith(".gate.e_score_correction_bias"):
             return name[: -len(".gate.e_score_correction_bias")], "e_score_correction_bias", None
+        m = _QKV_A.match(name)
+        if m is not None and self._fused_qkv_a(m.group(1)):
+            shard = 1 if m.group(2) == "kv_a_proj_with_mqa" else 0
+            return f"{m.group(1)}.fused_qkv_a_proj_with_mqa", m.group(3), shard
         if ".self_attn.q_proj." in name:  # no q LoRA: a plain projection, not fused qkv
             module, _, param = name.rpartition(".")
             return module, param, None
@@ -371,6 +376,15 @@ class DeepseekV2ForCausalLM(CausalLM):
 
         return super().load_weights(main_layers()) | filled
 
+    def _fused_qkv_a(self, path: str) -> bool:
+        """Whether the attention at ``path`` runs q (or q_a) and kv_a as one projection."""
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            return False
+        return isinstance(module, MultiHeadLatentAttention) and \
+            module.fused_qkv_a_proj_with_mqa is not None
+
     def _fused_shared_moe(self, path: str) -> DeepseekMoE | None:
         """The MoE block at ``path`` when its shared experts are fused, else None."""
         try:
@@ -380,9 +394,17 @@ class DeepseekV2ForCausalLM(CausalLM):
         return module if isinstance(module, DeepseekMoE) and module.fused_shared else None
 
     def startup_notes(self) -> list[str]:
-        """Which path the shared experts take (one line per distinct path)."""
-        seen = {m.shared_path.describe(): None for m in self.modules()
-                if isinstance(m, DeepseekMoE) and m.shared_path is not None}
+        """Whether q (or q_a) and kv_a run as one projection, and which path the shared
+        experts take (one line per distinct choice)."""
+        seen: dict[str, None] = {}
+        for m in self.modules():
+            if isinstance(m, MultiHeadLatentAttention):
+                q = "q_proj" if m.dims.q_lora_rank is None else "q_a_proj"
+                seen.setdefault(f"{q} + kv_a_proj_with_mqa as one projection" if
+                                m.qkv_a_refusal is None else f"{q} and kv_a_proj_with_mqa "
+                                f"separate: {m.qkv_a_refusal}")
+            elif isinstance(m, DeepseekMoE) and m.shared_path is not None:
+                seen.setdefault(m.shared_path.describe())
         return list(seen)
 
 

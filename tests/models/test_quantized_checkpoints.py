@@ -81,6 +81,8 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     runner = _runner(path)
     attn = runner.model.model.layers[0].self_attn
     assert attn.q_a_proj.quant.scheme == attn.o_proj.quant.scheme == scheme == "fp8_block"
+    # q_a's 96 rows end inside a 128-row block: q_a and kv_a stay two projections
+    assert attn.fused_qkv_a_proj_with_mqa is None and "split a pack" in attn.qkv_a_refusal
     experts = runner.model.model.layers[1].mlp
     assert experts.expert_quant.scheme == scheme
     # I = 128: the routed experts stay fp8 through fused_moe (weight-only, block scales)
