@@ -10,6 +10,13 @@ shared experts.
   (V2: softmax scores, ``greedy`` or ``group_limited_greedy``; V3: sigmoid scores with
   ``e_score_correction_bias``, ``noaux_tc``), weights times ``routed_scaling_factor``, plus
   ``n_shared_experts`` always-on experts (one MLP of ``n_shared * moe_intermediate_size``).
+  Those run as ``n_shared`` extra experts of the fused MoE (their ids appended to every
+  token's top-k with weight 1.0: one ``fused_moe`` call, no separate MLP); a separate MLP
+  where that would not be exact or is disabled (:func:`shared_experts_path`).
+- ``q_proj`` (tensor parallelism off) or ``q_a_proj`` and ``kv_a_proj_with_mqa`` read the
+  same input and run as one merged projection where the checkpoint allows
+  (:class:`~heteroserve.core.layers.mla.MultiHeadLatentAttention`).
+- The start-up block's ``model path`` lines say which paths were taken and why not.
 - Multi-token-prediction layers of V3 checkpoints (index >= ``num_hidden_layers``) are skipped.
 """
 
