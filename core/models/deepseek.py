@@ -46,7 +46,8 @@ from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant
 
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_QKV_A = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(\w+)$")
+_QKV_A = re.compile(
+    r"^(model\.layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(\w+)$")
 _SHARED = re.compile(r"^(model\.layers\.\d+\.mlp)\.shared_experts\.(\w+)\.(\w+)$")
 
 
