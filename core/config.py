@@ -51,6 +51,7 @@ class ServerArgs:
     disable_cuda_graph: bool = False  # SGLang's spelling; disables any platform's graph capture
     cuda_graph_max_bs: int = 256
     enable_torch_compile: bool = False  # compile with the platform's compile_backend()
+    disable_shared_experts_fusion: bool = False  # DeepSeek: shared experts as a separate MLP
 
     tp_size: int = 1
     cpu_threads: str = "auto"  # torch intra-op threads: auto | N | core list "0-3" (binds)

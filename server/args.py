@@ -51,6 +51,8 @@ _HELP: dict[str, str] = {
     "schedule_policy": "fcfs or lpm (longest prefix match first)",
     "page_size": "KV page size in tokens (default: negotiated with the attention kernel)",
     "disable_cuda_graph": "no graph capture on any platform (vLLM: --enforce-eager)",
+    "disable_shared_experts_fusion": "DeepSeek: run the shared experts as a separate MLP, "
+                                     "not as extra experts of the fused MoE call",
     "kv_cache_dtype": "auto (the model dtype) or fp8_e4m3 (also spelled fp8 / fp8_e4m3fn; "
                       "half the bytes per token; the attention kernel must list it)",
     "quantization": "fp8|compressed-tensors|awq|gptq (awq_marlin, gptq_marlin: the same "
@@ -87,7 +89,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                               "disable_overlap_schedule", "stream_interval", "random_seed"),
     "platform, device and kernels": ("platform", "device", "device_index", "kernel",
                                      "cpu_threads", "disable_cuda_graph", "cuda_graph_max_bs",
-                                     "enable_torch_compile"),
+                                     "enable_torch_compile", "disable_shared_experts_fusion"),
     "parallelism": ("tp_size", "nnodes", "node_rank", "dist_init_addr"),
     "HTTP server": ("host", "port", "api_key", "max_queued_requests", "max_request_bytes",
                     "keep_serving_on_engine_death"),

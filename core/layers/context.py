@@ -24,7 +24,9 @@ class LayerContext:
     ``linear_schemes``: the definitions of the linear schemes plugins added, by name (what
     :class:`~heteroserve.core.layers.moe.FusedMoE` dequantizes a plugin scheme's experts
     with); ``fp8_dtype``: the torch dtype of the platform's fp8 flavour (None: it declares
-    none), which decides whether fp8 MoE experts can stay fp8."""
+    none), which decides whether fp8 MoE experts can stay fp8; ``fuse_shared_experts``:
+    models with always-on shared experts may run them as extra experts of the fused MoE
+    (False: ``--disable-shared-experts-fusion``, always a separate MLP)."""
 
     dispatch: DispatchTable
     dtype: torch.dtype
@@ -37,6 +39,7 @@ class LayerContext:
     kv_cache_fp8: bool = False
     linear_schemes: Mapping[str, LinearSchemeSpec] = field(default_factory=dict)
     fp8_dtype: torch.dtype | None = None
+    fuse_shared_experts: bool = True
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.communicator is None or self.tp_size == 1 else self.communicator.all_reduce(x)

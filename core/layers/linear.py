@@ -151,14 +151,18 @@ class LinearBase(nn.Module):
         split_out = shard is not None or whole != size
         if spec.output_dim is not None and split_out:
             d, pack = spec.output_dim, spec.output_pack
-            if start % pack or size % pack:
+            # the last shard of an unsplit layer may end inside a pack (fp8 block scales of
+            # 576 rows: 5 block rows), which then covers the layer's last rows alone
+            tail = whole == size and start + size == self.output_size
+            count = -(-size // pack) if tail else size // pack
+            if start % pack or (size % pack and not tail):
                 raise ValueError(f"{name}: {size} output features at row {start} do not align "
                                  f"with its packing of {pack}")
-            if tensor.shape[d] != whole // pack:
+            if tensor.shape[d] != (count if tail else whole // pack):
                 raise ValueError(f"{name}: checkpoint dim {d} is {tensor.shape[d]}, expected "
-                                 f"{whole // pack}")
-            tensor = tensor.narrow(d, src * (size // pack), size // pack)
-            dest = dest.narrow(d, start // pack, size // pack)
+                                 f"{count if tail else whole // pack}")
+            tensor = tensor.narrow(d, src * count, count)
+            dest = dest.narrow(d, start // pack, count)
         elif spec.output_dim is None and spec.input_dim is None and shard is not None:
             self._shard_scales[shard] = tensor.reshape(1).to(torch.float32)
         if spec.input_dim is not None and self.tp_dim == 1 and self.ctx.tp_size > 1:
@@ -304,3 +308,53 @@ class QKVParallelLinear(ColumnParallelLinear):
             return 0, q, self.ctx.tp_rank, q * self.ctx.tp_size
         whole_kv = self.total_num_kv_heads * self.head_size
         return (q if shard == "k" else q + kv), kv, self.kv_rank, whole_kv
+
+
+class MergedReplicatedLinear(ReplicatedLinear):
+    """Replicated projections of one input fused along outputs (DeepSeek's ``q_a_proj`` and
+    ``kv_a_proj_with_mqa``): shard ``i`` fills rows ``sum(sizes[:i]) : sum(sizes[:i+1])``;
+    ``source_names[i]`` is its checkpoint module name. :meth:`refusal` says whether a
+    merge keeps every shard's result exactly what its own layer computes."""
+
+    def __init__(self, ctx: LayerContext, input_size: int, output_sizes: list[int],
+                 bias: bool, source_names: list[str]) -> None:
+        self.shard_sizes = list(output_sizes)
+        super().__init__(ctx, input_size, sum(output_sizes), bias, None,
+                         ",".join(source_names), dict(enumerate(source_names)))
+
+    def _shard_layout(self, shard: Shard) -> tuple[int, int, int, int]:
+        if shard is None:
+            return super()._shard_layout(shard)
+        index = int(shard)
+        size = self.shard_sizes[index]
+        return sum(self.shard_sizes[:index]), size, 0, size
+
+    @staticmethod
+    def refusal(ctx: LayerContext, input_size: int, output_sizes: list[int],
+                source_names: list[str]) -> str | None:
+        """None when the named layers can merge: the checkpoint stores them alike, the
+        scheme has no tensor-wide scale (one per-tensor scale would be shared, rounding one
+        shard's weights again) and is not quantized online, and every shard but the last
+        starts and ends on the packing of each output-indexed tensor (128-row fp8 blocks:
+        the blocks stay those of the separate layers). Else the reason, one line."""
+        quants = [ctx.quant.layer_quant(n) if ctx.quant is not None
+                  else LayerQuant(ctx.quant_scheme) for n in source_names]
+        first = quants[0]
+        if any(q.key() != first.key() for q in quants):
+            return "stored differently (" + ", ".join(
+                f"{n.rpartition('.')[2]}: {q.label}" for n, q in zip(source_names, quants)) + ")"
+        if first.online:
+            return f"{first.label} is quantized at load with one scale per tensor"
+        if first.has_g_idx:
+            return "act-order g_idx is each layer's own"
+        shape = LinearShape(input_size, sum(output_sizes), ctx.dtype, first.group_size,
+                            first.has_g_idx)
+        specs = ctx.dispatch.linear[first.scheme]().create_weights(shape)
+        for pname, spec in specs.items():
+            if spec.output_dim is None and spec.input_dim is None:
+                return f"{first.scheme} has a tensor-wide {pname}"
+            edges = [sum(output_sizes[:i + 1]) for i in range(len(output_sizes) - 1)]
+            if spec.output_dim is not None and any(e % spec.output_pack for e in edges):
+                return (f"{first.scheme} {pname} packs {spec.output_pack} rows; shards of "
+                        f"{output_sizes} split a pack")
+        return None

@@ -12,7 +12,7 @@ from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.mla import MLALayer
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import (
-    ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+    ColumnParallelLinear, MergedReplicatedLinear, ReplicatedLinear, RowParallelLinear,
 )
 from heteroserve.core.layers.norm import RMSNorm
 from heteroserve.core.layers.rotary import RotaryEmbedding
@@ -102,41 +102,67 @@ class MLAUpProjection(nn.Module):
 class MultiHeadLatentAttention(nn.Module):
     """Hugging Face's DeepSeek attention module names (``q_proj`` or ``q_a_proj`` /
     ``q_a_layernorm`` / ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
-    ``kv_b_proj``, ``o_proj``); ``forward(positions, x [T, hidden], fwd)`` -> ``[T, hidden]``."""
+    ``kv_b_proj``, ``o_proj``); ``forward(positions, x [T, hidden], fwd)`` -> ``[T, hidden]``.
+
+    ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa`` read the same ``x``: they run as
+    one :class:`MergedReplicatedLinear`, ``fused_qkv_a_proj_with_mqa`` (the checkpoint's two
+    tensors fill its rows), whose output is split by views; separately where
+    :attr:`qkv_a_refusal` says why (``q_proj`` column-parallel at tp > 1, or what
+    :meth:`MergedReplicatedLinear.refusal` finds in the checkpoint's quantization)."""
 
     def __init__(self, ctx: LayerContext, dims: MLADims, eps: float, layer_id: int,
                  scale: float, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.dims = dims
+        prefix = f"model.layers.{layer_id}.self_attn"
         q_out = dims.num_heads * dims.qk_head_dim
-        if dims.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(ctx, dims.hidden_size, q_out, bias=False)
+        kv_a_out = dims.kv_lora_rank + dims.qk_rope_head_dim
+        q_name, q_rows = ("q_proj", q_out) if dims.q_lora_rank is None else \
+            ("q_a_proj", dims.q_lora_rank)
+        sources = [f"{prefix}.{q_name}", f"{prefix}.kv_a_proj_with_mqa"]
+        if dims.q_lora_rank is None and ctx.tp_size > 1:
+            self.qkv_a_refusal: str | None = f"q_proj is column-parallel (tp {ctx.tp_size})"
+        else:
+            self.qkv_a_refusal = MergedReplicatedLinear.refusal(
+                ctx, dims.hidden_size, [q_rows, kv_a_out], sources)
+        self.split_sizes = [q_rows, dims.kv_lora_rank, dims.qk_rope_head_dim]
+        self.fused_qkv_a_proj_with_mqa: MergedReplicatedLinear | None = None
+        if self.qkv_a_refusal is None:
+            # q (or q_a) and kv_a read the same x: one projection, split by views
+            self.fused_qkv_a_proj_with_mqa = MergedReplicatedLinear(
+                ctx, dims.hidden_size, [q_rows, kv_a_out], dims.attention_bias, sources)
+        elif dims.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(ctx, dims.hidden_size, q_out, bias=False,
+                                               prefix=sources[0])
         else:
             self.q_a_proj = ReplicatedLinear(ctx, dims.hidden_size, dims.q_lora_rank,
-                                             bias=dims.attention_bias)
+                                             bias=dims.attention_bias, prefix=sources[0])
+        if dims.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(ctx, dims.q_lora_rank, eps)
-            self.q_b_proj = ColumnParallelLinear(ctx, dims.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(
-            ctx, dims.hidden_size, dims.kv_lora_rank + dims.qk_rope_head_dim,
-            bias=dims.attention_bias)
+            self.q_b_proj = ColumnParallelLinear(ctx, dims.q_lora_rank, q_out, bias=False,
+                                                 prefix=f"{prefix}.q_b_proj")
+        if self.fused_qkv_a_proj_with_mqa is None:
+            self.kv_a_proj_with_mqa = ReplicatedLinear(
+                ctx, dims.hidden_size, kv_a_out, bias=dims.attention_bias, prefix=sources[1])
         self.kv_a_layernorm = RMSNorm(ctx, dims.kv_lora_rank, eps)
         self.kv_b_proj = MLAUpProjection(ctx, dims)
         self.o_proj = RowParallelLinear(ctx, dims.num_heads * dims.v_head_dim, dims.hidden_size,
-                                        bias=dims.attention_bias)
+                                        bias=dims.attention_bias, prefix=f"{prefix}.o_proj")
         self.rotary_emb = rotary
         self.attn = MLALayer(layer_id, scale)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, fwd: ForwardContext
                 ) -> torch.Tensor:
         d, t = self.dims, x.shape[0]
-        if d.q_lora_rank is None:
-            q = self.q_proj(x)
+        if self.fused_qkv_a_proj_with_mqa is not None:
+            q, latent, k_pe = self.fused_qkv_a_proj_with_mqa(x).split(self.split_sizes, dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x) if d.q_lora_rank is None else self.q_a_proj(x)
+            latent, k_pe = self.kv_a_proj_with_mqa(x).split(self.split_sizes[1:], dim=-1)
+        if d.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, -1, d.qk_head_dim)
         q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
-            [d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
         # strided views of the projections through the norm and rotary (their contracts take
         # rows of any stride); dense copies only for an MLA backend that wants them
         latent = self.kv_a_layernorm(latent)

@@ -49,6 +49,33 @@ def expert_storages(model: nn.Module) -> list[ExpertStorage]:
     return list(seen)
 
 
+def expert_storage(ctx: LayerContext, quant: LayerQuant, inter: int) -> ExpertStorage:
+    """How experts stored as ``quant`` in the checkpoint are held, ``inter`` being each
+    rank's share of the intermediate size. Quantized experts are kept when the resolved
+    ``fused_moe`` declares their scheme (``moe_weight_schemes``), the platform's fp8 flavour
+    is the checkpoint's e4m3fn, and ``inter`` is a multiple of 128 (block scales of the gate
+    and up halves and of the tensor-parallel slices then stay whole); else dequantized."""
+    scheme = quant.scheme
+    if scheme == "unquantized":
+        return ExpertStorage(scheme, True)
+    res = ctx.dispatch.resolutions.get(FUSED_MOE)
+    impl = f"fused_moe={res.chosen.name}" if res is not None else "fused_moe"
+    if scheme not in MOE_WEIGHT_SCHEMES:
+        reason = f"the fused_moe contract has no {scheme} experts"
+    elif scheme not in getattr(ctx.dispatch.fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ()):
+        reason = f"{impl} does not run {scheme} experts"
+    elif ctx.fp8_dtype != torch.float8_e4m3fn:
+        reason = (f"the platform's fp8 flavour is {str(ctx.fp8_dtype).removeprefix('torch.')}"
+                  if ctx.fp8_dtype is not None else "the platform declares no fp8 flavour")
+        reason += " (the checkpoint's experts are float8_e4m3fn)"
+    elif inter % FP8_BLOCK:
+        reason = (f"the per-rank moe intermediate size {inter} (tp {ctx.tp_size}) is "
+                  f"not a multiple of {FP8_BLOCK}, which splits scale blocks")
+    else:
+        return ExpertStorage(scheme, True)
+    return ExpertStorage(scheme, False, reason)
+
+
 class FusedMoE(nn.Module):
     """``E`` SiLU-and-mul experts stored as ``w13 [E, 2I, H]`` (gate rows, then up rows) and
     ``w2 [E, H, I]``; with tensor parallelism each rank holds ``I / tp`` of every expert and
@@ -59,7 +86,7 @@ class FusedMoE(nn.Module):
     load through :meth:`load_quantized`. ``fp8_block`` experts stay fp8 (``w13``/``w2``
     float8_e4m3fn plus ``w13_scale``/``w2_scale`` fp32 block scales, passed to the fused MoE
     op as a :class:`~heteroserve.core.kernels.ops.MoEWeightQuant`) where :attr:`storage`
-    says so (see :meth:`_storage`); every other case is dequantized to the model dtype at
+    says so (see :func:`expert_storage`); every other case is dequantized to the model dtype at
     load, and the fused MoE op runs on dense weights. A linear scheme a plugin
     added works too: its tensors are those its resolved ``linear.<scheme>`` method's
     ``create_weights`` declares, and its ``LinearSchemeSpec.dequantize``
@@ -70,7 +97,7 @@ class FusedMoE(nn.Module):
                  intermediate_size: int, renormalize: bool, prefix: str = "") -> None:
         super().__init__()
         self.prefix, self.hidden = prefix, hidden_size
-        self.expert_quant = self._expert_quant(ctx, prefix)
+        self.expert_quant = self.checkpoint_expert_quant(ctx, prefix)
         self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self._specs: dict[tuple[int, int], dict[str, ParamSpec]] = {}
         if intermediate_size % ctx.tp_size:
@@ -80,7 +107,7 @@ class FusedMoE(nn.Module):
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
                                      scheme="unquantized", prefix=f"{prefix}.gate")
-        self.storage = self._storage(ctx)
+        self.storage = expert_storage(ctx, self.expert_quant, self.inter)
         self.weight_quant: MoEWeightQuant | None = None
         kept = self.storage.kept and self.storage.scheme != "unquantized"
         wdtype = torch.float8_e4m3fn if kept else ctx.dtype
@@ -95,33 +122,8 @@ class FusedMoE(nn.Module):
             self.weight_quant = MoEWeightQuant(self.storage.scheme, self.w13_scale,
                                                self.w2_scale)
 
-    def _storage(self, ctx: LayerContext) -> ExpertStorage:
-        """Keep quantized experts when the resolved ``fused_moe`` declares their scheme
-        (``moe_weight_schemes``), the platform's fp8 flavour is the checkpoint's e4m3fn, and
-        each rank's share of the intermediate size is a multiple of 128 (block scales of
-        the gate and up halves and of the tensor-parallel slices then stay whole)."""
-        scheme = self.expert_quant.scheme
-        if scheme == "unquantized":
-            return ExpertStorage(scheme, True)
-        res = ctx.dispatch.resolutions.get(FUSED_MOE)
-        impl = f"fused_moe={res.chosen.name}" if res is not None else "fused_moe"
-        if scheme not in MOE_WEIGHT_SCHEMES:
-            reason = f"the fused_moe contract has no {scheme} experts"
-        elif scheme not in getattr(ctx.dispatch.fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ()):
-            reason = f"{impl} does not run {scheme} experts"
-        elif ctx.fp8_dtype != torch.float8_e4m3fn:
-            reason = (f"the platform's fp8 flavour is {str(ctx.fp8_dtype).removeprefix('torch.')}"
-                      if ctx.fp8_dtype is not None else "the platform declares no fp8 flavour")
-            reason += " (the checkpoint's experts are float8_e4m3fn)"
-        elif self.inter % FP8_BLOCK:
-            reason = (f"the per-rank moe intermediate size {self.inter} (tp {ctx.tp_size}) is "
-                      f"not a multiple of {FP8_BLOCK}, which splits scale blocks")
-        else:
-            return ExpertStorage(scheme, True)
-        return ExpertStorage(scheme, False, reason)
-
     @staticmethod
-    def _expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
+    def checkpoint_expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
         """How the checkpoint stores the experts (asked for expert 0's gate projection, in
         both spellings); quantized experts are dequantized to the model dtype at load.
         Raises :class:`QuantizationError` for online fp8 and for a plugin scheme with no

@@ -110,6 +110,7 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         *([f"  host threads {threads.describe()}"] if threads else []),
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}",
+        *[f"  model path   {note}" for note in runner.model.startup_notes()],
     ]
     lines += quantization_lines(runner.quant, dispatch.resolutions,
                                 expert_storages(runner.model), cfg.dtype)

@@ -68,7 +68,8 @@ class ModelRunner:
         ctx = LayerContext(dispatch, cfg.dtype, self.device, tp_rank, tp_size,
                            communicator if tp_size > 1 else None, dispatch.request.quant_scheme,
                            quant, server_args.kv_cache_dtype != "auto",
-                           dict(linear_schemes or {}), self._fp8_dtype())
+                           dict(linear_schemes or {}), self._fp8_dtype(),
+                           not server_args.disable_shared_experts_fusion)
         self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()

@@ -189,6 +189,11 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
 
+    def startup_notes(self) -> list[str]:
+        """Lines for the start-up block on paths the model chose at build time (fused
+        projections or experts, and why not where it fell back); none by default."""
+        return []
+
     def _target(self, name: str) -> tuple[str, str, object]:
         """Map a checkpoint name to ``(module path, parameter name, shard)``."""
         m = _EXPERT.match(name)

@@ -10,6 +10,13 @@ shared experts.
   (V2: softmax scores, ``greedy`` or ``group_limited_greedy``; V3: sigmoid scores with
   ``e_score_correction_bias``, ``noaux_tc``), weights times ``routed_scaling_factor``, plus
   ``n_shared_experts`` always-on experts (one MLP of ``n_shared * moe_intermediate_size``).
+  Those run as ``n_shared`` extra experts of the fused MoE (their ids appended to every
+  token's top-k with weight 1.0: one ``fused_moe`` call, no separate MLP); a separate MLP
+  where that would not be exact or is disabled (:func:`shared_experts_path`).
+- ``q_proj`` (tensor parallelism off) or ``q_a_proj`` and ``kv_a_proj_with_mqa`` read the
+  same input and run as one merged projection where the checkpoint allows
+  (:class:`~heteroserve.core.layers.mla.MultiHeadLatentAttention`).
+- The start-up block's ``model path`` lines say which paths were taken and why not.
 - Multi-token-prediction layers of V3 checkpoints (index >= ``num_hidden_layers``) are skipped.
 """
 
@@ -24,19 +31,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.mla import MLABackend, MLAConfig
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.embedding import VocabParallelEmbedding
 from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.layers.mla import MLADims, MultiHeadLatentAttention
-from heteroserve.core.layers.moe import FusedMoE
+from heteroserve.core.layers.moe import ExpertStorage, FusedMoE, expert_storage
 from heteroserve.core.layers.norm import RMSNorm
 from heteroserve.core.layers.rotary import RotaryEmbedding
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
 from heteroserve.core.models.decoder import MLP, CausalLM, DecoderSpec
+from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant
 
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_QKV_A = re.compile(
+    r"^(model\.layers\.\d+\.self_attn)\.(q_proj|q_a_proj|kv_a_proj_with_mqa)\.(\w+)$")
+_SHARED = re.compile(r"^(model\.layers\.\d+\.mlp)\.shared_experts\.(\w+)\.(\w+)$")
 
 
 @dataclass(frozen=True)
@@ -113,24 +125,91 @@ def _softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> flo
     return scale
 
 
+_SHARED_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+@dataclass(frozen=True)
+class SharedExpertsPath:
+    """Where a DeepSeek MoE block's ``count`` shared experts run. ``fused``: as experts
+    ``E .. E + count - 1`` of the fused MoE storage (the shared MLP of ``count * I`` is
+    exactly ``count`` experts of ``I``: its gate/up rows and down columns split), their ids
+    appended to every token's top-k with weight 1.0, so one ``fused_moe`` call computes
+    ``routed * routed_scaling_factor + shared`` (the factor is in the routed weights). Else a
+    separate MLP added after the routed experts' all-reduce, and ``reason`` says why."""
+
+    count: int
+    fused: bool
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One line for the start-up block."""
+        if self.fused:
+            return (f"{self.count} shared expert(s) fused into fused_moe as extra experts "
+                    "(ids appended to the top-k, weight 1.0)")
+        return f"{self.count} shared expert(s) as a separate MLP: {self.reason}"
+
+
+def shared_experts_path(ctx: LayerContext, prefix: str, count: int, routed: LayerQuant,
+                        storage: ExpertStorage) -> SharedExpertsPath:
+    """Fuse the shared experts of the MoE block at ``prefix`` when their checkpoint
+    tensors can fill expert slots exactly as the routed experts' (``routed``, held as
+    ``storage``) do: the same scheme, either unquantized or fp8_block experts kept fp8
+    (128-row blocks; a kept storage's ``I`` per rank is a multiple of 128). Every rank holds
+    every routed expert (the engine splits experts by tensor parallelism, each rank ``I /
+    tp`` of each; it has no expert parallelism), so the shared slots split the same way.
+    Falls back to the separate MLP for ``--disable-shared-experts-fusion``, shared experts
+    stored otherwise than the routed ones, and quantized experts dequantized at load (the
+    shared MLP then keeps its quantized kernels)."""
+    if not ctx.fuse_shared_experts:
+        return SharedExpertsPath(count, False, "--disable-shared-experts-fusion")
+    names = [f"{prefix}.shared_experts.{p}" for p in _SHARED_PROJ]
+    shared = [ctx.quant.layer_quant(n) if ctx.quant is not None else UNQUANTIZED
+              for n in names]
+    for name, quant in zip(names, shared):
+        if quant.key() != routed.key():
+            return SharedExpertsPath(count, False, f"{name.rpartition('.mlp.')[2]} is stored "
+                                     f"as {quant.label}, the routed experts as {routed.label}")
+    if routed.scheme == "unquantized" or (routed.scheme == "fp8_block" and storage.kept):
+        return SharedExpertsPath(count, True)
+    if not storage.kept:
+        return SharedExpertsPath(count, False, f"the routed {routed.scheme} experts are "
+                                 "dequantized at load; the shared MLP keeps its kernels")
+    return SharedExpertsPath(count, False, f"{routed.scheme} shared-expert tensors are not "
+                             "split into experts")
+
+
 class DeepseekMoE(FusedMoE):
     """Routed experts (``FusedMoE`` storage) through ``moe_grouped_topk``, plus shared
-    experts; the router (``gate``) is fp32, and so is ``e_score_correction_bias`` when the
-    router uses one."""
+    experts (:class:`SharedExpertsPath`: extra experts of the same storage, or a separate
+    MLP); the router (``gate``) is fp32, and so is ``e_score_correction_bias`` when the
+    router uses one. ``prefix``: the checkpoint name of the block (``model.layers.N.mlp``)."""
 
-    def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions) -> None:
-        r = opts.routing
-        super().__init__(ctx, r.num_experts, r.top_k, cfg.hidden_size,
-                         opts.moe_intermediate_size, r.renormalize)
-        self.routing = r
+    def __init__(self, ctx: LayerContext, cfg: ModelConfig, opts: DeepseekOptions,
+                 prefix: str = "") -> None:
+        r, n = opts.routing, opts.num_shared_experts
+        routed = FusedMoE.checkpoint_expert_quant(ctx, prefix)
+        storage = expert_storage(ctx, routed, opts.moe_intermediate_size // ctx.tp_size)
+        path = shared_experts_path(ctx, prefix, n, routed, storage) if n else None
+        slots = n if path is not None and path.fused else 0
+        super().__init__(ctx, r.num_experts + slots, r.top_k, cfg.hidden_size,
+                         opts.moe_intermediate_size, r.renormalize, prefix)
+        self.routing, self.shared_path, self.num_routed = r, path, r.num_experts
         # the router runs in fp32 whatever the model dtype, as DeepSeek's reference does
         self.gate = ReplicatedLinear(replace(ctx, dtype=torch.float32), cfg.hidden_size,
                                      r.num_experts, bias=False, scheme="unquantized")
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(r.num_experts, dtype=torch.float32, device=ctx.device),
             requires_grad=False) if r.correction_bias else None
-        self.shared_experts = MLP(ctx, cfg.hidden_size, opts.moe_intermediate_size
-                                  * opts.num_shared_experts) if opts.num_shared_experts else None
+        self.shared_experts = MLP(ctx, cfg.hidden_size, opts.moe_intermediate_size * n,
+                                  prefix=f"{prefix}.shared_experts") \
+            if path is not None and not path.fused else None
+        # appended to every token's routing: the shared slots, weight 1.0
+        self.register_buffer("shared_ids", torch.arange(
+            r.num_experts, r.num_experts + slots, dtype=torch.int32, device=ctx.device),
+            persistent=False)
+        self.register_buffer("shared_weights", torch.ones(
+            slots, dtype=torch.float32, device=ctx.device), persistent=False)
+        self._shared_loaded: set[str] = set()
 
     def load(self, name: str, tensor: torch.Tensor, expert: int | None = None) -> None:
         """``e_score_correction_bias`` (no expert index), else expert ``expert``'s
@@ -145,6 +224,47 @@ class DeepseekMoE(FusedMoE):
             raise ValueError(f"expert weight {name!r} needs an expert index")
         super().load(name, tensor, expert)
 
+    @property
+    def fused_shared(self) -> bool:
+        return self.shared_path is not None and self.shared_path.fused
+
+    def load_shared(self, proj: str, suffix: str, tensor: torch.Tensor) -> None:
+        """Checkpoint tensor ``shared_experts.<proj>.<suffix>`` on the fused path: the
+        shared MLP's ``[n * I, H]`` gate/up rows or ``[H, n * I]`` down columns (of an
+        fp8_block ``weight_scale_inv``: ``n * I / 128`` block rows or columns) split into
+        shared experts ``E .. E + n - 1``. Raises ``ValueError`` when the tensor does not fit
+        (wrong name, shape, or a tensor the experts' scheme has not)."""
+        if not self.fused_shared:
+            raise ValueError("the shared experts are not fused into this MoE block")
+        name = _SHARED_PROJ.get(proj)
+        if name is None:
+            raise ValueError(f"shared experts have no projection {proj!r}")
+        n, i = self.shared_path.count, self.inter * self.ctx.tp_size
+        per = i // FP8_BLOCK if suffix == "weight_scale_inv" else i
+        dim = 1 if name == "w2" else 0
+        if tensor.dim() != 2 or tensor.shape[dim] != n * per:
+            raise ValueError(f"{suffix}: shape {list(tensor.shape)} does not hold {n} shared "
+                             f"experts of {per} along dim {dim}")
+        for j in range(n):
+            part = tensor.narrow(dim, j * per, per)
+            if self.expert_quant.scheme != "unquantized":
+                self.load_quantized(name, suffix, part, self.num_routed + j)
+            elif suffix == "weight":
+                super().load(name, part, self.num_routed + j)
+            else:
+                raise ValueError(f"unquantized shared experts have no {suffix!r}")
+        self._shared_loaded.add(name)
+
+    def check_loaded(self) -> None:
+        """As :meth:`FusedMoE.check_loaded`; on the fused path also a
+        :class:`ModelLoadError` naming a shared projection the checkpoint lacked."""
+        super().check_loaded()
+        if self.fused_shared:
+            for proj, name in _SHARED_PROJ.items():
+                if name not in self._shared_loaded:
+                    raise ModelLoadError(f"checkpoint has no {self.prefix}.shared_experts."
+                                         f"{proj} tensors")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
         logits = self.gate(x.to(torch.float32))
@@ -157,6 +277,10 @@ class DeepseekMoE(FusedMoE):
             weights, ids = d.moe_grouped_topk(
                 logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
                 self.e_score_correction_bias, r.routed_scaling_factor)
+        if self.fused_shared:
+            t, n = ids.shape[0], self.shared_ids.shape[0]
+            weights = torch.cat([weights, self.shared_weights.expand(t, n)], dim=1)
+            ids = torch.cat([ids, self.shared_ids.to(ids.dtype).expand(t, n)], dim=1)
         out = self.ctx.all_reduce(self.experts(x, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -174,7 +298,7 @@ class DeepseekDecoderLayer(nn.Module):
         if layer_id < opts.first_k_dense_replace:
             self.mlp: nn.Module = MLP(ctx, cfg.hidden_size, cfg.intermediate_size)
         else:
-            self.mlp = DeepseekMoE(ctx, cfg, opts)
+            self.mlp = DeepseekMoE(ctx, cfg, opts, f"model.layers.{layer_id}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, fwd: ForwardContext
@@ -224,22 +348,72 @@ class DeepseekV2ForCausalLM(CausalLM):
     def _target(self, name: str) -> tuple[str, str, object]:
         if name.endswith(".gate.e_score_correction_bias"):
             return name[: -len(".gate.e_score_correction_bias")], "e_score_correction_bias", None
+        m = _QKV_A.match(name)
+        if m is not None and self._fused_qkv_a(m.group(1)):
+            shard = 1 if m.group(2) == "kv_a_proj_with_mqa" else 0
+            return f"{m.group(1)}.fused_qkv_a_proj_with_mqa", m.group(3), shard
         if ".self_attn.q_proj." in name:  # no q LoRA: a plain projection, not fused qkv
             module, _, param = name.rpartition(".")
             return module, param, None
         return super()._target(name)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """As :meth:`CausalLM.load_weights`, skipping V3's multi-token-prediction layers."""
+        """As :meth:`CausalLM.load_weights`, skipping V3's multi-token-prediction layers;
+        ``shared_experts.*`` tensors of a block whose shared experts are fused go to its
+        expert slots (:meth:`DeepseekMoE.load_shared`)."""
         n = self.config.num_layers
+        filled: set[str] = set()
 
         def main_layers() -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in tensors:
                 m = _LAYER.match(name)
-                if m is None or int(m.group(1)) < n:
+                if m is not None and int(m.group(1)) >= n:
+                    continue
+                shared = _SHARED.match(name)
+                moe = self._fused_shared_moe(shared.group(1)) if shared else None
+                if moe is None:
                     yield name, tensor
+                    continue
+                try:
+                    moe.load_shared(shared.group(2), shared.group(3), tensor)
+                except ModelLoadError:
+                    raise
+                except ValueError as exc:
+                    raise ModelLoadError(f"checkpoint tensor {name}: {exc}") from None
+                filled.add(f"{shared.group(1)}.w13")
 
-        return super().load_weights(main_layers())
+        return super().load_weights(main_layers()) | filled
+
+    def _fused_qkv_a(self, path: str) -> bool:
+        """Whether the attention at ``path`` runs q (or q_a) and kv_a as one projection."""
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            return False
+        return isinstance(module, MultiHeadLatentAttention) and \
+            module.fused_qkv_a_proj_with_mqa is not None
+
+    def _fused_shared_moe(self, path: str) -> DeepseekMoE | None:
+        """The MoE block at ``path`` when its shared experts are fused, else None."""
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            return None
+        return module if isinstance(module, DeepseekMoE) and module.fused_shared else None
+
+    def startup_notes(self) -> list[str]:
+        """Whether q (or q_a) and kv_a run as one projection, and which path the shared
+        experts take (one line per distinct choice)."""
+        seen: dict[str, None] = {}
+        for m in self.modules():
+            if isinstance(m, MultiHeadLatentAttention):
+                q = "q_proj" if m.dims.q_lora_rank is None else "q_a_proj"
+                seen.setdefault(f"{q} + kv_a_proj_with_mqa as one projection" if
+                                m.qkv_a_refusal is None else f"{q} and kv_a_proj_with_mqa "
+                                f"separate: {m.qkv_a_refusal}")
+            elif isinstance(m, DeepseekMoE) and m.shared_path is not None:
+                seen.setdefault(m.shared_path.describe())
+        return list(seen)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -70,7 +70,10 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     """DeepSeek-V3's published format: every projection FP8 with 128x128 ``weight_scale_inv``
     (MLA's ``q_a/q_b/kv_a/kv_b`` and ``o_proj``, the dense and shared MLPs, the routed experts),
     the router and LM head in bf16. ``kv_b_proj`` is dequantized at load (the absorbed MLA
-    multiplies by it per head), so the reference quantizes every projection's input but its."""
+    multiplies by it per head), so the reference quantizes every projection's input but its;
+    the shared experts run as extra experts of the fused MoE, weight-only fp8 as the routed
+    experts are, so their inputs stay unquantized too (the separate-MLP path:
+    ``tests/models/test_deepseek_fusion.py``)."""
     # expert widths of 128: fused gate/up shards of block-fp8 start on 128-row boundaries, as
     # in the real checkpoints (moe_intermediate_size 2048)
     v3 = build_tiny_model(tmp_path / "v3", "deepseek_v3", seed=3, moe_intermediate_size=128)
@@ -78,12 +81,16 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     runner = _runner(path)
     attn = runner.model.model.layers[0].self_attn
     assert attn.q_a_proj.quant.scheme == attn.o_proj.quant.scheme == scheme == "fp8_block"
+    # q_a's 96 rows end inside a 128-row block: q_a and kv_a stay two projections
+    assert attn.fused_qkv_a_proj_with_mqa is None and "split a pack" in attn.qkv_a_refusal
     experts = runner.model.model.layers[1].mlp
     assert experts.expert_quant.scheme == scheme
     # I = 128: the routed experts stay fp8 through fused_moe (weight-only, block scales)
     assert experts.storage.kept and experts.w13.dtype == torch.float8_e4m3fn
     assert experts.w2_scale.shape == (experts.w2.shape[0], 1, 1)
-    hf = dequantized_reference(path, scheme, group, tmp_path, skip=("kv_b_proj",))
+    assert experts.fused_shared and experts.w13.shape[0] == 8 + 1
+    hf = dequantized_reference(path, scheme, group, tmp_path,
+                               skip=("kv_b_proj", "shared_experts"))
     assert_matches(runner, hf, 2e-2)
 
 

@@ -197,11 +197,13 @@ def fake_quant_input(scheme: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def add_activation_hooks(model: torch.nn.Module, scheme: str, skip: tuple[str, ...] = ()) -> None:
-    """Quantize the input of every projection of ``model`` (not those named in ``skip``) as
-    ``scheme`` does, through forward pre-hooks."""
+    """Quantize the input of every projection of ``model`` as ``scheme`` does, through
+    forward pre-hooks; not those with a name component in ``skip`` (a projection such as
+    ``kv_b_proj``, or a block such as ``shared_experts``)."""
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if isinstance(module, torch.nn.Linear) and leaf in PROJECTIONS and leaf not in skip:
+        if isinstance(module, torch.nn.Linear) and leaf in PROJECTIONS and \
+                not set(name.split(".")) & set(skip):
             module.register_forward_pre_hook(lambda _m, args: (fake_quant_input(scheme, args[0]),))
 
 

@@ -26,8 +26,10 @@ def _generate(path, tp: int) -> list[list[int]]:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v3", "deepseek_v2"])
 def test_tp2_equals_tp1(tmp_path, arch: str) -> None:
+    """DeepSeek: shared experts fused (split by tp as the routed ones); V3's q_a and kv_a
+    merged, V2's column-parallel q_proj kept apart from kv_a at tp 2."""
     path = build_tiny_model(tmp_path / arch, arch, seed=9)
     assert _generate(path, 2) == _generate(path, 1)
 

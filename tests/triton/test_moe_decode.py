@@ -115,6 +115,40 @@ def test_gpu_tiles_for_the_target_models() -> None:
     assert choose_tiles(1, 1, 64, 64, 4, 132).down.block_k == 64  # no wider than K
 
 
+@pytest.mark.parametrize("routed,top_k,shared", [(8, 6, 2), (8, 8, 1)], ids=["v2", "v3"])
+def test_deepseek_shared_experts_appended_to_the_top_k_take_the_decode_path(
+        device: torch.device, monkeypatch: pytest.MonkeyPatch, routed: int, top_k: int,
+        shared: int) -> None:
+    """DeepSeek's fused shared experts (``core/models/deepseek.py``): ids ``E..E+n-1`` with
+    weight 1.0 appended to each token's routed top-k; V2-Lite's 6 + 2 = 8 pairs a token
+    (and V3's 8 + 1 = 9) take the two-launch decode path at batch 1 and up to
+    ``MAX_DECODE_PAIRS`` pairs, and equal routed + shared computed apart."""
+    calls: list[int] = []
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return decode_moe(x, *args, **kwargs)
+
+    monkeypatch.setattr(moe, "decode_moe", spy)
+    k = top_k + shared
+    for tokens in (1, MAX_DECODE_PAIRS // k):
+        x, w13, w2, tw, ids = _problem(tokens, routed + shared, top_k, 64, 32, tokens)
+        ids = ids % routed  # routed ids only in [0, E)
+        tw_all = torch.cat([tw, torch.ones(tokens, shared)], dim=1)
+        ids_all = torch.cat([ids, torch.arange(routed, routed + shared, dtype=torch.int32)
+                             .expand(tokens, shared)], dim=1)
+        out = moe.fused_moe(*(t.to(device) for t in (x, w13, w2, tw_all, ids_all)))
+        apart = _moe_ref(x, w13, w2, tw, ids) + _moe_ref(
+            x, w13, w2, torch.ones(tokens, shared), ids_all[:, top_k:])
+        assert rel_err(out, apart) < 1e-5
+    assert calls == [1, MAX_DECODE_PAIRS // k]
+    # the H200 tiles: V2-Lite's down kernel keeps BLOCK_E = 8 (6 routed slots were padded
+    # to 8 before), V3's fp8 experts keep block_n dividing the 128-row scale blocks
+    assert choose_tiles(1, 8, 2048, 1408, 2, 132) == choose_tiles(1, 6, 2048, 1408, 2, 132)
+    v3 = choose_tiles(1, 9, 7168, 2048, 1, 132)
+    assert 128 % v3.gate_up.block_n == 0 and 128 % v3.down.block_n == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_moe_graph_capture_bf16() -> None:
