@@ -8,7 +8,8 @@
 Roofline of batch-1 decode: the bytes one token must read, over the measured copy bandwidth.
 ``active_weight_bytes`` counts every weight a token reads: all dense weights, the LM head
 (the whole embedding matrix when tied), one embedding row, and for routed experts only
-``top_k / num_experts`` of them (DeepSeek-V2-Lite: 6 of 64); ``kv_bytes`` adds the KV cache
+``top_k / num_experts`` of them (DeepSeek-V2-Lite: 6 of 64) plus the shared experts (stored as
+extra experts of the fused MoE, or as a separate MLP); ``kv_bytes`` adds the KV cache
 read at the mean decode context. ``fraction_of_roofline`` uses weights + KV.
 Writes ``models.json`` and ``models.png`` under ``--out-dir``. Environment: ``HS_KERNELS``
 (comma-separated ``OP=IMPL`` overrides, e.g. ``mla_attention=torch_native``),
@@ -57,7 +58,9 @@ def active_weight_bytes(runner) -> int:
             seen.add(id(p))
             size = p.numel() * p.element_size()
             if isinstance(module, FusedMoE) and name in ("w13", "w2"):
-                size = size * module.top_k / p.shape[0]
+                # top_k routed experts, plus any always-on shared experts stored after them
+                routed = getattr(module, "num_routed", p.shape[0])
+                size = size * (module.top_k + p.shape[0] - routed) / p.shape[0]
             elif (isinstance(module, VocabParallelEmbedding)
                   and not isinstance(module, ParallelLMHead) and not tied):
                 size = p.shape[1] * p.element_size()

@@ -22,9 +22,9 @@ DECODE_LENS: tuple[int, ...] = (1, 2, 17, 130)
 #: long sequences, past the tile and split sizes of real kernels
 LONG_EXTEND: tuple[tuple[int, int], ...] = ((0, 300), (700, 45))
 LONG_DECODE: tuple[int, ...] = (1000, 513)
-#: prompts past the dense-extend threshold of kernels that switch paths by prompt length
-#: (cuda's SDPA extend: 1024 new tokens), one of them on top of a cached prefix
-PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 1100), (600, 1030))
+#: whole prompts (no cached prefix) past the length at which a kernel may switch paths
+#: (cuda's SDPA extend: 1024 tokens)
+PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 1100), (0, 1030))
 DEFAULT_PAGE_SIZES: tuple[int, ...] = (1, 16, 128)
 
 

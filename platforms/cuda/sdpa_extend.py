@@ -1,29 +1,30 @@
-"""``TritonAttentionSDPAExtend``: :class:`TritonAttention` whose long extends run in torch's
-fused scaled-dot-product attention (the FlashAttention kernel torch ships for CUDA).
+"""``TritonAttentionSDPAExtend``: :class:`TritonAttention` whose long prompts without a cached
+prefix run in torch's fused scaled-dot-product attention.
 
 Why: on an H200 the Triton extend kernel reaches 47-54 % of the bf16 matmul rate on long
-prompts (no TMA or warp specialisation), and a prompt of 32k-100k tokens spends 84-94 % of its
-prefill there; torch's flash kernel ran a dense causal 4096-16384 prompt at 526-580 TFLOP/s
-against Triton's 316-339 (``docs/benchmarks/kernels-h100.md``).
+prompts (no TMA or warp specialisation); torch's causal SDPA ran a dense 4096-16384 prompt at
+526-580 TFLOP/s against Triton's 316-339 (``docs/benchmarks/kernels-h100.md``). Measured in
+the engine (H200, ``bench_headline.py``, chunks of 8192): an 8k prompt's prefill went from
+75.5 % to 82.7 % of its FLOP floor. Chunks on top of a cached prefix need a bottom-right
+causal mask, which torch serves with its FlashAttention-2 kernel: that was slower than Triton
+(32k: 61.4 against 66.2 %, 100k: 51.6 against 58.1 %), so those stay with Triton.
 
 How: each sequence's K/V rows are gathered out of the paged cache once per layer (``[L, Hk,
-D]``, the layout the flash kernel reads without a copy) and attended with a bottom-right
-causal mask (new token ``i`` sees the prefix and new tokens ``<= i``) and native GQA. The
-gather costs a read and a write of the sequence's K/V, small next to the attention's
-``O(new x L)`` work from about a thousand new tokens on.
+D]``, a layout the fused kernels read without a copy) and attended causally with native GQA.
+The gather costs a read and a write of the sequence's K/V, small next to the attention's
+``O(L^2)`` work from about a thousand tokens on.
 
-When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer
-has no sliding window and no logit soft-cap, q and the caches share a bf16/fp16 dtype, and
-torch says its flash kernel takes the shapes (``torch.backends.cuda.can_use_flash_attention``).
-Anything else, decode included, is :class:`TritonAttention`'s.
+When: every sequence of the step starts at position 0 (no cached prefix) with at least
+:attr:`min_new_tokens` new tokens, the layer has no sliding window and no logit soft-cap, q
+and the caches share a bf16/fp16 dtype, and torch says its flash kernel takes the shapes
+(``torch.backends.cuda.can_use_flash_attention``: no slow unfused fallback). Anything else,
+decode included, is :class:`TritonAttention`'s.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
-
 from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
 from heteroserve.platforms.triton.attention import TritonAttention
 
@@ -52,6 +53,7 @@ class TritonAttentionSDPAExtend(TritonAttention):
                meta: AttentionMetadata) -> bool:
         return (layer.sliding_window is None and layer.logit_cap is None
                 and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
+                and not any(meta.prefix_lens_cpu)
                 and min(meta.extend_lens_cpu, default=0) >= self.min_new_tokens)
 
     def _flash_usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -80,10 +82,8 @@ class TritonAttentionSDPAExtend(TritonAttention):
             q_seq = q[rows].transpose(0, 1)[None]  # [1, Hq, n, D]
             if not self._flash_usable(q_seq, k_seq, v_seq):
                 return super().extend(q, k_cache, v_cache, layer, meta)
-            mask = causal_lower_right(new, seq_len) if new != seq_len else None
-            o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask,
-                                               is_causal=mask is None, scale=layer.scale,
-                                               enable_gqa=hk != c.num_q_heads)
+            o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True,
+                                               scale=layer.scale, enable_gqa=hk != c.num_q_heads)
             out[rows] = o[0].transpose(0, 1)
             page_at += pages
             row_at += new

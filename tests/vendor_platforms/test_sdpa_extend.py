@@ -1,6 +1,6 @@
 """cuda's ``TritonAttentionSDPAExtend`` on the host: its dense extend (gather per sequence,
-bottom-right causal SDPA with GQA) against the float64 oracle, and which steps it leaves to
-the Triton kernel. Torch's flash kernel itself runs in the cuda conformance suite (the
+causal SDPA with GQA) against the float64 oracle, and which steps it leaves to the Triton
+kernel. Torch's flash kernel itself runs in the cuda conformance suite (the
 ``-prompt`` extend cases)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype
 @pytest.mark.parametrize("page_size", [1, 16, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype) -> None:
-    seqs = ((0, 40), (30, 20), (7, 9))
+    seqs = ((0, 40), (0, 20), (0, 9))
     backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, page_size, dtype)
     layer = AttentionLayer(layer_id=0, scale=1 / math.sqrt(D))
     out = backend.extend(q, k_cache, v_cache, layer, meta)
@@ -63,9 +63,9 @@ def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype) -> 
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32"])
+@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "prefix"])
 def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    seqs = ((0, 40), (0, 4 if change == "short" else 12))
+    seqs = ((0, 40), (5 if change == "prefix" else 0, 4 if change == "short" else 12))
     dtype = torch.float32 if change == "fp32" else torch.bfloat16
     backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype)
     layer = AttentionLayer(layer_id=0, scale=0.1, sliding_window=8 if change == "window" else None,
