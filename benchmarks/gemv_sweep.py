@@ -1,10 +1,11 @@
-"""Batch-1 linear layers of Llama-3.1-8B on the GPU: the Triton GEMV over a grid of launch
-shapes against cuBLAS (``F.linear``), each checked against a float64 product first.
+"""Batch-1 linear layers on the GPU (Llama-3.1-8B's, or ``--shapes gemma3_12b`` /
+``deepseek_v2_lite``): the Triton GEMV over a grid of launch shapes against cuBLAS
+(``F.linear``), each checked against a float64 product first.
 
 Weights rotate over enough copies that the set is larger than the L2 cache, so every call
 streams from device memory; bandwidth counts the weight bytes read. Prints a table (best
 configuration per shape last) and writes JSON. Usage:
-``python benchmarks/gemv_sweep.py --out gemv.json``
+``python benchmarks/gemv_sweep.py --out gemv.json [--shapes gemma3_12b]``
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from heteroserve.platforms.triton.gemv import GemvConfig, choose_config, gemv  #
 #: (name, N, K) of Llama-3.1-8B's projections at tensor-parallel size 1
 SHAPES = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336), ("lm_head", 128256, 4096)]
+#: other models' dense projections at tensor-parallel size 1 (--shapes NAME)
+MODEL_SHAPES = {
+    "llama": SHAPES,
+    "gemma3_12b": [("qkv_proj", 8192, 3840), ("o_proj", 3840, 4096),
+                   ("gate_up_proj", 30720, 3840), ("down_proj", 3840, 15360)],
+    "deepseek_v2_lite": [("q_kv_a_proj", 3648, 2048), ("o_proj", 2048, 2048),
+                         ("dense_gate_up", 21888, 2048), ("dense_down", 2048, 10944)],
+}
 CONFIGS = [GemvConfig(bn, bk, w, s) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024)
            for w, s in ((4, 1), (8, 1), (4, 3))]
 L2_MULTIPLE = 4 * 60 * 2**20
@@ -85,12 +94,13 @@ def sweep_configs(shape: str, impl: str, default: GemvConfig, configs: list[Gemv
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gemv.json")
+    ap.add_argument("--shapes", default="llama", choices=sorted(MODEL_SHAPES))
     a = ap.parse_args()
     dev = torch.device("cuda")
     copy = copy_bandwidth()
     rows: list[dict] = []
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy / 1e12:.2f} TB/s")
-    for name, n, k in SHAPES:
+    for name, n, k in MODEL_SHAPES[a.shapes]:
         nbytes = n * k * 2
         weights = rotating_weights(n, k, dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)

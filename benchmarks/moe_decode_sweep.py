@@ -57,7 +57,9 @@ class MoEShape:
 
 
 MODELS = [MoEShape("qwen3-30b-a3b", 2048, 768, 128, 8),
-          MoEShape("deepseek-v2-lite", 2048, 1408, 64, 6)]
+          MoEShape("deepseek-v2-lite", 2048, 1408, 64, 6),
+          # its 2 shared experts run as 2 more experts of every token (core/models/deepseek.py)
+          MoEShape("deepseek-v2-lite-shared-fused", 2048, 1408, 66, 8)]
 TOKENS = (1, 2, 4, 8, 16)
 SWEEP_TOKENS = (1, 8)
 LAYERS = 16
