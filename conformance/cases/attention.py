@@ -23,8 +23,8 @@ DECODE_LENS: tuple[int, ...] = (1, 2, 17, 130)
 LONG_EXTEND: tuple[tuple[int, int], ...] = ((0, 300), (700, 45))
 LONG_DECODE: tuple[int, ...] = (1000, 513)
 #: whole prompts (no cached prefix) past the length at which a kernel may switch paths
-#: (cuda's SDPA extend: 1024 tokens)
-PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 1100), (0, 1030))
+#: (cuda's SDPA extend: 2048 tokens)
+PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 2100), (0, 2050))
 DEFAULT_PAGE_SIZES: tuple[int, ...] = (1, 16, 128)
 
 

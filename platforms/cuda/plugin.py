@@ -31,7 +31,7 @@ FLASHINFER_PRIORITY = 8
 #: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.52 / 1.83 us (rms_norm /
 #: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
-#: above Triton: Triton decode, torch's fused causal SDPA for prompts of 1024+ tokens without a
+#: above Triton: Triton decode, torch's fused causal SDPA for prompts of 2048+ tokens without a
 #: cached prefix (platforms/cuda/sdpa_extend.py: an 8k prefill 75.5 -> 82.7 % of its floor on
 #: an H200); --kernel attention=triton keeps the Triton extend everywhere
 SDPA_EXTEND_PRIORITY = 11
@@ -113,7 +113,7 @@ def sdpa_extend_spec() -> KernelSpec:
                       platforms=PLATFORMS, priority=SDPA_EXTEND_PRIORITY,
                       supports=attention_supports, native_on=PLATFORMS,
                       kv_cache_dtypes=KV_CACHE_DTYPES,
-                      description="Triton decode and extends; prompts of 1024+ tokens without "
+                      description="Triton decode and extends; prompts of 2048+ tokens without "
                                   "a cached prefix through torch's fused causal SDPA")
 
 
