@@ -123,8 +123,7 @@ class GemvConfig:
 def choose_config(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
     """A launch shape for an ``N x K`` weight: 16-byte loads along K, and the fewest output
     features per program that still leave at least four programs per multiprocessor (so a
-    4096-wide projection is not served by a few dozen programs), but no fewer than four
-    features from 1024 outputs up. With the RMSNorm prologue
+    4096-wide projection is not served by a few dozen programs). With the RMSNorm prologue
     every program re-reads three rows (x, residual, norm weight), so programs stay 16 outputs
     wide. Measured on an H200 (``benchmarks/gemv_sweep.py``, ``gemv_fused_sweep.py``)."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks cheaply
@@ -132,10 +131,7 @@ def choose_config(n: int, k: int, device: torch.device, prologue: int = PLAIN) -
     block_k = 512 if k >= 512 else triton.next_power_of_2(max(k, 16))
     sms = multiprocessors(device)
     block_n = 16
-    # 2-row programs were 2.5x slower than 4-row ones at N = 2048 (DeepSeek-V2-Lite's o_proj:
-    # 23.0 vs 8.8 us, results/gemv_sweep_models_h200.json); only narrow layers take them
-    narrowest = 4 if n >= 1024 else 2
-    while prologue != RMS_NORM and block_n > narrowest and triton.cdiv(n, block_n) < 4 * sms:
+    while prologue != RMS_NORM and block_n > 2 and triton.cdiv(n, block_n) < 4 * sms:
         block_n //= 2
     return GemvConfig(block_n, block_k, 4, 1)
 
