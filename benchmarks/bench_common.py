@@ -9,6 +9,7 @@ platform, so the same code runs the cpu smoke checks and the GPU measurements.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import time
@@ -24,12 +25,14 @@ def build_engine(model_dir: Path, *, platform: str, dtype: str = "bfloat16",
                  load_format: str = "dummy", **server_args):
     """``(runner, scheduler, dispatch)`` for ``model_dir``; ``server_args`` are further
     :class:`ServerArgs` fields (e.g. ``max_running_requests``, ``context_length``).
-    ``HS_KERNELS`` (comma-separated ``OP=IMPL``) adds kernel overrides."""
+    ``HS_KERNELS`` (comma-separated ``OP=IMPL``) adds kernel overrides; ``HS_SERVER_ARGS`` (a
+    JSON object, e.g. ``{"enable_mixed_chunk": true}``) further fields."""
     from heteroserve.core.config import ServerArgs
     from heteroserve.core.model_runner.build import build_model_runner
     from heteroserve.core.scheduler import Scheduler
 
     kernels = [k for k in os.environ.get("HS_KERNELS", "").split(",") if k]
+    server_args = {**json.loads(os.environ.get("HS_SERVER_ARGS") or "{}"), **server_args}
     args = ServerArgs(model_path=str(model_dir), load_format=load_format, dtype=dtype,
                       platform=platform, kernel=kernels, **server_args)
     _, dispatch, runner = build_model_runner(args)

@@ -48,6 +48,7 @@ class ServerArgs:
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
+    enable_mixed_chunk: bool = False  # running decodes ride along in prefill (extend) steps
     disable_cuda_graph: bool = False  # SGLang's spelling; disables any platform's graph capture
     cuda_graph_max_bs: int = 256
     enable_torch_compile: bool = False  # compile with the platform's compile_backend()

@@ -51,6 +51,8 @@ _HELP: dict[str, str] = {
     "schedule_policy": "fcfs or lpm (longest prefix match first)",
     "page_size": "KV page size in tokens (default: negotiated with the attention kernel)",
     "disable_cuda_graph": "no graph capture on any platform (vLLM: --enforce-eager)",
+    "enable_mixed_chunk": "running decodes get their next token inside prefill (extend) "
+                          "steps instead of waiting for a decode step (SGLang's flag)",
     "disable_shared_experts_fusion": "DeepSeek: run the shared experts as a separate MLP, "
                                      "not as extra experts of the fused MoE call",
     "kv_cache_dtype": "auto (the model dtype) or fp8_e4m3 (also spelled fp8 / fp8_e4m3fn; "
@@ -86,7 +88,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "memory and scheduling": ("mem_fraction_static", "max_total_tokens", "page_size",
                               "chunked_prefill_size", "max_prefill_tokens",
                               "max_running_requests", "schedule_policy", "disable_radix_cache",
-                              "disable_overlap_schedule", "stream_interval", "random_seed"),
+                              "disable_overlap_schedule", "enable_mixed_chunk",
+                              "stream_interval", "random_seed"),
     "platform, device and kernels": ("platform", "device", "device_index", "kernel",
                                      "cpu_threads", "disable_cuda_graph", "cuda_graph_max_bs",
                                      "enable_torch_compile", "disable_shared_experts_fusion"),

@@ -260,6 +260,15 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _riding_decodes(self, prefill: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
+        """``--enable-mixed-chunk``: the running requests past their prompt that get their
+        next token in this extend step (one new token each, a slot allocated here); a request
+        the pool has no page for waits for the next decode step, which may retract."""
+        chosen = {id(r) for r, _ in prefill}
+        return [(r, 1) for r in self.running
+                if r.prefilled and id(r) not in chosen and r.kv_len < len(r.fill_ids)
+                and self.grow_pages(r, r.kv_len + 1)]
+
     def _ensure_decode_pages(self) -> None:
         """Give every running request a slot for its next token, retracting if needed."""
         for req in sorted(self.running, key=lambda r: r.arrival):
@@ -298,8 +307,10 @@ class Scheduler:
         the overlap path). Pages are allocated and grammar masks start filling here."""
         entries = self._prefill_batch()
         if entries:
+            if self.args.enable_mixed_chunk:
+                entries += self._riding_decodes(entries)
             seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages,
-                                  all_logits=r.wants_prompt_logprobs,
+                                  all_logits=r.wants_prompt_logprobs and not r.prefilled,
                                   pool=self._pooling(r, r.kv_len + n)) for r, n in entries]
             mode = ForwardMode.EXTEND
         else:
@@ -354,9 +365,9 @@ class Scheduler:
                 sample_rows.append(row + rows - 1)
             row += rows
             r.kv_len += n
+            if batch.mode is ForwardMode.EXTEND and self.cache.enabled and not r.prefilled:
+                self._cache_prefix(r)  # a prompt chunk (not a decode riding along)
             r.prefilled = r.prefilled or r.kv_len == len(r.fill_ids)
-            if batch.mode is ForwardMode.EXTEND and self.cache.enabled:
-                self._cache_prefix(r)
             if end and r.sampling_params.max_new_tokens == 0:  # prompt only: no generation
                 outputs.append(self._complete_prompt_only(r))
         if row != len(sample_rows) or row != logits.shape[0]:

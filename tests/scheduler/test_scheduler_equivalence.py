@@ -83,3 +83,20 @@ def test_sampled_output_is_seed_deterministic_and_batch_independent(model) -> No
     c, _ = run_scheduler(args, PROMPTS[:1], runner=runner, **{**kw, "seed": 99})
     assert a["r0"] == b["r0"] == b["r1"] == b["r2"]
     assert a["r0"] != c["r0"]
+
+
+def test_mixed_chunk_equals_separate_steps_and_takes_fewer(model, baseline) -> None:
+    """``--enable-mixed-chunk``: decodes ride along in prefill steps; outputs do not change,
+    decode-only steps become fewer, and retraction still leaks nothing."""
+    # three running at a time: prompts are admitted while others decode
+    plain, plain_sched = run_scheduler(cpu_args(model, chunked_prefill_size=16,
+                                                max_running_requests=3), PROMPTS)
+    mixed, sched = run_scheduler(cpu_args(model, chunked_prefill_size=16, max_running_requests=3,
+                                          enable_mixed_chunk=True), PROMPTS)
+    assert plain == baseline and mixed == baseline
+    assert sched.counters["decode_steps"] < plain_sched.counters["decode_steps"]
+    tight, sched = run_scheduler(cpu_args(model, max_total_tokens=160, page_size=4,
+                                          chunked_prefill_size=16, enable_mixed_chunk=True),
+                                 PROMPTS)
+    assert tight == baseline
+    assert sched.allocator.num_free + sched.cache.cached_pages == sched.allocator.capacity
