@@ -12,8 +12,8 @@ Each format is a model folder written under ``$OUT/models``: the Llama-3.1-8B co
     python benchmarks/bench_quant_llama8b.py --platform cpu --model-dir TINY --num-prompts 4 \
         --input-len 16 --output-len 8       # smoke run on a CPU
 
-A ``:kvfp8`` suffix runs that format with ``--kv-cache-dtype fp8_e4m3`` (the torch-native
-attention on GPUs today: no GPU attention kernel declares fp8 caches yet).
+A ``:kvfp8`` suffix runs that format with ``--kv-cache-dtype fp8_e4m3`` (on cuda the
+Triton attention kernels store and read the fp8 cache).
 
 Writes ``quant_llama8b.json`` and ``quant_llama8b.png`` under ``--out-dir`` (default ``$OUT``).
 """
