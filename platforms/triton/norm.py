@@ -98,6 +98,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
+def _in_place_rows(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, op: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, residual, x rows, residual rows)``: the buffers a residual norm writes in place
+    (contiguous copies of non-contiguous inputs) and their ``[rows, hidden]`` views."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not residual.is_contiguous():
+        residual = residual.contiguous()
+    x2 = _rows(x, weight, op)
+    return x, residual, x2, residual.view(x2.shape)
+
+
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + residual`` (rounded to ``x.dtype``); returns ``(rms_norm(r), r)``.
@@ -108,12 +120,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"fused_add_rms_norm: x {x.dtype}{tuple(x.shape)} and residual "
                          f"{residual.dtype}{tuple(residual.shape)} differ")
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if not residual.is_contiguous():
-        residual = residual.contiguous()
-    x2 = _rows(x, weight, "fused_add_rms_norm")
-    r2 = residual.view(x2.shape)
+    x, residual, x2, r2 = _in_place_rows(x, residual, weight, "fused_add_rms_norm")
     if x2.shape[0]:
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](
@@ -134,12 +141,7 @@ def norm_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     contiguous copies when the inputs are not contiguous); the returned tensors are those
     buffers. Raises ``ValueError`` on mismatched shapes or dtypes."""
     check_norm_add_norm(x, residual, weight, next_weight)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if not residual.is_contiguous():
-        residual = residual.contiguous()
-    x2 = _rows(x, weight, "norm_add_norm")
-    r2 = residual.view(x2.shape)
+    x, residual, x2, r2 = _in_place_rows(x, residual, weight, "norm_add_norm")
     if x2.shape[0]:
         block = triton.next_power_of_2(x2.shape[1])
         _norm_add_norm_kernel[(x2.shape[0],)](

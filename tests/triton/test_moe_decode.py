@@ -3,15 +3,11 @@ it in ``fused_moe``, its GPU launch shapes, and (on a GPU) graph capture."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ptx_check import hopper_ptx
 from triton_refs import rel_err
 
 from heteroserve.platforms.triton import moe
@@ -254,12 +250,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                            "EVEN": False}})
     for job in jobs:
         job.update(module="heteroserve.platforms.triton.moe_decode", aligned=ptrs + ints)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                               "hopper_ptx.py"), json.dumps(jobs)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
+    for job, res in zip(jobs, hopper_ptx(jobs), strict=True):
         assert res["griddepcontrol_wait"], job["kernel"]
         if job["constexprs"]["BLOCK_K"] >= 128:  # the narrow fp8 tiles only need to build
             assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights/thread

@@ -131,13 +131,8 @@ def test_real_fp8_weights_bf16_activations(tokens: int) -> None:
 def test_grouped_gemm_compiles_for_hopper_with_fp8_weights() -> None:
     """The compiled (not interpreted) grouped GEMM with float8_e4m3fn weights and block
     scales builds for sm_90a at the GPU tile choices, gated and not (no GPU needed)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton.backends.nvidia.compiler")
+    from ptx_check import hopper_ptx
     from heteroserve.platforms.triton.moe_gemm import moe_configs
 
     names = ["a_ptr", "w_ptr", "ws_ptr", "c_ptr", "sorted_ids_ptr", "block_experts_ptr",
@@ -162,10 +157,5 @@ def test_grouped_gemm_compiles_for_hopper_with_fp8_weights() -> None:
                                         "W_SCALED": True, "SCALE_BLOCK": 128, "BLOCK_M": bm,
                                         "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                          "aligned": names + ints, "num_warps": warps})
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                               "hopper_ptx.py"), json.dumps(jobs)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = hopper_ptx(jobs)
     assert len(results) == 4 and all(r["ptx_lines"] > 100 for r in results)

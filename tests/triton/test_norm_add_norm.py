@@ -6,11 +6,6 @@ against transformers (interpreted only)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +18,7 @@ from heteroserve.core.kernels.registry import KernelRequest
 from heteroserve.core.model_runner.build import build_model_runner
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
+from ptx_check import hopper_ptx
 from triton_refs import rel_err
 
 HAS_GPU = torch.cuda.is_available()
@@ -167,12 +163,7 @@ def test_hopper_ptx_contracts_no_more_than_the_pair() -> None:
     for job in jobs:
         job.update(module="heteroserve.platforms.triton.norm", num_warps=16,
                    aligned=ptrs + ["w_next_ptr"] + ints)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" /
-                                               "hopper_ptx.py"), json.dumps(jobs)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = hopper_ptx(jobs)
     for i in range(0, len(results), 3):
         plain, residual, fused = results[i:i + 3]
         assert fused["griddepcontrol_wait"], jobs[i + 2]["signature"]["x_ptr"]
