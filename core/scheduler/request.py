@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from heteroserve.core.model_runner.pooling import EmbedSpec, PoolAccumulator
+from heteroserve.core.model_runner.pooling import EmbedSpec, PoolAccumulator, PoolingType
 from heteroserve.core.scheduler.outputs import FinishReason
 from heteroserve.core.scheduler.sampling_params import SamplingParams
 
@@ -97,6 +97,15 @@ class Req:
     def pending_len(self) -> int:
         """Tokens whose KV the next step must compute."""
         return len(self.input_ids) + len(self.output_ids) - self.kv_len
+
+    def pooling_upto(self, upto: int) -> PoolingType | None:
+        """What this request's step computing tokens up to ``upto`` pools: mean pooling takes
+        every chunk, last-token pooling only the chunk that ends the prompt."""
+        if self.embed is None:
+            return None
+        if self.embed.pooling is PoolingType.LAST and upto < len(self.fill_ids):
+            return None
+        return self.embed.pooling
 
     def derive_seed(self, engine_seed: int) -> None:
         sp_seed = self.sampling_params.seed

@@ -2,11 +2,12 @@
 
 Each :meth:`Scheduler.step` runs one forward pass: an *extend* batch (new requests and
 continuing chunks, up to ``chunked_prefill_size`` tokens) when there is prefill work that
-fits, otherwise a *decode* batch of every running request. When a decode step cannot get
-KV pages even after evicting unlocked cache entries, the newest running requests are
-retracted: their KV goes to the radix cache (or is freed), they return to the front of the
-queue, and they later re-prefill prompt + outputs and continue with identical sampling
-(randomness is keyed by seed and step).
+fits, otherwise a *decode* batch of every running request (with ``--enable-mixed-chunk``
+the running requests past their prompt also take their next token in the extend batch).
+When a decode step cannot get KV pages even after evicting unlocked cache entries, the
+newest running requests are retracted: their KV goes to the radix cache (or is freed), they
+return to the front of the queue, and they later re-prefill prompt + outputs and continue
+with identical sampling (randomness is keyed by seed and step).
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ class Scheduler:
                 entries += self._riding_decodes(entries)
             seqs = [SequenceInput(r.fill_ids[r.kv_len:r.kv_len + n], r.kv_len, r.pages,
                                   all_logits=r.wants_prompt_logprobs and not r.prefilled,
-                                  pool=self._pooling(r, r.kv_len + n)) for r, n in entries]
+                                  pool=r.pooling_upto(r.kv_len + n)) for r, n in entries]
             mode = ForwardMode.EXTEND
         else:
             self._ensure_decode_pages()
@@ -323,7 +324,7 @@ class Scheduler:
                 return None
             # a request still prefilling (its chunk found no pages) advances one token here
             seqs = [SequenceInput([r.fill_ids[r.kv_len]], r.kv_len, r.pages,
-                                  pool=self._pooling(r, r.kv_len + 1)) for r, _ in entries]
+                                  pool=r.pooling_upto(r.kv_len + 1)) for r, _ in entries]
             mode = ForwardMode.DECODE
             self.counters["decode_steps"] += 1
         ends = [r.kv_len + n == len(r.fill_ids) for r, n in entries]
@@ -332,16 +333,6 @@ class Scheduler:
         self.grammar.start(to_sample)
         forward = build_forward_batch(seqs, mode, self.page_size, self.runner.device)
         return ScheduledBatch(mode, entries, seqs, ends, to_sample, forward)
-
-    @staticmethod
-    def _pooling(req: Req, upto: int) -> PoolingType | None:
-        """What ``req``'s step computing tokens up to ``upto`` pools: mean pooling takes
-        every chunk, last-token pooling only the chunk that ends the prompt."""
-        if req.embed is None:
-            return None
-        if req.embed.pooling is PoolingType.LAST and upto < len(req.fill_ids):
-            return None
-        return req.embed.pooling
 
     def update(self, batch: ScheduledBatch, logits: torch.Tensor,
                pooled: torch.Tensor | None = None) -> list[StepOutput]:
