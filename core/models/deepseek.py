@@ -280,7 +280,7 @@ class DeepseekMoE(FusedMoE):
         if self.fused_shared:
             t, n = ids.shape[0], self.shared_ids.shape[0]
             weights = torch.cat([weights, self.shared_weights.expand(t, n)], dim=1)
-            ids = torch.cat([ids, self.shared_ids.to(ids.dtype).expand(t, n)], dim=1)
+            ids = torch.cat([ids, self.shared_ids.expand(t, n)], dim=1)  # both int32 (op contract)
         out = self.ctx.all_reduce(self.experts(x, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
