@@ -10,7 +10,9 @@ included) for both engines; tokens per CPU-second of the process are reported ne
 ratio, heteroserve's median decode step, and, measured in the same run, the machine's matvec
 bandwidth (a bf16 matrix-vector product over a 128 MiB weight, plain and oneDNN-packed; the
 faster counts) and GEMM rate (bf16 and fp32), from which the batch-1 memory roofline of each
-model follows (weight bytes / matvec bandwidth). The machine may be shared with other jobs:
+model follows (weight bytes / matvec bandwidth). The host's memory bandwidth drifts (readings
+of 20-40 GB/s on one VM within an hour), so a case's roofline uses the median of readings taken
+right before each of its heteroserve runs, not one reading at the start (kept in the JSON). The machine may be shared with other jobs:
 the load average before and after is recorded, medians absorb part of the noise. Writes JSON
 and a PNG plot next to it.
 """
@@ -120,11 +122,13 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
     prompts = random_prompts(batch, PROMPT_LEN, runner.vocab_size, seed=batch)
     run_heteroserve(scheduler, prompts[:1], "warm")
     run_hf(hf, prompts[:1])
-    hs_runs, hf_runs = [], []
+    hs_runs, hf_runs, readings = [], [], []
     for r in range(repeats):  # interleaved; the order flips every repeat
         order = ("hs", "hf") if r % 2 == 0 else ("hf", "hs")
         for engine in order:
             if engine == "hs":
+                if batch == 1:  # the ceiling next to the run it bounds
+                    readings.append(matvec_bandwidth()["matvec_Bps"])
                 hs_runs.append(run_heteroserve(scheduler, prompts, f"r{r}"))
             else:
                 hf_runs.append(run_hf(hf, prompts))
@@ -134,7 +138,8 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
     hs_cpu = statistics.median(r["tok_per_cpu_s"] for r in hs_runs)
     hf_cpu = statistics.median(r["tok_per_cpu_s"] for r in hf_runs)
     weight_bytes = runner.weight_bytes()
-    roofline_step_s = weight_bytes / matvec_Bps
+    case_Bps = statistics.median(readings) if readings else matvec_Bps
+    roofline_step_s = weight_bytes / case_Bps
     result = {"model": name, "dtype": dtype, "batch": batch,
               "heteroserve_tok_per_s": hs_tps, "hf_tok_per_s": hf_tps, "ratio": hs_tps / hf_tps,
               # tokens per second of this process's CPU time (all its threads): less sensitive
@@ -143,13 +148,14 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
               "cpu_time_ratio": hs_cpu / hf_cpu,
               "heteroserve_decode_step_s": step_s, "weight_bytes": weight_bytes,
               "roofline_decode_step_s": roofline_step_s,
+              "matvec_Bps": case_Bps, "matvec_readings_Bps": readings,
               "fraction_of_roofline": roofline_step_s / step_s if batch == 1 else None,
               "heteroserve_runs": [r["tok_per_s"] for r in hs_runs],
               "hf_runs": [r["tok_per_s"] for r in hf_runs]}
     print(f"{name} {dtype} batch {batch}: heteroserve {hs_tps:.1f} tok/s, HF {hf_tps:.1f} "
           f"tok/s, ratio {hs_tps / hf_tps:.2f} (per CPU-second {hs_cpu / hf_cpu:.2f}), "
           f"decode step {step_s * 1e3:.2f} ms "
-          f"(roofline {roofline_step_s * 1e3:.2f} ms)", flush=True)
+          f"(roofline {roofline_step_s * 1e3:.2f} ms at {case_Bps / 1e9:.1f} GB/s)", flush=True)
     return result
 
 

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.layers.norm import RMSNorm
 from heteroserve.core.layers.rotary_cache import build_cos_sin_cache
+
+
+#: (rotary_dim, max_position, base, rope_scaling as JSON, device) -> the device cache; weak,
+#: so a cache lives as long as a model holds it
+_SHARED_CACHES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def shared_cos_sin_cache(rotary_dim: int, max_position: int, base: float,
+                         rope_scaling: Mapping[str, Any] | None,
+                         device: torch.device) -> torch.Tensor:
+    """One ``[max_position, rotary_dim]`` fp32 cache on ``device`` per distinct set of rotary
+    parameters, shared by every layer (and model) that asks for it while one holds it: a
+    Llama-3.1 layer's cache is 64 MiB (131,072 positions x 128), so one per layer would take 2
+    GiB of device memory from the KV pool. Read-only for its users (kernels index it);
+    errors as :func:`build_cos_sin_cache`."""
+    key = (rotary_dim, max_position, float(base),
+           json.dumps(rope_scaling, sort_keys=True, default=str), str(torch.device(device)))
+    cache = _SHARED_CACHES.get(key)
+    if cache is None:
+        cache = build_cos_sin_cache(rotary_dim, max_position, base, rope_scaling).to(device)
+        _SHARED_CACHES[key] = cache
+    return cache
 
 
 class RotaryEmbedding(nn.Module):
@@ -18,8 +45,8 @@ class RotaryEmbedding(nn.Module):
                  rope_scaling: dict | None, is_neox: bool = True) -> None:
         super().__init__()
         self.ctx, self.is_neox = ctx, is_neox
-        cache = build_cos_sin_cache(rotary_dim, max_position, base, rope_scaling)
-        self.register_buffer("cos_sin_cache", cache.to(ctx.device), persistent=False)
+        cache = shared_cos_sin_cache(rotary_dim, max_position, base, rope_scaling, ctx.device)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,16 +29,60 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return out
 
 
+class _CosSinMemo:
+    """The last lookup's ``(cos, sin)``: every layer of a forward rotates at the same
+    ``positions`` with the same (shared) cache, so the gather and cast run once a forward.
+    A hit needs the very same ``positions`` and cache objects, the same dtype and positions
+    equal to those of the lookup (an in-place update of a reused positions buffer misses;
+    inference tensors have no version counter to tell). Host tensors only: the comparison
+    would wait for a device."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._positions: torch.Tensor | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._refs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, positions: torch.Tensor, cache: torch.Tensor,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[T, 1, R/2]`` in ``dtype``."""
+        key = (id(positions), id(cache), dtype)
+        if (key == self._key and self._value is not None and self._positions is not None
+                and torch.equal(self._positions, positions)):
+            return self._value
+        cos_sin = cache.index_select(0, positions.to(torch.long)).to(dtype).unsqueeze(1)
+        cos, sin = cos_sin.chunk(2, dim=-1)
+        if positions.device.type == "cpu":
+            # the objects stay referenced (ids cannot be reused while memoised)
+            self._key, self._value = key, (cos, sin)
+            self._positions, self._refs = positions.clone(), (positions, cache)
+        return cos, sin
+
+
+_MEMO = _CosSinMemo()
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``k``'s heads directly follow ``q``'s in memory with the same token stride (q
+    and k split from one fused projection output), so that ``[T, Hq + Hk, D]`` views both."""
+    heads, d = q.shape[1] + k.shape[1], q.shape[2]
+    rows_ok = q.shape[0] == 1 or (q.stride(0) == k.stride(0) and q.stride(0) >= heads * d)
+    return (q.dtype == k.dtype and rows_ok and q.stride()[1:] == k.stride()[1:] == (d, 1)
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * q.element_size())
+
+
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` at ``positions`` (int ``[T]``).
 
     ``cos_sin_cache [max_position, R]`` holds ``[cos | sin]``; only the first ``R <= D`` dims
     of each head rotate (NeoX halves when ``is_neox``, else GPT-J interleaved pairs), the
-    rest pass through. Returns new contiguous ``(q, k)`` in the input dtypes, computed in
-    them (cos/sin rounded to it, as Hugging Face does); inputs (any strides) are not modified.
-    Raises ``ValueError`` on inconsistent shapes (positions are not range-checked, to avoid a
-    host sync).
+    rest pass through. Returns new ``(q, k)`` in the input dtypes, computed in them (cos/sin
+    rounded to it, as Hugging Face does); inputs (any strides) are not modified. When ``k``'s
+    heads follow ``q``'s in memory (one fused projection's output), both are rotated in one
+    pass and returned as head slices of one new ``[T, Hq + Hk, D]`` tensor (last two dims
+    contiguous); otherwise each is a new contiguous tensor. Raises ``ValueError`` on
+    inconsistent shapes (positions are not range-checked, to avoid a host sync).
     """
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(f"rotary: q and k must be [T, H, D], got {tuple(q.shape)} and "
@@ -50,8 +94,13 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
         raise ValueError(f"rotary: positions {tuple(positions.shape)}, q {tuple(q.shape)} and "
                          f"k {tuple(k.shape)} disagree on the token count")
-    cos_sin = cos_sin_cache.index_select(0, positions.to(torch.long)).to(q.dtype).unsqueeze(1)
-    cos, sin = cos_sin.chunk(2, dim=-1)
+    cos, sin = _MEMO.get(positions, cos_sin_cache, q.dtype)
+    if _adjacent_heads(q, k):
+        hq = q.shape[1]
+        both = q.as_strided((q.shape[0], hq + k.shape[1], q.shape[2]),
+                           (max(q.stride(0), (hq + k.shape[1]) * q.shape[2]), *q.stride()[1:]))
+        out = _rotate(both, cos, sin, is_neox)
+        return out[:, :hq], out[:, hq:]
     if k.dtype != q.dtype:
         return _rotate(q, cos, sin, is_neox), _rotate(k, cos.to(k.dtype), sin.to(k.dtype), is_neox)
     return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)

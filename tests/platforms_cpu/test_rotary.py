@@ -111,3 +111,59 @@ def test_cos_sin_cache_errors(kwargs: dict, match: str) -> None:
     args = {"rotary_dim": 64, "max_position": 16, "base": 10000.0, **kwargs}
     with pytest.raises(ValueError, match=match):
         build_cos_sin_cache(**args)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_views_rotate_in_one_pass(tokens: int, dtype: torch.dtype) -> None:
+    """q and k split from one qkv row (k's heads right after q's) take the one-pass path: the
+    results equal rotating contiguous copies, the qkv buffer is untouched, and the outputs are
+    head slices of one new tensor."""
+    from heteroserve.platforms.cpu.rotary import _adjacent_heads
+
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, (6 + 2 + 2) * 32, generator=gen).to(dtype)
+    q = qkv[:, :6 * 32].reshape(tokens, 6, 32)
+    k = qkv[:, 6 * 32:8 * 32].reshape(tokens, 2, 32)
+    assert _adjacent_heads(q, k) and not _adjacent_heads(k, q)
+    qkv0 = qkv.clone()
+    positions = torch.arange(tokens) * 3 + 1
+    cache = build_cos_sin_cache(32, 64, 10000.0)
+    q_out, k_out = apply_rotary(positions, q, k, cache, True)
+    q_ref, k_ref = apply_rotary(positions, q.contiguous().clone(), k.contiguous().clone(),
+                                cache, True)
+    assert torch.equal(qkv, qkv0)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert q_out.data_ptr() != q.data_ptr() and q_out.stride()[1:] == (32, 1)
+
+
+def test_cos_sin_memo_follows_positions_in_place() -> None:
+    """The per-forward cos/sin memo is keyed on the positions object and its values: a
+    positions buffer updated in place must not get the previous step's angles."""
+    cache = build_cos_sin_cache(16, 64, 10000.0)
+    positions = torch.tensor([1, 2])
+    q, k = torch.randn(2, 2, 16), torch.randn(2, 1, 16)
+    first = apply_rotary(positions, q, k, cache, True)
+    again = apply_rotary(positions, q, k, cache, True)
+    assert torch.equal(first[0], again[0])
+    positions.copy_(torch.tensor([30, 40]))
+    moved = apply_rotary(positions, q, k, cache, True)
+    fresh = apply_rotary(positions.clone(), q, k, cache, True)
+    assert torch.equal(moved[0], fresh[0]) and not torch.equal(moved[0], first[0])
+    ref = _reference(positions, q, cache, True)
+    torch.testing.assert_close(moved[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_share_one_cos_sin_cache() -> None:
+    """Every rotary layer with the same parameters holds the same cache tensor (one Llama-3.1
+    layer's cache is 64 MiB); different parameters get their own."""
+    from heteroserve.core.layers.rotary import shared_cos_sin_cache
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    a = shared_cos_sin_cache(16, 256, 500000.0, scaling, torch.device("cpu"))
+    b = shared_cos_sin_cache(16, 256, 500000.0, dict(reversed(scaling.items())), "cpu")
+    assert a is b
+    assert torch.equal(a, build_cos_sin_cache(16, 256, 500000.0, scaling))
+    assert shared_cos_sin_cache(16, 256, 10000.0, scaling, "cpu") is not a
+    assert shared_cos_sin_cache(16, 256, 500000.0, None, "cpu") is not a
