@@ -63,11 +63,13 @@ _MEMO = _CosSinMemo()
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``k``'s heads directly follow ``q``'s in memory with the same token stride (q
-    and k split from one fused projection output), so that ``[T, Hq + Hk, D]`` views both."""
+    """Whether ``k``'s heads directly follow ``q``'s in one storage with the same token stride
+    (q and k split from one fused projection output), so that ``[T, Hq + Hk, D]`` views both.
+    Two allocations that merely lie next to each other do not qualify."""
     heads, d = q.shape[1] + k.shape[1], q.shape[2]
     rows_ok = q.shape[0] == 1 or (q.stride(0) == k.stride(0) and q.stride(0) >= heads * d)
     return (q.dtype == k.dtype and rows_ok and q.stride()[1:] == k.stride()[1:] == (d, 1)
+            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
             and k.data_ptr() == q.data_ptr() + q.shape[1] * d * q.element_size())
 
 

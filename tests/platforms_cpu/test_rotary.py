@@ -167,3 +167,22 @@ def test_layers_share_one_cos_sin_cache() -> None:
     assert torch.equal(a, build_cos_sin_cache(16, 256, 500000.0, scaling))
     assert shared_cos_sin_cache(16, 256, 10000.0, scaling, "cpu") is not a
     assert shared_cos_sin_cache(16, 256, 500000.0, None, "cpu") is not a
+
+
+def test_adjacent_but_separate_allocations_rotate_separately() -> None:
+    """q and k in two storages that happen to lie back to back (as a caching allocator
+    hands out) are not one fused output: each is rotated on its own (a joint view of q's
+    storage would run past its end)."""
+    import numpy as np
+
+    from heteroserve.platforms.cpu.rotary import _adjacent_heads
+
+    block = np.random.default_rng(0).standard_normal(9 * 64).astype(np.float32)
+    q = torch.from_numpy(block[:8 * 64]).view(1, 8, 64)
+    k = torch.from_numpy(block[8 * 64:]).view(1, 1, 64)
+    assert k.data_ptr() == q.data_ptr() + q.numel() * 4
+    assert not _adjacent_heads(q, k)
+    cache = build_cos_sin_cache(64, 16, 10000.0)
+    q_out, k_out = apply_rotary(torch.tensor([5]), q, k, cache, True)
+    torch.testing.assert_close(q_out.double(), _reference(torch.tensor([5]), q, cache, True))
+    torch.testing.assert_close(k_out.double(), _reference(torch.tensor([5]), k, cache, True))
