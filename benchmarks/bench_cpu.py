@@ -11,10 +11,10 @@ ratio, heteroserve's median decode step, and, measured in the same run, the mach
 bandwidth (a bf16 matrix-vector product over a 128 MiB weight, plain and oneDNN-packed; the
 faster counts) and GEMM rate (bf16 and fp32), from which the batch-1 memory roofline of each
 model follows (weight bytes / matvec bandwidth). The host's memory bandwidth drifts (readings
-of 20-40 GB/s on one VM within an hour), so a case's roofline uses the median of readings taken
-right before each of its heteroserve runs, not one reading at the start (kept in the JSON). The machine may be shared with other jobs:
-the load average before and after is recorded, medians absorb part of the noise. Writes JSON
-and a PNG plot next to it.
+of 20-40 GB/s on one VM within an hour), so a batch-1 case's roofline uses the median of
+readings taken right before each of its heteroserve runs (all kept in the JSON), not the one
+reading at the start. The machine may be shared with other jobs: the load average before and
+after is recorded, medians absorb part of the noise. Writes JSON and a PNG plot next to it.
 """
 
 from __future__ import annotations

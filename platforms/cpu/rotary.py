@@ -5,6 +5,8 @@ The cos/sin cache comes from :func:`heteroserve.core.layers.rotary_cache.build_c
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -32,30 +34,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
 class _CosSinMemo:
     """The last lookup's ``(cos, sin)``: every layer of a forward rotates at the same
     ``positions`` with the same (shared) cache, so the gather and cast run once a forward.
-    A hit needs the very same ``positions`` and cache objects, the same dtype and positions
-    equal to those of the lookup (an in-place update of a reused positions buffer misses;
-    inference tensors have no version counter to tell). Host tensors only: the comparison
-    would wait for a device."""
+    A hit needs the very same ``positions`` and cache objects (weakly referenced: the memo
+    keeps neither alive), the same dtype, and positions equal to those of the lookup (an
+    in-place update of a reused positions buffer misses; inference tensors have no version
+    counter to tell). Host tensors only: the comparison would wait for a device."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._positions: torch.Tensor | None = None
+        self._positions: weakref.ref[torch.Tensor] | None = None
+        self._cache: weakref.ref[torch.Tensor] | None = None
+        self._dtype: torch.dtype | None = None
+        self._seen = torch.empty(0)
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._refs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get(self, positions: torch.Tensor, cache: torch.Tensor,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, each ``[T, 1, R/2]`` in ``dtype``."""
-        key = (id(positions), id(cache), dtype)
-        if (key == self._key and self._value is not None and self._positions is not None
-                and torch.equal(self._positions, positions)):
+        if (self._value is not None and dtype == self._dtype and self._positions is not None
+                and self._positions() is positions and self._cache is not None
+                and self._cache() is cache and torch.equal(self._seen, positions)):
             return self._value
         cos_sin = cache.index_select(0, positions.to(torch.long)).to(dtype).unsqueeze(1)
         cos, sin = cos_sin.chunk(2, dim=-1)
         if positions.device.type == "cpu":
-            # the objects stay referenced (ids cannot be reused while memoised)
-            self._key, self._value = key, (cos, sin)
-            self._positions, self._refs = positions.clone(), (positions, cache)
+            self._positions, self._cache = weakref.ref(positions), weakref.ref(cache)
+            self._dtype, self._seen, self._value = dtype, positions.clone(), (cos, sin)
         return cos, sin
 
 
