@@ -22,7 +22,7 @@ from heteroserve.core.models.config import ModelLoadError
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
 from parity import assert_matches
-from quant_checkpoints import dequantized_reference, write_quantized
+from quant_checkpoints import copy_without_weights, dequantized_reference, write_quantized
 
 
 FP8_TOL = 2e-2  # as tests/models/test_quantized_checkpoints.py
@@ -130,11 +130,7 @@ def test_unquantized_shared_experts_next_to_fp8_routed_ones_stay_separate(fp8_v3
     """Shared experts the checkpoint keeps unquantized (``ignored_layers``) cannot fill
     fp8 expert slots: they run as the separate MLP, unquantized."""
     v3, src, _ = fp8_v3
-    path = tmp_path / "ckpt"
-    path.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            (path / f.name).write_bytes(f.read_bytes())
+    path = copy_without_weights(src, tmp_path / "ckpt")
     tensors = load_file(str(src / "model.safetensors"))
     tensors = {k: v for k, v in tensors.items() if ".shared_experts." not in k}
     tensors.update({k: v for k, v in load_file(str(v3 / "model.safetensors")).items()

@@ -13,7 +13,9 @@ from heteroserve.core.model_runner.build import build_model_runner, startup_bloc
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
 from parity import assert_matches
-from quant_checkpoints import dequantized_reference, write_compressed_tensors, write_quantized
+from quant_checkpoints import (
+    copy_without_weights, dequantized_reference, write_compressed_tensors, write_quantized,
+)
 
 
 
@@ -162,11 +164,7 @@ def test_online_fp8_of_unquantized_checkpoint(base, tmp_path) -> None:
     layer = runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert layer.self_attn.qkv_proj.weight_scale.shape == (1,)
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    for f in base.iterdir():
-        if f.suffix != ".safetensors":
-            (ref_dir / f.name).write_bytes(f.read_bytes())
+    ref_dir = copy_without_weights(base, tmp_path / "ref")
     tensors = load_file(str(base / "model.safetensors"))
     fused = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
     groups: dict[tuple[str, str], list[str]] = {}

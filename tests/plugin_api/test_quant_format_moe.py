@@ -24,6 +24,7 @@ from example_int8wo import (
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.plugin_api import QuantizationError
 from parity import assert_matches
+from quant_checkpoints import copy_without_weights
 
 SCHEME = "example_int8_wo"
 #: every step's logits of fp32 engine vs transformers on the same dense weights
@@ -72,11 +73,7 @@ def test_a_tenth_of_a_percent_scale_error_in_one_expert_fails_the_comparison(
     all three projections) off by 0.1% no longer matches the reference."""
     catalog = example_catalog(monkeypatch)
     monkeypatch.setattr(build, "load_plugins", lambda: catalog)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in moe_ckpt.iterdir():
-        if f.suffix != ".safetensors":
-            (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_without_weights(moe_ckpt, tmp_path / "bad")
     tensors = load_file(moe_ckpt / "model.safetensors")
     for proj in ("gate_proj", "up_proj", "down_proj"):
         key = f"model.layers.0.mlp.experts.1.{proj}.scales"

@@ -27,6 +27,16 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # + MLA's
 
 
+def copy_without_weights(src: Path, dst: Path) -> Path:
+    """``dst`` (created) holding every file of checkpoint folder ``src`` but its
+    ``*.safetensors`` (config, tokenizer, ...), for a test to write altered weights into."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 def _is_projection(name: str) -> bool:
     return name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS
 
