@@ -104,3 +104,34 @@ def run_requests(scheduler, prompts: list[list[int]], output_len: int,
     if sync_steps:
         out["step_s"] = step_s
     return out
+
+
+def active_weight_bytes(runner) -> int:
+    """Bytes of weights one decode token reads: every dense weight, the LM head (the whole
+    embedding matrix when tied), one embedding row, and of a fused MoE's routed experts only
+    ``top_k / num_experts`` (plus any always-on shared experts stored after them)."""
+    from heteroserve.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from heteroserve.core.layers.moe import FusedMoE
+
+    tied = runner.model_config.tie_word_embeddings
+    seen: set[int] = set()
+    total = 0.0
+    for module in runner.model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            if isinstance(module, FusedMoE) and name in ("w13", "w2"):
+                # top_k routed experts, plus any always-on shared experts stored after them
+                routed = getattr(module, "num_routed", p.shape[0])
+                size = size * (module.top_k + p.shape[0] - routed) / p.shape[0]
+            elif (isinstance(module, VocabParallelEmbedding)
+                  and not isinstance(module, ParallelLMHead) and not tied):
+                size = p.shape[1] * p.element_size()
+            total += size
+    return int(total)
+
+
+def kv_bytes_per_token(runner) -> int:
+    return runner.kv.bytes_per_page // runner.kv.page_size

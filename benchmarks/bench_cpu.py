@@ -10,11 +10,14 @@ included) for both engines; tokens per CPU-second of the process are reported ne
 ratio, heteroserve's median decode step, and, measured in the same run, the machine's matvec
 bandwidth (a bf16 matrix-vector product over a 128 MiB weight, plain and oneDNN-packed; the
 faster counts) and GEMM rate (bf16 and fp32), from which the batch-1 memory roofline of each
-model follows (weight bytes / matvec bandwidth). The host's memory bandwidth drifts (readings
+model follows: the bytes a decode step reads (every weight but the embedding table, of which
+one row, plus the KV cache at the mean decode context) over the matvec bandwidth. The host's memory bandwidth drifts (readings
 of 20-40 GB/s on one VM within an hour), so a batch-1 case's roofline uses the median of
 readings taken right before each of its heteroserve runs (all kept in the JSON), not the one
 reading at the start. The machine may be shared with other jobs: the load average before and
 after is recorded, medians absorb part of the noise. Writes JSON and a PNG plot next to it.
+``--torch-compile`` runs heteroserve with ``--enable-torch-compile`` (compiled on its warm-up
+run, outside the timings).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import active_weight_bytes, kv_bytes_per_token  # noqa: E402
 from cpu_models import build_engine, model_dir, random_prompts  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 128, 64
@@ -111,12 +115,12 @@ def run_hf(model, prompts: list[list[int]]) -> dict[str, float]:
 
 
 def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
-             cpu_threads: str | None) -> dict:
+             cpu_threads: str | None, torch_compile: bool = False) -> dict:
     import transformers
 
     # --cpu-threads sizes torch's pool for the whole process: HF runs with the same threads
     runner, scheduler = build_engine(name, dtype, max_running=max(16, batch),
-                                     cpu_threads=cpu_threads)
+                                     cpu_threads=cpu_threads, torch_compile=torch_compile)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(model_dir(name)), dtype=DTYPES[dtype]).eval()
     prompts = random_prompts(batch, PROMPT_LEN, runner.vocab_size, seed=batch)
@@ -138,15 +142,20 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
     hs_cpu = statistics.median(r["tok_per_cpu_s"] for r in hs_runs)
     hf_cpu = statistics.median(r["tok_per_cpu_s"] for r in hf_runs)
     weight_bytes = runner.weight_bytes()
+    # what one decode step of one sequence must read: weights (one embedding row) + its KV
+    read_bytes = active_weight_bytes(runner) + kv_bytes_per_token(runner) * (
+        PROMPT_LEN + NEW_TOKENS // 2)
     case_Bps = statistics.median(readings) if readings else matvec_Bps
-    roofline_step_s = weight_bytes / case_Bps
+    roofline_step_s = read_bytes / case_Bps
     result = {"model": name, "dtype": dtype, "batch": batch,
               "heteroserve_tok_per_s": hs_tps, "hf_tok_per_s": hf_tps, "ratio": hs_tps / hf_tps,
               # tokens per second of this process's CPU time (all its threads): less sensitive
               # than wall time to other jobs taking the cores, but it counts spin-waiting
               "heteroserve_tok_per_cpu_s": hs_cpu, "hf_tok_per_cpu_s": hf_cpu,
               "cpu_time_ratio": hs_cpu / hf_cpu,
+              "torch_compile": torch_compile,
               "heteroserve_decode_step_s": step_s, "weight_bytes": weight_bytes,
+              "decode_read_bytes": read_bytes,
               "roofline_decode_step_s": roofline_step_s,
               "matvec_Bps": case_Bps, "matvec_readings_Bps": readings,
               "fraction_of_roofline": roofline_step_s / step_s if batch == 1 else None,
@@ -199,6 +208,8 @@ def main() -> None:
     ap.add_argument("--cases", default="all", help="comma list of model:dtype:batch, or all")
     ap.add_argument("--cpu-threads", default=None,
                     help="heteroserve's --cpu-threads (also what HF runs with); default auto")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="heteroserve with --enable-torch-compile (inductor with freezing)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_bench.json"))
     a = ap.parse_args()
     if a.cpu_threads is not None and a.cpu_threads.isdigit():
@@ -210,8 +221,8 @@ def main() -> None:
     print(f"matvec {bandwidth['matvec_Bps'] / 1e9:.1f} GB/s, GEMM bf16 "
           f"{rates['bfloat16_flops'] / 1e9:.0f} GFLOP/s, fp32 {rates['float32_flops'] / 1e9:.0f} "
           "GFLOP/s", flush=True)
-    results = [run_case(m, d, b, a.repeats, bandwidth["matvec_Bps"], a.cpu_threads)
-               for m, d, b in cases]
+    results = [run_case(m, d, b, a.repeats, bandwidth["matvec_Bps"], a.cpu_threads,
+                        a.torch_compile) for m, d, b in cases]
     report = {
         "benchmark": "bench_cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
         "repeats": a.repeats, "statistic": "median", "interleaved": True,

@@ -29,7 +29,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_common import build_engine, log as _log, random_prompts, run_requests  # noqa: E402
+from bench_common import (  # noqa: E402
+    active_weight_bytes, build_engine, kv_bytes_per_token, log as _log, random_prompts,
+    run_requests,
+)
 
 MODELS = {"deepseek-v2-lite": HERE / "models" / "deepseek-v2-lite",
           "gemma-3-12b": HERE / "models" / "gemma-3-12b"}
@@ -41,35 +44,6 @@ def build(model_dir: Path, platform: str, dtype: str, max_running: int, load_for
                         max_running_requests=max_running, context_length=4096,
                         mem_fraction_static=0.85,
                         cuda_graph_max_bs=int(os.environ.get("HS_GRAPH_MAX_BS", "16")))
-
-
-def active_weight_bytes(runner) -> int:
-    """Bytes of weights one decode token reads (see the module docstring)."""
-    from heteroserve.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-    from heteroserve.core.layers.moe import FusedMoE
-
-    tied = runner.model_config.tie_word_embeddings
-    seen: set[int] = set()
-    total = 0.0
-    for module in runner.model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            size = p.numel() * p.element_size()
-            if isinstance(module, FusedMoE) and name in ("w13", "w2"):
-                # top_k routed experts, plus any always-on shared experts stored after them
-                routed = getattr(module, "num_routed", p.shape[0])
-                size = size * (module.top_k + p.shape[0] - routed) / p.shape[0]
-            elif (isinstance(module, VocabParallelEmbedding)
-                  and not isinstance(module, ParallelLMHead) and not tied):
-                size = p.shape[1] * p.element_size()
-            total += size
-    return int(total)
-
-
-def kv_bytes_per_token(runner) -> int:
-    return runner.kv.bytes_per_page // runner.kv.page_size
 
 
 def bench_decode1(runner, scheduler, bandwidth: float | None, prompt: int, output: int) -> dict:

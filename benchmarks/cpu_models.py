@@ -35,8 +35,10 @@ def model_dir(name: str) -> Path:
     return path
 
 
-def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: str | None = None):
-    """``(runner, scheduler)`` for model ``name`` on the cpu platform, radix cache off."""
+def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: str | None = None,
+                 torch_compile: bool = False):
+    """``(runner, scheduler)`` for model ``name`` on the cpu platform, radix cache off;
+    ``torch_compile``: ``--enable-torch-compile``."""
     from heteroserve.core.config import ServerArgs
     from heteroserve.core.model_runner.build import build_model_runner
     from heteroserve.core.scheduler import Scheduler
@@ -45,6 +47,8 @@ def build_engine(name: str, dtype: str, max_running: int = 64, cpu_threads: str 
     # torch.set_num_threads stands in for it there
     known = {f.name for f in dataclasses.fields(ServerArgs)}
     extra = {"cpu_threads": cpu_threads} if cpu_threads and "cpu_threads" in known else {}
+    if torch_compile:
+        extra["enable_torch_compile"] = True
     args = ServerArgs(model_path=str(model_dir(name)), dtype=dtype, platform="cpu",
                       disable_radix_cache=True, max_running_requests=max_running,
                       max_total_tokens=max_running * 256, **extra)

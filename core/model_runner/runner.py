@@ -43,6 +43,11 @@ def compile_model(model: torch.nn.Module, platform: Platform) -> Callable[..., t
     return torch.compile(model, backend=backend, dynamic=True)
 
 
+def backend_name(backend: str | Callable[..., Any] | None) -> str:
+    """A compile backend as the start-up block names it."""
+    return backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+
+
 class ModelRunner:
     """One rank's model, KV cache and attention backend.
 
@@ -83,6 +88,9 @@ class ModelRunner:
         self.hidden_size = cfg.hidden_size
         self.model_call = compile_model(self.model, platform) \
             if server_args.enable_torch_compile else self.model
+        #: what compiles the model (the backend's name; "off" when it runs eagerly)
+        self.compiled_with = backend_name(platform.compile_backend()) \
+            if self.model_call is not self.model else "off"
         self.graphs: Any = None
         if platform.capabilities().graph_capture and not server_args.disable_cuda_graph:
             from heteroserve.core.model_runner.graph_decode import DecodeGraphs

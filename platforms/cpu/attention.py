@@ -25,6 +25,7 @@ from heteroserve.core.kernels.attention import (
     AttentionBackend, AttentionLayer, AttentionMetadata, ForwardMode,
 )
 from heteroserve.core.platform import KVLayout
+from heteroserve.platforms.cpu.compiled import paged_attention, register_backend
 from heteroserve.platforms.cpu.decode_mirror import DecodeKVMirror
 
 #: Upper bound on score (or mask) elements materialised at once per sequence chunk.
@@ -161,6 +162,7 @@ class TorchNativeAttention(AttentionBackend):
         #: layer costs the host page faults on first touch
         self._gather_buffers: list[torch.Tensor | None] = [None, None]
         self._mirror = DecodeKVMirror(_MIRROR_BYTES)
+        self._compiled_handle = register_backend(self)
 
     # -- layout-specific indexing (overridden by the HND variant) --------------------------
     def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -245,6 +247,29 @@ class TorchNativeAttention(AttentionBackend):
             self._mirror.begin_step(step.decode, meta.out_cache_loc)
         else:
             self._mirror.reset()
+
+    def current_meta(self) -> AttentionMetadata:
+        """The metadata of the step :meth:`prepare` planned last. Raises ``RuntimeError``
+        before any."""
+        if self._slots is None:
+            raise RuntimeError("attention: no step prepared")
+        return self._slots.meta
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, layer: AttentionLayer,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """The contract's ``forward``. Inside a ``torch.compile`` trace it becomes one opaque
+        op (:mod:`.compiled`) that runs :meth:`forward_eager` on the prepared step's
+        metadata (``meta`` must be that step's, as the runner guarantees)."""
+        if torch.compiler.is_compiling():
+            return paged_attention(self._compiled_handle, q, k, v, k_cache, v_cache, layer)
+        return self.forward_eager(q, k, v, k_cache, v_cache, layer, meta)
+
+    def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, layer: AttentionLayer,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """Write K/V, then attend according to ``meta.mode`` (the base class's forward)."""
+        return super().forward(q, k, v, k_cache, v_cache, layer, meta)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
+from heteroserve.core.kernels.registry import KernelRequest, Support
+from heteroserve.platforms.cpu.features import detect_cpu_features
 from heteroserve.platforms.cpu.prepack import is_packed, packed_linear, prepack_weight
 from heteroserve.platforms.cpu.quant_pack import AWQ_ORDER, unpack_nibbles
 
@@ -77,14 +79,27 @@ def quantize_int8_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class UnquantizedLinear(LinearMethod):
-    """``weight [N, K]`` in the model dtype; ``y = x @ W^T + bias``.
-
-    On CPU the weight is prepacked for oneDNN at load where oneDNN runs its dtype natively
-    (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN tensor that only ``apply``
-    reads. Elsewhere it stays as loaded and ``apply`` is ``F.linear``."""
+    """``weight [N, K]`` in the model dtype; ``y = x @ W^T + bias`` with ``F.linear``, on any
+    device. The weight stays a plain tensor (what a ``torch.compile`` trace can take)."""
 
     scheme = "unquantized"
     serves_lm_head = True
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Nothing to convert."""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, _get(layer, "weight").to(x.dtype), b)
+
+
+class OneDNNPrepackedLinear(UnquantizedLinear):
+    """:class:`UnquantizedLinear` with the weight prepacked for oneDNN at load where oneDNN
+    runs its dtype natively (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN
+    tensor that only ``apply`` reads. Weights it cannot pack stay plain and take
+    ``F.linear``. The cpu platform's choice unless the model is compiled
+    (:func:`supports_prepacked`)."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         packed = prepack_weight(_get(layer, "weight"))
@@ -96,8 +111,22 @@ class UnquantizedLinear(LinearMethod):
         weight = _get(layer, "weight")
         if is_packed(weight):
             return packed_linear(x, weight, bias)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight.to(x.dtype), b)
+        return super().apply(layer, x, bias)
+
+
+def supports_prepacked(request: KernelRequest) -> Support:
+    """Whether :class:`OneDNNPrepackedLinear` serves ``request``: host tensors in a dtype
+    oneDNN runs natively, and no ``torch.compile`` (a trace cannot take the opaque packed
+    tensors; inductor's freezing packs the plain weights itself)."""
+    if request.torch_compile:
+        return Support.no("oneDNN-packed weights are opaque to a torch.compile trace; the "
+                          "compiled model's inductor packs plain weights itself (freezing)")
+    dtypes = detect_cpu_features().prepack_dtypes()
+    if request.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes) or "none"
+        return Support.no(f"oneDNN does not run {str(request.dtype).removeprefix('torch.')} "
+                          f"natively on this host (prepacks: {names})")
+    return Support.yes()
 
 
 class Fp8PerTensorLinear(LinearMethod):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,6 +66,19 @@ class CpuPlatform(Platform):
         from heteroserve.platforms.cpu.communicator import TorchDistributedCommunicator
 
         return TorchDistributedCommunicator(group)
+
+    def compile_backend(self) -> Callable[..., Any]:
+        """Inductor with freezing (:mod:`.compiled`), used with ``--enable-torch-compile``.
+
+        Turns on ``torch._inductor.config.freezing`` for the process: dynamo reads it while
+        tracing (to keep the weights as graph constants), before any backend is called. It
+        affects only graphs traced without autograd, which an engine's forward always is."""
+        from heteroserve.platforms.cpu.compiled import inductor_with_freezing
+
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        return inductor_with_freezing
 
     def make_graph_runner(self, device: torch.device) -> GraphRunner:
         return EagerGraphRunner()

@@ -13,7 +13,9 @@ from typing import Any
 
 from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.linear import LINEAR_SCHEMES
-from heteroserve.core.kernels.registry import ANY_PLATFORM, KernelRegistry, KernelSpec
+from heteroserve.core.kernels.registry import (
+    ANY_PLATFORM, KernelRegistry, KernelRequest, KernelSpec, Support,
+)
 from heteroserve.core.plugins import hookimpl
 from heteroserve.platforms.cpu.platform import CpuPlatform
 
@@ -62,3 +64,14 @@ def heteroserve_register_kernels(registry: KernelRegistry) -> None:
             priority=FALLBACK_PRIORITY, native_on=("cpu",),
             kv_cache_dtypes=("auto", "fp8_e4m3") if op == ops.ATTENTION else ("auto",),
             description="torch-native reference implementation; runs on any torch device"))
+    registry.register(KernelSpec(
+        op=ops.linear_op("unquantized"), name="onednn_prepacked",
+        load=_lazy("linear", "OneDNNPrepackedLinear"), platforms=("cpu",),
+        priority=FALLBACK_PRIORITY + 10, supports=_supports_prepacked,
+        description="weights reordered once at load into oneDNN's blocked layout"))
+
+
+def _supports_prepacked(request: KernelRequest) -> Support:
+    from heteroserve.platforms.cpu.linear import supports_prepacked
+
+    return supports_prepacked(request)

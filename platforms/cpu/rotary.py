@@ -31,6 +31,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return out
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
+             ) -> torch.Tensor:
+    """:func:`_rotate` in functional form (no ``out=`` views, no in-place products), the
+    form a ``torch.compile`` trace fuses into one loop; the same values to one rounding."""
+    rot_dim = 2 * cos.shape[-1]
+    xr = x[..., :rot_dim]
+    if is_neox:
+        x1, x2 = xr.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, x[..., rot_dim:]], dim=-1) if rot_dim < x.shape[-1] else out
+
+
 class _CosSinMemo:
     """The last lookup's ``(cos, sin)``: every layer of a forward rotates at the same
     ``positions`` with the same (shared) cache, so the gather and cast run once a forward.
@@ -98,6 +113,10 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
         raise ValueError(f"rotary: positions {tuple(positions.shape)}, q {tuple(q.shape)} and "
                          f"k {tuple(k.shape)} disagree on the token count")
+    if torch.compiler.is_compiling():  # no memo, no storage checks: plain tensor math
+        cos, sin = cos_sin_cache.index_select(0, positions.to(torch.long)).unsqueeze(1).chunk(2, -1)
+        return (_rotated(q, cos.to(q.dtype), sin.to(q.dtype), is_neox),
+                _rotated(k, cos.to(k.dtype), sin.to(k.dtype), is_neox))
     cos, sin = _MEMO.get(positions, cos_sin_cache, q.dtype)
     if _adjacent_heads(q, k):
         hq = q.shape[1]

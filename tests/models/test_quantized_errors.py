@@ -104,7 +104,9 @@ def test_platforms_explain_resolves_each_quant_scheme() -> None:
                               quant_scheme="all", kernel=[])
     ops = describe(load_plugins(), args)["platforms"]["cpu"]["dispatch"]["ops"]
     for scheme in LINEAR_SCHEMES:
-        assert ops[f"linear.{scheme}"]["chosen"] == "torch_native"
+        # plain weights: oneDNN-prepacked where the host runs the dtype natively
+        expected = "onednn_prepacked" if scheme == "unquantized" else "torch_native"
+        assert ops[f"linear.{scheme}"]["chosen"] == expected
     with pytest.raises(ValueError, match="--quant-scheme awq is not a linear scheme"):
         quant_schemes("awq")
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -229,13 +231,13 @@ def test_registered_names_resolve() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_unquantized_prepacks_where_onednn_runs_the_dtype(dtype: torch.dtype) -> None:
+def test_prepacked_packs_where_onednn_runs_the_dtype(dtype: torch.dtype) -> None:
     from heteroserve.platforms.cpu.features import detect_cpu_features
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(48, 64, generator=gen).to(dtype)
     x = torch.randn(5, 64, generator=gen).to(dtype)
-    method = L.UnquantizedLinear()
+    method = L.OneDNNPrepackedLinear()
     layer = _layer(method, LinearShape(64, 48, dtype), {"weight": w.clone()})
     assert layer.weight.is_mkldnn == (dtype in detect_cpu_features().prepack_dtypes())
     for rows in (x[:1], x, x.t().contiguous().t()):  # one row, several, a strided input
@@ -247,7 +249,7 @@ def test_unquantized_prepacks_where_onednn_runs_the_dtype(dtype: torch.dtype) ->
             torch.testing.assert_close(y, torch.nn.functional.linear(rows, w), atol=0, rtol=1e-2)
 
 
-def test_unquantized_keeps_the_weight_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepacked_keeps_the_weight_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     from heteroserve.platforms.cpu import prepack
     from heteroserve.platforms.cpu.features import CpuFeatures
 
@@ -256,8 +258,21 @@ def test_unquantized_keeps_the_weight_without_onednn(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(prepack, "detect_cpu_features", lambda: absent)
     assert absent.prepack_dtypes() == () and "off" in absent.describe()["onednn_prepack"]
     w = torch.randn(8, 16)
-    method = L.UnquantizedLinear()
+    method = L.OneDNNPrepackedLinear()
     layer = _layer(method, LinearShape(16, 8, torch.float32), {"weight": w.clone()})
     assert not layer.weight.is_mkldnn
     x = torch.randn(3, 16)
     torch.testing.assert_close(method.apply(layer, x), x @ w.T)
+
+
+def test_prepacked_declines_a_compiled_model_and_dtypes_onednn_emulates() -> None:
+    from heteroserve.core.kernels.registry import KernelRequest
+    from heteroserve.platforms.cpu.features import detect_cpu_features
+
+    request = KernelRequest(platform="cpu", device_type="cpu", dtype=torch.float32)
+    assert L.supports_prepacked(request)
+    compiled = L.supports_prepacked(dataclasses.replace(request, torch_compile=True))
+    assert not compiled and "torch.compile" in compiled.reason
+    for dtype in (torch.bfloat16, torch.float16):
+        answer = L.supports_prepacked(dataclasses.replace(request, dtype=dtype))
+        assert bool(answer) == (dtype in detect_cpu_features().prepack_dtypes()), answer.reason

@@ -186,3 +186,23 @@ def test_adjacent_but_separate_allocations_rotate_separately() -> None:
     q_out, k_out = apply_rotary(torch.tensor([5]), q, k, cache, True)
     torch.testing.assert_close(q_out.double(), _reference(torch.tensor([5]), q, cache, True))
     torch.testing.assert_close(k_out.double(), _reference(torch.tensor([5]), k, cache, True))
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("head,rot_dim", [(64, 64), (80, 40)])
+def test_traced_form_equals_the_eager_rotation(is_neox: bool, head: int, rot_dim: int) -> None:
+    """The functional form a torch.compile trace takes (no memo, no views written through)
+    rotates like the eager path: against the float64 reference, pass-through dims intact."""
+    gen = torch.Generator().manual_seed(2)
+    positions = torch.tensor([0, 5, 4095])
+    q = torch.randn(3, 4, head, generator=gen)
+    k = torch.randn(3, 2, head, generator=gen)
+    cache = build_cos_sin_cache(rot_dim, 4096, 10000.0)
+    traced = torch.compile(apply_rotary, backend="eager", fullgraph=True)
+    q_out, k_out = traced(positions, q, k, cache, is_neox)
+    eager_q, eager_k = apply_rotary(positions, q, k, cache, is_neox)
+    for got, eager, x in ((q_out, eager_q, q), (k_out, eager_k, k)):
+        torch.testing.assert_close(got.double(), _reference(positions, x, cache, is_neox),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+        assert torch.equal(got[..., rot_dim:], x[..., rot_dim:])

@@ -1,0 +1,57 @@
+"""``--enable-torch-compile`` on the cpu platform: inductor with freezing compiles the whole
+model (paged attention as one opaque op, plain linear weights that inductor packs), and the
+engine's greedy output equals the eager engine's, through prefill with a cached prefix,
+ragged decode batches and a batch that shrinks to one sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from heteroserve.core.model_runner.build import build_model_runner, startup_block
+from heteroserve.core.models.tiny import build_tiny_model
+from heteroserve.core.plugins.manager import load_plugins
+from heteroserve.platforms.cpu.features import detect_cpu_features
+from tests.support.engine_harness import cpu_args, run_scheduler
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("compiled"), "llama", seed=11)
+
+
+def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
+    import torch._dynamo.utils
+
+    # one shared prefix (a radix hit for the later prompts) and three lengths
+    shared = list(range(40, 72))
+    prompts = [shared + list(range(3, 3 + n)) for n in (5, 12, 19)]
+    args = cpu_args(model, max_running_requests=4)
+    eager, _ = run_scheduler(args, prompts, max_new_tokens=6)
+    # different lengths: sequences finish at different steps, the batch shrinks to one
+    ragged, _ = run_scheduler(args, prompts[:2], max_new_tokens=9)
+
+    torch._dynamo.utils.counters.clear()
+    compiled_args = dataclasses.replace(args, enable_torch_compile=True)
+    _, _, runner = build_model_runner(compiled_args)
+    assert runner.compiled_with == "inductor_with_freezing"
+    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "torch_native"
+    assert not any(p.is_mkldnn for p in runner.model.parameters())
+    assert run_scheduler(compiled_args, prompts, runner=runner, max_new_tokens=6)[0] == eager
+    assert run_scheduler(compiled_args, prompts[:2], runner=runner,
+                         max_new_tokens=9)[0] == ragged
+    assert not torch._dynamo.utils.counters["graph_break"], "the model no longer traces whole"
+
+    catalog = load_plugins()
+    block = startup_block(runner.platform, catalog, runner.dispatch, runner)
+    assert "torch.compile inductor_with_freezing" in block
+
+
+def test_eager_engine_keeps_prepacked_weights(model) -> None:
+    _, _, runner = build_model_runner(cpu_args(model, max_running_requests=1))
+    assert runner.compiled_with == "off"
+    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
+    packed = [p.is_mkldnn for p in runner.model.parameters() if p.dim() == 2]
+    assert any(packed) == (torch.float32 in detect_cpu_features().prepack_dtypes())
