@@ -166,8 +166,10 @@ class TorchNativeAttention(AttentionBackend):
 
     # -- layout-specific indexing (overridden by the HND variant) --------------------------
     def _store(self, cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
-        if cache.is_contiguous():
-            cache.view(-1, *cache.shape[2:])[slots] = x
+        if cache.is_contiguous():  # slots are distinct: a copy per row
+            if cache.dtype.itemsize == 1:  # fp8: aten copies rows of bytes, not of fp8
+                cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
         else:
             ps = cache.shape[1]
             cache[slots // ps, slots % ps] = x
@@ -268,8 +270,12 @@ class TorchNativeAttention(AttentionBackend):
     def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, layer: AttentionLayer,
                       meta: AttentionMetadata) -> torch.Tensor:
-        """Write K/V, then attend according to ``meta.mode`` (the base class's forward)."""
-        return super().forward(q, k, v, k_cache, v_cache, layer, meta)
+        """Write K/V, then attend according to ``meta.mode`` (the base class's forward; a
+        decode hands the K/V mirror the rows it just stored)."""
+        self.write_kv(k, v, k_cache, v_cache, meta)
+        if meta.mode is ForwardMode.DECODE:
+            return self._decode(q, k_cache, v_cache, layer, meta, (k, v))
+        return self.extend(q, k_cache, v_cache, layer, meta)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -327,6 +333,13 @@ class TorchNativeAttention(AttentionBackend):
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence (at position ``seq_len - 1``) over its whole cache."""
+        return self._decode(q, k_cache, v_cache, layer, meta, None)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                layer: AttentionLayer, meta: AttentionMetadata,
+                written: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """:meth:`decode`; ``written``: the ``[B, Hk, D]`` K/V rows this step stored, when
+        the caller has them (:meth:`forward_eager`)."""
         self._check(q, k_cache, meta)
         if q.shape[0] != meta.batch_size:
             raise ValueError(f"decode: expected one query per sequence ({meta.batch_size}), "
@@ -340,7 +353,7 @@ class TorchNativeAttention(AttentionBackend):
         width = step.decode.shape[1]
         host_nhd = (q.device.type == "cpu" and self.kv_layout is KVLayout.NHD
                     and k_cache.is_contiguous() and v_cache.is_contiguous())
-        mirrored = (self._mirror.kv(layer.layer_id, k_cache, v_cache, q.dtype)
+        mirrored = (self._mirror.kv(layer.layer_id, k_cache, v_cache, q.dtype, written)
                     if host_nhd and self._mirror.active else None)
         if mirrored is not None:
             k_all, v_all = mirrored  # [B, Hk, L, D]

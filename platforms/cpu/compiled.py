@@ -48,17 +48,23 @@ def register_backend(backend: TorchNativeAttention) -> int:
     return handle
 
 
-@torch.library.custom_op("heteroserve_cpu::paged_attention", mutates_args=("k_cache", "v_cache"))
-def _paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, handle: int,
-                        layer_id: int, scale: float, sliding_window: int | None,
-                        logit_cap: float | None) -> torch.Tensor:
+#: the op's library: defined through ``torch.library.Library`` rather than ``custom_op``, whose
+#: Python wrapper (autograd and argument bookkeeping) cost about 100 us a call
+_LIB = torch.library.Library("heteroserve_cpu", "DEF")
+_LIB.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
+            "Tensor(b!) v_cache, int handle, int layer_id, float scale, int? sliding_window, "
+            "float? logit_cap) -> Tensor")
+
+
+def _paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, handle: int,
+                          layer_id: int, scale: float, sliding_window: int | None,
+                          logit_cap: float | None) -> torch.Tensor:
     backend = _BACKENDS[handle]
     layer = AttentionLayer(layer_id, scale, sliding_window, logit_cap)
     return backend.forward_eager(q, k, v, k_cache, v_cache, layer, backend.current_meta())
 
 
-@_paged_attention_op.register_fake
 def _paged_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, handle: int,
                           layer_id: int, scale: float, sliding_window: int | None,
@@ -66,10 +72,15 @@ def _paged_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+_LIB.impl("paged_attention", _paged_attention_impl, "CPU")
+torch.library.register_fake("heteroserve_cpu::paged_attention", _paged_attention_fake, lib=_LIB)
+
+
 def paged_attention(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     layer: AttentionLayer) -> torch.Tensor:
     """The backend registered under ``handle``: write ``k/v [T, Hk, D]`` to the caches, then
     attend ``q [T, Hq, D]`` as the prepared step's mode says; returns ``[T, Hq, D]``."""
-    return _paged_attention_op(q, k, v, k_cache, v_cache, handle, layer.layer_id, layer.scale,
-                               layer.sliding_window, layer.logit_cap)
+    return torch.ops.heteroserve_cpu.paged_attention(
+        q, k, v, k_cache, v_cache, handle, layer.layer_id, layer.scale, layer.sliding_window,
+        layer.logit_cap)

@@ -5,7 +5,10 @@ rows out of the paged pool every step and every layer costs as much as the atten
 on a host CPU, although from one decode step to the next each sequence gains one token and
 nothing else changes. :class:`DecodeKVMirror` keeps, per layer, ``[B, Hk, L, D]`` buffers
 (contiguous per head, what SDPA reads fastest) that hold the previous step's gather, and
-refreshes only the positions whose slot changed or was written this step.
+refreshes only the positions whose slot changed or was written this step. In the steady
+state (every sequence gained exactly its one written token, nothing else moved) a layer copies
+the new K/V rows it was handed straight into the mirror instead of reading them back from the
+cache.
 
 Invariant it relies on (the engine's): between two decode steps the caches change only at the
 slots ``write_kv`` stores (``meta.out_cache_loc``), and an extend step resets the mirror
@@ -49,6 +52,10 @@ class DecodeKVMirror:
         self._epoch = 0
         self._update: MirrorUpdate | None = None
         self._active = False
+        #: the update is exactly row ``b`` <- written slot ``b`` (the steady state)
+        self._direct = False
+        #: flat row indices of the update into ``[Bcap * Hk * Lcap, D]`` views, by (Hk, Lcap)
+        self._flat_rows: dict[tuple[int, int], torch.Tensor] = {}
 
     def reset(self) -> None:
         """Forget the previous table: the next decode step refreshes every layer fully."""
@@ -62,7 +69,8 @@ class DecodeKVMirror:
         prev, self._table = self._table, table
         self._epoch += 1
         self._active = True
-        self._update = None
+        self._update, self._direct = None, False
+        self._flat_rows.clear()
         if prev is None:
             return
         bsz, width = table.shape
@@ -74,6 +82,9 @@ class DecodeKVMirror:
         if rows_idx.numel() * 2 > table.numel():
             return  # most of the batch changed: a full gather is cheaper
         self._update = MirrorUpdate(rows_idx, pos_idx, table[rows_idx, pos_idx])
+        self._direct = (rows_idx.numel() == bsz == written.numel()
+                        and bool(torch.equal(rows_idx, torch.arange(bsz)))
+                        and bool(torch.equal(self._update.slots, written.to(table.dtype))))
 
     @property
     def planned_refresh(self) -> int | None:
@@ -81,15 +92,24 @@ class DecodeKVMirror:
         return None if self._update is None else int(self._update.rows.numel())
 
     @property
+    def steady(self) -> bool:
+        """Whether this step's refresh is exactly each sequence's written token (then
+        :meth:`kv` copies the ``written`` rows it is handed)."""
+        return self._direct
+
+    @property
     def active(self) -> bool:
         """Whether the current step was announced (:meth:`kv` may be used)."""
         return self._active
 
     def kv(self, layer_id: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+           dtype: torch.dtype, written: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's ``[B, Hk, L, D]`` K and V of layer ``layer_id`` in ``dtype`` (views of
         the mirror, valid until the next step), from contiguous NHD caches ``[pages,
-        page_size, Hk, D]``; None when the mirror would exceed the budget."""
+        page_size, Hk, D]``; None when the mirror would exceed the budget. ``written``: the
+        ``[B, Hk, D]`` K and V rows stored this step, in the batch's order, exactly as the
+        caches hold them (same dtype); the steady state copies them instead of the caches'."""
         table = self._table
         assert table is not None and self._active
         bsz, width = table.shape
@@ -106,8 +126,15 @@ class DecodeKVMirror:
         upd = self._update
         if fits and upd is not None and m.epoch == self._epoch - 1:
             if upd.rows.numel():
-                m.k[upd.rows, :, upd.positions] = flat_k.index_select(0, upd.slots).to(dtype)
-                m.v[upd.rows, :, upd.positions] = flat_v.index_select(0, upd.slots).to(dtype)
+                rows = self._rows_of(upd, hk, m.k.shape[2])
+                if (written is not None and self._direct and written[0].dtype == dtype
+                        and k_cache.dtype == dtype):
+                    new_k, new_v = written
+                else:
+                    new_k = flat_k.index_select(0, upd.slots).to(dtype)
+                    new_v = flat_v.index_select(0, upd.slots).to(dtype)
+                m.k.view(-1, d).index_copy_(0, rows, new_k.reshape(-1, d))
+                m.v.view(-1, d).index_copy_(0, rows, new_v.reshape(-1, d))
         else:
             idx = table.reshape(-1)
             for buf, flat in ((m.k, flat_k), (m.v, flat_v)):
@@ -115,6 +142,17 @@ class DecodeKVMirror:
                 buf[:bsz, :, :width].copy_(rows.permute(0, 2, 1, 3))
         m.epoch = self._epoch
         return m.k[:bsz, :, :width], m.v[:bsz, :, :width]
+
+    def _rows_of(self, upd: MirrorUpdate, hk: int, cap: int) -> torch.Tensor:
+        """int64 ``[n * Hk]``: the update's rows of a ``[Bcap * Hk * cap, D]`` mirror view,
+        position-major then head (the order of ``[n, Hk, D]`` sources)."""
+        key = (hk, cap)
+        rows = self._flat_rows.get(key)
+        if rows is None:
+            heads = torch.arange(hk)
+            rows = ((upd.rows[:, None] * hk + heads) * cap + upd.positions[:, None]).reshape(-1)
+            self._flat_rows[key] = rows
+        return rows
 
     def _allocate(self, layer_id: int, bsz: int, width: int, hk: int, d: int,
                   dtype: torch.dtype, keyed: tuple[int, int], old: _LayerMirror | None

@@ -19,7 +19,10 @@ class _Engine:
     """Sequences over a free list of pages, stepped like the engine steps them: prepare,
     then per layer write_kv and attention."""
 
-    def __init__(self, layers: int, seed: int = 0) -> None:
+    def __init__(self, layers: int, seed: int = 0, through_forward: bool = False) -> None:
+        #: ``through_forward``: each layer calls ``forward`` (write, then attend with the rows
+        #: just written handed to the mirror) instead of ``write_kv`` and ``decode``
+        self.through_forward = through_forward
         self.gen = torch.Generator().manual_seed(seed)
         cfg = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=PS,
                               dtype=torch.float32, device=torch.device("cpu"))
@@ -61,9 +64,12 @@ class _Engine:
         for layer, (k_cache, v_cache) in zip(self.layers, self.caches):
             k, v = (torch.randn(tokens, HK, D, generator=self.gen) for _ in range(2))
             q = torch.randn(tokens, HQ, D, generator=self.gen)
-            self.backend.write_kv(k, v, k_cache, v_cache, meta)
-            fn = self.backend.decode if mode is ForwardMode.DECODE else self.backend.extend
-            out = fn(q, k_cache, v_cache, layer, meta)
+            if self.through_forward:
+                out = self.backend.forward(q, k, v, k_cache, v_cache, layer, meta)
+            else:
+                self.backend.write_kv(k, v, k_cache, v_cache, meta)
+                fn = self.backend.decode if mode is ForwardMode.DECODE else self.backend.extend
+                out = fn(q, k_cache, v_cache, layer, meta)
             ref = TorchNativeAttention(self.backend.config).decode(
                 q, k_cache, v_cache, layer, meta) if mode is ForwardMode.DECODE else out
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
@@ -82,6 +88,22 @@ def test_mirror_refreshes_only_new_positions_and_matches_a_gather() -> None:
         # a new token per sequence, and a padding column (a copy of position 0) of the two
         # shorter ones
         assert eng.backend._mirror.planned_refresh == 3 + 2
+
+
+def test_steady_steps_copy_the_written_rows_and_match_a_gather() -> None:
+    eng = _Engine(layers=3, seed=2, through_forward=True)
+    for _ in range(3):
+        eng.add(7)  # equal lengths: each step only the written token changes
+    eng.decode()
+    assert not eng.backend._mirror.steady  # the first decode step gathers fully
+    for _ in range(5):  # crosses page boundaries (PS = 4): new slots in new pages
+        eng.decode()
+        assert eng.backend._mirror.steady and eng.backend._mirror.planned_refresh == 3
+    eng.retract(1)  # rows shift: not steady, a refresh from the caches
+    eng.decode()
+    assert not eng.backend._mirror.steady
+    eng.decode()
+    assert eng.backend._mirror.steady
 
 
 def test_mirror_after_retraction_reuses_a_freed_slot_at_the_same_row_and_position() -> None:
