@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from heteroserve.core.layers.mla import MLAUpProjection
 from heteroserve.core.layers.moe import FusedMoE
 from heteroserve.core.loader.weights import fill_dummy, iterate_safetensors
 from heteroserve.core.model_runner import kv_storage
+from heteroserve.core.model_runner.batch_builder import SequenceInput, build_forward_batch
 from heteroserve.core.model_runner.forward_batch import ForwardBatch
 from heteroserve.core.model_runner.pooling import pool_rows
 from heteroserve.core.models.config import ModelConfig, ModelLoadError
@@ -41,6 +43,10 @@ def compile_model(model: torch.nn.Module, platform: Platform) -> Callable[..., t
                        "eagerly", platform.name)
         return model
     return torch.compile(model, backend=backend, dynamic=True)
+
+
+#: tokens of the prefill that traces a compiled model's multi-token graph
+COMPILE_WARMUP_TOKENS = 16
 
 
 def backend_name(backend: str | Callable[..., Any] | None) -> str:
@@ -91,6 +97,8 @@ class ModelRunner:
         #: what compiles the model (the backend's name; "off" when it runs eagerly)
         self.compiled_with = backend_name(platform.compile_backend()) \
             if self.model_call is not self.model else "off"
+        if self.model_call is not self.model:
+            self._compile_now()
         self.graphs: Any = None
         if platform.capabilities().graph_capture and not server_args.disable_cuda_graph:
             from heteroserve.core.model_runner.graph_decode import DecodeGraphs
@@ -98,6 +106,22 @@ class ModelRunner:
             self.graphs = DecodeGraphs.capture_if_supported(self)
 
     # -- start-up ------------------------------------------------------------------------------
+    def _compile_now(self) -> None:
+        """Trace and compile the model before serving rather than in a user's first request:
+        a prefill of :data:`COMPILE_WARMUP_TOKENS` tokens (the shape every multi-token step,
+        decode batches of two or more included, reuses; a backend that specialises kernels
+        on the traced size sees a small decode batch) and a one-sequence decode step, both
+        on the reserved page 0."""
+        logger.info("compiling the model with %s (a prefill and a decode step on the reserved "
+                    "page)", self.compiled_with)
+        start = time.perf_counter()
+        n = COMPILE_WARMUP_TOKENS
+        pages = [0] * -(-(n + 1) // self.page_size)
+        for seq, mode in ((SequenceInput(list(range(1, n + 1)), 0, pages), ForwardMode.EXTEND),
+                          (SequenceInput([1], n, pages), ForwardMode.DECODE)):
+            self.forward_eager(build_forward_batch([seq], mode, self.page_size, self.device))
+        logger.info("model compiled in %.1fs", time.perf_counter() - start)
+
     def _load_weights(self) -> None:
         cfg, args = self.model_config, self.server_args
         if args.load_format == "dummy":

@@ -72,12 +72,21 @@ class CpuPlatform(Platform):
 
         Turns on ``torch._inductor.config.freezing`` for the process: dynamo reads it while
         tracing (to keep the weights as graph constants), before any backend is called. It
-        affects only graphs traced without autograd, which an engine's forward always is."""
+        affects only graphs traced without autograd, which an engine's forward always is.
+        Also lets dynamo keep more compiled versions of one function (every engine in a
+        process, as in benchmarks and tests, adds two of the model's forward: frozen weights
+        are part of a graph) than its default eight, and turns off duck sizing, which would
+        tie the token count of the tracing step to any other dimension of the same size (a
+        16-token trace to a page size of 16)."""
+        import torch._dynamo.config
+        import torch._inductor.config
+        import torch.fx.experimental._config
+
         from heteroserve.platforms.cpu.compiled import inductor_with_freezing
 
-        import torch._inductor.config
-
         torch._inductor.config.freezing = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch.fx.experimental._config.use_duck_shape = False
         return inductor_with_freezing
 
     def make_graph_runner(self, device: torch.device) -> GraphRunner:

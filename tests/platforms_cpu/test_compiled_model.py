@@ -1,7 +1,8 @@
 """``--enable-torch-compile`` on the cpu platform: inductor with freezing compiles the whole
-model (paged attention as one opaque op, plain linear weights that inductor packs), and the
-engine's greedy output equals the eager engine's, through prefill with a cached prefix,
-ragged decode batches and a batch that shrinks to one sequence."""
+model at start-up (paged attention as one opaque op, plain linear weights that inductor
+packs), and the engine's greedy output equals the eager engine's, through prefill with a
+cached prefix, ragged decode batches and a batch that shrinks to one sequence, without
+compiling again."""
 
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
     assert runner.compiled_with == "inductor_with_freezing"
     assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "torch_native"
     assert not any(p.is_mkldnn for p in runner.model.parameters())
+    # the build compiled every shape a run meets: prefills, decode batches of 3, 2 and 1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0
     assert run_scheduler(compiled_args, prompts, runner=runner, max_new_tokens=6)[0] == eager
     assert run_scheduler(compiled_args, prompts[:2], runner=runner,
                          max_new_tokens=9)[0] == ragged
     assert not torch._dynamo.utils.counters["graph_break"], "the model no longer traces whole"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
     catalog = load_plugins()
     block = startup_block(runner.platform, catalog, runner.dispatch, runner)
