@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,8 @@ from heteroserve.core.platform import (
     Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
 )
 from heteroserve.platforms.cpu.features import detect_cpu_features
+
+logger = logging.getLogger(__name__)
 
 
 def _host_memory() -> tuple[int, int]:
@@ -67,8 +71,10 @@ class CpuPlatform(Platform):
 
         return TorchDistributedCommunicator(group)
 
-    def compile_backend(self) -> Callable[..., Any]:
-        """Inductor with freezing (:mod:`.compiled`), used with ``--enable-torch-compile``.
+    def compile_backend(self) -> Callable[..., Any] | None:
+        """Inductor with freezing (:mod:`.compiled`), used with ``--enable-torch-compile``;
+        None (the model runs eagerly, with a warning) where no C++ compiler is on the path:
+        inductor builds its CPU kernels with one.
 
         Turns on ``torch._inductor.config.freezing`` for the process: dynamo reads it while
         tracing (to keep the weights as graph constants), before any backend is called. It
@@ -78,6 +84,12 @@ class CpuPlatform(Platform):
         are part of a graph) than its default eight, and turns off duck sizing, which would
         tie the token count of the tracing step to any other dimension of the same size (a
         16-token trace to a page size of 16)."""
+        compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
+                         if c and shutil.which(c)), None)
+        if compiler is None:
+            logger.warning("--enable-torch-compile on cpu needs a C++ compiler (g++, clang++ "
+                           "or $CXX) for inductor's kernels; none found, the model runs eagerly")
+            return None
         import torch._dynamo.config
         import torch._inductor.config
         import torch.fx.experimental._config

@@ -7,6 +7,7 @@ compiling again."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ def model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("compiled"), "llama", seed=11)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler")
 def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
     import torch._dynamo.utils
 
@@ -60,3 +63,14 @@ def test_eager_engine_keeps_prepacked_weights(model) -> None:
     assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
     packed = [p.is_mkldnn for p in runner.model.parameters() if p.dim() == 2]
     assert any(packed) == (torch.float32 in detect_cpu_features().prepack_dtypes())
+
+
+def test_without_a_cxx_compiler_the_model_runs_eagerly(model, monkeypatch) -> None:
+    import heteroserve.platforms.cpu.platform as cpu_platform
+
+    monkeypatch.setattr(cpu_platform.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    args = dataclasses.replace(cpu_args(model, max_running_requests=1), enable_torch_compile=True)
+    _, _, runner = build_model_runner(args)
+    assert runner.compiled_with == "off"
+    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
