@@ -74,3 +74,23 @@ def test_without_a_cxx_compiler_the_model_runs_eagerly(model, monkeypatch) -> No
     _, _, runner = build_model_runner(args)
     assert runner.compiled_with == "off"
     assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_compiled_gemma_passes_windows_and_soft_caps_through_the_attention_op(
+        tmp_path, arch: str) -> None:
+    """Gemma 2: sliding-window and global layers, attention and final logit soft-caps;
+    Gemma 3: qk-norm and a rope base per layer type. The attention op carries each layer's
+    window and cap, and greedy output equals the eager engine's, with no graph break."""
+    import torch._dynamo.utils
+
+    path = build_tiny_model(tmp_path / arch, arch, seed=5)
+    prompts = [list(range(3, 3 + n)) for n in (9, 17)]
+    args = cpu_args(path, max_running_requests=4)
+    eager, _ = run_scheduler(args, prompts, max_new_tokens=5)
+    torch._dynamo.utils.counters.clear()
+    compiled_args = dataclasses.replace(args, enable_torch_compile=True)
+    assert run_scheduler(compiled_args, prompts, max_new_tokens=5)[0] == eager
+    assert not torch._dynamo.utils.counters["graph_break"]
