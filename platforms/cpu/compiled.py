@@ -1,10 +1,12 @@
 """What a ``torch.compile``d model needs from the cpu platform (``--enable-torch-compile``).
 
 * :func:`inductor_with_freezing`, the platform's compile backend: inductor with *freezing*,
-  which folds the (plain) weights into the compiled graph as constants and packs the linear
-  ones for oneDNN itself, the way :class:`~heteroserve.platforms.cpu.linear.OneDNNPrepackedLinear`
-  does for the eager model; the elementwise work between the products (norms, rotary,
-  activations, residual adds) becomes a few generated C++ loops.
+  which takes the weights into the compiled graph as constants. The linears keep the
+  oneDNN-packed weights :class:`~heteroserve.platforms.cpu.linear.OneDNNPrepackedLinear`
+  made at load (inductor's oneDNN lowering calls the same product on them, and needs them
+  to be constants; no second copy is made); plain weights of other dtypes it packs itself.
+  The elementwise work between the products (norms, rotary, activations, residual adds)
+  becomes a few generated C++ loops.
 * :func:`paged_attention`, the paged attention as one opaque custom op
   (``heteroserve_cpu::paged_attention``): the torch-native backend keeps host-side state per
   step (slot plans, the decode K/V mirror) that a trace cannot hold, so the compiled graph

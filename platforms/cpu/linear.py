@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.core.kernels.registry import KernelRequest, Support
 from heteroserve.platforms.cpu.features import detect_cpu_features
-from heteroserve.platforms.cpu.prepack import is_packed, packed_linear, prepack_weight
+from heteroserve.platforms.cpu.prepack import packed_linear, prepack_weight
 from heteroserve.platforms.cpu.quant_pack import AWQ_ORDER, unpack_nibbles
 
 _MIN_SCALE = 1e-12
@@ -97,30 +97,29 @@ class UnquantizedLinear(LinearMethod):
 class OneDNNPrepackedLinear(UnquantizedLinear):
     """:class:`UnquantizedLinear` with the weight prepacked for oneDNN at load where oneDNN
     runs its dtype natively (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN
-    tensor that only ``apply`` reads. Weights it cannot pack stay plain and take
-    ``F.linear``. The cpu platform's choice unless the model is compiled
-    (:func:`supports_prepacked`)."""
+    tensor that only ``apply`` reads (``layer.onednn_packed`` says so). Weights it cannot
+    pack stay plain and take ``F.linear``. The cpu platform's choice for the dtypes
+    :func:`supports_prepacked` accepts; a compiled model keeps it too (inductor with
+    freezing calls the same oneDNN product on the packed weight, :mod:`.compiled`)."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         packed = prepack_weight(_get(layer, "weight"))
+        layer.onednn_packed = packed is not None
         if packed is not None:
             _set(layer, "weight", packed)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        weight = _get(layer, "weight")
-        if is_packed(weight):
-            return packed_linear(x, weight, bias)
+        # the flag set at load, not the tensor's ``is_mkldnn``: a torch.compile trace's
+        # stand-in for the packed tensor does not report oneDNN's layout
+        if getattr(layer, "onednn_packed", False):
+            return packed_linear(x, _get(layer, "weight"), bias)
         return super().apply(layer, x, bias)
 
 
 def supports_prepacked(request: KernelRequest) -> Support:
-    """Whether :class:`OneDNNPrepackedLinear` serves ``request``: host tensors in a dtype
-    oneDNN runs natively, and no ``torch.compile`` (a trace cannot take the opaque packed
-    tensors; inductor's freezing packs the plain weights itself)."""
-    if request.torch_compile:
-        return Support.no("oneDNN-packed weights are opaque to a torch.compile trace; the "
-                          "compiled model's inductor packs plain weights itself (freezing)")
+    """Whether :class:`OneDNNPrepackedLinear` serves ``request``: a dtype oneDNN runs
+    natively on this host."""
     dtypes = detect_cpu_features().prepack_dtypes()
     if request.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes) or "none"

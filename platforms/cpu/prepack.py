@@ -32,10 +32,6 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
                                                    _LAYOUT_ROWS[weight.dtype])
 
 
-def is_packed(weight: torch.Tensor) -> bool:
-    return weight.is_mkldnn
-
-
 def packed_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ W^T + bias`` against ``packed = prepack_weight(W)``; returns ``[..., N]``

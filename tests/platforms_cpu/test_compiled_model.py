@@ -1,6 +1,6 @@
 """``--enable-torch-compile`` on the cpu platform: inductor with freezing compiles the whole
-model at start-up (paged attention as one opaque op, plain linear weights that inductor
-packs), and the engine's greedy output equals the eager engine's, through prefill with a
+model at start-up (paged attention as one opaque op, the linears' oneDNN-packed weights as
+graph constants), and the engine's greedy output equals the eager engine's, through prefill with a
 cached prefix, ragged decode batches and a batch that shrinks to one sequence, without
 compiling again."""
 
@@ -41,8 +41,10 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
     compiled_args = dataclasses.replace(args, enable_torch_compile=True)
     _, _, runner = build_model_runner(compiled_args)
     assert runner.compiled_with == "inductor_with_freezing"
-    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "torch_native"
-    assert not any(p.is_mkldnn for p in runner.model.parameters())
+    assert runner.dispatch.request.torch_compile
+    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
+    packed = [p.is_mkldnn for p in runner.model.parameters() if p.dim() == 2]
+    assert any(packed) == (torch.float32 in detect_cpu_features().prepack_dtypes())
     # the build compiled every shape a run meets: prefills, decode batches of 3, 2 and 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0
@@ -59,7 +61,7 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
 
 def test_eager_engine_keeps_prepacked_weights(model) -> None:
     _, _, runner = build_model_runner(cpu_args(model, max_running_requests=1))
-    assert runner.compiled_with == "off"
+    assert runner.compiled_with == "off" and not runner.dispatch.request.torch_compile
     assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
     packed = [p.is_mkldnn for p in runner.model.parameters() if p.dim() == 2]
     assert any(packed) == (torch.float32 in detect_cpu_features().prepack_dtypes())
@@ -72,8 +74,7 @@ def test_without_a_cxx_compiler_the_model_runs_eagerly(model, monkeypatch) -> No
     monkeypatch.delenv("CXX", raising=False)
     args = dataclasses.replace(cpu_args(model, max_running_requests=1), enable_torch_compile=True)
     _, _, runner = build_model_runner(args)
-    assert runner.compiled_with == "off"
-    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
+    assert runner.compiled_with == "off" and not runner.dispatch.request.torch_compile
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
