@@ -34,24 +34,22 @@ from heteroserve.core.runtime.host_threads import HostThreads
 logger = logging.getLogger(__name__)
 
 
-def compile_model(model: torch.nn.Module, platform: Platform) -> Callable[..., torch.Tensor]:
-    """``model`` compiled with the platform's ``compile_backend()`` (dynamic shapes), or the
-    model itself, with a warning, when the platform names no backend."""
+def compile_model(model: torch.nn.Module, platform: Platform
+                  ) -> tuple[Callable[..., torch.Tensor], str]:
+    """``(model compiled with the platform's compile_backend() (dynamic shapes), the
+    backend's name)``, or ``(model, "off")``, with a warning, when the platform names no
+    backend."""
     backend = platform.compile_backend()
     if backend is None:
         logger.warning("--enable-torch-compile: platform %s has no compile backend; running "
                        "eagerly", platform.name)
-        return model
-    return torch.compile(model, backend=backend, dynamic=True)
+        return model, "off"
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+    return torch.compile(model, backend=backend, dynamic=True), name
 
 
 #: tokens of the prefill that traces a compiled model's multi-token graph
 COMPILE_WARMUP_TOKENS = 16
-
-
-def backend_name(backend: str | Callable[..., Any] | None) -> str:
-    """A compile backend as the start-up block names it."""
-    return backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
 
 
 class ModelRunner:
@@ -92,11 +90,9 @@ class ModelRunner:
         self.max_context_len = cfg.context_len
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
-        self.model_call = compile_model(self.model, platform) \
-            if server_args.enable_torch_compile else self.model
         #: what compiles the model (the backend's name; "off" when it runs eagerly)
-        self.compiled_with = backend_name(platform.compile_backend()) \
-            if self.model_call is not self.model else "off"
+        self.model_call, self.compiled_with = compile_model(self.model, platform) \
+            if server_args.enable_torch_compile else (self.model, "off")
         if self.model_call is not self.model:
             self._compile_now()
         self.graphs: Any = None
