@@ -36,11 +36,13 @@ _HANDLES = itertools.count(1)
 
 def inductor_with_freezing(gm: torch.fx.GraphModule,
                            example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-    """``torch.compile`` backend: inductor with ``freezing`` on (inference graphs only; the
-    runner calls the model under ``torch.inference_mode``)."""
+    """``torch.compile`` backend: inductor, for graphs dynamo traced with inductor's
+    ``freezing`` on (:meth:`CpuPlatform.compile_backend` turns it on for the process, since
+    dynamo reads it while tracing; inference graphs only, the runner calls the model under
+    ``torch.inference_mode``)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches={"freezing": True})
+    return compile_fx(gm, example_inputs)
 
 
 def register_backend(backend: TorchNativeAttention) -> int:

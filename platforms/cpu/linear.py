@@ -85,9 +85,6 @@ class UnquantizedLinear(LinearMethod):
     scheme = "unquantized"
     serves_lm_head = True
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Nothing to convert."""
-
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         b = None if bias is None else bias.to(x.dtype)
