@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--torch-compile", action="store_true", help="--enable-torch-compile")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if a.threads:
@@ -35,7 +36,7 @@ def main() -> None:
     from heteroserve.core.scheduler import Req
     from heteroserve.core.scheduler.sampling_params import SamplingParams
 
-    runner, sched = build_engine(a.model, a.dtype)
+    runner, sched = build_engine(a.model, a.dtype, torch_compile=a.torch_compile)
     for i, ids in enumerate(random_prompts(a.batch, 128, runner.vocab_size, 0)):
         sp = SamplingParams(max_new_tokens=a.steps + 20, temperature=0.0, ignore_eos=True)
         sched.add_request(Req(rid=f"p{i}", input_ids=ids, sampling_params=sp))
@@ -49,7 +50,7 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
     head = (f"model {a.model} dtype {a.dtype} batch {a.batch}: {a.steps} decode steps, "
             f"{wall * 1e3:.2f} ms/step under the profiler; torch threads "
-            f"{torch.get_num_threads()}; machine shared with other jobs\n")
+            f"{torch.get_num_threads()}; torch.compile {runner.compiled_with}; machine shared with other jobs\n")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(head + table)
     print(head + table)

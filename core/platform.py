@@ -166,6 +166,11 @@ class Platform(ABC):
         None, the platform does not compile and models run eagerly."""
         return None
 
+    def compiled_model_ready(self, model: torch.nn.Module) -> None:
+        """Called once the runner has compiled every graph it serves (``--enable-torch-compile``,
+        after its start-up traces): a backend that copied weights into its graphs may drop
+        the model's own copies here. Default: nothing."""
+
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the device stack beneath torch (driver, runtime, vendor library), for
         conformance reports. Default: none known. Must not raise."""

@@ -25,6 +25,8 @@ class KernelRequest:
     ``kv_lora_rank`` / ``qk_rope_head_dim``: the latent widths of an MLA model (None otherwise).
     ``kv_cache_dtype``: ``auto`` (the model dtype) or ``fp8_e4m3`` (the platform's fp8
     flavour; see :class:`~heteroserve.core.kernels.attention.AttentionConfig`).
+    ``torch_compile``: the engine compiles the model (``--enable-torch-compile``); a platform
+    whose compiler lays out the weights itself may then prefer a plain-weight implementation.
     """
 
     platform: str
@@ -41,6 +43,7 @@ class KernelRequest:
     qk_rope_head_dim: int | None = None
     platform_page_sizes: tuple[int, ...] | None = None
     kv_cache_dtype: str = "auto"
+    torch_compile: bool = False
 
     def with_page_size(self, page_size: int) -> KernelRequest:
         return replace(self, page_size=page_size)

@@ -35,8 +35,8 @@ def resolve_model_path(server_args: ServerArgs) -> str:
 
 
 def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None,
-                   quant: QuantFormat | None = None, kv_cache_dtype: str = "auto"
-                   ) -> KernelRequest:
+                   quant: QuantFormat | None = None, kv_cache_dtype: str = "auto",
+                   torch_compile: bool = False) -> KernelRequest:
     caps = platform.capabilities()
     return KernelRequest(
         platform=platform.name, device_type=platform.device_type, dtype=cfg.dtype,
@@ -47,7 +47,7 @@ def kernel_request(platform: Platform, cfg: ModelConfig, page_size: int | None,
         qk_rope_head_dim=cfg.raw.get("qk_rope_head_dim") if cfg.raw.get("kv_lora_rank") else None,
         platform_page_sizes=caps.kv_page_sizes,
         quant_scheme=quant.schemes()[0] if quant is not None else "unquantized",
-        kv_cache_dtype=kv_cache_dtype)
+        kv_cache_dtype=kv_cache_dtype, torch_compile=torch_compile)
 
 
 def linear_schemes(quant: QuantFormat | None) -> tuple[str, ...]:
@@ -78,7 +78,7 @@ def build_model_runner(server_args: ServerArgs, tp_rank: int = 0,
         raise ValueError(f"--kv-cache-dtype {server_args.kv_cache_dtype}: platform "
                          f"{platform.name} declares no fp8 flavour")
     request = kernel_request(platform, cfg, server_args.page_size, quant,
-                             server_args.kv_cache_dtype)
+                             server_args.kv_cache_dtype, server_args.enable_torch_compile)
     request = request.with_page_size(
         negotiate_page_size(catalog.registry, request, overrides.get("attention")))
     dispatch = resolve_dispatch(catalog.registry, request, overrides, linear_schemes(quant))

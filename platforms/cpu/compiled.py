@@ -1,10 +1,13 @@
 """What a ``torch.compile``d model needs from the cpu platform (``--enable-torch-compile``).
 
 * :func:`inductor_with_freezing`, the platform's compile backend: inductor with *freezing*,
-  which takes the weights into the compiled graph as constants. The linears keep the
-  oneDNN-packed weights :class:`~heteroserve.platforms.cpu.linear.OneDNNPrepackedLinear`
-  made at load (inductor's oneDNN lowering calls the same product on them, and needs them
-  to be constants; no second copy is made); plain weights of other dtypes it packs itself.
+  which takes the weights into the compiled graph as constants, and with its GEMM autotuning
+  (``max_autotune`` over its C++ GEMM templates and aten's oneDNN/MKL products): each linear
+  of the traced shape gets the faster of a generated C++ GEMM specialised to it (on the
+  one-token decode graph, a matrix-vector kernel with no per-call library overhead) and the
+  library call, on weights it packs once at compile time. A compiled model's linears
+  therefore keep plain weights (the registry picks ``torch_native`` for them), and
+  :func:`release_traced_weights` drops those plain copies once every graph is compiled.
   The elementwise work between the products (norms, rotary, activations, residual adds)
   becomes a few generated C++ loops.
 * :func:`paged_attention`, the paged attention as one opaque custom op
@@ -18,6 +21,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
+import shutil
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from heteroserve.core.kernels.attention import AttentionLayer
+from heteroserve.core.layers.linear import LinearBase
 
 if TYPE_CHECKING:
     from heteroserve.platforms.cpu.attention import TorchNativeAttention
@@ -32,17 +39,72 @@ if TYPE_CHECKING:
 #: backends reachable from the custom op, by the handle they registered under
 _BACKENDS: weakref.WeakValueDictionary[int, TorchNativeAttention] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
+logger = logging.getLogger(__name__)
+
+#: inductor settings of this backend's compiles: autotune each GEMM between inductor's C++
+#: templates and aten's product (on the weights freezing made constants), without printing
+#: each choice's timing table
+GEMM_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                 "autotune_num_choices_displayed": 0}
 
 
-def inductor_with_freezing(gm: torch.fx.GraphModule,
-                           example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-    """``torch.compile`` backend: inductor, for graphs dynamo traced with inductor's
-    ``freezing`` on (:meth:`CpuPlatform.compile_backend` turns it on for the process, since
-    dynamo reads it while tracing; inference graphs only, the runner calls the model under
-    ``torch.inference_mode``)."""
-    from torch._inductor.compile_fx import compile_fx
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would build its CPU kernels with ($CXX, g++, c++, clang++),
+    None when there is none."""
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
+                 if c and shutil.which(c)), None)
 
-    return compile_fx(gm, example_inputs)
+
+class InductorWithFreezing:
+    """``torch.compile`` backend: inductor with :data:`GEMM_AUTOTUNE`, for graphs dynamo
+    traced with inductor's ``freezing`` on (:meth:`CpuPlatform.compile_backend` turns it on
+    for the process, since dynamo reads it while tracing; inference graphs only, the runner
+    calls the model under ``torch.inference_mode``). One per compiled model: it remembers
+    the graphs it compiled for :meth:`release_traced_weights`."""
+
+    __name__ = "inductor_with_freezing"
+
+    def __init__(self) -> None:
+        self._graphs: list[weakref.ref[torch.fx.GraphModule]] = []
+        self._breaks_before = graph_breaks()
+
+    def __call__(self, gm: torch.fx.GraphModule,
+                 example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        self._graphs.append(weakref.ref(gm))
+        return compile_fx(gm, example_inputs, config_patches=GEMM_AUTOTUNE)
+
+    def release_traced_weights(self, model: torch.nn.Module) -> int:
+        """Drop the plain weights of ``model``'s ``torch_native`` linears once every graph is
+        compiled: their GEMMs read the copies inductor packed into the graphs. Both holders
+        let go: the modules, and dynamo's traced graphs (as inductor's own
+        ``freezing_discard_parameters`` does per graph; they are only read to trace again,
+        and a recompile would then fail loudly, not compute with stale data). Only when the
+        trace had no graph break: a break leaves some modules running eagerly between graphs,
+        and they need their weights. Returns the bytes released."""
+        from heteroserve.platforms.cpu.linear import UnquantizedLinear
+
+        breaks = graph_breaks() - self._breaks_before
+        if breaks:
+            logger.info("the compiled model has %d graph break(s): its linears keep their "
+                        "plain weights next to the compiled copies", breaks)
+            return 0
+        released = 0
+        for module in model.modules():
+            weight = module._parameters.get("weight") if isinstance(module, LinearBase) else None
+            if (weight is not None and type(module.method) is UnquantizedLinear
+                    and weight.dim() == 2 and not weight.is_mkldnn):
+                released += weight.numel() * weight.element_size()
+                weight.data = torch.empty(0, dtype=weight.dtype)
+        return released
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has met in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def register_backend(backend: TorchNativeAttention) -> int:

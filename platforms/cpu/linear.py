@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.core.kernels.registry import KernelRequest, Support
+from heteroserve.platforms.cpu.compiled import cxx_compiler
 from heteroserve.platforms.cpu.features import detect_cpu_features
 from heteroserve.platforms.cpu.prepack import packed_linear, prepack_weight
 from heteroserve.platforms.cpu.quant_pack import AWQ_ORDER, unpack_nibbles
@@ -96,8 +97,9 @@ class OneDNNPrepackedLinear(UnquantizedLinear):
     runs its dtype natively (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN
     tensor that only ``apply`` reads (``layer.onednn_packed`` says so). Weights it cannot
     pack stay plain and take ``F.linear``. The cpu platform's choice for the dtypes
-    :func:`supports_prepacked` accepts; a compiled model keeps it too (inductor with
-    freezing calls the same oneDNN product on the packed weight, :mod:`.compiled`)."""
+    :func:`supports_prepacked` accepts in an eager engine; chosen by ``--kernel`` for a
+    compiled model, inductor with freezing calls the same oneDNN product on the packed
+    weight (:mod:`.compiled`)."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         packed = prepack_weight(_get(layer, "weight"))
@@ -116,7 +118,11 @@ class OneDNNPrepackedLinear(UnquantizedLinear):
 
 def supports_prepacked(request: KernelRequest) -> Support:
     """Whether :class:`OneDNNPrepackedLinear` serves ``request``: a dtype oneDNN runs
-    natively on this host."""
+    natively on this host, in an engine that does not compile the model (inductor packs a
+    compiled model's weights itself, for the GEMM kernels it picks: :mod:`.compiled`)."""
+    if request.torch_compile and cxx_compiler() is not None:
+        return Support.no("the compiled model's GEMMs pack their weights at compile time "
+                          "(--enable-torch-compile)")
     dtypes = detect_cpu_features().prepack_dtypes()
     if request.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes) or "none"

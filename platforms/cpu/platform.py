@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +15,9 @@ from heteroserve.core.platform import (
     Availability, Fp8Flavour, KVLayout, Platform, PlatformCapabilities,
 )
 from heteroserve.platforms.cpu.features import detect_cpu_features
+
+if TYPE_CHECKING:
+    from heteroserve.platforms.cpu.compiled import InductorWithFreezing
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     priority = 0
+    #: the backend :meth:`compile_backend` made last (None before any)
+    _compiler: InductorWithFreezing | None = None
 
     def detect(self) -> Availability:
         isa = detect_cpu_features().describe()["matmul_units"]
@@ -79,27 +83,34 @@ class CpuPlatform(Platform):
         Turns on ``torch._inductor.config.freezing`` for the process: dynamo reads it while
         tracing (to keep the weights as graph constants), before any backend is called. It
         affects only graphs traced without autograd, which an engine's forward always is.
-        Also lets dynamo keep more compiled versions of one function (every engine in a
-        process, as in benchmarks and tests, adds two of the model's forward: frozen weights
-        are part of a graph) than its default eight, and turns off duck sizing, which would
-        tie the token count of the tracing step to any other dimension of the same size (a
-        16-token trace to a page size of 16)."""
-        compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++")
-                         if c and shutil.which(c)), None)
-        if compiler is None:
+        Also turns off duck sizing, which would tie the token count of the tracing step to
+        any other dimension of the same size (a 16-token trace to a page size of 16). Each
+        call makes a new backend object, for one engine's compiled model."""
+        from heteroserve.platforms.cpu.compiled import cxx_compiler
+
+        if cxx_compiler() is None:
             logger.warning("--enable-torch-compile on cpu needs a C++ compiler (g++, clang++ "
                            "or $CXX) for inductor's kernels; none found, the model runs eagerly")
             return None
-        import torch._dynamo.config
         import torch._inductor.config
         import torch.fx.experimental._config
 
-        from heteroserve.platforms.cpu.compiled import inductor_with_freezing
+        from heteroserve.platforms.cpu.compiled import InductorWithFreezing
 
+        self._compiler = InductorWithFreezing()
         torch._inductor.config.freezing = True
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch.fx.experimental._config.use_duck_shape = False
-        return inductor_with_freezing
+        return self._compiler
+
+    def compiled_model_ready(self, model: torch.nn.Module) -> None:
+        """Drop the plain weights the compiled graphs hold packed copies of
+        (:meth:`~heteroserve.platforms.cpu.compiled.InductorWithFreezing.release_traced_weights`
+        of the backend :meth:`compile_backend` made last)."""
+        compiler = self._compiler
+        released = compiler.release_traced_weights(model) if compiler is not None else 0
+        if released:
+            logger.info("released %.1f MiB of plain linear weights (the compiled graphs hold "
+                        "packed copies)", released / 2**20)
 
     def make_graph_runner(self, device: torch.device) -> GraphRunner:
         return EagerGraphRunner()

@@ -1,8 +1,9 @@
-"""``--enable-torch-compile`` on the cpu platform: inductor with freezing compiles the whole
-model at start-up (paged attention as one opaque op, the linears' oneDNN-packed weights as
-graph constants), and the engine's greedy output equals the eager engine's, through prefill with a
-cached prefix, ragged decode batches and a batch that shrinks to one sequence, without
-compiling again."""
+"""``--enable-torch-compile`` on the cpu platform: inductor with freezing and GEMM autotuning
+compiles the whole model at start-up (paged attention as one opaque op, the linears' plain
+weights packed into the graphs, then released from the modules), and the engine's greedy
+output equals the eager engine's, through prefill with a cached prefix, ragged decode batches
+and a batch that shrinks to one sequence, without compiling again; two compiled engines of
+one model class in a process keep their own graphs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from heteroserve.core.layers.linear import LinearBase
 from heteroserve.core.model_runner.build import build_model_runner, startup_block
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.plugins.manager import load_plugins
@@ -41,9 +43,13 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model) -> None:
     compiled_args = dataclasses.replace(args, enable_torch_compile=True)
     _, _, runner = build_model_runner(compiled_args)
     assert runner.compiled_with == "inductor_with_freezing"
-    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
-    packed = [p.is_mkldnn for p in runner.model.parameters() if p.dim() == 2]
-    assert any(packed) == (torch.float32 in detect_cpu_features().prepack_dtypes())
+    linear = runner.dispatch.resolutions["linear.unquantized"]
+    assert linear.chosen.name == "torch_native"
+    assert any("--enable-torch-compile" in reason for _, reason in linear.rejected)
+    # the graphs hold packed copies: the modules' plain linear weights were released
+    linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
+    assert linears and all(m.weight.numel() == 0 for m in linears)
+    assert runner.model.model.embed_tokens.weight.numel() > 0
     # the build compiled every shape a run meets: prefills, decode batches of 3, 2 and 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0
@@ -67,13 +73,15 @@ def test_eager_engine_keeps_prepacked_weights(model) -> None:
 
 
 def test_without_a_cxx_compiler_the_model_runs_eagerly(model, monkeypatch) -> None:
-    import heteroserve.platforms.cpu.platform as cpu_platform
+    import heteroserve.platforms.cpu.compiled as cpu_compiled
 
-    monkeypatch.setattr(cpu_platform.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_compiled.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     args = dataclasses.replace(cpu_args(model, max_running_requests=1), enable_torch_compile=True)
     _, _, runner = build_model_runner(args)
     assert runner.compiled_with == "off"
+    # eager after all: the linears keep the eager engine's packed weights
+    assert runner.dispatch.resolutions["linear.unquantized"].chosen.name == "onednn_prepacked"
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -94,3 +102,22 @@ def test_compiled_gemma_passes_windows_and_soft_caps_through_the_attention_op(
     compiled_args = dataclasses.replace(args, enable_torch_compile=True)
     assert run_scheduler(compiled_args, prompts, max_new_tokens=5)[0] == eager
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler")
+def test_two_compiled_engines_of_one_model_class_keep_their_own_graphs(tmp_path) -> None:
+    """The compiled graphs freeze their weights in and skip the guards on modules, so a
+    second engine of the same class must not reuse the first one's graphs: each compiled
+    engine's greedy output equals its own eager engine's."""
+    prompts = [list(range(3, 14))]
+    outputs = {}
+    for seed in (1, 2):
+        args = cpu_args(build_tiny_model(tmp_path / f"m{seed}", "llama", seed=seed),
+                        max_running_requests=2)
+        eager, _ = run_scheduler(args, prompts, max_new_tokens=6)
+        compiled, _ = run_scheduler(dataclasses.replace(args, enable_torch_compile=True),
+                                    prompts, max_new_tokens=6)
+        assert compiled == eager
+        outputs[seed] = compiled
+    assert outputs[1] != outputs[2], "the two models should differ"
