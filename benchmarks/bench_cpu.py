@@ -142,8 +142,10 @@ def run_case(name: str, dtype: str, batch: int, repeats: int, matvec_Bps: float,
     hs_cpu = statistics.median(r["tok_per_cpu_s"] for r in hs_runs)
     hf_cpu = statistics.median(r["tok_per_cpu_s"] for r in hf_runs)
     weight_bytes = runner.weight_bytes()
-    # what one decode step of one sequence must read: weights (one embedding row) + its KV
-    read_bytes = active_weight_bytes(runner) + kv_bytes_per_token(runner) * (
+    # what one decode step of one sequence must read: weights (one embedding row) + its KV;
+    # counted on an eager engine (a compiled one released its modules' copies of the linears)
+    counted = build_engine(name, dtype, max_running=1)[0] if torch_compile else runner
+    read_bytes = active_weight_bytes(counted) + kv_bytes_per_token(runner) * (
         PROMPT_LEN + NEW_TOKENS // 2)
     case_Bps = statistics.median(readings) if readings else matvec_Bps
     roofline_step_s = read_bytes / case_Bps

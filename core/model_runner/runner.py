@@ -115,6 +115,7 @@ class ModelRunner:
         self.quant = quant
         self.model = model_class(cfg.architecture)(ctx, cfg)
         self._load_weights()
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.backend = self.model.build_attention_backend(
             page_size, self.device, server_args.max_running_requests, self._kv_cache_dtype())
         self.kv = self._allocate_kv()
@@ -258,4 +259,5 @@ class ModelRunner:
         return self.platform.new_event()
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of the model's weights as loaded (before a compiled model released any)."""
+        return self._weight_bytes

@@ -76,13 +76,13 @@ class InductorWithFreezing:
         return compile_fx(gm, example_inputs, config_patches=GEMM_AUTOTUNE)
 
     def release_traced_weights(self, model: torch.nn.Module) -> int:
-        """Drop the plain weights of ``model``'s ``torch_native`` linears once every graph is
-        compiled: their GEMMs read the copies inductor packed into the graphs. Both holders
-        let go: the modules, and dynamo's traced graphs (as inductor's own
-        ``freezing_discard_parameters`` does per graph; they are only read to trace again,
-        and a recompile would then fail loudly, not compute with stale data). Only when the
-        trace had no graph break: a break leaves some modules running eagerly between graphs,
-        and they need their weights. Returns the bytes released."""
+        """Free the plain weights of ``model``'s ``torch_native`` linears once every graph is
+        compiled: their GEMMs read the copies inductor packed into the graphs. Each weight
+        Parameter stays (dynamo drops a compiled graph when a tensor it traced is freed) but
+        its storage becomes an empty tensor's, so anything that would still run the module
+        (an eager fallback, a trace) fails on the shape instead of computing with stale data.
+        Only when the trace had no graph break: a break leaves some modules running eagerly
+        between graphs, and they need their weights. Returns the bytes released."""
         from heteroserve.platforms.cpu.linear import UnquantizedLinear
 
         breaks = graph_breaks() - self._breaks_before
