@@ -153,8 +153,9 @@ class ModelRunner:
         steps = (([SequenceInput(list(range(1, n + 1)), 0, pages)], ForwardMode.EXTEND),
                  ([SequenceInput([1], n, pages)], ForwardMode.DECODE),
                  ([SequenceInput([1], n, pages)] * 2, ForwardMode.DECODE))
-        for seqs, mode in steps:
-            self.forward_eager(build_forward_batch(seqs, mode, self.page_size, self.device))
+        with torch.inference_mode():  # batches as the scheduler's steps build them
+            for seqs, mode in steps:
+                self.forward_eager(build_forward_batch(seqs, mode, self.page_size, self.device))
         logger.info("model compiled in %.1fs", time.perf_counter() - start)
 
     def _load_weights(self) -> None:

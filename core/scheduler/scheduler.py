@@ -286,10 +286,13 @@ class Scheduler:
         logger.info("KV pool full: retracted %s (%d tokens so far)", req.rid, len(req.output_ids))
 
     # -- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Run one forward pass and return what it produced (with overlap scheduling, what
         the previous decode step produced while this one runs): ``schedule()`` ->
-        ``runner.forward`` -> ``update()``."""
+        ``runner.forward`` -> ``update()``. Under inference mode, as the serving loop runs
+        it: the step's batch tensors are inference tensors wherever the scheduler is driven
+        from (a compiled model's graphs are traced on such tensors and guard on it)."""
         if self._inflight is not None:
             done, self._inflight = self._inflight, None
             if overlap.can_chain(self, done):
