@@ -75,8 +75,10 @@ _FIXED_INPUTS = ("fwd.k_caches", "fwd.v_caches")
 def _step_guards(entries: list[Any]) -> list[bool]:
     """dynamo guard filter (which guards a compiled graph checks before each call): drops
     those on the model's modules (nothing changes them after loading) and on the KV caches
-    (the same tensors every step), about 0.5 ms a step on a 12-layer model; keeps the ones
-    on the step's inputs, which choose between the one-token and the multi-token graph."""
+    (the same tensors every step): dynamo's lookup went from 0.53 to 0.17 ms a step on a
+    12-layer model, under the profiler. Keeps the ones on the step's inputs, which choose
+    between the one-token and the multi-token graph. Only sound with a cache of its own per
+    compiled model (``isolate_recompiles``)."""
     return [not (e.orig_guard.source.is_unspecialized_nn_module()
                  or e.name.startswith(_FIXED_INPUTS)) for e in entries]
 

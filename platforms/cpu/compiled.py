@@ -1,13 +1,14 @@
 """What a ``torch.compile``d model needs from the cpu platform (``--enable-torch-compile``).
 
-* :func:`inductor_with_freezing`, the platform's compile backend: inductor with *freezing*,
+* :class:`InductorWithFreezing`, the platform's compile backend: inductor with *freezing*,
   which takes the weights into the compiled graph as constants, and with its GEMM autotuning
   (``max_autotune`` over its C++ GEMM templates and aten's oneDNN/MKL products): each linear
   of the traced shape gets the faster of a generated C++ GEMM specialised to it (on the
   one-token decode graph, a matrix-vector kernel with no per-call library overhead) and the
   library call, on weights it packs once at compile time. A compiled model's linears
   therefore keep plain weights (the registry picks ``torch_native`` for them), and
-  :func:`release_traced_weights` drops those plain copies once every graph is compiled.
+  :meth:`InductorWithFreezing.release_traced_weights` frees those plain copies once every
+  graph is compiled.
   The elementwise work between the products (norms, rotary, activations, residual adds)
   becomes a few generated C++ loops.
 * :func:`paged_attention`, the paged attention as one opaque custom op
@@ -59,20 +60,18 @@ class InductorWithFreezing:
     """``torch.compile`` backend: inductor with :data:`GEMM_AUTOTUNE`, for graphs dynamo
     traced with inductor's ``freezing`` on (:meth:`CpuPlatform.compile_backend` turns it on
     for the process, since dynamo reads it while tracing; inference graphs only, the runner
-    calls the model under ``torch.inference_mode``). One per compiled model: it remembers
-    the graphs it compiled for :meth:`release_traced_weights`."""
+    calls the model under ``torch.inference_mode``). One per compiled model: it counts the
+    graph breaks of that model's trace for :meth:`release_traced_weights`."""
 
     __name__ = "inductor_with_freezing"
 
     def __init__(self) -> None:
-        self._graphs: list[weakref.ref[torch.fx.GraphModule]] = []
         self._breaks_before = graph_breaks()
 
     def __call__(self, gm: torch.fx.GraphModule,
                  example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         from torch._inductor.compile_fx import compile_fx
 
-        self._graphs.append(weakref.ref(gm))
         return compile_fx(gm, example_inputs, config_patches=GEMM_AUTOTUNE)
 
     def release_traced_weights(self, model: torch.nn.Module) -> int:
