@@ -73,8 +73,10 @@ def test_an_interrupted_run_claims_no_tier(tmp_path: Path) -> None:
 
 SLEEPER = '''
 import time
+_hung = []
 def pytest_runtest_call(item):
-    if "rms_norm" in item.nodeid:
+    if "rms_norm" in item.nodeid and not _hung:  # one hung case is enough
+        _hung.append(item.nodeid)
         time.sleep(30)
 '''
 
@@ -89,7 +91,8 @@ def test_a_hung_test_fails_by_the_test_timeout_and_the_run_completes(tmp_path: P
     assert code == 1, log
     assert report["selection"]["complete"] or report["selection"]["deselected"] > 0
     assert not report["selection"]["interrupted"]
-    assert report["failures"] and all("Timeout" in f["message"] for f in report["failures"])
+    assert len(report["failures"]) == 1 and "Timeout" in report["failures"][0]["message"]
+    assert report["summary"]["passed"] >= 1, log  # the cases after the hung one still ran
 
 
 def test_digest_covers_everything_but_itself() -> None:
