@@ -26,12 +26,14 @@ import logging
 import os
 import shutil
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from heteroserve.core.kernels.attention import AttentionLayer
+from heteroserve.core.layers.embedding import ParallelLMHead
 from heteroserve.core.layers.linear import LinearBase
 
 if TYPE_CHECKING:
@@ -75,13 +77,14 @@ class InductorWithFreezing:
         return compile_fx(gm, example_inputs, config_patches=GEMM_AUTOTUNE)
 
     def release_traced_weights(self, model: torch.nn.Module) -> int:
-        """Free the plain weights of ``model``'s ``torch_native`` linears once every graph is
-        compiled: their GEMMs read the copies inductor packed into the graphs. Each weight
-        Parameter stays (dynamo drops a compiled graph when a tensor it traced is freed) but
-        its storage becomes an empty tensor's, so anything that would still run the module
-        (an eager fallback, a trace) fails on the shape instead of computing with stale data.
-        Only when the trace had no graph break: a break leaves some modules running eagerly
-        between graphs, and they need their weights. Returns the bytes released."""
+        """Free the plain weights of ``model``'s ``torch_native`` linears, its LM head's
+        included unless tied to the embedding table, once every graph is compiled: their
+        GEMMs read the copies inductor packed into the graphs. Each weight Parameter stays
+        (dynamo drops a compiled graph when a tensor it traced is freed) but its storage
+        becomes an empty tensor's, so anything that would still run the module (an eager
+        fallback, a trace) fails on the shape instead of computing with stale data. Only when
+        the trace had no graph break: a break leaves some modules running eagerly between
+        graphs, and they need their weights. Returns the bytes released."""
         from heteroserve.platforms.cpu.linear import UnquantizedLinear
 
         breaks = graph_breaks() - self._breaks_before
@@ -89,11 +92,16 @@ class InductorWithFreezing:
             logger.info("the compiled model has %d graph break(s): its linears keep their "
                         "plain weights next to the compiled copies", breaks)
             return 0
+        storages = Counter(p.untyped_storage().data_ptr() for p in model.parameters()
+                           if not p.is_mkldnn)
         released = 0
         for module in model.modules():
-            weight = module._parameters.get("weight") if isinstance(module, LinearBase) else None
-            if (weight is not None and type(module.method) is UnquantizedLinear
-                    and weight.dim() == 2 and not weight.is_mkldnn):
+            method = getattr(module, "method", None)
+            weight = module._parameters.get("weight")
+            if (isinstance(module, (LinearBase, ParallelLMHead)) and weight is not None
+                    and type(method) is UnquantizedLinear and weight.dim() == 2
+                    and not weight.is_mkldnn
+                    and storages[weight.untyped_storage().data_ptr()] == 1):  # not tied
                 released += weight.numel() * weight.element_size()
                 weight.data = torch.empty(0, dtype=weight.dtype)
         return released

@@ -97,9 +97,8 @@ class OneDNNPrepackedLinear(UnquantizedLinear):
     runs its dtype natively (:mod:`.prepack`); ``layer.weight`` is then an opaque oneDNN
     tensor that only ``apply`` reads (``layer.onednn_packed`` says so). Weights it cannot
     pack stay plain and take ``F.linear``. The cpu platform's choice for the dtypes
-    :func:`supports_prepacked` accepts in an eager engine; chosen by ``--kernel`` for a
-    compiled model, inductor with freezing calls the same oneDNN product on the packed
-    weight (:mod:`.compiled`)."""
+    :func:`supports_prepacked` accepts in an eager engine (a compiled one declines it:
+    :mod:`.compiled`)."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         packed = prepack_weight(_get(layer, "weight"))
