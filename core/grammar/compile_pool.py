@@ -79,6 +79,7 @@ class _Worker(threading.Thread):
     def _start_process(self) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, start_new_session=True)
+        self.proc = proc  # visible to the pool's shutdown while it starts
         assert proc.stdin is not None and proc.stdout is not None
         write_message(proc.stdin, (self.pool.tokenizer_path, self.pool.vocab_size,
                                    self.pool.trust_remote_code))
@@ -119,6 +120,7 @@ class _Worker(threading.Thread):
                 job.future.set_exception(exc)
         if self.proc is not None:
             self.proc.kill()
+            self.proc.wait()
 
     def _compile(self, spec: GrammarSpec) -> str:
         if self.proc is None or self.proc.poll() is not None:
@@ -214,10 +216,24 @@ class GrammarCompilePool:
         return await asyncio.wrap_future(self.submit(spec))
 
     def shutdown(self) -> None:
-        """Stop the workers (killing any compile in progress) and reap their processes."""
+        """Stop the workers (killing any compile in progress), wait for their threads, and
+        reap their processes, a process still starting included. Compiles still queued are
+        cancelled."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.future.cancel()
         for worker in self._workers:
             self.jobs.put(None)
         for worker in self._workers:
+            if worker.proc is not None:
+                worker.proc.kill()
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join(5)
             proc = worker.proc
             if proc is not None:
                 proc.kill()
