@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_session.sh gemv decode1 profile conformance
 # Steps:
 #   attention_sweep        benchmarks/attention_sweep.py: Triton extend/decode launch configurations
+#   prefill_backends       benchmarks/prefill_backends.py: long-prompt attention, Triton extend vs
+#                          torch's flash and cuDNN SDPA (whole prompts, chunks on a prefix)
+#   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
 #                          vs bf16 at Llama-3.1-8B shapes and 16-8192 rows
@@ -119,6 +122,10 @@ for step in "$@"; do
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
     fp8_gemm) timeout 200 python3 benchmarks/fp8_gemm_sweep.py --out "$OUT/fp8_gemm.json" 2>&1 \
         | grep -v -i warn ;;
+    prefill_backends) timeout 300 python3 benchmarks/prefill_backends.py \
+        --out "$OUT/prefill_backends.json" 2>&1 | grep -v -i warn ;;
+    moe_decode) timeout 200 python3 benchmarks/moe_decode_sweep.py --out "$OUT/moe_decode.json" \
+        2>&1 | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
     moe_fp8) timeout 300 python3 benchmarks/moe_fp8_bench.py --out "$OUT/moe_fp8.json" 2>&1 \

@@ -25,6 +25,9 @@ LONG_DECODE: tuple[int, ...] = (1000, 513)
 #: whole prompts (no cached prefix) past the length at which a kernel may switch paths
 #: (cuda's SDPA extend: 2048 tokens)
 PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 2100), (0, 2050))
+#: a long chunk on a cached prefix next to a whole prompt, both past that length (cuda's SDPA
+#: extend attends the prefix and the chunk separately and merges them)
+CHUNK_EXTEND: tuple[tuple[int, int], ...] = ((2500, 2100), (0, 2050))
 DEFAULT_PAGE_SIZES: tuple[int, ...] = (1, 16, 128)
 
 
@@ -55,9 +58,9 @@ class AttnCase(Case):
         return ctx.dtype_skip(self.dtype) or ctx.page_size_skip(self.page_size)
 
 
-def _seqs(kind: str, long: bool, prompt: bool) -> tuple[tuple[int, int], ...]:
+def _seqs(kind: str, long: bool, prompt: str) -> tuple[tuple[int, int], ...]:
     if prompt:
-        return PROMPT_EXTEND
+        return PROMPT_EXTEND if prompt == "prompt" else CHUNK_EXTEND
     if kind == "decode":
         return tuple((n - 1, 1) for n in (LONG_DECODE if long else DECODE_LENS))
     return LONG_EXTEND if long else EXTEND_BATCH
@@ -65,10 +68,11 @@ def _seqs(kind: str, long: bool, prompt: bool) -> tuple[tuple[int, int], ...]:
 
 def _case(kind: str, dt: Any, hq: int, hk: int, d: int, page: int,
           sw: int | None = None, cap: float | None = None, long: bool = False,
-          kv_fp8: bool = False, prompt: bool = False) -> AttnCase:
+          kv_fp8: bool = False, prompt: str = "") -> AttnCase:
+    """``prompt``: ``prompt`` or ``chunk`` for the long-extend batches above, else empty."""
     name = f"{DTYPE_NAMES[dt]}-p{page}-h{hq}:{hk}-d{d}"
     name += (f"-sw{sw}" if sw else "") + (f"-cap{cap:g}" if cap else "") + ("-long" if long else "")
-    name += ("-kvfp8" if kv_fp8 else "") + ("-prompt" if prompt else "")
+    name += ("-kvfp8" if kv_fp8 else "") + (f"-{prompt}" if prompt else "")
     return AttnCase(ops.ATTENTION, name, dt, kind, hq, hk, d, page, _seqs(kind, long, prompt),
                     sw, cap, kv_fp8)
 
@@ -100,8 +104,8 @@ def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
                           _case(kind, dt, 8, 1, 128, page, long=True),
                           _case(kind, dt, 8, 1, 128, page, sw=100, long=True)]
         if kind == "extend" and not ctx.quick:
-            cases += [_case(kind, dt, 8, 2, 128, page, prompt=True) for dt in dtypes
-                      if dt is not torch.float32]
+            cases += [_case(kind, dt, 8, 2, 128, page, prompt=p) for dt in dtypes
+                      if dt is not torch.float32 for p in ("prompt", "chunk")]
     return cases
 
 

@@ -1,30 +1,42 @@
-"""``TritonAttentionSDPAExtend``: :class:`TritonAttention` whose long prompts without a cached
-prefix run in torch's fused scaled-dot-product attention.
+"""``TritonAttentionSDPAExtend``: :class:`TritonAttention` whose long extends run in torch's
+fused attention kernels (cuDNN's, else FlashAttention-2 for whole prompts).
 
-Why: on an H200 the Triton extend kernel reaches 47-54 % of the bf16 matmul rate on long
-prompts (no TMA or warp specialisation); torch's causal SDPA ran a dense 4096-16384 prompt at
-526-580 TFLOP/s against Triton's 316-339 (``docs/benchmarks/kernels-h100.md``). Measured in
-the engine (H200, ``bench_headline.py``, chunks of 8192): an 8k prompt's prefill went from
-75.5 % to 82.7 % of its FLOP floor. Chunks on top of a cached prefix need a bottom-right
-causal mask, which torch serves with its FlashAttention-2 kernel: that was slower than Triton
-(32k: 61.4 against 66.2 %, 100k: 51.6 against 58.1 %), so those stay with Triton.
+Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
+prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
+UTC, Llama-3.1-8B heads, ``results/prefill_backends_h200.json``), TFLOP/s of causal attention:
+
+=====================  ======  =====  =====================
+case                   Triton  flash  cuDNN
+=====================  ======  =====  =====================
+whole 8k prompt        372     315    600
+whole 32k prompt       409     348    582
+8k chunk on 8k cached  387     337    511 (split + merge)
+8k chunk on 24k        409     340    562 (split + merge)
+8k chunk on 94k        386     343    590 (split + merge)
+=====================  ======  =====  =====================
+
+A chunk on a cached prefix needs a bottom-right causal mask; torch serves one with a fused
+kernel, but slower than Triton (cuDNN 235-273, flash 337-343). So such a chunk is attended
+in two fused calls that each return their log-sum-exp, the prefix without a mask and the
+chunk causally, and the two are merged (``merge_attention``): the *split* column.
 
 How: each sequence's K/V rows are gathered out of the paged cache once per layer (``[L, Hk,
-D]``, a layout the fused kernels read without a copy) and attended causally with native GQA.
-The gather costs a read and a write of the sequence's K/V, small next to the attention's
-``O(L^2)`` work from a few thousand tokens on.
+D]``, a layout the fused kernels read without a copy) and attended with native GQA. The
+gather costs a read and a write of the sequence's K/V, small next to the attention's
+``O(new * L)`` work from a few thousand new tokens on.
 
-When: every sequence of the step starts at position 0 (no cached prefix) with at least
-:attr:`min_new_tokens` new tokens, the layer has no sliding window and no logit soft-cap, q
-and the caches share a bf16/fp16 dtype, and torch says its flash kernel takes the shapes
-(``torch.backends.cuda.can_use_flash_attention``: no slow unfused fallback). Anything else,
-decode included, is :class:`TritonAttention`'s.
+When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has
+no sliding window and no logit soft-cap, q and the caches share a bf16/fp16 dtype, and torch
+says a fused kernel takes the shapes (``torch.backends.cuda.can_use_cudnn_attention``; for a
+whole prompt also ``can_use_flash_attention``): never a slow unfused fallback. A chunk on a
+prefix needs cuDNN. Anything else, decode included, is :class:`TritonAttention`'s.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
 from heteroserve.platforms.triton.attention import TritonAttention
 
@@ -34,19 +46,45 @@ from heteroserve.platforms.triton.attention import TritonAttention
 MIN_NEW_TOKENS = 2048
 
 
+def _params(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> object:
+    from torch.backends.cuda import SDPAParams
+
+    return SDPAParams(q, k, v, None, 0.0, causal, True)
+
+
 def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether torch's flash SDPA kernel takes ``q [1, Hq, n, D]``, ``k/v [1, Hk, L, D]`` with
     GQA (False off CUDA)."""
     if q.device.type != "cuda":
         return False
-    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+    from torch.backends.cuda import can_use_flash_attention
 
-    return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True), False))
+    return bool(can_use_flash_attention(_params(q, k, v, False), False))
+
+
+def cudnn_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
+    """Whether torch's cuDNN attention takes these shapes with GQA (False off CUDA)."""
+    if q.device.type != "cuda":
+        return False
+    from torch.backends.cuda import can_use_cudnn_attention
+
+    return bool(can_use_cudnn_attention(_params(q, k, v, causal), False))
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                    lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each set's normalised output
+    ``o [..., n, D]`` and natural-log sum-exp ``lse [..., n]`` (fp32): the two outputs
+    weighted by ``exp(lse - max)``, in fp32, rounded to ``o1.dtype``."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return out.to(o1.dtype)
 
 
 class TritonAttentionSDPAExtend(TritonAttention):
     """See the module docstring. Same contract, layouts and limits as
-    :class:`TritonAttention`; only the extend of long prompts takes another kernel."""
+    :class:`TritonAttention`; only long extends take other kernels."""
 
     min_new_tokens = MIN_NEW_TOKENS
 
@@ -54,11 +92,39 @@ class TritonAttentionSDPAExtend(TritonAttention):
                meta: AttentionMetadata) -> bool:
         return (layer.sliding_window is None and layer.logit_cap is None
                 and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
-                and not any(meta.prefix_lens_cpu)
                 and min(meta.extend_lens_cpu, default=0) >= self.min_new_tokens)
 
-    def _flash_usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        return flash_usable(q, k, v)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                scale: float, with_lse: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``q [1, Hq, n, D]`` over ``k/v [1, Hk, L, D]`` (``causal``: ``n == L``, top-left
+        mask) in a fused kernel: ``(out [1, Hq, n, D], lse [1, Hq, n] fp32 natural log or
+        None)``, or None when no fused kernel takes it (cuDNN; flash for a causal call
+        without ``with_lse``)."""
+        if cudnn_usable(q, k, v, causal):
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, with_lse, 0.0, causal, False, scale=scale)
+            lse = res[1].reshape(q.shape[:3]).float() if with_lse else None
+            return res[0], lse
+        if causal and not with_lse and flash_usable(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True), None
+        return None
+
+    def _sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+                  scale: float) -> torch.Tensor | None:
+        """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, ``[1, Hq, n,
+        D]``; None when no fused kernel takes it."""
+        if prefix == 0:
+            res = self._attend(q, k, v, True, scale, False)
+            return None if res is None else res[0]
+        past = self._attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, True)
+        if past is None:
+            return None
+        own = self._attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, True)
+        if own is None:
+            return None
+        return merge_attention(past[0], past[1], own[0], own[1])
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
@@ -73,18 +139,17 @@ class TritonAttentionSDPAExtend(TritonAttention):
         flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
         offsets = torch.arange(ps, device=q.device)
         page_at = row_at = 0
-        for seq_len, new in zip(meta.seq_lens_cpu, meta.extend_lens_cpu):
-            pages = -(-seq_len // ps)
+        for seq_len, prefix in zip(meta.seq_lens_cpu, meta.prefix_lens_cpu):
+            new, pages = seq_len - prefix, -(-seq_len // ps)
             table = meta.kv_page_indices[page_at:page_at + pages].to(torch.long)
             slots = (table[:, None] * ps + offsets).reshape(-1)[:seq_len]
             k_seq = flat_k.index_select(0, slots).transpose(0, 1)[None]  # [1, Hk, L, D]
             v_seq = flat_v.index_select(0, slots).transpose(0, 1)[None]
             rows = slice(row_at, row_at + new)
-            q_seq = q[rows].transpose(0, 1)[None]  # [1, Hq, n, D]
-            if not self._flash_usable(q_seq, k_seq, v_seq):
+            o = self._sequence(q[rows].transpose(0, 1)[None], k_seq, v_seq, prefix,
+                               layer.scale)
+            if o is None:
                 return super().extend(q, k_cache, v_cache, layer, meta)
-            o = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True,
-                                               scale=layer.scale, enable_gqa=hk != c.num_q_heads)
             out[rows] = o[0].transpose(0, 1)
             page_at += pages
             row_at += new

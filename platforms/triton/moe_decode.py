@@ -61,8 +61,14 @@ from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 #: stays at 64; ``benchmarks/moe_decode_sweep.py`` times both paths at T = 1..16 to move it.
 MAX_DECODE_PAIRS = 64
 
-#: bytes of one weight row a program loads per step (16-byte vectors for 64 threads)
-_ROW_BYTES = 1024
+#: bytes of one weight row a program loads per step, gate-up and down kernel. Measured on the
+#: H200 (``moe_decode_sweep.py``, ``results/moe_decode_sweep_h200.json``): 1 KiB for both
+#: before; 512 bytes for the gate-up kernel were faster in every case swept on 2026-12-04 and
+#: 256 for the down kernel in every case on 2026-12-05 (Qwen3-30B-A3B, one token: 22.7 ->
+#: 21.2 us; DeepSeek-V2-Lite with its shared experts fused: 43.2 -> 36.7 us; eight Qwen3
+#: tokens: 141 -> 124 us).
+_GATE_UP_ROW_BYTES = 512
+_DOWN_ROW_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,10 @@ class DecodeConfig:
     down: DecodeTile
 
 
-def _block_k(k: int, elem_bytes: int) -> int:
-    """``_ROW_BYTES`` worth of elements, or half that when it divides ``K`` and the full
+def _block_k(k: int, elem_bytes: int, row_bytes: int) -> int:
+    """``row_bytes`` worth of elements, or half that when it divides ``K`` and the full
     width does not (no masked tail); at most ``K`` rounded up to a power of two."""
-    full = _ROW_BYTES // elem_bytes
+    full = row_bytes // elem_bytes
     if k % full and k % (full // 2) == 0:
         full //= 2
     return min(full, max(16, triton.next_power_of_2(k)))
@@ -96,7 +102,7 @@ def _block_k(k: int, elem_bytes: int) -> int:
 def _block_n(rows_per_output: int, units: int, n: int, sms: int) -> int:
     """The fewest output features per program, from ``16 // rows_per_output`` down to 1,
     that still give at least four programs per multiprocessor (as ``gemv.choose_config``):
-    a program then loads about 16 weight rows of ``_ROW_BYTES`` per step."""
+    a program then loads about 16 weight rows per step."""
     block_n = max(1, 16 // rows_per_output)
     while block_n > 1 and units * triton.cdiv(n, block_n) < 4 * sms:
         block_n //= 2
@@ -107,15 +113,15 @@ def choose_tiles(num_tokens: int, top_k: int, hidden: int, inter: int, elem_byte
                  multiprocessors: int) -> DecodeConfig:
     """Launch shapes on a GPU of ``multiprocessors`` SMs for ``T = num_tokens`` tokens over
     ``top_k`` experts with ``w13 [E, 2*inter, hidden]`` of ``elem_bytes`` per element:
-    1 KiB of each weight row per step (half that where it makes the K loop exact), and the
-    fewest outputs per program that keep four programs per multiprocessor. A gate-up program
+    512 bytes of each gate/up row and 256 of each down row per step (half that where it makes
+    the K loop exact), and the fewest outputs per program that keep four programs per multiprocessor. A gate-up program
     loads two rows (gate and up) per output, a down program one row per expert slot
     (``next_power_of_2(top_k)``) per output, so both keep about 16 rows in flight."""
     return DecodeConfig(
         DecodeTile(_block_n(2, num_tokens * top_k, inter, multiprocessors),
-                   _block_k(hidden, elem_bytes)),
+                   _block_k(hidden, elem_bytes, _GATE_UP_ROW_BYTES)),
         DecodeTile(_block_n(triton.next_power_of_2(top_k), num_tokens, hidden, multiprocessors),
-                   _block_k(inter, elem_bytes)))
+                   _block_k(inter, elem_bytes, _DOWN_ROW_BYTES)))
 
 
 def choose_config(num_tokens: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,

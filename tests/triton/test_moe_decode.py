@@ -95,7 +95,8 @@ def test_fused_moe_takes_the_decode_path_up_to_the_threshold(
 
 def test_gpu_tiles_for_the_target_models() -> None:
     """The H200 (132 SMs) launch shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite experts:
-    enough programs, about 16 KiB of weights per load, exact K loops where possible."""
+    enough programs, 8 KiB of gate/up and 4 KiB of down weights per load (the shapes the
+    H200 sweep found fastest), exact K loops where possible."""
     for tokens in (1, 8):
         for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
             cfg = choose_tiles(tokens, top_k, hidden, inter, 2, 132)
@@ -103,10 +104,12 @@ def test_gpu_tiles_for_the_target_models() -> None:
             assert tokens * top_k * (inter // g.block_n) >= 4 * 132
             assert tokens * (hidden // d.block_n) >= 4 * 132
             assert hidden % g.block_k == 0
-            assert 8 * 1024 <= 2 * g.block_n * g.block_k * 2 <= 16 * 1024
-            assert 8 * 1024 <= 8 * d.block_n * d.block_k * 2 <= 16 * 1024
-    assert choose_tiles(1, 8, 2048, 768, 2, 132).down.block_k == 256  # 768 = 3 x 256, exact
-    assert choose_tiles(1, 6, 2048, 1408, 2, 132).down.block_k == 512  # masked last step
+            assert 2 * g.block_n * g.block_k * 2 == 8 * 1024
+            assert 8 * d.block_n * d.block_k * 2 == 4 * 1024
+    assert choose_tiles(1, 8, 2048, 768, 2, 132).down.block_k == 128  # 768 = 6 x 128, exact
+    assert choose_tiles(1, 6, 2048, 1408, 2, 132).down.block_k == 128  # 1408 = 11 x 128
+    assert choose_tiles(1, 6, 2048, 1400, 2, 132).down.block_k == 128  # masked last step
+    assert choose_tiles(1, 6, 2048, 1472, 2, 132).down.block_k == 64  # 1472 = 23 x 64
     assert choose_tiles(1, 16, 64, 64, 4, 132).down.block_n == 1
     assert choose_tiles(1, 1, 64, 64, 4, 132).down.block_k == 64  # no wider than K
 
@@ -243,8 +246,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                         "BLOCK_N": d.block_n, "BLOCK_K": d.block_k,
                                         "USE_PDL": True, "W_SCALED": scaled,
                                         "SCALE_BLOCK": 128}, "num_warps": d.num_warps})
-    assert [j["constexprs"]["EVEN"] for j in jobs] == [True, True, True, False] + \
-        [True, False, True, False]
+    assert all(j["constexprs"]["EVEN"] for j in jobs)  # the default tiles divide K
     for job in jobs[-2:]:  # and K steps inside one scale block (one scale per tile)
         jobs.append({**job, "constexprs": {**job["constexprs"], "BLOCK_K": 64,
                                            "EVEN": False}})
@@ -253,4 +255,6 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
     for job, res in zip(jobs, hopper_ptx(jobs), strict=True):
         assert res["griddepcontrol_wait"], job["kernel"]
         if job["constexprs"]["BLOCK_K"] >= 128:  # the narrow fp8 tiles only need to build
-            assert res["v4_loads"] >= 8, (job["kernel"], res)  # >= 128 B of weights/thread
+            # 16-byte vector loads: 64 B of gate/up or 32 B of down weights per thread a step
+            want = 4 if job["kernel"] == "_gate_up_kernel" else 2
+            assert res["v4_loads"] >= want, (job["kernel"], res)

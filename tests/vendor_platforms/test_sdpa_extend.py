@@ -1,7 +1,8 @@
-"""cuda's ``TritonAttentionSDPAExtend`` on the host: its dense extend (gather per sequence,
-causal SDPA with GQA) against the float64 oracle, and which steps it leaves to the Triton
-kernel. Torch's flash kernel itself runs in the cuda conformance suite (the
-``-prompt`` extend cases)."""
+"""cuda's ``TritonAttentionSDPAExtend`` on the host: its dense extend (gather per sequence;
+a whole prompt in one causal call, a chunk on a cached prefix as two calls merged by their
+log-sum-exp) against the float64 oracle, and which steps it leaves to the Triton kernel.
+Torch's cuDNN and flash kernels themselves run in the cuda conformance suite (the
+``-prompt`` and ``-chunk`` extend cases)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,37 @@ import torch
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.paged import metadata_for
 from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
-from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend, flash_usable
+from heteroserve.platforms.cuda.sdpa_extend import (
+    TritonAttentionSDPAExtend, cudnn_usable, flash_usable, merge_attention,
+)
 from heteroserve.platforms.triton.attention import TritonAttention
 
 HQ, HK, D = 8, 2, 64
 
 
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out in q.dtype, lse fp32)`` of ``q [1, Hq, n, D]`` over ``k/v [1, Hk, L, D]``."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+    s = q.float() @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    return (torch.softmax(s, -1) @ v).to(q.dtype), torch.logsumexp(s, -1)
+
+
 class _HostSDPA(TritonAttentionSDPAExtend):
-    """The dense path on CPU tensors: torch's CPU SDPA stands in for the flash kernel."""
+    """The dense path on CPU tensors: float math with its log-sum-exp stands in for the
+    fused kernels; ``refuse`` makes it answer as if no fused kernel took the call."""
 
     min_new_tokens = 8
+    refuse = False
 
-    def _flash_usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        return True
+    def _attend(self, q, k, v, causal, scale, with_lse):
+        if self.refuse:
+            return None
+        out, lse = _math_attention(q, k, v, causal, scale)
+        return out, (lse if with_lse else None)
 
 
 def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0):
@@ -54,8 +73,10 @@ def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype
 
 @pytest.mark.parametrize("page_size", [1, 16, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype) -> None:
-    seqs = ((0, 40), (0, 20), (0, 9))
+@pytest.mark.parametrize("seqs", [((0, 40), (0, 20), (0, 9)), ((30, 40), (0, 20), (7, 9))],
+                         ids=["prompts", "chunks-on-prefixes"])
+def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype,
+                                         seqs: tuple[tuple[int, int], ...]) -> None:
     backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, page_size, dtype)
     layer = AttentionLayer(layer_id=0, scale=1 / math.sqrt(D))
     out = backend.extend(q, k_cache, v_cache, layer, meta)
@@ -63,11 +84,22 @@ def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype) -> 
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "prefix"])
+def test_merge_of_two_key_sets_is_attention_over_both() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 6, 32, generator=gen)
+    k, v = torch.randn(1, 2, 50, 32, generator=gen), torch.randn(1, 2, 50, 32, generator=gen)
+    whole, _ = _math_attention(q, k, v, False, 0.2)
+    o1, l1 = _math_attention(q, k[:, :, :17], v[:, :, :17], False, 0.2)
+    o2, l2 = _math_attention(q, k[:, :, 17:], v[:, :, 17:], False, 0.2)
+    torch.testing.assert_close(merge_attention(o1, l1, o2, l2), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "no-fused-kernel"])
 def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    seqs = ((0, 40), (5 if change == "prefix" else 0, 4 if change == "short" else 12))
+    seqs = ((0, 40), (5, 4 if change == "short" else 12))
     dtype = torch.float32 if change == "fp32" else torch.bfloat16
     backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype)
+    backend.refuse = change == "no-fused-kernel"
     layer = AttentionLayer(layer_id=0, scale=0.1, sliding_window=8 if change == "window" else None,
                            logit_cap=3.0 if change == "cap" else None)
     calls = []
@@ -76,6 +108,7 @@ def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 1
 
 
-def test_flash_is_never_claimed_off_cuda() -> None:
+def test_fused_kernels_are_never_claimed_off_cuda() -> None:
     t = torch.zeros(1, HQ, 4, D, dtype=torch.bfloat16)
     assert not flash_usable(t, t[:, :HK], t[:, :HK])
+    assert not cudnn_usable(t, t[:, :HK], t[:, :HK], True)

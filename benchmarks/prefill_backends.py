@@ -1,0 +1,182 @@
+"""Long-prompt attention on the GPU: the Triton extend kernel against torch's fused SDPA
+kernels (FlashAttention-2 and cuDNN), at the shapes of the prefill headline rows.
+
+Cases (Llama-3.1-8B heads: 32 query / 8 KV, head 128, bf16, page 16): a whole 8k and 32k
+prompt (causal from position 0), and 8192-token chunks on a cached prefix of 8k, 24k and 94k
+tokens (the later chunks of a 32k and a 100k prompt). Variants:
+
+- ``triton``: ``extend_attention`` over the paged cache (the engine's default for chunks);
+- ``flash`` / ``cudnn``: ``F.scaled_dot_product_attention`` restricted to one torch backend,
+  causal (whole prompts) or with a bottom-right causal mask (chunks), over K/V gathered
+  out of the paged cache (the gather is timed as part of the call, as the engine pays it);
+- ``flash_split`` / ``cudnn_split`` (chunks): the prefix attended without a mask and the
+  chunk causally, two fused calls that return their log-sum-exp, merged in fp32 (``_rep``:
+  with K/V repeated to the query heads first, for a kernel without native GQA).
+
+TFLOP/s count ``4 * Hq * D`` per visible query-key pair, next to a large bf16 matmul's rate
+measured in the same run. Every variant is checked against ``triton``'s output first; one
+that torch refuses or that fails is recorded with its error. Usage: ``python
+benchmarks/prefill_backends.py --out prefill_backends.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_sweep import matmul_tflops  # noqa: E402
+
+from heteroserve.conformance.paged import build_batch  # noqa: E402
+from heteroserve.core.kernels.attention import AttentionLayer, ForwardMode  # noqa: E402
+from heteroserve.platforms.triton.attention_extend import extend_attention  # noqa: E402
+
+HQ, HK, D, PAGE = 32, 8, 128, 16
+CASES = [("whole_8k", 0, 8192), ("whole_32k", 0, 32768), ("chunk_on_8k", 8192, 8192),
+         ("chunk_on_24k", 24576, 8192), ("chunk_on_94k", 94208, 8192)]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _sdpa(backend: str) -> Callable[..., torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool | str,
+            scale: float) -> torch.Tensor:
+        with sdpa_kernel([kind]):
+            if causal == "lower_right":
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(q.shape[-2], k.shape[-2])
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                      enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale,
+                                                  enable_gqa=True)
+    return run
+
+
+def _with_lse(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              scale: float, expand: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [1, Hq, n, D], lse [1, Hq, n] natural log)`` from torch's fused kernel; K/V
+    repeated to ``Hq`` heads first when ``expand`` (else passed with ``Hk`` heads)."""
+    if expand and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if backend == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+    else:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].reshape(q.shape[:3]).float()
+
+
+def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
+           ) -> torch.Tensor:
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return out.to(o1.dtype)
+
+
+def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    layer = AttentionLayer(0, D ** -0.5)
+    batch = build_batch(((prefix, new),), PAGE, ForwardMode.EXTEND, device, gen)
+    shape = (batch.num_pages, PAGE, HK, D)
+    k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    q = torch.randn(new, HQ, D, device=device, dtype=torch.bfloat16)
+    seq_len = prefix + new
+    pages = -(-seq_len // PAGE)
+    table = batch.meta.kv_page_indices[:pages].to(torch.long)
+    slots = (table[:, None] * PAGE + torch.arange(PAGE, device=device)).reshape(-1)[:seq_len]
+    flat_k, flat_v = k_cache.view(-1, HK, D), v_cache.view(-1, HK, D)
+    flops = 4 * HQ * D * sum(prefix + i + 1 for i in range(new))
+
+    def gathered() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = flat_k.index_select(0, slots).transpose(0, 1)[None]
+        v = flat_v.index_select(0, slots).transpose(0, 1)[None]
+        return q.transpose(0, 1)[None], k, v
+
+    def triton_call() -> torch.Tensor:
+        out = torch.empty_like(q)
+        extend_attention(q, k_cache, v_cache, out, layer, batch.meta, new, HK)
+        return out
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call}
+    for backend in ("flash", "cudnn"):
+        sdpa = _sdpa(backend)
+
+        def dense(sdpa=sdpa) -> torch.Tensor:
+            qs, k, v = gathered()
+            o = sdpa(qs, k, v, True if prefix == 0 else "lower_right", layer.scale)
+            return o[0].transpose(0, 1)
+        variants[backend] = dense
+        for expand in (False, True) if prefix else ():
+            def split(backend=backend, expand=expand) -> torch.Tensor:
+                qs, k, v = gathered()
+                o1, l1 = _with_lse(backend, qs, k[:, :, :prefix], v[:, :, :prefix], False,
+                                   layer.scale, expand)
+                o2, l2 = _with_lse(backend, qs, k[:, :, prefix:], v[:, :, prefix:], True,
+                                   layer.scale, expand)
+                return _merge(o1, l1, o2, l2)[0].transpose(0, 1)
+            variants[f"{backend}_split{'_rep' if expand else ''}"] = split
+
+    rows, ref = [], None
+    for variant, call in variants.items():
+        row = {"case": name, "prefix": prefix, "new": new, "variant": variant}
+        try:
+            out = call()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.float()
+            row["max_abs_diff"] = float((out.float() - ref).abs().max())
+            ms = triton.testing.do_bench(call, warmup=3, rep=40)
+        except Exception as exc:  # a backend torch refuses for these shapes
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            _log(f"{name:14s} {variant:12s} {row['error']}")
+            rows.append(row)
+            continue
+        tf = flops / (ms * 1e-3) / 1e12
+        row.update(ms=round(ms, 3), tflops=round(tf, 1), fraction_of_matmul=round(tf / peak, 3))
+        _log(f"{name:14s} {variant:12s} {ms:8.3f} ms {tf:6.1f} TF/s ({tf / peak:.0%}) "
+             f"diff {row['max_abs_diff']:.2g}")
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="prefill_backends.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("prefill_backends: needs a GPU")
+        return 0
+    device = torch.device("cuda")
+    peak = matmul_tflops(device)
+    _log(f"bf16 matmul {peak:.0f} TF/s; torch {torch.__version__}, "
+         f"cudnn {torch.backends.cudnn.version()}")
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+              time.gmtime()), "command": " ".join(sys.argv), "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version(), "matmul_tflops": round(peak, 1),
+              "rows": []}
+    for name, prefix, new in CASES:
+        result["rows"] += run_case(name, prefix, new, peak, device)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
