@@ -1,6 +1,7 @@
 """Conformance of the optional fused entry points of linear methods,
-``apply_rms_norm`` (RMSNorm, optionally after a residual add, then the projection) and
-``apply_silu_and_mul`` (SiLU-and-mul then the projection), against float64 oracles.
+``apply_rms_norm`` (RMSNorm, optionally after a residual add, then the projection),
+``apply_silu_and_mul`` (SiLU-and-mul then the projection) and ``apply_gated`` (the
+projection, then a gated activation of its two output halves), against float64 oracles.
 
 They run on the schemes whose activations go in unquantized (a fused W8A8 kernel would
 quantize a row the suite cannot reproduce); a method that returns None for a case (no fused
@@ -21,6 +22,7 @@ from heteroserve.conformance.linear_setup import load_layer
 from heteroserve.conformance.oracles import linear as oracle
 from heteroserve.conformance.oracles import norm as norm_oracle
 from heteroserve.conformance.params import ConfParam, conformance
+from heteroserve.core.kernels.linear import GATED_ACTIVATIONS
 
 _UNQUANTIZED_ACTIVATIONS = ("unquantized", "awq_w4a16", "gptq_w4a16")
 EPS = 1e-6
@@ -93,3 +95,33 @@ def test_linear_silu_and_mul(conf: ConfParam, ctx: ConformanceContext,
     activated = torch.nn.functional.silu(gate) * up
     ref = oracle.linear(case.scheme, activated, ckpt, case.group_size, bias, None)
     assert_close(out, ref, dt, f"linear_silu_and_mul.{case.scheme}", request)
+
+
+def _gated(lin: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = lin.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.nn.functional.gelu(gate, approximate=approximate) * up
+
+
+@conformance(fused_cases, label="linear_gated")
+@pytest.mark.parametrize("activation", GATED_ACTIVATIONS)
+def test_linear_gated(conf: ConfParam, ctx: ConformanceContext, activation: str,
+                      request: pytest.FixtureRequest) -> None:
+    case: LinearCase = conf.case  # type: ignore[assignment]
+    if case.out_features % 2:
+        pytest.skip(f"{case.out_features} outputs do not split into [gate | up]")
+    method = conf.load()()
+    layer, ckpt, _, gen = load_layer(case, method, ctx)
+    dt, dev = case.dtype, ctx.device
+    x = _rows(gen, case.tokens, case.in_features, dt)
+    bias = _bias(case, gen)
+    x_dev = x.to(dev)
+    args = (layer, x_dev, activation, bias.to(dev) if bias is not None else None)
+    _skip_if_none(method.apply_gated(*args), "apply_gated", case)
+    out = run_op(lambda: method.apply_gated(*args), tuple)
+    assert_bitwise_equal(x_dev, x, "apply_gated must not modify x")
+    assert out.shape == (case.tokens, case.out_features // 2), "act(gate) * up: [T, N / 2]"
+    lin = oracle.linear(case.scheme, x, ckpt, case.group_size, bias, None)
+    assert_close(out, _gated(lin, activation), dt, f"linear_gated.{case.scheme}", request)

@@ -6,8 +6,9 @@ A model layer owns the tensors; the method says which tensors a checkpoint provi
 (:meth:`LinearMethod.process_weights_after_loading`, where a vendor converts to its own
 layout), and computes ``y = x @ W^T (+ bias)`` (:meth:`LinearMethod.apply`). A method may
 also fold the RMSNorm or SiLU-and-mul that feeds the layer into its kernel
-(:meth:`LinearMethod.apply_rms_norm`, :meth:`LinearMethod.apply_silu_and_mul`) for the
-inputs where that pays, such as the one-row decode step.
+(:meth:`LinearMethod.apply_rms_norm`, :meth:`LinearMethod.apply_silu_and_mul`), or the gated
+activation that follows it (:meth:`LinearMethod.apply_gated`), for the inputs where that
+pays, such as the one-row decode step.
 
 Schemes and their checkpoint tensors (``N`` = output features, ``K`` = input features):
 
@@ -103,6 +104,10 @@ class LinearShape:
     has_g_idx: bool = False
 
 
+#: activations :meth:`LinearMethod.apply_gated` may be asked to fuse
+GATED_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh")
+
+
 class LinearMethod(ABC):
     """Stores and applies one scheme's weights.
 
@@ -153,6 +158,18 @@ class LinearMethod(ABC):
         """Optional fusion of the gated activation in front of this projection: ``x [T, 2K]``
         = ``[gate | up]`` -> ``apply(silu(gate) * up)``. Must not modify ``x``. Returns None
         (the default) when the method has no fused kernel for this input."""
+        return None
+
+    def apply_gated(self, layer: torch.nn.Module, x: torch.Tensor, activation: str,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Optional fusion of the gated activation after this projection, whose ``2N``
+        outputs are ``[gate | up]``: ``x [T, K]`` -> ``act(gate) * up`` ``[T, N]`` in
+        ``x.dtype``, with ``gate, up = split(apply(x, bias))`` (they may stay in fp32 instead
+        of being rounded to ``x.dtype`` first). ``activation``: one of
+        :data:`GATED_ACTIVATIONS` (``silu``; ``gelu``, erf; ``gelu_tanh``, the tanh
+        approximation). Must not modify ``x``. Returns None (the default) when the method
+        has no fused kernel for this input; the caller then runs ``apply`` and the
+        activation op."""
         return None
 
 

@@ -87,6 +87,11 @@ class MLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate(x)) * up(x))``: the activation fused after ``gate_up_proj`` where
+        its linear method can, else in front of ``down_proj`` where that one can."""
+        activated = self.gate_up_proj.fused_gated(x, "silu")
+        if activated is not None:
+            return self.down_proj(activated)
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
 
     def forward_rms_norm(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor

@@ -162,8 +162,12 @@ class GemmaMLP(nn.Module):
         self.down_proj = RowParallelLinear(ctx, inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ctx.dispatch.gelu_and_mul(self.gate_up_proj(x),
-                                                              self.approximate))
+        """The activation fused after ``gate_up_proj`` where its linear method can."""
+        fused = "gelu_tanh" if self.approximate == "tanh" else "gelu"
+        activated = self.gate_up_proj.fused_gated(x, fused)
+        if activated is None:
+            activated = self.ctx.dispatch.gelu_and_mul(self.gate_up_proj(x), self.approximate)
+        return self.down_proj(activated)
 
 
 class GemmaDecoderLayer(nn.Module):

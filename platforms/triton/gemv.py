@@ -19,6 +19,11 @@ hides the launches, so these variants are not the default; docs/benchmarks.md):
   program 0 also writes ``h`` (the next residual).
 - ``silu_and_mul``: ``x = [gate | up]``, ``a = silu(gate) * up`` rounded to the row's dtype,
   as the separate op would round it.
+
+The gated *epilogue* (:func:`gemv_gated`) goes the other way: a projection whose outputs are
+``[gate | up]`` (Llama's and Gemma's ``gate_up_proj``) hands each program ``BLOCK_N`` gate rows
+and the matching up rows, and it writes ``act(gate) * up`` directly. That reads no byte more
+than the plain GEMV and drops the activation kernel and its round trip of the row.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.jit_math import tanh
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
+#: activations of :func:`gemv_gated` (the ``GATED_ACTIVATIONS`` of the linear contract)
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 @triton.jit
@@ -232,3 +240,92 @@ def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     row = _one_row(x, width, "gemv_silu_and_mul")
     _check_weight(weight, width // 2, bias, "gemv_silu_and_mul")
     return _shape_like(x, _launch(SILU_AND_MUL, row, weight, bias, config, static_weight))
+
+
+@triton.jit
+def _gemv_gated_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, STATIC_WEIGHT: tl.constexpr,
+):
+    # program: gate rows offs_n and up rows N + offs_n of W [2N, K]; y[offs_n] = act(g) * u
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    g_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    u_ptrs = w_ptr + (offs_n.to(tl.int64) + N)[:, None] * stride_wn + offs_k[None, :]
+    if STATIC_WEIGHT:  # as in _gemv_kernel: a loaded parameter may be read before the wait
+        w_g = weight_tile(g_ptrs, n_mask, offs_k < K, EVEN)
+        w_u = weight_tile(u_ptrs, n_mask, offs_k < K, EVEN)
+        wait_for_previous(USE_PDL)
+    else:
+        wait_for_previous(USE_PDL)
+        w_g = weight_tile(g_ptrs, n_mask, offs_k < K, EVEN)
+        w_u = weight_tile(u_ptrs, n_mask, offs_k < K, EVEN)
+    if EVEN:
+        a = tl.load(x_ptr + offs_k, eviction_policy="evict_last").to(tl.float32)
+    else:
+        a = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+    acc_g = w_g.to(tl.float32) * a[None, :]
+    acc_u = w_u.to(tl.float32) * a[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+        w_g = weight_tile(g_ptrs, n_mask, k_mask, EVEN)
+        w_u = weight_tile(u_ptrs, n_mask, k_mask, EVEN)
+        if EVEN:
+            a = tl.load(x_ptr + kk, eviction_policy="evict_last").to(tl.float32)
+        else:
+            a = tl.load(x_ptr + kk, mask=k_mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+        acc_g += w_g.to(tl.float32) * a[None, :]
+        acc_u += w_u.to(tl.float32) * a[None, :]
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if HAS_BIAS:
+        g += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        u += tl.load(bias_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if ACT == "silu":
+        g = g / (1.0 + tl.exp(-g))
+    elif ACT == "gelu":
+        g = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        g = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    tl.store(y_ptr + offs_n, (g * u).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,
+               bias: torch.Tensor | None = None, config: GemvConfig | None = None,
+               static_weight: bool = False) -> torch.Tensor:
+    """The projection then the gated activation, one launch: ``x [1, K]`` (or ``[K]``),
+    ``weight [2N, K]`` whose rows are ``[gate | up]`` (contiguous last dim), optional ``bias
+    [2N]`` -> ``act(gate) * up`` ``[1, N]`` (or ``[N]``) in ``x.dtype``. ``gate`` and ``up``
+    stay in fp32 (the separate ops round them to ``x.dtype`` first). ``activation``: one of
+    :data:`GATED_ACTIVATIONS` (``gelu``: erf; ``gelu_tanh``: the tanh approximation).
+    ``config``: the launch shape of the plain GEMV over all ``2N`` rows; each program takes
+    half its ``block_n`` from each half. ``static_weight`` as for :func:`gemv`. Raises
+    ``ValueError`` for an unknown activation, an odd number of rows or a shape mismatch."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"gemv_gated: activation must be one of {GATED_ACTIVATIONS}, got "
+                         f"{activation!r}")
+    row = _one_row(x, x.shape[-1], "gemv_gated")
+    k = row.numel()
+    _check_weight(weight, k, bias, "gemv_gated")
+    if weight.shape[0] % 2:
+        raise ValueError(f"gemv_gated: weight {tuple(weight.shape)} has an odd number of rows "
+                         "(not [gate | up])")
+    n = weight.shape[0] // 2
+    cfg = config or choose_config(2 * n, k, row.device)
+    block_n = max(1, cfg.block_n // 2)
+    y = torch.empty(n, dtype=row.dtype, device=row.device)
+    _gemv_gated_kernel[(triton.cdiv(n, block_n),)](
+        row, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
+        ACT=activation, HAS_BIAS=bias is not None,
+        EVEN=n % block_n == 0 and k % cfg.block_k == 0, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
+        STATIC_WEIGHT=static_weight, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(row.device))
+    return _shape_like(x, y)

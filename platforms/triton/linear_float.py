@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from heteroserve.core.kernels.linear import LinearMethod
-from heteroserve.platforms.triton.gemv import gemv, gemv_rms_norm, gemv_silu_and_mul
+from heteroserve.platforms.triton.gemv import gemv, gemv_gated, gemv_rms_norm, gemv_silu_and_mul
 from heteroserve.platforms.triton.linear_params import get_param
 
 
@@ -16,7 +16,9 @@ class UnquantizedLinear(LinearMethod):
     """``weight [N, K]`` in the model dtype. ``apply`` sends a single row (batch-1 decode, a
     pure weight stream) to :func:`~heteroserve.platforms.triton.gemv.gemv`, which reads the
     weight once with no split-K reduction, and anything larger to one ``F.linear`` (the
-    vendor BLAS is the fastest GEMM for plain 16-bit weights). It fuses nothing (see
+    vendor BLAS is the fastest GEMM for plain 16-bit weights). On one row it also fuses the
+    gated activation after a ``[gate | up]`` projection (:meth:`apply_gated`, an epilogue
+    that reads nothing more); it folds no op in front (see
     :class:`PrologueFusedUnquantizedLinear`)."""
 
     scheme = "unquantized"
@@ -44,6 +46,14 @@ class UnquantizedLinear(LinearMethod):
         if self._one_row(x, weight):
             return gemv(x, weight, bias, static_weight=static)
         return F.linear(x, weight, bias)
+
+    def apply_gated(self, layer: torch.nn.Module, x: torch.Tensor, activation: str,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One row: :func:`~heteroserve.platforms.triton.gemv.gemv_gated`; else None."""
+        weight, bias, static = self._weights(layer, x.dtype, bias)
+        if not self._one_row(x, weight):
+            return None
+        return gemv_gated(x, weight, activation, bias, static_weight=static)
 
 
 

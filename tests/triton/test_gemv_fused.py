@@ -1,6 +1,6 @@
-"""The one-row GEMV with its prologues (RMSNorm after a residual add, SiLU-and-mul) against
-float64, over ragged shapes (masked tails) and several launch shapes, and the Triton
-unquantized method's fused entry points (one row fused, more rows declined)."""
+"""The one-row GEMV with its prologues (RMSNorm after a residual add, SiLU-and-mul) and its
+gated epilogue against float64, over ragged shapes (masked tails) and several launch shapes,
+and the Triton unquantized methods' fused entry points (one row fused, more rows declined)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,35 @@ def test_gemv_silu_and_mul_against_float64(device: torch.device, n: int, k: int,
         assert y.shape == (1, n) and rel_err(y, ref) < 1e-5
 
 
+def _gated_ref(lin: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = lin.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.nn.functional.gelu(gate, approximate=approximate) * up
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("n,k,bias", [(64, 256, False), (37, 1000, True), (3, 48, False)])
+def test_gemv_gated_against_float64(device: torch.device, activation: str, n: int, k: int,
+                                    bias: bool) -> None:
+    """``weight [2n, k]`` = ``[gate | up]`` rows -> ``act(gate) * up`` of ``n`` outputs; odd
+    ``n`` and ``k`` leave masked tails in both halves."""
+    from heteroserve.platforms.triton.gemv import gemv_gated
+
+    g = _gen(3 * n + k)
+    w, x = torch.randn(2 * n, k, generator=g), torch.randn(1, k, generator=g)
+    b = torch.randn(2 * n, generator=g) if bias else None
+    ref = _gated_ref(x.double() @ w.double().T + (0 if b is None else b.double()), activation)
+    x_dev = x.to(device)
+    for cfg in CONFIGS:
+        y = gemv_gated(x_dev, w.to(device), activation, None if b is None else b.to(device),
+                       _config(cfg))
+        assert y.shape == (1, n) and rel_err(y, ref) < 1e-5
+    assert gemv_gated(x_dev[0], w.to(device), activation).shape == (n,)
+    assert torch.equal(x_dev.cpu(), x)
+
+
 def test_fused_gemv_shape_errors(device: torch.device) -> None:
     from heteroserve.platforms.triton.gemv import gemv_rms_norm, gemv_silu_and_mul
 
@@ -81,6 +110,12 @@ def test_fused_gemv_shape_errors(device: torch.device) -> None:
     with pytest.raises(ValueError, match="residual"):
         gemv_rms_norm(torch.randn(1, 64).to(device), torch.randn(1, 64).double().to(device),
                       torch.ones(64).to(device), 1e-6, w)
+    from heteroserve.platforms.triton.gemv import gemv_gated
+
+    with pytest.raises(ValueError, match="odd number of rows"):
+        gemv_gated(torch.randn(1, 64).to(device), torch.randn(15, 64).to(device), "silu")
+    with pytest.raises(ValueError, match="activation"):
+        gemv_gated(torch.randn(1, 64).to(device), w, "relu")
 
 
 def test_unquantized_fused_entry_points(device: torch.device) -> None:
@@ -111,6 +146,12 @@ def test_unquantized_fused_entry_points(device: torch.device) -> None:
     assert method.apply_rms_norm(layer, x.repeat(2, 1), r.repeat(2, 1), norm_w, 1e-6) is None
     assert method.apply_silu_and_mul(layer, gate_up.repeat(2, 1)) is None
     assert UnquantizedLinear().apply_rms_norm(layer, x, r, norm_w, 1e-6) is None
+    for m in (method, UnquantizedLinear()):  # the gated epilogue: both methods, one row
+        gated = m.apply_gated(layer, x, "gelu_tanh")
+        sep = torch.nn.functional.gelu(m.apply(layer, x).double().chunk(2, -1)[0],
+                                       approximate="tanh") * m.apply(layer, x).double()[:, 48:]
+        assert gated is not None and gated.shape == (1, 48) and rel_err(gated, sep) < 1e-5
+        assert m.apply_gated(layer, x.repeat(2, 1), "silu") is None
 
 
 def test_weight_cast_in_apply_is_not_read_before_the_wait(
