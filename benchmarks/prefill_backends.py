@@ -5,7 +5,9 @@ Cases (Llama-3.1-8B heads: 32 query / 8 KV, head 128, bf16, page 16): a whole 8k
 prompt (causal from position 0), and 8192-token chunks on a cached prefix of 8k, 24k and 94k
 tokens (the later chunks of a 32k and a 100k prompt). Variants:
 
-- ``triton``: ``extend_attention`` over the paged cache (the engine's default for chunks);
+- ``triton``: ``extend_attention`` over the paged cache;
+- ``engine``: the cuda default attention backend's ``extend`` (``TritonAttentionSDPAExtend``,
+  which picks among these), with the fused kernels torch says it may use (``usable``);
 - ``flash`` / ``cudnn``: ``F.scaled_dot_product_attention`` restricted to one torch backend,
   causal (whole prompts) or with a bottom-right causal mask (chunks), over K/V gathered
   out of the paged cache (the gather is timed as part of the call, as the engine pays it);
@@ -13,7 +15,8 @@ tokens (the later chunks of a 32k and a 100k prompt). Variants:
   chunk causally, two fused calls that return their log-sum-exp, merged in fp32 (``_rep``:
   with K/V repeated to the query heads first, for a kernel without native GQA).
 
-TFLOP/s count ``4 * Hq * D`` per visible query-key pair, next to a large bf16 matmul's rate
+``first_ms`` is the first call's wall time (each case is a new shape: torch builds and caches
+a cuDNN plan per shape). TFLOP/s count ``4 * Hq * D`` per visible query-key pair, next to a large bf16 matmul's rate
 measured in the same run. Every variant is checked against ``triton``'s output first; one
 that torch refuses or that fails is recorded with its error. Usage: ``python
 benchmarks/prefill_backends.py --out prefill_backends.json``.
@@ -36,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_sweep import matmul_tflops  # noqa: E402
 
 from heteroserve.conformance.paged import build_batch  # noqa: E402
-from heteroserve.core.kernels.attention import AttentionLayer, ForwardMode  # noqa: E402
+from heteroserve.core.kernels.attention import (  # noqa: E402
+    AttentionConfig, AttentionLayer, ForwardMode,
+)
+from heteroserve.platforms.cuda.sdpa_extend import (  # noqa: E402
+    TritonAttentionSDPAExtend, cudnn_usable, flash_usable,
+)
 from heteroserve.platforms.triton.attention_extend import extend_attention  # noqa: E402
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
@@ -115,7 +123,31 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
         extend_attention(q, k_cache, v_cache, out, layer, batch.meta, new, HK)
         return out
 
-    variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call}
+    backend = TritonAttentionSDPAExtend(AttentionConfig(
+        num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=PAGE, dtype=torch.bfloat16,
+        device=device))
+    qs, ks, vs = gathered()
+    usable = {"cudnn_causal_whole": cudnn_usable(qs, ks, vs, True),
+              "flash_whole": flash_usable(qs, ks, vs)}
+    if prefix:
+        usable["cudnn_prefix"] = cudnn_usable(qs, ks[:, :, :prefix], vs[:, :, :prefix], False)
+        usable["cudnn_chunk_causal"] = cudnn_usable(qs, ks[:, :, prefix:], vs[:, :, prefix:],
+                                                    True)
+    _log(f"{name}: {usable}")
+    if not all(usable.values()):  # torch's reasons, as warnings of its debug mode
+        import warnings
+        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            can_use_cudnn_attention(SDPAParams(qs, ks, vs, None, 0.0, True, True), True)
+        usable["cudnn_refusal"] = [str(w.message)[:300] for w in caught]
+        _log(f"{name}: cudnn refusal {usable['cudnn_refusal']}")
+
+    def engine_call() -> torch.Tensor:
+        return backend.extend(q, k_cache, v_cache, layer, batch.meta)
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call,
+                                                       "engine": engine_call}
     for backend in ("flash", "cudnn"):
         sdpa = _sdpa(backend)
 
@@ -136,10 +168,14 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
 
     rows, ref = [], None
     for variant, call in variants.items():
-        row = {"case": name, "prefix": prefix, "new": new, "variant": variant}
+        row = {"case": name, "prefix": prefix, "new": new, "variant": variant,
+               "usable": usable}
         try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             out = call()
             torch.cuda.synchronize()
+            row["first_ms"] = round((time.perf_counter() - t0) * 1e3, 2)  # a new shape: plans
             if ref is None:
                 ref = out.float()
             row["max_abs_diff"] = float((out.float() - ref).abs().max())
@@ -152,7 +188,7 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
         tf = flops / (ms * 1e-3) / 1e12
         row.update(ms=round(ms, 3), tflops=round(tf, 1), fraction_of_matmul=round(tf / peak, 3))
         _log(f"{name:14s} {variant:12s} {ms:8.3f} ms {tf:6.1f} TF/s ({tf / peak:.0%}) "
-             f"diff {row['max_abs_diff']:.2g}")
+             f"diff {row['max_abs_diff']:.2g} first call {row['first_ms']:.1f} ms")
         rows.append(row)
     return rows
 
@@ -160,6 +196,7 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="prefill_backends.json")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("prefill_backends: needs a GPU")
@@ -173,6 +210,8 @@ def main() -> int:
               "cudnn": torch.backends.cudnn.version(), "matmul_tflops": round(peak, 1),
               "rows": []}
     for name, prefix, new in CASES:
+        if args.cases and name not in args.cases.split(","):
+            continue
         result["rows"] += run_case(name, prefix, new, peak, device)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -34,3 +34,13 @@ def assert_matches(runner, hf: torch.nn.Module, tol: float) -> None:
         out = hf(torch.tensor([[token]]), past_key_values=past, use_cache=True)
         ref, past = out.logits[0, -1], out.past_key_values
     assert mine == theirs
+
+
+@torch.no_grad()
+def assert_prompt_close(runner, hf: torch.nn.Module, tol: float) -> None:
+    """The prefill's last logits within ``tol`` (relative to the largest) of transformers'
+    (for references that only agree on the prompt, see the caller)."""
+    seq = PagedSequence(runner, len(PROMPT) + 1)
+    ours = extend(runner, [(PROMPT, 0, seq)])[0]
+    ref = hf(torch.tensor([PROMPT])).logits[0, -1]
+    assert rel_error(ours, ref) < tol, f"prompt logits: {rel_error(ours, ref):.2e}"
