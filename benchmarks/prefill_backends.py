@@ -7,7 +7,8 @@ tokens (the later chunks of a 32k and a 100k prompt). Variants:
 
 - ``triton``: ``extend_attention`` over the paged cache;
 - ``engine``: the cuda default attention backend's ``extend`` (``TritonAttentionSDPAExtend``,
-  which picks among these), with the fused kernels torch says it may use (``usable``);
+  which picks among these) on q as the engine passes it (a view of a fused qkv output), with
+  the fused kernels torch says it may use (``usable``);
 - ``flash`` / ``cudnn``: ``F.scaled_dot_product_attention`` restricted to one torch backend,
   causal (whole prompts) or with a bottom-right causal mask (chunks), over K/V gathered
   out of the paged cache (the gather is timed as part of the call, as the engine pays it);
@@ -106,6 +107,10 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
     k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
     v_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
     q = torch.randn(new, HQ, D, device=device, dtype=torch.bfloat16)
+    # as the engine passes it: a view of a fused qkv projection's output
+    qkv = torch.randn(new, (HQ + 2 * HK) * D, device=device, dtype=torch.bfloat16)
+    qkv[:, :HQ * D] = q.reshape(new, -1)
+    q_view = qkv[:, :HQ * D].view(new, HQ, D)
     seq_len = prefix + new
     pages = -(-seq_len // PAGE)
     table = batch.meta.kv_page_indices[:pages].to(torch.long)
@@ -143,8 +148,10 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
         usable["cudnn_refusal"] = [str(w.message)[:300] for w in caught]
         _log(f"{name}: cudnn refusal {usable['cudnn_refusal']}")
 
+    usable["cudnn_strided_q"] = cudnn_usable(q_view.transpose(0, 1)[None], ks, vs, True)
+
     def engine_call() -> torch.Tensor:
-        return backend.extend(q, k_cache, v_cache, layer, batch.meta)
+        return backend.extend(q_view, k_cache, v_cache, layer, batch.meta)
 
     variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call,
                                                        "engine": engine_call}

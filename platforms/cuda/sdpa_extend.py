@@ -146,7 +146,10 @@ class TritonAttentionSDPAExtend(TritonAttention):
             k_seq = flat_k.index_select(0, slots).transpose(0, 1)[None]  # [1, Hk, L, D]
             v_seq = flat_v.index_select(0, slots).transpose(0, 1)[None]
             rows = slice(row_at, row_at + new)
-            o = self._sequence(q[rows].transpose(0, 1)[None], k_seq, v_seq, prefix,
+            # q may be a view of a fused qkv projection (rows strided past Hq * D); the
+            # fused kernels take [n, Hq, D] rows (torch's layout checks refuse others)
+            q_rows = q[rows] if q[rows].is_contiguous() else q[rows].contiguous()
+            o = self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
                                layer.scale)
             if o is None:
                 return super().extend(q, k_cache, v_cache, layer, meta)
