@@ -1,5 +1,14 @@
-"""``TritonAttentionSDPAExtend``: :class:`TritonAttention` whose long extends run in torch's
-fused attention kernels (cuDNN's, else FlashAttention-2 for whole prompts).
+"""Two cuda attention backends that are :class:`TritonAttention` except for long extends:
+
+- ``TritonAttentionSDPAExtend`` (``triton_sdpa_extend``, the default): a whole prompt of
+  2048+ tokens runs in torch's FlashAttention-2 SDPA (``can_use_flash_attention``); chunks on
+  a cached prefix stay on Triton (torch serves their bottom-right causal mask slower).
+- ``CuDNNAttentionExtend`` (``cudnn_sdpa_extend``, opt-in: ``--kernel
+  attention=cudnn_sdpa_extend``): both through cuDNN's attention
+  (``torch.ops.aten._scaled_dot_product_cudnn_attention``); a chunk on a prefix as two calls
+  that return their log-sum-exp, the prefix without a mask and the chunk causally, merged in
+  fp32 (:func:`merge_attention`). Not the default yet: its conformance run on the H200 was
+  cut off (docs/platforms/cuda.md).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
@@ -15,10 +24,7 @@ whole 32k prompt       409     348    582
 8k chunk on 94k        386     343    590 (split + merge)
 =====================  ======  =====  =====================
 
-A chunk on a cached prefix needs a bottom-right causal mask; torch serves one with a fused
-kernel, but slower than Triton (cuDNN 235-273, flash 337-343). So such a chunk is attended
-in two fused calls that each return their log-sum-exp, the prefix without a mask and the
-chunk causally, and the two are merged (``merge_attention``): the *split* column.
+(with a bottom-right mask in one call: cuDNN 235-273, flash 337-343.)
 
 How: each sequence's K/V rows are gathered out of the paged cache once per layer (``[L, Hk,
 D]``, a layout the fused kernels read without a copy) and attended with native GQA. The
@@ -27,9 +33,8 @@ gather costs a read and a write of the sequence's K/V, small next to the attenti
 
 When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has
 no sliding window and no logit soft-cap, q and the caches share a bf16/fp16 dtype, and torch
-says a fused kernel takes the shapes (``torch.backends.cuda.can_use_cudnn_attention``; for a
-whole prompt also ``can_use_flash_attention``): never a slow unfused fallback. A chunk on a
-prefix needs cuDNN. Anything else, decode included, is :class:`TritonAttention`'s.
+says the fused kernel takes the shapes: never a slow unfused fallback. Anything else, decode
+included, is :class:`TritonAttention`'s.
 """
 
 from __future__ import annotations
@@ -84,14 +89,17 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
 
 class TritonAttentionSDPAExtend(TritonAttention):
     """See the module docstring. Same contract, layouts and limits as
-    :class:`TritonAttention`; only long extends take other kernels."""
+    :class:`TritonAttention`; only long extends take other kernels. ``use_cudnn``: whether
+    cuDNN's attention may serve them (whole prompts and chunks on a prefix)."""
 
     min_new_tokens = MIN_NEW_TOKENS
+    use_cudnn = False
 
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, layer: AttentionLayer,
                meta: AttentionMetadata) -> bool:
         return (layer.sliding_window is None and layer.logit_cap is None
                 and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
+                and (self.use_cudnn or not any(meta.prefix_lens_cpu))
                 and min(meta.extend_lens_cpu, default=0) >= self.min_new_tokens)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -101,7 +109,7 @@ class TritonAttentionSDPAExtend(TritonAttention):
         mask) in a fused kernel: ``(out [1, Hq, n, D], lse [1, Hq, n] fp32 natural log or
         None)``, or None when no fused kernel takes it (cuDNN; flash for a causal call
         without ``with_lse``)."""
-        if cudnn_usable(q, k, v, causal):
+        if self.use_cudnn and cudnn_usable(q, k, v, causal):
             res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, None, with_lse, 0.0, causal, False, scale=scale)
             lse = res[1].reshape(q.shape[:3]).float() if with_lse else None
@@ -157,3 +165,10 @@ class TritonAttentionSDPAExtend(TritonAttention):
             page_at += pages
             row_at += new
         return out
+
+
+class CuDNNAttentionExtend(TritonAttentionSDPAExtend):
+    """:class:`TritonAttentionSDPAExtend` whose long extends, chunks on a cached prefix
+    included, run in cuDNN's attention (see the module docstring)."""
+
+    use_cudnn = True

@@ -15,7 +15,7 @@ from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.paged import metadata_for
 from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
 from heteroserve.platforms.cuda.sdpa_extend import (
-    TritonAttentionSDPAExtend, cudnn_usable, flash_usable, merge_attention,
+    CuDNNAttentionExtend, TritonAttentionSDPAExtend, cudnn_usable, flash_usable, merge_attention,
 )
 from heteroserve.platforms.triton.attention import TritonAttention
 
@@ -33,9 +33,10 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return (torch.softmax(s, -1) @ v).to(q.dtype), torch.logsumexp(s, -1)
 
 
-class _HostSDPA(TritonAttentionSDPAExtend):
-    """The dense path on CPU tensors: float math with its log-sum-exp stands in for the
-    fused kernels; ``refuse`` makes it answer as if no fused kernel took the call."""
+class _HostSDPA(CuDNNAttentionExtend):
+    """The dense path on CPU tensors (cuDNN's variant, which also takes chunks on a prefix):
+    float math with its log-sum-exp stands in for the fused kernels; ``refuse`` makes it
+    answer as if no fused kernel took the call."""
 
     min_new_tokens = 8
     refuse = False
@@ -47,11 +48,12 @@ class _HostSDPA(TritonAttentionSDPAExtend):
         return out, (lse if with_lse else None)
 
 
-def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0):
+def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0,
+           backend_class: type = _HostSDPA):
     gen = torch.Generator().manual_seed(seed)
     cfg = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=page_size,
                           dtype=dtype, device=torch.device("cpu"))
-    backend = _HostSDPA(cfg)
+    backend = backend_class(cfg)
     counts = [-(-(p + n) // page_size) for p, n in seqs]
     perm = (torch.randperm(sum(counts) + 4, generator=gen) + 1).tolist()
     pages, at = [], 0
@@ -94,11 +96,23 @@ def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), whole, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "no-fused-kernel"])
+class _HostDefault(TritonAttentionSDPAExtend):
+    """The default backend's dense path on CPU tensors (whole prompts only)."""
+
+    min_new_tokens = 8
+
+    def _attend(self, q, k, v, causal, scale, with_lse):
+        out, lse = _math_attention(q, k, v, causal, scale)
+        return out, (lse if with_lse else None)
+
+
+@pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "no-fused-kernel",
+                                    "prefix-on-the-default"])
 def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
     seqs = ((0, 40), (5, 4 if change == "short" else 12))
     dtype = torch.float32 if change == "fp32" else torch.bfloat16
-    backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype)
+    cls = _HostDefault if change == "prefix-on-the-default" else _HostSDPA
+    backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype, backend_class=cls)
     backend.refuse = change == "no-fused-kernel"
     layer = AttentionLayer(layer_id=0, scale=0.1, sliding_window=8 if change == "window" else None,
                            logit_cap=3.0 if change == "cap" else None)
