@@ -19,6 +19,7 @@ from heteroserve.conformance.cases.linear import LinearCase, linear_cases
 from heteroserve.conformance.checks import assert_bitwise_equal, assert_close, run_op
 from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.linear_setup import load_layer
+from heteroserve.conformance.oracles import activation as act_oracle
 from heteroserve.conformance.oracles import linear as oracle
 from heteroserve.conformance.oracles import norm as norm_oracle
 from heteroserve.conformance.params import ConfParam, conformance
@@ -97,14 +98,6 @@ def test_linear_silu_and_mul(conf: ConfParam, ctx: ConformanceContext,
     assert_close(out, ref, dt, f"linear_silu_and_mul.{case.scheme}", request)
 
 
-def _gated(lin: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = lin.chunk(2, dim=-1)
-    if activation == "silu":
-        return torch.nn.functional.silu(gate) * up
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    return torch.nn.functional.gelu(gate, approximate=approximate) * up
-
-
 @conformance(fused_cases, label="linear_gated")
 @pytest.mark.parametrize("activation", GATED_ACTIVATIONS)
 def test_linear_gated(conf: ConfParam, ctx: ConformanceContext, activation: str,
@@ -124,4 +117,5 @@ def test_linear_gated(conf: ConfParam, ctx: ConformanceContext, activation: str,
     assert_bitwise_equal(x_dev, x, "apply_gated must not modify x")
     assert out.shape == (case.tokens, case.out_features // 2), "act(gate) * up: [T, N / 2]"
     lin = oracle.linear(case.scheme, x, ckpt, case.group_size, bias, None)
-    assert_close(out, _gated(lin, activation), dt, f"linear_gated.{case.scheme}", request)
+    assert_close(out, act_oracle.gated(lin, activation), dt, f"linear_gated.{case.scheme}",
+                 request)

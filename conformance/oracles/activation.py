@@ -31,3 +31,11 @@ def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
     else:
         raise ValueError(f"approximate must be none or tanh, got {approximate!r}")
     return g * up
+
+
+def gated(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``x [T, 2I]`` -> float64 ``act(gate) * up`` for an ``activation`` of the linear
+    contract's ``GATED_ACTIVATIONS`` (``silu``, ``gelu``, ``gelu_tanh``)."""
+    if activation == "silu":
+        return silu_and_mul(x)
+    return gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")

@@ -331,15 +331,6 @@ class MergedReplicatedLinear(ReplicatedLinear):
         super().__init__(ctx, input_size, sum(output_sizes), bias, None,
                          ",".join(source_names), dict(enumerate(source_names)))
 
-    def fused_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-        """``act(gate) * up`` of this projection of ``x`` in one kernel, for a projection of
-        two equal shards ``[gate | up]`` whose linear method fuses the activation for this
-        input (:meth:`LinearMethod.apply_gated`); None otherwise (the caller runs the
-        projection, then the activation op, or a fused form of those)."""
-        if len(self.shard_sizes) != 2 or self.shard_sizes[0] != self.shard_sizes[1]:
-            return None
-        return self.method.apply_gated(self, x, activation, self.bias)
-
     def _shard_layout(self, shard: Shard) -> tuple[int, int, int, int]:
         if shard is None:
             return super()._shard_layout(shard)

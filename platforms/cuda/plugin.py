@@ -110,27 +110,28 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
             for op, module, attr, supports, priority, what in table]
 
 
+def _attention_spec(name: str, attr: str, priority: int, description: str) -> KernelSpec:
+    """A Triton-based attention backend of ``sdpa_extend`` (imports nothing)."""
+    return KernelSpec(op=ops.ATTENTION, name=name, load=_lazy("sdpa_extend", attr),
+                      platforms=PLATFORMS, priority=priority, supports=attention_supports,
+                      native_on=PLATFORMS, kv_cache_dtypes=KV_CACHE_DTYPES,
+                      description=description)
+
+
 def sdpa_extend_spec() -> KernelSpec:
     """Triton attention whose long prompts run in torch's flash SDPA (imports nothing)."""
-    return KernelSpec(op=ops.ATTENTION, name="triton_sdpa_extend",
-                      load=_lazy("sdpa_extend", "TritonAttentionSDPAExtend"),
-                      platforms=PLATFORMS, priority=SDPA_EXTEND_PRIORITY,
-                      supports=attention_supports, native_on=PLATFORMS,
-                      kv_cache_dtypes=KV_CACHE_DTYPES,
-                      description="Triton decode and extends; prompts of 2048+ tokens without "
-                                  "a cached prefix through torch's fused causal SDPA")
+    return _attention_spec("triton_sdpa_extend", "TritonAttentionSDPAExtend",
+                           SDPA_EXTEND_PRIORITY,
+                           "Triton decode and extends; prompts of 2048+ tokens without a "
+                           "cached prefix through torch's fused causal SDPA")
 
 
 def cudnn_extend_spec() -> KernelSpec:
     """Triton attention whose long extends run in cuDNN's attention (imports nothing)."""
-    return KernelSpec(op=ops.ATTENTION, name="cudnn_sdpa_extend",
-                      load=_lazy("sdpa_extend", "CuDNNAttentionExtend"),
-                      platforms=PLATFORMS, priority=CUDNN_EXTEND_PRIORITY,
-                      supports=attention_supports, native_on=PLATFORMS,
-                      kv_cache_dtypes=KV_CACHE_DTYPES,
-                      description="Triton decode and short extends; extends of 2048+ new "
-                                  "tokens a sequence through cuDNN's attention (a cached "
-                                  "prefix and the chunk merged by log-sum-exp)")
+    return _attention_spec("cudnn_sdpa_extend", "CuDNNAttentionExtend", CUDNN_EXTEND_PRIORITY,
+                           "Triton decode and short extends; extends of 2048+ new tokens a "
+                           "sequence through cuDNN's attention (a cached prefix and the "
+                           "chunk merged by log-sum-exp)")
 
 
 @hookimpl

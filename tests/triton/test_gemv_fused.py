@@ -8,6 +8,7 @@ import pytest
 import torch
 from triton_refs import rel_err
 
+from heteroserve.conformance.oracles.activation import gated
 from heteroserve.core.kernels.linear import LinearShape
 
 CONFIGS = (None, "small", "wide")
@@ -68,14 +69,6 @@ def test_gemv_silu_and_mul_against_float64(device: torch.device, n: int, k: int,
         assert y.shape == (1, n) and rel_err(y, ref) < 1e-5
 
 
-def _gated_ref(lin: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = lin.chunk(2, dim=-1)
-    if activation == "silu":
-        return torch.nn.functional.silu(gate) * up
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    return torch.nn.functional.gelu(gate, approximate=approximate) * up
-
-
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("n,k,bias", [(64, 256, False), (37, 1000, True), (3, 48, False)])
 def test_gemv_gated_against_float64(device: torch.device, activation: str, n: int, k: int,
@@ -87,7 +80,7 @@ def test_gemv_gated_against_float64(device: torch.device, activation: str, n: in
     g = _gen(3 * n + k)
     w, x = torch.randn(2 * n, k, generator=g), torch.randn(1, k, generator=g)
     b = torch.randn(2 * n, generator=g) if bias else None
-    ref = _gated_ref(x.double() @ w.double().T + (0 if b is None else b.double()), activation)
+    ref = gated(x.double() @ w.double().T + (0 if b is None else b.double()), activation)
     x_dev = x.to(device)
     for cfg in CONFIGS:
         y = gemv_gated(x_dev, w.to(device), activation, None if b is None else b.to(device),
