@@ -156,7 +156,7 @@ class TritonAttentionSDPAExtend(TritonAttention):
             rows = slice(row_at, row_at + new)
             # q may be a view of a fused qkv projection (rows strided past Hq * D); the
             # fused kernels take [n, Hq, D] rows (torch's layout checks refuse others)
-            q_rows = q[rows] if q[rows].is_contiguous() else q[rows].contiguous()
+            q_rows = q[rows].contiguous()
             o = self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
                                layer.scale)
             if o is None:

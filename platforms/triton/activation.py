@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.platforms.triton.jit_math import tanh
+from heteroserve.platforms.triton.jit_math import gate_activation
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
@@ -24,12 +24,7 @@ def _gated_kernel(
     mask = offs < inter
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == "silu":
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == "gelu":
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        a = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    a = gate_activation(g, ACT)
     tl.store(y_ptr + row * stride_y + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.device_info import multiprocessors
-from heteroserve.platforms.triton.jit_math import tanh
+from heteroserve.platforms.triton.jit_math import gate_activation
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
@@ -289,13 +289,8 @@ def _gemv_gated_kernel(
     if HAS_BIAS:
         g += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         u += tl.load(bias_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if ACT == "silu":
-        g = g / (1.0 + tl.exp(-g))
-    elif ACT == "gelu":
-        g = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        g = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    tl.store(y_ptr + offs_n, (g * u).to(y_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(y_ptr + offs_n, (gate_activation(g, ACT) * u).to(y_ptr.dtype.element_ty),
+             mask=n_mask)
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,

@@ -14,6 +14,18 @@ def tanh(x):
 
 
 @triton.jit
+def gate_activation(g, ACT: tl.constexpr):
+    """``act(g)`` of fp32 ``g`` for a gated activation ``ACT``: ``silu``, ``gelu`` (erf) or
+    ``gelu_tanh`` (the tanh approximation)."""
+    if ACT == "silu":
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == "gelu":
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        return 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+
+
+@triton.jit
 def mma(a, b, EXACT_FP32: tl.constexpr):
     """``tl.dot(a, b)``; with ``EXACT_FP32`` the fp32 products are exact (``ieee``) instead of
     the backend's default (tf32 on NVIDIA), which the fp32 tolerances need. 16-bit, fp8 and

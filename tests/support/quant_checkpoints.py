@@ -218,9 +218,11 @@ def add_activation_hooks(model: torch.nn.Module, scheme: str, skip: tuple[str, .
 
 
 def dequantized_reference(path: Path, scheme: str, group: int, tmp: Path,
-                          skip: tuple[str, ...] = ()) -> torch.nn.Module:
+                          skip: tuple[str, ...] = (), quantize_activations: bool = True
+                          ) -> torch.nn.Module:
     """transformers (fp32) on the dequantized weights of ``path``, with the scheme's
-    activation quantization hooked in."""
+    activation quantization hooked in (``quantize_activations``: else the exact weights
+    alone)."""
     import transformers
 
     ref_dir = tmp / "dequantized"
@@ -231,7 +233,8 @@ def dequantized_reference(path: Path, scheme: str, group: int, tmp: Path,
     save_file(dequantized_state(path, scheme, group), str(ref_dir / "model.safetensors"),
               metadata={"format": "pt"})
     model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    add_activation_hooks(model, scheme, skip)
+    if quantize_activations:
+        add_activation_hooks(model, scheme, skip)
     return model
 
 
