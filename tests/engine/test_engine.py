@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from engine_harness import live_children
+from engine_harness import ChildWatch
 import torch
 
 from heteroserve import Engine
@@ -22,7 +22,12 @@ PROMPTS = ["The quick brown fox", "Hello, world! How are you", "def main():",
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path, engine_kwargs: dict):
+def child_watch() -> ChildWatch:
+    return ChildWatch()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path, engine_kwargs: dict, child_watch: ChildWatch):
     e = Engine(str(tiny_model), **engine_kwargs)
     yield e
     e.shutdown()
@@ -265,11 +270,11 @@ def test_health_generate_and_stats(engine: Engine) -> None:
     assert stats["num_inflight"] == 0
 
 
-def test_shutdown_leaves_no_child_processes(engine: Engine) -> None:
+def test_shutdown_leaves_no_child_processes(engine: Engine, child_watch: ChildWatch) -> None:
     pid = engine.client.supervisor.procs[0].pid
     engine.shutdown()
     engine.shutdown()  # idempotent
     assert not engine.client.is_alive()
-    assert live_children() == []
+    assert child_watch.new_live() == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

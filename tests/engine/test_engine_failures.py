@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_harness import live_children
+from engine_harness import ChildWatch
 
 from heteroserve import Engine
 from heteroserve.core.runtime.errors import EngineDeadError, QueueFullError
@@ -20,6 +20,7 @@ LONG = {"temperature": 0.0, "max_new_tokens": 1500, "ignore_eos": True}
 
 def test_queue_limit_then_watchdog_fails_pending_requests(tiny_model: Path,
                                                           engine_kwargs: dict) -> None:
+    children = ChildWatch()
     engine = Engine(str(tiny_model), **{**engine_kwargs, "max_running_requests": 1,
                                         "max_queued_requests": 1})
     client = engine.client
@@ -58,11 +59,12 @@ def test_queue_limit_then_watchdog_fails_pending_requests(tiny_model: Path,
             engine.generate("hi")
     finally:
         engine.shutdown()
-    assert live_children() == []
+    assert children.new_live() == []
 
 
 def test_startup_failure_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    children = ChildWatch()
     with pytest.raises(RuntimeError, match="engine start-up failed") as info:
         Engine(str(tiny_model), platform="no-such-platform")
     assert "\n" not in str(info.value)
-    assert live_children() == []
+    assert children.new_live() == []

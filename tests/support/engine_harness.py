@@ -30,6 +30,19 @@ def live_children() -> list[int]:
     return out
 
 
+class ChildWatch:
+    """The children of this process started after construction, to check that an engine
+    leaves none behind while other tests of the same worker process keep theirs (torch's
+    compile workers, a module's server)."""
+
+    def __init__(self) -> None:
+        self.before = set(live_children())
+
+    def new_live(self) -> list[int]:
+        """Pids of children started since construction that still run (zombies excluded)."""
+        return sorted(set(live_children()) - self.before)
+
+
 def cpu_args(path, **kw) -> ServerArgs:
     """fp32 engine arguments on the cpu platform, or on ``$HETEROSERVE_TEST_PLATFORM`` with
     ``$HETEROSERVE_TEST_KERNELS`` (comma-separated OP=IMPL) to rerun the parity tests on a
