@@ -137,7 +137,7 @@ for step in "$@"; do
     conf_full)
       limit=$(deadline_cap "${CONF_TIMEOUT:-520}")  # a full run: 420-470 s in 14-16 workers
       timeout -s INT -k 30 "$limit" heteroserve conformance --platform cuda \
-        --test-timeout "${CONF_TEST_TIMEOUT:-300}" --report "$OUT/full" -- -q -rf -p no:cacheprovider \
+        --test-timeout "${CONF_TEST_TIMEOUT:-300}" --report "$OUT/full" -- -q -rf -p no:cacheprovider --dist load \
         -n "${CONF_WORKERS:-12}" ${CONF_FILTER:+-k "$CONF_FILTER"} 2>&1 | tail -40 ;;
     decode1) decode1 default; HS_KERNELS=linear.unquantized=torch_native decode1 cublas ;;
     decode1_only) decode1 default ;;
