@@ -6,9 +6,10 @@ prompt (causal from position 0), and 8192-token chunks on a cached prefix of 8k,
 tokens (the later chunks of a 32k and a 100k prompt). Variants:
 
 - ``triton``: ``extend_attention`` over the paged cache;
-- ``engine``: the cuda default attention backend's ``extend`` (``TritonAttentionSDPAExtend``,
-  which picks among these) on q as the engine passes it (a view of a fused qkv output), with
-  the fused kernels torch says it may use (``usable``);
+- ``engine`` / ``engine_cudnn``: the ``extend`` of the cuda default attention backend
+  (``TritonAttentionSDPAExtend``) / of the opt-in ``CuDNNAttentionExtend``, which pick among
+  these, on q as the engine passes it (a view of a fused qkv output), with the fused kernels
+  torch says it may use (``usable``);
 - ``flash`` / ``cudnn``: ``F.scaled_dot_product_attention`` restricted to one torch backend,
   causal (whole prompts) or with a bottom-right causal mask (chunks), over K/V gathered
   out of the paged cache (the gather is timed as part of the call, as the engine pays it);
@@ -44,7 +45,7 @@ from heteroserve.core.kernels.attention import (  # noqa: E402
     AttentionConfig, AttentionLayer, ForwardMode,
 )
 from heteroserve.platforms.cuda.sdpa_extend import (  # noqa: E402
-    TritonAttentionSDPAExtend, cudnn_usable, flash_usable,
+    CuDNNAttentionExtend, TritonAttentionSDPAExtend, cudnn_usable, flash_usable,
 )
 from heteroserve.platforms.triton.attention_extend import extend_attention  # noqa: E402
 
@@ -128,9 +129,10 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
         extend_attention(q, k_cache, v_cache, out, layer, batch.meta, new, HK)
         return out
 
-    backend = TritonAttentionSDPAExtend(AttentionConfig(
-        num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=PAGE, dtype=torch.bfloat16,
-        device=device))
+    config = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=PAGE,
+                             dtype=torch.bfloat16, device=device)
+    engines = {"engine": TritonAttentionSDPAExtend(config),
+               "engine_cudnn": CuDNNAttentionExtend(config)}
     qs, ks, vs = gathered()
     usable = {"cudnn_causal_whole": cudnn_usable(qs, ks, vs, True),
               "flash_whole": flash_usable(qs, ks, vs)}
@@ -150,11 +152,11 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
 
     usable["cudnn_strided_q"] = cudnn_usable(q_view.transpose(0, 1)[None], ks, vs, True)
 
-    def engine_call() -> torch.Tensor:
-        return backend.extend(q_view, k_cache, v_cache, layer, batch.meta)
-
-    variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call,
-                                                       "engine": engine_call}
+    variants: dict[str, Callable[[], torch.Tensor]] = {"triton": triton_call}
+    for label, engine in engines.items():
+        def engine_call(engine=engine) -> torch.Tensor:
+            return engine.extend(q_view, k_cache, v_cache, layer, batch.meta)
+        variants[label] = engine_call
     for backend in ("flash", "cudnn"):
         sdpa = _sdpa(backend)
 

@@ -7,8 +7,9 @@
   attention=cudnn_sdpa_extend``): both through cuDNN's attention
   (``torch.ops.aten._scaled_dot_product_cudnn_attention``); a chunk on a prefix as two calls
   that return their log-sum-exp, the prefix without a mask and the chunk causally, merged in
-  fp32 (:func:`merge_attention`). Not the default yet: its conformance run on the H200 was
-  cut off (docs/platforms/cuda.md).
+  fp32 (:func:`merge_attention`). Passes the cuda conformance suite (an H100, 2026-12-05);
+  not the default: torch builds a cuDNN plan per new shape (40-60 ms), which every new
+  prefix length pays (docs/platforms/cuda.md).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
