@@ -96,14 +96,11 @@ def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), whole, atol=1e-5, rtol=1e-5)
 
 
-class _HostDefault(TritonAttentionSDPAExtend):
-    """The default backend's dense path on CPU tensors (whole prompts only)."""
+class _HostDefault(_HostSDPA):
+    """The default backend's routing (``use_cudnn`` off: whole prompts only) over the same
+    host math."""
 
-    min_new_tokens = 8
-
-    def _attend(self, q, k, v, causal, scale, with_lse):
-        out, lse = _math_attention(q, k, v, causal, scale)
-        return out, (lse if with_lse else None)
+    use_cudnn = TritonAttentionSDPAExtend.use_cudnn
 
 
 @pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "no-fused-kernel",
