@@ -6,6 +6,10 @@
 #   attention_sweep        benchmarks/attention_sweep.py: Triton extend/decode launch configurations
 #   prefill_backends       benchmarks/prefill_backends.py: long-prompt attention, Triton extend vs
 #                          torch's flash and cuDNN SDPA (whole prompts, chunks on a prefix)
+#   prefill_ab             the prefill rows side by side: cuda's default attention (long
+#                          extends in cuDNN), then benchmarks/prefill_cudnn_rule.py's
+#                          triton_chunks (the default before 2026-12-05) and flash_prompts,
+#                          then the default again
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
@@ -124,6 +128,14 @@ for step in "$@"; do
         | grep -v -i warn ;;
     prefill_backends) timeout 300 python3 benchmarks/prefill_backends.py \
         --out "$OUT/prefill_backends.json" 2>&1 | grep -v -i warn ;;
+    prefill_ab)
+      pf="benchmarks/bench_headline.py --workloads llama8b_prefill --out $OUT/pf"
+      timeout 150 python3 $pf/default.json 2>&1 | grep -E "prefill_"
+      for rule in triton_chunks flash_prompts; do
+        timeout 150 python3 benchmarks/prefill_cudnn_rule.py $rule --out "$OUT/pf/$rule.json" \
+          2>&1 | grep -E "prefill_"
+      done
+      timeout 150 python3 $pf/default_again.json 2>&1 | grep -E "prefill_" ;;
     moe_decode) timeout 200 python3 benchmarks/moe_decode_sweep.py --out "$OUT/moe_decode.json" \
         2>&1 | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \

@@ -6,10 +6,11 @@ prompt (causal from position 0), and 8192-token chunks on a cached prefix of 8k,
 tokens (the later chunks of a 32k and a 100k prompt). Variants:
 
 - ``triton``: ``extend_attention`` over the paged cache;
-- ``engine`` / ``engine_cudnn``: the ``extend`` of the cuda default attention backend
-  (``TritonAttentionSDPAExtend``) / of the opt-in ``CuDNNAttentionExtend``, which pick among
-  these, on q as the engine passes it (a view of a fused qkv output), with the fused kernels
-  torch says it may use (``usable``);
+- ``engine``: the ``extend`` of the cuda default attention backend
+  (``TritonAttentionSDPAExtend``: cuDNN in bucketed shapes), on q as the engine passes it (a
+  view of a fused qkv output), with the fused kernels torch says it may use (``usable``);
+  ``engine_flash_triton``: the same backend with its cuDNN knobs off (whole prompts in flash,
+  chunks on a prefix in Triton: the default before 2026-12-05);
 - ``flash`` / ``cudnn``: ``F.scaled_dot_product_attention`` restricted to one torch backend,
   causal (whole prompts) or with a bottom-right causal mask (chunks), over K/V gathered
   out of the paged cache (the gather is timed as part of the call, as the engine pays it);
@@ -45,7 +46,7 @@ from heteroserve.core.kernels.attention import (  # noqa: E402
     AttentionConfig, AttentionLayer, ForwardMode,
 )
 from heteroserve.platforms.cuda.sdpa_extend import (  # noqa: E402
-    CuDNNAttentionExtend, TritonAttentionSDPAExtend, cudnn_usable, flash_usable,
+    TritonAttentionSDPAExtend, cudnn_usable, flash_usable,
 )
 from heteroserve.platforms.triton.attention_extend import extend_attention  # noqa: E402
 
@@ -131,8 +132,9 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
 
     config = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=PAGE,
                              dtype=torch.bfloat16, device=device)
-    engines = {"engine": TritonAttentionSDPAExtend(config),
-               "engine_cudnn": CuDNNAttentionExtend(config)}
+    before = TritonAttentionSDPAExtend(config)
+    before.cudnn_prompts = before.cudnn_chunks = False
+    engines = {"engine": TritonAttentionSDPAExtend(config), "engine_flash_triton": before}
     qs, ks, vs = gathered()
     usable = {"cudnn_causal_whole": cudnn_usable(qs, ks, vs, True),
               "flash_whole": flash_usable(qs, ks, vs)}

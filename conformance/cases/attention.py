@@ -28,6 +28,10 @@ PROMPT_EXTEND: tuple[tuple[int, int], ...] = ((0, 2100), (0, 2050))
 #: a long chunk on a cached prefix next to a whole prompt, both past that length (cuda's SDPA
 #: extend attends the prefix and the chunk separately and merges them)
 CHUNK_EXTEND: tuple[tuple[int, int], ...] = ((2500, 2100), (0, 2050))
+#: a long chunk on a prefix of 20k+ tokens, not a multiple of 4096, next to a whole prompt
+#: (cuda's SDPA extend splits the prefix at a multiple of 4096 and joins the rest to the
+#: chunk's causal call, in padded shapes)
+LONG_CHUNK_EXTEND: tuple[tuple[int, int], ...] = ((16384 + 4096 + 700, 2100), (0, 2050))
 DEFAULT_PAGE_SIZES: tuple[int, ...] = (1, 16, 128)
 
 
@@ -60,7 +64,8 @@ class AttnCase(Case):
 
 def _seqs(kind: str, long: bool, prompt: str) -> tuple[tuple[int, int], ...]:
     if prompt:
-        return PROMPT_EXTEND if prompt == "prompt" else CHUNK_EXTEND
+        return {"prompt": PROMPT_EXTEND, "chunk": CHUNK_EXTEND,
+                "longchunk": LONG_CHUNK_EXTEND}[prompt]
     if kind == "decode":
         return tuple((n - 1, 1) for n in (LONG_DECODE if long else DECODE_LENS))
     return LONG_EXTEND if long else EXTEND_BATCH
@@ -69,7 +74,8 @@ def _seqs(kind: str, long: bool, prompt: str) -> tuple[tuple[int, int], ...]:
 def _case(kind: str, dt: Any, hq: int, hk: int, d: int, page: int,
           sw: int | None = None, cap: float | None = None, long: bool = False,
           kv_fp8: bool = False, prompt: str = "") -> AttnCase:
-    """``prompt``: ``prompt`` or ``chunk`` for the long-extend batches above, else empty."""
+    """``prompt``: ``prompt``, ``chunk`` or ``longchunk`` for the long-extend batches above,
+    else empty."""
     name = f"{DTYPE_NAMES[dt]}-p{page}-h{hq}:{hk}-d{d}"
     name += (f"-sw{sw}" if sw else "") + (f"-cap{cap:g}" if cap else "") + ("-long" if long else "")
     name += ("-kvfp8" if kv_fp8 else "") + (f"-{prompt}" if prompt else "")
@@ -106,6 +112,7 @@ def _grid(ctx: ConformanceContext, kind: str) -> list[AttnCase]:
         if kind == "extend" and not ctx.quick:
             cases += [_case(kind, dt, 8, 2, 128, page, prompt=p) for dt in dtypes
                       if dt is not torch.float32 for p in ("prompt", "chunk")]
+            cases += [_case(kind, torch.bfloat16, 2, 1, 128, page, prompt="longchunk")]
     return cases
 
 

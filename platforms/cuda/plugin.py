@@ -31,14 +31,10 @@ FLASHINFER_PRIORITY = 8
 #: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.52 / 1.83 us (rms_norm /
 #: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
-#: above Triton: Triton decode, torch's fused causal SDPA for prompts of 2048+ tokens without a
-#: cached prefix (platforms/cuda/sdpa_extend.py: an 8k prefill 75.5 -> 82.7 % of its floor on
-#: an H200); --kernel attention=triton keeps the Triton extend everywhere
+#: above Triton: Triton decode and short extends; extends of 2048+ new tokens a sequence in
+#: cuDNN's fused attention (platforms/cuda/sdpa_extend.py: on an H200, 2026-12-05, a 100k
+#: prompt 8.89 -> 7.5 s); --kernel attention=triton keeps the Triton extend everywhere
 SDPA_EXTEND_PRIORITY = 11
-#: below Triton until its conformance run completes on hardware (docs/platforms/cuda.md):
-#: long extends, chunks on a cached prefix included, through cuDNN's attention (1.4-1.6x the
-#: Triton extend kernel's TFLOP/s on an H200); --kernel attention=cudnn_sdpa_extend
-CUDNN_EXTEND_PRIORITY = 9
 _PKG = "heteroserve.platforms.cuda"
 
 
@@ -119,19 +115,12 @@ def _attention_spec(name: str, attr: str, priority: int, description: str) -> Ke
 
 
 def sdpa_extend_spec() -> KernelSpec:
-    """Triton attention whose long prompts run in torch's flash SDPA (imports nothing)."""
+    """Triton attention whose long extends run in cuDNN's fused attention (imports nothing)."""
     return _attention_spec("triton_sdpa_extend", "TritonAttentionSDPAExtend",
                            SDPA_EXTEND_PRIORITY,
-                           "Triton decode and extends; prompts of 2048+ tokens without a "
-                           "cached prefix through torch's fused causal SDPA")
-
-
-def cudnn_extend_spec() -> KernelSpec:
-    """Triton attention whose long extends run in cuDNN's attention (imports nothing)."""
-    return _attention_spec("cudnn_sdpa_extend", "CuDNNAttentionExtend", CUDNN_EXTEND_PRIORITY,
                            "Triton decode and short extends; extends of 2048+ new tokens a "
                            "sequence through cuDNN's attention (a cached prefix and the "
-                           "chunk merged by log-sum-exp)")
+                           "chunk merged by log-sum-exp; flash for a prompt cuDNN refuses)")
 
 
 @hookimpl
@@ -142,5 +131,5 @@ def heteroserve_platforms() -> list[CudaPlatform]:
 @hookimpl
 def heteroserve_register_kernels(registry: KernelRegistry) -> None:
     for spec in (*triton_kernel_specs(PLATFORMS, TRITON_PRIORITY, PLATFORMS),
-                 sdpa_extend_spec(), cudnn_extend_spec(), *flashinfer_kernel_specs()):
+                 sdpa_extend_spec(), *flashinfer_kernel_specs()):
         registry.register(spec)

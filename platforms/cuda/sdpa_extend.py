@@ -1,15 +1,24 @@
-"""Two cuda attention backends that are :class:`TritonAttention` except for long extends:
+"""cuda's default attention backend: :class:`TritonAttention` except for long extends, which
+run in cuDNN's fused attention (``torch.ops.aten._scaled_dot_product_cudnn_attention``):
 
-- ``TritonAttentionSDPAExtend`` (``triton_sdpa_extend``, the default): a whole prompt of
-  2048+ tokens runs in torch's FlashAttention-2 SDPA (``can_use_flash_attention``); chunks on
-  a cached prefix stay on Triton (torch serves their bottom-right causal mask slower).
-- ``CuDNNAttentionExtend`` (``cudnn_sdpa_extend``, opt-in: ``--kernel
-  attention=cudnn_sdpa_extend``): both through cuDNN's attention
-  (``torch.ops.aten._scaled_dot_product_cudnn_attention``); a chunk on a prefix as two calls
-  that return their log-sum-exp, the prefix without a mask and the chunk causally, merged in
-  fp32 (:func:`merge_attention`). Passes the cuda conformance suite (an H100, 2026-12-05);
-  not the default: torch builds a cuDNN plan per new shape (40-60 ms), which every new
-  prefix length pays (docs/platforms/cuda.md).
+- a whole prompt of 2048+ tokens in one causal call;
+- a chunk on a cached prefix as two calls that return their log-sum-exp, the prefix without a
+  mask and the chunk causally, merged in fp32 (:func:`merge_attention`).
+
+Where cuDNN refuses the shapes, a whole prompt runs in torch's FlashAttention-2 SDPA
+(``can_use_flash_attention``) and anything else in the Triton kernel.
+
+**Bounded shapes.** torch builds a cuDNN plan per new shape (40-60 ms, an H100 and an H200,
+2026-12-05) and keeps it, so the shapes cuDNN sees come from a bounded set: a sequence's
+prefix ``P`` splits at ``P_b``, the largest multiple of :data:`PREFIX_BUCKET` not above it;
+the remainder ``r = P - P_b`` of the prefix joins the chunk's ``n`` new tokens in the causal
+call, whose ``r + n`` queries (the first ``r`` zero rows, dropped) and keys are padded at the
+end to ``m``, a multiple of :data:`QUERY_BUCKET`. Padding at the end of a causal (top-left)
+call is never seen by a real query, and a zero query row only makes its own discarded
+output. The calls are ``[m] x [P_b]`` (no mask) and ``[m] x [m]`` (causal); under chunked
+prefill of 8192 tokens ``r`` is 0, nothing is padded but a prompt's last chunk, and the
+shapes repeat across requests. A new shape pays its plan once (the first 32k prompt after
+start-up: two, about 0.1 s of its 1.4 s).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
@@ -25,17 +34,18 @@ whole 32k prompt       409     348    582
 8k chunk on 94k        386     343    590 (split + merge)
 =====================  ======  =====  =====================
 
-(with a bottom-right mask in one call: cuDNN 235-273, flash 337-343.)
+(with a bottom-right mask in one call: cuDNN 235-273, flash 337-343.) The prefill rows, one
+H200, 10:46 UTC (``benchmarks/results/h200-20261205-1046-prefill-*.json``): 100k 8.89 s with
+chunks on Triton, 7.50-7.55 s with chunks of 16k+ prefixes in cuDNN.
 
 How: each sequence's K/V rows are gathered out of the paged cache once per layer (``[L, Hk,
 D]``, a layout the fused kernels read without a copy) and attended with native GQA. The
 gather costs a read and a write of the sequence's K/V, small next to the attention's
 ``O(new * L)`` work from a few thousand new tokens on.
 
-When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has
-no sliding window and no logit soft-cap, q and the caches share a bf16/fp16 dtype, and torch
-says the fused kernel takes the shapes: never a slow unfused fallback. Anything else, decode
-included, is :class:`TritonAttention`'s.
+When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has no sliding window and no logit soft-cap,
+q and the caches share a bf16/fp16 dtype, and torch says the fused kernel takes the shapes:
+never a slow unfused fallback. Anything else, decode included, is :class:`TritonAttention`'s.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ from heteroserve.platforms.triton.attention import TritonAttention
 #: and launches are not worth it and one Triton launch serves the whole batch (1024: the
 #: 1024 x (1024/256) offline workload ran 2.7 % slower through SDPA than through Triton)
 MIN_NEW_TOKENS = 2048
+#: cuDNN's query (and causal key) lengths are padded to a multiple of this
+QUERY_BUCKET = 1024
+#: the unmasked cuDNN call covers the prefix up to a multiple of this
+PREFIX_BUCKET = 4096
 
 
 def _params(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> object:
@@ -88,52 +102,87 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
     return out.to(o1.dtype)
 
 
+def bucketed_split(prefix: int, new: int) -> tuple[int, int, int]:
+    """``(P_b, r, m)`` for a chunk of ``new`` tokens on ``prefix`` cached ones: the unmasked
+    call's key count, the prefix rows that join the causal call, and that call's padded
+    length (module docstring)."""
+    p_b = prefix // PREFIX_BUCKET * PREFIX_BUCKET
+    r = prefix - p_b
+    return p_b, r, -(-(r + new) // QUERY_BUCKET) * QUERY_BUCKET
+
+
 class TritonAttentionSDPAExtend(TritonAttention):
     """See the module docstring. Same contract, layouts and limits as
-    :class:`TritonAttention`; only long extends take other kernels. ``use_cudnn``: whether
-    cuDNN's attention may serve them (whole prompts and chunks on a prefix)."""
+    :class:`TritonAttention`; only long extends take other kernels. ``cudnn_prompts`` /
+    ``cudnn_chunks``: whether whole prompts / chunks on a cached prefix may go to cuDNN (both
+    on; off, a whole prompt goes to flash and a chunk to Triton: knobs for side-by-side runs,
+    ``benchmarks/prefill_cudnn_rule.py``)."""
 
     min_new_tokens = MIN_NEW_TOKENS
-    use_cudnn = False
+    cudnn_prompts = True
+    cudnn_chunks = True
 
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, layer: AttentionLayer,
                meta: AttentionMetadata) -> bool:
         return (layer.sliding_window is None and layer.logit_cap is None
                 and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
-                and (self.use_cudnn or not any(meta.prefix_lens_cpu))
+                and (self.cudnn_chunks or not any(meta.prefix_lens_cpu))
                 and min(meta.extend_lens_cpu, default=0) >= self.min_new_tokens)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float, with_lse: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _cudnn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               scale: float, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``q [1, Hq, n, D]`` over ``k/v [1, Hk, L, D]`` (``causal``: ``n == L``, top-left
-        mask) in a fused kernel: ``(out [1, Hq, n, D], lse [1, Hq, n] fp32 natural log or
-        None)``, or None when no fused kernel takes it (cuDNN; flash for a causal call
-        without ``with_lse``)."""
-        if self.use_cudnn and cudnn_usable(q, k, v, causal):
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, with_lse, 0.0, causal, False, scale=scale)
-            lse = res[1].reshape(q.shape[:3]).float() if with_lse else None
-            return res[0], lse
-        if causal and not with_lse and flash_usable(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=True), None
-        return None
+        mask) in cuDNN's kernel: ``(out [1, Hq, n, D], lse [1, Hq, n] fp32 natural log, or
+        None without with_lse)``, or None where cuDNN does not take the shapes."""
+        if not cudnn_usable(q, k, v, causal):
+            return None
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, with_lse, 0.0, causal, False, scale=scale)
+        return res[0], (res[1].reshape(q.shape[:3]).float() if with_lse else None)
+
+    def _flash_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor | None:
+        """``q [1, Hq, n, D]`` over ``k/v [1, Hk, n, D]``, causal, in torch's flash kernel;
+        None where it does not take the shapes."""
+        if not flash_usable(q, k, v):
+            return None
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=True)
+
+    def _cudnn_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+                        scale: float) -> torch.Tensor | None:
+        """One sequence through cuDNN in bucketed shapes (module docstring): ``q [1, Hq, n,
+        D]`` over ``k/v [1, Hk, prefix + n, D]``, causally, ``[1, Hq, n, D]``; None where
+        cuDNN does not take the shapes."""
+        n = q.shape[2]
+        p_b, r, m = bucketed_split(prefix, n)
+        pad = m - r - n
+        q_m, k_m, v_m = q, k[:, :, p_b:], v[:, :, p_b:]
+        if r or pad:
+            q_m = F.pad(q, (0, 0, r, pad))
+            k_m, v_m = F.pad(k_m, (0, 0, 0, pad)), F.pad(v_m, (0, 0, 0, pad))
+        own = self._cudnn(q_m, k_m, v_m, True, scale, with_lse=p_b > 0)
+        if own is None:
+            return None
+        rows = slice(r, r + n)
+        if p_b == 0:
+            return own[0][:, :, rows]
+        past = self._cudnn(q_m, k[:, :, :p_b], v[:, :, :p_b], False, scale, with_lse=True)
+        if past is None:
+            return None
+        return merge_attention(past[0][:, :, rows], past[1][:, :, rows], own[0][:, :, rows],
+                               own[1][:, :, rows])
 
     def _sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
                   scale: float) -> torch.Tensor | None:
         """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, ``[1, Hq, n,
         D]``; None when no fused kernel takes it."""
-        if prefix == 0:
-            res = self._attend(q, k, v, True, scale, False)
-            return None if res is None else res[0]
-        past = self._attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, True)
-        if past is None:
-            return None
-        own = self._attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, True)
-        if own is None:
-            return None
-        return merge_attention(past[0], past[1], own[0], own[1])
+        out = None
+        if self.cudnn_chunks if prefix else self.cudnn_prompts:
+            out = self._cudnn_sequence(q, k, v, prefix, scale)
+        if out is None and prefix == 0:
+            out = self._flash_causal(q, k, v, scale)
+        return out
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:
@@ -167,9 +216,3 @@ class TritonAttentionSDPAExtend(TritonAttention):
             row_at += new
         return out
 
-
-class CuDNNAttentionExtend(TritonAttentionSDPAExtend):
-    """:class:`TritonAttentionSDPAExtend` whose long extends, chunks on a cached prefix
-    included, run in cuDNN's attention (see the module docstring)."""
-
-    use_cudnn = True

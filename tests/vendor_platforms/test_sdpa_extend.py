@@ -1,8 +1,8 @@
 """cuda's ``TritonAttentionSDPAExtend`` on the host: its dense extend (gather per sequence;
-a whole prompt in one causal call, a chunk on a cached prefix as two calls merged by their
-log-sum-exp) against the float64 oracle, and which steps it leaves to the Triton kernel.
-Torch's cuDNN and flash kernels themselves run in the cuda conformance suite (the
-``-prompt`` and ``-chunk`` extend cases)."""
+a whole prompt in one causal call, a chunk on a cached prefix as two calls in bucketed shapes
+merged by their log-sum-exp) against the float64 oracle, the shapes the cuDNN calls see, and
+which steps it leaves to the Triton kernel. Torch's cuDNN and flash kernels themselves run in
+the cuda conformance suite (the ``-prompt``, ``-chunk`` and ``-longchunk`` extend cases)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.paged import metadata_for
 from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
+from heteroserve.platforms.cuda import sdpa_extend
 from heteroserve.platforms.cuda.sdpa_extend import (
-    CuDNNAttentionExtend, TritonAttentionSDPAExtend, cudnn_usable, flash_usable, merge_attention,
+    TritonAttentionSDPAExtend, bucketed_split, cudnn_usable, flash_usable, merge_attention,
 )
 from heteroserve.platforms.triton.attention import TritonAttention
 
@@ -33,19 +34,39 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return (torch.softmax(s, -1) @ v).to(q.dtype), torch.logsumexp(s, -1)
 
 
-class _HostSDPA(CuDNNAttentionExtend):
-    """The dense path on CPU tensors (cuDNN's variant, which also takes chunks on a prefix):
-    float math with its log-sum-exp stands in for the fused kernels; ``refuse`` makes it
-    answer as if no fused kernel took the call."""
+class _HostSDPA(TritonAttentionSDPAExtend):
+    """The dense path on CPU tensors: float math with its log-sum-exp stands in for the fused
+    kernels and records each call, ``(queries, keys, causal)`` for cuDNN and ``("flash",
+    n)``; ``refuse`` makes cuDNN (``"cudnn"``) or both (``"all"``) answer as if they did not
+    take the shapes."""
 
     min_new_tokens = 8
-    refuse = False
+    refuse = ""
 
-    def _attend(self, q, k, v, causal, scale, with_lse):
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__(config)
+        self.cudnn_shapes: list[tuple[int, int, bool]] = []
+        self.flash_calls: list[int] = []
+
+    def _cudnn(self, q, k, v, causal, scale, with_lse):
         if self.refuse:
             return None
+        self.cudnn_shapes.append((q.shape[2], k.shape[2], causal))
         out, lse = _math_attention(q, k, v, causal, scale)
         return out, (lse if with_lse else None)
+
+    def _flash_causal(self, q, k, v, scale):
+        if self.refuse == "all":
+            return None
+        self.flash_calls.append(q.shape[2])
+        return _math_attention(q, k, v, True, scale)[0]
+
+
+@pytest.fixture(autouse=True)
+def _small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets small enough for host-sized sequences to split their prefixes and pad."""
+    monkeypatch.setattr(sdpa_extend, "PREFIX_BUCKET", 16)
+    monkeypatch.setattr(sdpa_extend, "QUERY_BUCKET", 8)
 
 
 def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0,
@@ -75,8 +96,9 @@ def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype
 
 @pytest.mark.parametrize("page_size", [1, 16, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seqs", [((0, 40), (0, 20), (0, 9)), ((30, 40), (0, 20), (7, 9))],
-                         ids=["prompts", "chunks-on-prefixes"])
+@pytest.mark.parametrize("seqs", [((0, 40), (0, 20), (0, 9)), ((30, 40), (0, 20), (7, 9)),
+                                  ((32, 16), (48, 9))],
+                         ids=["prompts", "chunks-on-prefixes", "bucket-multiples"])
 def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype,
                                          seqs: tuple[tuple[int, int], ...]) -> None:
     backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, page_size, dtype)
@@ -96,21 +118,44 @@ def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), whole, atol=1e-5, rtol=1e-5)
 
 
-class _HostDefault(_HostSDPA):
-    """The default backend's routing (``use_cudnn`` off: whole prompts only) over the same
-    host math."""
+def test_cudnn_sees_only_bucketed_shapes() -> None:
+    """Each chunk's calls are ``[m] x [P_b]`` unmasked and ``[m] x [m]`` causal, ``m`` a
+    multiple of the query bucket and ``P_b`` of the prefix bucket, whatever the lengths."""
+    seqs = ((0, 13), (5, 9), (16, 8), (37, 11), (70, 25))
+    backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, 16, torch.bfloat16)
+    out = backend.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+    torch.testing.assert_close(out.double(), attention_ref(q, keys, values, [n for _, n in seqs],
+                                                           0.1), atol=2e-2, rtol=2e-2)
+    expected = []
+    for prefix, new in seqs:
+        p_b, r, m = bucketed_split(prefix, new)
+        assert m % 8 == 0 and p_b % 16 == 0 and r < 16 and m >= r + new
+        expected += [(m, m, True)] + ([(m, p_b, False)] if p_b else [])
+    assert backend.cudnn_shapes == expected
+    assert {s for s in backend.cudnn_shapes if not s[2]} == {(8, 16, False), (16, 32, False),
+                                                               (32, 64, False)}
 
-    use_cudnn = TritonAttentionSDPAExtend.use_cudnn
+
+@pytest.mark.parametrize("refuse", ["", "cudnn"])
+def test_prompts_go_to_flash_where_cudnn_refuses_them(refuse: str) -> None:
+    backend, meta, q, k_cache, v_cache, keys, values = _setup(((0, 40), (0, 20)), 16,
+                                                              torch.float16)
+    backend.refuse = refuse
+    out = backend.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+    torch.testing.assert_close(out.double(), attention_ref(q, keys, values, [40, 20], 0.1),
+                               atol=2e-2, rtol=2e-2)
+    assert backend.flash_calls == ([40, 20] if refuse else [])
+    assert backend.cudnn_shapes == ([] if refuse else [(40, 40, True), (24, 24, True)])
 
 
 @pytest.mark.parametrize("change", ["window", "cap", "short", "fp32", "no-fused-kernel",
-                                    "prefix-on-the-default"])
+                                    "cudnn-refuses-the-chunk", "chunks-knob-off"])
 def test_steps_it_leaves_to_triton(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
     seqs = ((0, 40), (5, 4 if change == "short" else 12))
     dtype = torch.float32 if change == "fp32" else torch.bfloat16
-    cls = _HostDefault if change == "prefix-on-the-default" else _HostSDPA
-    backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype, backend_class=cls)
-    backend.refuse = change == "no-fused-kernel"
+    backend, meta, q, k_cache, v_cache, _, _ = _setup(seqs, 16, dtype)
+    backend.refuse = {"no-fused-kernel": "all", "cudnn-refuses-the-chunk": "cudnn"}.get(change, "")
+    backend.cudnn_chunks = change != "chunks-knob-off"
     layer = AttentionLayer(layer_id=0, scale=0.1, sliding_window=8 if change == "window" else None,
                            logit_cap=3.0 if change == "cap" else None)
     calls = []

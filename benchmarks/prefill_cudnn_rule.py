@@ -1,0 +1,38 @@
+"""The prefill headline rows (``bench_headline.py --workloads llama8b_prefill``) under another
+routing rule of cuda's default attention backend (``TritonAttentionSDPAExtend``), for a
+side-by-side run against the default: ``python3 benchmarks/prefill_cudnn_rule.py RULE --out
+X.json [bench_headline args]``. ``RULE``: ``flash_prompts`` (whole prompts in flash, chunks in
+cuDNN), ``triton_chunks`` (whole prompts in flash, chunks on a prefix in Triton: the default
+before 2026-12-05). The JSON records the rule as ``attention_rule``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_headline  # noqa: E402
+
+from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend  # noqa: E402
+
+RULES = {"flash_prompts": (False, True), "triton_chunks": (False, False)}
+
+
+def main() -> int:
+    rule, args = sys.argv[1], sys.argv[2:]
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", required=True)
+    path = Path(out.parse_known_args(args)[0].out)
+    cls = TritonAttentionSDPAExtend
+    cls.cudnn_prompts, cls.cudnn_chunks = RULES[rule]
+    rc = bench_headline.main(["--workloads", "llama8b_prefill", *args])
+    result = json.loads(path.read_text())
+    result["attention_rule"] = rule
+    path.write_text(json.dumps(result, indent=1))
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
