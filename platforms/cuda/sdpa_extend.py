@@ -17,8 +17,8 @@ end to ``m``, a multiple of :data:`QUERY_BUCKET`. Padding at the end of a causal
 call is never seen by a real query, and a zero query row only makes its own discarded
 output. The calls are ``[m] x [P_b]`` (no mask) and ``[m] x [m]`` (causal); under chunked
 prefill of 8192 tokens ``r`` is 0, nothing is padded but a prompt's last chunk, and the
-shapes repeat across requests. A new shape pays its plan once (the first 32k prompt after
-start-up: two, about 0.1 s of its 1.4 s).
+shapes repeat across requests. A new shape pays its plan once (about 40 ms on an H100: a 32k
+prompt's chunk on a 16k prefix took 0.44 s the first time against 0.41 s on Triton).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
@@ -34,9 +34,10 @@ whole 32k prompt       409     348    582
 8k chunk on 94k        386     343    590 (split + merge)
 =====================  ======  =====  =====================
 
-(with a bottom-right mask in one call: cuDNN 235-273, flash 337-343.) The prefill rows, one
-H200, 10:46 UTC (``benchmarks/results/h200-20261205-1046-prefill-*.json``): 100k 8.89 s with
-chunks on Triton, 7.50-7.55 s with chunks of 16k+ prefixes in cuDNN.
+(with a bottom-right mask in one call: cuDNN 235-273, flash 337-343.) The prefill rows side by
+side on one H100 (2026-12-05 12:00 UTC, ``results/h100-20261205-1200-prefill-*.json``), this
+backend against the rule before it (flash prompts, chunks on Triton): 8k 0.212-0.217 s
+against 0.224 s, 32k 1.435-1.459 s against 1.431 s, 100k 7.64-7.74 s against 8.88 s.
 
 How: each sequence's K/V rows are gathered out of the paged cache once per layer (``[L, Hk,
 D]``, a layout the fused kernels read without a copy) and attended with native GQA. The
