@@ -6,9 +6,6 @@ import math
 
 import torch
 
-#: query rows per block of the score computation
-QUERY_BLOCK = 256
-
 
 def attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
               extend_lens: list[int], scale: float, sliding_window: int | None = None,
@@ -29,21 +26,18 @@ def attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tens
     for k, v, n in zip(keys, values, extend_lens):
         k, v = k.double().cpu(), v.double().cpu()
         length, hkv = k.shape[0], k.shape[1]
-        k = k.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, L, D]
-        v = v.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        qs = q[row: row + n]
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        if logit_cap:
+            scores = logit_cap * torch.tanh(scores / logit_cap)
+        pos = torch.arange(length - n, length)[:, None]
         kpos = torch.arange(length)[None, :]
-        # blocks of query rows keep the [Hq, rows, L] temporaries small on long sequences
-        for b0 in range(0, n, QUERY_BLOCK):
-            qs = q[row + b0: row + min(n, b0 + QUERY_BLOCK)].transpose(0, 1)  # [Hq, rows, D]
-            scores = qs @ k.transpose(1, 2) * scale
-            if logit_cap:
-                scores = logit_cap * torch.tanh(scores / logit_cap)
-            pos = torch.arange(length - n + b0, length - n + b0 + qs.shape[1])[:, None]
-            visible = kpos <= pos
-            if sliding_window:
-                visible &= kpos > pos - sliding_window
-            scores = scores.masked_fill(~visible[None], -math.inf)
-            out[row + b0: row + b0 + qs.shape[1]] = (torch.softmax(scores, dim=-1) @ v
-                                                     ).transpose(0, 1)
+        visible = kpos <= pos
+        if sliding_window:
+            visible &= kpos > pos - sliding_window
+        scores = scores.masked_fill(~visible[None], -math.inf)
+        out[row: row + n] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
         row += n
     return out
