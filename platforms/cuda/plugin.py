@@ -32,8 +32,8 @@ FLASHINFER_PRIORITY = 8
 #: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
 #: above Triton: Triton decode and short extends; extends of 2048+ new tokens a sequence in
-#: cuDNN's fused attention (platforms/cuda/sdpa_extend.py: on an H200, 2026-12-05, a 100k
-#: prompt 8.89 -> 7.5 s); --kernel attention=triton keeps the Triton extend everywhere
+#: cuDNN's fused attention (platforms/cuda/sdpa_extend.py, 2026-12-05: a 100k prompt 8.88 ->
+#: 7.64-7.74 s on an H100); --kernel attention=triton keeps the Triton extend everywhere
 SDPA_EXTEND_PRIORITY = 11
 _PKG = "heteroserve.platforms.cuda"
 

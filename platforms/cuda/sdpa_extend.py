@@ -44,9 +44,10 @@ D]``, a layout the fused kernels read without a copy) and attended with native G
 gather costs a read and a write of the sequence's K/V, small next to the attention's
 ``O(new * L)`` work from a few thousand new tokens on.
 
-When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has no sliding window and no logit soft-cap,
-q and the caches share a bf16/fp16 dtype, and torch says the fused kernel takes the shapes:
-never a slow unfused fallback. Anything else, decode included, is :class:`TritonAttention`'s.
+When: every sequence of the step has at least :attr:`min_new_tokens` new tokens, the layer has
+no sliding window and no logit soft-cap, q and the caches share a bf16/fp16 dtype, and torch
+says the fused kernel takes the shapes: never a slow unfused fallback. Anything else, decode
+included, is :class:`TritonAttention`'s.
 """
 
 from __future__ import annotations
@@ -178,9 +179,8 @@ class TritonAttentionSDPAExtend(TritonAttention):
                   scale: float) -> torch.Tensor | None:
         """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, ``[1, Hq, n,
         D]``; None when no fused kernel takes it."""
-        out = None
-        if self.cudnn_chunks if prefix else self.cudnn_prompts:
-            out = self._cudnn_sequence(q, k, v, prefix, scale)
+        cudnn_allowed = self.cudnn_chunks if prefix else self.cudnn_prompts
+        out = self._cudnn_sequence(q, k, v, prefix, scale) if cudnn_allowed else None
         if out is None and prefix == 0:
             out = self._flash_causal(q, k, v, scale)
         return out

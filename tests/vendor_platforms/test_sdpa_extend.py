@@ -36,9 +36,9 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 class _HostSDPA(TritonAttentionSDPAExtend):
     """The dense path on CPU tensors: float math with its log-sum-exp stands in for the fused
-    kernels and records each call, ``(queries, keys, causal)`` for cuDNN and ``("flash",
-    n)``; ``refuse`` makes cuDNN (``"cudnn"``) or both (``"all"``) answer as if they did not
-    take the shapes."""
+    kernels and records each call: ``(queries, keys, causal)`` of cuDNN's in ``cudnn_shapes``,
+    the query count of flash's in ``flash_calls``; ``refuse`` makes cuDNN (``"cudnn"``) or
+    both (``"all"``) answer as if they did not take the shapes."""
 
     min_new_tokens = 8
     refuse = ""
@@ -69,12 +69,11 @@ def _small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sdpa_extend, "QUERY_BUCKET", 8)
 
 
-def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0,
-           backend_class: type = _HostSDPA):
+def _setup(seqs: tuple[tuple[int, int], ...], page_size: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     cfg = AttentionConfig(num_q_heads=HQ, num_kv_heads=HK, head_size=D, page_size=page_size,
                           dtype=dtype, device=torch.device("cpu"))
-    backend = backend_class(cfg)
+    backend = _HostSDPA(cfg)
     counts = [-(-(p + n) // page_size) for p, n in seqs]
     perm = (torch.randperm(sum(counts) + 4, generator=gen) + 1).tolist()
     pages, at = [], 0
