@@ -8,7 +8,7 @@
 #                          torch's flash and cuDNN SDPA (whole prompts, chunks on a prefix)
 #   prefill_ab             the prefill rows side by side: cuda's default attention (long
 #                          extends in cuDNN), then benchmarks/prefill_cudnn_rule.py's
-#                          triton_chunks (the default before 2026-12-05) and flash_prompts,
+#                          PREFILL_RULES (default: no_warm_up triton_chunks flash_prompts),
 #                          then the default again
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
@@ -131,7 +131,7 @@ for step in "$@"; do
     prefill_ab)
       pf="benchmarks/bench_headline.py --workloads llama8b_prefill --out $OUT/pf"
       timeout 150 python3 $pf/default.json 2>&1 | grep -E "prefill_"
-      for rule in triton_chunks flash_prompts; do
+      for rule in ${PREFILL_RULES:-no_warm_up triton_chunks flash_prompts}; do
         timeout 150 python3 benchmarks/prefill_cudnn_rule.py $rule --out "$OUT/pf/$rule.json" \
           2>&1 | grep -E "prefill_"
       done

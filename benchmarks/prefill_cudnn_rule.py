@@ -3,7 +3,8 @@ routing rule of cuda's default attention backend (``TritonAttentionSDPAExtend``)
 side-by-side run against the default: ``python3 benchmarks/prefill_cudnn_rule.py RULE --out
 X.json [bench_headline args]``. ``RULE``: ``flash_prompts`` (whole prompts in flash, chunks in
 cuDNN), ``triton_chunks`` (whole prompts in flash, chunks on a prefix in Triton: the default
-before 2026-12-05). The JSON records the rule as ``attention_rule``."""
+before 2026-12-05), ``no_warm_up`` (the default without its start-up cuDNN plans, as before
+2026-12-05 15:00 UTC). The JSON records the rule as ``attention_rule``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import bench_headline  # noqa: E402
 
 from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend  # noqa: E402
 
-RULES = {"flash_prompts": (False, True), "triton_chunks": (False, False)}
+#: rule -> class attributes of TritonAttentionSDPAExtend it sets
+RULES = {"flash_prompts": {"cudnn_prompts": False},
+         "triton_chunks": {"cudnn_prompts": False, "cudnn_chunks": False},
+         "no_warm_up": {"warm_up_plans": False}}
 
 
 def main() -> int:
@@ -25,8 +29,8 @@ def main() -> int:
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--out", required=True)
     path = Path(out.parse_known_args(args)[0].out)
-    cls = TritonAttentionSDPAExtend
-    cls.cudnn_prompts, cls.cudnn_chunks = RULES[rule]
+    for name, value in RULES[rule].items():
+        setattr(TritonAttentionSDPAExtend, name, value)
     rc = bench_headline.main(["--workloads", "llama8b_prefill", *args])
     result = json.loads(path.read_text())
     result["attention_rule"] = rule

@@ -179,6 +179,16 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per forward step before any layer; plan kernels for ``meta``."""
 
+    def warm_up(self, max_context_len: int, chunk_size: int) -> str | None:
+        """Called once at start-up, after the KV pool is allocated and before any step:
+        build what the backend makes per new shape (kernel plans, compiled variants) for the
+        extends a prompt of up to ``max_context_len`` tokens prefilled in chunks of
+        ``chunk_size`` will run, so no request pays for it. May allocate temporary device
+        memory and must free it; must not touch the KV pool. Returns one line for the
+        start-up block saying what it built, or None (default: nothing to build). Since
+        plugin API 1.3."""
+        return None
+
     def begin_graph_capture(self, meta: AttentionMetadata) -> None:
         """Called before decode steps over the static ``meta`` (its tensors are a graph's
         buffers, refilled before every replay) are warmed up and captured. Default: nothing."""

@@ -99,6 +99,10 @@ class MLABackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per forward step before any layer."""
 
+    def warm_up(self, max_context_len: int, chunk_size: int) -> str | None:
+        """See :meth:`AttentionBackend.warm_up` (since plugin API 1.3)."""
+        return None
+
     def begin_graph_capture(self, meta: AttentionMetadata) -> None:
         """See :meth:`AttentionBackend.begin_graph_capture`."""
 

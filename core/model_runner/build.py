@@ -108,6 +108,7 @@ def startup_block(platform: Platform, catalog, dispatch: DispatchTable, runner: 
         f"{kv.total_bytes / 2**30:.2f} GiB, layout {runner.backend.kv_layout.value}, "
         f"{str(runner.backend.config.cache_dtype).removeprefix('torch.')}",
         *([f"  host threads {threads.describe()}"] if threads else []),
+        *([f"  warm-up      {runner.attention_warm_up}"] if runner.attention_warm_up else []),
         f"  context      {runner.max_context_len} tokens; graphs "
         f"{'captured for ' + str(runner.graphs.batch_sizes) if runner.graphs else 'off'}; "
         f"torch.compile {runner.compiled_with}",

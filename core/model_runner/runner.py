@@ -126,6 +126,8 @@ class ModelRunner:
         self.max_context_len = cfg.context_len
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
+        #: what the attention backend built at start-up (its ``warm_up`` line), or None
+        self.attention_warm_up = self._warm_up_attention()
         self.calls = compile_model(self.model, platform) if server_args.enable_torch_compile \
             else ModelCalls(self.model, self.model.compute_logits, "off")
         #: what compiles the model (the backend's name; "off" when it runs eagerly)
@@ -159,6 +161,19 @@ class ModelRunner:
             for seqs, mode in steps:
                 self.forward_eager(build_forward_batch(seqs, mode, self.page_size, self.device))
         logger.info("model compiled in %.1fs", time.perf_counter() - start)
+
+    def _warm_up_attention(self) -> str | None:
+        """The backend's start-up warm-up for prompts up to the context length (or the pool,
+        if smaller) in the scheduler's chunks: its line with the time it took, or None."""
+        args = self.server_args
+        chunk = min(args.chunked_prefill_size, args.max_prefill_tokens)
+        start = time.perf_counter()
+        note = self.backend.warm_up(min(self.max_context_len, self.max_total_tokens), chunk)
+        if note is None:
+            return None
+        note = f"{note} in {time.perf_counter() - start:.1f}s"
+        logger.info("attention warm-up: %s", note)
+        return note
 
     def _load_weights(self) -> None:
         cfg, args = self.model_config, self.server_args

@@ -17,8 +17,11 @@ end to ``m``, a multiple of :data:`QUERY_BUCKET`. Padding at the end of a causal
 call is never seen by a real query, and a zero query row only makes its own discarded
 output. The calls are ``[m] x [P_b]`` (no mask) and ``[m] x [m]`` (causal); under chunked
 prefill of 8192 tokens ``r`` is 0, nothing is padded but a prompt's last chunk, and the
-shapes repeat across requests. A new shape pays its plan once (about 40 ms on an H100: a 32k
-prompt's chunk on a 16k prefix took 0.44 s the first time against 0.41 s on Triton).
+shapes repeat across requests (torch keys a plan on the operands' sizes and strides: those of
+a gathered sequence's views do not depend on its length). A new shape pays its plan once (about 40 ms on an H100: a 32k prompt's chunk on a 16k prefix
+took 0.44 s the first time against 0.41 s on Triton), and :meth:`warm_up
+<TritonAttentionSDPAExtend.warm_up>` pays at start-up for the shapes of a long prompt under
+chunked prefill (:func:`warm_up_extends`).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
@@ -104,6 +107,21 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
     return out.to(o1.dtype)
 
 
+def warm_up_extends(max_context_len: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(prefix, new)`` extends whose cuDNN shapes :meth:`TritonAttentionSDPAExtend.warm_up`
+    builds: every full chunk of a prompt up to ``max_context_len`` tokens chunked at
+    ``chunk_size`` (``(k * chunk_size, chunk_size)``), then one padded prompt per query bucket
+    below the chunk (the causal call of a prompt's last chunk). Empty when no chunk reaches
+    :data:`MIN_NEW_TOKENS`."""
+    if chunk_size < MIN_NEW_TOKENS:
+        return []
+    full = [(k * chunk_size, chunk_size)
+            for k in range(max(0, max_context_len // chunk_size))]
+    first = -(-(MIN_NEW_TOKENS + 1) // QUERY_BUCKET) * QUERY_BUCKET
+    return full + [(0, m - 1) for m in range(first, min(chunk_size, max_context_len) + 1,
+                                             QUERY_BUCKET)]
+
+
 def bucketed_split(prefix: int, new: int) -> tuple[int, int, int]:
     """``(P_b, r, m)`` for a chunk of ``new`` tokens on ``prefix`` cached ones: the unmasked
     call's key count, the prefix rows that join the causal call, and that call's padded
@@ -123,6 +141,10 @@ class TritonAttentionSDPAExtend(TritonAttention):
     min_new_tokens = MIN_NEW_TOKENS
     cudnn_prompts = True
     cudnn_chunks = True
+    #: whether :meth:`warm_up` builds the plans of :func:`warm_up_extends` at start-up
+    warm_up_plans = True
+    #: the device type whose fused kernels :meth:`warm_up` prepares
+    fused_device_type = "cuda"
 
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, layer: AttentionLayer,
                meta: AttentionMetadata) -> bool:
@@ -184,6 +206,43 @@ class TritonAttentionSDPAExtend(TritonAttention):
         if out is None and prefix == 0:
             out = self._flash_causal(q, k, v, scale)
         return out
+
+    def warm_up(self, max_context_len: int, chunk_size: int) -> str | None:
+        """Build the cuDNN plans of :func:`warm_up_extends` by running each extend's calls on
+        zero tensors laid out as :meth:`extend` lays out a gathered sequence. Nothing (None)
+        off CUDA, for an fp32 model or an fp8 cache, or with the knob off; stops at the first
+        extend cuDNN refuses or at an out-of-memory error, saying so."""
+        c = self.config
+        if (not self.warm_up_plans or c.device.type != self.fused_device_type
+                or c.cache_dtype != c.dtype
+                or c.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        extends = warm_up_extends(max_context_len, chunk_size)
+        if not extends:
+            return None
+        longest = max(p + n for p, n in extends)
+        deepest = max(p for p, _ in extends)
+        done, stopped = 0, ""
+        try:
+            with torch.inference_mode():
+                kv = torch.zeros((2, longest, c.num_kv_heads, c.head_size), dtype=c.dtype,
+                                 device=c.device)
+                q = torch.zeros((chunk_size, c.num_q_heads, c.head_size), dtype=c.dtype,
+                                device=c.device)
+                for prefix, new in extends:
+                    k, v = (t[:prefix + new].transpose(0, 1)[None] for t in kv)
+                    q_seq = q[:new].transpose(0, 1)[None]
+                    if self._cudnn_sequence(q_seq, k, v, prefix, 1.0) is None:
+                        stopped = f"; stopped: cuDNN refuses {new} tokens on {prefix}"
+                        break
+                    done += 1
+        except torch.OutOfMemoryError:
+            stopped = f"; stopped at {done} of {len(extends)}: out of memory"
+        finally:
+            kv = q = None
+            torch.cuda.empty_cache()
+        return (f"cuDNN plans of {done} long extends (chunks of {chunk_size} on prefixes up "
+                f"to {deepest} tokens, padded prompt tails){stopped}")
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata) -> torch.Tensor:

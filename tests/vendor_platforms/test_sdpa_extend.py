@@ -17,6 +17,7 @@ from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, 
 from heteroserve.platforms.cuda import sdpa_extend
 from heteroserve.platforms.cuda.sdpa_extend import (
     TritonAttentionSDPAExtend, bucketed_split, cudnn_usable, flash_usable, merge_attention,
+    warm_up_extends,
 )
 from heteroserve.platforms.triton.attention import TritonAttention
 
@@ -42,16 +43,20 @@ class _HostSDPA(TritonAttentionSDPAExtend):
 
     min_new_tokens = 8
     refuse = ""
+    fused_device_type = "cpu"
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__(config)
         self.cudnn_shapes: list[tuple[int, int, bool]] = []
         self.flash_calls: list[int] = []
+        #: what torch keys a cuDNN plan on: sizes and strides of q, k, v, and the mask
+        self.plan_keys: set[tuple] = set()
 
     def _cudnn(self, q, k, v, causal, scale, with_lse):
         if self.refuse:
             return None
         self.cudnn_shapes.append((q.shape[2], k.shape[2], causal))
+        self.plan_keys.add((*((tuple(t.shape), t.stride()) for t in (q, k, v)), causal))
         out, lse = _math_attention(q, k, v, causal, scale)
         return out, (lse if with_lse else None)
 
@@ -167,3 +172,41 @@ def test_fused_kernels_are_never_claimed_off_cuda() -> None:
     t = torch.zeros(1, HQ, 4, D, dtype=torch.bfloat16)
     assert not flash_usable(t, t[:, :HK], t[:, :HK])
     assert not cudnn_usable(t, t[:, :HK], t[:, :HK], True)
+
+
+def _chunked_prompt_keys(backend: _HostSDPA, length: int, chunk: int) -> None:
+    """Run each chunk of one ``length``-token prompt as its own extend step."""
+    for prefix in range(0, length, chunk):
+        new = min(chunk, length - prefix)
+        b, meta, q, k_cache, v_cache, _, _ = _setup(((prefix, new),), 16, torch.bfloat16,
+                                                    seed=prefix)
+        b.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+        backend.plan_keys |= b.plan_keys
+
+
+def test_plans_repeat_across_sequence_lengths() -> None:
+    """Two prompts of different lengths, chunked alike, key the same cuDNN plans for their
+    common chunks (sizes and strides: a gathered sequence's length is in neither)."""
+    keys = []
+    for length in (48, 64):
+        backend = _HostSDPA(AttentionConfig(HQ, HK, D, 16, torch.bfloat16, torch.device("cpu")))
+        _chunked_prompt_keys(backend, length, 16)
+        keys.append(backend.plan_keys)
+    assert keys[0] < keys[1]
+
+
+def test_warm_up_builds_the_plans_of_chunked_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdpa_extend, "MIN_NEW_TOKENS", 8)
+    assert warm_up_extends(64, 16) == [(0, 16), (16, 16), (32, 16), (48, 16), (0, 15)]
+    assert warm_up_extends(64, 4) == []
+    cfg = AttentionConfig(HQ, HK, D, 16, torch.bfloat16, torch.device("cpu"))
+    warmed = _HostSDPA(cfg)
+    note = warmed.warm_up(64, 16)
+    assert note is not None and note.startswith("cuDNN plans of 5 long extends")
+    served = _HostSDPA(cfg)
+    _chunked_prompt_keys(served, 64, 16)  # every full chunk of the longest prompt
+    _chunked_prompt_keys(served, 13, 16)  # a short prompt, padded to one query bucket
+    assert served.plan_keys and served.plan_keys <= warmed.plan_keys
+    assert TritonAttentionSDPAExtend(cfg).warm_up(64, 16) is None  # no fused kernels on cpu
+    warmed.refuse = "cudnn"
+    assert warmed.warm_up(64, 16).endswith("stopped: cuDNN refuses 16 tokens on 0")
