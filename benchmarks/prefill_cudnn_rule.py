@@ -4,7 +4,8 @@ side-by-side run against the default: ``python3 benchmarks/prefill_cudnn_rule.py
 X.json [bench_headline args]``. ``RULE``: ``flash_prompts`` (whole prompts in flash, chunks in
 cuDNN), ``triton_chunks`` (whole prompts in flash, chunks on a prefix in Triton: the default
 before 2026-12-05), ``no_warm_up`` (the default without its start-up cuDNN plans, as before
-2026-12-05 15:00 UTC). The JSON records the rule as ``attention_rule``."""
+694f89f), ``torch_merge`` (a chunk's two calls merged by torch ops, as before the Triton
+merge). The JSON records the rule as ``attention_rule``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend  # 
 #: rule -> class attributes of TritonAttentionSDPAExtend it sets
 RULES = {"flash_prompts": {"cudnn_prompts": False},
          "triton_chunks": {"cudnn_prompts": False, "cudnn_chunks": False},
-         "no_warm_up": {"warm_up_plans": False}}
+         "no_warm_up": {"warm_up_plans": False},
+         "torch_merge": {"fused_merge": False}}
 
 
 def main() -> int:

@@ -3,7 +3,8 @@ run in cuDNN's fused attention (``torch.ops.aten._scaled_dot_product_cudnn_atten
 
 - a whole prompt of 2048+ tokens in one causal call;
 - a chunk on a cached prefix as two calls that return their log-sum-exp, the prefix without a
-  mask and the chunk causally, merged in fp32 (:func:`merge_attention`).
+  mask and the chunk causally, merged in fp32 registers by their log-sum-exps into the
+  output rows (one Triton pass, :func:`merge_attention_into`).
 
 Where cuDNN refuses the shapes, a whole prompt runs in torch's FlashAttention-2 SDPA
 (``can_use_flash_attention``) and anything else in the Triton kernel.
@@ -60,6 +61,7 @@ import torch.nn.functional as F
 
 from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
 from heteroserve.platforms.triton.attention import TritonAttention
+from heteroserve.platforms.triton.attention_merge import merge_attention_into
 
 #: fewest new tokens of every sequence for the dense path; below it the per-sequence gathers
 #: and launches are not worth it and one Triton launch serves the whole batch (1024: the
@@ -145,6 +147,9 @@ class TritonAttentionSDPAExtend(TritonAttention):
     warm_up_plans = True
     #: the device type whose fused kernels :meth:`warm_up` prepares
     fused_device_type = "cuda"
+    #: merge a chunk's two calls in one Triton pass (:func:`merge_attention_into`; off:
+    #: :func:`merge_attention`'s torch ops, then a copy into the output)
+    fused_merge = True
 
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, layer: AttentionLayer,
                meta: AttentionMetadata) -> bool:
@@ -174,10 +179,10 @@ class TritonAttentionSDPAExtend(TritonAttention):
                                               enable_gqa=True)
 
     def _cudnn_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                        scale: float) -> torch.Tensor | None:
+                        scale: float, out: torch.Tensor) -> bool:
         """One sequence through cuDNN in bucketed shapes (module docstring): ``q [1, Hq, n,
-        D]`` over ``k/v [1, Hk, prefix + n, D]``, causally, ``[1, Hq, n, D]``; None where
-        cuDNN does not take the shapes."""
+        D]`` over ``k/v [1, Hk, prefix + n, D]``, causally, into ``out [n, Hq, D]``; False
+        (``out`` untouched) where cuDNN does not take the shapes."""
         n = q.shape[2]
         p_b, r, m = bucketed_split(prefix, n)
         pad = m - r - n
@@ -187,25 +192,34 @@ class TritonAttentionSDPAExtend(TritonAttention):
             k_m, v_m = F.pad(k_m, (0, 0, 0, pad)), F.pad(v_m, (0, 0, 0, pad))
         own = self._cudnn(q_m, k_m, v_m, True, scale, with_lse=p_b > 0)
         if own is None:
-            return None
+            return False
         rows = slice(r, r + n)
         if p_b == 0:
-            return own[0][:, :, rows]
+            out.copy_(own[0][0, :, rows].transpose(0, 1))
+            return True
         past = self._cudnn(q_m, k[:, :, :p_b], v[:, :, :p_b], False, scale, with_lse=True)
         if past is None:
-            return None
-        return merge_attention(past[0][:, :, rows], past[1][:, :, rows], own[0][:, :, rows],
-                               own[1][:, :, rows])
+            return False
+        parts = (past[0][0, :, rows], past[1][0, :, rows], own[0][0, :, rows], own[1][0, :, rows])
+        if self.fused_merge:
+            merge_attention_into(out, *parts)
+        else:
+            out.copy_(merge_attention(*parts).transpose(0, 1))
+        return True
 
     def _sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                  scale: float) -> torch.Tensor | None:
-        """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, ``[1, Hq, n,
-        D]``; None when no fused kernel takes it."""
+                  scale: float, out: torch.Tensor) -> bool:
+        """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, into ``out
+        [n, Hq, D]``; False (``out`` untouched) when no fused kernel takes it."""
         cudnn_allowed = self.cudnn_chunks if prefix else self.cudnn_prompts
-        out = self._cudnn_sequence(q, k, v, prefix, scale) if cudnn_allowed else None
-        if out is None and prefix == 0:
-            out = self._flash_causal(q, k, v, scale)
-        return out
+        if cudnn_allowed and self._cudnn_sequence(q, k, v, prefix, scale, out):
+            return True
+        if prefix:
+            return False
+        o = self._flash_causal(q, k, v, scale)
+        if o is not None:
+            out.copy_(o[0].transpose(0, 1))
+        return o is not None
 
     def warm_up(self, max_context_len: int, chunk_size: int) -> str | None:
         """Build the cuDNN plans of :func:`warm_up_extends` by running each extend's calls on
@@ -227,19 +241,19 @@ class TritonAttentionSDPAExtend(TritonAttention):
             with torch.inference_mode():
                 kv = torch.zeros((2, longest, c.num_kv_heads, c.head_size), dtype=c.dtype,
                                  device=c.device)
-                q = torch.zeros((chunk_size, c.num_q_heads, c.head_size), dtype=c.dtype,
-                                device=c.device)
+                q, out = torch.zeros((2, chunk_size, c.num_q_heads, c.head_size),
+                                     dtype=c.dtype, device=c.device)
                 for prefix, new in extends:
                     k, v = (t[:prefix + new].transpose(0, 1)[None] for t in kv)
                     q_seq = q[:new].transpose(0, 1)[None]
-                    if self._cudnn_sequence(q_seq, k, v, prefix, 1.0) is None:
+                    if not self._cudnn_sequence(q_seq, k, v, prefix, 1.0, out[:new]):
                         stopped = f"; stopped: cuDNN refuses {new} tokens on {prefix}"
                         break
                     done += 1
         except torch.OutOfMemoryError:
             stopped = f"; stopped at {done} of {len(extends)}: out of memory"
         finally:
-            kv = q = None
+            kv = q = out = None
             torch.cuda.empty_cache()
         return (f"cuDNN plans of {done} long extends (chunks of {chunk_size} on prefixes up "
                 f"to {deepest} tokens, padded prompt tails){stopped}")
@@ -267,11 +281,9 @@ class TritonAttentionSDPAExtend(TritonAttention):
             # q may be a view of a fused qkv projection (rows strided past Hq * D); the
             # fused kernels take [n, Hq, D] rows (torch's layout checks refuse others)
             q_rows = q[rows].contiguous()
-            o = self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
-                               layer.scale)
-            if o is None:
+            if not self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
+                                  layer.scale, out[rows]):
                 return super().extend(q, k_cache, v_cache, layer, meta)
-            out[rows] = o[0].transpose(0, 1)
             page_at += pages
             row_at += new
         return out

@@ -112,6 +112,15 @@ def test_dense_extend_matches_the_oracle(page_size: int, dtype: torch.dtype,
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_unfused_merge_matches_the_oracle_too() -> None:
+    seqs = ((30, 40), (7, 9))
+    backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, 16, torch.bfloat16)
+    backend.fused_merge = False
+    out = backend.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+    ref = attention_ref(q, keys, values, [n for _, n in seqs], 0.1)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 6, 32, generator=gen)
