@@ -19,10 +19,10 @@ call is never seen by a real query, and a zero query row only makes its own disc
 output. The calls are ``[m] x [P_b]`` (no mask) and ``[m] x [m]`` (causal); under chunked
 prefill of 8192 tokens ``r`` is 0, nothing is padded but a prompt's last chunk, and the
 shapes repeat across requests (torch keys a plan on the operands' sizes and strides: those of
-a gathered sequence's views do not depend on its length). A new shape pays its plan once (about 40 ms on an H100: a 32k prompt's chunk on a 16k prefix
-took 0.44 s the first time against 0.41 s on Triton), and :meth:`warm_up
-<TritonAttentionSDPAExtend.warm_up>` pays at start-up for the shapes of a long prompt under
-chunked prefill (:func:`warm_up_extends`).
+a gathered sequence's views do not depend on its length). A new shape pays its plan once
+(about 40 ms on an H100: a 32k prompt's chunk on a 16k prefix took 0.44 s the first time
+against 0.41 s on Triton), and :meth:`warm_up <TritonAttentionSDPAExtend.warm_up>` pays at
+start-up for the shapes of a long prompt under chunked prefill (:func:`warm_up_extends`).
 
 Why: on an H200 the Triton extend kernel reaches 50-55 % of the bf16 matmul rate on long
 prompts (no TMA or warp specialisation). ``benchmarks/prefill_backends.py`` (2026-12-05 04:29
