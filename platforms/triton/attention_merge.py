@@ -5,6 +5,9 @@ sum-exp ``lse_i`` of its scores, attention over both sets is ``(w_1 o_1 + w_2 o_
 w_2)`` with ``w_i = exp(lse_i - max(lse_1, lse_2))``. :func:`merge_attention_into` computes it
 in fp32 registers and stores it rounded to the destination's dtype, reading each output
 once: cuda's long-extend path (a chunk on a cached prefix as two cuDNN calls) merges with it.
+The split-KV decode's :func:`~heteroserve.platforms.triton.attention_decode.decode_reduce_kernel`
+merges the same way but reads one fp32 ``[B, H, splits, D]`` buffer with log2 sum-exps per
+sequence; feeding it the two cuDNN outputs would first copy both into that buffer.
 """
 
 from __future__ import annotations
