@@ -10,6 +10,10 @@
 #                          extends in cuDNN), then benchmarks/prefill_cudnn_rule.py's
 #                          PREFILL_RULES (default: no_warm_up triton_chunks flash_prompts),
 #                          then the default again
+#   overlap_ab             the offline rows (OVERLAP_WORKLOADS, default llama8b_offline and
+#                          qwen3moe_offline) under benchmarks/overlap_rule.py sync_when_waiting:
+#                          decode steps chain only while nothing waits (the rule before
+#                          2026-12-05); run `h200` in the same call for the default
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
@@ -136,6 +140,10 @@ for step in "$@"; do
           2>&1 | grep -E "prefill_"
       done
       timeout 150 python3 $pf/default_again.json 2>&1 | grep -E "prefill_" ;;
+    overlap_ab)  # the offline rows under the chaining rule before admission_blocked
+      timeout 300 python3 benchmarks/overlap_rule.py sync_when_waiting --workloads \
+        "${OVERLAP_WORKLOADS:-llama8b_offline,qwen3moe_offline}" \
+        --out "$OUT/ov/sync_when_waiting.json" 2>&1 | grep -E "offline|wrote" ;;
     moe_decode) timeout 200 python3 benchmarks/moe_decode_sweep.py --out "$OUT/moe_decode.json" \
         2>&1 | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \

@@ -44,9 +44,26 @@ def eligible(req: Req) -> bool:
             and not sp.needs_penalties and not sp.logit_bias)
 
 
+def admission_blocked(sched: Scheduler) -> bool:
+    """True when ``schedule()`` would admit no waiting request now, so its next step is a
+    decode of the running set whether or not the previous one is read back: nothing waits,
+    the running set is at ``max_running_requests``, or fewer pages are free than the least
+    any admission needs (one page for the new request plus one per running request, the
+    headroom ``_prefill_batch`` keeps). Conservative: a False may still admit nothing."""
+    if not sched.waiting or len(sched.running) >= sched.max_running_requests:
+        return True
+    free = sched.allocator.num_free + sched.cache.evictable_pages()
+    return free < 1 + len(sched.running)
+
+
 def can_chain(sched: Scheduler, inflight: InflightDecode) -> bool:
-    """Whether the next decode step may be launched before ``inflight`` is read back."""
-    if sched.waiting or [id(r) for r in sched.running] != [id(r) for r in inflight.reqs]:
+    """Whether the next decode step may be launched before ``inflight`` is read back: the
+    same running set, every request eligible, pages for the step, and no admission the
+    synchronous path would make first (a request that finishes in ``inflight`` frees its
+    slot one step later than on the synchronous path)."""
+    if not admission_blocked(sched):
+        return False
+    if [id(r) for r in sched.running] != [id(r) for r in inflight.reqs]:
         return False
     if not all(eligible(r) for r in inflight.reqs):
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -28,6 +30,32 @@ def test_extend_metadata_by_hand() -> None:
     assert m.out_cache_loc.tolist() == [2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 9 * 4]
     assert m.out_cache_loc.dtype == torch.int64 and m.qo_indptr.dtype == torch.int32
     assert b.batch_size == 2
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE])
+def test_positions_and_slots_match_per_token_formula(page_size: int, mode: ForwardMode) -> None:
+    rng = random.Random(page_size)
+    seqs = []
+    for i in range(7):
+        n_new = 1 if mode is ForwardMode.DECODE else rng.choice([1, 3, page_size + 1, 40])
+        prefix = rng.choice([0, 1, page_size - 1, 2 * page_size + 3])
+        n_pages = -(-(prefix + n_new) // page_size) + rng.choice([0, 2])
+        seqs.append(SequenceInput([rng.randrange(50) for _ in range(n_new)], prefix,
+                                  rng.sample(range(1000), n_pages), all_logits=i == 2))
+    b = build_forward_batch(seqs, mode, page_size, torch.device("cpu"))
+    want_pos = [p for s in seqs for p in range(s.prefix_len, s.prefix_len + len(s.new_token_ids))]
+    want_loc = [s.pages[p // page_size] * page_size + p % page_size
+                for s in seqs for p in range(s.prefix_len, s.prefix_len + len(s.new_token_ids))]
+    assert b.positions.tolist() == want_pos
+    assert b.attn.out_cache_loc.tolist() == want_loc
+    assert b.input_ids.tolist() == [t for s in seqs for t in s.new_token_ids]
+    assert b.attn.kv_page_indices.tolist() == [
+        p for s in seqs for p in s.pages[:-(-(s.prefix_len + len(s.new_token_ids)) // page_size)]]
+    ends = torch.cumsum(torch.tensor([len(s.new_token_ids) for s in seqs]), 0).tolist()
+    want_rows = [r for s, e in zip(seqs, ends)
+                 for r in range(e - s.num_logit_rows, e)]
+    assert b.logits_indices.tolist() == want_rows
 
 
 def test_bad_sequences_are_rejected() -> None:

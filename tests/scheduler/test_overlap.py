@@ -30,3 +30,22 @@ def test_overlap_equals_synchronous(tmp_path_factory, monkeypatch, sampling) -> 
     assert sched.overlap and sched.get_stats()["overlapped_steps"] > 5
     assert overlapped == sync
     assert sched.allocator.num_free + sched.cache.cached_pages == sched.allocator.capacity
+
+
+def test_overlap_chains_while_waiting_requests_cannot_be_admitted(tmp_path_factory,
+                                                                  monkeypatch) -> None:
+    """Requests queue behind ``max_running_requests``: the decode steps of the running ones
+    still chain (before, any waiting request made every step synchronous), and the tokens
+    are the synchronous ones."""
+    path = build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=9)
+    args = cpu_args(path, max_running_requests=2)
+    _, _, runner = build_model_runner(args)
+    prompts = [list(range(4, 4 + n)) for n in (5, 18, 2, 33, 9)]
+    sync, _ = run_scheduler(args, prompts, runner=runner, max_new_tokens=10)
+    monkeypatch.setattr(runner.platform, "new_event", lambda: _HostEvent())
+    overlapped, sched = run_scheduler(args, prompts, runner=runner, max_new_tokens=10)
+    stats = sched.get_stats()
+    # three admission rounds of up to two requests, each with about nine chained steps
+    assert stats["overlapped_steps"] >= 20, stats
+    assert overlapped == sync
+    assert sched.allocator.num_free + sched.cache.cached_pages == sched.allocator.capacity
