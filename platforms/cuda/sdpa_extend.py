@@ -179,10 +179,12 @@ class TritonAttentionSDPAExtend(TritonAttention):
                                               enable_gqa=True)
 
     def _cudnn_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                        scale: float, out: torch.Tensor) -> bool:
+                        scale: float, out: torch.Tensor | None) -> torch.Tensor | None:
         """One sequence through cuDNN in bucketed shapes (module docstring): ``q [1, Hq, n,
-        D]`` over ``k/v [1, Hk, prefix + n, D]``, causally, into ``out [n, Hq, D]``; False
-        (``out`` untouched) where cuDNN does not take the shapes."""
+        D]`` over ``k/v [1, Hk, prefix + n, D]``, causally -> ``[n, Hq, D]``: written into
+        ``out``, or with ``out`` None cuDNN's own output where it already lies that way (it
+        matches q's layout, [n, Hq, D] rows here: no copy). None (``out`` untouched) where
+        cuDNN does not take the shapes."""
         n = q.shape[2]
         p_b, r, m = bucketed_split(prefix, n)
         pad = m - r - n
@@ -192,34 +194,35 @@ class TritonAttentionSDPAExtend(TritonAttention):
             k_m, v_m = F.pad(k_m, (0, 0, 0, pad)), F.pad(v_m, (0, 0, 0, pad))
         own = self._cudnn(q_m, k_m, v_m, True, scale, with_lse=p_b > 0)
         if own is None:
-            return False
+            return None
         rows = slice(r, r + n)
         if p_b == 0:
-            out.copy_(own[0][0, :, rows].transpose(0, 1))
-            return True
+            return _into(out, own[0][0, :, rows].transpose(0, 1))
         past = self._cudnn(q_m, k[:, :, :p_b], v[:, :, :p_b], False, scale, with_lse=True)
         if past is None:
-            return False
+            return None
         parts = (past[0][0, :, rows], past[1][0, :, rows], own[0][0, :, rows], own[1][0, :, rows])
-        if self.fused_merge:
-            merge_attention_into(out, *parts)
-        else:
-            out.copy_(merge_attention(*parts).transpose(0, 1))
-        return True
+        if not self.fused_merge:
+            return _into(out, merge_attention(*parts).transpose(0, 1))
+        if out is None:
+            out = torch.empty((n, q.shape[1], q.shape[3]), dtype=q.dtype, device=q.device)
+        merge_attention_into(out, *parts)
+        return out
 
     def _sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                  scale: float, out: torch.Tensor) -> bool:
-        """One sequence's ``n`` new queries over ``prefix + n`` keys, causally, into ``out
-        [n, Hq, D]``; False (``out`` untouched) when no fused kernel takes it."""
+                  scale: float, out: torch.Tensor | None) -> torch.Tensor | None:
+        """One sequence's ``n`` new queries over ``prefix + n`` keys, causally -> ``[n, Hq,
+        D]`` (into ``out``, or anywhere with ``out`` None, as :meth:`_cudnn_sequence`); None
+        (``out`` untouched) when no fused kernel takes it."""
         cudnn_allowed = self.cudnn_chunks if prefix else self.cudnn_prompts
-        if cudnn_allowed and self._cudnn_sequence(q, k, v, prefix, scale, out):
-            return True
+        if cudnn_allowed:
+            done = self._cudnn_sequence(q, k, v, prefix, scale, out)
+            if done is not None:
+                return done
         if prefix:
-            return False
+            return None
         o = self._flash_causal(q, k, v, scale)
-        if o is not None:
-            out.copy_(o[0].transpose(0, 1))
-        return o is not None
+        return None if o is None else _into(out, o[0].transpose(0, 1))
 
     def warm_up(self, max_context_len: int, chunk_size: int) -> str | None:
         """Build the cuDNN plans of :func:`warm_up_extends` by running each extend's calls on
@@ -246,7 +249,7 @@ class TritonAttentionSDPAExtend(TritonAttention):
                 for prefix, new in extends:
                     k, v = (t[:prefix + new].transpose(0, 1)[None] for t in kv)
                     q_seq = q[:new].transpose(0, 1)[None]
-                    if not self._cudnn_sequence(q_seq, k, v, prefix, 1.0, out[:new]):
+                    if self._cudnn_sequence(q_seq, k, v, prefix, 1.0, out[:new]) is None:
                         stopped = f"; stopped: cuDNN refuses {new} tokens on {prefix}"
                         break
                     done += 1
@@ -267,7 +270,9 @@ class TritonAttentionSDPAExtend(TritonAttention):
         c = self.config
         ps = meta.page_size
         hk, d = c.num_kv_heads, c.head_size
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # one sequence: its output is the step's, taken as the kernels leave it where they can
+        out = None if len(meta.seq_lens_cpu) == 1 else torch.empty(q.shape, dtype=q.dtype,
+                                                                    device=q.device)
         flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
         offsets = torch.arange(ps, device=q.device)
         page_at = row_at = 0
@@ -281,10 +286,21 @@ class TritonAttentionSDPAExtend(TritonAttention):
             # q may be a view of a fused qkv projection (rows strided past Hq * D); the
             # fused kernels take [n, Hq, D] rows (torch's layout checks refuse others)
             q_rows = q[rows].contiguous()
-            if not self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
-                                  layer.scale, out[rows]):
+            done = self._sequence(q_rows.transpose(0, 1)[None], k_seq, v_seq, prefix,
+                                  layer.scale, None if out is None else out[rows])
+            if done is None:
                 return super().extend(q, k_cache, v_cache, layer, meta)
+            if out is None:
+                return done
             page_at += pages
             row_at += new
         return out
 
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """``result [n, H, D]`` copied into ``out``; with ``out`` None, ``result`` itself where
+    it is contiguous (a copy otherwise)."""
+    if out is None:
+        return result.contiguous()
+    out.copy_(result)
+    return out

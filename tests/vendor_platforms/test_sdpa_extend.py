@@ -121,6 +121,38 @@ def test_unfused_merge_matches_the_oracle_too() -> None:
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
+class _LayoutMatchingSDPA(_HostSDPA):
+    """cuDNN's output allocation as torch makes it: in the query's layout (here the
+    ``[n, Hq, D]`` rows of the gathered sequence); records each output's address."""
+
+    def _cudnn(self, q, k, v, causal, scale, with_lse):
+        res = super()._cudnn(q, k, v, causal, scale, with_lse)
+        if res is None:
+            return None
+        out = torch.empty_like(q)  # keeps q's strides
+        out.copy_(res[0])
+        self.outputs = getattr(self, "outputs", []) + [out.data_ptr()]
+        return out, res[1]
+
+
+@pytest.mark.parametrize(("seqs", "no_copy"), [(((0, 40),), True), (((0, 37),), False),
+                                               (((0, 40), (0, 16)), False)],
+                         ids=["one-prompt", "one-padded-prompt", "two-prompts"])
+def test_one_prompt_step_returns_cudnn_output_without_a_copy(seqs, no_copy: bool) -> None:
+    """A step of one unpadded prompt returns cuDNN's output itself; a padded one (F.pad
+    lays the query out head-major, and the output follows) and a step of several
+    sequences copy into the step's output."""
+    backend, meta, q, k_cache, v_cache, keys, values = _setup(seqs, 16, torch.bfloat16)
+    backend.__class__ = _LayoutMatchingSDPA
+    out = backend.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+    ref = attention_ref(q, keys, values, [n for _, n in seqs], 0.1)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    assert out.shape == q.shape and out.is_contiguous()
+    _, r, _ = bucketed_split(0, seqs[0][1])
+    own = backend.outputs[0] + r * HQ * D * out.element_size()
+    assert (out.data_ptr() == own) == no_copy
+
+
 def test_merge_of_two_key_sets_is_attention_over_both() -> None:
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 6, 32, generator=gen)
