@@ -5,7 +5,8 @@ X.json [bench_headline args]``. ``RULE``: ``flash_prompts`` (whole prompts in fl
 cuDNN), ``triton_chunks`` (whole prompts in flash, chunks on a prefix in Triton: the default
 before 2026-12-05), ``no_warm_up`` (the default without its start-up cuDNN plans, as before
 694f89f), ``torch_merge`` (a chunk's two calls merged by torch ops, as before the Triton
-merge). The JSON records the rule as ``attention_rule``."""
+merge), ``copy_output`` (a one-prompt step's cuDNN output copied into a fresh output, as
+before 55495e7). The JSON records the rule as ``attention_rule``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from heteroserve.platforms.cuda.sdpa_extend import TritonAttentionSDPAExtend  # 
 RULES = {"flash_prompts": {"cudnn_prompts": False},
          "triton_chunks": {"cudnn_prompts": False, "cudnn_chunks": False},
          "no_warm_up": {"warm_up_plans": False},
-         "torch_merge": {"fused_merge": False}}
+         "torch_merge": {"fused_merge": False},
+         "copy_output": {"return_kernel_output": False}}
 
 
 def main() -> int:

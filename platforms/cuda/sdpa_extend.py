@@ -150,6 +150,9 @@ class TritonAttentionSDPAExtend(TritonAttention):
     #: merge a chunk's two calls in one Triton pass (:func:`merge_attention_into`; off:
     #: :func:`merge_attention`'s torch ops, then a copy into the output)
     fused_merge = True
+    #: a one-prompt step returns cuDNN's output as it lies (off: copied into a fresh output,
+    #: as before 55495e7)
+    return_kernel_output = True
 
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, layer: AttentionLayer,
                meta: AttentionMetadata) -> bool:
@@ -271,8 +274,8 @@ class TritonAttentionSDPAExtend(TritonAttention):
         ps = meta.page_size
         hk, d = c.num_kv_heads, c.head_size
         # one sequence: its output is the step's, taken as the kernels leave it where they can
-        out = None if len(meta.seq_lens_cpu) == 1 else torch.empty(q.shape, dtype=q.dtype,
-                                                                    device=q.device)
+        single = len(meta.seq_lens_cpu) == 1 and self.return_kernel_output
+        out = None if single else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
         offsets = torch.arange(ps, device=q.device)
         page_at = row_at = 0

@@ -151,6 +151,9 @@ def test_one_prompt_step_returns_cudnn_output_without_a_copy(seqs, no_copy: bool
     _, r, _ = bucketed_split(0, seqs[0][1])
     own = backend.outputs[0] + r * HQ * D * out.element_size()
     assert (out.data_ptr() == own) == no_copy
+    backend.return_kernel_output = False  # the knob of the side-by-side runs: always a copy
+    again = backend.extend(q, k_cache, v_cache, AttentionLayer(layer_id=0, scale=0.1), meta)
+    assert torch.equal(again, out) and again.data_ptr() != backend.outputs[-1]
 
 
 def test_merge_of_two_key_sets_is_attention_over_both() -> None:
