@@ -54,11 +54,19 @@ class RadixCache:
         return key[: self.page_size]
 
     def _common_pages(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
-        n = 0
+        """How many whole pages ``a`` and ``b`` share from the start. Slice comparisons run
+        in C: the whole overlap first (the usual answer), else a bisection over pages."""
         ps = self.page_size
-        while (n + 1) * ps <= min(len(a), len(b)) and a[n * ps:(n + 1) * ps] == b[n * ps:(n + 1) * ps]:
-            n += 1
-        return n
+        equal, differ = 0, min(len(a), len(b)) // ps  # pages [0, equal) match
+        if a[:differ * ps] == b[:differ * ps]:
+            return differ
+        while differ - equal > 1:  # invariant: the first ``differ`` pages do not all match
+            mid = (equal + differ) // 2
+            if a[equal * ps:mid * ps] == b[equal * ps:mid * ps]:
+                equal = mid
+            else:
+                differ = mid
+        return equal
 
     def _split(self, node: Node, pages: int) -> Node:
         """Cut ``node`` after ``pages`` pages; returns the new upper node."""

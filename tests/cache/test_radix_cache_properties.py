@@ -10,7 +10,7 @@ from heteroserve.core.cache.radix_cache import RadixCache
 
 PAGE = 2
 ops = st.lists(st.tuples(st.sampled_from(["insert", "match_lock", "unlock", "evict"]),
-                         st.lists(st.integers(0, 3), min_size=0, max_size=10),
+                         st.lists(st.integers(0, 3), min_size=0, max_size=24),
                          st.integers(0, 6)), max_size=40)
 
 
