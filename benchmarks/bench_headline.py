@@ -337,5 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if result["errors"] else 0
 
 
+def main_tagged(argv: list[str], tags: dict[str, str]) -> int:
+    """:func:`main` on ``argv`` (which must name ``--out``), then ``tags`` added to the
+    summary JSON: how a side-by-side run (``prefill_cudnn_rule.py``, ``overlap_rule.py``)
+    differs from the default."""
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", required=True)
+    path = Path(out.parse_known_args(argv)[0].out)
+    rc = main(argv)
+    result = json.loads(path.read_text())
+    result.update(tags)
+    path.write_text(json.dumps(result, indent=1))
+    return rc
+
+
 if __name__ == "__main__":
     sys.exit(main())

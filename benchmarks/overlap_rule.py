@@ -10,8 +10,6 @@ its tokens back before the next one is built. The JSON records the rule as
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,17 +23,9 @@ RULES = {"sync_when_waiting": lambda sched: not sched.waiting}
 
 
 def main() -> int:
-    rule, args = sys.argv[1], sys.argv[2:]
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--out", required=True)
-    path = Path(out.parse_known_args(args)[0].out)
+    rule = sys.argv[1]
     overlap.admission_blocked = RULES[rule]
-    rc = bench_headline.main(args)
-    result = json.loads(path.read_text())
-    result["overlap_rule"] = rule
-    path.write_text(json.dumps(result, indent=1))
-    return rc
-
+    return bench_headline.main_tagged(sys.argv[2:], {"overlap_rule": rule})
 
 if __name__ == "__main__":
     raise SystemExit(main())

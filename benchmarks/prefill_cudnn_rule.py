@@ -10,8 +10,6 @@ before 55495e7). The JSON records the rule as ``attention_rule``."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,18 +27,11 @@ RULES = {"flash_prompts": {"cudnn_prompts": False},
 
 
 def main() -> int:
-    rule, args = sys.argv[1], sys.argv[2:]
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--out", required=True)
-    path = Path(out.parse_known_args(args)[0].out)
+    rule = sys.argv[1]
     for name, value in RULES[rule].items():
         setattr(TritonAttentionSDPAExtend, name, value)
-    rc = bench_headline.main(["--workloads", "llama8b_prefill", *args])
-    result = json.loads(path.read_text())
-    result["attention_rule"] = rule
-    path.write_text(json.dumps(result, indent=1))
-    return rc
-
+    return bench_headline.main_tagged(["--workloads", "llama8b_prefill", *sys.argv[2:]],
+                                      {"attention_rule": rule})
 
 if __name__ == "__main__":
     raise SystemExit(main())

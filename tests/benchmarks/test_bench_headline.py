@@ -94,3 +94,23 @@ def test_smoke_run_writes_every_workload_next_to_its_floor(tmp_path: Path) -> No
     pytest.importorskip("matplotlib")
     assert (tmp_path / "h200-latest.png").stat().st_size > 0
     assert (tmp_path / "h200-latest-qwen3moe_offline.png").stat().st_size > 0
+
+
+def test_side_by_side_runs_tag_the_summary(tmp_path: Path, monkeypatch) -> None:
+    """``main_tagged`` (the rule scripts' entry) runs the headline with the given arguments
+    and records the rule in the summary it wrote, keeping the rest."""
+    import bench_headline
+
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        (tmp_path / "s.json").write_text(json.dumps({"workloads": {"w": 1}}))
+        return 0
+
+    monkeypatch.setattr(bench_headline, "main", fake_main)
+    argv = ["--workloads", "llama8b_offline", "--out", str(tmp_path / "s.json")]
+    assert bench_headline.main_tagged(argv, {"overlap_rule": "sync_when_waiting"}) == 0
+    assert seen == [argv]
+    assert json.loads((tmp_path / "s.json").read_text()) == {
+        "workloads": {"w": 1}, "overlap_rule": "sync_when_waiting"}
