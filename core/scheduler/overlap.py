@@ -52,8 +52,7 @@ def admission_blocked(sched: Scheduler) -> bool:
     headroom ``_prefill_batch`` keeps). Conservative: a False may still admit nothing."""
     if not sched.waiting or len(sched.running) >= sched.max_running_requests:
         return True
-    free = sched.allocator.num_free + sched.cache.evictable_pages()
-    return free < 1 + len(sched.running)
+    return sched.available_pages() < 1 + len(sched.running)
 
 
 def can_chain(sched: Scheduler, inflight: InflightDecode) -> bool:

@@ -154,7 +154,8 @@ class Scheduler:
             pages = self.allocator.alloc(n)
         return pages
 
-    def _available_pages(self) -> int:
+    def available_pages(self) -> int:
+        """Pages an allocation could get now: free ones plus cached ones nobody holds."""
         return self.allocator.num_free + self.cache.evictable_pages()
 
     def _release(self, req: Req, cache_it: bool) -> None:
@@ -243,7 +244,7 @@ class Scheduler:
             # an embedding request takes pages for its whole prompt at once: retracted
             # mid-prefill, it would have to pool (so recompute) every token again
             upfront = req.pending_len if req.embed is not None else self._chunk(req, budget)
-            if self._available_pages() < -(-upfront // self.page_size) + headroom:
+            if self.available_pages() < -(-upfront // self.page_size) + headroom:
                 break
             self._admit(req)
             n = self._chunk(req, budget)
