@@ -1,5 +1,8 @@
 """Many concurrent streams, and clients that leave: every request completes or is aborted,
-and afterwards the engine holds no KV for any request (read from ``/metrics``)."""
+and afterwards the engine holds no KV for any request (read from ``/metrics``). The server
+runs on ``$HETEROSERVE_TEST_PLATFORM`` (default cpu); on a device with events, requests
+queued behind ``--max-running-requests`` exercise the overlap scheduler's chained decode
+steps."""
 
 from __future__ import annotations
 
@@ -8,15 +11,20 @@ import json
 import time
 
 import httpx
-from server_harness import API_KEY, MODEL_NAME, kv_idle
+import pytest
+from server_harness import API_KEY, MODEL_NAME, ServerProcess, kv_idle
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 CLIENTS = 64
 TOKENS = 8
 
 
-async def _stream_one(client: httpx.AsyncClient, i: int) -> tuple[str, str | None, int]:
-    body = {"model": MODEL_NAME, "prompt": f"Client {i} says", "max_tokens": TOKENS,
+async def _stream_one(client: httpx.AsyncClient, i: int, tokens: int = TOKENS,
+                      leave_after: int | None = None) -> tuple[str, str | None, int]:
+    """One streamed completion of ``tokens`` tokens: ``(text, finish reason, usage)``; with
+    ``leave_after`` the client closes the stream after that many events (``(text, None,
+    -1)``)."""
+    body = {"model": MODEL_NAME, "prompt": f"Client {i} says", "max_tokens": tokens,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
             "temperature": 0.8, "seed": i}
     text, reason, usage, done = "", None, -1, False
@@ -31,6 +39,8 @@ async def _stream_one(client: httpx.AsyncClient, i: int) -> tuple[str, str | Non
                 done = True
                 break
             chunk = json.loads(payload)
+            if leave_after is not None and (leave_after := leave_after - 1) <= 0:
+                return text, None, -1  # leaving the block closes the connection
             if chunk["choices"]:
                 text += chunk["choices"][0]["text"]
                 reason = chunk["choices"][0]["finish_reason"] or reason
@@ -100,3 +110,39 @@ def test_disconnect_before_non_streaming_reply_aborts(server) -> None:
         > before["heteroserve:requests_aborted_total"])
     assert kv_idle(after), after
     assert after["heteroserve:requests_aborted_total"] == before["heteroserve:requests_aborted_total"] + 1
+
+
+@pytest.fixture(scope="module")
+def queueing_server(tiny_model, tmp_path_factory):
+    """A server that runs at most 4 requests at once: the rest queue."""
+    proc = ServerProcess(tiny_model, tmp_path_factory.mktemp("queue") / "server.log",
+                         "--api-key", API_KEY, "--max-running-requests", "4")
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def test_streams_queued_beyond_max_running_with_clients_leaving(queueing_server) -> None:
+    """24 streams against 4 running slots; every third client leaves after two events of a
+    long request. The others complete with every token, the leavers are aborted, and no KV
+    stays held."""
+    server = queueing_server
+    leavers = set(range(0, 24, 3))
+
+    async def main() -> list:
+        limits = httpx.Limits(max_connections=28, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=120.0,
+                                     limits=limits, trust_env=False) as client:
+            return await asyncio.wait_for(asyncio.gather(*(
+                _stream_one(client, i, 400, leave_after=2) if i in leavers
+                else _stream_one(client, i) for i in range(24))), 150)
+
+    before = server.wait_metrics(kv_idle)
+    results = asyncio.run(main())
+    kept = [r for i, r in enumerate(results) if i not in leavers]
+    assert all(reason == "length" and usage == TOKENS for _, reason, usage in kept)
+    after = server.wait_metrics(
+        lambda m: kv_idle(m) and m["heteroserve:requests_aborted_total"]
+        >= before["heteroserve:requests_aborted_total"] + len(leavers))
+    assert kv_idle(after), after
+    aborted = after["heteroserve:requests_aborted_total"] - before["heteroserve:requests_aborted_total"]
+    assert aborted == len(leavers)

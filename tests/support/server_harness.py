@@ -7,6 +7,7 @@ waits (bounded) for ``/health`` and stops it with SIGTERM.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ class ServerProcess:
         else:
             cmd = [sys.executable, "-m", "heteroserve.server.cli", "serve",
                    "--model-path", str(model_path), "--served-model-name", MODEL_NAME,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--platform", "cpu",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--platform",
+                   os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu"),
                    "--log-level", "warning", "--disable-access-log", *extra]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
