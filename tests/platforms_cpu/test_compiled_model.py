@@ -97,15 +97,17 @@ def test_without_a_cxx_compiler_the_model_runs_eagerly(model, monkeypatch) -> No
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="inductor needs a C++ compiler")
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_compiled_gemma_passes_windows_and_soft_caps_through_the_attention_op(
-        tmp_path, arch: str) -> None:
-    """Gemma 2: sliding-window and global layers, attention and final logit soft-caps;
-    Gemma 3: qk-norm and a rope base per layer type. The attention op carries each layer's
-    window and cap, and greedy output equals the eager engine's, with no graph break."""
+        tmp_path) -> None:
+    """One tiny Gemma 3 with Gemma 2's soft-caps set (the models share one implementation):
+    sliding-window and global layers, a rope base per layer type, qk-norm, and attention and
+    final logit soft-caps small enough to change the logits. The attention op carries each
+    layer's window and cap, and greedy output equals the eager engine's, with no graph
+    break."""
     import torch._dynamo.utils
 
-    path = build_tiny_model(tmp_path / arch, arch, seed=5)
+    path = build_tiny_model(tmp_path / "gemma", "gemma3", seed=5, attn_logit_softcapping=10.0,
+                            final_logit_softcapping=5.0)
     prompts = [list(range(3, 3 + n)) for n in (9, 17)]
     args = cpu_args(path, max_running_requests=4)
     eager, _ = run_scheduler(args, prompts, max_new_tokens=5)
@@ -114,7 +116,8 @@ def test_compiled_gemma_passes_windows_and_soft_caps_through_the_attention_op(
     compiled, sched = run_scheduler(compiled_args, prompts, max_new_tokens=5)
     assert compiled == eager
     assert not torch._dynamo.utils.counters["graph_break"]
-    # the tiny Gemmas tie the LM head to the embedding table, which lookups still read
     model = sched.runner.model
+    caps = {layer.self_attn.attn.params.logit_cap for layer in model.model.layers}
+    assert caps == {10.0}, caps
+    # the tiny Gemmas tie the LM head to the embedding table, which lookups still read
     assert model.lm_head.weight.numel() == model.model.embed_tokens.weight.numel() > 0
-
