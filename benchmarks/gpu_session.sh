@@ -41,6 +41,8 @@
 #                          qwen3-30b-a3b) at PROFILE_BATCHES (default 1,256): benchmarks/profile_llama8b.py
 #   profile_prefill        long-prompt prefill profile, PREFILL_LENS tokens (benchmarks/profile_prefill.py)
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
+#   quant_gemv             benchmarks/quant_gemv_sweep.py --sweep: each quantized GEMV over its launch
+#                          shapes at Llama-3.1-8B's layers (QGEMV_SCHEMES, default awq_w4a16)
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
@@ -52,6 +54,9 @@
 #   http                   benchmarks/bench_http.py: heteroserve serve at concurrency 1/16/64/256
 #                          next to the offline Engine (needs the server's wheels in .whl: run
 #                          benchmarks/http_wheels.sh on the host first)
+#   clients                tests/server/test_openai_client.py and test_sglang_bench_serving.py against
+#                          a cuda server: the openai client, SGLang's bench_serving (their wheels and
+#                          .whl/sglang_bench_serving.py: benchmarks/http_wheels.sh) -> $OUT/clients/
 #   h200                   benchmarks/bench_headline.py: every issue-17 workload next to its floor
 #                          -> $OUT/h200-latest.json, h200-latest-<workload>.json/.png (< 9 min);
 #                          H200_ARGS adds options (e.g. --profile qwen3moe_decode1), HS_COMMIT
@@ -192,6 +197,8 @@ for step in "$@"; do
         ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 | tail -6 ;;
     tests) HETEROSERVE_TEST_PLATFORM=cuda timeout 240 python3 -m pytest tests/triton \
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    quant_gemv) timeout 300 python3 benchmarks/quant_gemv_sweep.py --sweep \
+        --schemes "${QGEMV_SCHEMES:-awq_w4a16}" --out "$OUT/quant_gemv.json" 2>&1 | grep -vi warn ;;
     quant) timeout "${BENCH_TIMEOUT:-470}" python3 benchmarks/bench_quant_llama8b.py \
         --out-dir "$OUT" ${QUANT_ARGS:-} 2>&1 | grep -vi warn ;;
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \
@@ -199,6 +206,15 @@ for step in "$@"; do
     sglang_bench_serving) sglang_bench_serving ;;
     http) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_http.py --out-dir "$OUT" \
         2>&1 | grep -v -i warn ;;
+    clients)  # a failing test leaves the session going: pytest's exit code goes to the log
+      python3 -m pip install -q --no-index --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        --find-links .whl openai aiohttp requests httpx 2>&1 | tail -2 && export PYTHONPATH=/tmp/site
+      mkdir -p "$OUT/clients"
+      HETEROSERVE_SGLANG_BENCH=$PWD/.whl/sglang_bench_serving.py HETEROSERVE_TEST_PLATFORM=cuda \
+        timeout "${CLIENTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider \
+        tests/server/test_openai_client.py tests/server/test_sglang_bench_serving.py \
+        --junitxml "$OUT/clients/junit.xml" 2>&1 | tee "$OUT/clients/pytest.log" | tail -25
+      stamp "clients: pytest exit code ${PIPESTATUS[0]}" ;;
     h200) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_headline.py \
         --out "$OUT/h200-latest.json" ${H200_ARGS:-} 2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;

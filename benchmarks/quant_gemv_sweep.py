@@ -21,6 +21,7 @@ new path against the float64 oracle of conformance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -240,13 +241,17 @@ def config_calls(scheme: str, layer: torch.nn.Module
                         if lay.weight.dtype.is_floating_point else 127.0, x.dtype,
                         config=cfg)))
     elif scheme.endswith("w4a16"):
-        for bn in (8, 16, 32):
-            for bkw in (32, 64, 128, 256):
-                for warps in (4, 8):
-                    cfg = w4.W4GemvConfig(bn, bkw, warps, 1)
-                    out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w4.w4a16_gemv(
-                        x, lay.w4_qweight, lay.w4_zeros, lay.w4_scales,
-                        lay.w4_in_features // lay.w4_zeros.shape[0], config=cfg)))
+        # every launch shape with the default (subnormal) nibble decoding, and the default
+        # shape with the previous (exponent) decoding: the A/B of the decoding
+        k, n = layer.w4_in_features, layer.w4_qweight.shape[1]
+        default = w4.choose_w4_config(n, k, 1, layer.w4_qweight.device)
+        cfgs = [w4.W4GemvConfig(bn, bkw, warps, 1) for bn in (8, 16, 32)
+                for bkw in (32, 64, 128, 256) for warps in (4, 8)]
+        cfgs.append(dataclasses.replace(default, nibble=w4.NIBBLE_EXPONENT))
+        for cfg in cfgs:
+            out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w4.w4a16_gemv(
+                x, lay.w4_qweight, lay.w4_zeros, lay.w4_scales,
+                lay.w4_in_features // lay.w4_zeros.shape[0], config=cfg)))
     return out
 
 
@@ -278,6 +283,9 @@ def sweep_shape(name: str, n: int, k: int, schemes: tuple[str, ...], copy_bps: f
                    "config": cfg, "us": t, "GBps": nbytes / t / 1e3,
                    "frac_copy": nbytes / (t * 1e-6) / copy_bps, "rel_err_vs_default": err}
             rows.append(row)
+            if cfg.get("nibble") == "exponent":
+                print(f"{name:13s} {scheme:16s} exponent decoding {t:8.1f} us "
+                      f"{row['frac_copy']:6.1%} of copy {cfg}", flush=True)
             if err < 1e-2 and (best is None or t < best["us"]):
                 best = row
         if best is not None:

@@ -8,12 +8,18 @@ nibble ``j`` of word ``[w, n]`` = ``q[8w + j, n]``; ``zeros``, ``scales`` ``[G, 
 from ``BLOCK_N = 8``) and walks all of K in ``[BLOCK_KW, BLOCK_N]`` word tiles; no split-K.
 
 Per word the eight products are summed before the zero point and scale apply (they share a
-group: groups are multiples of 8 rows), ``s * (sum_j q_j x_j - z * sum_j x_j)``, so the
-per-nibble work is one logic op, one subtract and one FMA: nibble ``j`` is masked in place
-and or-ed under the exponent of ``2**23`` (``(bits & (15 << 4j)) | 0x4B000000`` is the fp32
-``2**23 + q * 16**j``, exact), and ``x_j`` is pre-scaled by ``16**-j`` (nibbles 5..7 from the
-word shifted right by 20, so the mantissa holds them). No int-to-float conversion, which
-would bound the kernel below the copy rate.
+group: groups are multiples of 8 rows), ``s * (sum_j q_j x_j - z * sum_j x_j)``. At the copy
+rate the H200's issue slots allow about four instructions per nibble, so the per-nibble work
+is one logic op and one FMA (``NIBBLE_SUBNORMAL``): nibble ``j`` (``j < 5``) masked in place,
+``bits & (15 << 4j)``, is an integer below ``2**23``, so read as fp32 it is the subnormal
+``q * 2**(4j - 149)``, exactly; ``x_j`` is pre-scaled by ``2**(88 - 4j)`` (once per word row,
+shared by the thread's columns), so every product lands at ``q_j x_j 2**-61`` in the normal
+range (for ``|x| < 2**40``), and the word's sum is scaled back once. Nibbles 5..7 come from
+the word shifted right by 20. (GPUs multiply subnormals at full rate; Triton does not flush
+them in plain arithmetic.) ``NIBBLE_EXPONENT``, the previous decoding, or-s the masked bits
+under the exponent of ``2**23`` and subtracts it: one more float op per nibble. No
+int-to-float conversion either way, which would bound the kernel below the copy rate. The
+group size is a compile-time constant, so a word row's group is a shift, not a division.
 
 Grid: ``(rows, cdiv(N, BLOCK_N))``, rows fastest (their programs share the weight slice
 through L2). The first word tile loads before the PDL wait (the weights are parameters).
@@ -32,23 +38,41 @@ from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: at most this many rows go through the GEMV (more: the dequant-GEMM)
 W4_GEMV_MAX_ROWS = 4
+#: nibble decodings (:class:`W4GemvConfig` ``nibble``; see the module)
+NIBBLE_SUBNORMAL, NIBBLE_EXPONENT = "subnormal", "exponent"
 _TWO_23 = tl.constexpr(8388608.0)
+_X_EXP = tl.constexpr(88)  # x_j is pre-scaled by 2**(88 - 4j): products land at 2**-61
+_UNSCALE = tl.constexpr(2.0 ** 61)
 
 
 @triton.jit
-def _nibble(src, SHIFT: tl.constexpr):
-    """``q * 2**SHIFT`` as fp32 for the nibble at bits ``SHIFT..SHIFT+3`` of int32 ``src``."""
-    bits = (src & (15 << SHIFT)) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - _TWO_23
+def _nibble(src, SHIFT: tl.constexpr, SUBNORMAL: tl.constexpr):
+    """The nibble at bits ``SHIFT..SHIFT+3`` (``SHIFT <= 16``) of int32 ``src`` as fp32:
+    ``q * 2**(SHIFT - 149)`` (a subnormal) or ``q * 2**SHIFT``."""
+    if SUBNORMAL:
+        return (src & (15 << SHIFT)).to(tl.float32, bitcast=True)
+    else:
+        bits = (src & (15 << SHIFT)) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - _TWO_23
 
 
 @triton.jit
-def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg, stride_sg,
-          acc, EVEN: tl.constexpr):
+def _prescale(xj, SHIFT: tl.constexpr, SUBNORMAL: tl.constexpr):
+    """``x_j`` scaled so that its product with :func:`_nibble` ``(.., SHIFT, ..)`` is
+    ``q x_j 2**-61`` (subnormal decoding) or ``q x_j``."""
+    if SUBNORMAL:
+        return xj * (2.0 ** (_X_EXP - SHIFT))
+    else:
+        return xj * (0.0625 ** (SHIFT // 4))
+
+
+@triton.jit
+def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, stride_zg, stride_sg, acc,
+          EVEN: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr):
     """``acc + s * (sum_j q_j x_j - z * sum_j x_j)`` for the word rows ``ww`` (see the
     module)."""
     wn_mask = (ww < kw)[:, None] & n_mask[None, :]
-    g = (ww * 8) // group
+    g = ww // GROUP_W
     z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=wn_mask, other=0.0)
     s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=wn_mask, other=0.0)
     high = words >> 20
@@ -63,18 +87,22 @@ def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_z
                          eviction_policy="evict_last").to(tl.float32)
         x_sum += xj
         if j < 5:
-            dot += _nibble(words, 4 * j) * (xj * (0.0625 ** j))[:, None]
+            dot += _nibble(words, 4 * j, SUBNORMAL) * _prescale(xj, 4 * j, SUBNORMAL)[:, None]
         else:
-            dot += _nibble(high, 4 * (j - 5)) * (xj * (0.0625 ** (j - 5)))[:, None]
+            dot += _nibble(high, 4 * (j - 5), SUBNORMAL) * \
+                _prescale(xj, 4 * (j - 5), SUBNORMAL)[:, None]
+    if SUBNORMAL:
+        dot = dot * _UNSCALE
     return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K, group,
+    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_KW: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -90,8 +118,9 @@ def _w4a16_gemv_kernel(
                         eviction_policy="evict_first")
     wait_for_previous(USE_PDL)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    acc = _tile(words, x_row, z_ptr, s_ptr, offs_w, offs_n, n_mask, kw, K, group, stride_zg,
-                stride_sg, tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32), EVEN)
+    acc = _tile(words, x_row, z_ptr, s_ptr, offs_w, offs_n, n_mask, kw, K, stride_zg,
+                stride_sg, tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32), EVEN, GROUP_W,
+                SUBNORMAL)
     for w0 in range(BLOCK_KW, kw, BLOCK_KW):
         ww = w0 + offs_w
         q_ptrs += BLOCK_KW * stride_qk
@@ -100,8 +129,8 @@ def _w4a16_gemv_kernel(
         else:
             words = tl.load(q_ptrs, mask=(ww < kw)[:, None] & n_mask[None, :], other=0,
                             eviction_policy="evict_first")
-        acc = _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, group, stride_zg,
-                    stride_sg, acc, EVEN)
+        acc = _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, stride_zg,
+                    stride_sg, acc, EVEN, GROUP_W, SUBNORMAL)
     y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -112,12 +141,14 @@ def _w4a16_gemv_kernel(
 @dataclass(frozen=True)
 class W4GemvConfig:
     """Launch shape: output columns per program, packed words (8 K-rows each) per step,
-    warps, pipeline stages."""
+    warps, pipeline stages; and the nibble decoding (``NIBBLE_SUBNORMAL`` or
+    ``NIBBLE_EXPONENT``)."""
 
     block_n: int
     block_kw: int
     num_warps: int
     num_stages: int
+    nibble: str = NIBBLE_SUBNORMAL
 
 
 def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
@@ -141,7 +172,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     """``x [M, K]`` (fp16/bf16/fp32, last dim contiguous; ``M <= W4_GEMV_MAX_ROWS`` is where
     it pays) times the packed 4-bit ``W [K, N]`` (+ ``bias [N]``) -> ``[M, N]`` in
     ``x.dtype``, fp32 accumulation. ``group``: K-rows per zero/scale row, a multiple of 8
-    (``g_idx`` layouts go to the GEMM). Raises ``ValueError`` on mismatched shapes."""
+    (``g_idx`` layouts go to the GEMM; each group size compiles its own kernel). ``|x|``
+    must stay below ``2**40`` (see the module). Raises ``ValueError`` on mismatched shapes
+    or an unknown ``config.nibble``."""
     m, k = x.shape
     n = qweight.shape[1]
     groups = zeros.shape[0]
@@ -151,13 +184,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
         raise ValueError(f"w4a16_gemv: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
                          f"zeros/scales {tuple(zeros.shape)} with group {group} do not fit")
     cfg = config or choose_w4_config(n, k, m, x.device)
+    if cfg.nibble not in (NIBBLE_SUBNORMAL, NIBBLE_EXPONENT):
+        raise ValueError(f"w4a16_gemv: unknown nibble decoding {cfg.nibble!r}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     even = n % cfg.block_n == 0 and k % (8 * cfg.block_kw) == 0
     _w4a16_gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](
-        x, qweight, zeros, scales, bias if bias is not None else y, y, n, k, group,
+        x, qweight, zeros, scales, bias if bias is not None else y, y, n, k,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
+        GROUP_W=group // 8, SUBNORMAL=cfg.nibble == NIBBLE_SUBNORMAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
     return y
