@@ -152,18 +152,23 @@ class W4GemvConfig:
 
 
 def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
-    """4 KiB word tiles; the widest ``BLOCK_N`` (16 down to 8, one 32-byte sector) that
-    leaves four programs per multiprocessor."""
+    """Eight warps; 32 columns a program (128-byte word rows) where that still leaves four
+    programs per multiprocessor, else 16 (8 for narrow layers), and 8 KiB word tiles at 32
+    columns, 16 KiB below. The best shapes of the subnormal decoding's sweep at
+    Llama-3.1-8B's layers (``benchmarks/quant_gemv_sweep.py --sweep --schemes awq_w4a16``,
+    H100, 2026-12-05: qkv 16 x 128 words, o and down 16 x 256, gate_up 32 x 64, all with 8
+    warps; 4-warp 4 KiB tiles were 8-44 % slower)."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W4GemvConfig(16, 8, 1, 1)
-    block_n = 16
     sms = multiprocessors(device)
-    while block_n > 8 and rows * triton.cdiv(n, block_n) < 4 * sms:
+    block_n = 32
+    while block_n > 8 and rows * triton.cdiv(n, block_n) < (4 if block_n == 32 else 1) * sms:
         block_n //= 2
     while triton.cdiv(n, block_n) > 65535:  # CUDA's limit on the second grid dimension
         block_n *= 2
-    block_kw = min(1024 // block_n, triton.next_power_of_2(triton.cdiv(k, 8)))
-    return W4GemvConfig(block_n, block_kw, 4, 1)
+    words = 2048 if block_n >= 32 else 4096
+    block_kw = min(max(1, words // block_n), triton.next_power_of_2(triton.cdiv(k, 8)))
+    return W4GemvConfig(block_n, block_kw, 8, 1)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
