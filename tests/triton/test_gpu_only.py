@@ -20,7 +20,8 @@ def _fp8_ok() -> bool:
     return torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.mark.parametrize("scheme,tokens", [("fp8_per_tensor", 7), ("fp8_per_tensor", 1500),
+@pytest.mark.parametrize("scheme,tokens", [("fp8_per_tensor", 7), ("fp8_per_tensor", 40),
+                                           ("fp8_per_tensor", 1500),
                                            ("fp8_block", 33), ("fp8_per_channel", 1),
                                            ("fp8_per_channel", 300)])
 def test_fp8_linear(scheme: str, tokens: int) -> None:
