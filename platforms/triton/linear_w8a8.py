@@ -48,8 +48,6 @@ def _finish(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #: 51.3 vs 36.1 us) and wins at 64 on three of the four layers.
 CUBLAS_FP8_MIN_ROWS: dict[str, int] = {"fp8_block": 4, "fp8_per_channel": 32,
                                        "fp8_per_tensor": 4}
-#: rows above which fp8 per-tensor runs on the row-scaled kernel (:class:`Fp8PerTensorLinear`)
-ROWWISE_MIN_ROWS = CUBLAS_FP8_MIN_ROWS["fp8_per_channel"]
 
 
 def _scaled_mm_ok(x2: torch.Tensor, weight: torch.Tensor, scheme: str) -> bool:
@@ -108,24 +106,14 @@ def _probe(scheme: str, device: torch.device) -> bool:
 
 class Fp8PerTensorLinear(LinearMethod):
     """W8A8 fp8: ``weight [N, K]`` fp8, ``weight_scale [1]`` fp32; activations quantized per
-    tensor (``s = max(amax / fp8_max, 1e-12)``).
-
-    Above :data:`ROWWISE_MIN_ROWS` rows of bf16 the product runs on ``torch._scaled_mm``'s
-    row-scaled kernel with the two scales broadcast (``[M, 1]`` and ``[1, N]``, the same
-    numbers): on an H200 (``benchmarks/results/fp8_gemm_h200.json``) it took Llama-3.1-8B's
-    four layers in 137 us at 256 rows and 379 us at 1024 against 161 / 414 us for the
-    one-scale kernel, and about the same from 4096 rows."""
+    tensor (``s = max(amax / fp8_max, 1e-12)``)."""
 
     scheme = "fp8_per_tensor"
 
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        weight = get_param(layer, "weight")
-        scale = get_param(layer, "weight_scale").to(torch.float32).reshape(1).contiguous()
-        set_param(layer, "weight_scale", scale)
-        if scaled_mm_supports("fp8_per_channel", weight.device):  # row scales: [1, N]
-            set_param(layer, "weight_scale_row",
-                      scale.expand(weight.shape[0]).reshape(1, -1).contiguous())
+        set_param(layer, "weight_scale",
+                  get_param(layer, "weight_scale").to(torch.float32).reshape(1).contiguous())
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,12 +127,6 @@ class Fp8PerTensorLinear(LinearMethod):
         amax = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32)  # one pass
         x_scale = (amax / fmax).clamp(min=MIN_SCALE).reshape(1)
         q, _ = quantize_rows(x2, weight.dtype, fmax, None, scale=x_scale)
-        row_scale = getattr(layer, "weight_scale_row", None)
-        if (row_scale is not None and x2.shape[0] > ROWWISE_MIN_ROWS
-                and x.dtype == torch.bfloat16 and _scaled_mm_ok(x2, weight, self.scheme)):
-            y = torch._scaled_mm(q, weight.t(), scale_a=x_scale.expand(x2.shape[0], 1)
-                                 .contiguous(), scale_b=row_scale, out_dtype=x.dtype)
-            return _finish(y if bias is None else y + bias.to(y.dtype), x)
         if _scaled_mm_ok(x2, weight, self.scheme):
             fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale,
