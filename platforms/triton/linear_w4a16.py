@@ -19,7 +19,9 @@ import torch
 from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
-from heteroserve.platforms.triton.w4a16_gemv import W4_GEMV_MAX_ROWS, w4a16_gemv
+from heteroserve.platforms.triton.w4a16_gemv import (
+    W4_GEMV_MAX_ROWS, keeps_subnormals, w4a16_gemv,
+)
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
 
 
@@ -50,6 +52,7 @@ class _W4A16Linear(LinearMethod):
     def _store(layer: torch.nn.Module, k: int, packed: tuple[torch.Tensor, ...],
                perm: torch.Tensor | None, g_idx: torch.Tensor | None) -> None:
         drop_params(layer, "qweight", "qzeros", "scales", "g_idx")
+        keeps_subnormals(packed[0].device)  # once per device, outside graph capture
         for name, t in zip(("w4_qweight", "w4_zeros", "w4_scales"), packed):
             set_param(layer, name, t)
         layer.w4_in_features = k

@@ -29,6 +29,7 @@ through L2). The first word tile loads before the PDL wait (the weights are para
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,9 +160,12 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
     columns, 16 KiB below. The best shapes of the subnormal decoding's sweep at
     Llama-3.1-8B's layers (``benchmarks/quant_gemv_sweep.py --sweep --schemes awq_w4a16``,
     H100, 2026-12-05: qkv 16 x 128 words, o and down 16 x 256, gate_up 32 x 64, all with 8
-    warps; 4-warp 4 KiB tiles were 8-44 % slower)."""
+    warps; 4-warp 4 KiB tiles were 8-44 % slower). The exponent decoding where
+    :func:`keeps_subnormals` found the device flushing subnormals."""
+    nibble = (NIBBLE_SUBNORMAL if _KEEPS_SUBNORMALS.get((device.type, device.index), True)
+              else NIBBLE_EXPONENT)
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
-        return W4GemvConfig(16, 8, 1, 1)
+        return W4GemvConfig(16, 8, 1, 1, nibble)
     sms = multiprocessors(device)
     block_n = 32
     while block_n > 8 and rows * triton.cdiv(n, block_n) < (4 if block_n == 32 else 1) * sms:
@@ -170,7 +174,7 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
         block_n *= 2
     words = 2048 if block_n >= 32 else 4096
     block_kw = min(max(1, words // block_n), triton.next_power_of_2(triton.cdiv(k, 8)))
-    return W4GemvConfig(block_n, block_kw, 8, 1)
+    return W4GemvConfig(block_n, block_kw, 8, 1, nibble)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
@@ -201,5 +205,35 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
         x, qweight, zeros, scales, bias if bias is not None else y, y, n, k,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        GROUP_W=group // 8, SUBNORMAL=cfg.nibble == NIBBLE_SUBNORMAL, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
+        GROUP_W=group // 8, SUBNORMAL=cfg.nibble == NIBBLE_SUBNORMAL, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_args(x.device))
     return y
+
+
+#: per (device type, index): whether the compiled GEMV keeps fp32 subnormals
+_KEEPS_SUBNORMALS: dict[tuple[str, int | None], bool] = {}
+
+
+def keeps_subnormals(device: torch.device,
+                     gemv: Callable[..., torch.Tensor] = w4a16_gemv) -> bool:
+    """Whether ``device``'s compiled kernel keeps fp32 subnormals, so that the subnormal
+    decoding is exact. Checked once per device: a ``1 x 256`` by ``256 x 32`` product in
+    both decodings must agree within 1e-5 (a backend that flushes subnormals to zero drops
+    nibbles 0..4 and misses by far more; verified on NVIDIA Hopper, not yet on ROCm). Until a
+    device is checked, :func:`choose_w4_config` assumes it keeps them. Call it outside graph
+    capture: the linear methods do, when they process a layer's weights."""
+    key = (device.type, device.index)
+    if key not in _KEEPS_SUBNORMALS:
+        gen = torch.Generator().manual_seed(0)
+        k, n, group = 256, 32, 128
+        words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen, dtype=torch.int64)
+        zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(torch.float16)
+        scales = (torch.rand(k // group, n, generator=gen) / 8 + 0.01).to(torch.float16)
+        args = [t.to(device) for t in (torch.randn(1, k, generator=gen),
+                                       words.to(torch.int32), zeros, scales)]
+        out = {nibble: gemv(*args, group, config=W4GemvConfig(16, 16, 4, 1, nibble)).float()
+               for nibble in (NIBBLE_SUBNORMAL, NIBBLE_EXPONENT)}
+        ref = out[NIBBLE_EXPONENT]
+        err = ((out[NIBBLE_SUBNORMAL] - ref).abs().max() / ref.abs().max()).item()
+        _KEEPS_SUBNORMALS[key] = err < 1e-5
+    return _KEEPS_SUBNORMALS[key]

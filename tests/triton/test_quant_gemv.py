@@ -171,6 +171,27 @@ def test_w4a16_gemv_against_float64(device: torch.device, rows: int, k: int, n: 
     assert out.shape == (rows, n) and rel_err(out, ref) < 2e-6
 
 
+def test_w4a16_decoding_follows_the_subnormal_check(device: torch.device,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check passes on this device (subnormals kept), fails against a kernel that
+    flushes them (the subnormal decoding's nibbles 0..4 lost), and the launch shape follows
+    its answer."""
+    from heteroserve.platforms.triton import w4a16_gemv as w4
+
+    monkeypatch.setattr(w4, "_KEEPS_SUBNORMALS", {})
+    assert w4.keeps_subnormals(device)
+    assert w4.choose_w4_config(64, 256, 1, device).nibble == w4.NIBBLE_SUBNORMAL
+
+    def flushing(x, qweight, zeros, scales, group, config):
+        if config.nibble == w4.NIBBLE_SUBNORMAL:
+            qweight = qweight & ~0xFFFFF  # what a flushing backend would see of nibbles 0..4
+        return w4.w4a16_gemv(x, qweight, zeros, scales, group, config=config)
+
+    monkeypatch.setattr(w4, "_KEEPS_SUBNORMALS", {})
+    assert not w4.keeps_subnormals(device, flushing)
+    assert w4.choose_w4_config(64, 256, 1, device).nibble == w4.NIBBLE_EXPONENT
+
+
 def _layer(method: object, shape: LinearShape, ckpt: dict[str, torch.Tensor],
            device: torch.device) -> torch.nn.Module:
     layer = torch.nn.Module()
