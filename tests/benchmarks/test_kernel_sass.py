@@ -1,0 +1,35 @@
+"""``benchmarks/kernel_sass.py``: the 4-bit GEMV compiled for sm_90 on this GPU-less host
+issues fewer instructions a nibble with the subnormal decoding than with the exponent one,
+at each launch shape, and the JSON names every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parents[2]
+NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+pytestmark = pytest.mark.skipif(not NVDISASM.exists(), reason="triton without nvdisasm")
+
+
+def test_subnormal_decoding_issues_fewer_instructions(tmp_path: Path) -> None:
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--out",
+                    str(out), "--kernels", "w4"], check=True, env=env, timeout=240)
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["kernel"], tuple(r["launch_shape"])): r for r in rows}
+    shapes = {shape for _, shape in by}
+    assert len(rows) == 4 and len(shapes) == 2
+    for shape in shapes:
+        sub = by[("w4a16_gemv subnormal", shape)]
+        exp = by[("w4a16_gemv exponent", shape)]
+        assert sub["loop_instructions"] > 0 and sub["top_ops"]["FFMA"] > 0
+        assert sub["per_element"] < exp["per_element"] - 1.0, (sub, exp)
