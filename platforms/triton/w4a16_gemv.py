@@ -18,10 +18,11 @@ range (for ``|x| < 2**40``), and the word's sum is scaled back once. Nibbles 5..
 the word shifted right by 20. (GPUs multiply subnormals at full rate; Triton does not flush
 them in plain arithmetic.) ``NIBBLE_EXPONENT``, the previous decoding, or-s the masked bits
 under the exponent of ``2**23`` and subtracts it: one more float op per nibble (5.6 against
-3.9 SASS instructions a nibble in the sm_90 loop, ``benchmarks/kernel_sass.py``; Llama-3.1-8B's four layers 69.4 -> 53.2 us
-at the same launch shapes on an H100, ``benchmarks/results/h100-20261205-1917-quant_gemv_w4.json``). No
-int-to-float conversion either way, which would bound the kernel below the copy rate. The
-group size is a compile-time constant, so a word row's group is a shift, not a division.
+3.9 SASS instructions a nibble in the sm_90 loop, ``benchmarks/kernel_sass.py``;
+Llama-3.1-8B's four layers 69.4 -> 53.2 us at the same launch shapes on an H100,
+``benchmarks/results/h100-20261205-1917-quant_gemv_w4.json``). No int-to-float conversion
+either way, which would bound the kernel below the copy rate. The group size is a
+compile-time constant, so a word row's group is a shift, not a division.
 
 Grid: ``(rows, cdiv(N, BLOCK_N))``, rows fastest (their programs share the weight slice
 through L2). The first word tile loads before the PDL wait (the weights are parameters).
