@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from server_harness import ServerProcess
+from platform_under_test import TEST_PLATFORM
 
 BENCH = Path(os.environ.get(
     "HETEROSERVE_SGLANG_BENCH",
@@ -39,8 +40,7 @@ def bench_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
     """No --served-model-name: the model id is the model folder, which bench_serving loads
     its tokenizer from (as it does with a hub id)."""
     argv = ["serve", str(tiny_model), "--host", "127.0.0.1", "--port", "{port}",
-            "--platform", os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu"),
-            "--log-level", "warning", "--disable-access-log"]
+            "--platform", TEST_PLATFORM, "--log-level", "warning", "--disable-access-log"]
     proc = ServerProcess(None, tmp_path_factory.mktemp("bench") / "server.log", argv=argv)
     yield proc
     assert proc.stop() == 0, proc.log()

@@ -12,6 +12,7 @@ from heteroserve.core.model_runner.batch_builder import SequenceInput, build_for
 from heteroserve.core.model_runner.build import build_model_runner
 from heteroserve.core.scheduler import Req, Scheduler
 from heteroserve.core.scheduler.sampling_params import SamplingParams
+from platform_under_test import TEST_PLATFORM
 
 
 def live_children() -> list[int]:
@@ -50,7 +51,7 @@ def cpu_args(path, **kw) -> ServerArgs:
     kw.setdefault("max_total_tokens", 4096)
     kw.setdefault("kernel", [k for k in os.environ.get("HETEROSERVE_TEST_KERNELS", "").split(",") if k])
     return ServerArgs(model_path=str(path), dtype="float32",
-                      platform=os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu"), **kw)
+                      platform=TEST_PLATFORM, **kw)
 
 
 class PagedSequence:

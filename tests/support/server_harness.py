@@ -7,7 +7,6 @@ waits (bounded) for ``/health`` and stops it with SIGTERM.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from platform_under_test import TEST_PLATFORM
 
 API_KEY = "sk-heteroserve-test"
 MODEL_NAME = "tiny-llama"
@@ -46,8 +46,7 @@ class ServerProcess:
         else:
             cmd = [sys.executable, "-m", "heteroserve.server.cli", "serve",
                    "--model-path", str(model_path), "--served-model-name", MODEL_NAME,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--platform",
-                   os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu"),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--platform", TEST_PLATFORM,
                    "--log-level", "warning", "--disable-access-log", *extra]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

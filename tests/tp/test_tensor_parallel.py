@@ -3,7 +3,6 @@ and a dying rank is reported instead of hanging the engine."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -11,8 +10,9 @@ import pytest
 import heteroserve
 from heteroserve.core.models.tiny import build_tiny_model
 from heteroserve.core.runtime.errors import EngineDeadError
+from platform_under_test import TEST_PLATFORM
 
-PLATFORM = os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu")  # cuda on a 2-GPU machine: NCCL
+PLATFORM = TEST_PLATFORM  # cuda on a 2-GPU machine: NCCL
 PROMPTS = ["Hello world", "The quick brown fox jumps", "1 2 3"]
 SAMPLING = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
 

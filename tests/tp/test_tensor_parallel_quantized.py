@@ -4,15 +4,15 @@ greedy output as one."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 import heteroserve
 from heteroserve.core.models.tiny import build_tiny_model
 from quant_checkpoints import write_quantized
+from platform_under_test import TEST_PLATFORM
 
-PLATFORM = os.environ.get("HETEROSERVE_TEST_PLATFORM", "cpu")
+PLATFORM = TEST_PLATFORM
 PROMPTS = ["Hello world", "The quick brown fox jumps"]
 SAMPLING = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 
