@@ -39,6 +39,7 @@ import triton.language as tl
 
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+from heteroserve.platforms.triton.w4a16_pack import unpack_rows
 
 #: at most this many rows go through the GEMV (more: the dequant-GEMM)
 W4_GEMV_MAX_ROWS = 4
@@ -218,23 +219,25 @@ _KEEPS_SUBNORMALS: dict[tuple[str, int | None], bool] = {}
 def keeps_subnormals(device: torch.device,
                      gemv: Callable[..., torch.Tensor] = w4a16_gemv) -> bool:
     """Whether ``device``'s compiled kernel keeps fp32 subnormals, so that the subnormal
-    decoding is exact. Checked once per device: a ``1 x 256`` by ``256 x 32`` product in
-    both decodings must agree within 1e-5 (a backend that flushes subnormals to zero drops
-    nibbles 0..4 and misses by far more; verified on NVIDIA Hopper, not yet on ROCm). Until a
-    device is checked, :func:`choose_w4_config` assumes it keeps them. Call it outside graph
-    capture: the linear methods do, when they process a layer's weights."""
+    decoding is exact. Checked once per device: a ``1 x 256`` by ``256 x 32`` product must
+    match the dequantized weight's fp64 product within 1e-5 (a backend that flushes
+    subnormals to zero drops nibbles 0..4 and misses by far more; kept on NVIDIA Hopper, not
+    yet run on ROCm). Until a device is checked, :func:`choose_w4_config` assumes it keeps
+    them. Call it outside graph capture: the linear methods do, when they process a layer's
+    weights."""
     key = (device.type, device.index)
     if key not in _KEEPS_SUBNORMALS:
         gen = torch.Generator().manual_seed(0)
         k, n, group = 256, 32, 128
-        words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen, dtype=torch.int64)
+        words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen,
+                              dtype=torch.int64).to(torch.int32)
         zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(torch.float16)
         scales = (torch.rand(k // group, n, generator=gen) / 8 + 0.01).to(torch.float16)
-        args = [t.to(device) for t in (torch.randn(1, k, generator=gen),
-                                       words.to(torch.int32), zeros, scales)]
-        out = {nibble: gemv(*args, group, config=W4GemvConfig(16, 16, 4, 1, nibble)).float()
-               for nibble in (NIBBLE_SUBNORMAL, NIBBLE_EXPONENT)}
-        ref = out[NIBBLE_EXPONENT]
-        err = ((out[NIBBLE_SUBNORMAL] - ref).abs().max() / ref.abs().max()).item()
-        _KEEPS_SUBNORMALS[key] = err < 1e-5
+        x = torch.randn(1, k, generator=gen)
+        out = gemv(*(t.to(device) for t in (x, words, zeros, scales)), group,
+                   config=W4GemvConfig(16, 16, 4, 1, NIBBLE_SUBNORMAL)).double().cpu()
+        g = torch.arange(k) // group
+        ref = x.double() @ ((unpack_rows(words).double() - zeros.double()[g])
+                            * scales.double()[g])
+        _KEEPS_SUBNORMALS[key] = ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
     return _KEEPS_SUBNORMALS[key]
