@@ -16,10 +16,7 @@ Usage: ``python benchmarks/fp8_gemm_sweep.py --out fp8_gemm.json`` (about a minu
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm_sweep_common import sweep_main  # noqa: E402
 from quant_gemv_sweep import SHAPES, build_layer, checkpoint, graph_us, rel_err  # noqa: E402
 
 SCHEMES = ("fp8_block", "fp8_per_channel", "fp8_per_tensor")
@@ -90,56 +88,9 @@ def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
     return results
 
 
-def plot(results: list[dict], path: Path) -> bool:
-    """Speed-up over bf16 per M and shape; False (no plot) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True)
-    for ax, (name, _, _) in zip(axes, SHAPES):
-        rows = [r for r in results if r["shape"] == name]
-        ms = [r["M"] for r in rows]
-        for scheme in SCHEMES:
-            for gemm in ("triton", "cublas"):
-                ax.plot(ms, [r["bf16_us"] / r[f"{scheme}_{gemm}_us"] for r in rows],
-                        marker="o", label=f"{scheme} {gemm}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_title(name)
-        ax.set_xlabel("rows M")
-    axes[0].set_ylabel("speed-up over bf16 cuBLAS")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="fp8_gemm.json")
-    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
-    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier run")
-    args = ap.parse_args()
-    if args.plot:
-        plot(json.loads(Path(args.plot).read_text())["results"], Path(args.plot).with_suffix(".png"))
-        return
-    if not torch.cuda.is_available():
-        sys.exit("fp8_gemm_sweep needs a CUDA device")
-    device = torch.device("cuda")
-    t0 = time.time()
-    results = measure(device, tuple(int(r) for r in args.rows.split(",")))
-    out = Path(args.out)
-    doc = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                           time.gmtime()),
-           "torch": torch.__version__, "command": " ".join(sys.argv), "results": results,
-           "seconds": time.time() - t0}
-    out.write_text(json.dumps(doc, indent=1))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    series = {f"{s} {g}": f"{s}_{g}_us" for s in SCHEMES for g in ("triton", "cublas")}
+    sweep_main(__doc__, "fp8_gemm.json", ROWS, measure, series)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@
 #   bench_rest, bench      bench_llama8b.py: throughput + shared_prefix + hf / every workload
 #   quant_gemv             benchmarks/quant_gemv_sweep.py --sweep: each quantized GEMV over its launch
 #                          shapes at Llama-3.1-8B's layers (QGEMV_SCHEMES, default awq_w4a16)
+#   w4_gemm                benchmarks/w4_gemm_sweep.py: 4-bit linears at 16-8192 rows, Triton
+#                          dequantizing GEMM vs dequantize + cuBLAS vs bf16 cuBLAS
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
@@ -199,6 +201,8 @@ for step in "$@"; do
         tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
     quant_gemv) timeout 300 python3 benchmarks/quant_gemv_sweep.py --sweep \
         --schemes "${QGEMV_SCHEMES:-awq_w4a16}" --out "$OUT/quant_gemv.json" 2>&1 | grep -vi warn ;;
+    w4_gemm) timeout 300 python3 benchmarks/w4_gemm_sweep.py --out "$OUT/w4_gemm.json" ${W4_ARGS:-} 2>&1 \
+        | grep -vi warn ;;
     quant) timeout "${BENCH_TIMEOUT:-470}" python3 benchmarks/bench_quant_llama8b.py \
         --out-dir "$OUT" ${QUANT_ARGS:-} 2>&1 | grep -vi warn ;;
     bench) timeout 560 python3 benchmarks/bench_llama8b.py --out "$OUT/bench.json" 2>&1 \

@@ -9,7 +9,9 @@ once (``w4_perm``; ``apply`` gathers the activation columns in that order); any 
 
 Up to :data:`~.w4a16_gemv.W4_GEMV_MAX_ROWS` rows (the decode step) go through
 :func:`~.w4a16_gemv.w4a16_gemv` (nibbles unpacked in registers, bias fused, one launch) on
-the same layout; layers that keep a ``g_idx`` always use the GEMM.
+the same layout (layers that keep a ``g_idx`` use the GEMM); from :data:`W4_DEQUANT_MIN_ROWS`
+rows the weight is dequantized in one pass (:func:`~.w4a16_dequant.w4a16_dequantize`) and
+multiplied by the vendor BLAS; in between, the dequantizing GEMM.
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ import torch
 
 from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
+from heteroserve.platforms.triton.w4a16_dequant import w4a16_dequantize
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
 from heteroserve.platforms.triton.w4a16_gemv import (
     W4_GEMV_MAX_ROWS, keeps_subnormals, w4a16_gemv,
 )
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
+
+#: Rows from which ``apply`` dequantizes the weight and calls the BLAS GEMM instead of the
+#: dequantizing Triton GEMM. ``benchmarks/w4_gemm_sweep.py`` on an H100 (2026-12-05,
+#: ``results/h100-20261205-2138-w4_gemm.json``), Llama-3.1-8B's four layers together: 313 vs
+#: 363 us at 64 rows (Triton ahead), 380 vs 381 us at 128, 672 vs 404 us at 256 (the GEMM's
+#: 128-row tiles double there), 3.3x at 1024; the BLAS path stays within 12 % of bf16 from
+#: 1024 rows up.
+W4_DEQUANT_MIN_ROWS = 128
 
 
 class _W4A16Linear(LinearMethod):
@@ -42,6 +53,10 @@ class _W4A16Linear(LinearMethod):
         group = k // zeros.shape[0] if g_idx is None else k
         if g_idx is None and x2.shape[0] <= W4_GEMV_MAX_ROWS:
             y = w4a16_gemv(x2, qweight, zeros, scales, group, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if x2.shape[0] >= W4_DEQUANT_MIN_ROWS:
+            w = w4a16_dequantize(qweight, zeros, scales, k, group, g_idx, x2.dtype)
+            y = torch.mm(x2, w) if bias is None else torch.addmm(bias.to(x2.dtype), x2, w)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         y = w4a16_gemm(x2, qweight, zeros, scales, group, g_idx)
         if bias is not None:

@@ -20,7 +20,7 @@ import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
 from heteroserve.platforms.triton.linear_params import get_param, rows, set_param
-from heteroserve.platforms.triton.quant import MIN_SCALE, quantize_rows
+from heteroserve.platforms.triton.quant import quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
 from heteroserve.platforms.triton.w8_gemv import (
     ACT_GROUP, ACT_ROW, ACT_TENSOR, W8_GEMV_MAX_ROWS, WS_BLOCK, WS_CHANNEL, WS_TENSOR, w8_gemv,
@@ -125,8 +125,7 @@ class Fp8PerTensorLinear(LinearMethod):
             return _finish(w8_gemv(x2, weight, w_scale, ACT_TENSOR, WS_TENSOR, fmax, x.dtype,
                                    bias), x)
         amax = torch.linalg.vector_norm(x2, float("inf"), dtype=torch.float32)  # one pass
-        x_scale = (amax / fmax).clamp(min=MIN_SCALE).reshape(1)
-        q, _ = quantize_rows(x2, weight.dtype, fmax, None, scale=x_scale)
+        q, x_scale = quantize_rows(x2, weight.dtype, fmax, None, amax=amax)  # scale in-kernel
         if _scaled_mm_ok(x2, weight, self.scheme):
             fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale,

@@ -2,8 +2,10 @@
 
 Per (row, ``group``-column group): ``s = max(amax / qmax, 1e-12)``, ``q = clamp(x / s, -qmax,
 qmax)`` rounded to the output dtype (fp8: the cast's round-to-nearest-even; int8: nearest,
-ties to even). ``group = K`` gives per-token scales; a given scale pointer (``static``) skips
-the amax pass (per-tensor quantization with a precomputed scale).
+ties to even). ``group = K`` gives per-token scales; a given scale (``STATIC``) skips the amax
+pass (per-tensor quantization with a precomputed scale), and so does a given amax
+(``FROM_AMAX``: per-tensor with the scale computed from the tensor's amax in the kernel, which
+saves the launches of computing it in torch).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, stride_sg, K, group, qmax, min_scale,
-    IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, amax_ptr, stride_xm, stride_qm, stride_sm, stride_sg, K, group, qmax,
+    min_scale, IS_INT: tl.constexpr, STATIC: tl.constexpr, FROM_AMAX: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -29,6 +32,10 @@ def _quant_kernel(
     hi = tl.minimum(lo + group, K)
     if STATIC:
         scale = tl.load(s_ptr)
+    elif FROM_AMAX:
+        scale = tl.maximum(tl.load(amax_ptr) / qmax, min_scale)
+        if (row == 0) & (g == 0):
+            tl.store(s_ptr, scale)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(lo, hi, BLOCK):
@@ -49,11 +56,15 @@ def _quant_kernel(
 
 def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
                   scale: torch.Tensor | None = None, group_major: bool = False,
-                  row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  row_multiple: int = 1, amax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``.
 
     ``group``: columns per scale (``None``: the whole row). ``scale``: a precomputed fp32
-    scale of one element (per-tensor); then ``group`` is ignored. Returns ``(q [M, K], s)``
+    scale of one element (per-tensor); then ``group`` is ignored. ``amax``: instead of
+    ``scale``, the fp32 absolute maximum of ``x`` (one element, e.g. from
+    ``torch.linalg.vector_norm(x, inf)``); the per-tensor scale ``max(amax / qmax, 1e-12)`` is
+    computed in the kernel and returned as a fresh ``s [1]``. Returns ``(q [M, K], s)``
     with ``s`` fp32 ``[M, ceil(K / group)]`` (or ``scale`` itself), row-major, or with
     ``group_major`` stored group by group (strides ``(1, M)``, what cuBLASLt's 1x128 block
     scaling reads). ``row_multiple``: ``q`` and ``s`` get ``ceil(M / row_multiple) *
@@ -64,10 +75,13 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: i
         x = x.contiguous()
     rows = triton.cdiv(m, row_multiple) * row_multiple
     q = torch.empty((rows, k), dtype=out_dtype, device=x.device)
-    g = k if (group is None or scale is not None) else group
+    per_tensor = scale is not None or amax is not None
+    g = k if (group is None or per_tensor) else group
     groups = max(1, triton.cdiv(k, g))
     if scale is not None:
         s = scale
+    elif amax is not None:
+        s = torch.empty(1, dtype=torch.float32, device=x.device)
     elif group_major:
         s = torch.empty((groups, rows), dtype=torch.float32, device=x.device).t()
     else:
@@ -75,8 +89,11 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: i
     if m and k:
         block = min(1024, triton.next_power_of_2(g)) if x.device.type != "cpu" else 32
         _quant_kernel[(m, groups)](
-            x, q, s, x.stride(0), q.stride(0), s.stride(0) if scale is None else 0,
-            s.stride(1) if scale is None else 0, k, g,
+            x, q, s, amax if amax is not None else s, x.stride(0), q.stride(0),
+            0 if per_tensor else s.stride(0), 0 if per_tensor else s.stride(1), k, g,
             float(qmax), MIN_SCALE, IS_INT=not out_dtype.is_floating_point,
-            STATIC=scale is not None, BLOCK=block, num_warps=4)
+            STATIC=scale is not None, FROM_AMAX=scale is None and amax is not None,
+            BLOCK=block, num_warps=4)
+    elif amax is not None:  # no rows: the scale still has its value
+        s = (amax.reshape(1).to(torch.float32) / qmax).clamp(min=MIN_SCALE)
     return q, s

@@ -50,6 +50,24 @@ def test_quantize_rows_int8_and_groups(device: torch.device) -> None:
     assert torch.equal(sg.cpu(), sf.cpu()) and torch.equal(qg.cpu(), qf.cpu())
 
 
+@pytest.mark.parametrize("scale_of", ["amax", "zeros"])
+def test_quantize_rows_per_tensor_scale_from_amax(device: torch.device, scale_of: str) -> None:
+    """Given the tensor's amax, the kernel computes ``max(amax / qmax, 1e-12)`` itself and
+    quantizes exactly as with that scale precomputed (all-zero input: the floor scale)."""
+    from heteroserve.platforms.triton.quant import quantize_rows
+
+    x = torch.randn(7, 260, generator=_gen(1)) * 5 if scale_of == "amax" else torch.zeros(3, 64)
+    xd = x.to(device)
+    amax = torch.linalg.vector_norm(xd, float("inf"), dtype=torch.float32)
+    q, s = quantize_rows(xd, torch.int8, 127.0, None, amax=amax)
+    ref_s = (x.abs().max() / 127).clamp(min=1e-12).reshape(1)
+    q_ref, _ = quantize_rows(xd, torch.int8, 127.0, None, scale=ref_s.to(device))
+    assert s.shape == (1,) and torch.equal(s.cpu(), ref_s)
+    assert torch.equal(q.cpu(), q_ref.cpu())
+    _, s_empty = quantize_rows(xd[:0], torch.int8, 127.0, None, amax=amax)
+    assert torch.equal(s_empty.cpu(), ref_s)
+
+
 def test_scaled_gemm_block_scales(device: torch.device) -> None:
     from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
 
@@ -113,9 +131,17 @@ def test_awq(device: torch.device, t: int, k: int, n: int, group: int) -> None:
     assert out.shape == (2, t, n) and rel_err(out.reshape(-1, n), ref) < 1e-5
 
 
+@pytest.mark.parametrize("dequant", [False, True], ids=["gemm", "dequant_blas"])
 @pytest.mark.parametrize("kind", ["plain", "act_order", "ragged_g_idx"])
-def test_gptq(device: torch.device, kind: str) -> None:
+def test_gptq(device: torch.device, kind: str, dequant: bool,
+              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three rows through the dequantizing GEMM, or (``W4_DEQUANT_MIN_ROWS`` lowered) through
+    the dequantized weight and the BLAS GEMM, including a kept ragged ``g_idx``."""
+    from heteroserve.platforms.triton import linear_w4a16
     from heteroserve.platforms.triton.linear_w4a16 import GptqW4A16Linear
+
+    if dequant:
+        monkeypatch.setattr(linear_w4a16, "W4_DEQUANT_MIN_ROWS", 3)
 
     g = _gen(len(kind))
     t, k, n, group = 3, 256, 64, 64
@@ -191,3 +217,29 @@ def test_unquantized_linear_one_row_matches_many(device: torch.device) -> None:
     many = method.apply(layer, x, bias)
     one = method.apply(layer, x[1:2], bias)
     assert rel_err(one, many[1:2]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,group,ragged", [(256, 64, False), (200, 40, False), (128, 0, True)])
+def test_w4a16_dequantize_matches_the_unpacked_weight(device: torch.device, dtype: torch.dtype,
+                                                      k: int, group: int, ragged: bool) -> None:
+    """Every element equals ``(q - zero) * scale`` of its group (``k // group`` or ``g_idx``)
+    computed in float64 and rounded once to ``dtype`` (within one bf16 step in the
+    interpreter, which truncates); ``k`` not a multiple of 8 packs a padded word row."""
+    from heteroserve.platforms.triton.w4a16_dequant import w4a16_dequantize
+    from heteroserve.platforms.triton.w4a16_pack import pack_rows
+
+    g = _gen(k + group)
+    n, groups = 72, (8 if ragged else -(-k // group))
+    q = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(0, 16, (groups, n), generator=g).to(torch.float16)
+    scales = (torch.rand(groups, n, generator=g) / 7 + 0.01).to(torch.float16)
+    rows = torch.randint(0, groups, (k,), generator=g) if ragged else torch.arange(k) // group
+    ref = (q.double() - zeros.double()[rows]) * scales.double()[rows]
+    out = w4a16_dequantize(pack_rows(q).to(device), zeros.to(device), scales.to(device), k,
+                           group or k, rows.to(torch.int32).to(device) if ragged else None, dtype)
+    assert out.shape == (k, n) and out.dtype == dtype
+    if device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter truncates to bf16
+        assert torch.allclose(out.double(), ref, rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(out.cpu(), ref.to(dtype))

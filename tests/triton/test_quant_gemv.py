@@ -247,10 +247,14 @@ def test_w8a8_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme:
 def test_w4a16_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """AWQ and GPTQ (act-order by permutation) ``apply``: 1 and 3 rows through the GEMV, 9
-    through the GEMM, all equal to the oracle."""
+    through the GEMM, 12 and 17 (from ``W4_DEQUANT_MIN_ROWS``, lowered to 12 here) through
+    the dequantized weight and the BLAS GEMM, all equal to the oracle."""
     from heteroserve.platforms.triton import linear_w4a16
 
     calls = _spy(monkeypatch, linear_w4a16, "w4a16_gemv")
+    gemm_calls = _spy(monkeypatch, linear_w4a16, "w4a16_gemm")
+    dequant_calls = _spy(monkeypatch, linear_w4a16, "w4a16_dequantize")
+    monkeypatch.setattr(linear_w4a16, "W4_DEQUANT_MIN_ROWS", 12)
     k, n, group = 128, 40, 64
     g = _gen(11)
     w = torch.randn(n, k, generator=g, dtype=torch.float64) / 16
@@ -262,13 +266,13 @@ def test_w4a16_linear_sends_decode_rows_to_the_gemv(device: torch.device, scheme
         ckpt, method = quantize.pack_gptq(w, group, g_idx), linear_w4a16.GptqW4A16Linear()
     layer = _layer(method, LinearShape(k, n, torch.float32, group, g_idx is not None), ckpt,
                    device)
-    for t in (1, 3, 9):
+    for t in (1, 3, 9, 12, 17):
         x = torch.randn(t, k, generator=g)
         bias = torch.randn(n, generator=g)
         out = method.apply(layer, x.to(device), bias.to(device))
         ref = oracle.linear(f"{scheme}_w4a16", x, ckpt, group, bias, None)
         assert rel_err(out, ref) < 2e-6
-    assert calls == [1, 3]
+    assert calls == [1, 3] and gemm_calls == [9] and dequant_calls == [k // 8] * 2
 
 
 @pytest.mark.parametrize("config,scheme,kernel", [
