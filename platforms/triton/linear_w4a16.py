@@ -32,7 +32,9 @@ from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, 
 #: ``results/h100-20261205-2138-w4_gemm.json``), Llama-3.1-8B's four layers together: 313 vs
 #: 363 us at 64 rows (Triton ahead), 380 vs 381 us at 128, 672 vs 404 us at 256 (the GEMM's
 #: 128-row tiles double there), 3.3x at 1024; the BLAS path stays within 12 % of bf16 from
-#: 1024 rows up.
+#: 1024 rows up. The dequantized weight is a transient ``[K, N]`` buffer in the activation
+#: dtype (235 MB for Llama-3.1-8B's gate_up), taken from the memory the KV pool leaves
+#: (``--mem-fraction-static``) and freed after the product.
 W4_DEQUANT_MIN_ROWS = 128
 
 

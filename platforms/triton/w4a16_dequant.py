@@ -61,7 +61,7 @@ def w4a16_dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.T
     if k == 0 or n == 0:
         return w
     interpreted = qweight.device.type == "cpu"
-    block_w, block_n = (2, 16) if interpreted else (16, 128)
+    block_w, block_n = (8, 64) if interpreted else (16, 128)
     _dequant_kernel[(triton.cdiv(triton.cdiv(k, 8), block_w), triton.cdiv(n, block_n))](
         qweight, zeros, scales, g_idx if g_idx is not None else qweight, w,
         k, n, group, qweight.stride(0), zeros.stride(0), scales.stride(0), w.stride(0),
