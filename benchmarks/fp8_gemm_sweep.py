@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm_sweep_common import sweep_main  # noqa: E402
-from quant_gemv_sweep import SHAPES, build_layer, checkpoint, graph_us, rel_err  # noqa: E402
+from gemm_sweep_common import layer_copies, sweep_main  # noqa: E402
+from quant_gemv_sweep import SHAPES, graph_us, rel_err  # noqa: E402
 
 SCHEMES = ("fp8_block", "fp8_per_channel", "fp8_per_tensor")
 ROWS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-L2_BYTES = 240 * 2**20
 
 
 @contextmanager
@@ -48,15 +47,6 @@ def thresholds(rows: int) -> Iterator[None]:
         w8.W8_GEMV_MAX_ROWS = saved[1]
 
 
-def _layers(scheme: str, n: int, k: int, device: torch.device, gen: torch.Generator
-            ) -> tuple[object, list[torch.nn.Module]]:
-    ckpt = checkpoint(scheme, n, k, device, gen)
-    method, first = build_layer(scheme, n, k, ckpt)
-    nbytes = sum(p.numel() * p.element_size() for p in first.parameters())
-    copies = max(1, -(-L2_BYTES // nbytes))
-    return method, [first] + [build_layer(scheme, n, k, ckpt)[1] for _ in range(copies - 1)]
-
-
 def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
     from heteroserve.platforms.triton.linear_w8a8 import scaled_mm_supports
 
@@ -65,10 +55,10 @@ def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
     results = []
     for name, n, k in SHAPES:
         gen = torch.Generator(device).manual_seed(n + k)
-        _, bf16_layers = _layers("unquantized", n, k, device, gen)
+        _, bf16_layers = layer_copies("unquantized", n, k, device, gen)
         bf16: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = \
             lambda layer, x: F.linear(x, layer.weight)  # noqa: E731
-        built = {s: _layers(s, n, k, device, gen) for s in SCHEMES}
+        built = {s: layer_copies(s, n, k, device, gen) for s in SCHEMES}
         for m in rows_list:
             x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
             t_bf16 = graph_us(bf16, bf16_layers, x, min_calls=50)

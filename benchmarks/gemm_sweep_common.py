@@ -1,6 +1,7 @@
-"""What the GEMM sweeps (``fp8_gemm_sweep.py``, ``w4_gemm_sweep.py``) share: a PNG of each
-path's speed-up over bf16 per row count and shape, and the command line that measures on the
-GPU and writes ``{"device", "date", "torch", "command", "results", "seconds"}`` as JSON."""
+"""What the GEMM sweeps (``fp8_gemm_sweep.py``, ``w4_gemm_sweep.py``) share: layers built in
+enough copies to overflow the L2, a PNG of each path's speed-up over bf16 per row count and
+shape, and the command line that measures on the GPU and writes ``{"device", "date", "torch",
+"command", "results", "seconds"}`` as JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +14,21 @@ from pathlib import Path
 
 import torch
 
-from quant_gemv_sweep import SHAPES
+from quant_gemv_sweep import SHAPES, build_layer, checkpoint
+
+L2_BYTES = 240 * 2**20
+
+
+def layer_copies(scheme: str, n: int, k: int, device: torch.device, gen: torch.Generator
+                 ) -> tuple[object, list[torch.nn.Module]]:
+    """``(method, layers)``: one random ``scheme`` checkpoint of an ``[n, k]`` projection
+    loaded into as many layers as it takes to exceed :data:`L2_BYTES` together, so a sweep
+    cycling through them streams from device memory."""
+    ckpt = checkpoint(scheme, n, k, device, gen)
+    method, first = build_layer(scheme, n, k, ckpt)
+    nbytes = sum(p.numel() * p.element_size() for p in first.parameters())
+    copies = max(1, -(-L2_BYTES // nbytes))
+    return method, [first] + [build_layer(scheme, n, k, ckpt)[1] for _ in range(copies - 1)]
 
 
 def plot_speedups(results: list[dict], path: Path, series: dict[str, str]) -> bool:

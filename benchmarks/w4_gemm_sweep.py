@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fp8_gemm_sweep import _layers  # noqa: E402
-from gemm_sweep_common import sweep_main  # noqa: E402
+from gemm_sweep_common import layer_copies, sweep_main  # noqa: E402
 from quant_gemv_sweep import SHAPES, graph_us, rel_err  # noqa: E402
 
 ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
@@ -51,8 +50,8 @@ def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
     results = []
     for name, n, k in SHAPES:
         gen = torch.Generator(device).manual_seed(n + k)
-        _, bf16_layers = _layers("unquantized", n, k, device, gen)
-        method, w4_layers = _layers("awq_w4a16", n, k, device, gen)
+        _, bf16_layers = layer_copies("unquantized", n, k, device, gen)
+        method, w4_layers = layer_copies("awq_w4a16", n, k, device, gen)
         for m in rows_list:
             x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
             row: dict = {"shape": name, "N": n, "K": k, "M": m,
