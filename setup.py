@@ -21,4 +21,5 @@ for package, folder in FOLDERS.items():
         packages += [f"{package}.{sub}" for sub in find_packages(folder)]
 
 setup(packages=packages, package_dir=FOLDERS,
-      package_data={"heteroserve.server": ["assets/*"], "heteroserve.conformance": ["*.md"]})
+      package_data={"heteroserve.server": ["assets/*"], "heteroserve.conformance": ["*.md"],
+                    "heteroserve.platforms.triton": ["moe_tuned/*.json"]})

@@ -15,6 +15,12 @@
 #                          decode steps chain only while nothing waits (the rule before
 #                          2026-12-05); run `h200` in the same call for the default
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
+#   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
+#                          and token count; installs platforms/triton/moe_tuned/<device>.json
+#                          (copied to $OUT) for the later steps; TUNE_ARGS adds options
+#   moe_ab                 the MoE rows (MOE_WORKLOADS, default qwen3moe) by default, then under
+#                          benchmarks/moe_rule.py's MOE_RULES (default: torch_align_heuristic
+#                          heuristic) -> $OUT/moe/<rule>.json
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
 #                          vs bf16 at Llama-3.1-8B shapes and 16-8192 rows
@@ -153,6 +159,17 @@ for step in "$@"; do
         --out "$OUT/ov/sync_when_waiting.json" 2>&1 | grep -E "offline|wrote" ;;
     moe_decode) timeout 200 python3 benchmarks/moe_decode_sweep.py --out "$OUT/moe_decode.json" \
         2>&1 | grep -v -i warn ;;
+    moe_tune) HS_COMMIT=${HS_COMMIT:-} timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/moe_tune.py \
+        --out "$OUT/moe_tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn
+      cp platforms/triton/moe_tuned/*.json "$OUT/" 2>/dev/null ;;
+    moe_ab)  # the MoE rows: the default (tuned tiles, if a table is installed) between the rules
+      mkdir -p "$OUT/moe"
+      timeout 200 python3 benchmarks/bench_headline.py --workloads "${MOE_WORKLOADS:-qwen3moe}" \
+        --out "$OUT/moe/default.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote"
+      for rule in ${MOE_RULES:-torch_align_heuristic heuristic}; do
+        timeout 200 python3 benchmarks/moe_rule.py $rule --workloads "${MOE_WORKLOADS:-qwen3moe}" \
+          --out "$OUT/moe/$rule.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote"
+      done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
     moe_fp8) timeout 300 python3 benchmarks/moe_fp8_bench.py --out "$OUT/moe_fp8.json" 2>&1 \

@@ -14,3 +14,12 @@ def multiprocessors(device: torch.device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return int(torch.cuda.get_device_properties(index).multi_processor_count)
     return 64
+
+
+@functools.lru_cache(maxsize=16)
+def device_name(device: torch.device) -> str:
+    """The device's marketing name (``"NVIDIA H200"``), ``"cpu"`` for the CPU."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_name(index)
+    return device.type

@@ -11,6 +11,7 @@ from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR, MOE_WEIGHT_SCHEMES_ATT
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
+from heteroserve.platforms.triton.moe_tuned import tuned_configs
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
@@ -150,10 +151,14 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 quant: MoEWeightQuant | None = None,
                 configs: tuple[Config, Config] | None = None) -> torch.Tensor:
     """:func:`fused_moe` through two grouped-GEMM launches (SiLU-and-mul fused into the
-    first) whatever the pair count, pairs grouped on device without host sync; the per-pair
-    results (rounded to ``x.dtype``) are summed over ``k``. ``configs`` overrides the tile
-    choice (tuning; both must share ``BLOCK_M``; with ``quant`` their ``BLOCK_K`` must
-    divide 128). Raises ``ValueError`` on inconsistent shapes."""
+    first) whatever the pair count, pairs grouped on device by one launch without host sync
+    (:func:`~heteroserve.platforms.triton.moe_align.align_pairs`); the per-pair results
+    (rounded to ``x.dtype``) are summed over ``k``. Tiles: ``configs`` (tuning; both must
+    share ``BLOCK_M``; with ``quant`` their ``BLOCK_K`` must divide 128), else unquantized
+    experts take the device's tuned table for their shape
+    (:func:`~heteroserve.platforms.triton.moe_tuned.tuned_configs`), else the heuristic
+    :func:`~heteroserve.platforms.triton.moe_gemm.moe_configs`. Raises ``ValueError`` on
+    inconsistent shapes."""
     _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, h = x.shape
     e, two_i, _ = w13.shape
@@ -163,6 +168,8 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     x, w13, w2 = _contiguous_rows(x, w13, w2)
     s13, s2 = _scales(quant) or (None, None)
     num_pairs = t * top_k
+    if configs is None and quant is None:
+        configs = tuned_configs(num_pairs, w13.dtype, e, h, two_i // 2, x.device)
     cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
     if cfg1[0] != cfg2[0]:
         raise ValueError("fused_moe: both GEMM configs must share BLOCK_M")

@@ -42,7 +42,9 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
                          "per-head q/k RMSNorm + rotary in place, one launch"),
     ops.MOE_TOPK_SOFTMAX: ("moe", "topk_softmax", "softmax + top-k routing, one row a program"),
     ops.FUSED_MOE: ("moe", "fused_moe",
-                    "GEMV pair kernels up to 64 pairs, else grouped GEMM over expert-sorted pairs"),
+                    "GEMV pair kernels up to 64 pairs, else grouped GEMM over expert-sorted "
+                    "pairs (tiles from moe_tuned/<device>.json where the expert shape is "
+                    "tuned, else a heuristic)"),
     ops.SAMPLING: ("sampling", "sample",
                    "sorted-threshold filters + counter-noise Gumbel-max draw on device"),
     ops.TOKEN_BITMASK_APPLY: ("bitmask", "apply_token_bitmask", "grammar bitmask, in place"),

@@ -20,10 +20,38 @@ def test_align_pairs(device: torch.device) -> None:
     rows = int(a.num_rows.item())
     sorted_ids = a.sorted_ids.cpu()[:rows].tolist()
     # expert 0: pairs 1, 4; expert 1: pair 3; expert 2: pairs 0, 2, 5, 6; expert 3: pair 7
+    # (any order within a run)
     assert rows == 16
-    assert sorted_ids == [1, 4, 8, 8, 3, 8, 8, 8, 0, 2, 5, 6, 7, 8, 8, 8]
-    assert a.block_experts.cpu()[:4].tolist() == [0, 1, 2, 3]
+    runs = [sorted_ids[0:4], sorted_ids[4:8], sorted_ids[8:12], sorted_ids[12:16]]
+    assert [sorted(r) for r in runs] == [[1, 4, 8, 8], [3, 8, 8, 8], [0, 2, 5, 6], [7, 8, 8, 8]]
+    assert a.block_experts.cpu().tolist() == [0, 1, 2, 3] + [5] * (a.block_experts.numel() - 4)
     assert a.sorted_ids.numel() % 4 == 0 and a.sorted_ids.numel() >= rows
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [
+    (300, 8, 128, 16), (1, 6, 66, 64), (700, 2, 5, 32), (129, 8, 128, 128), (3, 3, 3, 16)])
+def test_align_pairs_matches_torch(device: torch.device, tokens: int, top_k: int,
+                                   experts: int, block_m: int) -> None:
+    """The one-launch alignment holds the reference's runs (same rows, blocks and counts;
+    each run the same pairs, in any order), over more than one 1024-pair chunk."""
+    from heteroserve.platforms.triton.moe_align import align_pairs, align_pairs_torch
+
+    g = _gen(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    ids[: tokens // 3] = ids[0]  # a third of the tokens on the same experts: long runs
+    ids = ids.to(torch.int32)
+    got = align_pairs(ids.to(device), experts, block_m)
+    ref = align_pairs_torch(ids, experts, block_m)
+    rows = int(ref.num_rows.item())
+    assert int(got.num_rows.item()) == rows
+    assert torch.equal(got.block_experts.cpu(), ref.block_experts)
+    assert got.sorted_ids.shape == ref.sorted_ids.shape
+    got_rows = got.sorted_ids.cpu().view(-1, block_m)
+    ref_rows = ref.sorted_ids.view(-1, block_m)
+    for e in range(experts + 1):  # each expert's run (and the tail) as a set
+        run = ref.block_experts == e
+        assert torch.equal(got_rows[run].flatten().sort().values,
+                           ref_rows[run].flatten().sort().values)
 
 
 @pytest.mark.parametrize("experts,top_k,renorm", [(8, 2, True), (60, 4, False), (3, 3, True)])

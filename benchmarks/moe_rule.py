@@ -1,0 +1,37 @@
+"""Headline workloads (``bench_headline.py``) with fused MoE's grouped path as it was before
+the tuned tiles, for a side-by-side run against the default: ``python3
+benchmarks/moe_rule.py RULE --out X.json [--workloads ...]``.
+
+``heuristic``: the heuristic tiles (``moe_gemm.moe_configs``) instead of the device's tuned
+table. ``torch_align_heuristic``: also the torch alignment (``moe_align.align_pairs_torch``,
+fourteen launches) instead of the one-launch kernel: the grouped path before 2026-12-06.
+The JSON records the rule as ``moe_rule``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_headline  # noqa: E402
+
+from heteroserve.platforms.triton import moe  # noqa: E402
+from heteroserve.platforms.triton.moe_align import align_pairs_torch  # noqa: E402
+
+
+def _no_table(*args: object) -> None:
+    return None
+
+
+def main() -> int:
+    rule = sys.argv[1]
+    if rule not in ("heuristic", "torch_align_heuristic"):
+        raise SystemExit(f"moe_rule: unknown rule {rule!r}")
+    moe.tuned_configs = _no_table
+    if rule == "torch_align_heuristic":
+        moe.align_pairs = align_pairs_torch
+    return bench_headline.main_tagged(sys.argv[2:], {"moe_rule": rule})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
