@@ -113,3 +113,28 @@ def test_smoke_run_writes_report_and_merges_table(tmp_path: Path) -> None:
     moe_tuned.load_table.cache_clear()
     tables = moe_tuned.load_table(tmp_path / "cpu.json")
     assert set(tables) == {key_kept, key}  # merged: the other shape kept
+
+
+@pytest.mark.parametrize("rule", ["heuristic", "torch_align_heuristic"])
+def test_moe_rule_swaps_the_grouped_path(monkeypatch: pytest.MonkeyPatch, rule: str) -> None:
+    """``benchmarks/moe_rule.py``: the table lookup off (and the torch alignment back), the
+    headline run tagged with the rule; an unknown rule refused."""
+    import moe_rule
+
+    from heteroserve.platforms.triton import moe, moe_align
+
+    for name in ("tuned_configs", "align_pairs"):  # restored after the test
+        monkeypatch.setattr(moe, name, getattr(moe, name))
+    seen = []
+    monkeypatch.setattr(moe_rule.bench_headline, "main_tagged",
+                        lambda argv, tags: seen.append((argv, tags)) or 0)
+    monkeypatch.setattr(sys, "argv", ["moe_rule.py", rule, "--out", "x.json"])
+    assert moe_rule.main() == 0
+    assert seen == [(["--out", "x.json"], {"moe_rule": rule})]
+    assert moe.tuned_configs(4096, torch.bfloat16, 128, 2048, 768, torch.device("cuda")) is None
+    want = moe_align.align_pairs_torch if rule == "torch_align_heuristic" else \
+        moe_align.align_pairs
+    assert moe.align_pairs is want
+    monkeypatch.setattr(sys, "argv", ["moe_rule.py", "nope"])
+    with pytest.raises(SystemExit, match="unknown rule"):
+        moe_rule.main()
