@@ -81,8 +81,10 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     ``tests/models/test_deepseek_fusion.py``). The reference is transformers on the exact
     dequantized weights (why: the comment below)."""
     # expert widths of 128: fused gate/up shards of block-fp8 start on 128-row boundaries, as
-    # in the real checkpoints (moe_intermediate_size 2048)
-    v3 = build_tiny_model(tmp_path / "v3", "deepseek_v3", seed=3, moe_intermediate_size=128)
+    # in the real checkpoints (moe_intermediate_size 2048). Every token takes all 8 experts
+    # (one group): the routing weights stay continuous in the activations, see below.
+    v3 = build_tiny_model(tmp_path / "v3", "deepseek_v3", seed=3, moe_intermediate_size=128,
+                          num_experts_per_tok=8, n_group=1, topk_group=1)
     path, scheme, group = write_quantized(v3, tmp_path / "ckpt", "fp8-block")
     runner = _runner(path)
     attn = runner.model.model.layers[0].self_attn
@@ -95,12 +97,14 @@ def test_deepseek_v3_fp8_block_checkpoint_matches_transformers(tmp_path) -> None
     assert experts.storage.kept and experts.w13.dtype == torch.float8_e4m3fn
     assert experts.w2_scale.shape == (experts.w2.shape[0], 1, 1)
     assert experts.fused_shared and experts.w13.shape[0] == 8 + 1
-    # A random tiny MoE with fp8 activations is chaotic: a rounding flip upstream changes
-    # which experts a token picks. With transformers 5.25 the activation-quantized reference
-    # (hooks below) lands 0.63 from the exact-weight one on the prompt, the engine 0.10, and
-    # greedy decoding parts after a few steps. So the engine's prompt logits are held to the
-    # exact-weight reference within fp8's activation noise (a misplaced block scale moves
-    # them by order 1); each fp8 op is checked exactly by the conformance suite.
+    # With a choice of experts a random tiny MoE under fp8 activations is chaotic: a rounding
+    # flip upstream changes which experts a token picks, and which flips happen depends on
+    # the CPU's fp32 kernels (top-2 of 8 passed at 0.10 on one machine and measured 0.63 on
+    # another, 2026-12-06). With all experts taken the prompt logits stay within fp8's noise
+    # of the exact-weight reference: 0.09-0.13 over seeds 3, 5, 7, 11 and 13 (the weights'
+    # quantization alone moves them 0.13-0.17). Greedy decoding still parts after a few
+    # steps, so only the prompt is compared; each fp8 op is checked exactly by the
+    # conformance suite, and the routing by the bf16 DeepSeek parity tests.
     hf = dequantized_reference(path, scheme, group, tmp_path, quantize_activations=False)
     assert_prompt_close(runner, hf, 0.25)
 
