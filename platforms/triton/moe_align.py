@@ -60,7 +60,7 @@ def _align_kernel(ids_ptr, scratch_ptr, sorted_ptr, blocks_ptr, num_rows_ptr, n,
     for start in range(0, n, CHUNK):
         m = start + offs < n
         e = tl.load(ids_ptr + start + offs, mask=m, other=0).to(tl.int32)
-        tl.atomic_add(scratch_ptr + e, 1, mask=m)
+        tl.atomic_add(scratch_ptr + e, 1, mask=m, sem="relaxed")  # ordered by the barriers
     tl.debug_barrier()
     counts = tl.load(scratch_ptr + bins, cache_modifier=".cg")  # the atomics' totals, from L2
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -81,7 +81,7 @@ def _align_kernel(ids_ptr, scratch_ptr, sorted_ptr, blocks_ptr, num_rows_ptr, n,
     for start in range(0, n, CHUNK):
         m = start + offs < n
         e = tl.load(ids_ptr + start + offs, mask=m, other=0).to(tl.int32)
-        row = tl.atomic_add(scratch_ptr + BINS + e, 1, mask=m)
+        row = tl.atomic_add(scratch_ptr + BINS + e, 1, mask=m, sem="relaxed")
         tl.store(sorted_ptr + row, start + offs, mask=m)
 
 
