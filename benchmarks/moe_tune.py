@@ -315,11 +315,23 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+def parse_shape(spec: str) -> MoEShape:
+    """``"E,H,I,K"`` -> a shape named after it. Raises ``SystemExit`` on a malformed spec."""
+    try:
+        e, h, i, k = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"moe_tune: --shape wants E,H,I,K (four ints), got {spec!r}") from None
+    return MoEShape(f"E{e}-H{h}-I{i}-k{k}", h, i, e, k)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="moe_tune.json")
     ap.add_argument("--table-dir", type=Path, default=TUNED_DIR)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--shape", action="append", default=[], metavar="E,H,I,K",
+                    help="an expert shape to tune instead of the defaults: experts, hidden, "
+                         "intermediate per rank, experts per token (repeatable)")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--smoke", action="store_true",
@@ -332,7 +344,8 @@ def main() -> int:
         print("moe_tune: needs a CUDA GPU (--smoke checks the script on CPU); skipped")
         return 0
     else:
-        report = run(MODELS, tokens, torch.device("cuda"), a.budget_s, a.jobs)
+        models = [parse_shape(spec) for spec in a.shape] or MODELS
+        report = run(models, tokens, torch.device("cuda"), a.budget_s, a.jobs)
     out = Path(a.out)
     out.write_text(json.dumps(report, indent=1))
     plot(report, out.with_suffix(".png"))

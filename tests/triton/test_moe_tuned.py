@@ -138,3 +138,10 @@ def test_moe_rule_swaps_the_grouped_path(monkeypatch: pytest.MonkeyPatch, rule: 
     monkeypatch.setattr(sys, "argv", ["moe_rule.py", "nope"])
     with pytest.raises(SystemExit, match="unknown rule"):
         moe_rule.main()
+
+
+def test_shape_argument() -> None:
+    shape = moe_tune.parse_shape("256,7168,256,8")
+    assert (shape.experts, shape.hidden, shape.inter, shape.top_k) == (256, 7168, 256, 8)
+    with pytest.raises(SystemExit, match="E,H,I,K"):
+        moe_tune.parse_shape("256,7168")
