@@ -1,10 +1,12 @@
 """Group (token, expert) pairs by expert and pad each group to the GEMM's row block.
 
-One Triton program does it all (:func:`align_pairs`), with no host synchronisation, so fused
-MoE can be captured in a device graph: buffers are sized for the worst case, and a device
-counter says how many padded rows are real. It replaced fourteen torch launches (a scatter
-count, two cumsums, a sort, gathers, a searchsorted: :func:`align_pairs_torch`, kept as the
-reference) that cost more than the grouped GEMM's weight reads at decode batch sizes.
+One Triton program does it all (:func:`align_pairs`; up to 49,152 pairs, beyond which the
+torch operations are faster), with no host synchronisation, so fused MoE can be captured in a
+device graph: buffers are sized for the worst case, and a device counter says how many padded
+rows are real. It replaced fourteen torch launches (a scatter count, two cumsums, a sort,
+gathers, a searchsorted: :func:`align_pairs_torch`, kept as the reference and for larger
+counts), which took 52-89 us a call on an H100 at decode batch sizes (16-512 tokens of eight
+experts), a sixth of the grouped path, against 7-17 us.
 
 Within an expert's run the pairs' order is unspecified (the program places them with
 atomic counters). That does not change any result: each row of the grouped GEMM is
@@ -22,6 +24,10 @@ import triton.language as tl
 
 #: pairs a program step reads at once
 _CHUNK = 1024
+#: above this many pairs the torch operations are faster than the one program, which places
+#: every pair itself (H100, 2026-12-06, ``results/h100-20261206-0134-moe_tune.json``: 90 against
+#: 129 us at 32,768 pairs, 172 against 141 us at 65,536)
+ALIGN_KERNEL_MAX_PAIRS = 49152
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,12 @@ def _align_kernel(ids_ptr, scratch_ptr, sorted_ptr, blocks_ptr, num_rows_ptr, n,
 
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
     """Sort the pairs of ``topk_ids [T, k]`` (ints in ``[0, E)``) by expert and pad each
-    expert's run to a multiple of ``block_m``, in one launch; the order within a run is
-    unspecified (see the module). Ids outside ``[0, E)`` are not checked (that would need a
-    host sync); they must not occur."""
+    expert's run to a multiple of ``block_m``, in one launch (above
+    :data:`ALIGN_KERNEL_MAX_PAIRS` pairs through :func:`align_pairs_torch`); the order within
+    a run is unspecified (see the module). Ids outside ``[0, E)`` are not checked (that would
+    need a host sync); they must not occur."""
+    if topk_ids.numel() > ALIGN_KERNEL_MAX_PAIRS:
+        return align_pairs_torch(topk_ids, num_experts, block_m)
     device = topk_ids.device
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():

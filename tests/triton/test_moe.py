@@ -122,3 +122,15 @@ def test_align_kernel_compiles_for_hopper() -> None:
              "constexprs": {"BLOCK_M": bm, "BINS": 128, "CHUNK": 1024, "BLOCK_B": 64}}
             for bm in (16, 128)]
     assert all(r["ptx_lines"] > 0 for r in hopper_ptx(jobs))
+
+
+def test_align_pairs_above_the_kernel_limit_takes_torch(monkeypatch: pytest.MonkeyPatch,
+                                                         device: torch.device) -> None:
+    from heteroserve.platforms.triton import moe_align
+
+    monkeypatch.setattr(moe_align, "ALIGN_KERNEL_MAX_PAIRS", 8)
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3], [1, 1]], dtype=torch.int32).to(device)
+    got = moe_align.align_pairs(ids, 5, 4)  # 10 pairs: the stable torch order
+    ref = moe_align.align_pairs_torch(ids, 5, 4)
+    assert torch.equal(got.sorted_ids, ref.sorted_ids)
+    assert torch.equal(got.block_experts, ref.block_experts)
