@@ -197,6 +197,11 @@ class FusedMoEOp(Protocol):
 #: name of the optional weight-processing attribute of a ``fused_moe`` implementation
 MOE_PROCESS_WEIGHTS_ATTR = "process_weights_after_loading"
 
+#: name of the optional attribute of a ``fused_moe`` implementation that says, for the
+#: start-up block, how it will run a layer's experts: ``describe_experts(w13, w2) -> str``
+#: (the tensors the op will be passed), one line such as which tile table applies
+MOE_DESCRIBE_ATTR = "describe_experts"
+
 #: name of the optional attribute (a tuple of scheme names from :data:`MOE_WEIGHT_SCHEMES`)
 #: by which a ``fused_moe`` implementation declares the quantized expert weights it runs
 MOE_WEIGHT_SCHEMES_ATTR = "moe_weight_schemes"

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from heteroserve.core.kernels.ops import (
-    FUSED_MOE, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR,
-    MoEWeightQuant,
+    FUSED_MOE, MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES,
+    MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.kernels.linear import (
@@ -255,6 +255,13 @@ class FusedMoE(nn.Module):
         w13, w2 = process(self.w13.data, self.w2.data)
         self.w13 = nn.Parameter(w13, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
+
+    def kernel_note(self) -> str | None:
+        """What the ``fused_moe`` implementation says of running these experts (its optional
+        ``describe_experts``, see :data:`MOE_DESCRIBE_ATTR`), for the start-up block; None
+        when it says nothing."""
+        describe = getattr(self.ctx.dispatch.fused_moe, MOE_DESCRIBE_ATTR, None)
+        return None if describe is None else f"fused_moe: {describe(self.w13, self.w2)}"
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:

@@ -403,7 +403,7 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     def startup_notes(self) -> list[str]:
         """Whether q (or q_a) and kv_a run as one projection, and which path the shared
-        experts take (one line per distinct choice)."""
+        experts take (one line per distinct choice), then the fused MoE's own notes."""
         seen: dict[str, None] = {}
         for m in self.modules():
             if isinstance(m, MultiHeadLatentAttention):
@@ -413,7 +413,7 @@ class DeepseekV2ForCausalLM(CausalLM):
                                 f"separate: {m.qkv_a_refusal}")
             elif isinstance(m, DeepseekMoE) and m.shared_path is not None:
                 seen.setdefault(m.shared_path.describe())
-        return list(seen)
+        return list(seen) + super().startup_notes()
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -7,11 +7,13 @@ import triton
 import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
+from heteroserve.core.kernels.ops import (
+    GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
+)
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
-from heteroserve.platforms.triton.moe_tuned import tuned_configs
+from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
@@ -186,3 +188,5 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 setattr(fused_moe, GRAPH_SAFE_ATTR, True)
 # fp8_block experts (weight-only, block scales) on both paths
 setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))
+# the start-up block names the grouped GEMM's tile table (or the heuristic)
+setattr(fused_moe, MOE_DESCRIBE_ATTR, describe)

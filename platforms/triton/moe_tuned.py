@@ -87,3 +87,19 @@ def tuned_configs(num_pairs: int, dtype: torch.dtype, num_experts: int, hidden: 
     entries = load_table(table_file(device_name(device))).get(
         shape_key(dtype, num_experts, hidden, inter))
     return nearest(entries, num_pairs) if entries else None
+
+
+def describe(w13: torch.Tensor, w2: torch.Tensor) -> str:
+    """The start-up line for experts ``w13 [E, 2I, H]`` (the fused MoE op's
+    ``describe_experts``): which tiles the grouped GEMM takes on their device."""
+    e, two_i, h = w13.shape
+    key = shape_key(w13.dtype, e, h, two_i // 2)
+    if w13.device.type == "cpu":
+        return f"grouped GEMM tiles: interpreter tiles ({key})"
+    name = device_name(w13.device)
+    entries = load_table(table_file(name)).get(key)
+    if not entries:
+        return (f"grouped GEMM tiles: heuristic (no table for {key} in "
+                f"moe_tuned/{table_file(name).name}; benchmarks/moe_tune.py writes one)")
+    return (f"grouped GEMM tiles: tuned for {name}, {key}, {len(entries)} pair counts "
+            f"{entries[0][0]}-{entries[-1][0]} (moe_tuned/{table_file(name).name})")

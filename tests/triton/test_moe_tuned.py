@@ -145,3 +145,48 @@ def test_shape_argument() -> None:
     assert (shape.experts, shape.hidden, shape.inter, shape.top_k) == (256, 7168, 256, 8)
     with pytest.raises(SystemExit, match="E,H,I,K"):
         moe_tune.parse_shape("256,7168")
+
+
+def test_describe_names_the_table_or_the_heuristic(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    """The Triton fused MoE's ``describe_experts``: the table file and its pair counts where
+    the experts' shape is tuned on this device, else the heuristic and how to tune."""
+    from heteroserve.core.kernels.ops import MOE_DESCRIBE_ATTR
+    from heteroserve.platforms.triton.moe import fused_moe
+
+    assert getattr(fused_moe, MOE_DESCRIBE_ATTR) is moe_tuned.describe
+    key = moe_tuned.shape_key(torch.bfloat16, 4, 64, 32)
+    _write(tmp_path / "Fake_GPU.json", {key: {"128": {"gate_up": GATE, "down": DOWN},
+                                              "4096": {"gate_up": BIG_GATE, "down": BIG_DOWN}}})
+    monkeypatch.setattr(moe_tuned, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(moe_tuned, "device_name", lambda device: "Fake GPU")
+    w13 = torch.empty(4, 64, 64, dtype=torch.bfloat16, device="meta")
+    w2 = torch.empty(4, 64, 32, dtype=torch.bfloat16, device="meta")
+    assert moe_tuned.describe(w13, w2) == (
+        "grouped GEMM tiles: tuned for Fake GPU, bfloat16 E=4 H=64 I=32, 2 pair counts "
+        "128-4096 (moe_tuned/Fake_GPU.json)")
+    assert moe_tuned.describe(w13.to(torch.float8_e4m3fn), w2).startswith(
+        "grouped GEMM tiles: heuristic (no table for float8_e4m3fn E=4 H=64 I=32 in "
+        "moe_tuned/Fake_GPU.json; benchmarks/moe_tune.py writes one)")
+    assert "interpreter" in moe_tuned.describe(torch.empty(4, 64, 64), torch.empty(4, 64, 32))
+
+
+def test_startup_block_carries_the_fused_moe_note(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """A ``fused_moe`` with ``describe_experts`` gets one start-up line per distinct note
+    (every layer of a tiny Qwen3-MoE says the same); one without says nothing."""
+    from engine_harness import cpu_args
+    from heteroserve.core.kernels.ops import MOE_DESCRIBE_ATTR
+    from heteroserve.core.model_runner.build import build_model_runner, startup_block
+    from heteroserve.core.models.tiny import build_tiny_model
+    from heteroserve.core.plugins.manager import load_plugins
+
+    path = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=2)
+    runner = build_model_runner(cpu_args(path))[2]
+    assert runner.model.startup_notes() == []
+    impl = runner.dispatch.fused_moe
+    monkeypatch.setattr(impl, MOE_DESCRIBE_ATTR,
+                        lambda w13, w2: f"{w13.shape[0]} experts, fake tiles", raising=False)
+    block = startup_block(runner.platform, load_plugins(), runner.dispatch, runner)
+    experts = runner.model.model.layers[0].mlp.w13.shape[0]
+    assert block.count(f"model path   fused_moe: {experts} experts, fake tiles") == 1, block
