@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from heteroserve.platforms.triton.device_info import device_name
-
-Config = tuple[int, int, int, int, int]
+from heteroserve.platforms.triton.moe_gemm import Config
 
 TUNED_DIR = Path(__file__).with_name("moe_tuned")
 
@@ -79,13 +78,22 @@ def nearest(entries: list[tuple[int, Config, Config]], num_pairs: int
     return best[1], best[2]
 
 
-def tuned_configs(num_pairs: int, dtype: torch.dtype, num_experts: int, hidden: int,
-                  inter: int, device: torch.device) -> tuple[Config, Config] | None:
-    """The tuned ``(gate_up, down)`` configs for this device and expert shape, or None."""
+@functools.lru_cache(maxsize=64)
+def device_entries(device: torch.device, dtype: torch.dtype, num_experts: int, hidden: int,
+                   inter: int) -> list[tuple[int, Config, Config]] | None:
+    """The table of this expert shape on ``device`` (None: no table, or the CPU), looked up
+    once per shape: every grouped MoE call asks."""
     if device.type == "cpu":
         return None
     entries = load_table(table_file(device_name(device))).get(
         shape_key(dtype, num_experts, hidden, inter))
+    return entries or None
+
+
+def tuned_configs(num_pairs: int, dtype: torch.dtype, num_experts: int, hidden: int,
+                  inter: int, device: torch.device) -> tuple[Config, Config] | None:
+    """The tuned ``(gate_up, down)`` configs for this device and expert shape, or None."""
+    entries = device_entries(device, dtype, num_experts, hidden, inter)
     return nearest(entries, num_pairs) if entries else None
 
 
@@ -97,7 +105,7 @@ def describe(w13: torch.Tensor, w2: torch.Tensor) -> str:
     if w13.device.type == "cpu":
         return f"grouped GEMM tiles: interpreter tiles ({key})"
     name = device_name(w13.device)
-    entries = load_table(table_file(name)).get(key)
+    entries = device_entries(w13.device, w13.dtype, e, h, two_i // 2)
     if not entries:
         return (f"grouped GEMM tiles: heuristic (no table for {key} in "
                 f"moe_tuned/{table_file(name).name}; benchmarks/moe_tune.py writes one)")

@@ -26,6 +26,7 @@ BIG_GATE, BIG_DOWN = [64, 128, 64, 8, 4], [64, 256, 64, 8, 3]
 def _write(path: Path, tables: dict) -> Path:
     path.write_text(json.dumps({"device": "X", "tables": tables}))
     moe_tuned.load_table.cache_clear()
+    moe_tuned.device_entries.cache_clear()
     return path
 
 
