@@ -15,6 +15,12 @@
 #                          decode steps chain only while nothing waits (the rule before
 #                          2026-12-05); run `h200` in the same call for the default
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
+#   decode_chain           benchmarks/decode_chain.py: each model's one-row linears and fused MoE
+#                          decode kernels replayed as a decode graph runs them, per launch shape
+#                          and per GEMV rule (CHAIN_ARGS adds options, e.g. --budget-s 150)
+#   gemv_ab                the batch-1 decode rows (GEMV_WORKLOADS, default all four models) under
+#                          each of benchmarks/gemv_rule.py's GEMV_RULES (default: default tile8k
+#                          tile16k stages2) -> $OUT/gemv/<rule>.json
 #   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
 #                          and token count; installs platforms/triton/moe_tuned/<device>.json
 #                          (copied to $OUT) for the later steps; TUNE_ARGS adds options
@@ -169,6 +175,15 @@ for step in "$@"; do
       for rule in ${MOE_RULES:-torch_align_heuristic heuristic}; do
         timeout 200 python3 benchmarks/moe_rule.py $rule --workloads "${MOE_WORKLOADS:-qwen3moe}" \
           --out "$OUT/moe/$rule.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote"
+      done ;;
+    decode_chain) timeout 400 python3 benchmarks/decode_chain.py --out "$OUT/decode_chain.json" \
+        ${CHAIN_ARGS:-} 2>&1 | grep -v -i warn ;;
+    gemv_ab)  # the decode rows under each GEMV launch rule, the default first
+      mkdir -p "$OUT/gemv"
+      for rule in ${GEMV_RULES:-default tile8k tile16k stages2}; do
+        timeout 150 python3 benchmarks/gemv_rule.py "$rule" --workloads \
+          "${GEMV_WORKLOADS:-llama8b_decode1,qwen3moe_decode1,deepseek_v2_lite_decode1,gemma3_12b_decode1}" \
+          --out "$OUT/gemv/$rule.json" 2>&1 | grep -E "decode1:|wrote|Error"
       done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;

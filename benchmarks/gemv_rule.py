@@ -1,0 +1,91 @@
+"""Launch rules for the one-row GEMV (``platforms/triton/gemv.py``), for side-by-side runs:
+``benchmarks/decode_chain.py`` times each rule's launches, and ``python3
+benchmarks/gemv_rule.py RULE[+down=BYTES] --out X.json [--workloads ...]`` runs the headline
+workloads (``bench_headline.py``) with the GEMV under ``RULE`` (and, with ``+down=BYTES``, the
+fused MoE decode's down kernel loading ``BYTES`` of each weight row per step). The JSON
+records the rule as ``gemv_rule``.
+
+Rules:
+
+- ``default``: :func:`~heteroserve.platforms.triton.gemv.choose_config` as it stands (since
+  2026-12-06: four features a program, 2048-column steps).
+- ``previous``: the rule before: 512-column steps, and the fewest output features (16 down to
+  2) that leave four programs a multiprocessor.
+- ``tile8k`` / ``tile16k``: ``previous`` with ``block_k`` raised (up to ``K`` rounded to a
+  power of two) until a program's weight tile holds 8 / 16 KiB.
+- ``stages2``: ``previous``, software-pipelined over two stages.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+
+from heteroserve.platforms.triton import gemv as gemv_mod
+from heteroserve.platforms.triton import moe_decode
+from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.gemv import PLAIN, RMS_NORM, GemvConfig
+
+Rule = Callable[..., GemvConfig]
+_DEFAULT: Rule = gemv_mod.choose_config
+
+
+def _previous(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
+    if device.type == "cpu":
+        return _DEFAULT(n, k, device, prologue)
+    block_n = 16
+    while prologue != RMS_NORM and block_n > 2 and \
+            triton.cdiv(n, block_n) < 4 * multiprocessors(device):
+        block_n //= 2
+    return GemvConfig(block_n, 512 if k >= 512 else triton.next_power_of_2(max(k, 16)), 4, 1)
+
+
+_BASE: Rule = _previous
+
+
+def _tile_bytes(target: int) -> Rule:
+    def rule(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
+        cfg = _BASE(n, k, device, prologue)
+        if device.type == "cpu":
+            return cfg
+        wide = min(triton.next_power_of_2(k), target // (2 * cfg.block_n))
+        return replace(cfg, block_k=max(cfg.block_k, wide))
+    return rule
+
+
+def _stages2(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
+    cfg = _BASE(n, k, device, prologue)
+    return cfg if device.type == "cpu" else replace(cfg, num_stages=2)
+
+
+RULES: dict[str, Rule] = {"default": _DEFAULT, "previous": _previous,
+                          "tile8k": _tile_bytes(8192),
+                          "tile16k": _tile_bytes(16384), "stages2": _stages2}
+
+
+def apply(spec: str) -> None:
+    """Install ``RULE[+down=BYTES]`` in this process. Raises ``SystemExit`` for an unknown
+    rule."""
+    rule, _, down = spec.partition("+down=")
+    if rule not in RULES:
+        raise SystemExit(f"gemv_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
+    gemv_mod.choose_config = RULES[rule]
+    if down:
+        moe_decode._DOWN_ROW_BYTES = int(down)
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_headline
+
+    apply(sys.argv[1])
+    return bench_headline.main_tagged(sys.argv[2:], {"gemv_rule": sys.argv[1]})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
