@@ -188,8 +188,8 @@ def moe_rows(model: str, e: Experts, device: torch.device, copy_bps: float, smok
              deadline: float) -> list[dict]:
     """The fused MoE decode kernels for one token over distinct layers (see the module)."""
     gen = torch.Generator(device).manual_seed(0)
-    layer_bytes = e.experts * 3 * e.inter * e.hidden * 2
-    layers = copies(layer_bytes // 8, smoke)  # a call reads top_k of the experts
+    routed = e.top_k * 3 * e.inter * e.hidden * 2  # the bytes one call reads
+    layers = copies(routed, smoke)
     w13 = [torch.randn(e.experts, 2 * e.inter, e.hidden, device=device, generator=gen,
                        dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
     w2 = [torch.randn(e.experts, e.hidden, e.inter, device=device, generator=gen,
@@ -198,7 +198,6 @@ def moe_rows(model: str, e: Experts, device: torch.device, copy_bps: float, smok
     ids = torch.stack([torch.randperm(e.experts, device=device, generator=gen)[:e.top_k]
                        for _ in range(layers)]).to(torch.int32)[:, None, :]
     tw = torch.softmax(torch.randn(layers, 1, e.top_k, device=device, generator=gen), -1)
-    routed = e.top_k * 3 * e.inter * e.hidden * 2
     default = moe_choose_config(1, e.top_k, e.hidden, e.inter, torch.bfloat16, device)
     ref = decode_moe(x, w13[0], w2[0], tw[0], ids[0], config=default)
     measure = timer(smoke)
@@ -226,14 +225,12 @@ def _moe_dict(cfg: DecodeConfig) -> dict:
 
 
 def plot(report: dict, path: Path) -> bool:
-    """Per model: each rule's layer time next to the copy floor."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Per model: each rule's layer time next to the copy floor; False without matplotlib."""
+    from headline_report import pyplot_or_none
 
+    plt = pyplot_or_none()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(7, 4))
     labels, fracs = [], []
     for row in report["chains"]:

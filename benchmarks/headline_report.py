@@ -38,7 +38,8 @@ def profile_top_kernels(fn: Callable[[], object], with_device: bool, rows: int =
             "table": events.table(sort_by=attr, row_limit=rows, max_name_column_width=80)}
 
 
-def _pyplot():
+def pyplot_or_none():
+    """``matplotlib.pyplot`` on the Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -51,7 +52,7 @@ def _pyplot():
 
 def plot_workload(name: str, entry: dict, device: str, path: Path) -> bool:
     """Two bars, the measured value and its floor (same unit); False without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5, 2.4))
@@ -71,7 +72,7 @@ def plot_workload(name: str, entry: dict, device: str, path: Path) -> bool:
 
 def plot_summary(workloads: dict, device: str, path: Path) -> bool:
     """Every workload's fraction of its floor, with its target where one is set."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None or not workloads:
         return False
     names = list(workloads)
