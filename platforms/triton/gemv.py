@@ -142,11 +142,13 @@ def gemv_tiles(n: int, k: int, multiprocessors: int, prologue: int = PLAIN) -> G
     (``benchmarks/decode_chain.py``, ``benchmarks/results/h100-20261206-0343-decode_chain.json``,
     every one-row linear of Llama-3.1-8B, Qwen3-30B-A3B, DeepSeek-V2-Lite and Gemma-3-12B
     replayed from a decode graph with PDL over weights past the L2): this shape is the
-    fastest or within 3 % of the fastest of about 30 at each of the 14 shapes, and a layer's
-    linears took 13-24 % less time than under the rule before (512-column steps and as many
-    features as kept four programs a multiprocessor: 2 KiB steps for Qwen3's o_proj). With the
-    RMSNorm prologue every program re-reads three rows (x, residual, norm weight), so those
-    programs keep the earlier shape: 16 outputs, 512-column steps."""
+    fastest or within 3 % of the fastest of about 30 at each of the 14 shapes, where the rule
+    before (512-column steps and as many features as kept four programs a multiprocessor:
+    2 KiB steps for Qwen3's o_proj) took 4-120 % longer; batch-1 decode of all four models
+    was 1-4 % faster in the engine (``benchmarks/gemv_rule.py``,
+    ``results/h100-20261206-0406-*``; not yet measured on an H200). With the RMSNorm prologue
+    every program re-reads three rows (x, residual, norm weight), so those programs keep the
+    earlier shape: 16 outputs, 512-column steps."""
     if prologue == RMS_NORM:
         return GemvConfig(16, 512 if k >= 512 else triton.next_power_of_2(max(k, 16)), 4, 1)
     block_n = 4
