@@ -39,6 +39,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_rule import RULES  # noqa: E402
+from moe_decode_sweep import rel_err, wall_us  # noqa: E402
 
 from heteroserve.platforms.triton.gemv import GemvConfig, gemv  # noqa: E402
 from heteroserve.platforms.triton.moe_decode import (  # noqa: E402
@@ -98,22 +99,11 @@ def copies(nbytes: int, smoke: bool) -> int:
 
 
 def timer(smoke: bool) -> Callable[[list[Callable[[], object]]], float]:
-    """Microseconds per call: graph replay on the GPU, one eager pass in smoke runs."""
-    if not smoke:
-        from roofline import graph_us
-        return graph_us
-
-    def eager_us(calls: list[Callable[[], object]]) -> float:
-        t0 = time.perf_counter()
-        for call in calls:
-            call()
-        return (time.perf_counter() - t0) * 1e6 / len(calls)
-    return eager_us
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu().reshape(-1), ref.double().cpu().reshape(-1)
-    return float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+    """Microseconds per call: graph replay on the GPU, one host-timed pass in smoke runs."""
+    if smoke:
+        return wall_us
+    from roofline import graph_us
+    return graph_us
 
 
 def shape_rows(model: str, spec: Model, device: torch.device, copy_bps: float, smoke: bool,
@@ -127,7 +117,7 @@ def shape_rows(model: str, spec: Model, device: torch.device, copy_bps: float, s
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         ref = x.double() @ ws[0].double().T
         default = RULES["default"](n, k, device)
-        best = None
+        best = dflt = None
         for cfg in dict.fromkeys([default, *candidates(k, smoke)]):
             if time.monotonic() > deadline:
                 break
@@ -141,8 +131,7 @@ def shape_rows(model: str, spec: Model, device: torch.device, copy_bps: float, s
                 raise AssertionError(f"decode_chain: {row} is wrong")
             rows.append(row)
             best = row if best is None or us < best["us"] else best
-        dflt = next((r for r in rows if r["linear"] == name and r["model"] == model
-                     and r["default"]), None)
+            dflt = row if cfg == default else dflt
         if best is not None and dflt is not None:
             print(f"{model:17s} {name:8s} N={n:6d} K={k:5d} default {dflt['us']:7.2f} us "
                   f"({dflt['frac_copy']:6.1%}) best {best['us']:7.2f} us "

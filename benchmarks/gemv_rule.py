@@ -1,9 +1,8 @@
 """Launch rules for the one-row GEMV (``platforms/triton/gemv.py``), for side-by-side runs:
 ``benchmarks/decode_chain.py`` times each rule's launches, and ``python3
-benchmarks/gemv_rule.py RULE[+down=BYTES] --out X.json [--workloads ...]`` runs the headline
-workloads (``bench_headline.py``) with the GEMV under ``RULE`` (and, with ``+down=BYTES``, the
-fused MoE decode's down kernel loading ``BYTES`` of each weight row per step). The JSON
-records the rule as ``gemv_rule``.
+benchmarks/gemv_rule.py RULE --out X.json [--workloads ...]`` runs the headline workloads
+(``bench_headline.py``) with the GEMV under ``RULE``. The JSON records the rule as
+``gemv_rule``.
 
 Rules:
 
@@ -27,7 +26,6 @@ import torch
 import triton
 
 from heteroserve.platforms.triton import gemv as gemv_mod
-from heteroserve.platforms.triton import moe_decode
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.gemv import PLAIN, RMS_NORM, GemvConfig
 
@@ -45,12 +43,9 @@ def _previous(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> Ge
     return GemvConfig(block_n, 512 if k >= 512 else triton.next_power_of_2(max(k, 16)), 4, 1)
 
 
-_BASE: Rule = _previous
-
-
-def _tile_bytes(target: int) -> Rule:
+def _tile_bytes(target: int, base: Rule = _previous) -> Rule:
     def rule(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
-        cfg = _BASE(n, k, device, prologue)
+        cfg = base(n, k, device, prologue)
         if device.type == "cpu":
             return cfg
         wide = min(triton.next_power_of_2(k), target // (2 * cfg.block_n))
@@ -59,7 +54,7 @@ def _tile_bytes(target: int) -> Rule:
 
 
 def _stages2(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
-    cfg = _BASE(n, k, device, prologue)
+    cfg = _previous(n, k, device, prologue)
     return cfg if device.type == "cpu" else replace(cfg, num_stages=2)
 
 
@@ -68,15 +63,11 @@ RULES: dict[str, Rule] = {"default": _DEFAULT, "previous": _previous,
                           "tile16k": _tile_bytes(16384), "stages2": _stages2}
 
 
-def apply(spec: str) -> None:
-    """Install ``RULE[+down=BYTES]`` in this process. Raises ``SystemExit`` for an unknown
-    rule."""
-    rule, _, down = spec.partition("+down=")
+def apply(rule: str) -> None:
+    """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
     if rule not in RULES:
         raise SystemExit(f"gemv_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
     gemv_mod.choose_config = RULES[rule]
-    if down:
-        moe_decode._DOWN_ROW_BYTES = int(down)
 
 
 def main() -> int:

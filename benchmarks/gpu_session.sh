@@ -19,8 +19,8 @@
 #                          decode kernels replayed as a decode graph runs them, per launch shape
 #                          and per GEMV rule (CHAIN_ARGS adds options, e.g. --budget-s 150)
 #   gemv_ab                the batch-1 decode rows (GEMV_WORKLOADS, default all four models) under
-#                          each of benchmarks/gemv_rule.py's GEMV_RULES (default: default tile8k
-#                          tile16k stages2) -> $OUT/gemv/<rule>.json
+#                          each of benchmarks/gemv_rule.py's GEMV_RULES (default: default
+#                          previous) -> $OUT/gemv/<rule>.json
 #   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
 #                          and token count; installs platforms/triton/moe_tuned/<device>.json
 #                          (copied to $OUT) for the later steps; TUNE_ARGS adds options
@@ -180,7 +180,7 @@ for step in "$@"; do
         ${CHAIN_ARGS:-} 2>&1 | grep -v -i warn ;;
     gemv_ab)  # the decode rows under each GEMV launch rule, the default first
       mkdir -p "$OUT/gemv"
-      for rule in ${GEMV_RULES:-default tile8k tile16k stages2}; do
+      for rule in ${GEMV_RULES:-default previous}; do
         timeout 150 python3 benchmarks/gemv_rule.py "$rule" --workloads \
           "${GEMV_WORKLOADS:-llama8b_decode1,qwen3moe_decode1,deepseek_v2_lite_decode1,gemma3_12b_decode1}" \
           --out "$OUT/gemv/$rule.json" 2>&1 | grep -E "decode1:|wrote|Error"

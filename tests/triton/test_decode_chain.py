@@ -40,17 +40,13 @@ def test_tile_rules_widen_block_k_only() -> None:
         return GemvConfig(2 if n <= 2048 else 8, 512, 4, 1)
 
     gpu = torch.device("cuda", 0)  # only its type is read
-    orig = gemv_rule._BASE
-    gemv_rule._BASE = fake_default
-    try:
-        rule8, rule16 = gemv_rule._tile_bytes(8192), gemv_rule._tile_bytes(16384)
-        assert rule8(2048, 4096, gpu) == GemvConfig(2, 2048, 4, 1)   # 2 x 2048 x 2 B = 8 KiB
-        assert rule16(2048, 4096, gpu) == GemvConfig(2, 4096, 4, 1)
-        assert rule16(2048, 1000, gpu) == GemvConfig(2, 1024, 4, 1)  # no wider than K needs
-        assert rule8(6144, 4096, gpu) == GemvConfig(8, 512, 4, 1)    # already 8 KiB
-        assert rule8(2048, 4096, torch.device("cpu")) == GemvConfig(2, 512, 4, 1)
-    finally:
-        gemv_rule._BASE = orig
+    rule8 = gemv_rule._tile_bytes(8192, fake_default)
+    rule16 = gemv_rule._tile_bytes(16384, fake_default)
+    assert rule8(2048, 4096, gpu) == GemvConfig(2, 2048, 4, 1)   # 2 x 2048 x 2 B = 8 KiB
+    assert rule16(2048, 4096, gpu) == GemvConfig(2, 4096, 4, 1)
+    assert rule16(2048, 1000, gpu) == GemvConfig(2, 1024, 4, 1)  # no wider than K needs
+    assert rule8(6144, 4096, gpu) == GemvConfig(8, 512, 4, 1)    # already 8 KiB
+    assert rule8(2048, 4096, torch.device("cpu")) == GemvConfig(2, 512, 4, 1)
     with pytest.raises(SystemExit, match="unknown rule"):
         gemv_rule.apply("nope")
 
