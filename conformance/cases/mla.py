@@ -17,6 +17,8 @@ from heteroserve.core.kernels import ops
 #: (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
 DEEPSEEK_DIMS = (512, 128, 64, 128)
 SMALL_DIMS = (64, 32, 16, 48)
+#: a decode batch past the small-batch paths implementations may take (Triton: 8 sequences)
+WIDE_DECODE = (1, 3, 17, 64, 130, 5, 9, 33, 2, 70, 11, 40)
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,13 @@ class MLACase(Case):
 
 
 def _case(kind: str, dt: Any, heads: int, dims: tuple[int, int, int, int], page: int,
-          long: bool = False) -> MLACase:
+          long: bool = False, wide: bool = False) -> MLACase:
     c, dn, r, dv = dims
-    name = f"{DTYPE_NAMES[dt]}-p{page}-h{heads}-c{c}-n{dn}-r{r}-v{dv}" + ("-long" if long else "")
+    name = (f"{DTYPE_NAMES[dt]}-p{page}-h{heads}-c{c}-n{dn}-r{r}-v{dv}" + ("-long" if long else "")
+            + (f"-b{len(WIDE_DECODE)}" if wide else ""))
     if kind == "decode":
-        seqs = tuple((n - 1, 1) for n in (LONG_DECODE if long else DECODE_LENS))
+        lens = LONG_DECODE if long else WIDE_DECODE if wide else DECODE_LENS
+        seqs = tuple((n - 1, 1) for n in lens)
     else:
         seqs = LONG_EXTEND if long else EXTEND_BATCH
     return MLACase(ops.MLA_ATTENTION, name, dt, kind, heads, dims, page, seqs)
@@ -60,6 +64,8 @@ def _grid(ctx: ConformanceContext, kind: str) -> list[MLACase]:
     if not ctx.quick:
         cases += [_case(kind, dt, 128, DEEPSEEK_DIMS, pages[-1]) for dt in dtypes]
         cases += [_case(kind, dt, 16, DEEPSEEK_DIMS, pages[-1], long=True) for dt in dtypes]
+    if kind == "decode":
+        cases += [_case(kind, dt, 16, DEEPSEEK_DIMS, pages[0], wide=True) for dt in dtypes]
     return cases
 
 

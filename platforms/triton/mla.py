@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.core.kernels.attention import AttentionMetadata
+from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
 from heteroserve.core.kernels.mla import MLAConfig, MLALayer
 from heteroserve.platforms.cpu.mla import TorchNativeMLA
 from heteroserve.platforms.triton.attention_common import (
@@ -27,6 +27,10 @@ from heteroserve.platforms.triton.attention_decode import (
     choose_num_splits, decode_reduce_kernel, split_share,
 )
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
+from heteroserve.platforms.triton.mla_absorb import (
+    FUSED_MAX_BATCH, absorb_query, merge_and_absorb_output,
+)
+from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 BLOCK_H = 16
 
@@ -40,8 +44,9 @@ def _mla_decode_split_kernel(
     NUM_HEADS: tl.constexpr, LORA: tl.constexpr, ROPE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    EXACT_FP32: tl.constexpr,
+    EXACT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,7 +91,7 @@ def _mla_decode_split_kernel(
     mid = (mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh
            + split * stride_ms + offs_c[None, :])
     tl.store(mid, out.to(mid_o_ptr.dtype.element_ty), mask=h_mask[:, None] & c_mask[None, :])
-    if NUM_SPLITS > 1:  # one split: ``mid_o`` is the output itself, no merge follows
+    if NUM_SPLITS > 1:  # one split: ``mid_o`` is the merged output, no lse needed
         tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
                  mask=h_mask)
 
@@ -125,25 +130,25 @@ def mla_write_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tens
         BLOCK_R=max(16, triton.next_power_of_2(rope)), num_warps=4)
 
 
-def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                      out: torch.Tensor, scale: float, meta: AttentionMetadata,
-                      num_splits: int, block_n: int | None = None) -> torch.Tensor:
-    """Fill ``out [B, H, c]`` with each sequence's attention over its latent rows: scores
-    ``scale * (q_lat . c_kv + q_pe . k_pe)``, values ``c_kv``. ``q_lat [B, H, c]``,
-    ``q_pe [B, H, r]`` (last dims contiguous), ``cache [pages, page_size, c + r]``."""
+def _block_n(q_lat: torch.Tensor) -> int:
+    return 16 if q_lat.device.type == "cpu" or q_lat.dtype == torch.float32 else 32
+
+
+def _split_buffers(q_lat: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial outputs ``[B, H, S, c]`` and log2-sum-exps ``[B, H, S]``."""
     bsz, heads, lora = q_lat.shape
+    mid_o = torch.empty((bsz, heads, num_splits, lora), dtype=torch.float32, device=q_lat.device)
+    mid_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q_lat.device)
+    return mid_o, mid_lse
+
+
+def _launch_split(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                  mid_o: torch.Tensor, mid_lse: torch.Tensor, scale: float,
+                  meta: AttentionMetadata, block_n: int) -> None:
+    """The split kernel over ``mid_o [B, H, S, c]`` (with ``S == 1``: any ``mid_lse``)."""
+    bsz, heads, lora = q_lat.shape
+    num_splits = mid_o.shape[2]
     rope = q_pe.shape[-1]
-    if bsz == 0:
-        return out
-    if block_n is None:
-        block_n = 16 if q_lat.device.type == "cpu" or q_lat.dtype == torch.float32 else 32
-    if num_splits == 1:  # the split kernel writes ``out`` directly, no merge
-        mid_o = out.unsqueeze(2)
-        mid_lse = out.new_empty((1, 1, 1), dtype=torch.float32)
-    else:
-        mid_o = torch.empty((bsz, heads, num_splits, lora), dtype=torch.float32,
-                            device=q_lat.device)
-        mid_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q_lat.device)
     flat = cache.view(-1, cache.shape[-1])
     block_c = triton.next_power_of_2(lora)
     _mla_decode_split_kernel[(bsz, triton.cdiv(heads, BLOCK_H), num_splits)](
@@ -155,25 +160,48 @@ def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H, BLOCK_C=block_c,
         BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=block_n,
         EXACT_FP32=exact_fp32(q_lat.dtype), num_warps=8 if block_c >= 512 else 4,
-        num_stages=2)
-    if num_splits == 1:
+        num_stages=2, **pdl_args(q_lat.device))
+
+
+def mla_decode_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                      out: torch.Tensor, scale: float, meta: AttentionMetadata,
+                      num_splits: int, block_n: int | None = None) -> torch.Tensor:
+    """Fill ``out [B, H, c]`` with each sequence's attention over its latent rows: scores
+    ``scale * (q_lat . c_kv + q_pe . k_pe)``, values ``c_kv``. ``q_lat [B, H, c]``,
+    ``q_pe [B, H, r]`` (last dims contiguous), ``cache [pages, page_size, c + r]``."""
+    bsz, heads, lora = q_lat.shape
+    if bsz == 0:
         return out
+    block_n = block_n or _block_n(q_lat)
+    if num_splits == 1:  # the split kernel writes ``out`` directly, no merge
+        _launch_split(q_lat, q_pe, cache, out.unsqueeze(2),
+                      out.new_empty((1, 1, 1), dtype=torch.float32), scale, meta, block_n)
+        return out
+    mid_o, mid_lse = _split_buffers(q_lat, num_splits)
+    _launch_split(q_lat, q_pe, cache, mid_o, mid_lse, scale, meta, block_n)
     decode_reduce_kernel[(bsz, heads)](
         mid_o, mid_lse, out, meta.seq_lens, 0,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, HEAD_DIM=lora, SPLIT_BLOCK_N=block_n, HAS_WINDOW=False,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_c,
-        num_warps=4, USE_PDL=False)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=triton.next_power_of_2(lora),
+        num_warps=4, **pdl_args(q_lat.device))
     return out
 
 
 class TritonMLA(TorchNativeMLA):
     """MLA with a Triton split-KV decode (graph-safe) and a one-launch Triton ``write_kv``;
     ``extend`` from :class:`TorchNativeMLA`. Supports bf16/fp16/fp32, any page size, any
-    head count."""
+    head count.
+
+    Decode of up to ``fused_max_batch`` sequences (:data:`mla_absorb.FUSED_MAX_BATCH`) runs
+    the absorbed projections as Triton kernels around the split kernel
+    (:mod:`heteroserve.platforms.triton.mla_absorb`: three PDL launches, and through
+    :meth:`forward` the latent write rides in the first); larger batches use two cuBLAS BMMs
+    and the separate merge."""
 
     graph_safe = True
+    fused_max_batch = FUSED_MAX_BATCH
 
     def __init__(self, config: MLAConfig) -> None:
         super().__init__(config)
@@ -191,18 +219,46 @@ class TritonMLA(TorchNativeMLA):
         self._check_new_rows(latent, k_pe, meta)
         mla_write_latent(latent, k_pe, cache, meta.out_cache_loc)
 
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                k_pe: torch.Tensor, cache: torch.Tensor, w_kc: torch.Tensor,
+                w_vc: torch.Tensor, layer: MLALayer, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.mode is not ForwardMode.DECODE or not self._fused(q_nope.shape[0]):
+            return super().forward(q_nope, q_pe, latent, k_pe, cache, w_kc, w_vc, layer, meta)
+        self._check_new_rows(latent, k_pe, meta)
+        return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta,
+                            (latent, k_pe, cache, meta.out_cache_loc))
+
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
+        return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta, None)
+
+    def _fused(self, batch_size: int) -> bool:
+        return 0 < batch_size <= self.fused_max_batch
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
+                meta: AttentionMetadata,
+                new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+                ) -> torch.Tensor:
+        """Decode; ``new_rows`` (fused batches only): the latent write to fold in."""
         self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
         bsz = q_nope.shape[0]
         if bsz != meta.batch_size:
             raise ValueError(f"mla decode: expected one query per sequence "
                              f"({meta.batch_size}), got {bsz}")
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1).contiguous()
-        o_lat = torch.empty((bsz, c.num_heads, c.kv_lora_rank), dtype=q_nope.dtype,
-                            device=q_nope.device)
-        mla_decode_latent(q_lat, q_pe, cache, o_lat, layer.scale, meta,
-                          self._num_splits(bsz, q_nope.device))
-        return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
+        splits = self._num_splits(bsz, q_nope.device)
+        latent_shape = (bsz, c.num_heads, c.kv_lora_rank)
+        if not self._fused(bsz):
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1).contiguous()
+            o_lat = q_nope.new_empty(latent_shape)
+            mla_decode_latent(q_lat, q_pe, cache, o_lat, layer.scale, meta, splits)
+            return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
+        q_lat = absorb_query(q_nope, w_kc, q_nope.new_empty(latent_shape), new_rows)
+        mid_o, mid_lse = _split_buffers(q_lat, splits)
+        block_n = _block_n(q_lat)
+        _launch_split(q_lat, q_pe, cache, mid_o, mid_lse, layer.scale, meta, block_n)
+        out = torch.empty((bsz, c.num_heads, c.v_head_dim), dtype=q_nope.dtype,
+                          device=q_nope.device)
+        return merge_and_absorb_output(mid_o, mid_lse, w_vc, out, meta.seq_lens, block_n)

@@ -15,12 +15,16 @@ from heteroserve.core.kernels.mla import MLAConfig, MLALayer
 SENTINEL = 1234.5
 
 
+@pytest.mark.parametrize("fused_max_batch", [None, 0], ids=["absorb-kernels", "bmm"])
 @pytest.mark.parametrize("heads,dims,page,lens,splits_ctx", [
     (20, (64, 32, 16, 48), 1, (1, 2, 17, 40), 8192),   # two head blocks, one partial
     (3, (64, 32, 16, 48), 16, (5, 33), 256),            # one split per sequence
     (16, (512, 128, 64, 128), 16, (3, 20), 8192),       # DeepSeek's latent widths
 ])
-def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, splits_ctx) -> None:
+def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, splits_ctx,
+                                          fused_max_batch) -> None:
+    """Both decode paths: the Triton absorb kernels (small batches, latent write folded in)
+    and the BMMs around the split kernel and merge (``fused_max_batch`` 0)."""
     from heteroserve.platforms.triton.mla import TritonMLA
 
     c, dn, r, dv = dims
@@ -29,6 +33,8 @@ def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, split
     batch = build_batch(seqs, page, ForwardMode.DECODE, device, gen)
     backend = TritonMLA(MLAConfig(heads, c, dn, r, dv, page, torch.float32, device,
                                   max_context_len=splits_ctx))
+    if fused_max_batch is not None:
+        backend.fused_max_batch = fused_max_batch
     cache = torch.full(backend.kv_cache_shape(batch.num_pages), SENTINEL, device=device)
     rows = [torch.randn(n, c + r, generator=gen) for n in lens]
     for b, (p, _) in enumerate(seqs):
