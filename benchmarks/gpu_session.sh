@@ -21,9 +21,10 @@
 #   gemv_ab                the batch-1 decode rows (GEMV_WORKLOADS, default all four models) under
 #                          each of benchmarks/gemv_rule.py's GEMV_RULES (default: default
 #                          previous) -> $OUT/gemv/<rule>.json
-#   mla_ab                 the DeepSeek decode row (MLA_WORKLOADS, default deepseek_v2_lite_decode1)
-#                          under each of benchmarks/mla_rule.py's MLA_RULES (default: default bmm
-#                          default) -> $OUT/mla/<rule>[_again].json
+#   deepseek_ab            the DeepSeek decode row (DEEPSEEK_WORKLOADS, default
+#                          deepseek_v2_lite_decode1) under each of benchmarks/deepseek_rule.py's
+#                          DEEPSEEK_RULES (default: default bmm routing_before default)
+#                          -> $OUT/deepseek/<rule>[_again].json
 #   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
 #                          and token count; installs platforms/triton/moe_tuned/<device>.json
 #                          (copied to $OUT) for the later steps; TUNE_ARGS adds options
@@ -188,13 +189,13 @@ for step in "$@"; do
           "${GEMV_WORKLOADS:-llama8b_decode1,qwen3moe_decode1,deepseek_v2_lite_decode1,gemma3_12b_decode1}" \
           --out "$OUT/gemv/$rule.json" 2>&1 | grep -E "decode1:|wrote|Error"
       done ;;
-    mla_ab)  # the DeepSeek row under each MLA decode path; a rule named twice runs twice
-      mkdir -p "$OUT/mla"
-      for rule in ${MLA_RULES:-default bmm default}; do
-        name=$rule; [ -f "$OUT/mla/$name.json" ] && name=${rule}_again
-        timeout 150 python3 benchmarks/mla_rule.py "$rule" --workloads \
-          "${MLA_WORKLOADS:-deepseek_v2_lite_decode1}" --out "$OUT/mla/$name.json" 2>&1 \
-          | grep -E "decode1:|offline:|wrote|Error"
+    deepseek_ab)  # the DeepSeek row under each decode path; a rule named twice runs twice
+      mkdir -p "$OUT/deepseek"
+      for rule in ${DEEPSEEK_RULES:-default bmm routing_before default}; do
+        name=$rule; [ -f "$OUT/deepseek/$name.json" ] && name=${rule}_again
+        timeout 150 python3 benchmarks/deepseek_rule.py "$rule" --workloads \
+          "${DEEPSEEK_WORKLOADS:-deepseek_v2_lite_decode1}" --out "$OUT/deepseek/$name.json" \
+          2>&1 | grep -E "decode1:|offline:|wrote|Error"
       done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;

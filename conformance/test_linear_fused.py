@@ -1,7 +1,8 @@
 """Conformance of the optional fused entry points of linear methods,
 ``apply_rms_norm`` (RMSNorm, optionally after a residual add, then the projection),
-``apply_silu_and_mul`` (SiLU-and-mul then the projection) and ``apply_gated`` (the
-projection, then a gated activation of its two output halves), against float64 oracles.
+``apply_silu_and_mul`` (SiLU-and-mul then the projection), ``apply_gated`` (the
+projection, then a gated activation of its two output halves) and ``apply_upcast`` (bf16 or
+fp16 rows into an fp32 unquantized layer), against float64 oracles.
 
 They run on the schemes whose activations go in unquantized (a fused W8A8 kernel would
 quantize a row the suite cannot reproduce); a method that returns None for a case (no fused
@@ -119,3 +120,27 @@ def test_linear_gated(conf: ConfParam, ctx: ConformanceContext, activation: str,
     lin = oracle.linear(case.scheme, x, ckpt, case.group_size, bias, None)
     assert_close(out, act_oracle.gated(lin, activation), dt, f"linear_gated.{case.scheme}",
                  request)
+
+
+def upcast_cases(ctx: ConformanceContext) -> list[LinearCase]:
+    """The fp32 unquantized linear cases (``apply_upcast`` widens into an fp32 layer)."""
+    return [c for c in fused_cases(ctx) if c.scheme == "unquantized" and c.dtype == torch.float32]
+
+
+@conformance(upcast_cases, label="linear_upcast")
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_linear_upcast(conf: ConfParam, ctx: ConformanceContext, x_dtype: torch.dtype,
+                       request: pytest.FixtureRequest) -> None:
+    case: LinearCase = conf.case  # type: ignore[assignment]
+    method = conf.load()()
+    layer, ckpt, _, gen = load_layer(case, method, ctx)
+    x = _rows(gen, case.tokens, case.in_features, x_dtype)
+    bias = _bias(case, gen)
+    x_dev = x.to(ctx.device)
+    args = (layer, x_dev, bias.to(ctx.device) if bias is not None else None)
+    _skip_if_none(method.apply_upcast(*args), "apply_upcast", case)
+    out = run_op(lambda: method.apply_upcast(*args), tuple)
+    assert_bitwise_equal(x_dev, x, "apply_upcast must not modify x")
+    assert out.dtype == torch.float32, f"apply_upcast returns the layer's fp32, got {out.dtype}"
+    ref = oracle.linear(case.scheme, x.to(torch.float32), ckpt, case.group_size, bias, None)
+    assert_close(out, ref, torch.float32, "linear_upcast.unquantized", request)

@@ -153,6 +153,16 @@ class LinearMethod(ABC):
         has no fused kernel for this input; the caller then runs the norm and ``apply``."""
         return None
 
+    def apply_upcast(self, layer: torch.nn.Module, x: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Optional (since plugin API 1.5): ``x`` in a float dtype narrower than this layer's
+        (bf16/fp16 activations into an fp32 layer, such as DeepSeek's router) ->
+        ``apply(x.to(layer dtype), bias)``, in the layer's dtype, without a separate cast
+        (the widening is exact, so the result is the same). Must not modify ``x``. Returns
+        None (the default) when the method has no such kernel for this input; the caller then
+        casts and calls ``apply``."""
+        return None
+
     def apply_silu_and_mul(self, layer: torch.nn.Module, x: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """Optional fusion of the gated activation in front of this projection: ``x [T, 2K]``

@@ -174,7 +174,9 @@ class FusedMoEOp(Protocol):
         """Mixture of experts with SiLU-and-mul experts.
 
         ``x [T, H]``; ``w13 [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up); ``w2 [E, H, I]``;
-        ``topk_weights`` fp32 ``[T, k]``; ``topk_ids`` int ``[T, k]`` in ``[0, E)``.
+        ``topk_weights`` fp32 ``[T, k]``; ``topk_ids`` int ``[T, k]`` in ``[0, E)``; either
+        may be a strided view (rows any stride: DeepSeek's shared-expert slots are appended
+        as halves of one tensor).
         ``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
         ``e = topk_ids[t, j]``. Returns ``[T, H]`` in ``x.dtype``.
 

@@ -197,6 +197,17 @@ class LinearBase(nn.Module):
 class ReplicatedLinear(LinearBase):
     """Every rank holds the whole layer (routers, small projections)."""
 
+    def forward_upcast(self, x: torch.Tensor) -> torch.Tensor:
+        """This projection of ``x`` in a narrower float dtype than the layer's (an fp32
+        router fed the model's bf16 activations): ``self(x.to(layer dtype))``, in one kernel
+        where the method reads ``x`` as it is (:meth:`LinearMethod.apply_upcast`)."""
+        if x.dtype != self.ctx.dtype:
+            fused = self.method.apply_upcast(self, x, self.bias)
+            if fused is not None:
+                return fused
+            x = x.to(self.ctx.dtype)
+        return self(x)
+
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; ``forward`` returns this rank's slice."""

@@ -267,7 +267,7 @@ class DeepseekMoE(FusedMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
-        logits = self.gate(x.to(torch.float32))
+        logits = self.gate.forward_upcast(x)  # fp32, as DeepSeek's reference routes
         if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
             # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
             weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)
@@ -278,13 +278,26 @@ class DeepseekMoE(FusedMoE):
                 logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
                 self.e_score_correction_bias, r.routed_scaling_factor)
         if self.fused_shared:
-            t, n = ids.shape[0], self.shared_ids.shape[0]
-            weights = torch.cat([weights, self.shared_weights.expand(t, n)], dim=1)
-            ids = torch.cat([ids, self.shared_ids.expand(t, n)], dim=1)  # both int32 (op contract)
+            weights, ids = self._append_shared(weights, ids)
         out = self.ctx.all_reduce(self.experts(x, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+    def _append_shared(self, weights: torch.Tensor, ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights fp32 [T, k + n], ids int32 [T, k + n])``: the routed choice
+        (``weights`` fp32, ``ids`` int32 ``[T, k]``, the topk ops' contract) followed by the
+        ``n`` shared slots at weight 1.0, in one concatenation: both are halves of one int32
+        ``[T, 2 (k + n)]`` tensor (the weights by their bits), so each is a view whose rows
+        lie ``2 (k + n)`` apart (``fused_moe`` takes rows of any stride)."""
+        t, n = ids.shape[0], self.shared_ids.shape[0]
+        width = ids.shape[1] + n
+        both = torch.cat([weights.to(torch.float32).view(torch.int32),
+                          self.shared_weights.view(torch.int32).expand(t, n),
+                          ids.to(torch.int32), self.shared_ids.expand(t, n)], dim=1)
+        return both[:, :width].view(torch.float32), both[:, width:]
 
 
 class DeepseekDecoderLayer(nn.Module):

@@ -91,7 +91,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
-    ids = topk_ids.to(torch.int32)
+    ids = topk_ids.to(torch.int32).contiguous()  # may be a strided view (op contract)
     row_idx = torch.arange(tokens * top_k, dtype=torch.int32, device=x.device)
     row_idx = row_idx.view(top_k, tokens).t().contiguous()
     expanded_x, expanded_row_idx, expanded_expert_idx = _npu.npu_moe_init_routing(
@@ -106,4 +106,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x=[act], weight=[w2.transpose(1, 2)], split_item=2, group_list_type=0,
         group_type=0, group_list=group_list)[0]
     return _npu.npu_moe_finalize_routing(
-        down, None, None, None, topk_weights.to(x.dtype), expanded_row_idx, ids)
+        down, None, None, None, topk_weights.to(x.dtype).contiguous(), expanded_row_idx, ids)

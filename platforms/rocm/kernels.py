@@ -73,6 +73,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     gate_mode "separated"), w2 [E, H, I], topk_weight fp32 [T, k], topk_ids int32 [T, k],
     activation=ActivationType.Silu, quant_type=QuantType.No)`` -> ``[T, H]``. Weights are
     passed unshuffled (aiter's preshuffle-off path); see docs/platform-interface.md."""
-    return _aiter_fused_moe(x, w13, w2, topk_weights.to(torch.float32),
-                            topk_ids.to(torch.int32), activation=aiter.ActivationType.Silu,
+    # the routing tensors may be strided views (op contract); aiter reads them densely
+    return _aiter_fused_moe(x, w13, w2, topk_weights.to(torch.float32).contiguous(),
+                            topk_ids.to(torch.int32).contiguous(),
+                            activation=aiter.ActivationType.Silu,
                             quant_type=aiter.QuantType.No)

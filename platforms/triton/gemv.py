@@ -185,10 +185,11 @@ def _one_row(x: torch.Tensor, width: int, op: str) -> torch.Tensor:
 def _launch(prologue: int, row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             config: GemvConfig | None, static_weight: bool,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-            h: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+            h: torch.Tensor | None = None, eps: float = 0.0,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     n, k = weight.shape
     cfg = config or choose_config(n, k, row.device, prologue)
-    y = torch.empty(n, dtype=row.dtype, device=row.device)
+    y = torch.empty(n, dtype=out_dtype or row.dtype, device=row.device)
     even = n % cfg.block_n == 0 and k % cfg.block_k == 0
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         row, residual if residual is not None else row,
@@ -206,16 +207,18 @@ def _shape_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, static_weight: bool = False) -> torch.Tensor:
+         config: GemvConfig | None = None, static_weight: bool = False,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x [1, K]`` (or ``[K]``), ``weight [N, K]`` with a contiguous last dim, optional
-    ``bias [N]`` -> ``[1, N]`` (or ``[N]``) in ``x.dtype``; fp32 accumulation. Weight and bias
-    are read in their own dtype. ``static_weight``: the caller guarantees that the kernel
+    ``bias [N]`` -> ``[1, N]`` (or ``[N]``) in ``out_dtype`` (default ``x.dtype``); fp32
+    accumulation. ``x``, weight and bias are each read in their own dtype and widened to fp32. ``static_weight``: the caller guarantees that the kernel
     launched just before this one does not write ``weight`` (a model's loaded parameter, not
     a fresh cast), which lets the GEMV start reading it before that kernel finishes (PDL). Raises ``ValueError`` on a shape mismatch or more than one row. The two fused
     variants below take ``static_weight`` with the same meaning."""
     row = _one_row(x, x.shape[-1], "gemv")
     _check_weight(weight, row.numel(), bias, "gemv")
-    return _shape_like(x, _launch(PLAIN, row, weight, bias, config, static_weight))
+    return _shape_like(x, _launch(PLAIN, row, weight, bias, config, static_weight,
+                                  out_dtype=out_dtype))
 
 
 def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,

@@ -45,6 +45,18 @@ class UnquantizedLinear(LinearMethod):
             return gemv(x, weight, bias, static_weight=static)
         return F.linear(x, weight, bias)
 
+    def apply_upcast(self, layer: torch.nn.Module, x: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One row of bf16/fp16 ``x`` into an fp32 layer: the GEMV reads ``x`` as it is
+        (every load widens to fp32 anyway) and writes fp32; else None (the caller casts)."""
+        weight = get_param(layer, "weight")
+        if weight.dtype != torch.float32 or x.dtype not in (torch.bfloat16, torch.float16) \
+                or not self._one_row(x, weight):
+            return None
+        if bias is not None and bias.dtype != weight.dtype:
+            bias = bias.to(weight.dtype)
+        return gemv(x, weight, bias, static_weight=True, out_dtype=weight.dtype)
+
 
 
 

@@ -167,7 +167,7 @@ def _slot_scales(row_ptrs, k0, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, ws_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we,
-    stride_wn, stride_se, stride_sn,
+    stride_wn, stride_se, stride_sn, stride_it,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
@@ -177,7 +177,7 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     wait_for_previous(USE_PDL)  # the ids, x and (in tests) w13 may come from the last kernel
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    expert = tl.load(ids_ptr + (pair // top_k) * stride_it + pair % top_k).to(tl.int64)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xm + offs_k
     gate_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn \
         + offs_k[None, :]
@@ -220,7 +220,7 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, ws_ptr, ids_ptr, route_ptr, out_ptr, N, K, num_tokens, stride_we,
-    stride_wn, stride_se, stride_sn, stride_om, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    stride_wn, stride_se, stride_sn, stride_om, stride_it, stride_rt, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
@@ -236,8 +236,9 @@ def _down_kernel(
     pairs = token * TOP_K + offs_e
     # ids, routing weights and w2 were complete before the gate-up kernel began (it waited
     # for them), so they and the first tile may load before the wait; ``inter`` needs it
-    experts = tl.load(ids_ptr + pairs, mask=e_mask, other=0).to(tl.int64)
-    route = tl.load(route_ptr + pairs, mask=e_mask, other=0.0).to(tl.float32)
+    experts = tl.load(ids_ptr + token * stride_it + offs_e, mask=e_mask, other=0).to(tl.int64)
+    route = tl.load(route_ptr + token * stride_rt + offs_e, mask=e_mask,
+                    other=0.0).to(tl.float32)
     w_ptrs = w_ptr + experts[:, None, None] * stride_we \
         + offs_n.to(tl.int64)[None, :, None] * stride_wn + offs_k[None, None, :]
     a_ptrs = inter_ptr + pairs.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -278,7 +279,8 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     """The ``FusedMoEOp`` product for few tokens, two launches. Arguments as
     :func:`~heteroserve.platforms.triton.moe.fused_moe`, already checked there (shapes agree,
     ``T >= 1``, ``k >= 1``); ``w13``/``w2`` with a contiguous last dim. ``topk_ids`` int32 or
-    int64, ``topk_weights`` any float dtype (read as fp32). ``scales``: the fp32 block scales
+    int64, ``topk_weights`` any float dtype (read as fp32), both with rows of any stride (a
+    copy only for a strided last dim). ``scales``: the fp32 block scales
     ``(w13_scale, w2_scale)`` of fp8_block experts (checked there: ``I`` a multiple of 128,
     contiguous last dims); the tiles' ``block_n`` must then divide 128. ``silu(gate) * up``
     is kept in fp32 and the weighted sum over ``k`` is rounded once to ``x.dtype``. Returns
@@ -294,8 +296,8 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     s13, s2 = scales if scales is not None else (x, x)
     strides13 = (s13.stride(0), s13.stride(1)) if scales is not None else (0, 0)
     strides2 = (s2.stride(0), s2.stride(1)) if scales is not None else (0, 0)
-    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    route = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    ids = topk_ids if topk_ids.stride(1) == 1 else topk_ids.contiguous()
+    route = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
     pairs = t * top_k
     hidden_act = torch.empty((pairs, inter), dtype=torch.float32, device=x.device)
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
@@ -304,12 +306,12 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     scaled = scales is not None
     _gate_up_kernel[(triton.cdiv(inter, g.block_n) * pairs,)](
         x, w13, s13, ids, hidden_act, inter, h, pairs, top_k, x.stride(0), w13.stride(0),
-        w13.stride(1), *strides13, EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
+        w13.stride(1), *strides13, ids.stride(0), EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
         num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
     _down_kernel[(triton.cdiv(h, d.block_n) * t,)](
         hidden_act, w2, s2, ids, route, out, h, inter, t, w2.stride(0), w2.stride(1),
-        *strides2, out.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
+        *strides2, out.stride(0), ids.stride(0), route.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
         EVEN=h % d.block_n == 0 and inter % d.block_k == 0,
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
         num_warps=d.num_warps, num_stages=d.num_stages, **pdl)

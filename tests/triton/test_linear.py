@@ -219,6 +219,29 @@ def test_unquantized_linear_one_row_matches_many(device: torch.device) -> None:
     assert rel_err(one, many[1:2]) < 1e-5
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_upcast_gemv_reads_narrow_activations_into_an_fp32_layer(
+        device: torch.device, x_dtype: torch.dtype) -> None:
+    """``apply_upcast``: a bf16/fp16 row into an fp32 layer (DeepSeek's router) gives the fp32
+    product of the widened row, in fp32; several rows, or a bf16 layer, decline (None)."""
+    from heteroserve.platforms.triton.linear_float import UnquantizedLinear
+
+    g = _gen(12)
+    method = UnquantizedLinear()
+    layer = _layer(method, LinearShape(320, 64, torch.float32),
+                   {"weight": torch.randn(64, 320, generator=g)}, device)
+    x = torch.randn(1, 320, generator=g).to(x_dtype)
+    bias = torch.randn(64, generator=g)
+    out = method.apply_upcast(layer, x.to(device), bias.to(device))
+    assert out is not None and out.dtype == torch.float32 and out.shape == (1, 64)
+    ref = x.double() @ layer.weight.cpu().double().T + bias.double()
+    assert rel_err(out, ref) < 1e-5
+    assert method.apply_upcast(layer, x.repeat(2, 1).to(device)) is None
+    narrow = _layer(method, LinearShape(320, 64, torch.bfloat16),
+                    {"weight": torch.randn(64, 320, generator=g).bfloat16()}, device)
+    assert method.apply_upcast(narrow, x.to(device)) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,group,ragged", [(256, 64, False), (200, 40, False), (128, 0, True)])
 def test_w4a16_dequantize_matches_the_unpacked_weight(device: torch.device, dtype: torch.dtype,

@@ -75,6 +75,17 @@ def test_decode_moe_strided_inputs_int64_ids_and_odd_tiles(device: torch.device)
     assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
 
 
+def test_decode_moe_reads_routing_rows_of_any_stride(device: torch.device) -> None:
+    """Weights and ids as the two halves of one int32 tensor (DeepSeek's shared-expert
+    slots): row strides of twice their width, read in place."""
+    x, w13, w2, tw, ids = _problem(3, 10, 4, 64, 32, 11)
+    both = torch.cat([tw.view(torch.int32), ids], dim=1).to(device)
+    tw_v, ids_v = both[:, :4].view(torch.float32), both[:, 4:]
+    assert tw_v.stride(0) == 8 and ids_v.stride(0) == 8
+    out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw_v, ids_v)
+    assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
+
+
 def test_fused_moe_takes_the_decode_path_up_to_the_threshold(
         device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
@@ -219,13 +230,15 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
         gate_sig = {"x_ptr": "*bf16", "w_ptr": w_type, "ws_ptr": "*fp32", "ids_ptr": "*i32",
                     "inter_ptr": "*fp32",
                     **dict.fromkeys(["N", "K", "num_pairs", "top_k", "stride_xm", "stride_we",
-                                     "stride_wn", "stride_se", "stride_sn"], "i32"),
+                                     "stride_wn", "stride_se", "stride_sn", "stride_it"],
+                                    "i32"),
                     **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL", "W_SCALED",
                                      "SCALE_BLOCK"], "constexpr")}
         down_sig = {"inter_ptr": "*fp32", "w_ptr": w_type, "ws_ptr": "*fp32",
                     "ids_ptr": "*i32", "route_ptr": "*fp32", "out_ptr": "*bf16",
                     **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn",
-                                     "stride_se", "stride_sn", "stride_om"], "i32"),
+                                     "stride_se", "stride_sn", "stride_om", "stride_it",
+                                     "stride_rt"], "i32"),
                     **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K",
                                      "USE_PDL", "W_SCALED", "SCALE_BLOCK"], "constexpr")}
         for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):

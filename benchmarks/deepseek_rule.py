@@ -1,0 +1,69 @@
+"""DeepSeek decode paths, for side-by-side runs: ``python3 benchmarks/deepseek_rule.py RULE
+--out X.json [--workloads ...]`` runs the headline workloads (``bench_headline.py``) with
+``RULE`` installed; the JSON records it as ``deepseek_rule``.
+
+Rules (each names what it puts back; everything else as the default):
+
+- ``default``: as it stands.
+- ``bmm``: the MLA decode of every batch takes the path before 2026-12-06 05:30 UTC: the latent
+  write kernel, a cuBLAS BMM for the absorbed query, the split kernel, the merge and a second
+  BMM for the output (the Triton absorb kernels of ``mla_absorb.py`` serve up to
+  ``FUSED_MAX_BATCH`` sequences by default).
+- ``routing_before``: the MoE routing before 2026-12-06 06:00 UTC: the router's input cast
+  to fp32 by a separate torch kernel (not read as bf16 by the GEMV,
+  ``LinearMethod.apply_upcast``) and the shared-expert slots appended by two ``torch.cat``
+  (not one, as halves of one tensor).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from heteroserve.core.layers.linear import ReplicatedLinear
+from heteroserve.core.models.deepseek import DeepseekMoE
+from heteroserve.platforms.triton.mla import TritonMLA
+
+
+def _bmm() -> None:
+    TritonMLA.fused_max_batch = 0
+
+
+def _routing_before() -> None:
+    def cast_then_apply(self: ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
+        return self(x.to(self.ctx.dtype))
+
+    def two_cats(self: DeepseekMoE, weights: torch.Tensor, ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        t, n = ids.shape[0], self.shared_ids.shape[0]
+        return (torch.cat([weights, self.shared_weights.expand(t, n)], dim=1),
+                torch.cat([ids, self.shared_ids.expand(t, n)], dim=1))
+
+    ReplicatedLinear.forward_upcast = cast_then_apply  # type: ignore[method-assign]
+    DeepseekMoE._append_shared = two_cats  # type: ignore[method-assign]
+
+
+RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,
+                                        "routing_before": _routing_before}
+
+
+def apply(rule: str) -> None:
+    """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
+    if rule not in RULES:
+        raise SystemExit(f"deepseek_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
+    RULES[rule]()
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_headline
+
+    apply(sys.argv[1])
+    return bench_headline.main_tagged(sys.argv[2:], {"deepseek_rule": sys.argv[1]})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
