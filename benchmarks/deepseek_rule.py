@@ -13,9 +13,6 @@ Rules (each names what it puts back; everything else as the default):
   to fp32 by a separate torch kernel (not read as bf16 by the GEMV,
   ``LinearMethod.apply_upcast``) and the shared-expert slots appended by two ``torch.cat``
   (not one, as halves of one tensor).
-- ``norm_before``: the latent's RMSNorm (``kv_a_layernorm``) as its own launch before the MLA
-  backend (``TritonMLA.norms_latent`` off), as before commit "MLA: the latent norm in the absorbed-query kernel"; by default it
-  rides in the absorbed-query kernel at small decode batches.
 """
 
 from __future__ import annotations
@@ -49,13 +46,8 @@ def _routing_before() -> None:
     DeepseekMoE._append_shared = two_cats  # type: ignore[method-assign]
 
 
-def _norm_before() -> None:
-    TritonMLA.norms_latent = False
-
-
 RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,
-                                        "routing_before": _routing_before,
-                                        "norm_before": _norm_before}
+                                        "routing_before": _routing_before}
 
 
 def apply(rule: str) -> None:

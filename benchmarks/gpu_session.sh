@@ -23,8 +23,7 @@
 #                          previous) -> $OUT/gemv/<rule>.json
 #   deepseek_ab            the DeepSeek decode row (DEEPSEEK_WORKLOADS, default
 #                          deepseek_v2_lite_decode1) under each of benchmarks/deepseek_rule.py's
-#                          DEEPSEEK_RULES (default: default bmm routing_before norm_before
-#                          default)
+#                          DEEPSEEK_RULES (default: default bmm routing_before default)
 #                          -> $OUT/deepseek/<rule>[_again].json
 #   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
 #                          and token count; installs platforms/triton/moe_tuned/<device>.json
@@ -192,7 +191,7 @@ for step in "$@"; do
       done ;;
     deepseek_ab)  # the DeepSeek row under each decode path; a rule named twice runs twice
       mkdir -p "$OUT/deepseek"
-      for rule in ${DEEPSEEK_RULES:-default bmm routing_before norm_before default}; do
+      for rule in ${DEEPSEEK_RULES:-default bmm routing_before default}; do
         name=$rule; [ -f "$OUT/deepseek/$name.json" ] && name=${rule}_again
         timeout 150 python3 benchmarks/deepseek_rule.py "$rule" --workloads \
           "${DEEPSEEK_WORKLOADS:-deepseek_v2_lite_decode1}" --out "$OUT/deepseek/$name.json" \

@@ -1,7 +1,5 @@
 """Conformance of every MLA backend: exact latent-cache writes, extend and decode (and a
-``forward`` decode, and for a backend that norms the latent itself a ``forward`` with a
-:class:`LatentNorm`) against the float64 oracle, over
-:mod:`heteroserve.conformance.cases.mla`."""
+``forward`` decode) against the float64 oracle, over :mod:`heteroserve.conformance.cases.mla`."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ from heteroserve.conformance.oracles.mla import mla as mla_ref
 from heteroserve.conformance.paged import PagedBatch, build_batch, new_cache
 from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.core.kernels.attention import ForwardMode
-from heteroserve.core.kernels.mla import LatentNorm, MLABackend, MLAConfig, MLALayer
-from heteroserve.conformance.oracles.norm import rms_norm as rms_norm_ref
+from heteroserve.core.kernels.mla import MLABackend, MLAConfig, MLALayer
 
 
 @dataclass
@@ -140,40 +137,3 @@ def test_mla_forward_decode(conf: ConfParam, ctx: ConformanceContext,
                                            s.w_kc, s.w_vc, s.layer, s.batch.meta), tuple)
     _check_cache(s, "forward")
     assert_close(out, _reference(s, case), case.dtype, "mla forward (decode) output", request)
-
-
-@conformance(mla_cases("decode"))
-def test_mla_forward_latent_norm(conf: ConfParam, ctx: ConformanceContext,
-                                 request: pytest.FixtureRequest) -> None:
-    """A backend with ``norms_latent`` (plugin API 1.5) stores ``rms_norm(latent) * weight``
-    (to the dtype's bound of the float64 norm; other slots untouched) and attends like
-    ``write_kv`` + ``decode`` over what it stored."""
-    s = _setup(conf, ctx)
-    case: MLACase = conf.case  # type: ignore[assignment]
-    if not s.backend.norms_latent:
-        pytest.skip("the backend takes the latent already normed (norms_latent False)")
-    c, dt, dev = case.dims[0], case.dtype, ctx.device
-    gen = case.generator()
-    raw = (s.latent_new.double().cpu() * 3.0 + 0.5).to(dt)
-    weight = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(dt)
-    normed = rms_norm_ref(raw, weight, 1e-6)
-    s.backend.prepare(s.batch.meta)
-    out = run_op(lambda: s.backend.forward(
-        s.q_nope, s.q_pe, raw.to(dev), s.k_pe_new, s.cache, s.w_kc, s.w_vc, s.layer,
-        s.batch.meta, latent_norm=LatentNorm(weight.to(dev), 1e-6)), tuple)
-    flat = s.cache.reshape(-1, s.cache.shape[-1]).cpu()
-    loc = s.batch.meta.out_cache_loc.cpu()
-    assert_close(flat[loc, :c], normed, dt, "forward(latent_norm): stored latent rows", request)
-    assert_bitwise_equal(flat[loc, c:], s.k_pe_new.cpu(), "forward(latent_norm): stored k_pe")
-    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
-    untouched[loc] = False
-    assert_bitwise_equal(flat[untouched], _expected_cache(s)[untouched],
-                         "forward(latent_norm): only the new tokens' slots may change")
-    stored = flat[loc].to(torch.float64)
-    rows, at = [], 0
-    for x, (p, n) in zip(s.rows, case.seqs):
-        rows.append(torch.cat([x[:p].to(torch.float64), stored[at:at + n]]))
-        at += n
-    ref = mla_ref(s.q_nope, s.q_pe, [x[:, :c] for x in rows], [x[:, c:] for x in rows],
-                  s.w_kc, s.w_vc, [n for _, n in case.seqs], s.layer.scale)
-    assert_close(out, ref, dt, "mla forward (latent norm) output", request)

@@ -58,25 +58,6 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
-class LatentNorm:
-    """The RMSNorm of the new latent rows (DeepSeek's ``kv_a_layernorm``), for a backend that
-    applies it itself (:attr:`MLABackend.norms_latent`): ``weight [kv_lora_rank]`` in the
-    model dtype, ``eps`` > 0. Meaning: the ``rms_norm`` op's (``x / sqrt(mean(x^2) + eps) *
-    weight`` in fp32, rounded once to the latent's dtype)."""
-
-    weight: torch.Tensor
-    eps: float
-
-
-def norm_latent(latent: torch.Tensor, norm: LatentNorm) -> torch.Tensor:
-    """``latent [T, kv_lora_rank]`` normed as :class:`LatentNorm` says, with torch ops (the
-    default :meth:`MLABackend.forward` uses it)."""
-    x = latent.to(torch.float32)
-    inv = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
-    return (x * inv * norm.weight.to(torch.float32)).to(latent.dtype)
-
-
-@dataclass(frozen=True)
 class MLALayer:
     """Per-layer parameters: ``scale`` multiplies the score (``qk_head_dim ** -0.5``, times
     YaRN's ``mscale ** 2`` when the model uses it)."""
@@ -107,9 +88,6 @@ class MLABackend(ABC):
     graph_safe: bool = False
     #: takes strided q_nope / q_pe / k_pe views (see the class docstring)
     strided_inputs: bool = False
-    #: takes the latent before its RMSNorm, with a :class:`LatentNorm`, in :meth:`forward`
-    #: (since plugin API 1.5; the layer norms it first for a backend without)
-    norms_latent: bool = False
 
     def __init__(self, config: MLAConfig) -> None:
         self.config = config
@@ -152,13 +130,8 @@ class MLABackend(ABC):
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                 k_pe: torch.Tensor, cache: torch.Tensor, w_kc: torch.Tensor,
-                w_vc: torch.Tensor, layer: MLALayer, meta: AttentionMetadata,
-                latent_norm: LatentNorm | None = None) -> torch.Tensor:
-        """Write the new tokens' latent rows, then attend according to ``meta.mode``.
-        ``latent_norm`` (passed only to a backend with :attr:`norms_latent`): ``latent`` is
-        not normed yet; the rows stored are ``norm_latent(latent, latent_norm)``."""
-        if latent_norm is not None:
-            latent = norm_latent(latent, latent_norm)
+                w_vc: torch.Tensor, layer: MLALayer, meta: AttentionMetadata) -> torch.Tensor:
+        """Write the new tokens' latent rows, then attend according to ``meta.mode``."""
         self.write_kv(latent, k_pe, cache, meta)
         if meta.mode is ForwardMode.DECODE:
             return self.decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.mla import LatentNorm, MLALayer
+from heteroserve.core.kernels.mla import MLALayer
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import (
     ColumnParallelLinear, MergedReplicatedLinear, ReplicatedLinear, RowParallelLinear,
@@ -164,18 +164,14 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(t, -1, d.qk_head_dim)
         q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
         # strided views of the projections through the norm and rotary (their contracts take
-        # rows of any stride); dense copies only for an MLA backend that wants them. A
-        # backend that norms the latent itself gets it raw, with the norm's weight.
-        backend = fwd.backend
-        norm = LatentNorm(self.kv_a_layernorm.weight, self.kv_a_layernorm.eps) \
-            if backend.norms_latent else None
-        if norm is None:
-            latent = self.kv_a_layernorm(latent)
+        # rows of any stride); dense copies only for an MLA backend that wants them
+        latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         k_pe = k_pe.squeeze(1)
-        if not backend.strided_inputs:
+        if not fwd.backend.strided_inputs:
             q_nope, q_pe, k_pe = q_nope.contiguous(), q_pe.contiguous(), k_pe.contiguous()
-        args = (q_nope, q_pe, latent, k_pe, fwd.k_caches[self.attn.layer_id],
-                self.kv_b_proj.w_kc, self.kv_b_proj.w_vc, self.attn, fwd.meta)
-        o = backend.forward(*args) if norm is None else backend.forward(*args, latent_norm=norm)
+        o = fwd.backend.forward(
+            q_nope, q_pe, latent, k_pe,
+            fwd.k_caches[self.attn.layer_id], self.kv_b_proj.w_kc, self.kv_b_proj.w_vc,
+            self.attn, fwd.meta)
         return self.o_proj(o.reshape(t, -1))

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
-from heteroserve.core.kernels.mla import LatentNorm, MLAConfig, MLALayer
+from heteroserve.core.kernels.mla import MLAConfig, MLALayer
 from heteroserve.platforms.cpu.mla import TorchNativeMLA
 from heteroserve.platforms.triton.attention_common import (
     NEG_INIT, log2_scores, online_softmax_step, page_slots,
@@ -30,7 +30,6 @@ from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.mla_absorb import (
     FUSED_MAX_BATCH, absorb_query, merge_and_absorb_output,
 )
-from heteroserve.platforms.triton.norm import rms_norm
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 BLOCK_H = 16
@@ -202,7 +201,6 @@ class TritonMLA(TorchNativeMLA):
     and the separate merge."""
 
     graph_safe = True
-    norms_latent = True
     fused_max_batch = FUSED_MAX_BATCH
 
     def __init__(self, config: MLAConfig) -> None:
@@ -223,22 +221,17 @@ class TritonMLA(TorchNativeMLA):
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                 k_pe: torch.Tensor, cache: torch.Tensor, w_kc: torch.Tensor,
-                w_vc: torch.Tensor, layer: MLALayer, meta: AttentionMetadata,
-                latent_norm: LatentNorm | None = None) -> torch.Tensor:
-        """Small decode batches: the latent norm and write ride in the absorb kernel; else the
-        Triton RMSNorm (when ``latent_norm``), then write + attend as the base class."""
+                w_vc: torch.Tensor, layer: MLALayer, meta: AttentionMetadata) -> torch.Tensor:
         if meta.mode is not ForwardMode.DECODE or not self._fused(q_nope.shape[0]):
-            if latent_norm is not None:
-                latent = rms_norm(latent, latent_norm.weight, latent_norm.eps)
             return super().forward(q_nope, q_pe, latent, k_pe, cache, w_kc, w_vc, layer, meta)
         self._check_new_rows(latent, k_pe, meta)
         return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta,
-                            (latent, k_pe, cache, meta.out_cache_loc), latent_norm)
+                            (latent, k_pe, cache, meta.out_cache_loc))
 
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
-        return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta, None, None)
+        return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta, None)
 
     def _fused(self, batch_size: int) -> bool:
         return 0 < batch_size <= self.fused_max_batch
@@ -246,10 +239,9 @@ class TritonMLA(TorchNativeMLA):
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                 w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                 meta: AttentionMetadata,
-                new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                latent_norm: LatentNorm | None) -> torch.Tensor:
-        """Decode; ``new_rows`` (fused batches only): the latent write to fold in, normed by
-        ``latent_norm`` when given."""
+                new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+                ) -> torch.Tensor:
+        """Decode; ``new_rows`` (fused batches only): the latent write to fold in."""
         self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
         bsz = q_nope.shape[0]
@@ -263,8 +255,7 @@ class TritonMLA(TorchNativeMLA):
             o_lat = q_nope.new_empty(latent_shape)
             mla_decode_latent(q_lat, q_pe, cache, o_lat, layer.scale, meta, splits)
             return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
-        q_lat = absorb_query(q_nope, w_kc, q_nope.new_empty(latent_shape), new_rows,
-                             latent_norm)
+        q_lat = absorb_query(q_nope, w_kc, q_nope.new_empty(latent_shape), new_rows)
         mid_o, mid_lse = _split_buffers(q_lat, splits)
         block_n = _block_n(q_lat)
         _launch_split(q_lat, q_pe, cache, mid_o, mid_lse, layer.scale, meta, block_n)

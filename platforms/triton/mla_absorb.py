@@ -10,7 +10,7 @@ two kernels take their place around the split kernel, three PDL launches in all:
    w_kc[h]`` for every sequence ``b``, each program holding one ``[qk_nope, BLOCK_C]`` tile of
    ``w_kc`` (loaded before the PDL wait: no kernel writes weights); optionally it also stores
    this step's latent rows ``[c_kv | k_pe]`` into the cache (what ``write_kv`` does, one
-   launch fewer), ``c_kv`` normed there too (``kv_a_layernorm``: another launch fewer).
+   launch fewer).
 2. :func:`merge_and_absorb_output` (grid ``sequences x heads x v blocks``): merges the filled
    splits of the split kernel (as ``decode_reduce_kernel`` does) in fp32 and multiplies the
    merged latent output by its ``[BLOCK_V, kv_lora_rank]`` tile of ``w_vc``, writing
@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.core.kernels.mla import LatentNorm
 from heteroserve.platforms.triton.attention_decode import split_share
-from heteroserve.platforms.triton.norm import rms_normed
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: Largest decode batch that takes these kernels instead of the two BMMs.
@@ -42,13 +40,12 @@ MERGE_SPLITS = 4
 
 @triton.jit
 def _absorb_query_kernel(
-    q_nope_ptr, w_kc_ptr, q_lat_ptr, latent_ptr, k_pe_ptr, cache_ptr, loc_ptr, norm_w_ptr,
-    batch, eps,
+    q_nope_ptr, w_kc_ptr, q_lat_ptr, latent_ptr, k_pe_ptr, cache_ptr, loc_ptr, batch,
     stride_qb, stride_qh, stride_wh, stride_wd, stride_lb, stride_lh, stride_nt, stride_kt,
     stride_cs,
     NOPE: tl.constexpr, LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-    WRITE_KV: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WRITE_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     h = tl.program_id(0)
     cb = tl.program_id(1)
@@ -67,28 +64,25 @@ def _absorb_query_kernel(
         tl.store(q_lat_ptr + b * stride_lb + h * stride_lh + offs_c,
                  q_lat.to(q_lat_ptr.dtype.element_ty), mask=c_mask)
         if WRITE_KV:
-            if (h == 0) & (cb == 0):  # one program stores the whole latent row
+            if h == 0:  # head 0's programs store the latent row, block by block
                 row = cache_ptr + tl.load(loc_ptr + b).to(tl.int64) * stride_cs
-                offs_l = tl.arange(0, BLOCK_L)
-                l_mask = offs_l < LORA
-                lat = tl.load(latent_ptr + b * stride_nt + offs_l, mask=l_mask, other=0.0)
-                if NORM:
-                    lat = rms_normed(lat.to(tl.float32), norm_w_ptr, offs_l, l_mask, LORA, eps)
-                tl.store(row + offs_l, lat.to(cache_ptr.dtype.element_ty), mask=l_mask)
-                offs_r = tl.arange(0, BLOCK_R)
-                r_mask = offs_r < ROPE
-                pe = tl.load(k_pe_ptr + b * stride_kt + offs_r, mask=r_mask)
-                tl.store(row + LORA + offs_r, pe.to(cache_ptr.dtype.element_ty), mask=r_mask)
+                lat = tl.load(latent_ptr + b * stride_nt + offs_c, mask=c_mask)
+                tl.store(row + offs_c, lat.to(cache_ptr.dtype.element_ty), mask=c_mask)
+                if cb == 0:
+                    offs_r = tl.arange(0, BLOCK_R)
+                    r_mask = offs_r < ROPE
+                    pe = tl.load(k_pe_ptr + b * stride_kt + offs_r, mask=r_mask)
+                    tl.store(row + LORA + offs_r, pe.to(cache_ptr.dtype.element_ty),
+                             mask=r_mask)
 
 
 def absorb_query(q_nope: torch.Tensor, w_kc: torch.Tensor, q_lat: torch.Tensor,
                  new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-                 | None = None, latent_norm: LatentNorm | None = None) -> torch.Tensor:
+                 | None = None) -> torch.Tensor:
     """Fill ``q_lat [B, H, c]`` with ``q_nope [B, H, dn] @ w_kc [H, dn, c]`` (fp32 sums,
     rounded to ``q_lat.dtype``). ``new_rows``: ``(latent [B, c], k_pe [B, r], cache, loc)``
     to also store row ``[latent[b] | k_pe[b]]`` at flat slot ``loc[b]`` of ``cache [pages,
-    page_size, c + r]``, the latent first normed by ``latent_norm`` when given (fp32, as the
-    ``rms_norm`` op). Last dims contiguous; other strides any."""
+    page_size, c + r]``. Last dims contiguous; other strides any."""
     bsz, heads, nope = q_nope.shape
     lora = w_kc.shape[-1]
     if bsz == 0:
@@ -104,16 +98,13 @@ def absorb_query(q_nope: torch.Tensor, w_kc: torch.Tensor, q_lat: torch.Tensor,
     else:  # unused pointers (WRITE_KV is off)
         latent, k_pe, flat, loc = q_lat[:, 0], q_lat[:, 0], q_lat[:, 0], q_lat
     rope = k_pe.shape[-1] if write else 1
-    norm_w = latent_norm.weight if latent_norm is not None else q_lat
     _absorb_query_kernel[(heads, triton.cdiv(lora, BLOCK_C))](
-        q_nope, w_kc, q_lat, latent, k_pe, flat, loc, norm_w, bsz,
-        float(latent_norm.eps) if latent_norm is not None else 0.0,
+        q_nope, w_kc, q_lat, latent, k_pe, flat, loc, bsz,
         q_nope.stride(0), q_nope.stride(1), w_kc.stride(0), w_kc.stride(1),
         q_lat.stride(0), q_lat.stride(1), latent.stride(0), k_pe.stride(0), flat.stride(0),
         NOPE=nope, LORA=lora, ROPE=rope, BLOCK_D=triton.next_power_of_2(nope),
-        BLOCK_C=BLOCK_C, BLOCK_L=triton.next_power_of_2(lora),
-        BLOCK_R=max(16, triton.next_power_of_2(rope)), WRITE_KV=write,
-        NORM=write and latent_norm is not None, num_warps=4, **pdl_args(q_nope.device))
+        BLOCK_C=BLOCK_C, BLOCK_R=max(16, triton.next_power_of_2(rope)), WRITE_KV=write,
+        num_warps=4, **pdl_args(q_nope.device))
     return q_lat
 
 

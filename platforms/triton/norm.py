@@ -19,7 +19,7 @@ MAX_HIDDEN = 65536
 
 
 @triton.jit
-def rms_normed(x, w_ptr, offs, mask, hidden, eps):
+def _normed(x, w_ptr, offs, mask, hidden, eps):
     """fp32 row ``x`` times ``1 / sqrt(mean(x^2) + eps)`` times the weight row at ``w_ptr``."""
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -43,7 +43,7 @@ def _rms_norm_kernel(
         tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
         x = s.to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs,
-             rms_normed(x, w_ptr, offs, mask, hidden, eps).to(y_ptr.dtype.element_ty), mask=mask)
+             _normed(x, w_ptr, offs, mask, hidden, eps).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,14 +59,14 @@ def _norm_add_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    y = rms_normed(x, w_ptr, offs, mask, hidden, eps).to(y_ptr.dtype.element_ty).to(tl.float32)
+    y = _normed(x, w_ptr, offs, mask, hidden, eps).to(y_ptr.dtype.element_ty).to(tl.float32)
     # the select keeps the compiler from contracting the scale and the add into an FMA in
     # fp32 (checked in the PTX), which would skip the rounding of y that two launches make
     y = tl.where(mask, y, 0.0)
     r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
     s = (y + r).to(y_ptr.dtype.element_ty)
     tl.store(r_ptr + row * stride_r + offs, s, mask=mask)
-    s = rms_normed(s.to(tl.float32), w_next_ptr, offs, mask, hidden, eps)
+    s = _normed(s.to(tl.float32), w_next_ptr, offs, mask, hidden, eps)
     tl.store(y_ptr + row * stride_y + offs, s.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -58,54 +58,6 @@ def test_triton_mla_decode_matches_oracle(device, heads, dims, page, lens, split
     assert torch.equal(cache.view(-1, c + r).cpu()[batch.meta.out_cache_loc.cpu()], new.cpu())
 
 
-@pytest.mark.parametrize("mode,fused_max_batch", [("decode", None), ("decode", 0),
-                                                  ("extend", None)],
-                         ids=["decode-absorb-kernels", "decode-bmm", "extend"])
-def test_forward_norms_the_latent_it_stores(device, mode, fused_max_batch) -> None:
-    """``forward`` with a ``LatentNorm`` stores ``norm_latent(latent)`` (the rms_norm op's
-    meaning) in the new slots, leaves the rest alone, and attends over the stored rows."""
-    from heteroserve.core.kernels.mla import LatentNorm, norm_latent
-    from heteroserve.platforms.triton.mla import TritonMLA
-
-    heads, (c, dn, r, dv), page = 4, (64, 32, 16, 48), 16
-    seqs = ((6, 1), (20, 1)) if mode == "decode" else ((0, 5), (9, 3))
-    gen = torch.Generator().manual_seed(21)
-    batch = build_batch(seqs, page, ForwardMode.DECODE if mode == "decode" else
-                        ForwardMode.EXTEND, device, gen)
-    backend = TritonMLA(MLAConfig(heads, c, dn, r, dv, page, torch.float32, device,
-                                  max_context_len=512))
-    if fused_max_batch is not None:
-        backend.fused_max_batch = fused_max_batch
-    assert backend.norms_latent
-    cache = torch.full(backend.kv_cache_shape(batch.num_pages), SENTINEL, device=device)
-    rows = [torch.randn(p + n, c + r, generator=gen) for p, n in seqs]
-    for b, (p, _) in enumerate(seqs):
-        cache.view(-1, c + r)[batch.slots(b, 0, p).to(device)] = rows[b][:p].to(device)
-    raw = torch.cat([x[p:] for x, (p, _) in zip(rows, seqs)]) * 3.0 + 0.5
-    norm = LatentNorm(torch.rand(c, generator=gen) + 0.5, 1e-6)
-    normed = norm_latent(raw[:, :c], norm)
-    t = raw.shape[0]
-    q_nope = torch.randn(t, heads, dn, generator=gen)
-    q_pe = torch.randn(t, heads, r, generator=gen)
-    w_kc = torch.randn(heads, dn, c, generator=gen) * c ** -0.5
-    w_vc = torch.randn(heads, dv, c, generator=gen) * c ** -0.5
-    layer = MLALayer(0, (dn + r) ** -0.5)
-    backend.prepare(batch.meta)
-    dev = lambda x: x.to(device)  # noqa: E731
-    out = backend.forward(dev(q_nope), dev(q_pe), dev(raw[:, :c]), dev(raw[:, c:]), cache,
-                          dev(w_kc), dev(w_vc), layer, batch.meta,
-                          latent_norm=LatentNorm(dev(norm.weight), norm.eps))
-    stored = cache.view(-1, c + r).cpu()[batch.meta.out_cache_loc.cpu()]
-    assert rel_err(stored[:, :c], normed) < 1e-6 and torch.equal(stored[:, c:], raw[:, c:])
-    full, at = [], 0
-    for x, (p, n) in zip(rows, seqs):
-        full.append(torch.cat([x[:p], torch.cat([normed[at:at + n], raw[at:at + n, c:]], 1)]))
-        at += n
-    ref = mla_ref(q_nope, q_pe, [x[:, :c] for x in full], [x[:, c:] for x in full], w_kc,
-                  w_vc, [n for _, n in seqs], layer.scale)
-    assert rel_err(out, ref) < 2e-4
-
-
 def test_tiny_deepseek_v3_with_triton_mla_matches_transformers(device, tmp_path) -> None:
     """The model's MLA layers driving TritonMLA (decode, interpreted) give transformers'
     logits. With a GPU the cuda platform resolves TritonMLA itself (run the model parity
