@@ -40,6 +40,26 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
     return weights, ids.to(torch.int32)
 
 
+def check_grouped_topk(num_experts: int, top_k: int, num_expert_group: int, topk_group: int,
+                       scoring: str, correction_bias: torch.Tensor | None) -> int:
+    """Experts per group of a valid ``GroupedTopKOp`` call; ``ValueError`` naming what is
+    wrong otherwise (scoring, group split, ``topk_group``, ``top_k``, bias shape)."""
+    if scoring not in _SCORINGS:
+        raise ValueError(f"grouped_topk: scoring must be one of {_SCORINGS}, got {scoring!r}")
+    if num_expert_group < 1 or num_experts % num_expert_group:
+        raise ValueError(f"grouped_topk: {num_experts} experts do not split into "
+                         f"{num_expert_group} equal groups")
+    if not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"grouped_topk: topk_group must be in 1..{num_expert_group}, "
+                         f"got {topk_group}")
+    per_group = num_experts // num_expert_group
+    _check_top_k(top_k, topk_group * per_group)
+    if correction_bias is not None and correction_bias.shape != (num_experts,):
+        raise ValueError(f"grouped_topk: correction_bias must be [{num_experts}], "
+                         f"got {tuple(correction_bias.shape)}")
+    return per_group
+
+
 def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                  num_expert_group: int, topk_group: int, scoring: str = "softmax",
                  correction_bias: torch.Tensor | None = None,
@@ -56,19 +76,8 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     ``top_k`` / ``topk_group`` out of range.
     """
     num_tokens, num_experts = router_logits.shape
-    if scoring not in _SCORINGS:
-        raise ValueError(f"grouped_topk: scoring must be one of {_SCORINGS}, got {scoring!r}")
-    if num_expert_group < 1 or num_experts % num_expert_group:
-        raise ValueError(f"grouped_topk: {num_experts} experts do not split into "
-                         f"{num_expert_group} equal groups")
-    if not 1 <= topk_group <= num_expert_group:
-        raise ValueError(f"grouped_topk: topk_group must be in 1..{num_expert_group}, "
-                         f"got {topk_group}")
-    per_group = num_experts // num_expert_group
-    _check_top_k(top_k, topk_group * per_group)
-    if correction_bias is not None and correction_bias.shape != (num_experts,):
-        raise ValueError(f"grouped_topk: correction_bias must be [{num_experts}], "
-                         f"got {tuple(correction_bias.shape)}")
+    per_group = check_grouped_topk(num_experts, top_k, num_expert_group, topk_group, scoring,
+                                   correction_bias)
     logits = router_logits.to(torch.float32)
     scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
     if correction_bias is None:

@@ -41,6 +41,9 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
     ops.QK_NORM_ROTARY: ("qk_norm", "qk_norm_rotary",
                          "per-head q/k RMSNorm + rotary in place, one launch"),
     ops.MOE_TOPK_SOFTMAX: ("moe", "topk_softmax", "softmax + top-k routing, one row a program"),
+    ops.MOE_GROUPED_TOPK: ("moe_routing", "grouped_topk",
+                           "DeepSeek grouped top-k (softmax or sigmoid + bias), one row a "
+                           "program"),
     ops.FUSED_MOE: ("moe", "fused_moe",
                     "GEMV pair kernels up to 64 pairs, else grouped GEMM over expert-sorted "
                     "pairs (tiles from moe_tuned/<device>.json where the expert shape is "
