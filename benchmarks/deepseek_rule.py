@@ -5,11 +5,12 @@
 Rules (each names what it puts back; everything else as the default):
 
 - ``default``: as it stands.
-- ``bmm``: the MLA decode of every batch takes the path before 2026-12-06 05:30 UTC: the latent
+- ``bmm``: the MLA decode of every batch takes the path before commit d6b2234: the latent
   write kernel, a cuBLAS BMM for the absorbed query, the split kernel, the merge and a second
   BMM for the output (the Triton absorb kernels of ``mla_absorb.py`` serve up to
-  ``FUSED_MAX_BATCH`` sequences by default).
-- ``routing_before``: the MoE routing before 2026-12-06 06:00 UTC: the router's input cast
+  ``FUSED_MAX_BATCH`` sequences by default; the split and merge kernels keep PDL, which
+  they gained in the same commit).
+- ``routing_before``: the MoE routing before commit 65a56e7: the router's input cast
   to fp32 by a separate torch kernel (not read as bf16 by the GEMV,
   ``LinearMethod.apply_upcast``) and the shared-expert slots appended by two ``torch.cat``
   (not one, as halves of one tensor).
