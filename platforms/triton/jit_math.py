@@ -26,6 +26,25 @@ def gate_activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def select_top_k(work, values, offs, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``(weights fp32 [BLOCK_K], ids int32 [BLOCK_K])``: the ``TOP_K`` largest entries of
+    ``work [BLOCK_E]`` in descending order (ties: the lower of ``offs``), each weighted by
+    ``values`` at its position; slots past ``TOP_K`` hold 0. Entries that must never be picked
+    are below every candidate in ``work`` (e.g. -inf)."""
+    kk = tl.arange(0, BLOCK_K)
+    weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(work, 0)
+        idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
+        weights = tl.where(kk == j, tl.sum(tl.where(offs == idx, values, 0.0), 0), weights)
+        ids = tl.where(kk == j, idx, ids)
+        work = tl.where(offs == idx, float("-inf"), work)
+    return weights, ids
+
+
+@triton.jit
 def mma(a, b, EXACT_FP32: tl.constexpr):
     """``tl.dot(a, b)``; with ``EXACT_FP32`` the fp32 products are exact (``ieee``) instead of
     the backend's default (tf32 on NVIDIA), which the fp32 tolerances need. 16-bit, fp8 and

@@ -14,6 +14,7 @@ from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
+from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
@@ -33,16 +34,8 @@ def _topk_softmax_kernel(
     x = x.to(tl.float32)
     p = tl.where(valid, tl.exp(x - tl.max(x, 0)), 0.0)
     p = p / tl.sum(p, 0)
-    work = tl.where(valid, p, -1.0)
+    weights, ids = select_top_k(tl.where(valid, p, -1.0), p, offs, TOP_K, BLOCK_E, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
-    weights = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(work, 0)
-        idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
-        weights = tl.where(kk == j, best, weights)
-        ids = tl.where(kk == j, idx, ids)
-        work = tl.where(offs == idx, -2.0, work)
     if RENORM:
         weights = weights / tl.sum(weights, 0)
     k_mask = kk < TOP_K

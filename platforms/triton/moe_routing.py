@@ -19,6 +19,7 @@ import triton.language as tl
 
 from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
 from heteroserve.platforms.cpu.moe import check_grouped_topk
+from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
@@ -67,17 +68,9 @@ def _grouped_topk_kernel(
         g_idx = tl.min(tl.where(group_score == best, offs_g, BLOCK_G), 0)
         keep = keep | (group == g_idx)
         group_score = tl.where(offs_g == g_idx, float("-inf"), group_score)
-    work = tl.where(keep & valid, choice, float("-inf"))
+    weights, ids = select_top_k(tl.where(keep & valid, choice, float("-inf")), scores, offs,
+                                TOP_K, BLOCK_E, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
-    weights = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(work, 0)
-        idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
-        weight = tl.sum(tl.where(offs == idx, scores, 0.0), 0)
-        weights = tl.where(kk == j, weight, weights)
-        ids = tl.where(kk == j, idx, ids)
-        work = tl.where(offs == idx, float("-inf"), work)
     if RENORM:
         weights = weights / tl.sum(weights, 0)
     weights = weights * scale
