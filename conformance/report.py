@@ -182,6 +182,15 @@ class ReportCollector:
                          f"{_fmt_err(row['max_rel_err']):>9}")
         return lines
 
+    def _filters(self) -> dict[str, str]:
+        """The run's ``-k`` / ``-m`` expressions (empty when none). Under pytest-xdist the
+        workers deselect, so the controller's ``deselected`` count stays 0: an expression
+        alone marks the run partial."""
+        opt = self.config.option
+        found = {"keyword": getattr(opt, "keyword", "") or "",
+                 "markexpr": getattr(opt, "markexpr", "") or ""}
+        return {k: v for k, v in found.items() if v}
+
     def build(self) -> dict[str, Any]:
         """The JSON document (also the source of the Markdown)."""
         from heteroserve import __version__
@@ -200,9 +209,9 @@ class ReportCollector:
             "tier_reached": ("none" if self.interrupted else "+".join(reached(tiers)) or "none"),
             "tiers": tiers,
             "selection": {"quick": self.ctx.quick, "deselected": self.deselected,
-                          "interrupted": self.interrupted,
+                          "filters": self._filters(), "interrupted": self.interrupted,
                           "complete": (not self.ctx.quick and self.deselected == 0
-                                       and not self.interrupted)},
+                                       and not self._filters() and not self.interrupted)},
             "devices": list(self.ctx.availability.devices),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": _command_line(),

@@ -101,3 +101,20 @@ def test_digest_covers_everything_but_itself() -> None:
     assert verify_digest(doc)
     doc["table"][0]["passed"] = 4
     assert not verify_digest(doc)
+
+
+def test_a_filtered_run_in_xdist_workers_is_partial(tmp_path: Path) -> None:
+    """``-n 2 -k ...``: the workers deselect (the controller counts none), and the report
+    still says the tier holds for the selected tests only."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "heteroserve.server.cli", "conformance", "--platform", "cpu",
+         "--report", str(tmp_path), "--", "-q", "--conformance-quick", "-p",
+         "no:cacheprovider", "-n", "2", "-k", "test_rms_norm and torch_native and bf16"],
+        capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "conformance-cpu.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert report["summary"]["passed"] >= 1
+    assert report["selection"]["filters"] == {"keyword": "test_rms_norm and torch_native and bf16"}
+    assert not report["selection"]["complete"]
+    assert "(partial run: holds for the selected tests only)" in \
+        (tmp_path / "conformance-cpu.md").read_text()
