@@ -1,14 +1,20 @@
 """Where a long prefill's time goes: one prompt of N tokens (default 8192 and 32768) through the
 Llama-3.1-8B-shaped engine (dummy bf16 weights, engine defaults: chunked prefill of 8192),
 timed end to end (time to first token), then once more under torch.profiler; prints the wall
-time, the device-kernel time and the top kernels by device time.
+time, the device-kernel time and the top kernels by device time. A third run, profiled with
+Python stacks (slower on the host, so its gaps are an upper bound), says which frames launch
+the device time and what the host was doing while the device sat idle
+(:mod:`trace_gaps`).
 
     python benchmarks/profile_prefill.py 8192,32768 > profile_prefill.txt
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llama8b import build_engine, random_prompts  # noqa: E402
+from trace_gaps import analyse, render  # noqa: E402
 
 
 def one_prompt(sched, rid: str, ids: list[int]) -> float:
@@ -32,6 +39,19 @@ def one_prompt(sched, rid: str, ids: list[int]) -> float:
         sched.step()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def print_slow_host_ops(events, limit_us: float = 1000.0, top: int = 6) -> None:
+    """The ``top`` host ops of more than ``limit_us`` of self CPU time, with their input
+    shapes and the project frames of their Python stack."""
+    slow = sorted((e for e in events if e.device_type == DeviceType.CPU
+                   and e.self_cpu_time_total > limit_us), key=lambda e: -e.self_cpu_time_total)
+    print(f"host ops over {limit_us:.0f} us of self time: {len(slow)}")
+    for e in slow[:top]:
+        frames = [f for f in (e.stack or []) if "core/" in f or "platforms/" in f][:4]
+        print(f"  {e.self_cpu_time_total / 1e3:8.2f} ms  {e.name}  {e.input_shapes}")
+        for f in frames:
+            print(f"      {f}")
 
 
 def main() -> int:
@@ -51,6 +71,17 @@ def main() -> int:
               f"({device_s / wall:.0%} busy)")
         print(events.table(sort_by="self_device_time_total", row_limit=14,
                            max_name_column_width=70))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     with_stack=True, record_shapes=True) as prof:
+            one_prompt(sched, f"s{n}", ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                report = analyse(json.load(f))
+        print(f"\n-- prefill {n} tokens under the stack profiler --")
+        print(render(report, 18))
+        print_slow_host_ops(prof.events())
     return 0
 
 
