@@ -83,6 +83,8 @@ def test_smoke_run_writes_every_workload_next_to_its_floor(tmp_path: Path) -> No
         detail = json.loads((tmp_path / f"h200-latest-{name}.json").read_text())
         assert detail["name"] == name and detail["value"] == w["value"]
     assert len(result["workloads"]["llama8b_prefill_100k"]["chunk_s"]) >= 3  # 160 tokens / 64
+    eight = result["workloads"]["llama8b_prefill_8k"]
+    assert len(eight["ttft_all_s"]) == 3 and eight["value"] == sorted(eight["ttft_all_s"])[1]
     # the smoke shapes miss every target: the profiled workload carries its top kernels
     top = result["workloads"]["llama8b_prefill_8k"]["profile_top"]
     assert top and all(row["self_ms"] >= 0 for row in top)
