@@ -2,9 +2,14 @@
 Llama-3.1-8B-shaped engine (dummy bf16 weights, engine defaults: chunked prefill of 8192),
 timed end to end (time to first token), then once more under torch.profiler; prints the wall
 time, the device-kernel time and the top kernels by device time. A third run, profiled with
-Python stacks (slower on the host, so its gaps are an upper bound), says which frames launch
-the device time and what the host was doing while the device sat idle
-(:mod:`trace_gaps`).
+Python stacks and shapes, says which frames launch the device time and what the host was
+doing while the device sat idle (:mod:`trace_gaps`), and lists the slowest host ops.
+
+Host times under the profiler are not wall-clock truth: on the H100 machine (torch 2.11,
+2026-12-06) it showed three host ``aten::index`` calls of the batch builder taking 4-14 ms
+each before an 8k prompt's first kernel, yet the same builder in numpy measured no better
+unprofiled (the headline's median of five 8k prompts: 0.2196 s against 0.2177 s with torch's
+indexing, same call). Confirm a host gap by wall-clock A/B before acting on it.
 
     python benchmarks/profile_prefill.py 8192,32768 > profile_prefill.txt
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
@@ -103,18 +102,18 @@ def _token_slots(prefix_lens: list[int], new_counts: list[int], page_indptr: lis
     step's int32 page table, sequence ``i``'s pages from ``page_indptr[i]``): each token's
     position (``prefix_len`` up to ``prefix_len + n_new - 1`` per sequence) and its KV slot
     (``page * page_size + position % page_size`` with ``page`` the sequence's
-    ``position // page_size``-th page).
-
-    In numpy: torch's host ``aten::index`` took 4-14 ms per call over an 8k-token prompt on the
-    H100 machine's CPU (torch 2.11, ``benchmarks/profile_prefill.py``, 2026-12-06), all of it
-    before the step's first kernel; numpy's gather of the same rows takes microseconds."""
-    counts = np.asarray(new_counts, dtype=np.int64)
-    first_token = np.cumsum(counts) - counts
-    start_of_token = np.repeat(np.asarray(prefix_lens, dtype=np.int64) - first_token, counts)
-    positions = np.arange(num_tokens, dtype=np.int64) + start_of_token
-    first_page = np.repeat(np.asarray(page_indptr[:-1], dtype=np.int64), counts)
-    page = pages.numpy()[first_page + positions // page_size].astype(np.int64)
-    return torch.from_numpy(positions), torch.from_numpy(page * page_size + positions % page_size)
+    ``position // page_size``-th page)."""
+    counts = _host_int64(new_counts)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(new_counts)), counts,
+                                           output_size=num_tokens)
+    first_token = torch.cumsum(counts, 0) - counts
+    start = _host_int64(prefix_lens) - first_token
+    positions = torch.arange(num_tokens, dtype=torch.int64) + start[seq_of_token]
+    first_page = _host_int64(page_indptr[:-1])
+    page_of_token = first_page[seq_of_token] + torch.div(positions, page_size,
+                                                         rounding_mode="floor")
+    page = pages.long()[page_of_token]
+    return positions, page * page_size + positions % page_size
 
 
 def _host_int64(values: list[int]) -> torch.Tensor:
