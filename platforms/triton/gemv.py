@@ -12,7 +12,7 @@ evict-last (every program re-reads it from L2).
 Because every program reads the whole activation row anyway, the op that makes it can run in
 the same pass at no extra HBM traffic (the *prologue*), which saves a launch and a round trip
 of the row per layer at batch 1 (on the H200 the re-read rows cost more than that once PDL
-hides the launches, so these variants are not the default; docs/benchmarks.md):
+hides the launches, so these variants are not the default; docs/benchmarks/log.md):
 
 - ``rms_norm``: ``h = x + residual``, ``a = h / rms(h) * g``. ``1 / rms(h)`` is a scalar, so
   the kernel accumulates ``W @ (h * g)`` and ``sum(h^2)`` together and scales once at the end;

@@ -67,7 +67,7 @@ class PrologueFusedUnquantizedLinear(UnquantizedLinear):
     decode ran at 237.6 tok/s with the plain GEMVs against 234.9 with the prologues; with the
     gated epilogue on the default method, 2026-12-05 05:08 UTC, Gemma-3-12B ran 82.5 % and
     Llama-3.1-8B 91.3 % of their rooflines, no better than the runs without it; see
-    docs/benchmarks.md). More than one row: None, the caller runs the ops separately."""
+    docs/benchmarks/log.md). More than one row: None, the caller runs the ops separately."""
 
     def apply_rms_norm(self, layer: torch.nn.Module, x: torch.Tensor,
                        residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
