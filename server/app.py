@@ -19,6 +19,8 @@ from fastapi import FastAPI
 
 from heteroserve import __version__
 from heteroserve.core.config import ServerArgs
+from heteroserve.core.runtime.admission import CHARS_PER_TOKEN_BOUND
+from heteroserve.server.body_parser import BodyParser
 from heteroserve.server.context import ServerContext
 from heteroserve.server.embeddings import router as embeddings_router
 from heteroserve.server.errors import install_error_handlers
@@ -63,9 +65,13 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
                         tool_parser=create_parser(server_args.tool_call_parser)
                         if server_args.tool_call_parser else None)
 
+    body_parser = BodyParser(max(int(client.info.max_context_len) * CHARS_PER_TOKEN_BOUND,
+                                 server_args.grammar_max_bytes), int(client.info.max_context_len))
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        body_parser.close()
         if shutdown_client:
             logger.info("stopping the engine")
             await asyncio.to_thread(client.shutdown)
@@ -73,6 +79,7 @@ def create_app(client: Any, server_args: ServerArgs, shutdown_client: bool = Tru
     app = FastAPI(title="heteroserve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible and SGLang-native LLM serving API.")
     app.state.ctx = ctx
+    app.state.body_parser = body_parser
     app.state.draining = False
     app.add_middleware(EdgeLimits, max_body_bytes=server_args.max_request_bytes,
                        is_draining=lambda: app.state.draining)

@@ -139,8 +139,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code,
+        param = getattr(exc, "param", None)  # set by body_parser.FieldTooLong
+        code = "not_found" if exc.status_code == 404 else "invalid_value" if param else None
+        return APIError(exc.status_code, str(exc.detail), param=param, code=code,
                         headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)

@@ -71,10 +71,9 @@ print(json.dumps(out))
 """
 
 
-def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
-        limited_server: ServerProcess) -> None:
-    url = limited_server.url
-    rss_before = _rss(limited_server.proc.pid)
+def _health_while_posting(url: str) -> tuple[dict, list[float], list[float]]:
+    """``(responses, /health latencies while both posts run, idle latencies before and
+    after, as many)``."""
     with httpx.Client(base_url=url, timeout=10, trust_env=False) as probe:
         idle = _health_latencies(probe, lambda: False, count=20)
         poster = subprocess.Popen([sys.executable, "-c", _POST_BOTH, url, MODEL_NAME],
@@ -82,19 +81,55 @@ def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
         busy = _health_latencies(probe, lambda: poster.poll() is None)
         stdout, _ = poster.communicate(timeout=120)
         idle += _health_latencies(probe, lambda: False, count=len(busy))
-    results = json.loads(stdout)
-    assert results["schema"][0] == 400, results["schema"][1]
-    assert "compile" in json.loads(results["schema"][1])["error"]["message"]
-    assert results["prompt"][0] == 400, results["prompt"][1]
-    # the bound is the issue's 100 ms plus the worst /health of this (2-core) machine when
-    # the server is idle, before and after (as many polls as while busy): scheduling noise of
-    # the machine, not the event loop
-    worst, noise = max(busy), max(idle)
-    assert worst < 0.1 + noise, f"/health took {worst:.3f}s (idle worst {noise:.3f}s)"
+    return json.loads(stdout), busy, idle
+
+
+def test_health_answers_while_a_huge_schema_compiles_and_a_huge_prompt_arrives(
+        limited_server: ServerProcess) -> None:
+    """The bound is the issue's 100 ms plus the worst /health of this (2-core) machine when
+    the server is idle, before and after (as many polls as while busy). A blocked event loop
+    misses it every time; a hiccup of the shared machine gets one more try (once 171 ms in
+    CI beside the other test worker; at most 34 ms in 10 runs here, with and without a
+    CPU-bound process beside it)."""
+    url = limited_server.url
+    rss_before = _rss(limited_server.proc.pid)
+    for attempt in range(2):
+        results, busy, idle = _health_while_posting(url)
+        assert results["schema"][0] == 400, results["schema"][1]
+        assert "compile" in json.loads(results["schema"][1])["error"]["message"]
+        assert results["prompt"][0] == 400, results["prompt"][1]
+        refused = json.loads(results["prompt"][1])["error"]
+        # refused by the JSON helper process: the 10 MB string never reached the server
+        assert refused["param"] == "prompt" and "10485760 characters" in refused["message"]
+        worst, noise = max(busy), max(idle)
+        if worst < 0.1 + noise:
+            break
+    assert worst < 0.1 + noise, f"/health took {worst:.3f}s twice (idle worst {noise:.3f}s)"
     assert _rss(limited_server.proc.pid) - rss_before < 1024 ** 3
     ok = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "z",
                                                    "max_tokens": 2}, trust_env=False, timeout=60)
     assert ok.status_code == 200
+
+
+def test_large_bodies_go_through_the_json_helper_and_bad_ones_get_400s(
+        limited_server: ServerProcess) -> None:
+    """Bodies over 4 MB are parsed in the helper process: a valid one reaches admission
+    (which refuses 700k prompt ids for this context), broken JSON is the usual 400, and an
+    overlong chat message is refused by path."""
+    with httpx.Client(base_url=limited_server.url, timeout=120, trust_env=False) as c:
+        ids = c.post("/v1/completions", json={"model": MODEL_NAME, "max_tokens": 1,
+                                              "prompt": [7] * 700_000})
+        assert ids.status_code == 400, ids.text
+        assert "700000" in ids.json()["error"]["message"], ids.text  # admission counted them
+        broken = c.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20),
+                        headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and "malformed JSON" in broken.json()["error"]["message"]
+        chat = c.post("/v1/chat/completions", json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "b" * (6 << 20)}]})
+        assert chat.status_code == 400, chat.text
+        assert chat.json()["error"]["param"] == "messages[0].content"
+        ok = c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "z", "max_tokens": 2})
+        assert ok.status_code == 200
 
 
 def test_a_burst_over_the_queue_limit_gets_429s(limited_server: ServerProcess) -> None:
