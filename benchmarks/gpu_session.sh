@@ -64,6 +64,8 @@
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
+#                          (TEST_PATHS narrows `tests`, TEST_FILTER is a -k expression); the
+#                          whole log, tracebacks of failures included, -> $OUT/<step>.log
 #   sglang_bench_serving   `heteroserve serve` of the Llama-3.1-8B shape (dummy weights, a word-level
 #                          tokenizer of its vocabulary: benchmarks/word_tokenizer.py) measured by
 #                          SGLang's own bench_serving client (carried as .carry/bench_serving.py,
@@ -239,10 +241,13 @@ for step in "$@"; do
     conf_flashinfer) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
         --report "$OUT/flashinfer" -- -q -p no:cacheprovider \
         -k "flashinfer and (bf16 or not attention) and (d128 or not attention)" 2>&1 | tail -12 ;;
-    triton_tests) timeout 200 python3 -m pytest tests/triton -q -p no:cacheprovider \
-        ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 | tail -6 ;;
-    tests) HETEROSERVE_TEST_PLATFORM=cuda timeout 240 python3 -m pytest tests/triton \
-        tests/models tests/scheduler -q -p no:cacheprovider 2>&1 | tail -8 ;;
+    triton_tests) timeout 200 python3 -m pytest tests/triton -q -p no:cacheprovider -rf \
+        --tb=short ${TEST_FILTER:+-k "$TEST_FILTER"} > "$OUT/triton_tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/triton_tests.log" | tail -12 ;;
+    tests) HETEROSERVE_TEST_PLATFORM=cuda timeout 240 python3 -m pytest ${TEST_PATHS:-tests/triton \
+        tests/models tests/scheduler} -q -p no:cacheprovider -rf --tb=short \
+        ${TEST_FILTER:+-k "$TEST_FILTER"} > "$OUT/tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12 ;;
     quant_gemv) timeout 300 python3 benchmarks/quant_gemv_sweep.py --sweep \
         --schemes "${QGEMV_SCHEMES:-awq_w4a16}" --out "$OUT/quant_gemv.json" 2>&1 | grep -vi warn ;;
     w4_gemm) timeout 300 python3 benchmarks/w4_gemm_sweep.py --out "$OUT/w4_gemm.json" ${W4_ARGS:-} 2>&1 \
