@@ -93,6 +93,15 @@ def _choice(result: ChoiceResult, index: int, echo: str, shape: _Shape) -> Compl
                             finish_reason=reason, matched_stop=matched)
 
 
+def _named_as_prompt(err: APIError) -> APIError:
+    """The engine names a token-id prompt ``input_ids`` (SGLang's field); here it is
+    ``prompt``, and the error says so."""
+    if err.param != "input_ids":
+        return err
+    return APIError(err.status, err.message.replace("input_ids", "prompt", 1), type=err.type,
+                    param="prompt", code=err.code, headers=err.headers)
+
+
 async def create_completion(ctx: ServerContext, req: CompletionRequest, request: Request
                             ) -> Response:
     """Serve one completions request (see the module docstring); raises :class:`APIError`."""
@@ -109,7 +118,10 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
                            return_logprob=want_lp, top_logprobs_num=req.logprobs or 0,
                            logprob_start_len=0 if req.echo and want_lp else -1)
            for i, p in enumerate(prompts)]
-    call = await EngineCall.start(ctx.client, gen, ctx.metrics)
+    try:
+        call = await EngineCall.start(ctx.client, gen, ctx.metrics)
+    except APIError as err:
+        raise _named_as_prompt(err) from None
     echoes = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
               for p in prompts]
     shape = _Shape(echoes, want_lp, bool(req.logprobs), req.n)

@@ -45,6 +45,16 @@ def test_bad_sampling_values_are_400_and_the_engine_lives(http: httpx.Client, ex
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_token_id_prompt_outside_the_vocabulary_is_named_prompt(http: httpx.Client) -> None:
+    """The OpenAI route's field is ``prompt``, not the engine's ``input_ids``; ``/generate``
+    keeps SGLang's name."""
+    for prompt in ([5, 10 ** 7], [[5], [10 ** 7]]):
+        err = _error(http.post("/v1/completions", json={**COMPLETION, "prompt": prompt}), 400)
+        assert err["param"] == "prompt" and err["message"].startswith("prompt contains token id")
+    err = _error(http.post("/generate", json={"input_ids": [10 ** 7]}), 400)
+    assert err["param"] == "input_ids"
+
+
 def test_non_finite_numbers_are_400(http: httpx.Client) -> None:
     for value in ("NaN", "Infinity", "-Infinity"):
         body = '{"text": "hi", "sampling_params": {"temperature": %s}}' % value
