@@ -69,9 +69,12 @@ class _Stack:
         return None
 
 
+def _span(e: dict) -> Span:
+    return Span(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["tid"])
+
+
 def _spans(events: list[dict], cats: set[str], name_filter=None) -> list[Span]:
-    return [Span(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["tid"])
-            for e in events if e.get("ph") == "X" and e.get("cat") in cats
+    return [_span(e) for e in events if e.get("ph") == "X" and e.get("cat") in cats
             and (name_filter is None or name_filter(e["name"]))]
 
 
@@ -88,9 +91,8 @@ def analyse(trace: dict) -> GapReport:
     """The report of one chrome trace (see the module docstring). Raises ``ValueError`` when
     the trace holds no device events."""
     events = trace.get("traceEvents", [])
-    device = sorted(((Span(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)),
-                           e["tid"]), e.get("args", {}).get("correlation"))
-                     for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS),
+    device = sorted(((_span(e), e.get("args", {}).get("correlation")) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS),
                     key=lambda dc: dc[0].start)
     if not device:
         raise ValueError("the trace holds no device events (profile with ProfilerActivity.CUDA)")
@@ -122,8 +124,10 @@ def analyse(trace: dict) -> GapReport:
             continue
         launch_tid = launch["tid"]
         busy[source(launch["tid"], float(launch["ts"]))] += d.end - d.start
-    host = [s for s in _spans(events, {"cpu_op", "python_function"}) if s.tid == launch_tid]
-    host_start = min((s.start for s in host), default=device[0][0].start)
+    py_frames = _Stack([s for s in _spans(events, {"python_function"}) if s.tid == launch_tid])
+    host_ops = ops.get(launch_tid, _Stack([]))
+    host_start = min((s.start for s in py_frames.spans + host_ops.spans),
+                     default=device[0][0].start)
     idle: dict[str, float] = defaultdict(float)
     gaps: list[tuple[float, str, str]] = []
     busy_ms = 0.0
@@ -137,8 +141,6 @@ def analyse(trace: dict) -> GapReport:
         busy_ms += max(0.0, d.end - max(d.start, covered_end)) / 1e3
         covered_end = max(covered_end, d.end)
     gaps.sort(reverse=True)
-    py_frames = _Stack([s for s in _spans(events, {"python_function"}) if s.tid == launch_tid])
-    host_ops = _Stack([s for s in _spans(events, {"cpu_op"}) if s.tid == launch_tid])
     head: dict[str, float] = defaultdict(float)
     t = host_start
     while t < device[0][0].start:
