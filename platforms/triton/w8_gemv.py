@@ -25,7 +25,10 @@ scale (``WS``): ``WS_TENSOR`` (one fp32), ``WS_CHANNEL`` (one per output row), `
 Grid: ``(rows, cdiv(N, BLOCK_N))`` with the row index fastest, so the programs of the rows
 that read the same weight slice run together and share it through L2. Weights and scales are
 the layer's loaded parameters (no kernel writes them): the first weight tile loads before the
-PDL wait (:mod:`.pdl`).
+PDL wait (:mod:`.pdl`). Each thread's 16 products of one vector load are summed in registers
+before they join the fp32 accumulator ``[BLOCK_N, BLOCK_K / 16]``, so the accumulator no
+longer grows with the tile: 16 KiB tiles fit in under 100 registers a thread, and enough
+programs share a multiprocessor to keep the loads the copy rate needs in flight.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ WS_TENSOR, WS_CHANNEL, WS_BLOCK = 0, 1, 2
 W8_GEMV_MAX_ROWS = 4
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the output tiles)
+#: weights a thread loads in one 16-byte vector: each one's products are summed in registers
+#: before they join the accumulator, which is therefore ``[BLOCK_N, BLOCK_K // _VEC]``
+_VEC = 16
 
 
 @triton.jit
@@ -92,8 +98,8 @@ def _broadcast_groups(v, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.constexpr,
           WS: tl.constexpr, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
-          SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
-          GROUP: tl.constexpr):
+          SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr):
     """``acc + w * quant(x[k0:k0+BLOCK_K]) * scales``: one weight tile's products (see the
     module)."""
     kk = k0 + offs_k
@@ -116,7 +122,8 @@ def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.
         wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
     else:
         wf = w.to(tl.float32)
-    return acc + wf * a[None, :]
+    prod = wf * a[None, :]
+    return acc + tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // VEC, VEC]), axis=2)
 
 
 @triton.jit
@@ -126,7 +133,7 @@ def _w8_gemv_kernel(
     ACT: tl.constexpr, WS: tl.constexpr, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -160,13 +167,13 @@ def _w8_gemv_kernel(
     else:
         ws_row = ws_ptr
     acc = _tile(w, x_row, ws_row, 0, offs_k, K, scale, qmax, min_scale,
-                tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), ACT, WS, IS_INT, MIN_NORMAL,
-                SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+                tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32), ACT, WS, IS_INT,
+                MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, VEC)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
         w = weight_tile(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
         acc = _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT, WS,
-                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_K, GROUP)
+                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, VEC)
 
     y = tl.sum(acc, axis=1)
     if ACT != 2:
@@ -194,32 +201,27 @@ class W8GemvConfig:
 
 def choose_w8_config(n: int, k: int, rows: int, device: torch.device,
                      act: int = ACT_GROUP) -> W8GemvConfig:
-    """The launch shape for an ``N x K`` fp8/int8 weight and activation granularity ``act``.
-
-    ``ACT_GROUP`` (fp8 block): eight output rows per program, 1 KiB of each weight row per
-    step (512 bytes for wide layers, ``N >= 2K``), four warps -- the fastest of 24 launch
-    shapes at Llama-3.1-8B's layers on an H200 (``benchmarks/quant_gemv_sweep.py --sweep
-    --schemes fp8_block``, ``benchmarks/results/quant_gemv_sweep_h200.json``: 70.3 us for the
-    four layers, 69.6 us with each layer's best, 78.5 us with 16-row programs).
-    ``ACT_ROW`` / ``ACT_TENSOR``: every program first makes an amax pass over the whole
-    activation row, so programs stay as wide as possible: 16 rows, halved while fewer than
-    two programs per multiprocessor (8-row programs took ct-fp8-tensor Llama-8B batch-1
-    decode from 305.5 to 283.3 tok/s on the H200)."""
+    """The launch shape for an ``N x K`` fp8/int8 weight and activation granularity ``act``:
+    eight output rows a program (halved while fewer than two programs per multiprocessor),
+    2 KiB of each weight row a step (16 KiB tiles), eight warps for ``ACT_GROUP`` (fp8 block)
+    and four for ``ACT_ROW`` / ``ACT_TENSOR``. The fastest uniform shape of the 24-shape sweep
+    at Llama-3.1-8B's four layers once the accumulator shrank to ``[BLOCK_N, BLOCK_K / 16]``
+    (``benchmarks/quant_gemv_sweep.py --sweep --schemes fp8_per_tensor,fp8_block``, H100,
+    2026-12-06, ``benchmarks/results/h100-20261206-0847-quant_gemv_w8.json``): 75.1 us (fp8
+    block) and 79.5 us (per tensor) for the four layers, against 81.2 / 87.7 us for the
+    previous kernel at its own launch rule. Before, the ``[BLOCK_N, BLOCK_K]`` fp32
+    accumulator took 239 registers a thread at 16 x 1024, two programs a multiprocessor, too
+    few loads in flight for the copy rate."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W8GemvConfig(16, 128, 1, 1)
-    block_k = 1024 if k >= 1024 else max(FP8_BLOCK, triton.next_power_of_2(k))
-    if act == ACT_GROUP:
-        if n >= 2 * k:
-            block_k = min(block_k, 512)
-        block_n = 8
-    else:
-        block_n = 16
-        sms = multiprocessors(device)
-        while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
-            block_n //= 2
+    block_k = min(2048, max(FP8_BLOCK, triton.next_power_of_2(k)))
+    block_n = 8
+    sms = multiprocessors(device)
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
     while triton.cdiv(n, block_n) > _MAX_GRID_Y:
         block_n *= 2
-    return W8GemvConfig(block_n, block_k, 4, 1)
+    return W8GemvConfig(block_n, block_k, 8 if act == ACT_GROUP else 4, 1)
 
 
 def _fp8_constants(dtype: torch.dtype) -> tuple[float, float]:
@@ -265,6 +267,6 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
         MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic, EVEN=even, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK,
         AMAX_BLOCK=128 if x.device.type == "cpu" else min(4096, triton.next_power_of_2(k)),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(x.device))
+        VEC=min(_VEC, cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device))
     return y
