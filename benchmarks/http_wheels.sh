@@ -7,7 +7,8 @@
 # instead of stalling the whole run.
 # The `clients` step's real clients come too: the openai client (and the legacy httpx its test
 # passes to it), SGLang's bench_serving script's aiohttp and requests, and that script itself,
-# taken from the sglang 0.4.10 wheel into .whl/sglang_bench_serving.py.
+# taken from the sglang 0.4.10 wheel into .whl/sglang_bench_serving.py. jsonschema is the test
+# extra's, for the tool-call tests of `HETEROSERVE_TEST_PLATFORM=cuda pytest tests/server`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -19,7 +20,9 @@ WHEELS=(fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic_core==2.46.
         sniffio==1.3.1 jiter==0.19.0 h11==0.16.0 idna==3.20 httpx==0.29.0 httpcore==1.0.9
         certifi==2026.5.20 aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0
         attrs==26.1.0 frozenlist==1.8.0 multidict==7.2.1 propcache==0.5.4 yarl==1.25.1
-        requests==2.34.2 urllib3==2.7.0 charset_normalizer==3.4.7)
+        requests==2.34.2 urllib3==2.7.0 charset_normalizer==3.4.7
+        jsonschema==4.26.0 jsonschema_specifications==2025.9.1 referencing==0.37.0
+        rpds_py==0.30.0)
 for spec in "${WHEELS[@]}"; do
   name=${spec%%==*}
   if ls .whl/ 2>/dev/null | grep -qi "^${name}-"; then

@@ -26,7 +26,14 @@ from platform_under_test import TEST_PLATFORM
 from quant_checkpoints import copy_without_weights, dequantized_reference, write_quantized
 
 
-FP8_TOL = 2e-2  # as tests/models/test_quantized_checkpoints.py
+#: as tests/models/test_quantized_checkpoints.py on the cpu platform (where these tests land
+#: within 1e-6: engine and reference quantize the same fp32 activations). On a GPU the
+#: engine's fp32 reductions (norms, attention) differ from the CPU reference's in the last
+#: bits, and an activation that sits on an fp8 rounding boundary rounds one step apart. On an
+#: H100 (2026-12-06, docs/benchmarks/log.md) the first departure was layer 0's fp8 q_b_proj
+#: with its input within 1e-4, and the logits ended 2.2e-2 / 2.5e-2 apart whichever kernels
+#: ran (every op torch-native, no graph: the same); a wrong scale or block is off by O(1).
+FP8_TOL = 2e-2 if TEST_PLATFORM == "cpu" else 5e-2
 
 
 def _runner(path, **kw):

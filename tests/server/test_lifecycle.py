@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from platform_under_test import TEST_PLATFORM
 from server_harness import MODEL_NAME, ServerProcess, pid_alive
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,7 +37,7 @@ def _long(stream: bool, tokens: int = 1500) -> dict:
 def test_startup_block(small_server) -> None:
     log = small_server.log()
     block = log[log.index("heteroserve is ready"):]
-    for needle in ("platform   cpu", "device", "KV pool", "kernels", small_server.url):
+    for needle in (f"platform   {TEST_PLATFORM}", "device", "KV pool", "kernels", small_server.url):
         assert needle in block, needle
 
 

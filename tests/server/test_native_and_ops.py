@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from platform_under_test import TEST_PLATFORM
 from server_harness import API_KEY, MODEL_NAME
 
 PROMPT_IDS = [5, 17, 42, 99, 7]
@@ -72,7 +73,7 @@ def test_model_and_server_info(http) -> None:
     assert info["served_model_name"] == MODEL_NAME and info["is_generation"] is True
     server_info = http.get("/get_server_info").json()
     assert "api_key" not in server_info and API_KEY not in json.dumps(server_info)
-    assert server_info["engine"]["platform"] == "cpu"
+    assert server_info["engine"]["platform"] == TEST_PLATFORM
     assert server_info["engine"]["max_context_len"] == 2048
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL_NAME

@@ -47,9 +47,12 @@ class ChildWatch:
 def cpu_args(path, **kw) -> ServerArgs:
     """fp32 engine arguments on the cpu platform, or on ``$HETEROSERVE_TEST_PLATFORM`` with
     ``$HETEROSERVE_TEST_KERNELS`` (comma-separated OP=IMPL) to rerun the parity tests on a
-    device."""
+    device; ``$HETEROSERVE_TEST_DISABLE_GRAPH=1`` captures no decode graph (for a kernel a
+    graph cannot hold, such as a torch-native fallback that reads ids on the host)."""
     kw.setdefault("max_total_tokens", 4096)
     kw.setdefault("kernel", [k for k in os.environ.get("HETEROSERVE_TEST_KERNELS", "").split(",") if k])
+    if os.environ.get("HETEROSERVE_TEST_DISABLE_GRAPH") == "1":  # for kernels graphs cannot hold
+        kw.setdefault("disable_cuda_graph", True)
     return ServerArgs(model_path=str(path), dtype="float32",
                       platform=TEST_PLATFORM, **kw)
 
