@@ -30,9 +30,10 @@ from quant_checkpoints import copy_without_weights, dequantized_reference, write
 #: within 1e-6: engine and reference quantize the same fp32 activations). On a GPU the
 #: engine's fp32 reductions (norms, attention) differ from the CPU reference's in the last
 #: bits, and an activation that sits on an fp8 rounding boundary rounds one step apart. On an
-#: H100 (2026-12-06, docs/benchmarks/log.md) the first departure was layer 0's fp8 q_b_proj
+#: H100 (2026-12-06, docs/benchmarks/log.md; ``python tests/support/module_divergence.py cpu
+#: cuda``) the first departure was layer 0's fp8 q_b_proj
 #: with its input within 1e-4, and the logits ended 2.2e-2 / 2.5e-2 apart whichever kernels
-#: ran (every op torch-native, no graph: the same); a wrong scale or block is off by O(1).
+#: ran (eight ops torch-native, no graph: the same); a wrong scale or block is off by O(1).
 FP8_TOL = 2e-2 if TEST_PLATFORM == "cpu" else 5e-2
 
 
