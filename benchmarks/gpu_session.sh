@@ -67,10 +67,12 @@
 #                          (TEST_PATHS narrows `tests`, TEST_FILTER is a -k expression); the
 #                          whole log, tracebacks of failures included, -> $OUT/<step>.log
 #   sglang_bench_serving   `heteroserve serve` of the Llama-3.1-8B shape (dummy weights, a word-level
-#                          tokenizer of its vocabulary: benchmarks/word_tokenizer.py) measured by
-#                          SGLang's own bench_serving client (carried as .carry/bench_serving.py,
-#                          not part of the repository): backends vllm and sglang-oai, random-ids
-#                          1024 in / 256 out, max-concurrency SERVING_LEVELS (default "1 16 64")
+#                          tokenizer of its vocabulary: benchmarks/word_tokenizer.py; SERVE_ARGS adds
+#                          server flags, e.g. "--quantization fp8") measured by SGLang's own
+#                          bench_serving client (.whl/sglang_bench_serving.py from
+#                          benchmarks/http_wheels.sh, not part of the repository): backends
+#                          SERVING_BACKENDS (default vllm and sglang-oai), random-ids 1024 in / 256
+#                          out, max-concurrency SERVING_LEVELS (default "1 16 64")
 #   http                   benchmarks/bench_http.py: heteroserve serve at concurrency 1/16/64/256
 #                          next to the offline Engine (needs the server's wheels in .whl: run
 #                          benchmarks/http_wheels.sh on the host first)
@@ -135,11 +137,11 @@ serve_llama8b() {
   return 1
 }
 sglang_bench_serving() {
-  serve_llama8b || return
+  serve_llama8b ${SERVE_ARGS:-} || return
   for backend in ${SERVING_BACKENDS:-vllm sglang-oai}; do
     for mc in ${SERVING_LEVELS:-1 16 64}; do
       n=$(( mc == 1 ? 16 : 4 * mc ))
-      timeout 240 python3 .carry/bench_serving.py --backend $backend \
+      timeout 240 python3 .whl/sglang_bench_serving.py --backend $backend \
         --base-url http://127.0.0.1:30010 --model llama8b --tokenizer /tmp/wt \
         --dataset-name random-ids --random-input-len 1024 --random-output-len 256 \
         --random-range-ratio 1 --num-prompts $n --max-concurrency $mc --seed 1 \
