@@ -6,8 +6,9 @@ An H200 issues 132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 33.4e12 thread-ins
 second; at its 4.27 TB/s copy rate that is 7.8 instructions a byte, 3.9 a 4-bit weight.
 
 Usage: ``python benchmarks/kernel_sass.py --out sass.json`` (about a minute on two cores). Each
-row: kernel, launch shape, SASS instructions in the main loop, per weight element, and the
-most frequent opcodes. The launch's integer arguments are marked divisible by 16 (Triton's
+row: kernel, launch shape, SASS instructions in the main loop, per weight element, the most
+frequent opcodes, and registers a thread (``cuobjdump --dump-resource-usage``: registers
+bound how many programs share a multiprocessor, so how many loads are in flight). The launch's integer arguments are marked divisible by 16 (Triton's
 specialisation of a real launch), so loads vectorise as they do on the device.
 """
 
@@ -30,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 SM90 = GPUTarget("cuda", 90, 32)
+H200_SMS = 132
 #: thread-instructions an H200 issues per weight element at its copy rate (see the module)
 H200_BUDGET = {"4-bit": 3.9, "8-bit": 7.8}
 
@@ -45,6 +47,20 @@ def compile_sm90(fn: Callable, signature: dict[str, str], constexprs: dict[str, 
     kernel = triton.compile(src, target=SM90,
                             options={"num_warps": num_warps, "num_stages": num_stages})
     return kernel.asm["cubin"]
+
+
+def registers(cubin: bytes) -> int:
+    """Registers a thread of the cubin's kernel."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"no register count in cuobjdump's output: {out[:200]}")
+    return int(m.group(1))
 
 
 def main_loop_ops(cubin: bytes) -> collections.Counter[str]:
@@ -88,15 +104,17 @@ def w4_rows() -> list[dict]:
             consts = {"HAS_BIAS": False, "EVEN": True, "BLOCK_N": block_n,
                       "BLOCK_KW": block_kw, "GROUP_W": 16,
                       "SUBNORMAL": nibble == w4.NIBBLE_SUBNORMAL, "USE_PDL": True}
-            ops = main_loop_ops(compile_sm90(w4._w4a16_gemv_kernel, sig, consts, warps, 1))
+            cubin = compile_sm90(w4._w4a16_gemv_kernel, sig, consts, warps, 1)
             elements = block_n * block_kw * 8  # nibbles a loop iteration
-            rows.append(_row(f"w4a16_gemv {nibble}", (block_n, block_kw, warps), ops,
+            rows.append(_row(f"w4a16_gemv {nibble}", (block_n, block_kw, warps), cubin,
                              elements, warps, "4-bit"))
     return rows
 
 
 def w8_rows() -> list[dict]:
-    """The fp8 GEMV at each activation granularity, at its default launch shape."""
+    """The fp8 GEMV at each activation granularity, at its launch rule's shape for Llama-8B's
+    layers (8 rows x 2048 columns) and at 16 x 1024 (the shape of the rule before, where the
+    accumulator that had the tile's shape took 239 registers)."""
     from heteroserve.platforms.triton import w8_gemv as w8
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
@@ -104,32 +122,36 @@ def w8_rows() -> list[dict]:
            "stride_wn": "i32", "stride_wsn": "i32", "stride_ym": "i32", "qmax": "fp32",
            "min_scale": "fp32", **{c: "constexpr" for c in (
                "ACT", "WS", "IS_INT", "HAS_BIAS", "MIN_NORMAL", "SUB_MAGIC", "EVEN", "BLOCK_N",
-               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL")}}
+               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "VEC")}}
     min_normal = 2.0 ** -6
     rows = []
-    for name, act, ws, block_n, block_k in (
-            ("fp8 block", w8.ACT_GROUP, w8.WS_BLOCK, 8, 1024),
-            ("fp8 per tensor", w8.ACT_TENSOR, w8.WS_TENSOR, 16, 1024),
-            ("fp8 per channel", w8.ACT_ROW, w8.WS_CHANNEL, 16, 1024)):
-        consts = {"ACT": act, "WS": ws, "IS_INT": False, "HAS_BIAS": False,
-                  "MIN_NORMAL": min_normal, "SUB_MAGIC": 1.5 * 2.0 ** 23 * min_normal / 8,
-                  "EVEN": True, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128,
-                  "AMAX_BLOCK": 4096, "USE_PDL": True}
-        ops = main_loop_ops(compile_sm90(w8._w8_gemv_kernel, sig, consts, 4, 1))
-        rows.append(_row(f"w8_gemv {name}", (block_n, block_k, 4), ops, block_n * block_k, 4,
-                         "8-bit"))
+    for name, act, ws in (("fp8 block", w8.ACT_GROUP, w8.WS_BLOCK),
+                          ("fp8 per tensor", w8.ACT_TENSOR, w8.WS_TENSOR),
+                          ("fp8 per channel", w8.ACT_ROW, w8.WS_CHANNEL)):
+        rule = w8.w8_launch_rule(4096, 4096, 1, H200_SMS, act)
+        for block_n, block_k, warps in ((rule.block_n, rule.block_k, rule.num_warps),
+                                        (16, 1024, 4)):
+            consts = {"ACT": act, "WS": ws, "IS_INT": False, "HAS_BIAS": False,
+                      "MIN_NORMAL": min_normal, "SUB_MAGIC": 1.5 * 2.0 ** 23 * min_normal / 8,
+                      "EVEN": True, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128,
+                      "AMAX_BLOCK": 4096, "USE_PDL": True, "VEC": 16}
+            cubin = compile_sm90(w8._w8_gemv_kernel, sig, consts, warps, 1)
+            rows.append(_row(f"w8_gemv {name}", (block_n, block_k, warps), cubin,
+                             block_n * block_k, warps, "8-bit"))
     return rows
 
 
-def _row(kernel: str, shape: tuple[int, int, int], ops: collections.Counter[str],
-         elements: int, warps: int, width: str) -> dict:
+def _row(kernel: str, shape: tuple[int, int, int], cubin: bytes, elements: int, warps: int,
+         width: str) -> dict:
+    ops = main_loop_ops(cubin)
     per_thread = elements / (32 * warps)
     total = sum(ops.values())
     row = {"kernel": kernel, "launch_shape": shape, "loop_instructions": total,
            "per_element": total / per_thread, "h200_budget_per_element": H200_BUDGET[width],
-           "top_ops": dict(ops.most_common(10))}
+           "registers": registers(cubin), "top_ops": dict(ops.most_common(10))}
     print(f"{kernel:24s} {str(shape):16s} {row['per_element']:5.2f} a weight element "
-          f"(H200 budget {H200_BUDGET[width]})  {row['top_ops']}", flush=True)
+          f"(H200 budget {H200_BUDGET[width]}), {row['registers']:3d} registers  "
+          f"{row['top_ops']}", flush=True)
     return row
 
 

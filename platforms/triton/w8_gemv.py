@@ -214,9 +214,13 @@ def choose_w8_config(n: int, k: int, rows: int, device: torch.device,
     few loads in flight for the copy rate."""
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W8GemvConfig(16, 128, 1, 1)
+    return w8_launch_rule(n, k, rows, multiprocessors(device), act)
+
+
+def w8_launch_rule(n: int, k: int, rows: int, sms: int, act: int) -> W8GemvConfig:
+    """:func:`choose_w8_config`'s shape on a GPU of ``sms`` multiprocessors."""
     block_k = min(2048, max(FP8_BLOCK, triton.next_power_of_2(k)))
     block_n = 8
-    sms = multiprocessors(device)
     while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
     while triton.cdiv(n, block_n) > _MAX_GRID_Y:

@@ -33,3 +33,18 @@ def test_subnormal_decoding_issues_fewer_instructions(tmp_path: Path) -> None:
         exp = by[("w4a16_gemv exponent", shape)]
         assert sub["loop_instructions"] > 0 and sub["top_ops"]["FFMA"] > 0
         assert sub["per_element"] < exp["per_element"] - 1.0, (sub, exp)
+
+
+def test_w8_gemv_accumulator_stays_small(tmp_path: Path) -> None:
+    """The fp8 GEMV's accumulator is ``[BLOCK_N, BLOCK_K / 16]``: under 128 registers a
+    thread at every row, the rule's shape and 16 x 1024 (where the tile-shaped accumulator
+    took 239, two programs a multiprocessor)."""
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--out",
+                    str(out), "--kernels", "w8"], check=True, env=env, timeout=240)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and {tuple(r["launch_shape"]) for r in rows} >= {(16, 1024, 4)}
+    for row in rows:
+        assert 0 < row["registers"] < 128, row
+        assert row["per_element"] < row["h200_budget_per_element"], row
