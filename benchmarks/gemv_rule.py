@@ -13,6 +13,10 @@ Rules:
 - ``tile8k`` / ``tile16k``: ``previous`` with ``block_k`` raised (up to ``K`` rounded to a
   power of two) until a program's weight tile holds 8 / 16 KiB.
 - ``stages2``: ``previous``, software-pipelined over two stages.
+- ``fold8``: ``default`` with each thread's eight products of a 16-byte bf16 load summed
+  before they join the accumulator (``GemvConfig.fold``): 56 registers a thread at the
+  default 4 x 2048 shape against 128 (``benchmarks/kernel_sass.py``'s count, sm_90), so
+  twice the programs a multiprocessor. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -58,9 +62,16 @@ def _stages2(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> Gem
     return cfg if device.type == "cpu" else replace(cfg, num_stages=2)
 
 
+def _fold(fold: int, base: Rule = _DEFAULT) -> Rule:
+    def rule(n: int, k: int, device: torch.device, prologue: int = PLAIN) -> GemvConfig:
+        cfg = base(n, k, device, prologue)
+        return cfg if device.type == "cpu" else replace(cfg, fold=fold)
+    return rule
+
+
 RULES: dict[str, Rule] = {"default": _DEFAULT, "previous": _previous,
                           "tile8k": _tile_bytes(8192),
-                          "tile16k": _tile_bytes(16384), "stages2": _stages2}
+                          "tile16k": _tile_bytes(16384), "stages2": _stages2, "fold8": _fold(8)}
 
 
 def apply(rule: str) -> None:

@@ -80,11 +80,21 @@ def _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
 
 
 @triton.jit
+def _folded(prod, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+    """``prod [BLOCK_N, BLOCK_K]`` with each ``FOLD`` adjacent columns summed (``FOLD`` 1:
+    as it is)."""
+    if FOLD == 1:
+        return prod
+    else:
+        return tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // FOLD, FOLD]), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, r_ptr, g_ptr, h_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    STATIC_WEIGHT: tl.constexpr,
+    STATIC_WEIGHT: tl.constexpr, FOLD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +111,7 @@ def _gemv_kernel(
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, offs_k, offs_k < K, K, pid, sum_sq,
                                  PROLOGUE, HAS_RESIDUAL, EVEN)
-    acc = w.to(tl.float32) * a[None, :]
+    acc = _folded(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -109,7 +119,7 @@ def _gemv_kernel(
         w = weight_tile(w_ptrs, n_mask, k_mask, EVEN)
         a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
                                      PROLOGUE, HAS_RESIDUAL, EVEN)
-        acc += w.to(tl.float32) * a[None, :]
+        acc += _folded(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -120,12 +130,16 @@ def _gemv_kernel(
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape: output features per program, K per step, warps, pipeline stages."""
+    """Launch shape: output features per program, K per step, warps, pipeline stages; and
+    ``fold``: the products of each ``fold`` adjacent columns are summed before they join the
+    fp32 accumulator, which is then ``[block_n, block_k / fold]`` (1: the tile's shape; 8 is
+    one 16-byte bf16 load a thread, fewer registers for the same tile)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    fold: int = 1
 
 
 #: a plain GEMV program's step along K: 4 KiB of each bf16 weight row (see :func:`gemv_tiles`)
@@ -197,8 +211,8 @@ def _launch(prologue: int, row: torch.Tensor, weight: torch.Tensor, bias: torch.
         weight, bias if bias is not None else y, y, n, k, weight.stride(0), float(eps),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        STATIC_WEIGHT=static_weight, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_args(row.device))
+        STATIC_WEIGHT=static_weight, FOLD=min(cfg.fold, cfg.block_k),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(row.device))
     return y
 
 

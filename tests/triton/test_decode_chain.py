@@ -47,6 +47,9 @@ def test_tile_rules_widen_block_k_only() -> None:
     assert rule16(2048, 1000, gpu) == GemvConfig(2, 1024, 4, 1)  # no wider than K needs
     assert rule8(6144, 4096, gpu) == GemvConfig(8, 512, 4, 1)    # already 8 KiB
     assert rule8(2048, 4096, torch.device("cpu")) == GemvConfig(2, 512, 4, 1)
+    fold8 = gemv_rule._fold(8, fake_default)
+    assert fold8(6144, 4096, gpu) == GemvConfig(8, 512, 4, 1, fold=8)
+    assert fold8(6144, 4096, torch.device("cpu")) == GemvConfig(8, 512, 4, 1)
     with pytest.raises(SystemExit, match="unknown rule"):
         gemv_rule.apply("nope")
 

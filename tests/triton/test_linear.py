@@ -186,7 +186,8 @@ def test_gemv_one_row_against_float64(device: torch.device, n: int, k: int, bias
     w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
-    for cfg in (None, GemvConfig(8, 32, 1, 1), GemvConfig(32, 128, 2, 1)):
+    for cfg in (None, GemvConfig(8, 32, 1, 1), GemvConfig(32, 128, 2, 1),
+                GemvConfig(8, 64, 1, 1, fold=8)):
         out = gemv(x.to(device), w.to(device), None if b is None else b.to(device), cfg)
         assert out.shape == (1, n) and torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-5
