@@ -35,7 +35,8 @@
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
 #                          vs bf16 at Llama-3.1-8B shapes and 16-8192 rows
 #   moe_fp8                benchmarks/moe_fp8_bench.py: fused_moe with fp8_block experts vs bf16
-#                          (Qwen3-30B-A3B, DeepSeek-V3 tp8 rank), T = 1..4096, with errors
+#                          (Qwen3-30B-A3B, DeepSeek-V3 tp8 rank), T = 1..4096, with errors;
+#                          MOE_FP8_ARGS adds options (--decode-fold 16), MOE_FP8_TAG names the file
 #   fi_build_decode, fi_build_llama, fi_build_all
 #                          benchmarks/flashinfer_jit_warmup.py, a ninja per module: the flashinfer
 #                          modules of the conformance grid's decode cases / of the bf16
@@ -203,8 +204,8 @@ for step in "$@"; do
       done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
-    moe_fp8) timeout 300 python3 benchmarks/moe_fp8_bench.py --out "$OUT/moe_fp8.json" 2>&1 \
-        | grep -v -i warn ;;
+    moe_fp8) timeout 300 python3 benchmarks/moe_fp8_bench.py --out "$OUT/moe_fp8${MOE_FP8_TAG:-}.json" \
+        ${MOE_FP8_ARGS:-} 2>&1 | grep -v -i warn ;;
     gemv_fused) timeout 200 python3 benchmarks/gemv_fused_sweep.py --out "$OUT/gemv_fused.json" ;;
     fi_build_decode) fi_build decode --kind decode ;;
     fi_build_llama) fi_build llama --kind extend --kind decode --only bf16-p1-h8:2-d128 ;;

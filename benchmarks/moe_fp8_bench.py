@@ -3,6 +3,10 @@ same experts in bf16, at the routed-expert shapes of Qwen3-30B-A3B-FP8 and DeepS
 rank of ``--tp-size 8``: ``I = 2048 / 8``), T = 1..4096 tokens (both sides of the decode /
 grouped-GEMM switch at 64 pairs).
 
+``--decode-fold 16`` runs the decode kernels with each 16-byte load's products summed before
+their accumulators (``DecodeTile.fold``; the fp8 gate-up kernel's registers: 128 -> fewer,
+``benchmarks/kernel_sass.py``-style count), for a side-by-side with the default.
+
 Timing as ``moe_decode_sweep.py``: ``--layers`` calls, each with its own experts and routing,
 captured in one CUDA graph, median replay per call. Each row also has the fp8 path's error
 against float64 on the dequantized weights (layer 0) and the bf16 path's against float64 on
@@ -123,16 +127,36 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fold_decode_tiles(fold: int) -> None:
+    """Every decode launch of this process with ``fold`` on both kernels' tiles."""
+    from dataclasses import replace
+
+    from heteroserve.platforms.triton import moe_decode
+
+    default = moe_decode.choose_config
+
+    def folded(*args, **kwargs):
+        cfg = default(*args, **kwargs)
+        return replace(cfg, gate_up=replace(cfg.gate_up, fold=fold),
+                       down=replace(cfg.down, fold=fold))
+    moe_decode.choose_config = folded
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="moe_fp8.json")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU (interpreter)")
+    ap.add_argument("--decode-fold", type=int, default=1,
+                    help="the decode kernels' DecodeTile.fold (1: the default accumulators)")
     args = ap.parse_args()
+    if args.decode_fold != 1:
+        fold_decode_tiles(args.decode_fold)
     if args.smoke:
         report = run([MoEShape("smoke", 256, 128, 4, 2)], (2, 40), 1, torch.device("cpu"))
     else:
         report = run(MODELS, TOKENS, args.layers, torch.device("cuda"))
+    report["decode_fold"] = args.decode_fold
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(report))
     bad = [r for r in report["rows"] if not r["rel_err"] < 2e-2]

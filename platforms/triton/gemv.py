@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.device_info import multiprocessors
-from heteroserve.platforms.triton.jit_math import gate_activation
+from heteroserve.platforms.triton.jit_math import fold2, gate_activation
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2
@@ -80,16 +80,6 @@ def _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
 
 
 @triton.jit
-def _folded(prod, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
-    """``prod [BLOCK_N, BLOCK_K]`` with each ``FOLD`` adjacent columns summed (``FOLD`` 1:
-    as it is)."""
-    if FOLD == 1:
-        return prod
-    else:
-        return tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // FOLD, FOLD]), axis=2)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, r_ptr, g_ptr, h_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -111,7 +101,7 @@ def _gemv_kernel(
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, offs_k, offs_k < K, K, pid, sum_sq,
                                  PROLOGUE, HAS_RESIDUAL, EVEN)
-    acc = _folded(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
+    acc = fold2(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -119,7 +109,7 @@ def _gemv_kernel(
         w = weight_tile(w_ptrs, n_mask, k_mask, EVEN)
         a, sum_sq = _activation_tile(x_ptr, r_ptr, g_ptr, h_ptr, kk, k_mask, K, pid, sum_sq,
                                      PROLOGUE, HAS_RESIDUAL, EVEN)
-        acc += _folded(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
+        acc += fold2(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)

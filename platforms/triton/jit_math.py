@@ -58,3 +58,24 @@ def mma(a, b, EXACT_FP32: tl.constexpr):
 def exact_fp32(dtype: torch.dtype) -> bool:
     """Whether dots over operands of ``dtype`` must use exact fp32 products."""
     return dtype == torch.float32
+
+
+@triton.jit
+def fold2(prod, ROWS: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
+    """``prod [ROWS, COLS]`` with each ``FOLD`` adjacent columns summed: ``[ROWS, COLS //
+    FOLD]`` (``FOLD`` 1: ``prod`` itself). With ``FOLD`` the columns one thread loads in one
+    vector, the sum stays in its registers and an accumulator of the result's shape needs
+    ``FOLD`` times fewer of them."""
+    if FOLD == 1:
+        return prod
+    else:
+        return tl.sum(tl.reshape(prod, [ROWS, COLS // FOLD, FOLD]), axis=2)
+
+
+@triton.jit
+def fold3(prod, A: tl.constexpr, B: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
+    """:func:`fold2` for ``prod [A, B, COLS]``."""
+    if FOLD == 1:
+        return prod
+    else:
+        return tl.sum(tl.reshape(prod, [A, B, COLS // FOLD, FOLD]), axis=3)

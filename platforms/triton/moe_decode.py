@@ -47,6 +47,7 @@ import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton import device_info
+from heteroserve.platforms.triton.jit_math import fold2, fold3
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: Largest ``T * top_k`` that takes this path (``fused_moe`` uses the grouped GEMM above).
@@ -73,12 +74,15 @@ _DOWN_ROW_BYTES = 256
 
 @dataclass(frozen=True)
 class DecodeTile:
-    """One kernel's launch shape: output features per program, K per step, warps, stages."""
+    """One kernel's launch shape: output features per program, K per step, warps, stages;
+    and ``fold``: each ``fold`` adjacent columns' products summed before the fp32
+    accumulator (:func:`~.jit_math.fold2`; 1: an accumulator of the tile's shape)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 1
+    fold: int = 1
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ def _gate_up_kernel(
     x_ptr, w_ptr, ws_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we,
     stride_wn, stride_se, stride_sn, stride_it,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, FOLD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pair = pid % num_pairs
@@ -186,8 +190,8 @@ def _gate_up_kernel(
         n0 = (pid // num_pairs) * BLOCK_N
         s_gate = ws_ptr + expert * stride_se + (n0 // SCALE_BLOCK) * stride_sn
         s_up = ws_ptr + expert * stride_se + ((N + n0) // SCALE_BLOCK) * stride_sn
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K // FOLD], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K // FOLD], dtype=tl.float32)
     # loads are written out in both branches (no helper): the interpreter pays per call
     for k0 in range(0, K, BLOCK_K):
         if EVEN:
@@ -206,11 +210,11 @@ def _gate_up_kernel(
         if W_SCALED:
             a_gate = a * _column_scales(s_gate, k0, K, BLOCK_K, SCALE_BLOCK)
             a_up = a * _column_scales(s_up, k0, K, BLOCK_K, SCALE_BLOCK)
-            acc_gate += w_gate.to(tl.float32) * a_gate[None, :]
-            acc_up += w_up.to(tl.float32) * a_up[None, :]
+            acc_gate += fold2(w_gate.to(tl.float32) * a_gate[None, :], BLOCK_N, BLOCK_K, FOLD)
+            acc_up += fold2(w_up.to(tl.float32) * a_up[None, :], BLOCK_N, BLOCK_K, FOLD)
         else:
-            acc_gate += w_gate.to(tl.float32) * a[None, :]
-            acc_up += w_up.to(tl.float32) * a[None, :]
+            acc_gate += fold2(w_gate.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
+            acc_up += fold2(w_up.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, FOLD)
     gate = tl.sum(acc_gate, axis=1)
     up = tl.sum(acc_up, axis=1)
     tl.store(inter_ptr + pair.to(tl.int64) * N + offs_n, gate / (1.0 + tl.exp(-gate)) * up,
@@ -222,7 +226,7 @@ def _down_kernel(
     inter_ptr, w_ptr, ws_ptr, ids_ptr, route_ptr, out_ptr, N, K, num_tokens, stride_we,
     stride_wn, stride_se, stride_sn, stride_om, stride_it, stride_rt, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, FOLD: tl.constexpr,
 ):
     # One load covers the tile [BLOCK_N, BLOCK_K] of all the token's experts at once
     # ([BLOCK_E, BLOCK_N, BLOCK_K], slots past TOP_K masked off), so a program keeps
@@ -256,7 +260,7 @@ def _down_kernel(
     a = tl.load(a_ptrs, mask=ek_mask, other=0.0) * route[:, None]
     if W_SCALED:
         a = a * _slot_scales(s_rows, 0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
-    acc = w.to(tl.float32) * a[:, None, :]
+    acc = fold3(w.to(tl.float32) * a[:, None, :], BLOCK_E, BLOCK_N, BLOCK_K, FOLD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs + k0, mask=en_mask, other=0.0, eviction_policy="evict_first")
@@ -267,7 +271,7 @@ def _down_kernel(
         a = tl.load(a_ptrs + k0, mask=ek_mask, other=0.0) * route[:, None]
         if W_SCALED:
             a = a * _slot_scales(s_rows, k0, K, BLOCK_E, BLOCK_K, SCALE_BLOCK)
-        acc += w.to(tl.float32) * a[:, None, :]
+        acc += fold3(w.to(tl.float32) * a[:, None, :], BLOCK_E, BLOCK_N, BLOCK_K, FOLD)
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n,
              y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -308,11 +312,11 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
         x, w13, s13, ids, hidden_act, inter, h, pairs, top_k, x.stride(0), w13.stride(0),
         w13.stride(1), *strides13, ids.stride(0), EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
-        num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
+        FOLD=min(g.fold, g.block_k), num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
     _down_kernel[(triton.cdiv(h, d.block_n) * t,)](
         hidden_act, w2, s2, ids, route, out, h, inter, t, w2.stride(0), w2.stride(1),
         *strides2, out.stride(0), ids.stride(0), route.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
         EVEN=h % d.block_n == 0 and inter % d.block_k == 0,
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
-        num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
+        FOLD=min(d.fold, d.block_k), num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
     return out

@@ -42,6 +42,7 @@ import triton.language as tl
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.gemv import weight_tile
+from heteroserve.platforms.triton.jit_math import fold2
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 from heteroserve.platforms.triton.quant import MIN_SCALE
 
@@ -122,8 +123,7 @@ def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.
         wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
     else:
         wf = w.to(tl.float32)
-    prod = wf * a[None, :]
-    return acc + tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // VEC, VEC]), axis=2)
+    return acc + fold2(wf * a[None, :], BLOCK_N, BLOCK_K, VEC)
 
 
 @triton.jit

@@ -69,10 +69,11 @@ def test_decode_moe_strided_inputs_int64_ids_and_odd_tiles(device: torch.device)
     x, w13, w2, tw, ids = _problem(3, 10, 4, 24, 24, 7)
     ids_t = ids.long().t().contiguous().t()  # same values, column-major
     tw_t = tw.t().contiguous().t()
-    cfg = DecodeConfig(DecodeTile(4, 64, 1), DecodeTile(1, 32, 1))
-    out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw_t.to(device),
-                     ids_t.to(device), cfg)
-    assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
+    for cfg in (DecodeConfig(DecodeTile(4, 64, 1), DecodeTile(1, 32, 1)),
+                DecodeConfig(DecodeTile(4, 64, 1, fold=8), DecodeTile(1, 32, 1, fold=8))):
+        out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw_t.to(device),
+                         ids_t.to(device), cfg)
+        assert rel_err(out, _moe_ref(x, w13, w2, tw, ids)) < 1e-5
 
 
 def test_decode_moe_reads_routing_rows_of_any_stride(device: torch.device) -> None:
@@ -233,14 +234,15 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                      "stride_wn", "stride_se", "stride_sn", "stride_it"],
                                     "i32"),
                     **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL", "W_SCALED",
-                                     "SCALE_BLOCK"], "constexpr")}
+                                     "SCALE_BLOCK", "FOLD"], "constexpr")}
         down_sig = {"inter_ptr": "*fp32", "w_ptr": w_type, "ws_ptr": "*fp32",
                     "ids_ptr": "*i32", "route_ptr": "*fp32", "out_ptr": "*bf16",
                     **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn",
                                      "stride_se", "stride_sn", "stride_om", "stride_it",
                                      "stride_rt"], "i32"),
                     **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K",
-                                     "USE_PDL", "W_SCALED", "SCALE_BLOCK"], "constexpr")}
+                                     "USE_PDL", "W_SCALED", "SCALE_BLOCK", "FOLD"],
+                                    "constexpr")}
         for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
             if scaled and inter % 128:
                 continue  # fp8_block experts need I % 128 == 0 (1408 = 11 * 128 passes)
@@ -251,18 +253,23 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                         hidden % g.block_k == 0,
                                         "BLOCK_N": g.block_n, "BLOCK_K": g.block_k,
                                         "USE_PDL": True, "W_SCALED": scaled,
-                                        "SCALE_BLOCK": 128}, "num_warps": g.num_warps})
+                                        "SCALE_BLOCK": 128, "FOLD": g.fold},
+                         "num_warps": g.num_warps})
             jobs.append({"kernel": "_down_kernel", "signature": down_sig,
                          "constexprs": {"TOP_K": top_k, "BLOCK_E": 8,
                                         "EVEN": hidden % d.block_n == 0 and
                                         inter % d.block_k == 0,
                                         "BLOCK_N": d.block_n, "BLOCK_K": d.block_k,
                                         "USE_PDL": True, "W_SCALED": scaled,
-                                        "SCALE_BLOCK": 128}, "num_warps": d.num_warps})
+                                        "SCALE_BLOCK": 128, "FOLD": d.fold},
+                         "num_warps": d.num_warps})
     assert all(j["constexprs"]["EVEN"] for j in jobs)  # the default tiles divide K
-    for job in jobs[-2:]:  # and K steps inside one scale block (one scale per tile)
+    fp8_jobs = jobs[-2:]
+    for job in fp8_jobs:  # and K steps inside one scale block (one scale per tile)
         jobs.append({**job, "constexprs": {**job["constexprs"], "BLOCK_K": 64,
                                            "EVEN": False}})
+    for job in fp8_jobs:  # and each 16-byte load's products folded first
+        jobs.append({**job, "constexprs": {**job["constexprs"], "FOLD": 16}})
     for job in jobs:
         job.update(module="heteroserve.platforms.triton.moe_decode", aligned=ptrs + ints)
     for job, res in zip(jobs, hopper_ptx(jobs), strict=True):

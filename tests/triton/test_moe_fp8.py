@@ -82,16 +82,17 @@ def test_fp8_block_experts_match_float64(device: torch.device, path: str, tokens
     assert rel_err(out, _ref(x, w13, s13, w2, s2, tw, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("gate_up,down", [((16, 256), (8, 256)), ((4, 512), (2, 128)),
-                                          ((8, 64), (16, 512))])
+@pytest.mark.parametrize("gate_up,down,fold", [((16, 256), (8, 256), 1), ((4, 512), (2, 128), 1),
+                                               ((8, 64), (16, 512), 1), ((8, 256), (2, 128), 16)])
 def test_decode_tiles_across_scale_blocks(device: torch.device, gate_up: tuple[int, int],
-                                          down: tuple[int, int]) -> None:
+                                          down: tuple[int, int], fold: int) -> None:
     """K steps wider than a scale block (each group's scale loaded once and repeated, the last
-    group ragged: H = 200) and narrower (one scale per tile), on both decode kernels."""
+    group ragged: H = 200) and narrower (one scale per tile), on both decode kernels; with
+    ``fold`` 16 the accumulators sum 16 adjacent columns first."""
     from heteroserve.platforms.triton.moe_decode import DecodeConfig, DecodeTile, decode_moe
 
     x, w13, s13, w2, s2, tw, ids = _problem(3, 5, 2, 200, 256, 11)
-    cfg = DecodeConfig(DecodeTile(*gate_up, 1), DecodeTile(*down, 1))
+    cfg = DecodeConfig(DecodeTile(*gate_up, 1, fold=fold), DecodeTile(*down, 1, fold=fold))
     out = decode_moe(x.to(device), w13.to(device), w2.to(device), tw.to(device),
                      ids.to(device), cfg, scales=(s13.to(device), s2.to(device)))
     assert rel_err(out, _ref(x, w13, s13, w2, s2, tw, ids)) < 1e-5
