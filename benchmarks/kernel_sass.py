@@ -49,14 +49,19 @@ def compile_sm90(fn: Callable, signature: dict[str, str], constexprs: dict[str, 
     return kernel.asm["cubin"]
 
 
-def registers(cubin: bytes) -> int:
-    """Registers a thread of the cubin's kernel."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+def _cubin_tool(tool: str, cubin: bytes, *args: str) -> str:
+    """The stdout of Triton's shipped ``tool`` (nvdisasm, cuobjdump) run on ``cubin``."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(path), *args, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def registers(cubin: bytes) -> int:
+    """Registers a thread of the cubin's kernel."""
+    out = _cubin_tool("cuobjdump", cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+)", out)
     if m is None:
         raise RuntimeError(f"no register count in cuobjdump's output: {out[:200]}")
@@ -66,12 +71,7 @@ def registers(cubin: bytes) -> int:
 def main_loop_ops(cubin: bytes) -> collections.Counter[str]:
     """Opcode counts (without modifiers) of the longest backward branch's body: the kernel's
     main loop."""
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+    lines = _cubin_tool("nvdisasm", cubin, "-c").splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"^\s*\.(L_x_\d+):", line))}
     start, end = 0, -1
@@ -122,7 +122,7 @@ def w8_rows() -> list[dict]:
            "stride_wn": "i32", "stride_wsn": "i32", "stride_ym": "i32", "qmax": "fp32",
            "min_scale": "fp32", **{c: "constexpr" for c in (
                "ACT", "WS", "IS_INT", "HAS_BIAS", "MIN_NORMAL", "SUB_MAGIC", "EVEN", "BLOCK_N",
-               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "VEC")}}
+               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "FOLD")}}
     min_normal = 2.0 ** -6
     rows = []
     for name, act, ws in (("fp8 block", w8.ACT_GROUP, w8.WS_BLOCK),
@@ -134,7 +134,7 @@ def w8_rows() -> list[dict]:
             consts = {"ACT": act, "WS": ws, "IS_INT": False, "HAS_BIAS": False,
                       "MIN_NORMAL": min_normal, "SUB_MAGIC": 1.5 * 2.0 ** 23 * min_normal / 8,
                       "EVEN": True, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128,
-                      "AMAX_BLOCK": 4096, "USE_PDL": True, "VEC": 16}
+                      "AMAX_BLOCK": 4096, "USE_PDL": True, "FOLD": 16}
             cubin = compile_sm90(w8._w8_gemv_kernel, sig, consts, warps, 1)
             rows.append(_row(f"w8_gemv {name}", (block_n, block_k, warps), cubin,
                              block_n * block_k, warps, "8-bit"))

@@ -53,8 +53,8 @@ W8_GEMV_MAX_ROWS = 4
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the output tiles)
 #: weights a thread loads in one 16-byte vector: each one's products are summed in registers
-#: before they join the accumulator, which is therefore ``[BLOCK_N, BLOCK_K // _VEC]``
-_VEC = 16
+#: before they join the accumulator, which is therefore ``[BLOCK_N, BLOCK_K // _FOLD]``
+_FOLD = 16
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _broadcast_groups(v, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
 def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.constexpr,
           WS: tl.constexpr, IS_INT: tl.constexpr, MIN_NORMAL: tl.constexpr,
           SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr):
+          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FOLD: tl.constexpr):
     """``acc + w * quant(x[k0:k0+BLOCK_K]) * scales``: one weight tile's products (see the
     module)."""
     kk = k0 + offs_k
@@ -123,7 +123,7 @@ def _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT: tl.
         wf = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - _ROUND_MAGIC
     else:
         wf = w.to(tl.float32)
-    return acc + fold2(wf * a[None, :], BLOCK_N, BLOCK_K, VEC)
+    return acc + fold2(wf * a[None, :], BLOCK_N, BLOCK_K, FOLD)
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def _w8_gemv_kernel(
     ACT: tl.constexpr, WS: tl.constexpr, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr, VEC: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr, FOLD: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -167,13 +167,13 @@ def _w8_gemv_kernel(
     else:
         ws_row = ws_ptr
     acc = _tile(w, x_row, ws_row, 0, offs_k, K, scale, qmax, min_scale,
-                tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32), ACT, WS, IS_INT,
-                MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, VEC)
+                tl.zeros([BLOCK_N, BLOCK_K // FOLD], dtype=tl.float32), ACT, WS, IS_INT,
+                MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, FOLD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
         w = weight_tile(w_ptrs, n_mask, (k0 + offs_k) < K, EVEN)
         acc = _tile(w, x_row, ws_row, k0, offs_k, K, scale, qmax, min_scale, acc, ACT, WS,
-                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, VEC)
+                    IS_INT, MIN_NORMAL, SUB_MAGIC, EVEN, BLOCK_N, BLOCK_K, GROUP, FOLD)
 
     y = tl.sum(acc, axis=1)
     if ACT != 2:
@@ -271,6 +271,6 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
         MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic, EVEN=even, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK,
         AMAX_BLOCK=128 if x.device.type == "cpu" else min(4096, triton.next_power_of_2(k)),
-        VEC=min(_VEC, cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD=min(_FOLD, cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device))
     return y
