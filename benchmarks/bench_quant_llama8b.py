@@ -208,7 +208,9 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, tags: dict[str, str] | None = None) -> int:
+    """Run the formats ``argv`` names (``sys.argv`` when None); ``tags`` go into the JSON
+    as they are (``w8_rule.py`` names its launch rule there)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help=f"of {', '.join(FORMATS)}")
     ap.add_argument("--model-dir", default=str(LLAMA_DIR))
@@ -223,7 +225,7 @@ def main() -> int:
     ap.add_argument("--chunked-prefill", type=int, default=8192)
     ap.add_argument("--mem-fraction", type=float, default=0.80)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fmts = [f.strip() for f in a.formats.split(",")]
@@ -233,7 +235,8 @@ def main() -> int:
     on_gpu = a.platform != "cpu" and torch.cuda.is_available()
     result: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                    "command": " ".join(sys.argv), "torch": torch.__version__, "formats": {}}
+                    "command": " ".join(sys.argv), "torch": torch.__version__, **(tags or {}),
+                    "formats": {}}
     if on_gpu:
         from roofline import copy_bandwidth
 

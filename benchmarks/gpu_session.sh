@@ -62,6 +62,10 @@
 #                          shapes at Llama-3.1-8B's layers (QGEMV_SCHEMES, default awq_w4a16)
 #   w4_gemm                benchmarks/w4_gemm_sweep.py: 4-bit linears at 16-8192 rows, Triton
 #                          dequantizing GEMM vs dequantize + cuBLAS vs bf16 cuBLAS
+#   w8_ab                  the W8A8 batch-1 decode rows (W8_FORMATS, default fp8_block,
+#                          ct_fp8_tensor, ct_w8a8_int8; no offline run) under each of
+#                          benchmarks/w8_rule.py's W8_RULES (default: default previous default)
+#                          -> $OUT/w8/<rule>[_again]/quant_llama8b.json
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
@@ -201,6 +205,13 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/deepseek_rule.py "$rule" --workloads \
           "${DEEPSEEK_WORKLOADS:-deepseek_v2_lite_decode1}" --out "$OUT/deepseek/$name.json" \
           2>&1 | grep -E "decode1:|offline:|wrote|Error"
+      done ;;
+    w8_ab)  # the W8A8 decode rows under each one-row GEMV launch rule; a rule named twice runs twice
+      for rule in ${W8_RULES:-default previous default}; do
+        name=$rule; [ -d "$OUT/w8/$name" ] && name=${rule}_again
+        timeout 150 python3 benchmarks/w8_rule.py "$rule" --num-prompts 0 \
+          --formats "${W8_FORMATS:-fp8_block,ct_fp8_tensor,ct_w8a8_int8}" \
+          --out-dir "$OUT/w8/$name" 2>&1 | grep -E "decode1|FAILED|Error"
       done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;

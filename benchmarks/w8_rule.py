@@ -1,0 +1,60 @@
+"""Launch rules for the one-row W8A8 GEMV (``platforms/triton/w8_gemv.py``), for side-by-side
+runs: ``python3 benchmarks/w8_rule.py RULE [bench_quant_llama8b.py options]`` runs
+``bench_quant_llama8b.py`` with the GEMV under ``RULE`` and records it as ``w8_rule`` in
+``quant_llama8b.json``.
+
+Rules:
+
+- ``default``: :func:`~heteroserve.platforms.triton.w8_gemv.w8_launch_rule` as it stands
+  (since 2026-12-06 10:30 UTC: sixteen rows a program, eight warps where fewer than two
+  programs share a multiprocessor).
+- ``previous``: the rule before, tuned on the H100: eight rows a program (halved while
+  fewer than two programs a multiprocessor), eight warps for fp8 block, four otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from heteroserve.platforms.triton import w8_gemv
+from heteroserve.platforms.triton.device_info import multiprocessors
+from heteroserve.platforms.triton.w8_gemv import ACT_GROUP, W8GemvConfig
+
+_DEFAULT = w8_gemv.choose_w8_config
+
+
+def _previous(n: int, k: int, rows: int, device: torch.device,
+              act: int = ACT_GROUP) -> W8GemvConfig:
+    if device.type == "cpu":
+        return _DEFAULT(n, k, rows, device, act)
+    block_k = min(2048, max(128, triton.next_power_of_2(k)))
+    block_n = 8
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * multiprocessors(device):
+        block_n //= 2
+    return W8GemvConfig(block_n, block_k, 8 if act == ACT_GROUP else 4, 1)
+
+
+RULES = {"default": _DEFAULT, "previous": _previous}
+
+
+def apply(rule: str) -> None:
+    """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
+    if rule not in RULES:
+        raise SystemExit(f"w8_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
+    w8_gemv.choose_w8_config = RULES[rule]
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_quant_llama8b
+
+    apply(sys.argv[1])
+    return bench_quant_llama8b.main(sys.argv[2:], {"w8_rule": sys.argv[1]})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
