@@ -64,7 +64,7 @@
 #                          dequantizing GEMM vs dequantize + cuBLAS vs bf16 cuBLAS
 #   w8_ab                  the W8A8 batch-1 decode rows (W8_FORMATS, default fp8_block,
 #                          ct_fp8_tensor, ct_w8a8_int8; no offline run) under each of
-#                          benchmarks/w8_rule.py's W8_RULES (default: default previous default)
+#                          benchmarks/w8_rule.py's W8_RULES (default: default rows16 default)
 #                          -> $OUT/w8/<rule>[_again]/quant_llama8b.json
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
@@ -207,7 +207,7 @@ for step in "$@"; do
           2>&1 | grep -E "decode1:|offline:|wrote|Error"
       done ;;
     w8_ab)  # the W8A8 decode rows under each one-row GEMV launch rule; a rule named twice runs twice
-      for rule in ${W8_RULES:-default previous default}; do
+      for rule in ${W8_RULES:-default rows16 default}; do
         name=$rule; [ -d "$OUT/w8/$name" ] && name=${rule}_again
         timeout 150 python3 benchmarks/w8_rule.py "$rule" --num-prompts 0 \
           --formats "${W8_FORMATS:-fp8_block,ct_fp8_tensor,ct_w8a8_int8}" \

@@ -6,10 +6,14 @@ runs: ``python3 benchmarks/w8_rule.py RULE [bench_quant_llama8b.py options]`` ru
 Rules:
 
 - ``default``: :func:`~heteroserve.platforms.triton.w8_gemv.w8_launch_rule` as it stands
-  (since 2026-12-06 10:30 UTC: sixteen rows a program, eight warps where fewer than two
-  programs share a multiprocessor).
-- ``previous``: the rule before, tuned on the H100: eight rows a program (halved while
-  fewer than two programs a multiprocessor), eight warps for fp8 block, four otherwise.
+  (tuned on the H100: eight rows a program, halved while fewer than two programs a
+  multiprocessor; eight warps for fp8 block, four otherwise).
+- ``rows16``: the fastest shapes of the H200's kernel sweep
+  (``results/h200-20261206-1020-quant_gemv_w8.json``): sixteen rows a program (halved while
+  fewer programs than multiprocessors), eight warps where fewer than two programs share a
+  multiprocessor, four otherwise. In the decode graph on an H100 it ran 3-4 points of the
+  roofline below ``default`` (``results/h100-20261206-1117-w8_ab-*.json``); not yet run end
+  to end on an H200.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from heteroserve.platforms.triton.w8_gemv import ACT_GROUP, W8GemvConfig
 _DEFAULT = w8_gemv.choose_w8_config
 
 
-def _previous(n: int, k: int, rows: int, device: torch.device,
-              act: int = ACT_GROUP) -> W8GemvConfig:
+def _rows16(n: int, k: int, rows: int, device: torch.device,
+            act: int = ACT_GROUP) -> W8GemvConfig:
     if device.type == "cpu":
         return _DEFAULT(n, k, rows, device, act)
-    block_k = min(2048, max(128, triton.next_power_of_2(k)))
-    block_n = 8
-    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * multiprocessors(device):
+    sms = multiprocessors(device)
+    block_n = 16
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < sms:
         block_n //= 2
-    return W8GemvConfig(block_n, block_k, 8 if act == ACT_GROUP else 4, 1)
+    programs = rows * triton.cdiv(n, block_n)
+    return W8GemvConfig(block_n, min(2048, max(128, triton.next_power_of_2(k))),
+                        8 if programs < 2 * sms else 4, 1)
 
 
-RULES = {"default": _DEFAULT, "previous": _previous}
+RULES = {"default": _DEFAULT, "rows16": _rows16}
 
 
 def apply(rule: str) -> None:

@@ -27,7 +27,7 @@ that read the same weight slice run together and share it through L2. Weights an
 the layer's loaded parameters (no kernel writes them): the first weight tile loads before the
 PDL wait (:mod:`.pdl`). Each thread's 16 products of one vector load are summed in registers
 before they join the fp32 accumulator ``[BLOCK_N, BLOCK_K / 16]``, so the accumulator no
-longer grows with the tile: 16-32 KiB tiles fit in under 100 registers a thread, and enough
+longer grows with the tile: 16 KiB tiles fit in under 100 registers a thread, and enough
 programs share a multiprocessor to keep the loads the copy rate needs in flight.
 """
 
@@ -209,30 +209,31 @@ def choose_w8_config(n: int, k: int, rows: int, device: torch.device,
 
 
 def w8_launch_rule(n: int, k: int, rows: int, sms: int, act: int) -> W8GemvConfig:
-    """:func:`choose_w8_config`'s shape on a GPU of ``sms`` multiprocessors: sixteen output
-    rows a program (halved while fewer programs than multiprocessors), 2 KiB of each weight
-    row a step (32 KiB tiles), eight warps where fewer than two programs share a
-    multiprocessor and four otherwise. ``act`` is accepted for rules that tell the schemes
-    apart; this one does not.
+    """:func:`choose_w8_config`'s shape on a GPU of ``sms`` multiprocessors: eight output
+    rows a program (halved while fewer than two programs per multiprocessor), 2 KiB of each
+    weight row a step (16 KiB tiles), eight warps for ``ACT_GROUP`` (fp8 block) and four for
+    ``ACT_ROW`` / ``ACT_TENSOR``.
 
-    Why: the fastest shape per layer of the sweep at Llama-3.1-8B's four layers
-    (``benchmarks/quant_gemv_sweep.py --sweep``) is 16 x 2048 for every W8 scheme on the H200
-    (``results/h200-20261206-1020-quant_gemv_w8.json``), with four warps at ``qkv_proj`` and
-    ``gate_up_proj`` (384 and 1,792 programs over 132 multiprocessors) and eight at
-    ``o_proj`` and ``down_proj`` (256). The four layers then take 58.2 us (fp8 block), 59.5 us
-    (fp8 per tensor) and 68.5 us (int8) there, against 65.0 / 65.7 / 73.3 us under the
-    rule before (eight rows; eight warps for fp8 block only, tuned on the H100, whose
-    slower memory needs fewer bytes in flight). On the H100 sweep of 2026-12-06 this rule's
-    shapes sum within 1 % of that rule's (fp8 block 75.9 against 75.1 us, per tensor 78.0
-    against 79.5 us: ``results/h100-20261206-0847-quant_gemv_w8.json``)."""
+    Why: the fastest uniform shape of the 24-shape sweep at Llama-3.1-8B's four layers once
+    the accumulator shrank to ``[BLOCK_N, BLOCK_K / 16]`` (``benchmarks/quant_gemv_sweep.py
+    --sweep --schemes fp8_per_tensor,fp8_block``, H100, 2026-12-06,
+    ``results/h100-20261206-0847-quant_gemv_w8.json``): 75.1 us (fp8 block) and 79.5 us (per
+    tensor) for the four layers, against 81.2 / 87.7 us for the previous kernel at its own
+    launch rule. Before, the ``[BLOCK_N, BLOCK_K]`` fp32 accumulator took 239 registers a
+    thread at 16 x 1024, two programs a multiprocessor, too few loads in flight.
+
+    The H200's sweep (``results/h200-20261206-1020-quant_gemv_w8.json``) times 16 rows a
+    program faster in isolation (the four layers 58.2 against 65.0 us, fp8 block), but in
+    the decode graph on an H100 that shape ran 3-4 points of the roofline slower than this
+    one (``results/h100-20261206-1117-w8_ab-*.json``); it is ``benchmarks/w8_rule.py
+    rows16`` until an H200 measures it end to end."""
     block_k = min(2048, max(FP8_BLOCK, triton.next_power_of_2(k)))
-    block_n = 16
-    while block_n > 2 and rows * triton.cdiv(n, block_n) < sms:
+    block_n = 8
+    while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
     while triton.cdiv(n, block_n) > _MAX_GRID_Y:
         block_n *= 2
-    programs = rows * triton.cdiv(n, block_n)
-    return W8GemvConfig(block_n, block_k, 8 if programs < 2 * sms else 4, 1)
+    return W8GemvConfig(block_n, block_k, 8 if act == ACT_GROUP else 4, 1)
 
 
 def _fp8_constants(dtype: torch.dtype) -> tuple[float, float]:
