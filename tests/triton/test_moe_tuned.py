@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,26 @@ def test_startup_block_carries_the_fused_moe_note(monkeypatch: pytest.MonkeyPatc
     block = startup_block(runner.platform, load_plugins(), runner.dispatch, runner)
     experts = runner.model.model.layers[0].mlp.w13.shape[0]
     assert block.count(f"model path   fused_moe: {experts} experts, fake tiles") == 1, block
+
+
+@pytest.mark.parametrize("fold", [8, 16])
+def test_moe_rule_decode_fold(monkeypatch: pytest.MonkeyPatch, fold: int) -> None:
+    """``moe_rule.py decode_fold8/16``: both decode kernels' tiles get the fold, nothing else
+    in them changes, and the grouped path keeps its table."""
+    import moe_rule
+
+    from heteroserve.platforms.triton import moe, moe_decode
+
+    monkeypatch.setattr(moe_decode, "choose_config", moe_decode.choose_config)
+    monkeypatch.setattr(moe, "tuned_configs", moe.tuned_configs)
+    before = moe_decode.choose_config(1, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(moe_rule.bench_headline, "main_tagged",
+                        lambda argv, tags: seen.append((argv, tags)) or 0)
+    monkeypatch.setattr(sys, "argv", ["moe_rule.py", f"decode_fold{fold}", "--out", "x.json"])
+    assert moe_rule.main() == 0
+    assert seen == [(["--out", "x.json"], {"moe_rule": f"decode_fold{fold}"})]
+    after = moe_decode.choose_config(1, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
+    assert after == moe_decode.DecodeConfig(replace(before.gate_up, fold=fold),
+                                            replace(before.down, fold=fold))
+    assert moe.tuned_configs is not moe_rule._no_table
