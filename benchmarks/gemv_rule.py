@@ -16,7 +16,9 @@ Rules:
 - ``fold8``: ``default`` with each thread's eight products of a 16-byte bf16 load summed
   before they join the accumulator (``GemvConfig.fold``): 56 registers a thread at the
   default 4 x 2048 shape against 128 (``benchmarks/kernel_sass.py``'s count, sm_90), so
-  twice the programs a multiprocessor. Not yet measured on a GPU.
+  twice the programs a multiprocessor. On the H200 (2026-12-06 10:13 UTC,
+  ``results/h200-20261206-1013-gemv_ab-{default,fold8}.json``) no batch-1 decode row moved
+  beyond run-to-run spread, so it is not the default.
 """
 
 from __future__ import annotations

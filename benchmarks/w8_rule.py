@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +40,9 @@ def _rows16(n: int, k: int, rows: int, device: torch.device,
     block_n = 16
     while block_n > 2 and rows * triton.cdiv(n, block_n) < sms:
         block_n //= 2
-    programs = rows * triton.cdiv(n, block_n)
-    return W8GemvConfig(block_n, min(2048, max(128, triton.next_power_of_2(k))),
-                        8 if programs < 2 * sms else 4, 1)
+    warps = 8 if rows * triton.cdiv(n, block_n) < 2 * sms else 4
+    return replace(w8_gemv.w8_launch_rule(n, k, rows, sms, act), block_n=block_n,
+                   num_warps=warps)
 
 
 RULES = {"default": _DEFAULT, "rows16": _rows16}
