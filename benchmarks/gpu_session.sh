@@ -181,13 +181,13 @@ for step in "$@"; do
     moe_tune) HS_COMMIT=${HS_COMMIT:-} timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/moe_tune.py \
         --out "$OUT/moe_tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn
       cp platforms/triton/moe_tuned/*.json "$OUT/" 2>/dev/null ;;
-    moe_ab)  # the MoE rows: the default (tuned tiles, if a table is installed) between the rules
+    moe_ab)  # the MoE rows under each rule, each in a process of its own; a rule named twice
+      # runs twice (the default first, between and after the rules: MOE_RULES)
       mkdir -p "$OUT/moe"
-      timeout 200 python3 benchmarks/bench_headline.py --workloads "${MOE_WORKLOADS:-qwen3moe}" \
-        --out "$OUT/moe/default.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote"
-      for rule in ${MOE_RULES:-torch_align_heuristic heuristic}; do
+      for rule in ${MOE_RULES:-default routing_op default}; do
+        name=$rule; [ -f "$OUT/moe/$name.json" ] && name=${rule}_again
         timeout 200 python3 benchmarks/moe_rule.py $rule --workloads "${MOE_WORKLOADS:-qwen3moe}" \
-          --out "$OUT/moe/$rule.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote"
+          --out "$OUT/moe/$name.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote|Error"
       done ;;
     decode_chain) timeout 400 python3 benchmarks/decode_chain.py --out "$OUT/decode_chain.json" \
         ${CHAIN_ARGS:-} 2>&1 | grep -v -i warn ;;
@@ -248,6 +248,9 @@ for step in "$@"; do
         grep -A18 "== decode" "$OUT/profile_$m.txt" | cut -c1-70,150-200; done ;;
     profile_prefill) timeout 200 python3 benchmarks/profile_prefill.py ${PREFILL_LENS:-8192,32768} \
         > "$OUT/profile_prefill.txt" 2>&1; grep -A20 "== prefill" "$OUT/profile_prefill.txt" | cut -c1-75,150-200 ;;
+    conf_k) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
+        --report "$OUT/conf_k" -- -q -p no:cacheprovider -k "${CONF_K:?CONF_K: a -k expression}" \
+        2>&1 | tail -15 ;;
     conformance) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
         --report "$OUT" -- -q -p no:cacheprovider 2>&1 | tail -15 ;;
     conf_triton) timeout "${CONF_TIMEOUT:-300}" heteroserve conformance --platform cuda \
