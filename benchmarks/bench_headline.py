@@ -31,7 +31,10 @@ its model's workloads to ``skipped``, and the exit status is 1), one ``<stem>-<n
 target). ``--profile NAME[,NAME]`` (or ``all``): when such a workload misses its target
 (or has none), it runs again under torch.profiler (an offline workload
 with one wave of ``max_running`` prompts) and its JSON gains ``profile``: the top kernels by
-device time. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
+device time. Before each model but the first the ceilings are measured again and kept as
+``ceilings_before_model`` (the floors use the start's): a drop there is the device slowing
+under sustained load. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else
+``git``).
 """
 
 from __future__ import annotations
@@ -296,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = build_tiny_model(out.parent / "tiny" / model, SMOKE_ARCHS[model])
         else:
             model_dir = MODELS[model]
+        if result["workloads"]:  # the device after the models before (clocks, heat):
+            # the floors keep the start's ceilings; these say how far the device drifted
+            again = measure_ceilings(platform, a.smoke)
+            result.setdefault("ceilings_before_model", {})[model] = again
+            log(f"ceilings before {model}: copy {again['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
+                f"matmul {again['matmul_flops'] / 1e9:.1f} GFLOP/s")
         log(f"building {model} ({model_dir.name})")
         t_phase = time.perf_counter()
         runner, sched, dispatch = engine_for(model, model_dir, shapes, platform, a.smoke)
