@@ -44,7 +44,7 @@ def _routing_before() -> None:
                 torch.cat([ids, self.shared_ids.expand(t, n)], dim=1))
 
     ReplicatedLinear.forward_upcast = cast_then_apply  # type: ignore[method-assign]
-    DeepseekMoE.append_shared = two_cats  # type: ignore[method-assign]
+    DeepseekMoE._append_shared = two_cats  # type: ignore[method-assign]
 
 
 RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,

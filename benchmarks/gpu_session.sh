@@ -181,10 +181,10 @@ for step in "$@"; do
     moe_tune) HS_COMMIT=${HS_COMMIT:-} timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/moe_tune.py \
         --out "$OUT/moe_tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn
       cp platforms/triton/moe_tuned/*.json "$OUT/" 2>/dev/null ;;
-    moe_ab)  # the MoE rows under each rule, each in a process of its own; a rule named twice
-      # runs twice (the default first, between and after the rules: MOE_RULES)
+    moe_ab)  # the MoE rows under each rule (MOE_RULES, `default` among them), each in a process
+      # of its own; a rule named twice runs twice
       mkdir -p "$OUT/moe"
-      for rule in ${MOE_RULES:-default routing_op default}; do
+      for rule in ${MOE_RULES:-default heuristic default}; do
         name=$rule; [ -f "$OUT/moe/$name.json" ] && name=${rule}_again
         timeout 200 python3 benchmarks/moe_rule.py $rule --workloads "${MOE_WORKLOADS:-qwen3moe}" \
           --out "$OUT/moe/$name.json" 2>&1 | grep -E "qwen3moe_|deepseek_|wrote|Error"

@@ -7,11 +7,8 @@ table. ``torch_align_heuristic``: also the torch alignment (``moe_align.align_pa
 fourteen launches) instead of the one-launch kernel: the grouped path before 2026-12-06.
 ``decode_fold8`` / ``decode_fold16``: the few-token decode kernels (``moe_decode.py``) with
 each thread's 8 / 16 adjacent products summed before the accumulator (``DecodeTile.fold``,
-off by default), fewer registers a thread. ``routing_op``: the MoE layers route with the
-``moe_topk_softmax`` op (and DeepSeek's shared slots by a concatenation) before ``fused_moe``,
-as before the decode kernels routed themselves (``fused_moe`` without its ``routed`` form,
-``MOE_ROUTED_ATTR``). ``default``: as it stands. The JSON records the rule as
-``moe_rule``."""
+off by default), fewer registers a thread. ``default``: as it stands. The JSON records the
+rule as ``moe_rule``."""
 
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_headline  # noqa: E402
 
-from heteroserve.core.kernels.ops import MOE_ROUTED_ATTR  # noqa: E402
 from heteroserve.platforms.triton import moe, moe_decode  # noqa: E402
 from heteroserve.platforms.triton.moe_align import align_pairs_torch  # noqa: E402
 
@@ -47,9 +43,6 @@ def _decode_fold(fold: int) -> None:
 def main() -> int:
     rule = sys.argv[1]
     if rule == "default":
-        return bench_headline.main_tagged(sys.argv[2:], {"moe_rule": rule})
-    if rule == "routing_op":
-        delattr(moe.fused_moe, MOE_ROUTED_ATTR)
         return bench_headline.main_tagged(sys.argv[2:], {"moe_rule": rule})
     if rule in ("decode_fold8", "decode_fold16"):
         _decode_fold(int(rule.removeprefix("decode_fold")))

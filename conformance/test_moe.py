@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from heteroserve.conformance.cases.moe import (
-    FusedMoECase, GroupedTopKCase, RoutedMoECase, TopKCase, fused_moe_cases, grouped_topk_cases,
-    routed_moe_cases, topk_softmax_cases,
+    FusedMoECase, GroupedTopKCase, TopKCase, fused_moe_cases, grouped_topk_cases,
+    topk_softmax_cases,
 )
 from heteroserve.conformance.checks import assert_bitwise_equal, assert_close, run_op
 from heteroserve.conformance.context import ConformanceContext
@@ -16,8 +16,7 @@ from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.conformance.quantize import quantize_fp8_block_experts
 from heteroserve.core.kernels.ops import (
-    MOE_PROCESS_WEIGHTS_ATTR, MOE_ROUTED_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoERouting,
-    MoEWeightQuant,
+    MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
 
 
@@ -76,80 +75,41 @@ def test_moe_grouped_topk(conf: ConfParam, ctx: ConformanceContext,
     assert_close(weights.cpu().gather(1, order), ref_w, torch.float32, "routing weights", request)
 
 
-def _experts(case: FusedMoECase, fn: object, gen: torch.Generator, dev: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                        dict[str, MoEWeightQuant]]:
-    """``(w13, w2, w13 in, w2 in, kwargs)``: the oracle's float experts of ``case`` and what
-    the implementation is passed (fp8_block: stored values with ``quant``; its own layout
-    where it processes weights, as the MoE layer does)."""
-    quantized = case.weights != "dense"
-    wdt = torch.float64 if quantized else case.dtype
-    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=wdt, device=dev,
-                scale=case.hidden ** -0.5)
-    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=wdt, device=dev,
-               scale=case.intermediate ** -0.5)
-    kwargs: dict[str, MoEWeightQuant] = {}
-    if quantized:  # stored fp8 values + scales go in; the oracle sees their dequantized value
-        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
-        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
-        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
-        kwargs["quant"] = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
-    else:
-        w13_k, w2_k = w13, w2
-    process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
-    if process is not None:
-        w13_k, w2_k = process(w13_k.clone(), w2_k.clone())
-    return w13, w2, w13_k, w2_k, kwargs
-
-
-def _skip_undeclared(case: FusedMoECase, fn: object, impl: str) -> None:
-    if case.weights != "dense" and case.weights not in getattr(fn, MOE_WEIGHT_SCHEMES_ATTR, ()):
-        pytest.skip(f"{impl} does not declare {case.weights} in {MOE_WEIGHT_SCHEMES_ATTR} (the "
-                    "MoE layer dequantizes those experts)")
-
-
 @conformance(fused_moe_cases)
 def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
                    request: pytest.FixtureRequest) -> None:
     case: FusedMoECase = conf.case  # type: ignore[assignment]
     fn = conf.load()
-    _skip_undeclared(case, fn, conf.impl)
+    quantized = case.weights != "dense"
+    if quantized and case.weights not in getattr(fn, MOE_WEIGHT_SCHEMES_ATTR, ()):
+        pytest.skip(f"{conf.impl} does not declare {case.weights} in "
+                    f"{MOE_WEIGHT_SCHEMES_ATTR} (the MoE layer dequantizes those experts)")
     gen = case.generator()
     dev, dt = ctx.device, case.dtype
     x = randn(gen, case.tokens, case.hidden, dtype=dt, device=dev)
-    w13, w2, w13_k, w2_k, kwargs = _experts(case, fn, gen, dev)
+    wdt = torch.float64 if quantized else dt
+    w13 = randn(gen, case.experts, 2 * case.intermediate, case.hidden, dtype=wdt, device=dev,
+                scale=case.hidden ** -0.5)
+    w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=wdt, device=dev,
+               scale=case.intermediate ** -0.5)
     scores = torch.rand(case.tokens, case.experts, generator=gen)
     ids = scores.topk(case.top_k, dim=-1).indices.to(torch.int32)
     weights = torch.softmax(torch.randn(case.tokens, case.top_k, generator=gen), dim=-1)
     ids_dev, weights_dev = ids.to(dev), weights.to(dev)
-    out = run_op(lambda *a: fn(*a, **kwargs), lambda: (x, w13_k, w2_k, weights_dev, ids_dev))
+    quant = None
+    if quantized:  # stored fp8 values + scales go in; the oracle sees their dequantized value
+        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
+        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
+        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
+        quant = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
+    else:
+        w13_k, w2_k = w13, w2
+    process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)
+    if process is not None:  # the implementation's own expert layout, as the MoE layer does
+        w13_k, w2_k = process(w13_k.clone(), w2_k.clone())
+    if quant is None:
+        out = run_op(fn, lambda: (x, w13_k, w2_k, weights_dev, ids_dev))
+    else:
+        out = run_op(lambda *a: fn(*a, quant=quant), lambda: (x, w13_k, w2_k, weights_dev,
+                                                              ids_dev))
     assert_close(out, oracle.fused_moe(x, w13, w2, weights, ids), dt, "fused_moe", request)
-
-
-@conformance(routed_moe_cases, label="fused_moe_routed")
-def test_fused_moe_routed(conf: ConfParam, ctx: ConformanceContext,
-                          request: pytest.FixtureRequest) -> None:
-    case: RoutedMoECase = conf.case  # type: ignore[assignment]
-    fn = conf.load()
-    routed = getattr(fn, MOE_ROUTED_ATTR, None)
-    if routed is None:
-        pytest.skip(f"{conf.impl} has no {MOE_ROUTED_ATTR} form (the MoE layer routes with "
-                    "moe_topk_softmax, then calls fused_moe)")
-    _skip_undeclared(case, fn, conf.impl)
-    gen = case.generator()
-    dev, dt = ctx.device, case.dtype
-    x = randn(gen, case.tokens, case.hidden, dtype=dt, device=dev)
-    w13, w2, w13_k, w2_k, kwargs = _experts(case, fn, gen, dev)
-    num_routed = case.experts - case.shared
-    logits = distinct_logits(gen, case.tokens, num_routed).to(dt)  # a margin at every choice
-    ref_w, ref_ids = oracle.topk_softmax(logits, case.top_k, case.renormalize)
-    t, n = case.tokens, case.shared
-    ref_ids = torch.cat([ref_ids, torch.arange(num_routed, case.experts).expand(t, n)], dim=1)
-    ref_w = torch.cat([ref_w * case.scaling, torch.ones(t, n, dtype=torch.float64)], dim=1)
-    routing = MoERouting(case.top_k, case.renormalize, case.scaling, n)
-    logits_dev = logits.to(dev)
-    out = run_op(lambda *a: routed(*a, **kwargs), lambda: (x, w13_k, w2_k, logits_dev, routing))
-    assert tuple(out.shape) == tuple(x.shape) and out.dtype == x.dtype, \
-        f"routed fused_moe returned {list(out.shape)} {out.dtype}, expected x's"
-    assert_close(out, oracle.fused_moe(x, w13, w2, ref_w, ref_ids), dt,
-                 "routed fused_moe (top-k softmax, scaling, shared slots)", request)

@@ -33,11 +33,11 @@ from heteroserve.core.kernels.linear import (
 )
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
-    MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_ROUTED_ATTR, MOE_TOPK_SOFTMAX,
-    MOE_WEIGHT_SCHEMES, MOE_WEIGHT_SCHEMES_ATTR, NORM_ADD_NORM, QK_NORM_ROTARY, RMS_NORM, ROTARY,
-    SAMPLING, SILU_AND_MUL, TOKEN_BITMASK_APPLY,
-    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoERouting, MoEWeightQuant, GroupedTopKOp,
-    NormAddNormOp, QKNormRotaryOp, RMSNormOp, RoutedFusedMoEOp,
+    MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, MOE_WEIGHT_SCHEMES,
+    MOE_WEIGHT_SCHEMES_ATTR, NORM_ADD_NORM, QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
+    SILU_AND_MUL, TOKEN_BITMASK_APPLY,
+    FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, NormAddNormOp,
+    QKNormRotaryOp, RMSNormOp,
     RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
 )
@@ -76,7 +76,6 @@ __all__ = [
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
     "MOE_DESCRIBE_ATTR",
     "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant",
-    "MOE_ROUTED_ATTR", "MoERouting", "RoutedFusedMoEOp",
     "RMSNormOp", "FusedAddRMSNormOp", "NormAddNormOp", "QKNormRotaryOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",

@@ -59,36 +59,6 @@ class FusedMoECase(Case):
         return ctx.dtype_skip(self.dtype)
 
 
-@dataclass(frozen=True)
-class RoutedMoECase(FusedMoECase):
-    """``fused_moe``'s routed form (``ops.RoutedFusedMoEOp``, the optional
-    ``ops.MOE_ROUTED_ATTR``): ``tokens`` routed by top-k softmax over the first ``experts -
-    shared`` experts' logits, weights times ``scaling``, then ``shared`` always-on experts."""
-
-    shared: int = 0
-    renormalize: bool = True
-    scaling: float = 1.0
-
-
-def routed_moe_cases(ctx: ConformanceContext) -> list[RoutedMoECase]:
-    """Every dtype x Qwen3-MoE's routing (128 experts, k=8, renormalised) and
-    DeepSeek-V2-Lite's (64 + 2 shared, k=6, not renormalised) at one token, three tokens with
-    a scaling factor, and 24 tokens (96 slots: the grouped side of the decode switch); the
-    fp8_block experts at two tokens."""
-    # (tokens, routed, k, shared, renormalize, scaling, hidden, intermediate, weights)
-    grid = [(1, 128, 8, 0, True, 1.0, 256, 64, "dense"),
-            (1, 64, 6, 2, False, 1.0, 256, 64, "dense"),
-            (3, 16, 4, 1, True, 2.5, 128, 96, "dense"),
-            (2, 16, 4, 1, True, 1.0, 128, 128, "fp8_block")]
-    if not ctx.quick:
-        grid += [(24, 16, 4, 0, True, 1.0, 128, 64, "dense"),
-                 (5, 60, 4, 2, False, 16.0, 200, 88, "dense")]
-    return [RoutedMoECase(ops.FUSED_MOE, f"{w}-{DTYPE_NAMES[dt]}-T{t}-E{r}+{n}-k{k}"
-                          + ("-renorm" if rn else "") + (f"-x{sc}" if sc != 1 else "")
-                          + f"-H{h}-I{i}", dt, t, r + n, k, h, i, w, n, rn, sc)
-            for dt in ALL_DTYPES for t, r, k, n, rn, sc, h, i, w in grid]
-
-
 def topk_softmax_cases(ctx: ConformanceContext) -> list[TopKCase]:
     """Every dtype x expert counts 8-64, k 1-8, with and without renormalisation and ties."""
     grid = [(1, 8, 2, True, False), (7, 64, 8, False, False), (9, 8, 2, False, True)]

@@ -199,53 +199,6 @@ class FusedMoEOp(Protocol):
 #: name of the optional weight-processing attribute of a ``fused_moe`` implementation
 MOE_PROCESS_WEIGHTS_ATTR = "process_weights_after_loading"
 
-
-@dataclass(frozen=True)
-class MoERouting:
-    """Top-k softmax routing that a ``fused_moe`` implementation may run itself (see
-    :class:`RoutedFusedMoEOp`): the ``moe_topk_softmax`` contract's choice of ``top_k`` of
-    the router's ``E_r`` experts (``renormalize`` as there), each weight multiplied by
-    ``scaling`` (DeepSeek's ``routed_scaling_factor``), followed by ``shared`` always-on
-    slots: experts ``E_r .. E_r + shared - 1`` at weight 1.0 (DeepSeek's shared experts
-    stored as extra experts). Raises ``ValueError`` for ``top_k < 1`` or ``shared < 0``."""
-
-    top_k: int
-    renormalize: bool
-    scaling: float = 1.0
-    shared: int = 0
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.shared < 0:
-            raise ValueError(f"MoERouting: top_k must be >= 1 and shared >= 0, got "
-                             f"{self.top_k} / {self.shared}")
-
-    @property
-    def width(self) -> int:
-        """Expert slots per token: ``top_k + shared``."""
-        return self.top_k + self.shared
-
-
-class RoutedFusedMoEOp(Protocol):
-    def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 router_logits: torch.Tensor, routing: MoERouting,
-                 quant: MoEWeightQuant | None = None) -> torch.Tensor:
-        """``fused_moe`` with its routing: ``router_logits [T, E_r]`` (any float dtype; ``E_r
-        + routing.shared`` experts in ``w13``/``w2``) routed as :class:`MoERouting` says,
-        then the ``fused_moe`` product of ``x`` over those ``routing.width`` slots; returns
-        what ``moe_topk_softmax``, the weight scaling, the shared slots and ``fused_moe``
-        return in sequence, within ``fused_moe``'s tolerance (the chosen experts exactly:
-        ties to the lower id). ``quant`` and weight processing as ``fused_moe``. No host
-        synchronisation where ``fused_moe`` declares none. Raises ``ValueError`` as both ops
-        do and when ``w13`` does not hold ``E_r + routing.shared`` experts."""
-
-
-#: name of the optional attribute of a ``fused_moe`` implementation that runs the routing
-#: too (a :class:`RoutedFusedMoEOp`), so a decode step needs no routing launch between the
-#: router projection and the experts; the MoE layer calls it in place of
-#: ``moe_topk_softmax`` + ``fused_moe`` for top-k softmax routing (Qwen/Mixtral, DeepSeek's
-#: one-group routing)
-MOE_ROUTED_ATTR = "routed"
-
 #: name of the optional attribute of a ``fused_moe`` implementation that says, for the
 #: start-up block, how it will run a layer's experts: ``describe_experts(w13, w2) -> str``
 #: (the tensors the op will be passed), one line such as which tile table applies

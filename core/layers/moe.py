@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from heteroserve.core.kernels.ops import (
-    FUSED_MOE, MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_ROUTED_ATTR, MOE_WEIGHT_SCHEMES,
-    MOE_WEIGHT_SCHEMES_ATTR, MoERouting, MoEWeightQuant,
+    FUSED_MOE, MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES,
+    MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.kernels.linear import (
@@ -104,7 +104,6 @@ class FusedMoE(nn.Module):
             raise ValueError(f"moe intermediate size {intermediate_size} is not divisible by "
                              f"tensor-parallel size {ctx.tp_size}")
         self.ctx, self.top_k, self.renormalize = ctx, top_k, renormalize
-        self.softmax_routing = MoERouting(top_k, renormalize)
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
                                      scheme="unquantized", prefix=f"{prefix}.gate")
@@ -264,13 +263,6 @@ class FusedMoE(nn.Module):
         describe = getattr(self.ctx.dispatch.fused_moe, MOE_DESCRIBE_ATTR, None)
         return None if describe is None else f"fused_moe: {describe(self.w13, self.w2)}"
 
-    def routing_note(self) -> str:
-        """How this block routes, for the start-up block: inside ``fused_moe`` (its routed
-        form) or through ``moe_topk_softmax`` first."""
-        if getattr(self.ctx.dispatch.fused_moe, MOE_ROUTED_ATTR, None) is not None:
-            return "MoE routing: top-k softmax inside fused_moe (its routed form, no routing op)"
-        return "MoE routing: moe_topk_softmax, then fused_moe"
-
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
         """The routed experts' weighted sum for ``x [T, H]`` (this rank's part, before the
@@ -280,32 +272,7 @@ class FusedMoE(nn.Module):
             return fused_moe(x, self.w13, self.w2, weights, ids)
         return fused_moe(x, self.w13, self.w2, weights, ids, quant=self.weight_quant)
 
-    def routed_experts(self, x: torch.Tensor, router_logits: torch.Tensor,
-                       routing: MoERouting) -> torch.Tensor:
-        """:meth:`experts` of ``x [T, H]`` routed from ``router_logits [T, E_r]`` as
-        ``routing`` says (top-k softmax, scaling, shared slots): in one call where the
-        ``fused_moe`` implementation routes too (:data:`MOE_ROUTED_ATTR`), else
-        ``moe_topk_softmax``, the scaling and :meth:`append_shared` before it."""
-        fused_moe = self.ctx.dispatch.fused_moe
-        routed = getattr(fused_moe, MOE_ROUTED_ATTR, None)
-        if routed is not None:
-            if self.weight_quant is None:
-                return routed(x, self.w13, self.w2, router_logits, routing)
-            return routed(x, self.w13, self.w2, router_logits, routing, quant=self.weight_quant)
-        weights, ids = self.ctx.dispatch.moe_topk_softmax(router_logits, routing.top_k,
-                                                          routing.renormalize)
-        if routing.scaling != 1.0:
-            weights = weights * routing.scaling
-        if routing.shared:
-            weights, ids = self.append_shared(weights, ids)
-        return self.experts(x, weights, ids)
-
-    def append_shared(self, weights: torch.Tensor, ids: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routing ``(weights, ids)`` with this block's shared-expert slots appended; a
-        block without shared experts raises ``ValueError`` (a subclass that has them
-        overrides this)."""
-        raise ValueError(f"{self.prefix}: {type(self).__name__} has no shared experts")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce(self.routed_experts(x, self.gate(x), self.softmax_routing))
+        d = self.ctx.dispatch
+        weights, ids = d.moe_topk_softmax(self.gate(x), self.top_k, self.renormalize)
+        return self.ctx.all_reduce(self.experts(x, weights, ids))

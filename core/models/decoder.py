@@ -197,10 +197,8 @@ class CausalLM(nn.Module):
     def startup_notes(self) -> list[str]:
         """Lines for the start-up block on paths the model chose at build time (fused
         projections or experts, and why not where it fell back): by default what the fused
-        MoE implementation says of the model's experts and how they are routed (one line per
-        distinct note)."""
-        moes = [m for m in self.modules() if isinstance(m, FusedMoE)]
-        notes = [m.routing_note() for m in moes] + [m.kernel_note() for m in moes]
+        MoE implementation says of the model's experts (one line per distinct note)."""
+        notes = (m.kernel_note() for m in self.modules() if isinstance(m, FusedMoE))
         return list(dict.fromkeys(n for n in notes if n))
 
     def _target(self, name: str) -> tuple[str, str, object]:

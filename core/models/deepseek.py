@@ -33,7 +33,6 @@ from torch import nn
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.mla import MLABackend, MLAConfig
-from heteroserve.core.kernels.ops import MoERouting
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.embedding import VocabParallelEmbedding
 from heteroserve.core.layers.linear import ReplicatedLinear
@@ -195,7 +194,6 @@ class DeepseekMoE(FusedMoE):
         super().__init__(ctx, r.num_experts + slots, r.top_k, cfg.hidden_size,
                          opts.moe_intermediate_size, r.renormalize, prefix)
         self.routing, self.shared_path, self.num_routed = r, path, r.num_experts
-        self.softmax_routing = MoERouting(r.top_k, r.renormalize, r.routed_scaling_factor, slots)
         # the router runs in fp32 whatever the model dtype, as DeepSeek's reference does
         self.gate = ReplicatedLinear(replace(ctx, dtype=torch.float32), cfg.hidden_size,
                                      r.num_experts, bias=False, scheme="unquantized")
@@ -225,13 +223,6 @@ class DeepseekMoE(FusedMoE):
         if expert is None:
             raise ValueError(f"expert weight {name!r} needs an expert index")
         super().load(name, tensor, expert)
-
-    @property
-    def plain_softmax(self) -> bool:
-        """One group, softmax scores, no correction bias: plain top-k softmax (V2-Lite's
-        greedy routing)."""
-        r = self.routing
-        return r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None
 
     @property
     def fused_shared(self) -> bool:
@@ -277,30 +268,25 @@ class DeepseekMoE(FusedMoE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.ctx.dispatch, self.routing
         logits = self.gate.forward_upcast(x)  # fp32, as DeepSeek's reference routes
-        if self.plain_softmax:  # the fused MoE may route it itself, with the shared slots
-            out = self.routed_experts(x, logits, self.softmax_routing)
+        if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
+            # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
+            weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)
+            if r.routed_scaling_factor != 1.0:
+                weights = weights * r.routed_scaling_factor
         else:
             weights, ids = d.moe_grouped_topk(
                 logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
                 self.e_score_correction_bias, r.routed_scaling_factor)
-            if self.fused_shared:
-                weights, ids = self.append_shared(weights, ids)
-            out = self.experts(x, weights, ids)
-        out = self.ctx.all_reduce(out)
+        if self.fused_shared:
+            weights, ids = self._append_shared(weights, ids)
+        out = self.ctx.all_reduce(self.experts(x, weights, ids))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
 
-    def routing_note(self) -> str:
-        """As :meth:`FusedMoE.routing_note` for one-group softmax routing; grouped routing
-        always goes through ``moe_grouped_topk``."""
-        r = self.routing
-        if self.plain_softmax:
-            return super().routing_note()
-        return f"MoE routing: moe_grouped_topk ({r.scoring}, {r.num_groups} groups), then fused_moe"
 
-    def append_shared(self, weights: torch.Tensor, ids: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _append_shared(self, weights: torch.Tensor, ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights fp32 [T, k + n], ids int32 [T, k + n])``: the routed choice
         (``weights`` fp32, ``ids`` int32 ``[T, k]``, the topk ops' contract) followed by the
         ``n`` shared slots at weight 1.0, in one concatenation: both are halves of one int32

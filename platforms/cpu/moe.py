@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.ops import (
-    MOE_ROUTED_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoERouting, MoEWeightQuant,
-)
+from heteroserve.core.kernels.ops import MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
 from heteroserve.platforms.cpu.activation import silu_and_mul
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -177,26 +175,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(x.dtype)
 
 
-def routed_fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     router_logits: torch.Tensor, routing: MoERouting,
-                     quant: MoEWeightQuant | None = None) -> torch.Tensor:
-    """``RoutedFusedMoEOp`` as its definition composes it: :func:`topk_softmax`, the
-    scaling, the shared slots, :func:`fused_moe` (the reference a platform's fused form is
-    held to). Raises ``ValueError`` as those do, and when ``w13`` does not hold ``E_r +
-    routing.shared`` experts."""
-    t, num_routed = router_logits.shape
-    if w13.dim() != 3 or num_routed + routing.shared != w13.shape[0]:
-        raise ValueError(f"routed fused_moe: {num_routed} router outputs + {routing.shared} "
-                         f"shared slot(s) do not match w13 {tuple(w13.shape)} (E_r + shared "
-                         "experts)")
-    weights, ids = topk_softmax(router_logits, routing.top_k, routing.renormalize)
-    weights = weights * routing.scaling
-    shared = torch.arange(num_routed, num_routed + routing.shared, dtype=torch.int32,
-                          device=ids.device).expand(t, routing.shared)
-    ids = torch.cat([ids, shared], dim=1)
-    weights = torch.cat([weights, weights.new_ones(t, routing.shared)], dim=1)
-    return fused_moe(x, w13, w2, weights, ids, quant)
-
-
 setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))
-setattr(fused_moe, MOE_ROUTED_ATTR, routed_fused_moe)

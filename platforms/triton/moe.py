@@ -8,23 +8,16 @@ import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.ops import (
-    GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_ROUTED_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoERouting,
-    MoEWeightQuant,
+    GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
 from heteroserve.platforms.triton.moe_align import align_pairs
-from heteroserve.platforms.triton.moe_decode import (
-    MAX_DECODE_PAIRS, decode_moe, decode_moe_routed,
-)
+from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
 from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 MAX_EXPERTS = 4096
-#: most router outputs the decode kernels rank themselves (:func:`routed_moe`); wider
-#: routers take the top-k kernel (sm_90 build of the routed down kernel: 48 registers a
-#: thread up to 128 router outputs, 141 or more at 256)
-MAX_ROUTED_EXPERTS = 128
 
 
 @triton.jit
@@ -74,21 +67,16 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
            topk_ids: torch.Tensor, quant: MoEWeightQuant | None = None) -> None:
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or \
-            topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
-                         f"{tuple(topk_ids.shape)} must both be [T, k] with T={x.shape[0]}")
-    _check_experts(x, w13, w2, quant)
-
-
-def _check_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                   quant: MoEWeightQuant | None) -> None:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("fused_moe: x must be [T, H], w13 [E, 2I, H] and w2 [E, H, I]")
     e, two_i, h = w13.shape
     if h != x.shape[1] or two_i % 2 or w2.shape != (e, h, two_i // 2):
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 "
                          f"{tuple(w2.shape)} disagree")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or \
+            topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                         f"{tuple(topk_ids.shape)} must both be [T, k] with T={x.shape[0]}")
     if quant is None and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"fused_moe: weights must be {x.dtype}, got {w13.dtype}/{w2.dtype}")
     if quant is not None:
@@ -189,42 +177,8 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.view(t, top_k, h).sum(dim=1)
 
 
-def routed_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-               router_logits: torch.Tensor, routing: MoERouting,
-               quant: MoEWeightQuant | None = None) -> torch.Tensor:
-    """``RoutedFusedMoEOp``: :func:`fused_moe` of ``x`` routed from ``router_logits [T,
-    E_r]`` by ``routing``. Up to ``MAX_DECODE_PAIRS`` slots (``T * routing.width``) over at
-    most ``MAX_ROUTED_EXPERTS`` router outputs, the two decode launches route themselves
-    (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe_routed`); otherwise
-    :func:`topk_softmax`, the scaling and the shared slots feed :func:`fused_moe`. Raises
-    ``ValueError`` as those do, and when ``w13`` does not hold ``E_r + routing.shared``
-    experts."""
-    if router_logits.dim() != 2 or router_logits.shape[0] != x.shape[0] or x.dim() != 2 or \
-            w13.dim() != 3 or router_logits.shape[1] + routing.shared != w13.shape[0]:
-        raise ValueError(f"routed fused_moe: router logits {tuple(router_logits.shape)} with "
-                         f"{routing.shared} shared slot(s) do not fit x {tuple(x.shape)} and "
-                         f"w13 {tuple(w13.shape)} (E_r + shared experts)")
-    t, e_r = router_logits.shape
-    if routing.top_k > e_r:
-        raise ValueError(f"top_k must be in 1..{e_r}, got {routing.top_k}")
-    if t and t * routing.width <= MAX_DECODE_PAIRS and e_r <= MAX_ROUTED_EXPERTS:
-        _check_experts(x, w13, w2, quant)
-        return decode_moe_routed(*_contiguous_rows(x, w13, w2), router_logits, routing,
-                                 scales=_scales(quant))
-    weights, ids = topk_softmax(router_logits, routing.top_k, routing.renormalize)
-    if routing.scaling != 1.0:
-        weights = weights * routing.scaling
-    if routing.shared:
-        shared = torch.arange(e_r, e_r + routing.shared, dtype=torch.int32, device=ids.device)
-        ids = torch.cat([ids, shared.expand(t, routing.shared)], dim=1)
-        weights = torch.cat([weights, weights.new_ones(t, routing.shared)], dim=1)
-    return fused_moe(x, w13, w2, weights, ids, quant)
-
-
 # no host synchronisation on either path: device graphs may capture it
 setattr(fused_moe, GRAPH_SAFE_ATTR, True)
-# routes top-k softmax itself (in the decode kernels, no routing launch)
-setattr(fused_moe, MOE_ROUTED_ATTR, routed_moe)
 # fp8_block experts (weight-only, block scales) on both paths
 setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))
 # the start-up block names the grouped GEMM's tile table (or the heuristic)

@@ -46,10 +46,8 @@ import triton
 import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.ops import MoERouting
 from heteroserve.platforms.triton import device_info
 from heteroserve.platforms.triton.jit_math import fold2, fold3
-from heteroserve.platforms.triton.moe_route_jit import chunk_for, routed_expert, routed_slots
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: Largest ``T * top_k`` that takes this path (``fused_moe`` uses the grouped GEMM above).
@@ -173,10 +171,9 @@ def _slot_scales(row_ptrs, k0, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, ws_ptr, ids_ptr, inter_ptr, N, K, num_pairs, top_k, stride_xm, stride_we,
-    stride_wn, stride_se, stride_sn, stride_it, num_routed,
+    stride_wn, stride_se, stride_sn, stride_it,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, FOLD: tl.constexpr,
-    ROUTED: tl.constexpr, ROUTE_K: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pair = pid % num_pairs
@@ -184,11 +181,7 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     wait_for_previous(USE_PDL)  # the ids, x and (in tests) w13 may come from the last kernel
-    if ROUTED:  # ids_ptr: the router's logits, one row of num_routed per token
-        expert = routed_expert(ids_ptr + (pair // top_k) * stride_it, num_routed,
-                               pair % top_k, ROUTE_K, BLOCK_R, CHUNK).to(tl.int64)
-    else:
-        expert = tl.load(ids_ptr + (pair // top_k) * stride_it + pair % top_k).to(tl.int64)
+    expert = tl.load(ids_ptr + (pair // top_k) * stride_it + pair % top_k).to(tl.int64)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xm + offs_k
     gate_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn \
         + offs_k[None, :]
@@ -231,12 +224,9 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     inter_ptr, w_ptr, ws_ptr, ids_ptr, route_ptr, out_ptr, N, K, num_tokens, stride_we,
-    stride_wn, stride_se, stride_sn, stride_om, stride_it, stride_rt, num_routed, scaling,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    stride_wn, stride_se, stride_sn, stride_om, stride_it, stride_rt, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, FOLD: tl.constexpr,
-    ROUTED: tl.constexpr, ROUTE_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_R: tl.constexpr,
-    CHUNK: tl.constexpr,
 ):
     # One load covers the tile [BLOCK_N, BLOCK_K] of all the token's experts at once
     # ([BLOCK_E, BLOCK_N, BLOCK_K], slots past TOP_K masked off), so a program keeps
@@ -248,19 +238,11 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     e_mask = offs_e < TOP_K
     pairs = token * TOP_K + offs_e
-    # ids, routing weights (or logits) and w2 were complete before the gate-up kernel began
-    # (it waited for them), so they and the first tile may load before the wait; ``inter``
-    # needs it
-    if ROUTED:  # ids_ptr: the router's logits, one row of num_routed per token
-        experts, route = routed_slots(ids_ptr + token * stride_it, num_routed, scaling, offs_e,
-                                      ROUTE_K, RENORM, BLOCK_R, CHUNK)
-        experts = tl.where(e_mask, experts, 0).to(tl.int64)
-        route = tl.where(e_mask, route, 0.0)
-    else:
-        experts = tl.load(ids_ptr + token * stride_it + offs_e, mask=e_mask,
-                          other=0).to(tl.int64)
-        route = tl.load(route_ptr + token * stride_rt + offs_e, mask=e_mask,
-                        other=0.0).to(tl.float32)
+    # ids, routing weights and w2 were complete before the gate-up kernel began (it waited
+    # for them), so they and the first tile may load before the wait; ``inter`` needs it
+    experts = tl.load(ids_ptr + token * stride_it + offs_e, mask=e_mask, other=0).to(tl.int64)
+    route = tl.load(route_ptr + token * stride_rt + offs_e, mask=e_mask,
+                    other=0.0).to(tl.float32)
     w_ptrs = w_ptr + experts[:, None, None] * stride_we \
         + offs_n.to(tl.int64)[None, :, None] * stride_wn + offs_k[None, None, :]
     a_ptrs = inter_ptr + pairs.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -308,63 +290,33 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     is kept in fp32 and the weighted sum over ``k`` is rounded once to ``x.dtype``. Returns
     a new ``[T, H]`` tensor in ``x.dtype``. Ids outside ``[0, E)`` are not checked (no host
     sync). Raises ``ValueError`` for a ``config`` whose ``block_n`` splits a scale block."""
-    ids = topk_ids if topk_ids.stride(1) == 1 else topk_ids.contiguous()
-    route = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
-    return _launch(x, w13, w2, ids, route, ids.shape[1], None, config, scales)
-
-
-def decode_moe_routed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      router_logits: torch.Tensor, routing: MoERouting,
-                      config: DecodeConfig | None = None,
-                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """:func:`decode_moe` routed in the kernels (``RoutedFusedMoEOp``, checked by the
-    caller): ``router_logits [T, E_r]`` of any float dtype and row stride, ``E_r +
-    routing.shared`` experts in ``w13``/``w2``; each program computes its token's top-k
-    softmax choice (:mod:`~heteroserve.platforms.triton.moe_route_jit`), so the two
-    launches are the whole MoE after the router projection."""
-    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    return _launch(x, w13, w2, logits, logits, routing.width, routing, config, scales)
-
-
-def _launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-            route: torch.Tensor, width: int, routing: MoERouting | None,
-            config: DecodeConfig | None,
-            scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The two launches over ``width`` slots per token; ``ids``/``route`` the routing rows
-    (with ``routing``: both the logits)."""
     t, h = x.shape
+    top_k = topk_ids.shape[1]
     inter = w13.shape[1] // 2
-    cfg = config or choose_config(t, width, h, inter, w13.dtype, x.device)
+    cfg = config or choose_config(t, top_k, h, inter, w13.dtype, x.device)
     if scales is not None and (FP8_BLOCK % cfg.gate_up.block_n or FP8_BLOCK % cfg.down.block_n):
         raise ValueError(f"decode_moe: block scales need block_n dividing {FP8_BLOCK}, got "
                          f"{cfg.gate_up.block_n} / {cfg.down.block_n}")
     s13, s2 = scales if scales is not None else (x, x)
     strides13 = (s13.stride(0), s13.stride(1)) if scales is not None else (0, 0)
     strides2 = (s2.stride(0), s2.stride(1)) if scales is not None else (0, 0)
-    num_routed = ids.shape[1] if routing is not None else 0
-    block_r = triton.next_power_of_2(max(num_routed, 1))
-    routed = {"ROUTED": routing is not None, "BLOCK_R": block_r, "CHUNK": chunk_for(block_r),
-              "ROUTE_K": routing.top_k if routing is not None else 1}
-    scaling = routing.scaling if routing is not None else 1.0
-    pairs = t * width
+    ids = topk_ids if topk_ids.stride(1) == 1 else topk_ids.contiguous()
+    route = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
+    pairs = t * top_k
     hidden_act = torch.empty((pairs, inter), dtype=torch.float32, device=x.device)
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     pdl = pdl_args(x.device)
     g, d = cfg.gate_up, cfg.down
     scaled = scales is not None
     _gate_up_kernel[(triton.cdiv(inter, g.block_n) * pairs,)](
-        x, w13, s13, ids, hidden_act, inter, h, pairs, width, x.stride(0), w13.stride(0),
-        w13.stride(1), *strides13, ids.stride(0), num_routed,
-        EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
+        x, w13, s13, ids, hidden_act, inter, h, pairs, top_k, x.stride(0), w13.stride(0),
+        w13.stride(1), *strides13, ids.stride(0), EVEN=inter % g.block_n == 0 and h % g.block_k == 0,
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
-        FOLD=min(g.fold, g.block_k), num_warps=g.num_warps, num_stages=g.num_stages, **routed,
-        **pdl)
+        FOLD=min(g.fold, g.block_k), num_warps=g.num_warps, num_stages=g.num_stages, **pdl)
     _down_kernel[(triton.cdiv(h, d.block_n) * t,)](
         hidden_act, w2, s2, ids, route, out, h, inter, t, w2.stride(0), w2.stride(1),
-        *strides2, out.stride(0), ids.stride(0), route.stride(0), num_routed, scaling,
-        TOP_K=width, BLOCK_E=triton.next_power_of_2(width),
+        *strides2, out.stride(0), ids.stride(0), route.stride(0), TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k),
         EVEN=h % d.block_n == 0 and inter % d.block_k == 0,
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, W_SCALED=scaled, SCALE_BLOCK=FP8_BLOCK,
-        FOLD=min(d.fold, d.block_k), num_warps=d.num_warps, num_stages=d.num_stages,
-        RENORM=routing is not None and routing.renormalize, **routed, **pdl)
+        FOLD=min(d.fold, d.block_k), num_warps=d.num_warps, num_stages=d.num_stages, **pdl)
     return out

@@ -14,7 +14,6 @@ from heteroserve.platforms.triton import moe
 from heteroserve.platforms.triton.moe_decode import (
     MAX_DECODE_PAIRS, DecodeConfig, DecodeTile, choose_tiles, decode_moe,
 )
-from heteroserve.platforms.triton.moe_route_jit import chunk_for
 
 
 def _moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Tensor,
@@ -226,26 +225,23 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
     ptrs = ["x_ptr", "w_ptr", "ws_ptr", "ids_ptr", "inter_ptr", "route_ptr", "out_ptr"]
     ints = ["N", "K", "stride_xm", "stride_we", "stride_wn", "stride_se", "stride_om"]
     jobs = []
-    unrouted = {"ROUTED": False, "ROUTE_K": 1, "BLOCK_R": 1, "CHUNK": 1}
     # bf16 experts, then fp8_block experts (1-byte weights, fp32 block scales)
     for w_type, elem_bytes in (("*bf16", 2), ("*fp8e4nv", 1)):
         scaled = elem_bytes == 1
         gate_sig = {"x_ptr": "*bf16", "w_ptr": w_type, "ws_ptr": "*fp32", "ids_ptr": "*i32",
                     "inter_ptr": "*fp32",
                     **dict.fromkeys(["N", "K", "num_pairs", "top_k", "stride_xm", "stride_we",
-                                     "stride_wn", "stride_se", "stride_sn", "stride_it",
-                                     "num_routed"], "i32"),
+                                     "stride_wn", "stride_se", "stride_sn", "stride_it"],
+                                    "i32"),
                     **dict.fromkeys(["EVEN", "BLOCK_N", "BLOCK_K", "USE_PDL", "W_SCALED",
-                                     "SCALE_BLOCK", "FOLD", "ROUTED", "ROUTE_K", "BLOCK_R",
-                                     "CHUNK"], "constexpr")}
+                                     "SCALE_BLOCK", "FOLD"], "constexpr")}
         down_sig = {"inter_ptr": "*fp32", "w_ptr": w_type, "ws_ptr": "*fp32",
                     "ids_ptr": "*i32", "route_ptr": "*fp32", "out_ptr": "*bf16",
                     **dict.fromkeys(["N", "K", "num_tokens", "stride_we", "stride_wn",
                                      "stride_se", "stride_sn", "stride_om", "stride_it",
-                                     "stride_rt", "num_routed"], "i32"), "scaling": "fp32",
+                                     "stride_rt"], "i32"),
                     **dict.fromkeys(["TOP_K", "BLOCK_E", "EVEN", "BLOCK_N", "BLOCK_K",
-                                     "USE_PDL", "W_SCALED", "SCALE_BLOCK", "FOLD", "ROUTED",
-                                     "ROUTE_K", "RENORM", "BLOCK_R", "CHUNK"],
+                                     "USE_PDL", "W_SCALED", "SCALE_BLOCK", "FOLD"],
                                     "constexpr")}
         for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
             if scaled and inter % 128:
@@ -257,7 +253,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                         hidden % g.block_k == 0,
                                         "BLOCK_N": g.block_n, "BLOCK_K": g.block_k,
                                         "USE_PDL": True, "W_SCALED": scaled,
-                                        "SCALE_BLOCK": 128, "FOLD": g.fold, **unrouted},
+                                        "SCALE_BLOCK": 128, "FOLD": g.fold},
                          "num_warps": g.num_warps})
             jobs.append({"kernel": "_down_kernel", "signature": down_sig,
                          "constexprs": {"TOP_K": top_k, "BLOCK_E": 8,
@@ -265,21 +261,10 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_pdl() -> None:
                                         inter % d.block_k == 0,
                                         "BLOCK_N": d.block_n, "BLOCK_K": d.block_k,
                                         "USE_PDL": True, "W_SCALED": scaled,
-                                        "SCALE_BLOCK": 128, "FOLD": d.fold, **unrouted,
-                                        "RENORM": False},
+                                        "SCALE_BLOCK": 128, "FOLD": d.fold},
                          "num_warps": d.num_warps})
     assert all(j["constexprs"]["EVEN"] for j in jobs)  # the default tiles divide K
     fp8_jobs = jobs[-2:]
-    # bf16 experts routed in the kernels (MoERouting): Qwen3-30B-A3B's bf16 logits over 128
-    # experts, k=8; DeepSeek-V2-Lite's fp32 logits over 64 experts, k=6 + 2 shared slots
-    for job, (logits, experts, route_k) in zip(jobs[:4], [("*bf16", 128, 8)] * 2
-                                               + [("*fp32", 64, 6)] * 2):
-        routed = {"ROUTED": True, "ROUTE_K": route_k, "BLOCK_R": experts,
-                  "CHUNK": chunk_for(experts)}
-        if job["kernel"] == "_down_kernel":
-            routed["RENORM"] = route_k == 8
-        jobs.append({**job, "signature": {**job["signature"], "ids_ptr": logits},
-                     "constexprs": {**job["constexprs"], **routed}})
     for job in fp8_jobs:  # and K steps inside one scale block (one scale per tile)
         jobs.append({**job, "constexprs": {**job["constexprs"], "BLOCK_K": 64,
                                            "EVEN": False}})

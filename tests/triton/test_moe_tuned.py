@@ -176,8 +176,7 @@ def test_describe_names_the_table_or_the_heuristic(monkeypatch: pytest.MonkeyPat
 def test_startup_block_carries_the_fused_moe_note(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     """A ``fused_moe`` with ``describe_experts`` gets one start-up line per distinct note
-    (every layer of a tiny Qwen3-MoE says the same); one without says nothing of the experts
-    (the one routing line stays)."""
+    (every layer of a tiny Qwen3-MoE says the same); one without says nothing."""
     from engine_harness import cpu_args
     from heteroserve.core.kernels.ops import MOE_DESCRIBE_ATTR
     from heteroserve.core.model_runner.build import build_model_runner, startup_block
@@ -186,8 +185,7 @@ def test_startup_block_carries_the_fused_moe_note(monkeypatch: pytest.MonkeyPatc
 
     path = build_tiny_model(tmp_path / "moe", "qwen3_moe", seed=2)
     runner = build_model_runner(cpu_args(path))[2]
-    assert runner.model.startup_notes() == [
-        "MoE routing: top-k softmax inside fused_moe (its routed form, no routing op)"]
+    assert runner.model.startup_notes() == []
     impl = runner.dispatch.fused_moe
     monkeypatch.setattr(impl, MOE_DESCRIBE_ATTR,
                         lambda w13, w2: f"{w13.shape[0]} experts, fake tiles", raising=False)
