@@ -33,7 +33,10 @@ target). ``--profile NAME[,NAME]`` (or ``all``): when such a workload misses its
 with one wave of ``max_running`` prompts) and its JSON gains ``profile``: the top kernels by
 device time. Before each model but the first the ceilings are measured again and kept as
 ``ceilings_before_model`` (the floors use the start's): a drop there is the device slowing
-under sustained load. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else
+under sustained load, or the process's state after an engine (on an H100 on 2026-12-06 the
+copy rate read 2.60 TB/s after a freed engine, 3.01 at the start of a fresh process).
+``--process-per-model`` runs each model in a fresh process instead, as a server runs one
+model (:func:`run_per_model`); each then measures its ceilings first. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else
 ``git``).
 """
 
@@ -252,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optional-until-s", type=float, default=330.0,
                     help="start the optional workloads only before this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny random models on the cpu")
+    ap.add_argument("--process-per-model", action="store_true",
+                    help="each model's workloads in a fresh process of this script (as a "
+                         "server runs one model); the summary merges them")
     a = ap.parse_args(argv)
+    if a.process_per_model:
+        return run_per_model(a)
     t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,6 +364,53 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)"
         + (f"; errors in {sorted(result['errors'])}" if result["errors"] else ""))
     return 1 if result["errors"] else 0
+
+
+def run_per_model(a: argparse.Namespace) -> int:
+    """``--process-per-model``: this script once per model with that model's wanted
+    workloads (same ``--out``, so the per-workload files land where a single run puts them),
+    each in a fresh process that measures its own ceilings first; the summary at ``--out``
+    merges their workloads, errors and skips, with each model's ceilings under
+    ``ceilings_per_model`` (``ceilings``: the first model's). A process that ends without a
+    summary is an error of its model. Returns 1 if any model had an error."""
+    t_start = time.perf_counter()
+    out = Path(a.out)
+    every = [name for steps in PLAN.values() for name, _ in steps]
+    wanted = every if a.workloads == "all" else [
+        n for n in every if any(n == w or n.startswith(w + "_") for w in a.workloads.split(","))]
+    merged: dict = {"process_per_model": True, "workloads": {}, "skipped": {}, "errors": {},
+                    "seconds": {}, "ceilings_per_model": {}}
+    for model, steps in PLAN.items():
+        names = [n for n, _ in steps if n in wanted]
+        if not names:
+            continue
+        elapsed = time.perf_counter() - t_start
+        if all(n in OPTIONAL for n in names) and elapsed > a.optional_until_s:
+            merged["skipped"].update(dict.fromkeys(names, f"optional, {elapsed:.0f} s into "
+                                                          "the run"))
+            continue
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--workloads",
+               ",".join(names), "--profile", a.profile] + (["--smoke"] if a.smoke else [])
+        log(f"{model}: a process of its own")
+        rc = subprocess.run(cmd).returncode
+        if not out.exists():
+            merged["errors"][model] = f"the {model} process exited with {rc} and no summary"
+            continue
+        part = json.loads(out.read_text())
+        for key in ("device", "date", "commit", "torch", "platform", "smoke", "env",
+                    "ceilings"):
+            merged.setdefault(key, part.get(key))
+        merged["ceilings_per_model"][model] = part.get("ceilings")
+        for key in ("workloads", "skipped", "errors", "seconds"):
+            merged[key].update(part.get(key, {}))
+    merged["command"] = " ".join(sys.argv)
+    merged["elapsed_s"] = time.perf_counter() - t_start
+    out.write_text(json.dumps(merged, indent=2, default=str))
+    plot_summary(merged["workloads"], merged.get("device", "?"), out.with_suffix(".png"))
+    log(f"wrote {out} ({merged['elapsed_s']:.0f} s, a process per model)"
+        + (f"; errors in {sorted(merged['errors'])}" if merged["errors"] else ""))
+    return 1 if merged["errors"] else 0
 
 
 def main_tagged(argv: list[str], tags: dict[str, str]) -> int:

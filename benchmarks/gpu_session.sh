@@ -286,7 +286,7 @@ for step in "$@"; do
         --junitxml "$OUT/clients/junit.xml" 2>&1 | tee "$OUT/clients/pytest.log" | tail -25
       stamp "clients: pytest exit code ${PIPESTATUS[0]}" ;;
     h200) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_headline.py \
-        --out "$OUT/h200-latest.json" ${H200_ARGS:-} 2>&1 | grep -v -i warn ;;
+        --process-per-model --out "$OUT/h200-latest.json" ${H200_ARGS:-} 2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;
   esac
 done

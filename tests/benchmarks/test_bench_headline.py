@@ -5,6 +5,7 @@ files, fractions in (0, 1.2], and a profile attached where a target is missed.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,35 @@ def test_side_by_side_runs_tag_the_summary(tmp_path: Path, monkeypatch) -> None:
     assert seen == [argv]
     assert json.loads((tmp_path / "s.json").read_text()) == {
         "workloads": {"w": 1}, "overlap_rule": "sync_when_waiting"}
+
+
+def test_process_per_model_merges_each_models_run(tmp_path: Path) -> None:
+    """``--process-per-model``: one fresh process per model, the per-workload files where a
+    single run writes them, one summary with each model's own ceilings."""
+    out = tmp_path / "h200-latest.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_headline.py"),
+                           "--smoke", "--process-per-model", "--out", str(out), "--workloads",
+                           "llama8b_decode1,qwen3moe_decode1"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("a process of its own") == 2
+    result = json.loads(out.read_text())
+    assert result["process_per_model"] is True and result["errors"] == {}
+    assert set(result["workloads"]) == {"llama8b_decode1", "qwen3moe_decode1"}
+    assert set(result["ceilings_per_model"]) == {"llama8b", "qwen3moe"}
+    assert result["ceilings"] == result["ceilings_per_model"]["llama8b"]
+    for name, w in result["workloads"].items():
+        detail = json.loads((tmp_path / f"h200-latest-{name}.json").read_text())
+        assert detail["value"] == w["value"] and detail["name"] == name
+
+
+def test_process_per_model_reports_a_models_failure(tmp_path: Path) -> None:
+    out = tmp_path / "h.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_headline.py"),
+                           "--smoke", "--process-per-model", "--out", str(out), "--workloads",
+                           "llama8b_decode1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HS_PLATFORM": "no_such_platform"})
+    assert proc.returncode == 1
+    result = json.loads(out.read_text())
+    assert result["workloads"] == {}
+    assert result["errors"] == {"llama8b": "the llama8b process exited with 1 and no summary"}
