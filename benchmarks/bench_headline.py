@@ -48,6 +48,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -246,6 +247,30 @@ def record(result: dict, ceilings: dict, name: str, entry: dict, out: Path) -> d
     return summary
 
 
+def wanted_workloads(spec: str) -> list[str]:
+    """The workload names ``--workloads`` selects (names or model prefixes), in PLAN order."""
+    every = [name for steps in PLAN.values() for name, _ in steps]
+    return every if spec == "all" else [
+        n for n in every if any(n == w or n.startswith(w + "_") for w in spec.split(","))]
+
+
+def models_to_run(wanted: list[str], t_start: float, optional_until_s: float,
+                  skipped: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """``(model, its wanted workloads)`` in PLAN order, for models with any; a model whose
+    workloads are all optional and come after ``optional_until_s`` seconds goes to
+    ``skipped`` instead."""
+    for model, steps in PLAN.items():
+        names = [n for n, _ in steps if n in wanted]
+        if not names:
+            continue
+        elapsed = time.perf_counter() - t_start
+        if all(n in OPTIONAL for n in names) and elapsed > optional_until_s:
+            skipped.update(dict.fromkeys(names, f"optional, {elapsed:.0f} s into the run"))
+            log(f"skipping {names}: {elapsed:.0f} s elapsed")
+            continue
+        yield model, names
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results" / "h200-latest.json"))
@@ -270,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_headline: no CUDA device (use --smoke for the cpu check)")
         return 1
     every = [name for steps in PLAN.values() for name, _ in steps]
-    wanted = every if a.workloads == "all" else [
-        n for n in every if any(n == w or n.startswith(w + "_") for w in a.workloads.split(","))]
+    wanted = wanted_workloads(a.workloads)
     profiled = set(every if a.profile == "all" else [p for p in a.profile.split(",") if p])
     unknown = profiled - set(every)
     if unknown:
@@ -291,16 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         result["elapsed_s"] = time.perf_counter() - t_start
         out.write_text(json.dumps(result, indent=2, default=str))
 
-    for model, steps in PLAN.items():
-        names = [n for n, _ in steps if n in wanted]
-        if not names:
-            continue
-        elapsed = time.perf_counter() - t_start
-        if all(n in OPTIONAL for n in names) and elapsed > a.optional_until_s:
-            for n in names:
-                result["skipped"][n] = f"optional, {elapsed:.0f} s into the run"
-            log(f"skipping {names}: {elapsed:.0f} s elapsed")
-            continue
+    for model, _names in models_to_run(wanted, t_start, a.optional_until_s, result["skipped"]):
+        steps = PLAN[model]
         if a.smoke:
             from heteroserve.core.models.tiny import build_tiny_model
 
@@ -375,20 +391,10 @@ def run_per_model(a: argparse.Namespace) -> int:
     summary is an error of its model. Returns 1 if any model had an error."""
     t_start = time.perf_counter()
     out = Path(a.out)
-    every = [name for steps in PLAN.values() for name, _ in steps]
-    wanted = every if a.workloads == "all" else [
-        n for n in every if any(n == w or n.startswith(w + "_") for w in a.workloads.split(","))]
     merged: dict = {"process_per_model": True, "workloads": {}, "skipped": {}, "errors": {},
                     "seconds": {}, "ceilings_per_model": {}}
-    for model, steps in PLAN.items():
-        names = [n for n, _ in steps if n in wanted]
-        if not names:
-            continue
-        elapsed = time.perf_counter() - t_start
-        if all(n in OPTIONAL for n in names) and elapsed > a.optional_until_s:
-            merged["skipped"].update(dict.fromkeys(names, f"optional, {elapsed:.0f} s into "
-                                                          "the run"))
-            continue
+    for model, names in models_to_run(wanted_workloads(a.workloads), t_start,
+                                      a.optional_until_s, merged["skipped"]):
         out.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--workloads",
                ",".join(names), "--profile", a.profile] + (["--smoke"] if a.smoke else [])
