@@ -14,6 +14,17 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def rule_named(script: str, rules: dict[str, T], rule: str) -> T:
+    """``rules[rule]`` of a side-by-side script (``gemv_rule``, ``w8_rule``, ...). Raises
+    ``SystemExit`` naming ``script`` and the known rules for an unknown one."""
+    if rule not in rules:
+        raise SystemExit(f"{script}: unknown rule {rule!r} (known: {', '.join(rules)})")
+    return rules[rule]
 
 
 def log(msg: str) -> None:

@@ -36,8 +36,8 @@ device time. Before each model but the first the ceilings are measured again and
 under sustained load, or the process's state after an engine (on an H100 on 2026-12-06 the
 copy rate read 2.60 TB/s after a freed engine, 3.01 at the start of a fresh process).
 ``--process-per-model`` runs each model in a fresh process instead, as a server runs one
-model (:func:`run_per_model`); each then measures its ceilings first. Environment: ``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else
-``git``).
+model (:func:`run_per_model`); each then measures its ceilings first. Environment:
+``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.models.deepseek import DeepseekMoE
 from heteroserve.platforms.triton.mla import TritonMLA
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import rule_named  # noqa: E402
+
 
 def _bmm() -> None:
     TritonMLA.fused_max_batch = 0
@@ -53,13 +56,10 @@ RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,
 
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
-    if rule not in RULES:
-        raise SystemExit(f"deepseek_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
-    RULES[rule]()
+    rule_named("deepseek_rule", RULES, rule)()
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_headline
 
     apply(sys.argv[1])

@@ -35,6 +35,9 @@ from heteroserve.platforms.triton import gemv as gemv_mod
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.gemv import PLAIN, RMS_NORM, GemvConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import rule_named  # noqa: E402
+
 Rule = Callable[..., GemvConfig]
 _DEFAULT: Rule = gemv_mod.choose_config
 
@@ -78,13 +81,10 @@ RULES: dict[str, Rule] = {"default": _DEFAULT, "previous": _previous,
 
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
-    if rule not in RULES:
-        raise SystemExit(f"gemv_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
-    gemv_mod.choose_config = RULES[rule]
+    gemv_mod.choose_config = rule_named("gemv_rule", RULES, rule)
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_headline
 
     apply(sys.argv[1])

@@ -29,6 +29,9 @@ from heteroserve.platforms.triton import w8_gemv
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.w8_gemv import ACT_GROUP, W8GemvConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import rule_named  # noqa: E402
+
 _DEFAULT = w8_gemv.choose_w8_config
 
 
@@ -50,13 +53,10 @@ RULES = {"default": _DEFAULT, "rows16": _rows16}
 
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
-    if rule not in RULES:
-        raise SystemExit(f"w8_rule: unknown rule {rule!r} (known: {', '.join(RULES)})")
-    w8_gemv.choose_w8_config = RULES[rule]
+    w8_gemv.choose_w8_config = rule_named("w8_rule", RULES, rule)
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_quant_llama8b
 
     apply(sys.argv[1])
