@@ -245,8 +245,10 @@ def config_calls(scheme: str, layer: torch.nn.Module
         # shape with the previous (exponent) decoding: the A/B of the decoding
         k, n = layer.w4_in_features, layer.w4_qweight.shape[1]
         default = w4.choose_w4_config(n, k, 1, layer.w4_qweight.device)
-        cfgs = [w4.W4GemvConfig(bn, bkw, warps, stages) for bn in (8, 16, 32)
-                for bkw in (32, 64, 128, 256) for warps in (4, 8) for stages in (1, 2)]
+        # tiles of 2, 4 and 8 KiB a warp (a thread: 8 columns of 2, 4 or 8 word rows)
+        cfgs = [w4.W4GemvConfig(bn, words // bn, warps, 1) for bn in (8, 16, 32, 64)
+                for warps in (2, 4, 8) for words in (512 * warps, 1024 * warps, 2048 * warps)
+                if words // bn <= 1024]
         cfgs.append(dataclasses.replace(default, nibble=w4.NIBBLE_EXPONENT))
         for cfg in cfgs:
             out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w4.w4a16_gemv(

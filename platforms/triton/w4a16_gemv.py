@@ -4,28 +4,39 @@ with the nibbles unpacked in registers and the packed words read once.
 Layout (:mod:`.w4a16_gemm`, made by :mod:`.w4a16_pack`): ``qweight [ceil(K/8), N]`` int32,
 nibble ``j`` of word ``[w, n]`` = ``q[8w + j, n]``; ``zeros``, ``scales`` ``[G, N]`` fp16;
 ``W[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n]``. A program owns
-``BLOCK_N`` columns (``4 * BLOCK_N`` contiguous bytes of each word row, whole 32-byte sectors
-from ``BLOCK_N = 8``) and walks all of K in ``[BLOCK_KW, BLOCK_N]`` word tiles; no split-K.
+``BLOCK_N`` columns and walks all of K, ``BLOCK_KW`` word rows a step; no split-K. A step's
+tile is ``[T, BLOCK_N / 8, 8]`` words, ``T = BLOCK_KW / ROWS``; at the rule's shapes
+(``T * BLOCK_N = 8 * threads``) a thread holds 8 adjacent columns (two 16-byte loads a word
+row) of ``ROWS = 4`` consecutive word rows. Those rows lie in one group (``ROWS`` divides the
+group's word rows), so the thread sums their 32 products a column before the zero point and
+scale apply once, ``s * (sum q x - z * sum x)``; a word row's eight ``x`` come in one load
+and serve the thread's 8 columns.
 
-Per word the eight products are summed before the zero point and scale apply (they share a
-group: groups are multiples of 8 rows), ``s * (sum_j q_j x_j - z * sum_j x_j)``. At the copy
-rate the H200's issue slots allow about four instructions per nibble, so the per-nibble work
-is one logic op and one FMA (``NIBBLE_SUBNORMAL``): nibble ``j`` (``j < 5``) masked in place,
-``bits & (15 << 4j)``, is an integer below ``2**23``, so read as fp32 it is the subnormal
-``q * 2**(4j - 149)``, exactly; ``x_j`` is pre-scaled by ``2**(88 - 4j)`` (once per word row,
-shared by the thread's columns), so every product lands at ``q_j x_j 2**-61`` in the normal
-range (for ``|x| < 2**40``), and the word's sum is scaled back once. Nibbles 5..7 come from
-the word shifted right by 20. (GPUs multiply subnormals at full rate; Triton does not flush
-them in plain arithmetic.) ``NIBBLE_EXPONENT``, the previous decoding, or-s the masked bits
-under the exponent of ``2**23`` and subtracts it: one more float op per nibble (5.6 against
-3.9 SASS instructions a nibble in the sm_90 loop, ``benchmarks/kernel_sass.py``;
-Llama-3.1-8B's four layers 69.4 -> 53.2 us at the same launch shapes on an H100,
-``benchmarks/results/h100-20261205-1917-quant_gemv_w4.json``). No int-to-float conversion
-either way, which would bound the kernel below the copy rate. The group size is a
-compile-time constant, so a word row's group is a shift, not a division.
+At the copy rate the H200's issue slots allow about 3.9 instructions a nibble, so the
+per-nibble work is one integer op and one FMA (``NIBBLE_SUBNORMAL``). Nibble ``j <= 5``
+masked in place, ``w & (15 << 4j)``, is below ``2**24``, where the fp32 reading of a bit
+pattern ``b`` is ``b * 2**-149`` (exponent fields 0 and 1 share that scale): exactly
+``q_j 2**(4j - 149)``. The top byte shifted down, ``w >> 24`` (logical), reads as
+``(q6 + 16 q7) 2**-149`` and ``w >> 28`` as ``q7 2**-149``, and ``q6 x6 + q7 x7 =
+(q6 + 16 q7) x6 + q7 (x7 - 16 x6)``: eight integer ops a word. ``x_j`` is pre-scaled by
+``2**(84 - 4j)`` (``x6`` and ``x7 - 16 x6`` by ``2**84``) once a word row, so every product
+lands at ``q x 2**-65`` in the normal range, and the result is scaled back once.
+Contract: ``|x| < 2**39``; NaN and inf propagate. ``x7 - 16 x6`` is one fp32 rounding, exact
+for bf16 ``x`` within ``2**16`` of each other. GPUs multiply subnormals at full rate; Triton
+does not flush them in plain arithmetic. ``NIBBLE_EXPONENT``, the fallback where
+:func:`keeps_subnormals` finds them flushed, or-s each masked nibble under the exponent of
+``2**23`` and subtracts it: two float ops a nibble. SASS a nibble in the sm_90 main loop
+(``benchmarks/kernel_sass.py``, bf16 x, group 128, the rule's shapes, Triton 3.9): 2.75-2.78,
+the exponent decoding 5.0; 3.88 before the per-thread rows (zero point and scale applied per
+word, ``x`` per 4 columns). Reading bf16 ``x`` as int32 pairs and scaling it by an integer
+add to the exponent field took 2.64, but turned NaN, inf and ``|x| >= 2**39`` into about 0
+silently, so ``x`` is converted and multiplied instead.
+No int-to-float conversion either way, which would bound the kernel below the copy rate.
+The group size is a compile-time constant.
 
 Grid: ``(rows, cdiv(N, BLOCK_N))``, rows fastest (their programs share the weight slice
-through L2). The first word tile loads before the PDL wait (the weights are parameters).
+through L2). The first tile's weights load before the PDL wait (they are parameters); the
+``kw % BLOCK_KW`` word rows past the last whole tile go one a thread, masked.
 """
 
 from __future__ import annotations
@@ -46,59 +57,151 @@ W4_GEMV_MAX_ROWS = 4
 #: nibble decodings (:class:`W4GemvConfig` ``nibble``; see the module)
 NIBBLE_SUBNORMAL, NIBBLE_EXPONENT = "subnormal", "exponent"
 _TWO_23 = tl.constexpr(8388608.0)
-_X_EXP = tl.constexpr(88)  # x_j is pre-scaled by 2**(88 - 4j): products land at 2**-61
-_UNSCALE = tl.constexpr(2.0 ** 61)
+_X_EXP = tl.constexpr(84)  # x_j is pre-scaled by 2**(84 - 4j): products land at 2**-65
+_TO_DOMAIN = tl.constexpr(2.0 ** -65)  # 2**(_X_EXP - 149)
+_UNSCALE = tl.constexpr(2.0 ** 65)
 
 
 @triton.jit
-def _nibble(src, SHIFT: tl.constexpr, SUBNORMAL: tl.constexpr):
-    """The nibble at bits ``SHIFT..SHIFT+3`` (``SHIFT <= 16``) of int32 ``src`` as fp32:
-    ``q * 2**(SHIFT - 149)`` (a subnormal) or ``q * 2**SHIFT``."""
+def _split8(v, T: tl.constexpr, V: tl.constexpr):
+    """``v [T, V, 8]`` -> ``v[:, :, 0], ..., v[:, :, 7]`` (in registers: a thread holds the
+    eight)."""
+    e, o = tl.split(tl.reshape(v, [T, V, 2, 2, 2]))
+    ee, eo = tl.split(e)
+    oe, oo = tl.split(o)
+    x0, x4 = tl.split(ee)
+    x2, x6 = tl.split(eo)
+    x1, x5 = tl.split(oe)
+    x3, x7 = tl.split(oo)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _split4(v, T: tl.constexpr, V: tl.constexpr):
+    """``v [T, V, 4]`` -> ``v[:, :, 0], ..., v[:, :, 3]``."""
+    e, o = tl.split(tl.reshape(v, [T, V, 2, 2]))
+    v0, v2 = tl.split(e)
+    v1, v3 = tl.split(o)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _masked(w, SHIFT: tl.constexpr):
+    """Nibble ``SHIFT / 4`` of ``w`` masked in place, read as fp32: ``q * 2**(SHIFT - 149)``
+    for ``SHIFT <= 20`` (the bits stay below ``2**24``, where the fp32 value of a bit pattern
+    ``b`` is ``b * 2**-149``)."""
+    return (w & (15 << SHIFT)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp_nibble(src, SHIFT: tl.constexpr):
+    """The nibble at bits ``SHIFT..SHIFT+3`` (``SHIFT <= 16``) of ``src`` as fp32
+    ``q * 2**SHIFT``: or-ed under the exponent of ``2**23``, which is then subtracted."""
+    bits = (src & (15 << SHIFT)) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - _TWO_23
+
+
+@triton.jit
+def _prescaled(x, T: tl.constexpr, V: tl.constexpr, SUBNORMAL: tl.constexpr):
+    """``x [T, V, 8]`` fp32 (one word row's eight, the same along ``V``) -> the factors of
+    the row's nibbles, each ``[T, V]``, and ``sum_j x_j``. Subnormal decoding:
+    ``x_j 2**(84 - 4j)`` for ``j < 6``, ``x_6 2**84``, ``(x_7 - 16 x_6) 2**84``; exponent
+    decoding: ``x_j 16**-s`` with ``s`` the nibble's shift in its source word."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, T, V)
+    total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     if SUBNORMAL:
-        return (src & (15 << SHIFT)).to(tl.float32, bitcast=True)
+        return (x0 * 2.0 ** _X_EXP, x1 * 2.0 ** (_X_EXP - 4), x2 * 2.0 ** (_X_EXP - 8),
+                x3 * 2.0 ** (_X_EXP - 12), x4 * 2.0 ** (_X_EXP - 16),
+                x5 * 2.0 ** (_X_EXP - 20), x6 * 2.0 ** _X_EXP,
+                (x7 - 16.0 * x6) * 2.0 ** _X_EXP), total
     else:
-        bits = (src & (15 << SHIFT)) | 0x4B000000
-        return bits.to(tl.float32, bitcast=True) - _TWO_23
+        return (x0, x1 * 0.0625, x2 * 0.0625 ** 2, x3 * 0.0625 ** 3, x4 * 0.0625 ** 4, x5,
+                x6 * 0.0625, x7 * 0.0625 ** 2), total
 
 
 @triton.jit
-def _prescale(xj, SHIFT: tl.constexpr, SUBNORMAL: tl.constexpr):
-    """``x_j`` scaled so that its product with :func:`_nibble` ``(.., SHIFT, ..)`` is
-    ``q x_j 2**-61`` (subnormal decoding) or ``q x_j``."""
+def _row_dot(w, xs, dot, SUBNORMAL: tl.constexpr):
+    """``dot + sum_j q_j x_j`` (times ``2**-65`` with the subnormal decoding) for one word
+    row: ``w [T, V, 8]`` int32, ``xs`` the eight factors of :func:`_prescaled`."""
     if SUBNORMAL:
-        return xj * (2.0 ** (_X_EXP - SHIFT))
+        dot += _masked(w, 0) * xs[0][:, :, None]
+        dot += _masked(w, 4) * xs[1][:, :, None]
+        dot += _masked(w, 8) * xs[2][:, :, None]
+        dot += _masked(w, 12) * xs[3][:, :, None]
+        dot += _masked(w, 16) * xs[4][:, :, None]
+        dot += _masked(w, 20) * xs[5][:, :, None]
+        # the top byte shifted down, q6 + 16 q7, times x_6; q7 times x_7 - 16 x_6
+        u = w.to(tl.uint32, bitcast=True)
+        dot += (u >> 24).to(tl.float32, bitcast=True) * xs[6][:, :, None]
+        dot += (u >> 28).to(tl.float32, bitcast=True) * xs[7][:, :, None]
     else:
-        return xj * (0.0625 ** (SHIFT // 4))
+        high = w >> 20
+        dot += _exp_nibble(w, 0) * xs[0][:, :, None]
+        dot += _exp_nibble(w, 4) * xs[1][:, :, None]
+        dot += _exp_nibble(w, 8) * xs[2][:, :, None]
+        dot += _exp_nibble(w, 12) * xs[3][:, :, None]
+        dot += _exp_nibble(w, 16) * xs[4][:, :, None]
+        dot += _exp_nibble(high, 0) * xs[5][:, :, None]
+        dot += _exp_nibble(high, 4) * xs[6][:, :, None]
+        dot += _exp_nibble(high, 8) * xs[7][:, :, None]
+    return dot
 
 
 @triton.jit
-def _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, stride_zg, stride_sg, acc,
-          EVEN: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr):
-    """``acc + s * (sum_j q_j x_j - z * sum_j x_j)`` for the word rows ``ww`` (see the
-    module)."""
-    wn_mask = (ww < kw)[:, None] & n_mask[None, :]
-    g = ww // GROUP_W
-    z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :], mask=wn_mask, other=0.0)
-    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=wn_mask, other=0.0)
-    high = words >> 20
-    dot = tl.zeros(acc.shape, dtype=tl.float32)
-    x_sum = tl.zeros([acc.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(8):
-        kk = ww * 8 + j
-        if EVEN:
-            xj = tl.load(x_row + kk, eviction_policy="evict_last").to(tl.float32)
+def _step(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
+          stride_qk, stride_zg, stride_sg, acc, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+          ROWS: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
+          USE_PDL: tl.constexpr, WAIT: tl.constexpr,
+          T: tl.constexpr, V: tl.constexpr, ALIGNED: tl.constexpr):
+    """``acc + s * (sum_k q x - z * sum_k x)`` over the word rows ``w0 + offs_t + m``,
+    ``m < ROWS`` (each run in one group): the weights' loads first, then the PDL wait where
+    ``WAIT``. ``MASK_K``: rows from ``kw`` on read as zero. ``zs_t``: the group rows at
+    ``w0 = 0``."""
+    ww = (w0 + offs_t)[:, None, None]  # [T, 1, 1]
+    q_ptrs = qw_ptr + ww.to(tl.int64) * stride_qk + offs_n[None, :, :]
+    words = ()
+    for m in tl.static_range(ROWS):
+        if MASK_K:
+            mask = ww + m < kw
+            if MASK_N:
+                mask = mask & n_mask[None, :, :]
+            words = words + (tl.load(q_ptrs + m * stride_qk, mask=mask, other=0,
+                                     eviction_policy="evict_first"),)
+        elif MASK_N:
+            words = words + (tl.load(q_ptrs + m * stride_qk, mask=n_mask[None, :, :],
+                                     other=0, eviction_policy="evict_first"),)
         else:
-            xj = tl.load(x_row + kk, mask=kk < K, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-        x_sum += xj
-        if j < 5:
-            dot += _nibble(words, 4 * j, SUBNORMAL) * _prescale(xj, 4 * j, SUBNORMAL)[:, None]
+            words = words + (tl.load(q_ptrs + m * stride_qk, eviction_policy="evict_first"),)
+    if ALIGNED:  # w0 starts a group
+        g = w0 // GROUP_W + zs_t
+    else:
+        g = ww // GROUP_W
+    z_ptrs = z_ptr + g * stride_zg + offs_n[None, :, :]
+    s_ptrs = s_ptr + g * stride_sg + offs_n[None, :, :]
+    if MASK_K or MASK_N:
+        zs_mask = (ww < kw) & n_mask[None, :, :]
+        z = tl.load(z_ptrs, mask=zs_mask, other=0.0)
+        s = tl.load(s_ptrs, mask=zs_mask, other=0.0)
+    else:
+        z = tl.load(z_ptrs)
+        s = tl.load(s_ptrs)
+    if WAIT:
+        wait_for_previous(USE_PDL)
+    dot = tl.zeros([T, V, 8], dtype=tl.float32)
+    x_sum = tl.zeros([T, V], dtype=tl.float32)
+    for m in tl.static_range(ROWS):
+        kk = (offs_t[:, None, None] + m) * 8 + tl.arange(0, 8)[None, None, :] + \
+            tl.zeros([T, V, 8], tl.int32)
+        if MASK_K:
+            x = tl.load(x_row + w0 * 8 + kk, mask=kk < K - w0 * 8, other=0.0)
         else:
-            dot += _nibble(high, 4 * (j - 5), SUBNORMAL) * \
-                _prescale(xj, 4 * (j - 5), SUBNORMAL)[:, None]
+            x = tl.load(x_row + w0 * 8 + kk)
+        xs, total = _prescaled(x.to(tl.float32), T, V, SUBNORMAL)
+        x_sum += total
+        dot = _row_dot(words[m], xs, dot, SUBNORMAL)
     if SUBNORMAL:
-        dot = dot * _UNSCALE
-    return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
+        x_sum = x_sum * _TO_DOMAIN
+    return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, :, None])
 
 
 @triton.jit
@@ -106,48 +209,57 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, GROUP_W: tl.constexpr,
+    SUBNORMAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """See the module. ``EVEN``: ``N`` a multiple of ``BLOCK_N``; ``ROWS`` divides
+    ``BLOCK_KW`` and ``GROUP_W`` (the group's word rows)."""
+    T: tl.constexpr = BLOCK_KW // ROWS
+    V: tl.constexpr = BLOCK_N // 8
+    MASK_N: tl.constexpr = not EVEN
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BLOCK_KW)
+    offs_n = pid_n * BLOCK_N + (tl.arange(0, V) * 8)[:, None] + tl.arange(0, 8)[None, :]
     n_mask = offs_n < N
+    offs_t = tl.arange(0, T) * ROWS
+    zs_t = (offs_t // GROUP_W)[:, None, None]
     kw = tl.cdiv(K, 8)
-    q_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
-    if EVEN:
-        words = tl.load(q_ptrs, eviction_policy="evict_first")
-    else:
-        words = tl.load(q_ptrs, mask=(offs_w < kw)[:, None] & n_mask[None, :], other=0,
-                        eviction_policy="evict_first")
-    wait_for_previous(USE_PDL)
+    full = kw // BLOCK_KW  # unmasked word tiles
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    acc = _tile(words, x_row, z_ptr, s_ptr, offs_w, offs_n, n_mask, kw, K, stride_zg,
-                stride_sg, tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32), EVEN, GROUP_W,
-                SUBNORMAL)
-    for w0 in range(BLOCK_KW, kw, BLOCK_KW):
-        ww = w0 + offs_w
-        q_ptrs += BLOCK_KW * stride_qk
-        if EVEN:
-            words = tl.load(q_ptrs, eviction_policy="evict_first")
-        else:
-            words = tl.load(q_ptrs, mask=(ww < kw)[:, None] & n_mask[None, :], other=0,
-                            eviction_policy="evict_first")
-        acc = _tile(words, x_row, z_ptr, s_ptr, ww, offs_n, n_mask, kw, K, stride_zg,
-                    stride_sg, acc, EVEN, GROUP_W, SUBNORMAL)
-    y = tl.sum(acc, axis=0)
+    acc = tl.zeros([T, V, 8], dtype=tl.float32)
+    ALIGNED: tl.constexpr = BLOCK_KW % GROUP_W == 0
+    done = full * BLOCK_KW
+    if full > 0:
+        acc = _step(qw_ptr, x_row, z_ptr, s_ptr, tl.full([], 0, tl.int32), offs_t, zs_t,
+                    offs_n, n_mask, kw, K, stride_qk, stride_zg, stride_sg, acc, MASK_N,
+                    False, ROWS, GROUP_W, SUBNORMAL, USE_PDL, True, T, V, ALIGNED)
+        for w0 in range(BLOCK_KW, done, BLOCK_KW):
+            acc = _step(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
+                        stride_qk, stride_zg, stride_sg, acc, MASK_N, False, ROWS, GROUP_W,
+                        SUBNORMAL, USE_PDL, False, T, V, ALIGNED)
+    else:
+        wait_for_previous(USE_PDL)
+    # the last kw % BLOCK_KW rows: one a thread, T at a time
+    for w0 in range(done, kw, T):
+        acc = _step(qw_ptr, x_row, z_ptr, s_ptr, w0, tl.arange(0, T), zs_t, offs_n, n_mask,
+                    kw, K, stride_qk, stride_zg, stride_sg, acc, MASK_N, True, 1, GROUP_W,
+                    SUBNORMAL, USE_PDL, False, T, V, False)
+    y = tl.sum(tl.reshape(acc, [T, BLOCK_N]), axis=0)
+    if SUBNORMAL:
+        y = y * _UNSCALE
+    offs_y = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
-             mask=n_mask)
+        y += tl.load(bias_ptr + offs_y, mask=offs_y < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_y, y.to(y_ptr.dtype.element_ty),
+             mask=offs_y < N)
 
 
 @dataclass(frozen=True)
 class W4GemvConfig:
-    """Launch shape: output columns per program, packed words (8 K-rows each) per step,
-    warps, pipeline stages; and the nibble decoding (``NIBBLE_SUBNORMAL`` or
-    ``NIBBLE_EXPONENT``)."""
+    """Launch shape: output columns per program (a power of two from 8), word rows (8 K-rows
+    each) per step, warps, pipeline stages; and the nibble decoding (``NIBBLE_SUBNORMAL`` or
+    ``NIBBLE_EXPONENT``). ``block_n * block_kw = 1024 * num_warps`` gives each thread 8
+    columns of 4 word rows; other shapes are correct too."""
 
     block_n: int
     block_kw: int
@@ -157,12 +269,12 @@ class W4GemvConfig:
 
 
 def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
-    """Eight warps; 32 columns a program (128-byte word rows) where that still leaves four
-    programs per multiprocessor, else 16 (8 for narrow layers), and 8 KiB word tiles at 32
-    columns, 16 KiB below. The best shapes of the subnormal decoding's sweep at
-    Llama-3.1-8B's layers (``benchmarks/quant_gemv_sweep.py --sweep --schemes awq_w4a16``,
-    H100, 2026-12-05: qkv 16 x 128 words, o and down 16 x 256, gate_up 32 x 64, all with 8
-    warps; 4-warp 4 KiB tiles were 8-44 % slower). The exponent decoding where
+    """32 columns a program where that still leaves four programs per multiprocessor, else
+    16 (8 for narrow layers), as the rule before (H100 sweep, 2026-12-05); 16 KiB tiles of
+    four warps, ``block_kw = 1024 * warps / block_n``, so that each thread holds 8 columns of
+    4 word rows (32 words a step). Where the tile's word rows do not divide ``K / 8``, the
+    tile halves with its warps, down to 4 KiB, until they do, so that no word row is left to
+    the slower one-row tail steps. Not yet swept on a GPU. The exponent decoding where
     :func:`keeps_subnormals` found the device flushing subnormals."""
     nibble = (NIBBLE_SUBNORMAL if _KEEPS_SUBNORMALS.get((device.type, device.index), True)
               else NIBBLE_EXPONENT)
@@ -174,9 +286,18 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
         block_n //= 2
     while triton.cdiv(n, block_n) > 65535:  # CUDA's limit on the second grid dimension
         block_n *= 2
-    words = 2048 if block_n >= 32 else 4096
-    block_kw = min(max(1, words // block_n), triton.next_power_of_2(triton.cdiv(k, 8)))
-    return W4GemvConfig(block_n, block_kw, 8, 1, nibble)
+    kw = triton.cdiv(k, 8)
+    block_kw = min(4096 // block_n, triton.next_power_of_2(kw))
+    while kw % block_kw and block_kw * block_n > 1024 and block_kw > 4:
+        block_kw //= 2
+    warps = max(1, min(4, block_kw * block_n // 1024))
+    return W4GemvConfig(block_n, block_kw, warps, 1, nibble)
+
+
+def rows_per_thread(group_w: int, block_kw: int) -> int:
+    """Word rows a thread sums before its group's zero point and scale apply: the largest of
+    4, 2, 1 dividing both the group's word rows and the tile's."""
+    return next(r for r in (4, 2, 1) if group_w % r == 0 and block_kw % r == 0)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
@@ -185,9 +306,11 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     """``x [M, K]`` (fp16/bf16/fp32, last dim contiguous; ``M <= W4_GEMV_MAX_ROWS`` is where
     it pays) times the packed 4-bit ``W [K, N]`` (+ ``bias [N]``) -> ``[M, N]`` in
     ``x.dtype``, fp32 accumulation. ``group``: K-rows per zero/scale row, a multiple of 8
-    (``g_idx`` layouts go to the GEMM; each group size compiles its own kernel). ``|x|``
-    must stay below ``2**40`` (see the module). Raises ``ValueError`` on mismatched shapes
-    or an unknown ``config.nibble``."""
+    (``g_idx`` layouts go to the GEMM; each group size compiles its own kernel). ``x`` must
+    stay below ``2**39`` in magnitude (NaN and inf propagate; see the module); outputs below ``2**-61`` lose relative
+    precision (the sum runs scaled by ``2**-65``). Raises ``ValueError`` on mismatched
+    shapes, an unknown ``config.nibble`` or a ``config.block_n`` that is not a power of two
+    from 8."""
     m, k = x.shape
     n = qweight.shape[1]
     groups = zeros.shape[0]
@@ -199,15 +322,18 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     cfg = config or choose_w4_config(n, k, m, x.device)
     if cfg.nibble not in (NIBBLE_SUBNORMAL, NIBBLE_EXPONENT):
         raise ValueError(f"w4a16_gemv: unknown nibble decoding {cfg.nibble!r}")
+    if cfg.block_n < 8 or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"w4a16_gemv: block_n {cfg.block_n} is not a power of two from 8")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    even = n % cfg.block_n == 0 and k % (8 * cfg.block_kw) == 0
+    subnormal = cfg.nibble == NIBBLE_SUBNORMAL
     _w4a16_gemv_kernel[(m, triton.cdiv(n, cfg.block_n))](
         x, qweight, zeros, scales, bias if bias is not None else y, y, n, k,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-        GROUP_W=group // 8, SUBNORMAL=cfg.nibble == NIBBLE_SUBNORMAL, num_warps=cfg.num_warps,
+        HAS_BIAS=bias is not None, EVEN=n % cfg.block_n == 0, BLOCK_N=cfg.block_n,
+        BLOCK_KW=cfg.block_kw, ROWS=rows_per_thread(group // 8, cfg.block_kw),
+        GROUP_W=group // 8, SUBNORMAL=subnormal, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(x.device))
     return y
 

@@ -171,6 +171,32 @@ def test_w4a16_gemv_against_float64(device: torch.device, rows: int, k: int, n: 
     assert out.shape == (rows, n) and rel_err(out, ref) < 2e-6
 
 
+@pytest.mark.parametrize("nibble", ["subnormal", "exponent"])
+def test_w4a16_gemv_bf16_rule_tile_and_non_finite_x(device: torch.device, nibble: str) -> None:
+    """bf16 activations through a tile of the launch rule's form (8 columns of 4 word rows a
+    thread, several steps of K, group 128): within bf16 rounding of the float64 product; a
+    NaN or inf in ``x`` reaches every output instead of vanishing."""
+    from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig, w4a16_gemv
+    from heteroserve.platforms.triton.w4a16_pack import pack_rows
+
+    g = _gen(7)
+    k, n, group = 2048, 32, 128
+    q = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(0, 16, (k // group, n), generator=g).to(torch.float16)
+    scales = (torch.rand(k // group, n, generator=g) / 8 + 0.01).to(torch.float16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    args = (pack_rows(q).to(device), zeros.to(device), scales.to(device), group)
+    config = W4GemvConfig(16, 64, 1, 1, nibble)
+    out = w4a16_gemv(x.to(device), *args, config=config)
+    ref = _w4_reference(x.float(), q, zeros, scales, group)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[0, 1000] = bad
+        out = w4a16_gemv(xb.to(device), *args, config=config).float()
+        assert not torch.isfinite(out).any(), bad
+
+
 def test_w4a16_decoding_follows_the_subnormal_check(device: torch.device,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The check passes on this device (subnormals kept), fails against a kernel that
