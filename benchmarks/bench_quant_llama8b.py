@@ -210,7 +210,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None, tags: dict[str, str] | None = None) -> int:
     """Run the formats ``argv`` names (``sys.argv`` when None); ``tags`` go into the JSON
-    as they are (``w8_rule.py`` names its launch rule there)."""
+    as they are (``w8_rule.py`` and ``w4_rule.py`` name their launch rule there)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help=f"of {', '.join(FORMATS)}")
     ap.add_argument("--model-dir", default=str(LLAMA_DIR))

@@ -66,6 +66,9 @@
 #                          ct_fp8_tensor, ct_w8a8_int8; no offline run) under each of
 #                          benchmarks/w8_rule.py's W8_RULES (default: default rows16 default)
 #                          -> $OUT/w8/<rule>[_again]/quant_llama8b.json
+#   w4_ab                  the W4A16 batch-1 decode row (compressed-tensors W4A16; no offline run)
+#                          under each of benchmarks/w4_rule.py's W4_RULES (default: default
+#                          tiles32k default) -> $OUT/w4/<rule>[_again]/quant_llama8b.json
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
@@ -212,6 +215,12 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/w8_rule.py "$rule" --num-prompts 0 \
           --formats "${W8_FORMATS:-fp8_block,ct_fp8_tensor,ct_w8a8_int8}" \
           --out-dir "$OUT/w8/$name" 2>&1 | grep -E "decode1|FAILED|Error"
+      done ;;
+    w4_ab)  # the W4A16 decode row under each one-row 4-bit GEMV launch rule
+      for rule in ${W4_RULES:-default tiles32k default}; do
+        name=$rule; [ -d "$OUT/w4/$name" ] && name=${rule}_again
+        timeout 150 python3 benchmarks/w4_rule.py "$rule" --num-prompts 0 --formats ct_w4a16 \
+          --out-dir "$OUT/w4/$name" 2>&1 | grep -E "decode1|FAILED|Error"
       done ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;

@@ -1,0 +1,57 @@
+"""Launch rules for the one-row 4-bit GEMV (``platforms/triton/w4a16_gemv.py``), for
+side-by-side runs: ``python3 benchmarks/w4_rule.py RULE [bench_quant_llama8b.py options]`` runs
+``bench_quant_llama8b.py`` with the GEMV under ``RULE`` and records it as ``w4_rule`` in
+``quant_llama8b.json``.
+
+Rules:
+
+- ``default``: :func:`~heteroserve.platforms.triton.w4a16_gemv.choose_w4_config` as it stands
+  (16 KiB tiles of four warps: a thread holds 8 columns of 4 word rows).
+- ``tiles32k``: the same columns a program and warps with twice the word rows a step (32 KiB
+  tiles, 8 word rows a thread), where that still divides ``K / 8``. The H100 sweep of
+  2026-12-06 (``results/h100-20261206-1619-quant_gemv_w4_sweep.txt``) timed this shape
+  fastest at Llama-3.1-8B's ``qkv_proj`` and ``o_proj`` (7.1 / 4.9 us against 7.9 / 6.1 at
+  the default), in isolation; not yet run end to end.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from heteroserve.platforms.triton import w4a16_gemv
+from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import rule_named  # noqa: E402
+
+_DEFAULT = w4a16_gemv.choose_w4_config
+
+
+def _tiles32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    cfg = _DEFAULT(n, k, rows, device)
+    if device.type == "cpu" or (k // 8) % (2 * cfg.block_kw):
+        return cfg
+    return replace(cfg, block_kw=2 * cfg.block_kw)
+
+
+RULES = {"default": _DEFAULT, "tiles32k": _tiles32k}
+
+
+def apply(rule: str) -> None:
+    """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
+    w4a16_gemv.choose_w4_config = rule_named("w4_rule", RULES, rule)
+
+
+def main() -> int:
+    import bench_quant_llama8b
+
+    apply(sys.argv[1])
+    return bench_quant_llama8b.main(sys.argv[2:], {"w4_rule": sys.argv[1]})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

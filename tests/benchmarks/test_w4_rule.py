@@ -1,0 +1,58 @@
+"""``benchmarks/w4_rule.py``: each rule's launch shapes, and the run it hands to
+``bench_quant_llama8b.py`` tagged with the rule."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import w4_rule  # noqa: E402
+
+from heteroserve.platforms.triton import w4a16_gemv  # noqa: E402
+from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig  # noqa: E402
+
+
+def test_default_shapes_at_llama_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 KiB tiles of four warps on 132 multiprocessors: 16 columns at qkv / o / down, 32 at
+    gate_up; a K whose word rows the tile does not divide gets a smaller tile, fewer warps."""
+    monkeypatch.setattr(w4a16_gemv, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda", 0)  # only its type and index are read
+    rule = w4a16_gemv.choose_w4_config
+    assert rule(6144, 4096, 1, gpu) == W4GemvConfig(16, 256, 4, 1)
+    assert rule(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1)
+    assert rule(4096, 14336, 1, gpu) == W4GemvConfig(16, 256, 4, 1)
+    assert rule(4096, 1536, 1, gpu) == W4GemvConfig(16, 64, 1, 1)
+    assert w4_rule.RULES["default"] is w4a16_gemv.choose_w4_config
+
+
+def test_tiles32k_doubles_the_word_rows_where_they_divide(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(w4a16_gemv, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    assert w4_rule._tiles32k(6144, 4096, 1, gpu) == W4GemvConfig(16, 512, 4, 1)
+    assert w4_rule._tiles32k(28672, 4096, 1, gpu) == W4GemvConfig(32, 256, 4, 1)
+    assert w4_rule._tiles32k(4096, 14336, 1, gpu) == W4GemvConfig(16, 256, 4, 1)  # 1792 rows
+    cpu = torch.device("cpu")
+    assert w4_rule._tiles32k(4096, 4096, 1, cpu) == w4a16_gemv.choose_w4_config(4096, 4096, 1,
+                                                                                  cpu)
+
+
+def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_quant_llama8b
+
+    monkeypatch.setattr(w4a16_gemv, "choose_w4_config", w4a16_gemv.choose_w4_config)
+    seen = []
+    monkeypatch.setattr(bench_quant_llama8b, "main",
+                        lambda argv, tags: seen.append((argv, tags)) or 0)
+    monkeypatch.setattr(sys, "argv", ["w4_rule.py", "tiles32k", "--num-prompts", "0"])
+    assert w4_rule.main() == 0
+    assert seen == [(["--num-prompts", "0"], {"w4_rule": "tiles32k"})]
+    assert w4a16_gemv.choose_w4_config is w4_rule._tiles32k
+    with pytest.raises(SystemExit, match="unknown rule"):
+        w4_rule.apply("nope")
