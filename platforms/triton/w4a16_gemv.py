@@ -77,15 +77,6 @@ def _split8(v, T: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _split4(v, T: tl.constexpr, V: tl.constexpr):
-    """``v [T, V, 4]`` -> ``v[:, :, 0], ..., v[:, :, 3]``."""
-    e, o = tl.split(tl.reshape(v, [T, V, 2, 2]))
-    v0, v2 = tl.split(e)
-    v1, v3 = tl.split(o)
-    return v0, v1, v2, v3
-
-
-@triton.jit
 def _masked(w, SHIFT: tl.constexpr):
     """Nibble ``SHIFT / 4`` of ``w`` masked in place, read as fp32: ``q * 2**(SHIFT - 149)``
     for ``SHIFT <= 20`` (the bits stay below ``2**24``, where the fp32 value of a bit pattern
