@@ -9,6 +9,8 @@ Each format is a model folder written under ``$OUT/models``: the Llama-3.1-8B co
     OUT=/tmp/out python benchmarks/bench_quant_llama8b.py              # everything, ~7 min on an H200
     python benchmarks/bench_quant_llama8b.py --formats bf16,fp8_block --num-prompts 1024
     python benchmarks/bench_quant_llama8b.py --formats bf16,bf16:kvfp8   # fp8 KV cache vs bf16
+    python benchmarks/bench_quant_llama8b.py --model-dir benchmarks/models/qwen3-30b-a3b \
+        --formats ct_w4a16,bf16 --num-prompts 0   # 4-bit MoE experts (roofline: all weights)
     python benchmarks/bench_quant_llama8b.py --platform cpu --model-dir TINY --num-prompts 4 \
         --input-len 16 --output-len 8       # smoke run on a CPU
 
@@ -103,6 +105,7 @@ def write_model(src: Path, root: Path, fmt: str) -> Path:
 
 def build(path: Path, a: argparse.Namespace, kv_cache_dtype: str):
     from heteroserve.core.config import ServerArgs
+    from heteroserve.core.layers.moe import expert_storages
     from heteroserve.core.model_runner.build import build_model_runner, quantization_lines
     from heteroserve.core.scheduler import Scheduler
 
@@ -115,7 +118,8 @@ def build(path: Path, a: argparse.Namespace, kv_cache_dtype: str):
     _, dispatch, runner = build_model_runner(args)
     kernels = {op: f"{impl} ({kind})" for op, impl, kind in dispatch.summary()
                if op.startswith("linear.")}
-    quant = "\n".join(quantization_lines(runner.quant, dispatch.resolutions))
+    quant = "\n".join(quantization_lines(runner.quant, dispatch.resolutions,
+                                          expert_storages(runner.model), runner.model_config.dtype))
     return runner, Scheduler(runner, args, [], runner.page_size), kernels, quant
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.linear import AWQ_ORDER, FP8_BLOCK
+from heteroserve.core.kernels.ops import MoEWeightQuant
 
 
 def fp8_max(fp8_dtype: torch.dtype) -> float:
@@ -71,6 +72,44 @@ def quantize_fp8_block_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     scales = torch.stack([p["weight_scale_inv"] for p in parts])
     full = scales.double().repeat_interleave(FP8_BLOCK, 1).repeat_interleave(FP8_BLOCK, 2)
     return values, scales, values.double() * full[:, :w.shape[1], :w.shape[2]]
+
+
+def quantize_w4_experts(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor]:
+    """float64 experts ``[E, N, K]`` -> the fused MoE contract's ``w4a16`` experts: ``(words
+    int32 [E, N, K/8], scales fp32 [E, N, K/G], zeros int8 [E, N, K/G], float64 dequantized
+    weights)``; per output row and group of ``G`` inputs an asymmetric min/max grid (scale
+    rounded to fp32 first, zero point in 0..15)."""
+    e, n, k = w.shape
+    grouped = w.reshape(e, n, k // group, group)
+    lo, hi = grouped.amin(-1), grouped.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-6).to(torch.float32)
+    zero = torch.round(-lo / scale.double()).clamp(0, 15)
+    q = torch.round(grouped / scale.double()[..., None] + zero[..., None]).clamp(0, 15)
+    deq = ((q - zero[..., None]) * scale.double()[..., None]).reshape(e, n, k)
+    words = pack_nibbles(q.reshape(e, n, k // 8, 8))
+    return words, scale, zero.to(torch.int8), deq
+
+
+def quantized_experts(scheme: str, w13: torch.Tensor, w2: torch.Tensor, group: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                     MoEWeightQuant, torch.Tensor, torch.Tensor]:
+    """float64 experts ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` in expert scheme ``scheme``
+    (``fp8_block``, or ``w4a16`` with groups of ``group``): ``(w13, w2, quant)`` as the fused
+    MoE op takes them, on ``device``, then the float64 weights they mean (for the oracle).
+    Raises ``ValueError`` for another scheme."""
+    if scheme == "fp8_block":
+        w13_q, s13, w13_d = quantize_fp8_block_experts(w13.cpu())
+        w2_q, s2, w2_d = quantize_fp8_block_experts(w2.cpu())
+        quant = MoEWeightQuant(scheme, s13.to(device), s2.to(device))
+    elif scheme == "w4a16":
+        w13_q, s13, z13, w13_d = quantize_w4_experts(w13.cpu(), group)
+        w2_q, s2, z2, w2_d = quantize_w4_experts(w2.cpu(), group)
+        quant = MoEWeightQuant(scheme, s13.to(device), s2.to(device), z13.to(device),
+                               z2.to(device), group)
+    else:
+        raise ValueError(f"no quantizer for {scheme} experts")
+    return w13_q.to(device), w2_q.to(device), quant, w13_d.to(device), w2_d.to(device)
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.conformance.test_qk_norm import make_inputs
 from heteroserve.core.kernels import ops
 from heteroserve.core.graph import EagerGraphRunner
-from heteroserve.conformance.quantize import quantize_fp8_block_experts
+from heteroserve.conformance.quantize import quantized_experts
 from heteroserve.core.kernels.ops import (
     GRAPH_SAFE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
 )
@@ -104,11 +104,9 @@ def test_fused_moe_graph_replay(conf: ConfParam, ctx: ConformanceContext,
     w2 = randn(gen, case.experts, case.hidden, case.intermediate, dtype=wdt, device=dev,
                scale=case.intermediate ** -0.5)
     kwargs: dict[str, MoEWeightQuant] = {}
-    if quantized:  # fp8 values + block scales in; the oracle sees the dequantized weights
-        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
-        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
-        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
-        kwargs["quant"] = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
+    if quantized:  # stored values + scales in; the oracle sees the dequantized weights
+        w13_k, w2_k, kwargs["quant"], w13, w2 = quantized_experts(case.weights, w13, w2,
+                                                                  case.group, dev)
     else:
         w13_k, w2_k = w13, w2
     process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)

@@ -14,10 +14,8 @@ from heteroserve.conformance.context import ConformanceContext
 from heteroserve.conformance.inputs import distinct_logits, randn
 from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
-from heteroserve.conformance.quantize import quantize_fp8_block_experts
-from heteroserve.core.kernels.ops import (
-    MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
-)
+from heteroserve.conformance.quantize import quantized_experts
+from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR
 
 
 def _check_routing(out: object, tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,11 +95,8 @@ def test_fused_moe(conf: ConfParam, ctx: ConformanceContext,
     weights = torch.softmax(torch.randn(case.tokens, case.top_k, generator=gen), dim=-1)
     ids_dev, weights_dev = ids.to(dev), weights.to(dev)
     quant = None
-    if quantized:  # stored fp8 values + scales go in; the oracle sees their dequantized value
-        w13_q, s13, w13 = quantize_fp8_block_experts(w13.cpu())
-        w2_q, s2, w2 = quantize_fp8_block_experts(w2.cpu())
-        w13_k, w2_k = w13_q.to(dev), w2_q.to(dev)
-        quant = MoEWeightQuant(case.weights, s13.to(dev), s2.to(dev))
+    if quantized:  # stored values + scales go in; the oracle sees their dequantized value
+        w13_k, w2_k, quant, w13, w2 = quantized_experts(case.weights, w13, w2, case.group, dev)
     else:
         w13_k, w2_k = w13, w2
     process = getattr(fn, MOE_PROCESS_WEIGHTS_ATTR, None)

@@ -39,7 +39,8 @@ from heteroserve.core.kernels.ops import (
     FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, NormAddNormOp,
     QKNormRotaryOp, RMSNormOp,
     RotaryOp,
-    SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp, linear_op,
+    SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp,
+    check_w4_experts, dequantize_w4_experts, linear_op, moe_expert_dims,
 )
 from heteroserve.core.kernels.registry import (
     ANY_PLATFORM, KernelRegistry, KernelRequest, KernelSpec, Support,
@@ -75,7 +76,8 @@ __all__ = [
     "ROTARY", "QK_NORM_ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
     "MOE_DESCRIBE_ATTR",
-    "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant",
+    "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant", "moe_expert_dims",
+    "check_w4_experts", "dequantize_w4_experts",
     "RMSNormOp", "FusedAddRMSNormOp", "NormAddNormOp", "QKNormRotaryOp",
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",

@@ -41,7 +41,8 @@ class GroupedTopKCase(Case):
 class FusedMoECase(Case):
     """``tokens`` routed to ``top_k`` of ``experts`` SiLU-and-mul experts; ``weights``:
     ``dense`` (the model dtype) or an expert weight scheme of ``ops.MOE_WEIGHT_SCHEMES``
-    (``fp8_block``: float8_e4m3fn values with 128x128 block scales, weight-only)."""
+    (``fp8_block``: float8_e4m3fn values with 128x128 block scales; ``w4a16``: 4-bit values
+    with a scale and zero point per ``group`` inputs; both weight-only)."""
 
     tokens: int
     experts: int
@@ -49,6 +50,7 @@ class FusedMoECase(Case):
     hidden: int
     intermediate: int
     weights: str = "dense"
+    group: int = 0
 
     def capability_skip(self, ctx: ConformanceContext) -> str | None:
         if self.weights == "fp8_block" and ctx.capabilities.fp8_flavour is not Fp8Flavour.E4M3FN:
@@ -97,7 +99,8 @@ def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
         grid += [(33, 8, 3, 256, 128), (8, 128, 8, 256, 96), (3, 64, 6, 200, 88)]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
                          dt, t, e, k, h, i)
-            for dt in ALL_DTYPES for t, e, k, h, i in grid] + fused_moe_fp8_cases(ctx)
+            for dt in ALL_DTYPES for t, e, k, h, i in grid] + fused_moe_fp8_cases(ctx) + \
+        fused_moe_w4_cases(ctx)
 
 
 def fused_moe_fp8_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
@@ -114,12 +117,29 @@ def fused_moe_fp8_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
             for dt in ALL_DTYPES for t, e, k, h, i in grid]
 
 
+def fused_moe_w4_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
+    """w4a16 experts, every dtype: 6 pairs with groups of 32 (few-token kernel) and 80 pairs
+    with groups of 64 (grouped GEMM); the full grid adds exactly 64 pairs over 128 experts
+    with groups of 32 and a DeepSeek-like k=6 with groups of 16 and a width no tile
+    divides."""
+    # (tokens, experts, top_k, hidden, intermediate, group)
+    grid = [(3, 8, 2, 128, 64, 32), (40, 8, 2, 128, 192, 64)]
+    if not ctx.quick:
+        grid += [(8, 128, 8, 256, 96, 32), (3, 64, 6, 208, 80, 16)]
+    return [FusedMoECase(ops.FUSED_MOE,
+                         f"w4a16-g{g}-{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}-H{h}-I{i}",
+                         dt, t, e, k, h, i, "w4a16", g)
+            for dt in ALL_DTYPES for t, e, k, h, i, g in grid]
+
+
 def fused_moe_graph_cases(ctx: ConformanceContext) -> list[FusedMoECase]:
     """The platform's preferred dtype, 2 and 24 tokens over 16 experts with k=4: 8 and 96
     (token, expert) pairs, one on each side of the few-token / grouped switch; dense
-    experts, then fp8_block experts (``I = 128``)."""
+    experts, then fp8_block experts (``I = 128``), then w4a16 experts (groups of 32)."""
     dt = ctx.capabilities.dtypes[0]
     return [FusedMoECase(ops.FUSED_MOE, f"{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64", dt,
                          t, 16, 4, 128, 64) for t in (2, 24)] + \
         [FusedMoECase(ops.FUSED_MOE, f"fp8_block-{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I128",
-                      dt, t, 16, 4, 128, 128, "fp8_block") for t in (2, 24)]
+                      dt, t, 16, 4, 128, 128, "fp8_block") for t in (2, 24)] + \
+        [FusedMoECase(ops.FUSED_MOE, f"w4a16-g32-{DTYPE_NAMES.get(dt, dt)}-T{t}-E16-k4-H128-I64",
+                      dt, t, 16, 4, 128, 64, "w4a16", 32) for t in (2, 24)]

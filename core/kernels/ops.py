@@ -147,24 +147,88 @@ class GroupedTopKOp(Protocol):
 
 
 #: expert weight schemes the ``fused_moe`` contract defines (see :class:`MoEWeightQuant`)
-MOE_WEIGHT_SCHEMES: tuple[str, ...] = ("fp8_block",)
+MOE_WEIGHT_SCHEMES: tuple[str, ...] = ("fp8_block", "w4a16")
 
 
 @dataclass(frozen=True)
 class MoEWeightQuant:
     """Quantized expert weights passed to ``fused_moe`` (weight-only: ``x`` stays in the
-    model dtype).
+    model dtype; the products are taken in at least fp32 with ``x`` unquantized).
 
     ``scheme`` ``fp8_block`` (DeepSeek-V3, Qwen3-FP8 experts): ``w13`` float8_e4m3fn
     ``[E, 2I, H]`` with ``w13_scale`` fp32 ``[E, ceil(2I/128), ceil(H/128)]``, ``w2``
     float8_e4m3fn ``[E, H, I]`` with ``w2_scale`` fp32 ``[E, ceil(H/128), ceil(I/128)]``;
     ``I`` is a multiple of 128 (the gate and up halves of ``w13`` and their scale rows start
-    on block boundaries). Meaning: ``W[e, n, k] = w[e, n, k] * scale[e, n // 128, k // 128]``
-    (W8A16: the product is ``x @ W^T`` in at least fp32 with ``x`` unquantized)."""
+    on block boundaries). Meaning: ``W[e, n, k] = w[e, n, k] * scale[e, n // 128, k // 128]``.
+
+    ``scheme`` ``w4a16`` (AWQ, GPTQ without act-order and compressed-tensors W4A16 experts,
+    brought to one layout at load): ``w13`` int32 ``[E, 2I, H // 8]`` and ``w2`` int32
+    ``[E, H, I // 8]``, each word holding eight consecutive input features of one output
+    row, feature ``8 * w + j`` in bits ``4j .. 4j + 3`` (unsigned 0..15); ``w13_scale`` /
+    ``w2_scale`` fp32 and ``w13_zero`` / ``w2_zero`` int8 (0..16: GPTQ v1 stores
+    ``zero - 1`` in a nibble) of shapes ``[E, 2I, H // G]``
+    / ``[E, H, I // G]`` with ``G = group_size``, a multiple of 8 that divides ``H`` and ``I``.
+    Meaning: ``W[e, n, k] = (q[e, n, k] - zero[e, n, k // G]) * scale[e, n, k // G]``
+    (:func:`dequantize_w4_experts`)."""
 
     scheme: str
     w13_scale: torch.Tensor
     w2_scale: torch.Tensor
+    w13_zero: torch.Tensor | None = None
+    w2_zero: torch.Tensor | None = None
+    group_size: int = 0
+
+
+def moe_expert_dims(w13: torch.Tensor, w2: torch.Tensor, quant: MoEWeightQuant | None
+                    ) -> tuple[int, int, int]:
+    """``(E, I, H)`` of the experts ``fused_moe`` is passed: ``w13``'s shape, with the
+    packed last dim of ``w4a16`` experts counted in features. Raises ``ValueError`` when
+    ``w13`` and ``w2`` disagree (or ``w13`` has an odd row count)."""
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("fused_moe: w13 and w2 must be 3-D")
+    per_word = 8 if quant is not None and quant.scheme == "w4a16" else 1
+    e, two_i, h = w13.shape[0], w13.shape[1], w13.shape[2] * per_word
+    if two_i % 2 or tuple(w2.shape) != (e, h, two_i // 2 // per_word):
+        raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} "
+                         f"disagree{' (w4a16: last dims packed 8 a word)' if per_word > 1 else ''}")
+    return e, two_i // 2, h
+
+
+def check_w4_experts(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``quant`` (scheme ``w4a16``) fits int32 ``w13`` / ``w2``
+    as :class:`MoEWeightQuant` describes: scales fp32 and zeros int8 of the group grid,
+    ``G`` a multiple of 8 dividing ``H`` and ``I``."""
+    e, inter, h = moe_expert_dims(w13, w2, quant)
+    g = quant.group_size
+    ok = (w13.dtype == torch.int32 and w2.dtype == torch.int32 and g > 0 and g % 8 == 0
+          and h % g == 0 and inter % g == 0 and quant.w13_zero is not None
+          and quant.w2_zero is not None)
+    if ok:
+        want13, want2 = (e, 2 * inter, h // g), (e, h, inter // g)
+        ok = (tuple(quant.w13_scale.shape) == want13 and tuple(quant.w2_scale.shape) == want2
+              and tuple(quant.w13_zero.shape) == want13 and tuple(quant.w2_zero.shape) == want2
+              and quant.w13_scale.dtype == torch.float32
+              and quant.w2_scale.dtype == torch.float32
+              and quant.w13_zero.dtype == torch.int8 and quant.w2_zero.dtype == torch.int8)
+    if not ok:
+        shapes = lambda t: None if t is None else (tuple(t.shape), str(t.dtype))  # noqa: E731
+        raise ValueError(
+            f"fused_moe: w4a16 experts w13 {shapes(w13)} / w2 {shapes(w2)} with group "
+            f"{g}, scales {shapes(quant.w13_scale)} / {shapes(quant.w2_scale)}, zeros "
+            f"{shapes(quant.w13_zero)} / {shapes(quant.w2_zero)} do not fit the contract "
+            "(int32 weights packed 8 a word, fp32 scales and int8 zeros [E, N, K // G], "
+            "G a multiple of 8 dividing H and I)")
+
+
+def dequantize_w4_experts(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """fp32 ``W [..., N, K]`` of ``w4a16`` expert words ``q [..., N, K // 8]`` (one expert or
+    all) with their ``scale`` / ``zero [..., N, K // G]``: the reference meaning of the
+    scheme (torch ops; a platform may use it for the experts a call touches)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    nib = ((q[..., None] >> shifts) & 0xF).flatten(-2).to(torch.float32)
+    expand = lambda t: t.to(torch.float32).repeat_interleave(group_size, dim=-1)  # noqa: E731
+    return (nib - expand(zero)) * expand(scale)
 
 
 class FusedMoEOp(Protocol):

@@ -18,6 +18,7 @@ from heteroserve.core.kernels.linear import (
 from heteroserve.core.layers.linear import ReplicatedLinear
 from heteroserve.core.quantization.base import UNQUANTIZED, LayerQuant, QuantizationError
 from heteroserve.core.quantization.dequantize import dequantize
+from heteroserve.core.quantization.w4_experts import W4_EXPERT_SCHEMES, W4Rows, w4_rows
 
 _HF_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -25,19 +26,34 @@ _HF_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 @dataclass(frozen=True)
 class ExpertStorage:
     """How a MoE block holds its experts. ``scheme``: the checkpoint's linear scheme for them
-    (``unquantized``: float experts); ``kept``: they stay in that scheme in memory and go to
-    the fused MoE op as they are (with their scales); otherwise they are dequantized to the
-    model dtype at load and ``reason`` says why."""
+    (``unquantized``: float experts); ``kept``: they stay quantized in memory, as the fused
+    MoE contract's expert scheme ``moe_scheme`` (``fp8_block`` as stored; ``w4a16`` for the
+    4-bit schemes, repacked at load), and go to the fused MoE op with their scales;
+    otherwise they are dequantized to the model dtype at load and ``reason`` says why.
+    ``group_size``: the 4-bit schemes' group."""
 
     scheme: str
     kept: bool
     reason: str = ""
+    moe_scheme: str = ""
+    group_size: int = 0
 
     def describe(self, dtype: torch.dtype) -> str:
         """One line for the start-up block."""
+        if self.kept and self.moe_scheme == "w4a16":
+            return (f"{self.scheme} kept 4-bit (weight-only through fused_moe as w4a16 "
+                    f"experts, groups of {self.group_size})")
         if self.kept:
             return f"{self.scheme} kept (weight-only through fused_moe, 128x128 block scales)"
         return f"{self.scheme} dequantized to {str(dtype).removeprefix('torch.')}: {self.reason}"
+
+
+def moe_expert_scheme(scheme: str) -> str:
+    """The fused MoE contract's expert scheme that experts stored as linear scheme
+    ``scheme`` would be held as ("" when there is none)."""
+    if scheme in W4_EXPERT_SCHEMES:
+        return "w4a16"
+    return scheme if scheme in MOE_WEIGHT_SCHEMES else ""
 
 
 def expert_storages(model: nn.Module) -> list[ExpertStorage]:
@@ -49,21 +65,37 @@ def expert_storages(model: nn.Module) -> list[ExpertStorage]:
     return list(seen)
 
 
-def expert_storage(ctx: LayerContext, quant: LayerQuant, inter: int) -> ExpertStorage:
+def expert_storage(ctx: LayerContext, quant: LayerQuant, inter: int,
+                   hidden: int | None = None) -> ExpertStorage:
     """How experts stored as ``quant`` in the checkpoint are held, ``inter`` being each
-    rank's share of the intermediate size. Quantized experts are kept when the resolved
-    ``fused_moe`` declares their scheme (``moe_weight_schemes``), the platform's fp8 flavour
-    is the checkpoint's e4m3fn, and ``inter`` is a multiple of 128 (block scales of the gate
-    and up halves and of the tensor-parallel slices then stay whole); else dequantized."""
+    rank's share of the intermediate size and ``hidden`` the hidden size. Quantized experts
+    are kept when the resolved ``fused_moe`` declares their contract scheme
+    (``moe_weight_schemes``, :func:`moe_expert_scheme`) and their layout allows it; else
+    dequantized. ``fp8_block``: the platform's fp8 flavour is the checkpoint's e4m3fn and
+    ``inter`` a multiple of 128 (block scales of the gate and up halves and of the
+    tensor-parallel slices then stay whole). AWQ / GPTQ 4-bit: no act-order, and the group
+    a multiple of 8 that divides ``hidden`` and ``inter``."""
     scheme = quant.scheme
     if scheme == "unquantized":
         return ExpertStorage(scheme, True)
     res = ctx.dispatch.resolutions.get(FUSED_MOE)
     impl = f"fused_moe={res.chosen.name}" if res is not None else "fused_moe"
-    if scheme not in MOE_WEIGHT_SCHEMES:
+    moe_scheme = moe_expert_scheme(scheme)
+    if not moe_scheme:
         reason = f"the fused_moe contract has no {scheme} experts"
-    elif scheme not in getattr(ctx.dispatch.fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ()):
-        reason = f"{impl} does not run {scheme} experts"
+    elif moe_scheme not in getattr(ctx.dispatch.fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ()):
+        reason = f"{impl} does not run {moe_scheme} experts"
+    elif moe_scheme == "w4a16":
+        group = quant.group_size
+        if quant.has_g_idx:
+            reason = "act-order (desc_act) experts permute their input features"
+        elif group <= 0 or group % 8 or (hidden is not None and hidden % group) or \
+                inter % group:
+            reason = (f"group size {group} is not a multiple of 8 dividing the hidden size "
+                      f"{hidden} and the per-rank moe intermediate size {inter} "
+                      f"(tp {ctx.tp_size})")
+        else:
+            return ExpertStorage(scheme, True, moe_scheme=moe_scheme, group_size=group)
     elif ctx.fp8_dtype != torch.float8_e4m3fn:
         reason = (f"the platform's fp8 flavour is {str(ctx.fp8_dtype).removeprefix('torch.')}"
                   if ctx.fp8_dtype is not None else "the platform declares no fp8 flavour")
@@ -72,7 +104,7 @@ def expert_storage(ctx: LayerContext, quant: LayerQuant, inter: int) -> ExpertSt
         reason = (f"the per-rank moe intermediate size {inter} (tp {ctx.tp_size}) is "
                   f"not a multiple of {FP8_BLOCK}, which splits scale blocks")
     else:
-        return ExpertStorage(scheme, True)
+        return ExpertStorage(scheme, True, moe_scheme=moe_scheme)
     return ExpertStorage(scheme, False, reason)
 
 
@@ -83,11 +115,14 @@ class FusedMoE(nn.Module):
     tensor, expert)`` (Mixtral names; Qwen's gate/up/down map onto them).
 
     Quantized experts (per-expert fp8, int8 or 4-bit tensors of the checkpoint's format)
-    load through :meth:`load_quantized`. ``fp8_block`` experts stay fp8 (``w13``/``w2``
-    float8_e4m3fn plus ``w13_scale``/``w2_scale`` fp32 block scales, passed to the fused MoE
-    op as a :class:`~heteroserve.core.kernels.ops.MoEWeightQuant`) where :attr:`storage`
-    says so (see :func:`expert_storage`); every other case is dequantized to the model dtype at
-    load, and the fused MoE op runs on dense weights. A linear scheme a plugin
+    load through :meth:`load_quantized`. Where :attr:`storage` keeps them (see
+    :func:`expert_storage`) they go to the fused MoE op as a
+    :class:`~heteroserve.core.kernels.ops.MoEWeightQuant`: ``fp8_block`` experts stay fp8
+    (``w13``/``w2`` float8_e4m3fn plus ``w13_scale``/``w2_scale`` fp32 block scales); AWQ,
+    GPTQ and compressed-tensors 4-bit experts become ``w4a16`` experts (``w13``/``w2`` int32
+    words, ``w13_scale``/``w2_scale`` fp32 and ``w13_zero``/``w2_zero`` int8 per group);
+    every other case is dequantized to the model dtype at load, and the fused MoE op runs
+    on dense weights. A linear scheme a plugin
     added works too: its tensors are those its resolved ``linear.<scheme>`` method's
     ``create_weights`` declares, and its ``LinearSchemeSpec.dequantize``
     (``ctx.linear_schemes``) makes the dense weight; a plugin scheme without one is refused
@@ -107,20 +142,32 @@ class FusedMoE(nn.Module):
         self.inter = intermediate_size // ctx.tp_size
         self.gate = ReplicatedLinear(ctx, hidden_size, num_experts, bias=False,
                                      scheme="unquantized", prefix=f"{prefix}.gate")
-        self.storage = expert_storage(ctx, self.expert_quant, self.inter)
+        self.storage = expert_storage(ctx, self.expert_quant, self.inter, hidden_size)
         self.weight_quant: MoEWeightQuant | None = None
-        kept = self.storage.kept and self.storage.scheme != "unquantized"
-        wdtype = torch.float8_e4m3fn if kept else ctx.dtype
-        make = lambda *shape, dtype=wdtype: nn.Parameter(  # noqa: E731
+        make = lambda *shape, dtype: nn.Parameter(  # noqa: E731
             torch.empty(*shape, dtype=dtype, device=ctx.device), requires_grad=False)
-        self.w13 = make(num_experts, 2 * self.inter, hidden_size)
-        self.w2 = make(num_experts, hidden_size, self.inter)
-        if kept:  # fp8_block: one fp32 scale per 128x128 block of each expert projection
-            h_blocks, i_blocks = -(-hidden_size // FP8_BLOCK), self.inter // FP8_BLOCK
-            self.w13_scale = make(num_experts, 2 * i_blocks, h_blocks, dtype=torch.float32)
-            self.w2_scale = make(num_experts, h_blocks, i_blocks, dtype=torch.float32)
-            self.weight_quant = MoEWeightQuant(self.storage.scheme, self.w13_scale,
-                                               self.w2_scale)
+        e, i, h = num_experts, self.inter, hidden_size
+        moe_scheme = self.storage.moe_scheme if self.storage.kept else ""
+        if moe_scheme == "w4a16":  # eight 4-bit features a word, scale and zero per group
+            g = self.storage.group_size
+            self.w13 = make(e, 2 * i, h // 8, dtype=torch.int32)
+            self.w2 = make(e, h, i // 8, dtype=torch.int32)
+            self.w13_scale = make(e, 2 * i, h // g, dtype=torch.float32)
+            self.w2_scale = make(e, h, i // g, dtype=torch.float32)
+            self.w13_zero = make(e, 2 * i, h // g, dtype=torch.int8)
+            self.w2_zero = make(e, h, i // g, dtype=torch.int8)
+            self.weight_quant = MoEWeightQuant(moe_scheme, self.w13_scale, self.w2_scale,
+                                               self.w13_zero, self.w2_zero, g)
+        elif moe_scheme == "fp8_block":  # one fp32 scale per 128x128 block of a projection
+            self.w13 = make(e, 2 * i, h, dtype=torch.float8_e4m3fn)
+            self.w2 = make(e, h, i, dtype=torch.float8_e4m3fn)
+            h_blocks, i_blocks = -(-h // FP8_BLOCK), i // FP8_BLOCK
+            self.w13_scale = make(e, 2 * i_blocks, h_blocks, dtype=torch.float32)
+            self.w2_scale = make(e, h_blocks, i_blocks, dtype=torch.float32)
+            self.weight_quant = MoEWeightQuant(moe_scheme, self.w13_scale, self.w2_scale)
+        else:
+            self.w13 = make(e, 2 * i, h, dtype=ctx.dtype)
+            self.w2 = make(e, h, i, dtype=ctx.dtype)
 
     @staticmethod
     def checkpoint_expert_quant(ctx: LayerContext, prefix: str) -> LayerQuant:
@@ -199,6 +246,9 @@ class FusedMoE(nn.Module):
         if not set(wanted) <= set(parts):
             return
         del self._pending[(expert, name)]
+        if self.weight_quant is not None and self.weight_quant.scheme == "w4a16":
+            self._place_w4(name, w4_rows(q.scheme, parts), expert)
+            return
         if self.weight_quant is not None:
             self._place_fp8_block(name, parts["weight"], parts["weight_scale_inv"], expert)
             return
@@ -224,6 +274,24 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert weight {name!r}")
         self.w13.data[expert, rows].copy_(weight[r * i:(r + 1) * i])
         self.w13_scale.data[expert, blocks].copy_(scale[r * b:(r + 1) * b])
+
+    def _place_w4(self, name: str, rows: W4Rows, expert: int) -> None:
+        """This rank's rows (``w1``/``w3``) or input features (``w2``, whole groups) of a
+        full-size 4-bit projection, packed into the ``w4a16`` words."""
+        r, i = self.ctx.tp_rank, self.inter
+        if name == "w2":
+            rows = rows.columns(r * i, i, self.storage.group_size)
+            dest = (self.w2, self.w2_scale, self.w2_zero, slice(None))
+        elif name in ("w1", "w3"):
+            rows = rows.rows(slice(r * i, (r + 1) * i))
+            dest = (self.w13, self.w13_scale, self.w13_zero,
+                    slice(0, i) if name == "w1" else slice(i, 2 * i))
+        else:
+            raise ValueError(f"unknown expert weight {name!r}")
+        words, scales, zeros, out_rows = dest
+        words.data[expert, out_rows].copy_(rows.words())
+        scales.data[expert, out_rows].copy_(rows.scale)
+        zeros.data[expert, out_rows].copy_(rows.zero)
 
     def check_loaded(self) -> None:
         """Raise :class:`QuantizationError` naming an expert projection whose quantized

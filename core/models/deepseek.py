@@ -188,7 +188,8 @@ class DeepseekMoE(FusedMoE):
                  prefix: str = "") -> None:
         r, n = opts.routing, opts.num_shared_experts
         routed = FusedMoE.checkpoint_expert_quant(ctx, prefix)
-        storage = expert_storage(ctx, routed, opts.moe_intermediate_size // ctx.tp_size)
+        storage = expert_storage(ctx, routed, opts.moe_intermediate_size // ctx.tp_size,
+                                 cfg.hidden_size)
         path = shared_experts_path(ctx, prefix, n, routed, storage) if n else None
         slots = n if path is not None and path.fused else 0
         super().__init__(ctx, r.num_experts + slots, r.top_k, cfg.hidden_size,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.ops import MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
+from heteroserve.core.kernels.ops import (
+    MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant, check_w4_experts, dequantize_w4_experts,
+    moe_expert_dims,
+)
 from heteroserve.platforms.cpu.activation import silu_and_mul
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -102,10 +105,14 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 def _check_quant(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:
-    """``ValueError`` unless ``quant`` is ``fp8_block`` with scales matching the weights."""
+    """``ValueError`` unless ``quant`` is ``fp8_block`` with scales matching the weights or
+    ``w4a16`` experts as the contract lays them out."""
+    if quant.scheme == "w4a16":
+        check_w4_experts(quant, w13, w2)
+        return
     if quant.scheme != "fp8_block":
         raise ValueError(f"fused_moe: quantized experts {quant.scheme!r} are not supported "
-                         "(only fp8_block)")
+                         "(fp8_block, w4a16)")
     e, two_i, h = w13.shape
     blocks = lambda n: -(-n // FP8_BLOCK)  # noqa: E731
     want13, want2 = (e, blocks(two_i), blocks(h)), (e, blocks(h), blocks(two_i // 2))
@@ -124,22 +131,35 @@ def _dequantize_block(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float32) * full.repeat_interleave(FP8_BLOCK, 1)[:n, :k]
 
 
+def _dequantized(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor, expert: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(W13, W2)`` of one quantized expert."""
+    if quant.scheme == "w4a16":
+        assert quant.w13_zero is not None and quant.w2_zero is not None  # checked
+        return (dequantize_w4_experts(w13[expert], quant.w13_scale[expert],
+                                      quant.w13_zero[expert], quant.group_size),
+                dequantize_w4_experts(w2[expert], quant.w2_scale[expert],
+                                      quant.w2_zero[expert], quant.group_size))
+    return (_dequantize_block(w13[expert], quant.w13_scale[expert]),
+            _dequantize_block(w2[expert], quant.w2_scale[expert]))
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               quant: MoEWeightQuant | None = None) -> torch.Tensor:
     """SiLU-gated mixture of experts (see ``FusedMoEOp``).
 
-    ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, ``topk_weights [T, k]``,
-    ``topk_ids [T, k]`` in ``[0, E)``.
-    Expert GEMMs run in the weights' dtype; with ``quant`` (``fp8_block``) each touched
-    expert is dequantized to fp32 and its GEMMs run in fp32. The weighted sum accumulates
-    in fp32; the result is ``[T, H]`` in ``x.dtype``. Raises ``ValueError`` on inconsistent
-    shapes or an unsupported ``quant``.
+    ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (``w4a16``: last dims packed eight
+    a word), ``topk_weights [T, k]``, ``topk_ids [T, k]`` in ``[0, E)``.
+    Expert GEMMs run in the weights' dtype; with ``quant`` (``fp8_block``, ``w4a16``) each
+    touched expert is dequantized to fp32 and its GEMMs run in fp32. The weighted sum
+    accumulates in fp32; the result is ``[T, H]`` in ``x.dtype``. Raises ``ValueError`` on
+    inconsistent shapes or an unsupported ``quant``.
     """
     num_tokens, hidden = x.shape
-    num_experts, two_i, w13_hidden = w13.shape
-    if (w13_hidden != hidden or two_i % 2 or w2.shape != (num_experts, hidden, two_i // 2)
-            or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens):
+    num_experts, inter, w13_hidden = moe_expert_dims(w13, w2, quant)
+    if (w13_hidden != hidden or topk_ids.shape != topk_weights.shape
+            or topk_ids.shape[0] != num_tokens):
         raise ValueError(f"fused_moe: inconsistent shapes x {tuple(x.shape)}, w13 "
                          f"{tuple(w13.shape)}, w2 {tuple(w2.shape)}, topk_weights "
                          f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}")
@@ -166,8 +186,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         if quant is None:
             up, down = w13[expert], w2[expert]
         else:
-            up = _dequantize_block(w13[expert], quant.w13_scale[expert])
-            down = _dequantize_block(w2[expert], quant.w2_scale[expert])
+            up, down = _dequantized(quant, w13, w2, expert)
         h = torch.nn.functional.linear(xw.index_select(0, rows), up)
         y = torch.nn.functional.linear(silu_and_mul(h), down)
         out.index_add_(0, rows, y.to(torch.float32) * weight_of[start:start + count, None])
@@ -175,4 +194,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(x.dtype)
 
 
-setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))
+setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block", "w4a16"))

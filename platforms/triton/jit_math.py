@@ -26,6 +26,20 @@ def gate_activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def split8(v):
+    """``v [..., 2, 2, 2]`` (a last dim of 8, reshaped) -> its eight columns ``[...]`` in
+    order (no data movement: a thread holding the eight keeps them in registers)."""
+    even, odd = tl.split(v)
+    c04, c26 = tl.split(even)
+    c15, c37 = tl.split(odd)
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def select_top_k(work, values, offs, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """``(weights fp32 [BLOCK_K], ids int32 [BLOCK_K])``: the ``TOP_K`` largest entries of

@@ -9,11 +9,13 @@ import triton.language as tl
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.ops import (
     GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
+    check_w4_experts, moe_expert_dims,
 )
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
+from heteroserve.platforms.triton.moe_w4 import decode_moe_w4, dequantize_w4_experts_triton
 from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
@@ -69,8 +71,7 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
            topk_ids: torch.Tensor, quant: MoEWeightQuant | None = None) -> None:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("fused_moe: x must be [T, H], w13 [E, 2I, H] and w2 [E, H, I]")
-    e, two_i, h = w13.shape
-    if h != x.shape[1] or two_i % 2 or w2.shape != (e, h, two_i // 2):
+    if moe_expert_dims(w13, w2, quant)[2] != x.shape[1]:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 "
                          f"{tuple(w2.shape)} disagree")
     if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or \
@@ -84,11 +85,15 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
 
 
 def _check_quant(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:
-    """fp8_block only: fp32 scales of the weights' block grid, ``I`` a multiple of 128 and
-    one weight dtype (fp8 e4m3fn in the engine; any float dtype computes the same)."""
+    """``w4a16``: the contract's layout (:func:`check_w4_experts`). ``fp8_block``: fp32
+    scales of the weights' block grid, ``I`` a multiple of 128 and one weight dtype (fp8
+    e4m3fn in the engine; any float dtype computes the same)."""
+    if quant.scheme == "w4a16":
+        check_w4_experts(quant, w13, w2)
+        return
     if quant.scheme != "fp8_block":
         raise ValueError(f"fused_moe: quantized experts {quant.scheme!r} are not supported "
-                         "(only fp8_block)")
+                         "(fp8_block, w4a16)")
     e, two_i, h = w13.shape
     blocks = lambda n: triton.cdiv(n, FP8_BLOCK)  # noqa: E731
     want13, want2 = (e, blocks(two_i), blocks(h)), (e, blocks(h), blocks(two_i // 2))
@@ -125,16 +130,30 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with
     ``e = topk_ids[t, j]``; ``x [T, H]``, ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (same dtype,
     or with ``quant`` fp8_block: stored fp8 values times their 128x128 block scales, ``x``
-    unquantized). Returns ``[T, H]`` in ``x.dtype``. Up to ``MAX_DECODE_PAIRS`` pairs
+    unquantized; with ``quant`` w4a16: the contract's 4-bit words, group scales and zeros).
+    Returns ``[T, H]`` in ``x.dtype``. Up to ``MAX_DECODE_PAIRS`` pairs
     (``T * k``) take the decode path
-    (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`: two GEMV-style launches,
+    (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`, for w4a16
+    :func:`~heteroserve.platforms.triton.moe_w4.decode_moe_w4`: two GEMV-style launches,
     no sorting, the sum over ``k`` fused in fp32); more take the grouped GEMM
-    (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning). Neither
-    synchronises with the host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
+    (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning); w4a16
+    experts reach it dequantized to ``x.dtype`` by one launch per projection
+    (:func:`~heteroserve.platforms.triton.moe_w4.dequantize_w4_experts_triton`: every
+    expert, a transient of the dense experts' size). Neither path synchronises with the
+    host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
     _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, top_k = topk_ids.shape
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
+    if quant is not None and quant.scheme == "w4a16":
+        if configs is None and t * top_k <= MAX_DECODE_PAIRS:
+            return decode_moe_w4(x, w13, w2, topk_weights, topk_ids, quant)
+        assert quant.w13_zero is not None and quant.w2_zero is not None  # checked
+        g = quant.group_size
+        return grouped_moe(
+            x, dequantize_w4_experts_triton(w13, quant.w13_scale, quant.w13_zero, g, x.dtype),
+            dequantize_w4_experts_triton(w2, quant.w2_scale, quant.w2_zero, g, x.dtype),
+            topk_weights, topk_ids, None, configs)
     if configs is None and t * top_k <= MAX_DECODE_PAIRS:
         return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids,
                           scales=_scales(quant))
@@ -177,9 +196,20 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.view(t, top_k, h).sum(dim=1)
 
 
+def describe_experts(w13: torch.Tensor, w2: torch.Tensor) -> str:
+    """The start-up line for a layer's experts: the grouped GEMM's tiles
+    (:func:`~heteroserve.platforms.triton.moe_tuned.describe`), or for w4a16 experts (int32
+    words) the paths they take."""
+    if w13.dtype == torch.int32:
+        return (f"w4a16 experts: 4-bit decode kernels up to {MAX_DECODE_PAIRS} (token, expert) "
+                "pairs; beyond, dequantized to the model dtype per call for the grouped GEMM")
+    return describe(w13, w2)
+
+
 # no host synchronisation on either path: device graphs may capture it
 setattr(fused_moe, GRAPH_SAFE_ATTR, True)
-# fp8_block experts (weight-only, block scales) on both paths
-setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block",))
+# fp8_block experts (weight-only, block scales) on both paths; w4a16 experts (decode kernels
+# of their own, dequantized for the grouped GEMM)
+setattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR, ("fp8_block", "w4a16"))
 # the start-up block names the grouped GEMM's tile table (or the heuristic)
-setattr(fused_moe, MOE_DESCRIBE_ATTR, describe)
+setattr(fused_moe, MOE_DESCRIBE_ATTR, describe_experts)

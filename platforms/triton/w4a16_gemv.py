@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.platforms.triton.jit_math import split8
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 from heteroserve.platforms.triton.w4a16_pack import unpack_rows
@@ -60,20 +61,6 @@ _TWO_23 = tl.constexpr(8388608.0)
 _X_EXP = tl.constexpr(84)  # x_j is pre-scaled by 2**(84 - 4j): products land at 2**-65
 _TO_DOMAIN = tl.constexpr(2.0 ** -65)  # 2**(_X_EXP - 149)
 _UNSCALE = tl.constexpr(2.0 ** 65)
-
-
-@triton.jit
-def _split8(v, T: tl.constexpr, V: tl.constexpr):
-    """``v [T, V, 8]`` -> ``v[:, :, 0], ..., v[:, :, 7]`` (in registers: a thread holds the
-    eight)."""
-    e, o = tl.split(tl.reshape(v, [T, V, 2, 2, 2]))
-    ee, eo = tl.split(e)
-    oe, oo = tl.split(o)
-    x0, x4 = tl.split(ee)
-    x2, x6 = tl.split(eo)
-    x1, x5 = tl.split(oe)
-    x3, x7 = tl.split(oo)
-    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -98,7 +85,7 @@ def _prescaled(x, T: tl.constexpr, V: tl.constexpr, SUBNORMAL: tl.constexpr):
     the row's nibbles, each ``[T, V]``, and ``sum_j x_j``. Subnormal decoding:
     ``x_j 2**(84 - 4j)`` for ``j < 6``, ``x_6 2**84``, ``(x_7 - 16 x_6) 2**84``; exponent
     decoding: ``x_j 16**-s`` with ``s`` the nibble's shift in its source word."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, T, V)
+    x0, x1, x2, x3, x4, x5, x6, x7 = split8(tl.reshape(x, [T, V, 2, 2, 2]))
     total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     if SUBNORMAL:
         return (x0 * 2.0 ** _X_EXP, x1 * 2.0 ** (_X_EXP - 4), x2 * 2.0 ** (_X_EXP - 8),

@@ -118,7 +118,7 @@ def test_fused_moe_errors() -> None:
     weights = torch.ones(2, 1)
     with pytest.raises(ValueError, match="only 3 experts"):
         fused_moe(x, w13, w2, weights, torch.tensor([[0], [3]]))
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match="disagree"):
         fused_moe(x, w13, torch.zeros(3, 8, 5), weights, torch.zeros(2, 1, dtype=torch.long))
 
 
@@ -128,7 +128,7 @@ def test_fused_moe_fp8_block_experts_and_bad_scales() -> None:
     from heteroserve.conformance.quantize import quantize_fp8_block_experts
     from heteroserve.core.kernels.ops import MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant
 
-    assert getattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block",)
+    assert getattr(fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block", "w4a16")
     g = torch.Generator().manual_seed(3)
     w13_q, s13, w13 = quantize_fp8_block_experts(torch.randn(3, 256, 200, generator=g,
                                                              dtype=torch.float64) * 0.07)
@@ -143,5 +143,5 @@ def test_fused_moe_fp8_block_experts_and_bad_scales() -> None:
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-6
     with pytest.raises(ValueError, match="do not fit"):
         fused_moe(x, w13_q, w2_q, weights, ids, quant=MoEWeightQuant("fp8_block", s13, s13))
-    with pytest.raises(ValueError, match="only fp8_block"):
+    with pytest.raises(ValueError, match="fp8_block, w4a16"):
         fused_moe(x, w13_q, w2_q, weights, ids, quant=MoEWeightQuant("int4", s13, s2))

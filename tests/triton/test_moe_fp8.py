@@ -98,8 +98,8 @@ def test_decode_tiles_across_scale_blocks(device: torch.device, gate_up: tuple[i
     assert rel_err(out, _ref(x, w13, s13, w2, s2, tw, ids)) < 1e-5
 
 
-def test_fused_moe_declares_fp8_block() -> None:
-    assert getattr(moe.fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block",)
+def test_fused_moe_declares_fp8_block_and_w4a16() -> None:
+    assert getattr(moe.fused_moe, MOE_WEIGHT_SCHEMES_ATTR) == ("fp8_block", "w4a16")
 
 
 @pytest.mark.parametrize("what", ["scheme", "w13_scale", "w2_scale", "inter"])
@@ -111,7 +111,7 @@ def test_bad_quant_is_refused(device: torch.device, what: str) -> None:
     elif what == "w2_scale":
         s2 = torch.cat([s2, s2], dim=2)
     quant = MoEWeightQuant("fp8_x" if what == "scheme" else "fp8_block", s13, s2)
-    with pytest.raises(ValueError, match="only fp8_block" if what == "scheme" else "scales"):
+    with pytest.raises(ValueError, match="fp8_block, w4a16" if what == "scheme" else "scales"):
         moe.fused_moe(*(t.to(device) for t in (x, w13, w2, tw, ids)),
                       MoEWeightQuant(quant.scheme, s13.to(device), s2.to(device)))
 
