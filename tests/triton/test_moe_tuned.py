@@ -154,9 +154,9 @@ def test_describe_names_the_table_or_the_heuristic(monkeypatch: pytest.MonkeyPat
     """The Triton fused MoE's ``describe_experts``: the table file and its pair counts where
     the experts' shape is tuned on this device, else the heuristic and how to tune."""
     from heteroserve.core.kernels.ops import MOE_DESCRIBE_ATTR
-    from heteroserve.platforms.triton.moe import fused_moe
+    from heteroserve.platforms.triton.moe import describe_experts, fused_moe
 
-    assert getattr(fused_moe, MOE_DESCRIBE_ATTR) is moe_tuned.describe
+    assert getattr(fused_moe, MOE_DESCRIBE_ATTR) is describe_experts
     key = moe_tuned.shape_key(torch.bfloat16, 4, 64, 32)
     _write(tmp_path / "Fake_GPU.json", {key: {"128": {"gate_up": GATE, "down": DOWN},
                                               "4096": {"gate_up": BIG_GATE, "down": BIG_DOWN}}})
@@ -164,9 +164,14 @@ def test_describe_names_the_table_or_the_heuristic(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(moe_tuned, "device_name", lambda device: "Fake GPU")
     w13 = torch.empty(4, 64, 64, dtype=torch.bfloat16, device="meta")
     w2 = torch.empty(4, 64, 32, dtype=torch.bfloat16, device="meta")
-    assert moe_tuned.describe(w13, w2) == (
+    assert describe_experts(w13, w2) == moe_tuned.describe(w13, w2) == (
         "grouped GEMM tiles: tuned for Fake GPU, bfloat16 E=4 H=64 I=32, 2 pair counts "
         "128-4096 (moe_tuned/Fake_GPU.json)")
+    # w4a16 experts (int32 words) name their own paths
+    assert describe_experts(torch.empty(4, 64, 8, dtype=torch.int32, device="meta"),
+                            torch.empty(4, 64, 4, dtype=torch.int32, device="meta")) == (
+        "w4a16 experts: 4-bit decode kernels up to 64 (token, expert) pairs; beyond, "
+        "dequantized to the model dtype per call for the grouped GEMM")
     assert moe_tuned.describe(w13.to(torch.float8_e4m3fn), w2).startswith(
         "grouped GEMM tiles: heuristic (no table for float8_e4m3fn E=4 H=64 I=32 in "
         "moe_tuned/Fake_GPU.json; benchmarks/moe_tune.py writes one)")
