@@ -15,6 +15,8 @@
 #                          decode steps chain only while nothing waits (the rule before
 #                          2026-12-05); run `h200` in the same call for the default
 #   moe_decode             benchmarks/moe_decode_sweep.py: few-token fused MoE, paths and tiles
+#   moe_w4                 benchmarks/moe_w4_sweep.py: the 4-bit (w4a16) expert decode kernels'
+#                          launch shapes next to the bf16 decode kernels
 #   decode_chain           benchmarks/decode_chain.py: each model's one-row linears and fused MoE
 #                          decode kernels replayed as a decode graph runs them, per launch shape
 #                          and per GEMV rule (CHAIN_ARGS adds options, e.g. --budget-s 150)
@@ -181,6 +183,8 @@ for step in "$@"; do
         --out "$OUT/ov/sync_when_waiting.json" 2>&1 | grep -E "offline|wrote" ;;
     moe_decode) timeout 200 python3 benchmarks/moe_decode_sweep.py --out "$OUT/moe_decode.json" \
         2>&1 | grep -v -i warn ;;
+    moe_w4) timeout "${MOE_W4_TIMEOUT:-240}" python3 benchmarks/moe_w4_sweep.py \
+        --out "$OUT/moe_w4_sweep.json" 2>&1 | grep -v -i warn ;;
     moe_tune) HS_COMMIT=${HS_COMMIT:-} timeout "${TUNE_TIMEOUT:-420}" python3 benchmarks/moe_tune.py \
         --out "$OUT/moe_tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn
       cp platforms/triton/moe_tuned/*.json "$OUT/" 2>/dev/null ;;
