@@ -117,10 +117,15 @@ def run_requests(scheduler, prompts: list[list[int]], output_len: int,
     return out
 
 
+#: a fused MoE's per-expert tensors (weights, and the scales / zero points of quantized ones)
+_EXPERT_TENSORS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero")
+
+
 def active_weight_bytes(runner) -> int:
     """Bytes of weights one decode token reads: every dense weight, the LM head (the whole
-    embedding matrix when tied), one embedding row, and of a fused MoE's routed experts only
-    ``top_k / num_experts`` (plus any always-on shared experts stored after them)."""
+    embedding matrix when tied), one embedding row, and of a fused MoE's routed experts (their
+    scales and zero points too) only ``top_k / num_experts`` (plus any always-on shared
+    experts stored after them)."""
     from heteroserve.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from heteroserve.core.layers.moe import FusedMoE
 
@@ -133,7 +138,7 @@ def active_weight_bytes(runner) -> int:
                 continue
             seen.add(id(p))
             size = p.numel() * p.element_size()
-            if isinstance(module, FusedMoE) and name in ("w13", "w2"):
+            if isinstance(module, FusedMoE) and name in _EXPERT_TENSORS:
                 # top_k routed experts, plus any always-on shared experts stored after them
                 routed = getattr(module, "num_routed", p.shape[0])
                 size = size * (module.top_k + p.shape[0] - routed) / p.shape[0]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import active_weight_bytes  # noqa: E402
 from bench_llama8b import random_prompts, run_requests  # noqa: E402
 
 LLAMA_DIR = Path(__file__).resolve().parent / "models" / "llama-3.1-8b"
@@ -138,15 +139,21 @@ def measure(fmt: str, path: Path, a: argparse.Namespace, bandwidth: float | None
     vocab = runner.vocab_size
     res: dict = {"linear_kernels": kernels, "quantization": quant, "kv_cache_dtype": kv,
                  "attention": runner.dispatch.resolutions["attention"].chosen.name,
-                 "weight_bytes": weight_bytes(runner), "kv_tokens": runner.max_total_tokens}
+                 "weight_bytes": weight_bytes(runner), "kv_tokens": runner.max_total_tokens,
+                 "active_weight_bytes": active_weight_bytes(runner)}
     run_requests_sync = lambda prompts, n: (run_requests(sched, prompts, n)  # noqa: E731
                                             if a.platform != "cpu" else _cpu_run(sched, prompts, n))
     run_requests_sync(random_prompts(1, 32, vocab, 1), 16)  # warm-up (graphs, autotune)
     d1 = run_requests_sync(random_prompts(1, 128, vocab, 2), a.decode_len)
     tok_s = 1.0 / d1["itl_p50_s"]
     roof = bandwidth / res["weight_bytes"] if bandwidth else None
+    # the format's roofline reads every weight; the active one what a token reads (for a MoE
+    # only its top-k experts, for any model one embedding row)
+    active = bandwidth / res["active_weight_bytes"] if bandwidth else None
     res["decode1"] = {"tok_per_s": tok_s, "roofline_tok_per_s": roof,
                       "fraction_of_roofline": tok_s / roof if roof else None,
+                      "active_roofline_tok_per_s": active,
+                      "fraction_of_active_roofline": tok_s / active if active else None,
                       "itl_p50_s": d1["itl_p50_s"], "itl_p99_s": d1["itl_p99_s"]}
     _log(f"{fmt}: decode1 {tok_s:.1f} tok/s" + (f" ({tok_s / roof:.0%} of {roof:.0f})" if roof else ""))
     if a.num_prompts:
