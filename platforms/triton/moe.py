@@ -15,7 +15,8 @@ from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
-from heteroserve.platforms.triton.moe_w4 import decode_moe_w4, dequantize_w4_experts_triton
+from heteroserve.platforms.triton.moe_gemm_w4 import moe_gemm_w4, w4_config
+from heteroserve.platforms.triton.moe_w4 import decode_moe_w4
 from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
@@ -136,24 +137,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     (:func:`~heteroserve.platforms.triton.moe_decode.decode_moe`, for w4a16
     :func:`~heteroserve.platforms.triton.moe_w4.decode_moe_w4`: two GEMV-style launches,
     no sorting, the sum over ``k`` fused in fp32); more take the grouped GEMM
-    (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning); w4a16
-    experts reach it dequantized to ``x.dtype`` by one launch per projection
-    (:func:`~heteroserve.platforms.triton.moe_w4.dequantize_w4_experts_triton`: every
-    expert, a transient of the dense experts' size). Neither path synchronises with the
-    host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
+    (:func:`grouped_moe`), as does any call with ``configs`` (its tiles, for tuning); for
+    w4a16 experts the grouped GEMM unpacks and dequantizes each weight tile in registers
+    (:func:`~heteroserve.platforms.triton.moe_gemm_w4.moe_gemm_w4`). Neither path
+    synchronises with the host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
     _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, top_k = topk_ids.shape
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
-    if quant is not None and quant.scheme == "w4a16":
-        if configs is None and t * top_k <= MAX_DECODE_PAIRS:
-            return decode_moe_w4(x, w13, w2, topk_weights, topk_ids, quant)
-        assert quant.w13_zero is not None and quant.w2_zero is not None  # checked
-        g = quant.group_size
-        return grouped_moe(
-            x, dequantize_w4_experts_triton(w13, quant.w13_scale, quant.w13_zero, g, x.dtype),
-            dequantize_w4_experts_triton(w2, quant.w2_scale, quant.w2_zero, g, x.dtype),
-            topk_weights, topk_ids, None, configs)
+    if quant is not None and quant.scheme == "w4a16" and configs is None \
+            and t * top_k <= MAX_DECODE_PAIRS:
+        return decode_moe_w4(x, w13, w2, topk_weights, topk_ids, quant)
     if configs is None and t * top_k <= MAX_DECODE_PAIRS:
         return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids,
                           scales=_scales(quant))
@@ -168,31 +162,41 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     first) whatever the pair count, pairs grouped on device by one launch without host sync
     (:func:`~heteroserve.platforms.triton.moe_align.align_pairs`); the per-pair results
     (rounded to ``x.dtype``) are summed over ``k``. Tiles: ``configs`` (tuning; both must
-    share ``BLOCK_M``; with ``quant`` their ``BLOCK_K`` must divide 128), else unquantized
+    share ``BLOCK_M``; with fp8_block ``quant`` their ``BLOCK_K`` must divide 128; w4a16
+    experts cap it at the group, :func:`~.moe_gemm_w4.w4_config`), else unquantized
     experts take the device's tuned table for their shape
     (:func:`~heteroserve.platforms.triton.moe_tuned.tuned_configs`), else the heuristic
     :func:`~heteroserve.platforms.triton.moe_gemm.moe_configs`. Raises ``ValueError`` on
     inconsistent shapes."""
     _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, h = x.shape
-    e, two_i, _ = w13.shape
+    e, inter_size, _ = moe_expert_dims(w13, w2, quant)
     top_k = topk_ids.shape[1]
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
     x, w13, w2 = _contiguous_rows(x, w13, w2)
-    s13, s2 = _scales(quant) or (None, None)
+    w4 = quant is not None and quant.scheme == "w4a16"
+    s13, s2 = (None, None) if w4 else (_scales(quant) or (None, None))
     num_pairs = t * top_k
     if configs is None and quant is None:
-        configs = tuned_configs(num_pairs, w13.dtype, e, h, two_i // 2, x.device)
+        configs = tuned_configs(num_pairs, w13.dtype, e, h, inter_size, x.device)
     cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
     if cfg1[0] != cfg2[0]:
         raise ValueError("fused_moe: both GEMM configs must share BLOCK_M")
     pairs = align_pairs(topk_ids, e, cfg1[0])
-    inter = torch.empty((num_pairs, two_i // 2), dtype=x.dtype, device=x.device)
-    moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1, s13)
+    inter = torch.empty((num_pairs, inter_size), dtype=x.dtype, device=x.device)
     out = torch.empty((num_pairs, h), dtype=x.dtype, device=x.device)
     route = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2, s2)
+    if w4:
+        assert quant is not None and quant.w13_zero is not None and quant.w2_zero is not None
+        g = quant.group_size
+        moe_gemm_w4(x, w13, quant.w13_scale, quant.w13_zero, g, inter, pairs, top_k, True,
+                    None, w4_config(cfg1, g))
+        moe_gemm_w4(inter, w2, quant.w2_scale, quant.w2_zero, g, out, pairs, 1, False, route,
+                    w4_config(cfg2, g))
+    else:
+        moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1, s13)
+        moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2, s2)
     return out.view(t, top_k, h).sum(dim=1)
 
 
@@ -202,7 +206,7 @@ def describe_experts(w13: torch.Tensor, w2: torch.Tensor) -> str:
     words) the paths they take."""
     if w13.dtype == torch.int32:
         return (f"w4a16 experts: 4-bit decode kernels up to {MAX_DECODE_PAIRS} (token, expert) "
-                "pairs; beyond, dequantized to the model dtype per call for the grouped GEMM")
+                "pairs; beyond, the grouped GEMM dequantizing each tile in registers")
     return describe(w13, w2)
 
 

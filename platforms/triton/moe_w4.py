@@ -1,5 +1,5 @@
-"""Fused MoE over 4-bit weight-only (``w4a16``) experts at decode sizes, and a one-launch
-dequantizer of such experts for many tokens.
+"""Fused MoE over 4-bit weight-only (``w4a16``) experts at decode sizes (many tokens take
+the grouped GEMM of :mod:`.moe_gemm_w4`).
 
 Layout (:class:`~heteroserve.core.kernels.ops.MoEWeightQuant`, scheme ``w4a16``): ``w13``
 int32 ``[E, 2I, H // 8]``, ``w2`` int32 ``[E, H, I // 8]``; word ``w`` of a row holds input
@@ -49,8 +49,9 @@ from heteroserve.platforms.triton.jit_math import split8
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: packed bytes of each weight row a program loads per K step on a GPU (64 words, 512
-#: features). Unmeasured: a first guess between ``moe_decode``'s 256 (down) and 512 (gate-up)
-#: bytes of bf16 rows, kept at the low end because each word expands to eight fp32 products.
+#: features): between ``moe_decode``'s 256 (down) and 512 (gate-up) bytes of bf16 rows. On an
+#: H100 half of it was slower for both kernels and twice it 1-10 % faster for the gate-up
+#: kernel alone (``results/h100-20261206-1856-moe_w4_sweep.json``); kept.
 _ROW_BYTES = 256
 _TWO_23 = tl.constexpr(8388608.0)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,29 +91,36 @@ def _block_kw(kw: int, group_words: int, target: int) -> int:
     return max(b, 1)
 
 
-def _block_n(rows_per_output: int, units: int, n: int, sms: int) -> int:
-    """The fewest outputs per program, from ``16 // rows_per_output`` down to 1, that still
-    give ``units * cdiv(n, block_n) >= 4 * sms`` programs."""
-    block_n = max(1, 16 // rows_per_output)
-    while block_n > 1 and units * triton.cdiv(n, block_n) < 4 * sms:
+def _block_n(rows_per_output: int, units: int, n: int, sms: int, rows: int = 16,
+             per_sm: int = 4) -> int:
+    """The fewest outputs per program, from ``rows // rows_per_output`` down to 1, that still
+    give ``units * cdiv(n, block_n) >= per_sm * sms`` programs."""
+    block_n = max(1, rows // rows_per_output)
+    while block_n > 1 and units * triton.cdiv(n, block_n) < per_sm * sms:
         block_n //= 2
     return block_n
 
 
 def choose_w4_tiles(num_tokens: int, top_k: int, hidden: int, inter: int, group: int,
                     multiprocessors: int) -> W4DecodeConfig:
-    """GPU launch shapes (unmeasured heuristic) for ``T = num_tokens`` tokens over ``top_k``
-    experts of ``w13 [E, 2*inter, hidden / 8]`` words with group ``group``: ``_ROW_BYTES``
-    (256) bytes of each packed row per step (:func:`_block_kw`) and the fewest outputs per
-    program that keep four programs per multiprocessor, starting from about 16 weight rows
-    per program (gate-up: 8 outputs x 2 rows; down: ``16 / next_power_of_2(top_k)`` outputs x
-    ``next_power_of_2(top_k)`` slots)."""
+    """GPU launch shapes for ``T = num_tokens`` tokens over ``top_k`` experts of ``w13 [E,
+    2*inter, hidden / 8]`` words with group ``group``: ``_ROW_BYTES`` (256) bytes of each
+    packed row per step (:func:`_block_kw`); the gate-up kernel 8 outputs x 2 rows a program,
+    fewer while under four programs per multiprocessor; the down kernel 32 weight rows a
+    program (``32 / next_power_of_2(top_k)`` outputs x that many slots), fewer while under
+    two programs per multiprocessor. Why 32 rows for the down kernel: on an H100
+    (``benchmarks/moe_w4_sweep.py``, 2026-12-06 18:56 UTC,
+    ``results/h100-20261206-1856-moe_w4_sweep.json``) 4 outputs x 8 slots took the Qwen3-30B-A3B
+    pair from 24.7 to 18.9 us at one token and from 146 to 115 us at eight, the best of
+    every single-knob change from the 16-row start; the other knobs are that sweep's
+    neighbours, not tuned further."""
     words = _ROW_BYTES // 4
     gw = group // 8
     return W4DecodeConfig(
         W4Tile(_block_n(2, num_tokens * top_k, inter, multiprocessors),
                _block_kw(hidden // 8, gw, words)),
-        W4Tile(_block_n(triton.next_power_of_2(top_k), num_tokens, hidden, multiprocessors),
+        W4Tile(_block_n(triton.next_power_of_2(top_k), num_tokens, hidden, multiprocessors,
+                        rows=32, per_sm=2),
                _block_kw(inter // 8, gw, words)))
 
 
@@ -363,66 +371,4 @@ def decode_moe_w4(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         GROUP_W=gw, GPS=max(1, d.block_kw // gw), MASK_K=kw2 % d.block_kw != 0,
         BLOCK_N=d.block_n, BLOCK_KW=d.block_kw, num_warps=d.num_warps,
         num_stages=d.num_stages, **pdl)
-    return out
-
-
-@triton.jit
-def _w4_dequant_kernel(
-    q_ptr, s_ptr, z_ptr, out_ptr, R, N, KW, stride_qe, stride_qn, stride_se, stride_sn,
-    stride_ze, stride_zn, GROUP_W: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    """Program: rows ``[BLOCK_R]`` of the flattened ``E * N`` by words ``[BLOCK_W]``, word
-    tiles fastest; each word is read once and its eight features written."""
-    pid = tl.program_id(0)
-    w_tiles = tl.cdiv(KW, BLOCK_W)
-    offs_r = ((pid // w_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    offs_w = (pid % w_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (offs_r < R)[:, None] & (offs_w < KW)[None, :]
-    e, n = offs_r // N, offs_r % N
-    words = tl.load(q_ptr + (e * stride_qe + n * stride_qn)[:, None] + offs_w[None, :],
-                    mask=mask, other=0)
-    g = (offs_w // GROUP_W)[None, :]
-    s = tl.load(s_ptr + (e * stride_se + n * stride_sn)[:, None] + g, mask=mask, other=0.0)
-    z = tl.load(z_ptr + (e * stride_ze + n * stride_zn)[:, None] + g, mask=mask, other=0)
-    j = tl.arange(0, 8)
-    q = _nibble_f32(words[:, :, None] >> (j * 4)[None, None, :])
-    w = (q - z.to(tl.float32)[:, :, None]) * s.to(tl.float32)[:, :, None]
-    out_ptrs = out_ptr + offs_r[:, None, None] * (KW * 8) + offs_w[None, :, None] * 8 \
-        + j[None, None, :]
-    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
-
-
-def dequantize_w4_experts_triton(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                                 group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``W [E, N, K]`` in ``dtype`` (a new contiguous tensor) of ``w4a16`` expert words
-    ``q`` int32 ``[E, N, K // 8]`` with ``scale`` (float, read as fp32) and ``zero`` (int8 or
-    any integer/float dtype, read as fp32) ``[E, N, K // G]``, ``G = group_size`` a multiple
-    of 8 dividing ``K``: ``(q - zero) * scale`` in fp32, rounded once to ``dtype``, equal to
-    :func:`~heteroserve.core.kernels.ops.dequantize_w4_experts` in fp32. One launch, each word
-    read once; inputs with a contiguous last dim (other strides any). Raises ``ValueError``
-    for shapes, dtypes or strides outside this contract."""
-    if q.dim() != 3 or q.dtype != torch.int32 or group_size <= 0 or group_size % 8:
-        raise ValueError(f"dequantize_w4_experts_triton: q {tuple(q.shape)} {q.dtype} must "
-                         f"be int32 [E, N, K // 8], group {group_size} a multiple of 8")
-    e, n, kw = q.shape
-    k = kw * 8
-    want = (e, n, k // group_size)
-    if (k % group_size or tuple(scale.shape) != want or tuple(zero.shape) != want
-            or not scale.dtype.is_floating_point or not dtype.is_floating_point):
-        raise ValueError(f"dequantize_w4_experts_triton: scale {tuple(scale.shape)} / zero "
-                         f"{tuple(zero.shape)} must be {want} (group {group_size} dividing "
-                         f"K = {k}), scale and dtype {dtype} float")
-    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (q, scale, zero)):
-        raise ValueError("dequantize_w4_experts_triton: inputs need a contiguous last dim")
-    out = torch.empty((e, n, k), dtype=dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    interpreted = q.device.type == "cpu"
-    block_r, block_w = (8, 4) if interpreted else (16, 32)
-    rows = e * n
-    _w4_dequant_kernel[(triton.cdiv(rows, block_r) * triton.cdiv(kw, block_w),)](
-        q, scale, zero, out, rows, n, kw, q.stride(0), q.stride(1), scale.stride(0),
-        scale.stride(1), zero.stride(0), zero.stride(1), GROUP_W=group_size // 8,
-        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=1 if interpreted else 4)
     return out

@@ -171,7 +171,7 @@ def test_describe_names_the_table_or_the_heuristic(monkeypatch: pytest.MonkeyPat
     assert describe_experts(torch.empty(4, 64, 8, dtype=torch.int32, device="meta"),
                             torch.empty(4, 64, 4, dtype=torch.int32, device="meta")) == (
         "w4a16 experts: 4-bit decode kernels up to 64 (token, expert) pairs; beyond, "
-        "dequantized to the model dtype per call for the grouped GEMM")
+        "the grouped GEMM dequantizing each tile in registers")
     assert moe_tuned.describe(w13.to(torch.float8_e4m3fn), w2).startswith(
         "grouped GEMM tiles: heuristic (no table for float8_e4m3fn E=4 H=64 I=32 in "
         "moe_tuned/Fake_GPU.json; benchmarks/moe_tune.py writes one)")

@@ -1,6 +1,6 @@
 """The 4-bit weight-only expert paths of ``moe_w4.py``: the two-launch decode MoE against a
-float64 reference built from the scheme's meaning (``dequantize_w4_experts``), the one-launch
-dequantizer against it exactly, the GPU tile heuristic, and the Hopper build."""
+float64 reference built from the scheme's meaning (``dequantize_w4_experts``), the grouped
+4-bit GEMM of ``moe_gemm_w4.py`` likewise, the GPU tile heuristic, and the Hopper builds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from triton_refs import rel_err
 
 from heteroserve.core.kernels.ops import MoEWeightQuant, dequantize_w4_experts
 from heteroserve.platforms.triton.moe_w4 import (
-    W4DecodeConfig, W4Tile, choose_w4_tiles, decode_moe_w4, dequantize_w4_experts_triton,
+    W4DecodeConfig, W4Tile, choose_w4_tiles, decode_moe_w4,
 )
 
 
@@ -140,41 +140,21 @@ def test_decode_moe_w4_rejects_bad_shapes_and_tiles(device: torch.device) -> Non
     with pytest.raises(ValueError):  # 8 words a step over groups of 2 words is fine; 3 is not
         decode_moe_w4(x, w13, w2, tw, ids, quant,
                       W4DecodeConfig(W4Tile(16, 3, 1), W4Tile(8, 4, 1)))
-    with pytest.raises(ValueError):
-        dequantize_w4_experts_triton(w13, quant.w13_scale[:, :-1], quant.w13_zero, 16,
-                                     torch.float32)
-
-
-@pytest.mark.parametrize("group", [8, 32])
-def test_dequantizer_matches_the_reference_exactly(device: torch.device, group: int) -> None:
-    """fp32 output equal bit for bit to ``dequantize_w4_experts``; bf16 rounded once.
-    ``N = 13`` and ``K = 96`` (12 words) leave ragged row and word tiles; the second call
-    reads a strided slice of the experts (every other one)."""
-    g = torch.Generator().manual_seed(group)
-    q, scale, zero = _experts(6, 13, 96, group, g)
-    want = dequantize_w4_experts(q, scale, zero, group)
-    got = dequantize_w4_experts_triton(q.to(device), scale.to(device), zero.to(device),
-                                       group, torch.float32)
-    assert got.shape == (6, 13, 96) and torch.equal(got.cpu(), want)
-    got = dequantize_w4_experts_triton(q.to(device)[::2], scale.to(device)[::2],
-                                       zero.to(device)[::2], group, torch.bfloat16)
-    # within one bf16 step: the interpreter rounds toward zero, a GPU to nearest
-    err = (got.cpu().float() - want[::2]).abs()
-    assert got.dtype == torch.bfloat16 and bool((err <= want[::2].abs() * 2 ** -7).all())
 
 
 def test_gpu_tiles_heuristic() -> None:
     """H200 (132 SMs) shapes of Qwen3-30B-A3B (H 2048, I 768) and DeepSeek-V2-Lite (I 1408)
     experts at group 128: 64-word steps (halved where that makes K exact), enough
-    programs, about 16 weight rows a program; a 3-word group forces one-word steps."""
+    programs, 16 weight rows a gate-up program and 32 a down program (the H100 sweep's
+    best, 4 outputs x 8 slots); a 3-word group forces one-word steps."""
     for tokens in (1, 8):
         for top_k, hidden, inter in ((8, 2048, 768), (6, 2048, 1408)):
             cfg = choose_w4_tiles(tokens, top_k, hidden, inter, 128, 132)
             g, d = cfg.gate_up, cfg.down
             assert g.block_kw == 64 and d.block_kw in (32, 64)
             assert tokens * top_k * (inter // g.block_n) >= 4 * 132
-            assert tokens * (hidden // d.block_n) >= 4 * 132
-            assert 2 * g.block_n <= 16 and 8 * d.block_n <= 16
+            assert tokens * (hidden // d.block_n) >= 2 * 132
+            assert 2 * g.block_n <= 16 and d.block_n == 4
     assert choose_w4_tiles(1, 8, 2048, 768, 128, 132).down.block_kw == 32  # 96 = 3 x 32
     assert choose_w4_tiles(1, 8, 2048, 768, 32, 132).down.block_kw == 32  # 4-word groups
     assert choose_w4_tiles(1, 6, 2048, 1408, 128, 132).down.block_kw == 64  # 176: masked tail
@@ -203,9 +183,6 @@ def test_kernels_compile_for_hopper_with_pdl() -> None:
                       "stride_zn"),
                 **const("TOP_K", "BLOCK_E", "GROUP_W", "GPS", "MASK_K", "BLOCK_N",
                         "BLOCK_KW", "USE_PDL")}
-    deq_sig = {"q_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i8", "out_ptr": "*bf16",
-               **i32("R", "N", "KW", "stride_qe", "stride_qn", "stride_se", "stride_sn",
-                     "stride_ze", "stride_zn"), **const("GROUP_W", "BLOCK_R", "BLOCK_W")}
     jobs = [
         ("_w4_gate_up_kernel", gate_sig, {"GROUP_W": 16, "GPS": 4, "MASK_K": False,
                                           "BLOCK_N": g.block_n, "BLOCK_KW": g.block_kw,
@@ -217,15 +194,14 @@ def test_kernels_compile_for_hopper_with_pdl() -> None:
         ("_w4_down_kernel", down_sig, {"TOP_K": 6, "BLOCK_E": 8, "GROUP_W": 4, "GPS": 8,
                                        "MASK_K": True, "BLOCK_N": 2, "BLOCK_KW": 32,
                                        "USE_PDL": True}, 4),
-        ("_w4_dequant_kernel", deq_sig, {"GROUP_W": 16, "BLOCK_R": 16, "BLOCK_W": 32}, 4),
     ]
     aligned = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "ids_ptr", "inter_ptr", "route_ptr",
-               "out_ptr", "q_ptr", "KW", "stride_we", "stride_wn", "stride_om", "stride_xm"]
+               "out_ptr", "KW", "stride_we", "stride_wn", "stride_om", "stride_xm"]
     results = hopper_ptx([{"module": "heteroserve.platforms.triton.moe_w4", "kernel": name,
                            "signature": sig, "constexprs": consts, "aligned": aligned,
                            "num_warps": warps} for name, sig, consts, warps in jobs])
     for (name, *_), res in zip(jobs, results, strict=True):
-        assert res["griddepcontrol_wait"] == (name != "_w4_dequant_kernel"), name
+        assert res["griddepcontrol_wait"], name
 
 
 @pytest.mark.gpu
@@ -255,8 +231,8 @@ def test_decode_moe_w4_graph_capture_bf16() -> None:
 def test_fused_moe_runs_w4a16_experts_on_both_paths(device: torch.device, tokens: int,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``fused_moe`` with ``w4a16`` experts: up to ``MAX_DECODE_PAIRS`` pairs the 4-bit decode
-    kernels, beyond them the experts dequantized for the grouped GEMM; both equal the
-    float64 product of the dequantized experts."""
+    kernels, beyond them the 4-bit grouped GEMM; both equal the float64 product of the
+    dequantized experts."""
     from heteroserve.platforms.triton import moe
 
     calls: list[str] = []
@@ -269,3 +245,49 @@ def test_fused_moe_runs_w4a16_experts_on_both_paths(device: torch.device, tokens
                         ids.to(device), quant=_on(quant, device))
     assert calls == (["decode_moe_w4"] if tokens * 2 <= moe.MAX_DECODE_PAIRS else ["grouped_moe"])
     assert rel_err(out.cpu(), _reference(x, w13, w2, quant, tw, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_grouped_w4_gemm_dequantizes_tiles_in_registers(device: torch.device,
+                                                         group: int) -> None:
+    """80 pairs through ``grouped_moe``: the 4-bit grouped GEMM (a K step of 16 inside a
+    group of 16 or 32) equals the float64 product of the dequantized experts; a ``BLOCK_K``
+    that does not divide the group is refused."""
+    from heteroserve.platforms.triton import moe
+    from heteroserve.platforms.triton.moe_align import align_pairs
+    from heteroserve.platforms.triton.moe_gemm_w4 import moe_gemm_w4
+
+    x, w13, w2, quant, tw, ids = _problem(40, 8, 2, 64, 32, group, seed=5)
+    out = moe.grouped_moe(x.to(device), w13.to(device), w2.to(device), tw.to(device),
+                          ids.to(device), _on(quant, device))
+    assert rel_err(out.cpu(), _reference(x, w13, w2, quant, tw, ids)) < 1e-5
+    pairs = align_pairs(ids.to(device), 8, 16)
+    inter = torch.empty(80, 32, device=device)
+    with pytest.raises(ValueError, match="BLOCK_K 12"):
+        moe_gemm_w4(x.to(device), w13.to(device), quant.w13_scale.to(device),
+                    quant.w13_zero.to(device), group, inter, pairs, 2, True, None,
+                    (16, 16, 12, 1, 1))
+
+
+def test_grouped_w4_gemm_builds_for_hopper() -> None:
+    """The 4-bit grouped GEMM compiles for sm_90a with bf16 activations at the heuristic's
+    tile shapes, both GEMMs."""
+    sig = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i8",
+           "c_ptr": "*bf16", "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32",
+           "num_rows_ptr": "*i32", "route_w_ptr": "*fp32",
+           **{n: "i32" for n in ("N", "K", "num_pairs", "stride_am", "stride_we", "stride_wn",
+                                 "stride_se", "stride_sn", "stride_ze", "stride_zn",
+                                 "stride_cm")},
+           **{n: "constexpr" for n in ("A_ROW_DIV", "GATED", "MUL_WEIGHT", "EXACT_FP32",
+                                       "GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    jobs = [{"module": "heteroserve.platforms.triton.moe_gemm_w4",
+             "kernel": "_moe_gemm_w4_kernel", "signature": sig,
+             "constexprs": {"A_ROW_DIV": div, "GATED": gated, "MUL_WEIGHT": not gated,
+                            "EXACT_FP32": False, "GROUP": 128, "BLOCK_M": bm, "BLOCK_N": bn,
+                            "BLOCK_K": bk, "GROUP_M": 8},
+             "aligned": ["a_ptr", "w_ptr", "s_ptr", "z_ptr", "c_ptr", "K", "stride_am",
+                         "stride_we", "stride_wn", "stride_cm"], "num_warps": warps}
+            for div, gated, bm, bn, bk, warps in ((8, True, 64, 64, 64, 4),
+                                                  (1, False, 128, 128, 64, 8))]
+    for res in hopper_ptx(jobs):
+        assert res["ptx_lines"] > 0

@@ -1,0 +1,130 @@
+"""The grouped GEMM of fused MoE over 4-bit (``w4a16``) experts: as :mod:`.moe_gemm`, with each
+weight tile unpacked and dequantized in registers, so no dense copy of the experts is ever
+written (a dense transient of every expert per call ran an H100 out of memory while decode
+graphs up to batch 256 were captured for the Qwen3-30B-A3B shape, 2026-12-06 18:56 UTC).
+
+Layout (:class:`~heteroserve.core.kernels.ops.MoEWeightQuant`, scheme ``w4a16``): ``w [E, N,
+K // 8]`` int32, feature ``8w + j`` of a row in bits ``4j .. 4j + 3``; fp32 ``scale`` and
+int8 ``zero`` ``[E, N, K // G]``. ``BLOCK_K`` divides ``G``, so a K step lies in one group:
+the tile's words ``[BLOCK_N, BLOCK_K // 8]`` become ``(q - zero) * scale`` in fp32, rounded
+to ``a``'s dtype (what the dequantized weight would hold) and multiplied on the tensor cores
+with fp32 accumulation. The first GEMM (``GATED``) writes ``silu(gate) * up``; the second
+multiplies by each pair's routing weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from heteroserve.platforms.triton.jit_math import exact_fp32, mma
+from heteroserve.platforms.triton.moe_align import AlignedPairs
+from heteroserve.platforms.triton.moe_gemm import Config
+
+
+@triton.jit
+def _w4_tile(w_rows, s_rows, z_rows, k0, n_mask, K, A_DTYPE: tl.constexpr,
+             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dequantized ``[BLOCK_K, BLOCK_N]`` tile at feature ``k0`` of the rows ``w_rows``
+    (pointers ``[BLOCK_N]`` to their first words; ``s_rows`` / ``z_rows``: their first scale
+    and zero), in ``A_DTYPE``."""
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask = n_mask[:, None] & (offs_w < K // 8)[None, :]
+    words = tl.load(w_rows[:, None] + offs_w[None, :], mask=mask, other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    q = tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.float32)
+    s = tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0)
+    z = tl.load(z_rows + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
+    return tl.trans(((q - z[:, None]) * s[:, None]).to(A_DTYPE))
+
+
+@triton.jit
+def _moe_gemm_w4_kernel(
+    a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, sorted_ids_ptr, block_experts_ptr, num_rows_ptr,
+    route_w_ptr, N, K, num_pairs,
+    stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn, stride_cm,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    EXACT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * num_n) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
+        return
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_r)
+    r_mask = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = offs_n.to(tl.int64)
+    a_rows = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    w_rows = w_ptr + expert * stride_we + rows * stride_wn
+    s_rows = s_ptr + expert * stride_se + rows * stride_sn
+    z_rows = z_ptr + expert * stride_ze + rows * stride_zn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = _w4_tile(w_rows, s_rows, z_rows, k0, n_mask, K, a.dtype, GROUP, BLOCK_N,
+                     BLOCK_K)
+        acc += mma(a, w, EXACT_FP32)
+        if GATED:
+            w_up = _w4_tile(w_rows + N * stride_wn, s_rows + N * stride_sn,
+                            z_rows + N * stride_zn, k0, n_mask, K, a.dtype, GROUP,
+                            BLOCK_N, BLOCK_K)
+            acc_up += mma(a, w_up, EXACT_FP32)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(route_w_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+             acc.to(c_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+
+
+def w4_config(config: Config, group: int) -> Config:
+    """``config`` with ``BLOCK_K`` at most the group ``group`` (so a K step lies in one
+    group)."""
+    bm, bn, bk, warps, stages = config
+    return bm, bn, min(bk, group), warps, stages
+
+
+def moe_gemm_w4(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group: int, out: torch.Tensor, pairs: AlignedPairs, a_row_div: int,
+                gated: bool, route_weights: torch.Tensor | None, config: Config
+                ) -> torch.Tensor:
+    """:func:`~.moe_gemm.moe_gemm` over ``w4a16`` experts: fill row ``p`` of ``out`` for
+    every pair ``p`` with ``a[p // a_row_div] @ W[e]^T`` (``gated``: ``silu(gate) * up``
+    over ``W[e]``'s two halves; with ``route_weights`` fp32 ``[num_pairs]``, times the
+    pair's weight), ``W[e, n, k] = (q - zero[e, n, k // G]) * scale[e, n, k // G]`` with
+    ``w [E, N(*2), K // 8]`` int32 and ``scale`` / ``zero [E, N(*2), K // G]`` (last dims
+    contiguous). ``config``'s ``BLOCK_K`` must be a multiple of 8 dividing ``group``.
+    Raises ``ValueError`` otherwise."""
+    bm, bn, bk, warps, stages = config
+    n = out.shape[1]
+    k = a.shape[1]
+    if bk % 8 or group % bk or any(t.stride(-1) != 1 for t in (w, scale, zero)):
+        raise ValueError(f"moe_gemm_w4: BLOCK_K {bk} must be a multiple of 8 dividing the "
+                         f"group {group}, and the weights, scales and zeros need contiguous "
+                         "last dims")
+    grid = (pairs.sorted_ids.numel() // bm * triton.cdiv(n, bn),)
+    _moe_gemm_w4_kernel[grid](
+        a, w, scale, zero, out, pairs.sorted_ids, pairs.block_experts, pairs.num_rows,
+        route_weights if route_weights is not None else out, n, k, pairs.num_pairs,
+        a.stride(0), w.stride(0), w.stride(1), scale.stride(0), scale.stride(1),
+        zero.stride(0), zero.stride(1), out.stride(0),
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=route_weights is not None,
+        EXACT_FP32=exact_fp32(a.dtype), GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return out
