@@ -25,6 +25,28 @@ from heteroserve.platforms.triton.moe_align import AlignedPairs
 
 
 @triton.jit
+def pair_tile(sorted_ids_ptr, block_experts_ptr, num_rows_ptr, N, num_pairs,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a grouped MoE GEMM over :class:`AlignedPairs`: ``(live,
+    expert, pair [BLOCK_M], r_mask, offs_n [BLOCK_N], n_mask)``. ``GROUP_M`` row blocks
+    (mostly one expert's) sweep the N tiles together, so each weight tile is read from DRAM
+    once and then hit in L2 by the group's other row blocks; ``live`` is false for a row
+    block past the aligned rows (the program then stores nothing)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.num_programs(0) // num_n
+    first_m = pid // (GROUP_M * num_n) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    live = pid_m * BLOCK_M < tl.load(num_rows_ptr)
+    expert = tl.load(block_experts_ptr + pid_m, mask=live, other=0).to(tl.int64)
+    pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return live, expert, pair, pair < num_pairs, offs_n, offs_n < N
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, ws_ptr, c_ptr, sorted_ids_ptr, block_experts_ptr, num_rows_ptr, route_w_ptr,
     N, K, num_pairs,
@@ -33,23 +55,10 @@ def _moe_gemm_kernel(
     EXACT_FP32: tl.constexpr, W_SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # GROUP_M row blocks (mostly one expert's) sweep the N tiles together, so each weight
-    # tile is read from DRAM once and then hit in L2 by the group's other row blocks.
-    pid = tl.program_id(0)
-    num_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    num_n = tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * num_n) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
+    live, expert, pair, r_mask, offs_n, n_mask = pair_tile(
+        sorted_ids_ptr, block_experts_ptr, num_rows_ptr, N, num_pairs, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
         return
-    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_r)
-    r_mask = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     a_rows = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

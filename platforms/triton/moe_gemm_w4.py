@@ -20,7 +20,7 @@ import triton.language as tl
 
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.moe_align import AlignedPairs
-from heteroserve.platforms.triton.moe_gemm import Config
+from heteroserve.platforms.triton.moe_gemm import Config, pair_tile
 
 
 @triton.jit
@@ -49,21 +49,10 @@ def _moe_gemm_w4_kernel(
     EXACT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    num_n = tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * num_n) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
+    live, expert, pair, r_mask, offs_n, n_mask = pair_tile(
+        sorted_ids_ptr, block_experts_ptr, num_rows_ptr, N, num_pairs, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
         return
-    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_r)
-    r_mask = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
     a_rows = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
     w_rows = w_ptr + expert * stride_we + rows * stride_wn
