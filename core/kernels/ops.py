@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from heteroserve.core.quantization import nibbles
+
 # -- op names ---------------------------------------------------------------------------------
 ATTENTION = "attention"
 MLA_ATTENTION = "mla_attention"  # a backend class (contract: core/kernels/mla.py)
@@ -225,8 +227,7 @@ def dequantize_w4_experts(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     """fp32 ``W [..., N, K]`` of ``w4a16`` expert words ``q [..., N, K // 8]`` (one expert or
     all) with their ``scale`` / ``zero [..., N, K // G]``: the reference meaning of the
     scheme (torch ops; a platform may use it for the experts a call touches)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
-    nib = ((q[..., None] >> shifts) & 0xF).flatten(-2).to(torch.float32)
+    nib = nibbles.unpack(q, -1).to(torch.float32)
     expand = lambda t: t.to(torch.float32).repeat_interleave(group_size, dim=-1)  # noqa: E731
     return (nib - expand(zero)) * expand(scale)
 

@@ -141,13 +141,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w4a16 experts the grouped GEMM unpacks and dequantizes each weight tile in registers
     (:func:`~heteroserve.platforms.triton.moe_gemm_w4.moe_gemm_w4`). Neither path
     synchronises with the host. Raises ``ValueError`` on inconsistent shapes or dtypes."""
+    pairs = topk_ids.numel()
+    if quant is not None and quant.scheme == "w4a16" and configs is None \
+            and 0 < pairs <= MAX_DECODE_PAIRS:  # validates what _check would, and more
+        return decode_moe_w4(x, w13, w2, topk_weights, topk_ids, quant)
     _check(x, w13, w2, topk_weights, topk_ids, quant)
     t, top_k = topk_ids.shape
     if t == 0 or top_k == 0:
         return torch.zeros_like(x)
-    if quant is not None and quant.scheme == "w4a16" and configs is None \
-            and t * top_k <= MAX_DECODE_PAIRS:
-        return decode_moe_w4(x, w13, w2, topk_weights, topk_ids, quant)
     if configs is None and t * top_k <= MAX_DECODE_PAIRS:
         return decode_moe(*_contiguous_rows(x, w13, w2), topk_weights, topk_ids,
                           scales=_scales(quant))

@@ -103,12 +103,14 @@ def _block_k(k: int, elem_bytes: int, row_bytes: int) -> int:
     return min(full, max(16, triton.next_power_of_2(k)))
 
 
-def _block_n(rows_per_output: int, units: int, n: int, sms: int) -> int:
-    """The fewest output features per program, from ``16 // rows_per_output`` down to 1,
-    that still give at least four programs per multiprocessor (as ``gemv.choose_config``):
-    a program then loads about 16 weight rows per step."""
-    block_n = max(1, 16 // rows_per_output)
-    while block_n > 1 and units * triton.cdiv(n, block_n) < 4 * sms:
+def outputs_per_program(rows_per_output: int, units: int, n: int, sms: int, rows: int = 16,
+                        per_sm: int = 4) -> int:
+    """The fewest output features per program, from ``rows // rows_per_output`` down to 1,
+    that still give ``units * cdiv(n, block_n) >= per_sm * sms`` programs (by default four
+    per multiprocessor, as ``gemv.choose_config``: a program then loads about ``rows`` weight
+    rows per step)."""
+    block_n = max(1, rows // rows_per_output)
+    while block_n > 1 and units * triton.cdiv(n, block_n) < per_sm * sms:
         block_n //= 2
     return block_n
 
@@ -122,9 +124,10 @@ def choose_tiles(num_tokens: int, top_k: int, hidden: int, inter: int, elem_byte
     loads two rows (gate and up) per output, a down program one row per expert slot
     (``next_power_of_2(top_k)``) per output, so both keep about 16 rows in flight."""
     return DecodeConfig(
-        DecodeTile(_block_n(2, num_tokens * top_k, inter, multiprocessors),
+        DecodeTile(outputs_per_program(2, num_tokens * top_k, inter, multiprocessors),
                    _block_k(hidden, elem_bytes, _GATE_UP_ROW_BYTES)),
-        DecodeTile(_block_n(triton.next_power_of_2(top_k), num_tokens, hidden, multiprocessors),
+        DecodeTile(outputs_per_program(triton.next_power_of_2(top_k), num_tokens, hidden,
+                                       multiprocessors),
                    _block_k(inter, elem_bytes, _DOWN_ROW_BYTES)))
 
 

@@ -47,6 +47,19 @@ def pair_tile(sorted_ids_ptr, block_experts_ptr, num_rows_ptr, N, num_pairs,
 
 
 @triton.jit
+def store_pair_tile(acc, acc_up, c_ptr, route_w_ptr, pair, r_mask, offs_n, n_mask, stride_cm,
+                    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr):
+    """The grouped MoE GEMM's epilogue: ``silu(acc) * acc_up`` when ``GATED``, times each
+    pair's routing weight when ``MUL_WEIGHT``, stored to the pairs' rows of ``c``."""
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(route_w_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+             acc.to(c_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, ws_ptr, c_ptr, sorted_ids_ptr, block_experts_ptr, num_rows_ptr, route_w_ptr,
     N, K, num_pairs,
@@ -62,8 +75,7 @@ def _moe_gemm_kernel(
     a_rows = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     if W_SCALED:  # the scale rows of this tile's columns (gate and up halves)
         s_cols = ws_ptr + expert * stride_se + (offs_n // SCALE_BLOCK) * stride_sn
         s_up_cols = ws_ptr + expert * stride_se + ((N + offs_n) // SCALE_BLOCK) * stride_sn
@@ -85,12 +97,8 @@ def _moe_gemm_kernel(
                 acc_up += mma(a, w_up.to(a.dtype), EXACT_FP32) * s_up[None, :]
             else:
                 acc_up += mma(a, w_up, EXACT_FP32)
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(route_w_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-             acc.to(c_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+    store_pair_tile(acc, acc_up, c_ptr, route_w_ptr, pair, r_mask, offs_n, n_mask, stride_cm,
+                    GATED, MUL_WEIGHT)
 
 
 Config = tuple[int, int, int, int, int]

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.moe_align import AlignedPairs
-from heteroserve.platforms.triton.moe_gemm import Config, pair_tile
+from heteroserve.platforms.triton.moe_gemm import Config, pair_tile, store_pair_tile
 
 
 @triton.jit
@@ -59,8 +59,7 @@ def _moe_gemm_w4_kernel(
     s_rows = s_ptr + expert * stride_se + rows * stride_sn
     z_rows = z_ptr + expert * stride_ze + rows * stride_zn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & (offs_k < K)[None, :],
@@ -73,12 +72,8 @@ def _moe_gemm_w4_kernel(
                             z_rows + N * stride_zn, k0, n_mask, K, a.dtype, GROUP,
                             BLOCK_N, BLOCK_K)
             acc_up += mma(a, w_up, EXACT_FP32)
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(route_w_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-             acc.to(c_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+    store_pair_tile(acc, acc_up, c_ptr, route_w_ptr, pair, r_mask, offs_n, n_mask, stride_cm,
+                    GATED, MUL_WEIGHT)
 
 
 def w4_config(config: Config, group: int) -> Config:

@@ -46,6 +46,7 @@ import triton.language as tl
 from heteroserve.core.kernels.ops import MoEWeightQuant, check_w4_experts, moe_expert_dims
 from heteroserve.platforms.triton import device_info
 from heteroserve.platforms.triton.jit_math import split8
+from heteroserve.platforms.triton.moe_decode import outputs_per_program
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 #: packed bytes of each weight row a program loads per K step on a GPU (64 words, 512
@@ -91,16 +92,6 @@ def _block_kw(kw: int, group_words: int, target: int) -> int:
     return max(b, 1)
 
 
-def _block_n(rows_per_output: int, units: int, n: int, sms: int, rows: int = 16,
-             per_sm: int = 4) -> int:
-    """The fewest outputs per program, from ``rows // rows_per_output`` down to 1, that still
-    give ``units * cdiv(n, block_n) >= per_sm * sms`` programs."""
-    block_n = max(1, rows // rows_per_output)
-    while block_n > 1 and units * triton.cdiv(n, block_n) < per_sm * sms:
-        block_n //= 2
-    return block_n
-
-
 def choose_w4_tiles(num_tokens: int, top_k: int, hidden: int, inter: int, group: int,
                     multiprocessors: int) -> W4DecodeConfig:
     """GPU launch shapes for ``T = num_tokens`` tokens over ``top_k`` experts of ``w13 [E,
@@ -117,10 +108,10 @@ def choose_w4_tiles(num_tokens: int, top_k: int, hidden: int, inter: int, group:
     words = _ROW_BYTES // 4
     gw = group // 8
     return W4DecodeConfig(
-        W4Tile(_block_n(2, num_tokens * top_k, inter, multiprocessors),
+        W4Tile(outputs_per_program(2, num_tokens * top_k, inter, multiprocessors),
                _block_kw(hidden // 8, gw, words)),
-        W4Tile(_block_n(triton.next_power_of_2(top_k), num_tokens, hidden, multiprocessors,
-                        rows=32, per_sm=2),
+        W4Tile(outputs_per_program(triton.next_power_of_2(top_k), num_tokens, hidden,
+                                   multiprocessors, rows=32, per_sm=2),
                _block_kw(inter // 8, gw, words)))
 
 

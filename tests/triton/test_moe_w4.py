@@ -11,23 +11,16 @@ from ptx_check import hopper_ptx
 from triton_refs import rel_err
 
 from heteroserve.core.kernels.ops import MoEWeightQuant, dequantize_w4_experts
+from heteroserve.core.quantization import nibbles
 from heteroserve.platforms.triton.moe_w4 import (
     W4DecodeConfig, W4Tile, choose_w4_tiles, decode_moe_w4,
 )
 
 
-def _pack(nib: torch.Tensor) -> torch.Tensor:
-    """Nibbles ``[..., K]`` (0..15) -> int32 words ``[..., K // 8]``, feature ``8w + j`` in
-    bits ``4j .. 4j + 3`` (words at or above ``2**31`` wrap to negative)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    words = (nib.to(torch.int64).unflatten(-1, (-1, 8)) << shifts).sum(-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-
-
 def _experts(e: int, rows: int, k: int, group: int, g: torch.Generator
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random words ``[e, rows, k // 8]``, fp32 scales and int8 zeros ``[e, rows, k // group]``."""
-    q = _pack(torch.randint(0, 16, (e, rows, k), generator=g))
+    q = nibbles.pack(torch.randint(0, 16, (e, rows, k), generator=g), -1)
     scale = torch.rand(e, rows, k // group, generator=g) * 0.04 + 0.01
     zero = torch.randint(0, 16, (e, rows, k // group), generator=g).to(torch.int8)
     return q, scale, zero
