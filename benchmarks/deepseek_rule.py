@@ -14,6 +14,8 @@ Rules (each names what it puts back; everything else as the default):
   to fp32 by a separate torch kernel (not read as bf16 by the GEMV,
   ``LinearMethod.apply_upcast``) and the shared-expert slots appended by two ``torch.cat``
   (not one, as halves of one tensor).
+- ``slots_concat``: the shared-expert slots appended by the one concatenation after the
+  routing op (the path before plugin API 1.7, where the op writes them itself).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def _bmm() -> None:
     TritonMLA.fused_max_batch = 0
 
 
+def _slots_concat() -> None:
+    DeepseekMoE.slots_in_op = lambda self: False  # type: ignore[method-assign]
+
+
 def _routing_before() -> None:
     def cast_then_apply(self: ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
         return self(x.to(self.ctx.dtype))
@@ -48,10 +54,12 @@ def _routing_before() -> None:
 
     ReplicatedLinear.forward_upcast = cast_then_apply  # type: ignore[method-assign]
     DeepseekMoE._append_shared = two_cats  # type: ignore[method-assign]
+    _slots_concat()
 
 
 RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,
-                                        "routing_before": _routing_before}
+                                        "routing_before": _routing_before,
+                                        "slots_concat": _slots_concat}
 
 
 def apply(rule: str) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -15,24 +19,47 @@ from heteroserve.conformance.inputs import distinct_logits, randn
 from heteroserve.conformance.oracles import moe as oracle
 from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.conformance.quantize import quantized_experts
-from heteroserve.core.kernels.ops import MOE_PROCESS_WEIGHTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR
+from heteroserve.core.kernels.ops import (
+    MOE_PROCESS_WEIGHTS_ATTR, MOE_SHARED_SLOTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR,
+)
 
 
-def _check_routing(out: object, tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_routing(out: object, tokens: int, k: int, experts: int, shared: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed ``(weights, ids)`` ``[T, k]`` of a routing op's result, after checking its
+    dtypes, its shape ``[T, k + shared]`` and that the ``shared`` slots hold ids ``experts +
+    j`` at weight exactly 1.0."""
     assert isinstance(out, tuple) and len(out) == 2, "routing returns (weights, ids)"
     weights, ids = out
     assert weights.dtype == torch.float32, f"routing weights must be fp32, got {weights.dtype}"
     assert ids.dtype == torch.int32, f"routing ids must be int32, got {ids.dtype}"
-    assert tuple(weights.shape) == tuple(ids.shape) == (tokens, k), \
-        f"routing shapes {list(weights.shape)} / {list(ids.shape)}, expected [{tokens}, {k}]"
-    return weights, ids
+    width = k + shared
+    assert tuple(weights.shape) == tuple(ids.shape) == (tokens, width), \
+        f"routing shapes {list(weights.shape)} / {list(ids.shape)}, expected [{tokens}, {width}]"
+    if shared:
+        want_ids = torch.arange(experts, experts + shared, dtype=torch.int64).expand(tokens, -1)
+        assert_bitwise_equal(ids[:, k:].cpu().long(), want_ids, "shared-expert slot ids")
+        assert_bitwise_equal(weights[:, k:].cpu(), torch.ones(tokens, shared),
+                             "shared-expert slot weights (exactly 1.0)")
+    return weights[:, :k], ids[:, :k]
+
+
+def _with_shared(fn: Callable[..., Any], shared: int) -> Callable[..., Any]:
+    """``fn`` asked for ``shared`` shared-expert slots; skips the test when ``fn`` does not
+    declare ``MOE_SHARED_SLOTS_ATTR`` (the model layer then appends them itself)."""
+    if not shared:
+        return fn
+    if not getattr(fn, MOE_SHARED_SLOTS_ATTR, False):
+        pytest.skip("does not declare appends_shared_experts (optional): the model appends "
+                    "the shared-expert slots itself")
+    return functools.partial(fn, shared_experts=shared)
 
 
 @conformance(topk_softmax_cases)
 def test_moe_topk_softmax(conf: ConfParam, ctx: ConformanceContext,
                           request: pytest.FixtureRequest) -> None:
     case: TopKCase = conf.case  # type: ignore[assignment]
-    fn = conf.load()
+    fn = _with_shared(conf.load(), case.shared)
     gen = case.generator()
     logits = distinct_logits(gen, case.tokens, case.experts)
     if case.ties:  # every other row repeats its largest logits: order must follow expert id
@@ -40,7 +67,7 @@ def test_moe_topk_softmax(conf: ConfParam, ctx: ConformanceContext,
         logits[::2, ::3] = top[::2]
     x = logits.to(case.dtype).to(ctx.device)
     weights, ids = _check_routing(run_op(fn, lambda: (x, case.top_k, case.renormalize)),
-                                  case.tokens, case.top_k)
+                                  case.tokens, case.top_k, case.experts, case.shared)
     ref_w, ref_ids = oracle.topk_softmax(x, case.top_k, case.renormalize)
     assert_bitwise_equal(ids.long(), ref_ids, "expert ids (descending, ties to lower id)")
     assert_close(weights, ref_w, torch.float32, "routing weights", request)
@@ -50,7 +77,7 @@ def test_moe_topk_softmax(conf: ConfParam, ctx: ConformanceContext,
 def test_moe_grouped_topk(conf: ConfParam, ctx: ConformanceContext,
                           request: pytest.FixtureRequest) -> None:
     case: GroupedTopKCase = conf.case  # type: ignore[assignment]
-    fn = conf.load()
+    fn = _with_shared(conf.load(), case.shared)
     for salt in range(100):  # draw until every selection has a clear margin
         gen = case.generator(salt)
         logits = (distinct_logits(gen, case.tokens, case.experts, step=4.0 / case.experts)
@@ -66,7 +93,7 @@ def test_moe_grouped_topk(conf: ConfParam, ctx: ConformanceContext,
     bias_dev = bias.to(ctx.device) if bias is not None else None
     out = run_op(fn, lambda: (x, case.top_k, case.renormalize, case.groups, case.topk_group,
                               case.scoring, bias_dev, case.scaling))
-    weights, ids = _check_routing(out, case.tokens, case.top_k)
+    weights, ids = _check_routing(out, case.tokens, case.top_k, case.experts, case.shared)
     order = ids.cpu().long().sort(dim=-1).indices
     assert_bitwise_equal(ids.cpu().long().gather(1, order), ref_ids,
                          "selected experts (as a set per token)")

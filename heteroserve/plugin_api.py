@@ -33,14 +33,15 @@ from heteroserve.core.kernels.linear import (
 )
 from heteroserve.core.kernels.ops import (
     ATTENTION, FUNCTION_OPS, FUSED_ADD_RMS_NORM, FUSED_MOE, GELU_AND_MUL, MOE_GROUPED_TOPK,
-    MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_TOPK_SOFTMAX, MOE_WEIGHT_SCHEMES,
+    MOE_DESCRIBE_ATTR, MOE_PROCESS_WEIGHTS_ATTR, MOE_SHARED_SLOTS_ATTR, MOE_TOPK_SOFTMAX,
+    MOE_WEIGHT_SCHEMES,
     MOE_WEIGHT_SCHEMES_ATTR, NORM_ADD_NORM, QK_NORM_ROTARY, RMS_NORM, ROTARY, SAMPLING,
     SILU_AND_MUL, TOKEN_BITMASK_APPLY,
     FusedAddRMSNormOp, FusedMoEOp, GeluAndMulOp, MoEWeightQuant, GroupedTopKOp, NormAddNormOp,
     QKNormRotaryOp, RMSNormOp,
     RotaryOp,
     SamplingBatch, SamplingOp, SiluAndMulOp, TokenBitmaskApplyOp, TopKSoftmaxOp,
-    check_w4_experts, dequantize_w4_experts, linear_op, moe_expert_dims,
+    append_shared_slots, check_w4_experts, dequantize_w4_experts, linear_op, moe_expert_dims,
 )
 from heteroserve.core.kernels.registry import (
     ANY_PLATFORM, KernelRegistry, KernelRequest, KernelSpec, Support,
@@ -75,7 +76,7 @@ __all__ = [
     "GELU_AND_MUL",
     "ROTARY", "QK_NORM_ROTARY", "MOE_TOPK_SOFTMAX", "MOE_GROUPED_TOPK", "FUSED_MOE", "SAMPLING",
     "TOKEN_BITMASK_APPLY", "FUNCTION_OPS", "linear_op", "MOE_PROCESS_WEIGHTS_ATTR",
-    "MOE_DESCRIBE_ATTR",
+    "MOE_DESCRIBE_ATTR", "MOE_SHARED_SLOTS_ATTR", "append_shared_slots",
     "MOE_WEIGHT_SCHEMES_ATTR", "MOE_WEIGHT_SCHEMES", "MoEWeightQuant", "moe_expert_dims",
     "check_w4_experts", "dequantize_w4_experts",
     "RMSNormOp", "FusedAddRMSNormOp", "NormAddNormOp", "QKNormRotaryOp",

@@ -12,19 +12,21 @@ from heteroserve.core.platform import Fp8Flavour
 
 @dataclass(frozen=True)
 class TopKCase(Case):
-    """``ties``: some rows repeat logits exactly, exercising "ties: lower expert id first"."""
+    """``ties``: some rows repeat logits exactly, exercising "ties: lower expert id first";
+    ``shared``: shared-expert slots asked of the op (``ops.MOE_SHARED_SLOTS_ATTR``)."""
 
     tokens: int
     experts: int
     top_k: int
     renormalize: bool
     ties: bool = False
+    shared: int = 0
 
 
 @dataclass(frozen=True)
 class GroupedTopKCase(Case):
     """DeepSeek-style routing options (see ``ops.GroupedTopKOp``); ``bias``: a random
-    ``correction_bias``."""
+    ``correction_bias``; ``shared``: shared-expert slots asked of the op."""
 
     tokens: int
     experts: int
@@ -35,6 +37,7 @@ class GroupedTopKCase(Case):
     bias: bool
     renormalize: bool
     scaling: float
+    shared: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,29 +65,37 @@ class FusedMoECase(Case):
 
 
 def topk_softmax_cases(ctx: ConformanceContext) -> list[TopKCase]:
-    """Every dtype x expert counts 8-64, k 1-8, with and without renormalisation and ties."""
-    grid = [(1, 8, 2, True, False), (7, 64, 8, False, False), (9, 8, 2, False, True)]
+    """Every dtype x expert counts 8-64, k 1-8, with and without renormalisation and ties;
+    DeepSeek-V2-Lite's routing (64 experts, k 6, two shared slots) and an odd slot count."""
+    grid = [(1, 8, 2, True, False, 0), (7, 64, 8, False, False, 0), (9, 8, 2, False, True, 0),
+            (3, 64, 6, False, False, 2)]
     if not ctx.quick:
-        grid += [(33, 60, 4, True, False), (5, 16, 1, False, True)]
+        grid += [(33, 60, 4, True, False, 0), (5, 16, 1, False, True, 0),
+                 (17, 16, 3, True, True, 3)]
     return [TopKCase(ops.MOE_TOPK_SOFTMAX,
                      f"{DTYPE_NAMES[dt]}-T{t}-E{e}-k{k}" + ("-renorm" if rn else "")
-                     + ("-ties" if ties else ""), dt, t, e, k, rn, ties)
-            for dt in ALL_DTYPES for t, e, k, rn, ties in grid]
+                     + ("-ties" if ties else "") + (f"-shared{n}" if n else ""),
+                     dt, t, e, k, rn, ties, n)
+            for dt in ALL_DTYPES for t, e, k, rn, ties, n in grid]
 
 
 def grouped_topk_cases(ctx: ConformanceContext) -> list[GroupedTopKCase]:
-    """Every dtype x softmax and sigmoid+bias scoring, group layouts, scaling factors."""
-    # (tokens, experts, groups, topk_group, k, scoring, bias, renormalize, scaling)
-    grid = [(5, 16, 4, 2, 4, "softmax", False, True, 1.0),
-            (7, 64, 8, 4, 6, "sigmoid", True, True, 2.5)]
+    """Every dtype x softmax and sigmoid+bias scoring, group layouts, scaling factors, and
+    shared-expert slots after a scaled choice (V3's one shared expert)."""
+    # (tokens, experts, groups, topk_group, k, scoring, bias, renormalize, scaling, shared)
+    grid = [(5, 16, 4, 2, 4, "softmax", False, True, 1.0, 0),
+            (7, 64, 8, 4, 6, "sigmoid", True, True, 2.5, 0),
+            (4, 32, 4, 2, 4, "sigmoid", True, True, 2.5, 1)]
     if not ctx.quick:
-        grid += [(1, 32, 4, 4, 8, "sigmoid", True, False, 1.0),
-                 (33, 16, 2, 1, 2, "softmax", False, False, 1.0)]
+        grid += [(1, 32, 4, 4, 8, "sigmoid", True, False, 1.0, 0),
+                 (33, 16, 2, 1, 2, "softmax", False, False, 1.0, 0),
+                 (9, 16, 4, 2, 3, "softmax", False, False, 16.0, 2)]
     return [GroupedTopKCase(
         ops.MOE_GROUPED_TOPK, f"{DTYPE_NAMES[dt]}-T{t}-E{e}-g{g}:{tg}-k{k}-{sc}"
-        + ("-bias" if b else "") + ("-renorm" if rn else "") + (f"-x{s}" if s != 1 else ""),
-        dt, t, e, g, tg, k, sc, b, rn, s)
-        for dt in ALL_DTYPES for t, e, g, tg, k, sc, b, rn, s in grid]
+        + ("-bias" if b else "") + ("-renorm" if rn else "") + (f"-x{s}" if s != 1 else "")
+        + (f"-shared{n}" if n else ""),
+        dt, t, e, g, tg, k, sc, b, rn, s, n)
+        for dt in ALL_DTYPES for t, e, g, tg, k, sc, b, rn, s, n in grid]
 
 
 def fused_moe_cases(ctx: ConformanceContext) -> list[FusedMoECase]:

@@ -131,7 +131,11 @@ class TopKSoftmaxOp(Protocol):
                  renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: softmax in
         fp32, the ``k`` largest probabilities in descending order (ties: lower expert id
-        first), renormalised to sum to 1 when ``renormalize``."""
+        first), renormalised to sum to 1 when ``renormalize``.
+
+        Shared-expert slots (optional, :data:`MOE_SHARED_SLOTS_ATTR`): an implementation
+        whose attribute ``appends_shared_experts`` is True also takes the keyword
+        ``shared_experts=n`` and returns ``[T, k + n]``, as :func:`append_shared_slots`."""
 
 
 class GroupedTopKOp(Protocol):
@@ -145,7 +149,30 @@ class GroupedTopKOp(Protocol):
         ``topk_group`` groups stay; the top ``k`` experts are chosen among them by biased
         score but weighted by unbiased score; optional renormalisation, then multiply by
         ``routed_scaling_factor``. Returns ``(weights fp32 [T,k], ids int32 [T,k])``, order
-        unspecified."""
+        unspecified. Shared-expert slots: as :class:`TopKSoftmaxOp` (the slots are neither
+        renormalised nor scaled)."""
+
+
+#: name of the optional attribute (True) by which a ``moe_topk_softmax`` or
+#: ``moe_grouped_topk`` implementation declares that it takes ``shared_experts=n`` and
+#: appends the shared-expert slots itself (DeepSeek's always-on experts, stored as experts
+#: ``E .. E + n - 1`` of the fused MoE), so a decode step needs no concatenation after it
+MOE_SHARED_SLOTS_ATTR = "appends_shared_experts"
+
+
+def append_shared_slots(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                        shared_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meaning of ``shared_experts=n`` on a top-k op: the routed choice ``(weights fp32
+    [T, k], ids int32 [T, k])`` followed by ``n`` columns holding ids ``num_experts + j`` at
+    weight exactly 1.0, ``(weights [T, k + n], ids [T, k + n])``. Raises ``ValueError`` for
+    a negative ``n``."""
+    if shared_experts < 0:
+        raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
+    t = ids.shape[0]
+    slot_ids = torch.arange(num_experts, num_experts + shared_experts, dtype=torch.int32,
+                            device=ids.device).expand(t, shared_experts)
+    return (torch.cat([weights, weights.new_ones(t, shared_experts)], dim=1),
+            torch.cat([ids, slot_ids], dim=1))
 
 
 #: expert weight schemes the ``fused_moe`` contract defines (see :class:`MoEWeightQuant`)

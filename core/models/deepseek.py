@@ -33,6 +33,7 @@ from torch import nn
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.mla import MLABackend, MLAConfig
+from heteroserve.core.kernels.ops import MOE_SHARED_SLOTS_ATTR
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.embedding import VocabParallelEmbedding
 from heteroserve.core.layers.linear import ReplicatedLinear
@@ -267,24 +268,56 @@ class DeepseekMoE(FusedMoE):
                                          f"{proj} tensors")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(self.gate.forward_upcast(x))  # fp32 logits, as DeepSeek's
+        out = self.ctx.all_reduce(self.experts(x, weights, ids))  # reference routes
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+    def _greedy(self) -> bool:
+        """One group of softmax scores without a bias: plain top-k softmax, the cheaper op
+        (V2-Lite's greedy routing)."""
+        r = self.routing
+        return r.num_groups == 1 and r.scoring == "softmax" and \
+            self.e_score_correction_bias is None
+
+    def slots_in_op(self) -> bool:
+        """Whether the routing op appends the fused shared experts' slots itself (it declares
+        ``MOE_SHARED_SLOTS_ATTR``, and on the greedy path no scaling follows it)."""
+        d = self.ctx.dispatch
+        if self._greedy():
+            return self.routing.routed_scaling_factor == 1.0 and \
+                getattr(d.moe_topk_softmax, MOE_SHARED_SLOTS_ATTR, False)
+        return getattr(d.moe_grouped_topk, MOE_SHARED_SLOTS_ATTR, False)
+
+    def shared_note(self) -> str:
+        """The start-up line of the shared experts' path (how fused slots are appended)."""
+        if not self.fused_shared:
+            return self.shared_path.describe() if self.shared_path is not None else ""
+        how = "by the routing op" if self.slots_in_op() else "by one concatenation"
+        return f"{self.shared_path.describe()}, appended {how}"
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights fp32, ids int32)`` of ``[T, k + slots]`` for router ``logits`` fp32
+        ``[T, E]``: the routing op's choice, then the fused shared experts' slots (ids ``E
+        ..``, weight 1.0), appended by the op where :meth:`slots_in_op`, else by one
+        concatenation."""
         d, r = self.ctx.dispatch, self.routing
-        logits = self.gate.forward_upcast(x)  # fp32, as DeepSeek's reference routes
-        if r.num_groups == 1 and r.scoring == "softmax" and self.e_score_correction_bias is None:
-            # one group is plain top-k softmax: the cheaper op (V2-Lite's greedy routing)
-            weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize)
+        slots = self.shared_ids.shape[0]
+        in_op = slots > 0 and self.slots_in_op()
+        extra = {"shared_experts": slots} if in_op else {}
+        if self._greedy():
+            weights, ids = d.moe_topk_softmax(logits, r.top_k, r.renormalize, **extra)
             if r.routed_scaling_factor != 1.0:
                 weights = weights * r.routed_scaling_factor
         else:
             weights, ids = d.moe_grouped_topk(
                 logits, r.top_k, r.renormalize, r.num_groups, r.topk_group, r.scoring,
-                self.e_score_correction_bias, r.routed_scaling_factor)
-        if self.fused_shared:
+                self.e_score_correction_bias, r.routed_scaling_factor, **extra)
+        if slots and not in_op:
             weights, ids = self._append_shared(weights, ids)
-        out = self.ctx.all_reduce(self.experts(x, weights, ids))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
-
+        return weights, ids
 
     def _append_shared(self, weights: torch.Tensor, ids: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +459,7 @@ class DeepseekV2ForCausalLM(CausalLM):
                                 m.qkv_a_refusal is None else f"{q} and kv_a_proj_with_mqa "
                                 f"separate: {m.qkv_a_refusal}")
             elif isinstance(m, DeepseekMoE) and m.shared_path is not None:
-                seen.setdefault(m.shared_path.describe())
+                seen.setdefault(m.shared_note())
         return list(seen) + super().startup_notes()
 
 

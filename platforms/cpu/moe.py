@@ -11,8 +11,8 @@ import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.ops import (
-    MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant, check_w4_experts, dequantize_w4_experts,
-    moe_expert_dims,
+    MOE_SHARED_SLOTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant, append_shared_slots,
+    check_w4_experts, dequantize_w4_experts, moe_expert_dims,
 )
 from heteroserve.platforms.cpu.activation import silu_and_mul
 
@@ -30,17 +30,19 @@ def _topk_desc(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., :k], idx[..., :k]
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int,
-                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: the ``k``
     largest fp32 softmax probabilities, descending (ties: lower expert id first), renormalised
-    to sum 1 when ``renormalize``. Raises ``ValueError`` unless ``1 <= top_k <= E``."""
+    to sum 1 when ``renormalize``; then ``shared_experts`` slots (``append_shared_slots``).
+    Raises ``ValueError`` unless ``1 <= top_k <= E`` and ``shared_experts >= 0``."""
     _check_top_k(top_k, router_logits.shape[-1])
     probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
     weights, ids = _topk_desc(probs, top_k)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    return append_shared_slots(weights, ids.to(torch.int32), router_logits.shape[-1],
+                               shared_experts)
 
 
 def check_grouped_topk(num_experts: int, top_k: int, num_expert_group: int, topk_group: int,
@@ -66,7 +68,8 @@ def check_grouped_topk(num_experts: int, top_k: int, num_expert_group: int, topk
 def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                  num_expert_group: int, topk_group: int, scoring: str = "softmax",
                  correction_bias: torch.Tensor | None = None,
-                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 routed_scaling_factor: float = 1.0,
+                 shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-style group-limited routing (see ``GroupedTopKOp``).
 
     ``router_logits [T, E]``; scores are fp32 softmax or sigmoid; ``correction_bias [E]``
@@ -74,9 +77,10 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     their two best biased scores; experts outside the best ``topk_group`` groups are excluded;
     the ``top_k`` best remaining (by biased score, ties to the lower id) are weighted by their
     unbiased score, optionally renormalised, then scaled by ``routed_scaling_factor``.
-    Returns ``(weights fp32 [T, k], ids int32 [T, k])`` in descending biased-score order.
-    Raises ``ValueError`` for an unknown scoring, ``E`` not divisible by the group count, or
-    ``top_k`` / ``topk_group`` out of range.
+    Returns ``(weights fp32 [T, k], ids int32 [T, k])`` in descending biased-score order,
+    then ``shared_experts`` slots (``append_shared_slots``: ``[T, k + n]``). Raises
+    ``ValueError`` for an unknown scoring, ``E`` not divisible by the group count,
+    ``top_k`` / ``topk_group`` out of range, or a negative ``shared_experts``.
     """
     num_tokens, num_experts = router_logits.shape
     per_group = check_grouped_topk(num_experts, top_k, num_expert_group, topk_group, scoring,
@@ -101,7 +105,11 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if routed_scaling_factor != 1.0:
         weights = weights * routed_scaling_factor
-    return weights, ids.to(torch.int32)
+    return append_shared_slots(weights, ids.to(torch.int32), num_experts, shared_experts)
+
+
+setattr(topk_softmax, MOE_SHARED_SLOTS_ATTR, True)
+setattr(grouped_topk, MOE_SHARED_SLOTS_ATTR, True)
 
 
 def _check_quant(quant: MoEWeightQuant, w13: torch.Tensor, w2: torch.Tensor) -> None:

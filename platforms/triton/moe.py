@@ -8,14 +8,15 @@ import triton.language as tl
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.core.kernels.ops import (
-    GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_WEIGHT_SCHEMES_ATTR, MoEWeightQuant,
-    check_w4_experts, moe_expert_dims,
+    GRAPH_SAFE_ATTR, MOE_DESCRIBE_ATTR, MOE_SHARED_SLOTS_ATTR, MOE_WEIGHT_SCHEMES_ATTR,
+    MoEWeightQuant, check_w4_experts, moe_expert_dims,
 )
 from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
 from heteroserve.platforms.triton.moe_gemm_w4 import moe_gemm_w4, w4_config
+from heteroserve.platforms.triton.moe_routing import routing_outputs, store_routing
 from heteroserve.platforms.triton.moe_w4 import decode_moe_w4
 from heteroserve.platforms.triton.jit_math import select_top_k
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
@@ -27,7 +28,7 @@ MAX_EXPERTS = 4096
 def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, stride_l, num_experts,
     TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    SHARED: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
@@ -38,34 +39,35 @@ def _topk_softmax_kernel(
     p = tl.where(valid, tl.exp(x - tl.max(x, 0)), 0.0)
     p = p / tl.sum(p, 0)
     weights, ids = select_top_k(tl.where(valid, p, -1.0), p, offs, TOP_K, BLOCK_E, BLOCK_K)
-    kk = tl.arange(0, BLOCK_K)
     if RENORM:
         weights = weights / tl.sum(weights, 0)
-    k_mask = kk < TOP_K
-    tl.store(w_ptr + row * TOP_K + kk, weights, mask=k_mask)
-    tl.store(ids_ptr + row * TOP_K + kk, ids, mask=k_mask)
+    store_routing(w_ptr, ids_ptr, row, weights, ids, num_experts, TOP_K, BLOCK_K, SHARED,
+                  BLOCK_S)
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int,
-                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 shared_experts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_logits [T, E]`` -> ``(weights fp32 [T, k], ids int32 [T, k])``: the ``k``
     largest fp32 softmax probabilities, descending (ties: lower expert id first), renormalised
-    to sum 1 when ``renormalize``. Raises ``ValueError`` unless ``1 <= top_k <= E <=
-    MAX_EXPERTS``."""
+    to sum 1 when ``renormalize``; with ``shared_experts = n``, ``[T, k + n]`` whose last
+    ``n`` columns are ids ``E .. E + n - 1`` at weight 1.0 (``ops.append_shared_slots``).
+    Raises ``ValueError`` unless ``1 <= top_k <= E <= MAX_EXPERTS`` and ``n >= 0``."""
     if router_logits.dim() != 2:
         raise ValueError(f"topk_softmax: logits must be [T, E], got {tuple(router_logits.shape)}")
     t, e = router_logits.shape
     if not 1 <= top_k <= e or e > MAX_EXPERTS:
         raise ValueError(f"top_k must be in 1..{e} (and E <= {MAX_EXPERTS}), got {top_k}")
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    weights, ids, slots = routing_outputs(t, top_k, shared_experts, logits.device)
     if t:
         _topk_softmax_kernel[(t,)](
             logits, weights, ids, logits.stride(0), e, TOP_K=top_k, RENORM=renormalize,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-            num_warps=1 if e <= 256 else 4, **pdl_args(logits.device))
+            num_warps=1 if e <= 256 else 4, **slots, **pdl_args(logits.device))
     return weights, ids
+
+
+setattr(topk_softmax, MOE_SHARED_SLOTS_ATTR, True)
 
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

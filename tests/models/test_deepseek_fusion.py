@@ -62,7 +62,36 @@ def test_fused_paths_are_chosen_and_match_transformers(tiny) -> None:
     assert not hasattr(attn, "kv_a_proj_with_mqa")
     block = startup_block(runner.platform, load_plugins(), runner.dispatch, runner)
     assert f"{shared} shared expert(s) fused into fused_moe" in block
+    assert "appended by the routing op" in block
     assert "kv_a_proj_with_mqa as one projection" in block
+    assert_matches(runner, _hf(path), 1e-4)
+
+
+def test_routing_without_shared_slots_concatenates_them_and_matches(tiny, monkeypatch) -> None:
+    """A routing implementation that does not declare ``appends_shared_experts`` (as the
+    rocm and npu adapters) is called without ``shared_experts``; one concatenation appends
+    the slots, and the routing and the model's logits are as with the op appending them."""
+    arch, path = tiny
+    runner = _runner(path)
+    moe = runner.model.model.layers[1].mlp
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    in_op = moe.route(logits)
+    assert moe.slots_in_op() and in_op[1].shape == (5, moe.top_k + moe.shared_ids.shape[0])
+    op_name = "moe_topk_softmax" if moe._greedy() else "moe_grouped_topk"
+    plain = getattr(runner.dispatch, op_name)
+    seen: list[dict] = []
+
+    def without_slots(*args, **kwargs):
+        seen.append(kwargs)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(runner.dispatch, op_name, without_slots)
+    assert not moe.slots_in_op()
+    concatenated = moe.route(logits)
+    assert seen == [{}], "the op is not asked for slots it does not declare"
+    assert torch.equal(concatenated[1], in_op[1]) and torch.equal(concatenated[0], in_op[0])
+    block = startup_block(runner.platform, load_plugins(), runner.dispatch, runner)
+    assert "appended by one concatenation" in block
     assert_matches(runner, _hf(path), 1e-4)
 
 

@@ -98,10 +98,15 @@ def test_scheduler_radix_and_chunked_prefill_equal_hf_generate(model) -> None:
 
 
 @torch.no_grad()
-def test_deepseek_v2_greedy_routing_matches_transformers(tmp_path) -> None:
-    """``topk_method: greedy`` (V2-Lite's routing: one group, through the top-k softmax op)."""
-    path = build_tiny_model(tmp_path, "deepseek_v2", seed=2, topk_method="greedy")
+@pytest.mark.parametrize("scaling", [2.0, 1.0])
+def test_deepseek_v2_greedy_routing_matches_transformers(tmp_path, scaling: float) -> None:
+    """``topk_method: greedy`` (V2-Lite's routing: one group, through the top-k softmax op).
+    At V2-Lite's ``routed_scaling_factor`` 1.0 the op appends the shared-expert slots; with a
+    factor (applied after the op) one concatenation does."""
+    path = build_tiny_model(tmp_path, "deepseek_v2", seed=2, topk_method="greedy",
+                            routed_scaling_factor=scaling)
     _, _, runner = build_model_runner(cpu_args(path))
+    assert runner.model.model.layers[1].mlp.slots_in_op() == (scaling == 1.0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = extend(runner, [(PROMPT, 0, PagedSequence(runner, len(PROMPT)))])[0]
     assert _rel(ours, hf(torch.tensor([PROMPT])).logits[0, -1]) < REL_TOL

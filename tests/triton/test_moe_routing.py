@@ -50,6 +50,42 @@ def test_grouped_topk_reads_bf16_logits_and_rejects_bad_groups(device: torch.dev
         grouped_topk(logits.to(device), 4, True, 4, 2, "tanh")
 
 
+@pytest.mark.parametrize("op,t,e,k,shared,extra", [
+    ("topk_softmax", 3, 64, 6, 2, (False,)),                          # V2-Lite: 2 shared
+    ("topk_softmax", 5, 16, 3, 3, (True,)),                           # odd slot count
+    ("grouped_topk", 4, 160, 6, 2, (False, 8, 3, "softmax", None, 16.0)),  # V2: scaled
+    ("grouped_topk", 2, 256, 8, 1, (True, 8, 4, "sigmoid", "bias", 2.5)),  # V3: 1 shared
+])
+def test_routing_appends_shared_expert_slots(device: torch.device, op: str, t: int, e: int,
+                                             k: int, shared: int, extra: tuple) -> None:
+    """Both Triton routing kernels with ``shared_experts``: the routed columns as without,
+    then ids ``E ..`` at weight exactly 1.0 (neither renormalised nor scaled), as the cpu
+    reference (``ops.append_shared_slots``)."""
+    from heteroserve.core.kernels.ops import MOE_SHARED_SLOTS_ATTR
+    from heteroserve.platforms.triton import moe as triton_moe
+
+    gen = torch.Generator().manual_seed(e + t)
+    logits = (torch.randperm(t * e, generator=gen).view(t, e).float() * (6.0 / (t * e)) - 3.0)
+    if "bias" in extra:
+        extra = tuple(torch.rand(e, generator=gen) * 0.2 - 0.1 if a == "bias" else a
+                      for a in extra)
+    fn = triton_moe.topk_softmax if op == "topk_softmax" else grouped_topk
+    assert getattr(fn, MOE_SHARED_SLOTS_ATTR) is True
+    ref_w, ref_ids = getattr(reference, op)(logits, k, *extra, shared_experts=shared)
+    dev_extra = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in extra)
+    w, ids = fn(logits.to(device), k, *dev_extra, shared_experts=shared)
+    assert w.shape == ids.shape == (t, k + shared)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.equal(ids[:, k:].cpu(), torch.arange(e, e + shared, dtype=torch.int32)
+                       .expand(t, shared))
+    assert torch.equal(w[:, k:].cpu(), torch.ones(t, shared))
+    torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    _, unshared_ids = fn(logits.to(device), k, *dev_extra)
+    assert torch.equal(unshared_ids.cpu(), ids[:, :k].cpu())
+    with pytest.raises(ValueError, match="shared_experts"):
+        fn(logits.to(device), k, *dev_extra, shared_experts=-1)
+
+
 def test_grouped_topk_compiles_for_hopper_with_pdl() -> None:
     """The compiled kernel at DeepSeek-V3's shape builds for sm_90a and waits with
     ``griddepcontrol`` (no GPU needed)."""
@@ -57,13 +93,15 @@ def test_grouped_topk_compiles_for_hopper_with_pdl() -> None:
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32",
            "stride_l": "i32", "num_experts": "i32", "scale": "fp32",
            **dict.fromkeys(["PER_GROUP", "GROUPS", "TOPK_GROUP", "TOP_K", "SIGMOID",
-                            "HAS_BIAS", "RENORM", "BLOCK_E", "BLOCK_G", "BLOCK_K", "USE_PDL"],
+                            "HAS_BIAS", "RENORM", "BLOCK_E", "BLOCK_G", "BLOCK_K", "SHARED",
+                            "BLOCK_S", "USE_PDL"],
                            "constexpr")}
     job = {"kernel": "_grouped_topk_kernel", "module": "heteroserve.platforms.triton.moe_routing",
            "signature": sig, "num_warps": 1, "aligned": [],
            "constexprs": {"PER_GROUP": 32, "GROUPS": 8, "TOPK_GROUP": 4, "TOP_K": 8,
                           "SIGMOID": True, "HAS_BIAS": True, "RENORM": True, "BLOCK_E": 256,
-                          "BLOCK_G": 8, "BLOCK_K": 8, "USE_PDL": True}}
+                          "BLOCK_G": 8, "BLOCK_K": 8, "SHARED": 1, "BLOCK_S": 1,
+                          "USE_PDL": True}}
     (result,) = hopper_ptx([job])
     assert result["griddepcontrol_wait"], "the kernel waits for the router projection (PDL)"
 
