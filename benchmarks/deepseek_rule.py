@@ -16,6 +16,9 @@ Rules (each names what it puts back; everything else as the default):
   (not one, as halves of one tensor).
 - ``slots_concat``: the shared-expert slots appended by the one concatenation after the
   routing op (the path before plugin API 1.7, where the op writes them itself).
+- ``prologue_off``: the latent RMSNorm and the rotary embedding as their own launches before
+  the MLA decode (the path before plugin API 1.8, where the absorbed-query kernel folds them).
+- ``before_18``: both of the above (the decode path of plugin API 1.6).
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ def _slots_concat() -> None:
     DeepseekMoE.slots_in_op = lambda self: False  # type: ignore[method-assign]
 
 
+def _prologue_off() -> None:
+    TritonMLA.forward_prologue = lambda self, *args: None  # type: ignore[method-assign]
+
+
+def _before_18() -> None:
+    _slots_concat()
+    _prologue_off()
+
+
 def _routing_before() -> None:
     def cast_then_apply(self: ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
         return self(x.to(self.ctx.dtype))
@@ -59,7 +71,9 @@ def _routing_before() -> None:
 
 RULES: dict[str, Callable[[], None]] = {"default": lambda: None, "bmm": _bmm,
                                         "routing_before": _routing_before,
-                                        "slots_concat": _slots_concat}
+                                        "slots_concat": _slots_concat,
+                                        "prologue_off": _prologue_off,
+                                        "before_18": _before_18}
 
 
 def apply(rule: str) -> None:

@@ -1,5 +1,6 @@
 """Conformance of every MLA backend: exact latent-cache writes, extend and decode (and a
-``forward`` decode) against the float64 oracle, over :mod:`heteroserve.conformance.cases.mla`."""
+``forward`` decode, and ``forward_prologue`` where implemented) against the float64 oracle,
+over :mod:`heteroserve.conformance.cases.mla`."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from heteroserve.conformance.checks import (
     SENTINEL, assert_bitwise_equal, assert_close, run_op,
 )
 from heteroserve.conformance.context import ConformanceContext
+from heteroserve.conformance.oracles import norm as norm_ref
+from heteroserve.conformance.oracles import rotary as rotary_ref
 from heteroserve.conformance.oracles.mla import mla as mla_ref
 from heteroserve.conformance.paged import PagedBatch, build_batch, new_cache
 from heteroserve.conformance.params import ConfParam, conformance
 from heteroserve.core.kernels.attention import ForwardMode
-from heteroserve.core.kernels.mla import MLABackend, MLAConfig, MLALayer
+from heteroserve.core.kernels.mla import MLABackend, MLAConfig, MLALayer, MLAPrologue
 
 
 @dataclass
@@ -137,3 +140,58 @@ def test_mla_forward_decode(conf: ConfParam, ctx: ConformanceContext,
                                            s.w_kc, s.w_vc, s.layer, s.batch.meta), tuple)
     _check_cache(s, "forward")
     assert_close(out, _reference(s, case), case.dtype, "mla forward (decode) output", request)
+
+
+@conformance(mla_cases("decode"))
+def test_mla_forward_prologue_decode(conf: ConfParam, ctx: ConformanceContext,
+                                     request: pytest.FixtureRequest) -> None:
+    """``forward_prologue`` (optional: skipped where it returns None) of un-normed latents and
+    un-rotated ``q_pe`` / ``k_pe``, passed as strided views of one projection output as the
+    DeepSeek layer passes them, in both rotary styles: the new cache rows are the float64 norm
+    and rotation rounded once to the dtype, every other slot is untouched, the output is the
+    oracle's over the rotated query, and the inputs are left as they were."""
+    s = _setup(conf, ctx)
+    case: MLACase = conf.case  # type: ignore[assignment]
+    c, dn, r, _ = case.dims
+    dev, dt = ctx.device, case.dtype
+    gen = case.generator(7)
+    q = torch.cat([s.q_nope, s.q_pe], dim=-1)  # [T, H, dn + r]: q_nope and q_pe are views
+    kv_a = torch.cat([s.latent_new * 3.0, s.k_pe_new], dim=-1)  # un-normed, O(3) latents
+    q_nope, q_pe = q.split([dn, r], dim=-1)
+    latent, k_pe = kv_a.split([c, r], dim=-1)
+    norm_weight = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(dt).to(dev)
+    positions = torch.tensor([p for p, _ in case.seqs], dtype=torch.int64, device=dev)
+    table = rotary_ref.cos_sin_cache(max(p for p, _ in case.seqs) + 2, r).float().to(dev)
+    eps = 1e-6
+    new_slots = torch.cat([s.batch.slots(b, p, p + n) for b, (p, n) in enumerate(case.seqs)])
+    for is_neox in (False, True):
+        s.cache.copy_(new_cache(s.cache.shape, dt, dev))
+        flat = s.cache.view(-1, c + r)
+        for b, (p, _) in enumerate(case.seqs):
+            flat[s.batch.slots(b, 0, p).to(dev)] = s.rows[b][:p].to(dev)
+        prologue = MLAPrologue(norm_weight, eps, positions, table, is_neox)
+        before = (q.clone(), kv_a.clone())
+        s.backend.prepare(s.batch.meta)
+        out = s.backend.forward_prologue(q_nope, q_pe, latent, k_pe, prologue, s.cache,
+                                         s.w_kc, s.w_vc, s.layer, s.batch.meta)
+        if out is None:
+            pytest.skip("forward_prologue returns None (optional): the layer runs the norm "
+                        "and rotary ops before forward")
+        assert_bitwise_equal((q, kv_a), before, "forward_prologue must not modify its inputs")
+        normed = norm_ref.rms_norm(latent, norm_weight, eps)
+        k_rot = rotary_ref.rotate(positions, k_pe[:, None], table, is_neox)[:, 0]
+        q_rot = rotary_ref.rotate(positions, q_pe, table, is_neox)
+        want_rows = torch.cat([normed, k_rot], dim=-1)
+        got = s.cache.reshape(-1, c + r).cpu()
+        assert_close(got[new_slots], want_rows, dt, f"new latent rows (is_neox={is_neox})",
+                     request)
+        rows = [x.clone() for x in s.rows]
+        row = 0
+        for b, (p, n) in enumerate(case.seqs):
+            rows[b][p:p + n] = got[new_slots[row:row + n]]
+            row += n
+        s.rows = rows
+        _check_cache(s, f"forward_prologue (is_neox={is_neox})")
+        ref = mla_ref(s.q_nope, q_rot, [x[:, :c] for x in rows], [x[:, c:] for x in rows],
+                      s.w_kc, s.w_vc, [n for _, n in case.seqs], s.layer.scale)
+        assert_close(out, ref, dt, f"mla forward_prologue output (is_neox={is_neox})", request)

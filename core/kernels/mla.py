@@ -58,6 +58,23 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class MLAPrologue:
+    """The two ops between DeepSeek's projections and MLA, for an implementation to fold in
+    (:meth:`MLABackend.forward_prologue`): ``latent`` arrives un-normed and ``q_pe`` /
+    ``k_pe`` un-rotated, and mean ``rms_norm(latent, norm_weight, eps)`` and
+    ``rotary_embedding(positions, q_pe, k_pe[:, None], cos_sin_cache, is_neox)`` as those ops'
+    contracts define them (fp32 math, results rounded to the model dtype).
+    ``norm_weight [kv_lora_rank]`` (model dtype), ``positions`` int64 ``[T]``,
+    ``cos_sin_cache`` fp32 ``[max_position, R]`` with ``R == qk_rope_head_dim``."""
+
+    norm_weight: torch.Tensor
+    eps: float
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+
+
+@dataclass(frozen=True)
 class MLALayer:
     """Per-layer parameters: ``scale`` multiplies the score (``qk_head_dim ** -0.5``, times
     YaRN's ``mscale ** 2`` when the model uses it)."""
@@ -127,6 +144,19 @@ class MLABackend(ABC):
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence over its whole cache. ``meta.mode`` is DECODE."""
+
+    def forward_prologue(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                         latent: torch.Tensor, k_pe: torch.Tensor, prologue: MLAPrologue,
+                         cache: torch.Tensor, w_kc: torch.Tensor, w_vc: torch.Tensor,
+                         layer: MLALayer, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Optional (plugin API 1.8): :meth:`forward` of un-normed ``latent`` and un-rotated
+        ``q_pe`` / ``k_pe`` (strided views as :attr:`strided_inputs` allows), applying
+        ``prologue`` first: the cache then holds the normed latent and rotated ``k_pe``
+        rows, and attention uses the rotated ``q_pe``. The inputs are not modified. Returns
+        None (the default) where this implementation does not fold the prologue into this
+        call (any mode or batch it chooses); the layer then runs the norm and rotary ops
+        and calls :meth:`forward`."""
+        return None
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                 k_pe: torch.Tensor, cache: torch.Tensor, w_kc: torch.Tensor,

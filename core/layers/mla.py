@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from heteroserve.core.kernels.linear import FP8_BLOCK
-from heteroserve.core.kernels.mla import MLALayer
+from heteroserve.core.kernels.mla import MLALayer, MLAPrologue
 from heteroserve.core.layers.context import ForwardContext, LayerContext
 from heteroserve.core.layers.linear import (
     ColumnParallelLinear, MergedReplicatedLinear, ReplicatedLinear, RowParallelLinear,
@@ -163,6 +163,16 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, -1, d.qk_head_dim)
         q_nope, q_pe = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
+        cache, backend = fwd.k_caches[self.attn.layer_id], fwd.backend
+        if backend.strided_inputs:  # the backend may fold the latent norm and rotary in
+            prologue = MLAPrologue(self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                   positions, self.rotary_emb.cos_sin_cache,
+                                   self.rotary_emb.is_neox)
+            o = backend.forward_prologue(q_nope, q_pe, latent, k_pe, prologue, cache,
+                                         self.kv_b_proj.w_kc, self.kv_b_proj.w_vc, self.attn,
+                                         fwd.meta)
+            if o is not None:
+                return self.o_proj(o.reshape(t, -1))
         # strided views of the projections through the norm and rotary (their contracts take
         # rows of any stride); dense copies only for an MLA backend that wants them
         latent = self.kv_a_layernorm(latent)
@@ -170,8 +180,6 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = k_pe.squeeze(1)
         if not fwd.backend.strided_inputs:
             q_nope, q_pe, k_pe = q_nope.contiguous(), q_pe.contiguous(), k_pe.contiguous()
-        o = fwd.backend.forward(
-            q_nope, q_pe, latent, k_pe,
-            fwd.k_caches[self.attn.layer_id], self.kv_b_proj.w_kc, self.kv_b_proj.w_vc,
-            self.attn, fwd.meta)
+        o = backend.forward(q_nope, q_pe, latent, k_pe, cache, self.kv_b_proj.w_kc,
+                            self.kv_b_proj.w_vc, self.attn, fwd.meta)
         return self.o_proj(o.reshape(t, -1))

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
-from heteroserve.core.kernels.mla import MLAConfig, MLALayer
+from heteroserve.core.kernels.mla import MLAConfig, MLALayer, MLAPrologue
 from heteroserve.platforms.cpu.mla import TorchNativeMLA
 from heteroserve.platforms.triton.attention_common import (
     NEG_INIT, log2_scores, online_softmax_step, page_slots,
@@ -28,7 +28,7 @@ from heteroserve.platforms.triton.attention_decode import (
 )
 from heteroserve.platforms.triton.jit_math import exact_fp32, mma
 from heteroserve.platforms.triton.mla_absorb import (
-    FUSED_MAX_BATCH, absorb_query, merge_and_absorb_output,
+    FUSED_MAX_BATCH, AbsorbPrologue, absorb_query, merge_and_absorb_output,
 )
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
@@ -197,8 +197,9 @@ class TritonMLA(TorchNativeMLA):
     Decode of up to ``fused_max_batch`` sequences (:data:`mla_absorb.FUSED_MAX_BATCH`) runs
     the absorbed projections as Triton kernels around the split kernel
     (:mod:`heteroserve.platforms.triton.mla_absorb`: three PDL launches, and through
-    :meth:`forward` the latent write rides in the first); larger batches use two cuBLAS BMMs
-    and the separate merge."""
+    :meth:`forward` the latent write rides in the first, through :meth:`forward_prologue`
+    the latent norm and both rotations as well); larger batches use two cuBLAS BMMs and the
+    separate merge."""
 
     graph_safe = True
     fused_max_batch = FUSED_MAX_BATCH
@@ -228,6 +229,25 @@ class TritonMLA(TorchNativeMLA):
         return self._decode(q_nope, q_pe, cache, w_kc, w_vc, layer, meta,
                             (latent, k_pe, cache, meta.out_cache_loc))
 
+    def forward_prologue(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                         latent: torch.Tensor, k_pe: torch.Tensor, prologue: MLAPrologue,
+                         cache: torch.Tensor, w_kc: torch.Tensor, w_vc: torch.Tensor,
+                         layer: MLALayer, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Decode batches of up to ``fused_max_batch``: the latent norm and both rotations
+        ride in the absorbed-query kernel (two launches fewer a layer), which stores the
+        normed latent and rotated ``k_pe`` rows and a rotated copy of ``q_pe``. None
+        otherwise (extend, larger batches, a rotary cache narrower than ``q_pe``)."""
+        bsz = q_nope.shape[0]
+        if meta.mode is not ForwardMode.DECODE or not self._fused(bsz) or \
+                prologue.cos_sin_cache.shape[-1] != q_pe.shape[-1]:
+            return None
+        self._check_new_rows(latent, k_pe, meta)
+        q_pe_out = torch.empty(q_pe.shape, dtype=q_pe.dtype, device=q_pe.device)
+        folded = AbsorbPrologue(q_pe, q_pe_out, prologue.norm_weight, prologue.eps,
+                                prologue.positions, prologue.cos_sin_cache, prologue.is_neox)
+        return self._decode(q_nope, q_pe_out, cache, w_kc, w_vc, layer, meta,
+                            (latent, k_pe, cache, meta.out_cache_loc), folded)
+
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
@@ -239,9 +259,11 @@ class TritonMLA(TorchNativeMLA):
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                 w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                 meta: AttentionMetadata,
-                new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
-                ) -> torch.Tensor:
-        """Decode; ``new_rows`` (fused batches only): the latent write to fold in."""
+                new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                prologue: AbsorbPrologue | None = None) -> torch.Tensor:
+        """Decode; ``new_rows`` (fused batches only): the latent write to fold in, with
+        ``prologue`` its norm and rotations (``q_pe`` is then ``prologue.q_pe_out``, filled
+        by the absorbed-query kernel before the split kernel reads it)."""
         self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
         bsz = q_nope.shape[0]
@@ -255,7 +277,7 @@ class TritonMLA(TorchNativeMLA):
             o_lat = q_nope.new_empty(latent_shape)
             mla_decode_latent(q_lat, q_pe, cache, o_lat, layer.scale, meta, splits)
             return torch.bmm(o_lat.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
-        q_lat = absorb_query(q_nope, w_kc, q_nope.new_empty(latent_shape), new_rows)
+        q_lat = absorb_query(q_nope, w_kc, q_nope.new_empty(latent_shape), new_rows, prologue)
         mid_o, mid_lse = _split_buffers(q_lat, splits)
         block_n = _block_n(q_lat)
         _launch_split(q_lat, q_pe, cache, mid_o, mid_lse, layer.scale, meta, block_n)

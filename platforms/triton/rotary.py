@@ -43,6 +43,24 @@ def token_cos_sin(pos_ptr, cache_ptr, t, stride_cache, offs_r, r_mask, HALF: tl.
 
 
 @triton.jit
+def rotate_vector(src_ptr, dst_ptr, cos, sin, offs_r, r_mask, HALF: tl.constexpr,
+                  IS_NEOX: tl.constexpr):
+    """One head vector rotated from ``src_ptr`` into ``dst_ptr`` (the same pointer rotates in
+    place), with :func:`_rotate_block`'s arithmetic: fp32, rounded to the destination's
+    dtype. ``cos`` / ``sin`` as :func:`token_cos_sin` returns them."""
+    if IS_NEOX:
+        i1 = offs_r
+        i2 = offs_r + HALF
+    else:
+        i1 = 2 * offs_r
+        i2 = 2 * offs_r + 1
+    x1 = tl.load(src_ptr + i1, mask=r_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + i2, mask=r_mask, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + i1, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=r_mask)
+    tl.store(dst_ptr + i2, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_q_heads, num_k_heads,

@@ -116,3 +116,75 @@ def test_decode_graph_replay_with_triton_mla_equals_eager(device, tmp_path) -> N
     replayed = graphs.run(fb)
     assert replayed is not None and replayed.shape == eager.shape
     assert rel_err(replayed, eager) < 1e-5
+
+
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("heads,dims,lens", [
+    (16, (512, 128, 64, 128), (3, 20)),      # DeepSeek's widths
+    (3, (64, 32, 16, 48), (1, 9, 33)),       # a small odd shape, three sequences
+])
+def test_forward_prologue_equals_the_separate_ops(device, heads, dims, lens, is_neox) -> None:
+    """``forward_prologue`` (the latent norm and both rotations inside the absorbed-query
+    kernel) against the Triton RMSNorm and rotary kernels followed by ``forward``: the same
+    cache rows and output (fp32), inputs untouched; extend and batches past
+    ``fused_max_batch`` return None."""
+    from heteroserve.core.kernels.mla import MLAPrologue
+    from heteroserve.platforms.triton.mla import TritonMLA
+    from heteroserve.platforms.triton.norm import rms_norm
+    from heteroserve.platforms.triton.rotary import apply_rotary
+    from heteroserve.conformance.oracles.rotary import cos_sin_cache
+
+    c, dn, r, dv = dims
+    seqs = tuple((n - 1, 1) for n in lens)
+    gen = torch.Generator().manual_seed(heads + c + int(is_neox))
+    batch = build_batch(seqs, 16, ForwardMode.DECODE, device, gen)
+    backend = TritonMLA(MLAConfig(heads, c, dn, r, dv, 16, torch.float32, device))
+    caches = [torch.full(backend.kv_cache_shape(batch.num_pages), SENTINEL, device=device)
+              for _ in range(2)]
+    q = torch.randn(len(lens), heads, dn + r, generator=gen).to(device)
+    kv_a = (torch.randn(len(lens), c + r, generator=gen) * 3.0).to(device)
+    w_kc = (torch.randn(heads, dn, c, generator=gen) * c ** -0.5).to(device)
+    w_vc = (torch.randn(heads, dv, c, generator=gen) * c ** -0.5).to(device)
+    norm_w = (torch.rand(c, generator=gen) + 0.5).to(device)
+    positions = torch.tensor([p for p, _ in seqs], device=device)
+    table = cos_sin_cache(64, r).float().to(device)
+    layer = MLALayer(0, (dn + r) ** -0.5)
+    before = (q.clone(), kv_a.clone())
+    backend.prepare(batch.meta)
+    prologue = MLAPrologue(norm_w, 1e-6, positions, table, is_neox)
+    fused = backend.forward_prologue(q[..., :dn], q[..., dn:], kv_a[:, :c], kv_a[:, c:],
+                                     prologue, caches[0], w_kc, w_vc, layer, batch.meta)
+    assert fused is not None
+    assert torch.equal(q, before[0]) and torch.equal(kv_a, before[1])
+    q_pe, k_pe = apply_rotary(positions, q[..., dn:].clone(), kv_a[:, None, c:].clone(), table,
+                              is_neox)
+    separate = backend.forward(q[..., :dn], q_pe, rms_norm(kv_a[:, :c], norm_w, 1e-6),
+                               k_pe[:, 0], caches[1], w_kc, w_vc, layer, batch.meta)
+    torch.testing.assert_close(caches[0].cpu(), caches[1].cpu(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.cpu(), separate.cpu(), rtol=1e-5, atol=1e-6)
+    backend.fused_max_batch = 0
+    assert backend.forward_prologue(q[..., :dn], q[..., dn:], kv_a[:, :c], kv_a[:, c:],
+                                    prologue, caches[0], w_kc, w_vc, layer, batch.meta) is None
+
+
+def test_absorb_query_with_prologue_compiles_for_hopper_with_pdl() -> None:
+    """The absorbed-query kernel with the latent norm and rotations folded in, at
+    DeepSeek-V2-Lite's bf16 shape, builds for sm_90a and keeps its PDL wait (no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from ptx_check import hopper_ptx
+
+    ptrs = {"q_nope_ptr": "*bf16", "w_kc_ptr": "*bf16", "q_lat_ptr": "*bf16",
+            "latent_ptr": "*bf16", "k_pe_ptr": "*bf16", "cache_ptr": "*bf16", "loc_ptr": "*i64",
+            "batch": "i32", "q_pe_ptr": "*bf16", "q_pe_out_ptr": "*bf16",
+            "norm_w_ptr": "*bf16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "eps": "fp32"}
+    strides = ["stride_qb", "stride_qh", "stride_wh", "stride_wd", "stride_lb", "stride_lh",
+               "stride_nt", "stride_kt", "stride_cs", "stride_pb", "stride_ph", "stride_ob",
+               "stride_oh", "stride_cos"]
+    consts = {"NOPE": 128, "LORA": 512, "ROPE": 64, "BLOCK_D": 128, "BLOCK_C": 64,
+              "BLOCK_L": 512, "BLOCK_R": 64, "WRITE_KV": True, "PROLOGUE": True,
+              "IS_NEOX": False, "USE_PDL": True}
+    sig = {**ptrs, **dict.fromkeys(strides, "i32"), **dict.fromkeys(consts, "constexpr")}
+    job = {"kernel": "_absorb_query_kernel", "module": "heteroserve.platforms.triton.mla_absorb",
+           "signature": sig, "num_warps": 4, "aligned": [], "constexprs": consts}
+    (result,) = hopper_ptx([job])
+    assert result["griddepcontrol_wait"], "the kernel waits for the projection (PDL)"
