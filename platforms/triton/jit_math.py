@@ -40,6 +40,16 @@ def split8(v):
 
 
 @triton.jit
+def join8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """The inverse of :func:`split8`: eight ``[...]`` columns -> ``[..., 2, 2, 2]`` whose
+    reshape to a last dim of ``8 * n`` holds them in order (no data movement: each thread
+    keeps the eight values of one position in its registers)."""
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.join(even, odd)
+
+
+@triton.jit
 def select_top_k(work, values, offs, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """``(weights fp32 [BLOCK_K], ids int32 [BLOCK_K])``: the ``TOP_K`` largest entries of

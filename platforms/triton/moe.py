@@ -15,7 +15,7 @@ from heteroserve.platforms.triton.moe_align import align_pairs
 from heteroserve.platforms.triton.moe_decode import MAX_DECODE_PAIRS, decode_moe
 from heteroserve.platforms.triton.moe_gemm import Config, moe_configs, moe_gemm
 from heteroserve.platforms.triton.moe_tuned import describe, tuned_configs
-from heteroserve.platforms.triton.moe_gemm_w4 import moe_gemm_w4, w4_config
+from heteroserve.platforms.triton.moe_gemm_w4 import moe_gemm_w4, w4_configs
 from heteroserve.platforms.triton.moe_routing import routing_outputs, store_routing
 from heteroserve.platforms.triton.moe_w4 import decode_moe_w4
 from heteroserve.platforms.triton.jit_math import select_top_k
@@ -165,10 +165,10 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     first) whatever the pair count, pairs grouped on device by one launch without host sync
     (:func:`~heteroserve.platforms.triton.moe_align.align_pairs`); the per-pair results
     (rounded to ``x.dtype``) are summed over ``k``. Tiles: ``configs`` (tuning; both must
-    share ``BLOCK_M``; with fp8_block ``quant`` their ``BLOCK_K`` must divide 128; w4a16
-    experts cap it at the group, :func:`~.moe_gemm_w4.w4_config`), else unquantized
-    experts take the device's tuned table for their shape
-    (:func:`~heteroserve.platforms.triton.moe_tuned.tuned_configs`), else the heuristic
+    share ``BLOCK_M``; with fp8_block ``quant`` their ``BLOCK_K`` must divide 128, with
+    w4a16 the group), else unquantized experts take the device's tuned table for their
+    shape (:func:`~heteroserve.platforms.triton.moe_tuned.tuned_configs`), w4a16 experts
+    :func:`~.moe_gemm_w4.w4_configs`, and the rest the heuristic
     :func:`~heteroserve.platforms.triton.moe_gemm.moe_configs`. Raises ``ValueError`` on
     inconsistent shapes."""
     _check(x, w13, w2, topk_weights, topk_ids, quant)
@@ -183,6 +183,9 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     num_pairs = t * top_k
     if configs is None and quant is None:
         configs = tuned_configs(num_pairs, w13.dtype, e, h, inter_size, x.device)
+    if configs is None and w4:
+        assert quant is not None
+        configs = w4_configs(num_pairs, e, quant.group_size, x.device)
     cfg1, cfg2 = configs or moe_configs(num_pairs, e, x.dtype, x.device)
     if cfg1[0] != cfg2[0]:
         raise ValueError("fused_moe: both GEMM configs must share BLOCK_M")
@@ -194,9 +197,9 @@ def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         assert quant is not None and quant.w13_zero is not None and quant.w2_zero is not None
         g = quant.group_size
         moe_gemm_w4(x, w13, quant.w13_scale, quant.w13_zero, g, inter, pairs, top_k, True,
-                    None, w4_config(cfg1, g))
+                    None, cfg1)
         moe_gemm_w4(inter, w2, quant.w2_scale, quant.w2_zero, g, out, pairs, 1, False, route,
-                    w4_config(cfg2, g))
+                    cfg2)
     else:
         moe_gemm(x, w13, inter, pairs, top_k, True, None, cfg1, s13)
         moe_gemm(inter, w2, out, pairs, 1, False, route, cfg2, s2)

@@ -6,10 +6,18 @@ graphs up to batch 256 were captured for the Qwen3-30B-A3B shape, 2026-12-06 18:
 Layout (:class:`~heteroserve.core.kernels.ops.MoEWeightQuant`, scheme ``w4a16``): ``w [E, N,
 K // 8]`` int32, feature ``8w + j`` of a row in bits ``4j .. 4j + 3``; fp32 ``scale`` and
 int8 ``zero`` ``[E, N, K // G]``. ``BLOCK_K`` divides ``G``, so a K step lies in one group:
-the tile's words ``[BLOCK_N, BLOCK_K // 8]`` become ``(q - zero) * scale`` in fp32, rounded
-to ``a``'s dtype (what the dequantized weight would hold) and multiplied on the tensor cores
-with fp32 accumulation. The first GEMM (``GATED``) writes ``silu(gate) * up``; the second
-multiplies by each pair's routing weight.
+the tile's words ``[BLOCK_N, BLOCK_K // 8]`` become ``q * scale - zero * scale`` (one fp32
+fma; ``(q - zero) * scale`` up to an fp32 rounding), rounded to ``a``'s dtype and multiplied
+on the tensor cores with fp32 accumulation, the weight tile as the left operand (the
+products are computed transposed, ``W @ a^T``): a Hopper wgmma takes its left operand from
+registers, where the tile was unpacked. The first GEMM (``GATED``) writes ``silu(gate) *
+up``; the second multiplies by each pair's routing weight.
+
+On an H100 (2026-12-06 20:30 UTC, Qwen3-30B-A3B 4-bit, decode at batch 256) the kernel
+before this form took 889 us a call: it unpacked through a reshape and transpose that went
+through shared memory (about 16 SASS instructions a weight element) with the bf16 tiles
+(about 1 KB of register spills a thread). This form counts about 7 instructions an element
+with no spill (sm_90 SASS compiled on the host); not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.platforms.triton.jit_math import exact_fp32, mma
+from heteroserve.platforms.triton.jit_math import exact_fp32, join8, mma
 from heteroserve.platforms.triton.moe_align import AlignedPairs
 from heteroserve.platforms.triton.moe_gemm import Config, pair_tile, store_pair_tile
 
@@ -26,18 +34,21 @@ from heteroserve.platforms.triton.moe_gemm import Config, pair_tile, store_pair_
 @triton.jit
 def _w4_tile(w_rows, s_rows, z_rows, k0, n_mask, K, A_DTYPE: tl.constexpr,
              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The dequantized ``[BLOCK_K, BLOCK_N]`` tile at feature ``k0`` of the rows ``w_rows``
+    """The dequantized ``[BLOCK_N, BLOCK_K]`` tile at feature ``k0`` of the rows ``w_rows``
     (pointers ``[BLOCK_N]`` to their first words; ``s_rows`` / ``z_rows``: their first scale
-    and zero), in ``A_DTYPE``."""
+    and zero), in ``A_DTYPE``. Each thread unpacks whole words: the eight nibbles of a word
+    stay in its registers (:func:`join8`), so the tile needs no shuffle through shared
+    memory."""
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask = n_mask[:, None] & (offs_w < K // 8)[None, :]
-    words = tl.load(w_rows[:, None] + offs_w[None, :], mask=mask, other=0)
-    shifts = tl.arange(0, 8) * 4
-    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    words = tl.load(w_rows[:, None] + offs_w[None, :], mask=mask, other=0).to(
+        tl.uint32, bitcast=True)
+    q = join8(words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF,
+              (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, words >> 28)
     q = tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.float32)
     s = tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0)
     z = tl.load(z_rows + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-    return tl.trans(((q - z[:, None]) * s[:, None]).to(A_DTYPE))
+    return (q * s[:, None] - (z * s)[:, None]).to(A_DTYPE)  # one fma an element
 
 
 @triton.jit
@@ -58,29 +69,51 @@ def _moe_gemm_w4_kernel(
     w_rows = w_ptr + expert * stride_we + rows * stride_wn
     s_rows = s_ptr + expert * stride_se + rows * stride_sn
     z_rows = z_ptr + expert * stride_ze + rows * stride_zn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
+    # transposed products: the dequantized weight tile (in registers) is the left operand,
+    # so the tensor cores take it where it was made; the activations come through shared
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # GATED only
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
+        a_t = tl.trans(a)
         w = _w4_tile(w_rows, s_rows, z_rows, k0, n_mask, K, a.dtype, GROUP, BLOCK_N,
                      BLOCK_K)
-        acc += mma(a, w, EXACT_FP32)
+        acc += mma(w, a_t, EXACT_FP32)
         if GATED:
             w_up = _w4_tile(w_rows + N * stride_wn, s_rows + N * stride_sn,
                             z_rows + N * stride_zn, k0, n_mask, K, a.dtype, GROUP,
                             BLOCK_N, BLOCK_K)
-            acc_up += mma(a, w_up, EXACT_FP32)
-    store_pair_tile(acc, acc_up, c_ptr, route_w_ptr, pair, r_mask, offs_n, n_mask, stride_cm,
-                    GATED, MUL_WEIGHT)
+            acc_up += mma(w_up, a_t, EXACT_FP32)
+    store_pair_tile(tl.trans(acc), tl.trans(acc_up), c_ptr, route_w_ptr, pair, r_mask, offs_n,
+                    n_mask, stride_cm, GATED, MUL_WEIGHT)
 
 
-def w4_config(config: Config, group: int) -> Config:
-    """``config`` with ``BLOCK_K`` at most the group ``group`` (so a K step lies in one
-    group)."""
-    bm, bn, bk, warps, stages = config
-    return bm, bn, min(bk, group), warps, stages
+def w4_configs(num_pairs: int, num_experts: int, group: int, device: torch.device
+               ) -> tuple[Config, Config]:
+    """``(gate_up, down)`` launch shapes of the 4-bit grouped GEMMs. Unpacking costs about 7
+    instructions a weight element on sm_90 (``kernel_sass``-style count: this kernel's loop),
+    more than the tensor-core work below about 64 rows, and every row block of an expert
+    unpacks that expert's tiles again; so ``BLOCK_M`` covers the mean rows per expert (most
+    experts then take one row block), ``BLOCK_N`` is 64 (the weight tile is the left operand
+    of a Hopper wgmma: 64 rows a warp group, no register spills at ``BLOCK_K`` 128; the
+    bf16 table's 128-wide tiles spilled about 1 KB a thread), and ``BLOCK_K`` is the group up
+    to 128 (a K step lies in one group). Not yet tuned on a GPU."""
+    if device.type == "cpu":  # the interpreter: small tiles
+        bk = min(16, group)
+        return (16, 16, bk, 1, 1), (16, 16, bk, 1, 1)
+    avg = num_pairs / max(1, num_experts)
+    bk = min(128, group)
+    if avg <= 8:
+        cfg = (16, 64, bk, 4, 3)
+    elif avg <= 24:
+        cfg = (32, 64, bk, 4, 3)
+    elif avg <= 96:
+        cfg = (64, 64, bk, 4, 3)
+    else:
+        cfg = (128, 64, bk, 8, 3)
+    return cfg, cfg
 
 
 def moe_gemm_w4(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
