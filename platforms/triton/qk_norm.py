@@ -18,7 +18,7 @@ import triton.language as tl
 from heteroserve.core.kernels.ops import GRAPH_SAFE_ATTR
 from heteroserve.platforms.cpu.qk_norm import check_qk_norm_rotary
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
-from heteroserve.platforms.triton.rotary import token_cos_sin
+from heteroserve.platforms.triton.rotary import pair_offsets, token_cos_sin
 
 #: elements of one program's tile (heads x head size); bounds registers per program
 MAX_TILE = 4096
@@ -34,12 +34,7 @@ def _norm_rotate_block(
 ):
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < HALF
-    if IS_NEOX:
-        i1 = offs_r
-        i2 = offs_r + HALF
-    else:
-        i1 = 2 * offs_r
-        i2 = 2 * offs_r + 1
+    i1, i2 = pair_offsets(offs_r, HALF, IS_NEOX)
     w1 = tl.load(w_ptr + i1, mask=r_mask, other=0.0).to(tl.float32)
     w2 = tl.load(w_ptr + i2, mask=r_mask, other=0.0).to(tl.float32)
     offs_c = 2 * HALF + tl.arange(0, BLOCK_TAIL)

@@ -10,17 +10,21 @@ from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 
 
 @triton.jit
+def pair_offsets(offs_r, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """``(i1, i2)``: the offsets within a head of the two values frequency ``offs_r`` rotates
+    together: NeoX halves ``(r, r + HALF)``, else GPT-J adjacent pairs ``(2r, 2r + 1)``."""
+    if IS_NEOX:
+        return offs_r, offs_r + HALF
+    return 2 * offs_r, 2 * offs_r + 1
+
+
+@triton.jit
 def _rotate_block(
     x_ptr, t, hblock, cos, sin, offs_r, r_mask, stride_xt, stride_xh, num_heads,
     HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     offs_h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
-    if IS_NEOX:
-        i1 = offs_r
-        i2 = offs_r + HALF
-    else:
-        i1 = 2 * offs_r
-        i2 = 2 * offs_r + 1
+    i1, i2 = pair_offsets(offs_r, HALF, IS_NEOX)
     mask = (offs_h < num_heads)[:, None] & r_mask[None, :]
     base = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh
     x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -48,12 +52,7 @@ def rotate_vector(src_ptr, dst_ptr, cos, sin, offs_r, r_mask, HALF: tl.constexpr
     """One head vector rotated from ``src_ptr`` into ``dst_ptr`` (the same pointer rotates in
     place), with :func:`_rotate_block`'s arithmetic: fp32, rounded to the destination's
     dtype. ``cos`` / ``sin`` as :func:`token_cos_sin` returns them."""
-    if IS_NEOX:
-        i1 = offs_r
-        i2 = offs_r + HALF
-    else:
-        i1 = 2 * offs_r
-        i2 = 2 * offs_r + 1
+    i1, i2 = pair_offsets(offs_r, HALF, IS_NEOX)
     x1 = tl.load(src_ptr + i1, mask=r_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_ptr + i2, mask=r_mask, other=0.0).to(tl.float32)
     tl.store(dst_ptr + i1, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=r_mask)
