@@ -168,6 +168,8 @@ def append_shared_slots(weights: torch.Tensor, ids: torch.Tensor, num_experts: i
     a negative ``n``."""
     if shared_experts < 0:
         raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
+    if shared_experts == 0:  # every model without shared experts: nothing to copy
+        return weights, ids
     t = ids.shape[0]
     slot_ids = torch.arange(num_experts, num_experts + shared_experts, dtype=torch.int32,
                             device=ids.device).expand(t, shared_experts)

@@ -178,7 +178,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         k_pe = k_pe.squeeze(1)
-        if not fwd.backend.strided_inputs:
+        if not backend.strided_inputs:
             q_nope, q_pe, k_pe = q_nope.contiguous(), q_pe.contiguous(), k_pe.contiguous()
         o = backend.forward(q_nope, q_pe, latent, k_pe, cache, self.kv_b_proj.w_kc,
                             self.kv_b_proj.w_vc, self.attn, fwd.meta)

@@ -274,7 +274,6 @@ class DeepseekMoE(FusedMoE):
             out = out + self.shared_experts(x)
         return out
 
-
     def _greedy(self) -> bool:
         """One group of softmax scores without a bias: plain top-k softmax, the cheaper op
         (V2-Lite's greedy routing)."""
