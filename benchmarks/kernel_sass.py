@@ -124,7 +124,7 @@ def w8_rows() -> list[dict]:
            "stride_wn": "i32", "stride_wsn": "i32", "stride_ym": "i32", "qmax": "fp32",
            "min_scale": "fp32", **{c: "constexpr" for c in (
                "ACT", "WS", "IS_INT", "HAS_BIAS", "MIN_NORMAL", "SUB_MAGIC", "EVEN", "BLOCK_N",
-               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "FOLD")}}
+               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "FOLD", "CAST_FP8")}}
     min_normal = 2.0 ** -6
     rows = []
     for name, act, ws in (("fp8 block", w8.ACT_GROUP, w8.WS_BLOCK),
@@ -136,7 +136,7 @@ def w8_rows() -> list[dict]:
             consts = {"ACT": act, "WS": ws, "IS_INT": False, "HAS_BIAS": False,
                       "MIN_NORMAL": min_normal, "SUB_MAGIC": 1.5 * 2.0 ** 23 * min_normal / 8,
                       "EVEN": True, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128,
-                      "AMAX_BLOCK": 4096, "USE_PDL": True, "FOLD": 16}
+                      "AMAX_BLOCK": 4096, "USE_PDL": True, "FOLD": 16, "CAST_FP8": True}
             cubin = compile_sm90(w8._w8_gemv_kernel, sig, consts, warps, 1)
             rows.append(_row(f"w8_gemv {name}", (block_n, block_k, warps), cubin,
                              block_n * block_k, warps, "8-bit"))

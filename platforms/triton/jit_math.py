@@ -97,6 +97,25 @@ def fold2(prod, ROWS: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
 
 
 @triton.jit
+def fold2_into(acc, prod, ROWS: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
+    """``acc + fold2(prod, ROWS, COLS, FOLD)`` with each group's ``FOLD`` (8 or 16) products
+    added to ``acc`` one after another rather than by a tree: the adds contract with the
+    products' multiplies into one fma per element (a tree needs a multiply, then an add, for
+    half of them). Other ``FOLD`` values take :func:`fold2`'s tree."""
+    if FOLD == 8:
+        c = split8(tl.reshape(prod, [ROWS, COLS // 8, 2, 2, 2]))
+        return acc + c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7]
+    elif FOLD == 16:
+        lo, hi = tl.split(tl.reshape(prod, [ROWS, COLS // 16, 2, 2, 2, 2]))
+        a = split8(lo)
+        b = split8(hi)
+        acc = acc + a[0] + b[0] + a[1] + b[1] + a[2] + b[2] + a[3] + b[3]
+        return acc + a[4] + b[4] + a[5] + b[5] + a[6] + b[6] + a[7] + b[7]
+    else:
+        return acc + fold2(prod, ROWS, COLS, FOLD)
+
+
+@triton.jit
 def fold3(prod, A: tl.constexpr, B: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
     """:func:`fold2` for ``prod [A, B, COLS]``."""
     if FOLD == 1:

@@ -48,3 +48,20 @@ def test_w8_gemv_accumulator_stays_small(tmp_path: Path) -> None:
     for row in rows:
         assert 0 < row["registers"] < 128, row
         assert row["per_element"] < row["h200_budget_per_element"], row
+
+
+def test_w8_gemv_main_loop_is_one_fma_an_element(tmp_path: Path) -> None:
+    """Each weight's product joins its sum in one FFMA (the 16 products of a load are added in
+    a chain, not a tree of FMUL and FADD), and the activation is rounded onto the fp8 grid by
+    the hardware conversion: under 4.5 instructions a weight byte at every row (5.7 with the
+    tree and the integer rounding at the fp8-block rule's shape)."""
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--out",
+                    str(out), "--kernels", "w8"], check=True, env=env, timeout=240)
+    for row in json.loads(out.read_text())["rows"]:
+        shape = row["launch_shape"]
+        per_thread = shape[0] * shape[1] // (32 * shape[2])
+        assert row["top_ops"]["FFMA"] == per_thread, row
+        assert row["top_ops"].get("FADD", 0) <= per_thread // 8, row
+        assert row["per_element"] < 4.5, row
