@@ -109,12 +109,17 @@ def _absorb_query_kernel(
         tl.store(q_lat_ptr + b * stride_lb + h * stride_lh + offs_c,
                  q_lat.to(q_lat_ptr.dtype.element_ty), mask=c_mask)
         if PROLOGUE:
-            cos, sin = token_cos_sin(pos_ptr, cos_sin_ptr, b, stride_cos, half_offs, half_mask,
-                                     ROPE // 2)
             if cb == 0:  # each head's first program rotates its q_pe into the output
+                cos, sin = token_cos_sin(pos_ptr, cos_sin_ptr, b, stride_cos, half_offs,
+                                         half_mask, ROPE // 2)
                 rotate_vector(q_pe_ptr + b * stride_pb + h * stride_ph,
                               q_pe_out_ptr + b * stride_ob + h * stride_oh, cos, sin,
                               half_offs, half_mask, ROPE // 2, IS_NEOX)
+                if WRITE_KV:
+                    if h == 0:  # and head 0's rotates k_pe into the cache row
+                        pe_row = cache_ptr + tl.load(loc_ptr + b).to(tl.int64) * stride_cs
+                        rotate_vector(k_pe_ptr + b * stride_kt, pe_row + LORA, cos, sin,
+                                      half_offs, half_mask, ROPE // 2, IS_NEOX)
         if WRITE_KV:
             if h == 0:  # head 0's programs store the latent row, block by block
                 row = cache_ptr + tl.load(loc_ptr + b).to(tl.int64) * stride_cs
@@ -127,10 +132,7 @@ def _absorb_query_kernel(
                     lat = lat.to(tl.float32) * inv_rms * norm_w
                 tl.store(row + offs_c, lat.to(cache_ptr.dtype.element_ty), mask=c_mask)
                 if cb == 0:
-                    if PROLOGUE:
-                        rotate_vector(k_pe_ptr + b * stride_kt, row + LORA, cos, sin,
-                                      half_offs, half_mask, ROPE // 2, IS_NEOX)
-                    else:
+                    if not PROLOGUE:  # (with it, rotated above)
                         offs_r = tl.arange(0, BLOCK_R)
                         r_mask = offs_r < ROPE
                         pe = tl.load(k_pe_ptr + b * stride_kt + offs_r, mask=r_mask)
