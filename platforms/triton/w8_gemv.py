@@ -235,11 +235,13 @@ def w8_launch_rule(n: int, k: int, rows: int, sms: int, act: int) -> W8GemvConfi
     launch rule. Before, the ``[BLOCK_N, BLOCK_K]`` fp32 accumulator took 239 registers a
     thread at 16 x 1024, two programs a multiprocessor, too few loads in flight.
 
-    The H200's sweep (``results/h200-20261206-1020-quant_gemv_w8.json``) times 16 rows a
-    program faster in isolation (the four layers 58.2 against 65.0 us, fp8 block), but in
-    the decode graph on an H100 that shape ran 3-4 points of the roofline slower than this
-    one (``results/h100-20261206-1117-w8_ab-*.json``); it is ``benchmarks/w8_rule.py
-    rows16`` until an H200 measures it end to end."""
+    The H200's sweep (``results/h200-20261206-1020-quant_gemv_w8.json``, the kernel before
+    the fma chain) times 16 rows a program faster in isolation (the four layers 58.2 against
+    65.0 us, fp8 block), but in the decode graph it is not: on an H100 it ran 3-4 points of
+    the roofline slower (``results/h100-20261206-1117-w8_ab-*.json``), and on the H200 with
+    this kernel 80.0 / 79.7 % against 81.4 / 81.7 % (fp8 block / per tensor, same call,
+    ``results/h200-20261206-2325-w8_ab-{default,rows16}.json``); it stays
+    ``benchmarks/w8_rule.py rows16``."""
     block_k = min(2048, max(FP8_BLOCK, triton.next_power_of_2(k)))
     block_n = 8
     while block_n > 2 and rows * triton.cdiv(n, block_n) < 2 * sms:
