@@ -89,6 +89,10 @@
 #   clients                tests/server/test_openai_client.py and test_sglang_bench_serving.py against
 #                          a cuda server: the openai client, SGLang's bench_serving (their wheels and
 #                          .whl/sglang_bench_serving.py: benchmarks/http_wheels.sh) -> $OUT/clients/
+#   tree_ab                the `h200` step under each older tree carried as .whl/tree-<rev>.tgz, then
+#                          under this tree (H200_ARGS narrows both, e.g. "--workloads qwen3moe_offline")
+#                          -> $OUT/tree_ab/<rev>/, $OUT/tree_ab/this/. On the host:
+#                          git archive --format=tar.gz -o .whl/tree-REV.tgz REV -- . ':!benchmarks/results' ':!docs'
 #   h200                   benchmarks/bench_headline.py: every issue-17 workload next to its floor
 #                          -> $OUT/h200-latest.json, h200-latest-<workload>.json/.png (< 9 min);
 #                          H200_ARGS adds options (e.g. --profile qwen3moe_decode1), HS_COMMIT
@@ -298,6 +302,16 @@ for step in "$@"; do
         tests/server/test_openai_client.py tests/server/test_sglang_bench_serving.py \
         --junitxml "$OUT/clients/junit.xml" 2>&1 | tee "$OUT/clients/pytest.log" | tail -25
       stamp "clients: pytest exit code ${PIPESTATUS[0]}" ;;
+    tree_ab)  # each carried tree installs itself (its own gpu_session.sh), this one last
+      for tgz in .whl/tree-*.tgz; do
+        [ -f "$tgz" ] || { echo "tree_ab: no .whl/tree-*.tgz carried"; break; }
+        rev=$(basename "$tgz" .tgz); rev=${rev#tree-}
+        mkdir -p "/tmp/tree-$rev" "$OUT/tree_ab/$rev" && tar xzf "$tgz" -C "/tmp/tree-$rev" \
+          && ln -sfn "$PWD/.whl" "/tmp/tree-$rev/.whl"
+        (cd "/tmp/tree-$rev" && OUT="$OUT/tree_ab/$rev" HS_COMMIT=$rev bash benchmarks/gpu_session.sh h200)
+      done
+      mkdir -p "$OUT/tree_ab/this"
+      OUT="$OUT/tree_ab/this" bash benchmarks/gpu_session.sh h200 ;;
     h200) timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_headline.py \
         --process-per-model --out "$OUT/h200-latest.json" ${H200_ARGS:-} 2>&1 | grep -v -i warn ;;
     *) echo "unknown step $step" ;;
