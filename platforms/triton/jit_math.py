@@ -98,14 +98,12 @@ def fold2(prod, ROWS: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
 
 @triton.jit
 def fold2_into(acc, prod, ROWS: tl.constexpr, COLS: tl.constexpr, FOLD: tl.constexpr):
-    """``acc + fold2(prod, ROWS, COLS, FOLD)`` with each group's ``FOLD`` (8 or 16) products
-    added to ``acc`` one after another rather than by a tree: the adds contract with the
-    products' multiplies into one fma per element (a tree needs a multiply, then an add, for
-    half of them). Other ``FOLD`` values take :func:`fold2`'s tree."""
-    if FOLD == 8:
-        c = split8(tl.reshape(prod, [ROWS, COLS // 8, 2, 2, 2]))
-        return acc + c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7]
-    elif FOLD == 16:
+    """``acc + fold2(prod, ROWS, COLS, FOLD)`` with each group's 16 products (``FOLD`` 16, a
+    16-byte load of 1-byte weights) added to ``acc`` one after another rather than by a
+    tree: the adds contract with the products' multiplies into one fma per element (a tree
+    needs a multiply, then an add, for half of them). Other ``FOLD`` values take
+    :func:`fold2`'s tree."""
+    if FOLD == 16:
         lo, hi = tl.split(tl.reshape(prod, [ROWS, COLS // 16, 2, 2, 2, 2]))
         a = split8(lo)
         b = split8(hi)

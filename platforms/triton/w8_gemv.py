@@ -11,8 +11,8 @@ activation round trip. The quantized value goes on in fp32 registers (it is exac
 e4m3fn weights on NVIDIA GPUs from compute capability 8.9 round it by the hardware's
 saturating conversion ``cvt.rn.satfinite`` (two values an instruction); elsewhere, and in the
 Triton interpreter, whose fp8 cast mis-rounds values that carry into the next binade, integer
-arithmetic on the fp32 bits (:func:`round_fp8`) gives the same values. int8 weights become fp32 by an integer
-add under the exponent of ``1.5 * 2**23`` and one subtraction (exact), not by the
+arithmetic on the fp32 bits (:func:`round_fp8`) gives the same values. int8 weights become
+fp32 by an integer add under the exponent of ``1.5 * 2**23`` and one subtraction (exact), not by the
 int-to-float conversion, whose throughput is below one byte per lane per cycle.
 
 Activation granularity (``ACT``): ``ACT_TENSOR`` (one scale over all rows: fp8 per-tensor),
@@ -37,6 +37,7 @@ and the integer rounding), against 7.8 an H200 can issue a byte at its copy rate
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -251,13 +252,15 @@ def w8_launch_rule(n: int, k: int, rows: int, sms: int, act: int) -> W8GemvConfi
     return W8GemvConfig(block_n, block_k, 8 if act == ACT_GROUP else 4, 1)
 
 
+@functools.lru_cache(maxsize=16)
 def hardware_fp8_cast(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the GEMV rounds activations onto ``dtype``'s grid by the hardware's saturating
     conversion: e4m3fn weights on an NVIDIA GPU of compute capability 8.9 or later (elsewhere,
     and in the interpreter whose fp8 cast mis-rounds, :func:`round_fp8`)."""
     if dtype != torch.float8_e4m3fn or device.type != "cuda" or torch.version.hip is not None:
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def _fp8_constants(dtype: torch.dtype) -> tuple[float, float]:
