@@ -44,6 +44,15 @@
 #                          modules of the conformance grid's decode cases / of the bf16
 #                          head-128 cases a Llama-8B engine uses / of every case (WARMUP_ARGS
 #                          narrows fi_build_all)
+#   fi_mla                 flashinfer MLA (needs .whl/fi_site.tar.xz: benchmarks/flashinfer_site.sh
+#                          on the host): its JIT modules built once (benchmarks/
+#                          flashinfer_mla_warmup.py, SIGINT at FI_MLA_BUILD_TIMEOUT, default 300 s,
+#                          or DEADLINE; a decode checked against torch-native) -> $OUT/fi_mla/
+#                          build.json; cuda conformance -k "$FI_MLA_CONF_K" (default "mla and flashinfer";
+#                          SIGINT at CONF_TIMEOUT, default 240 s, still writes the report) ->
+#                          $OUT/conf_fi_mla; the DeepSeek-V2-Lite batch-1 decode row with
+#                          --kernel mla_attention=flashinfer, then the default -> $OUT/fi_mla/
+#                          deepseek_{flashinfer,default}.json (~10 min cold)
 #   conf_full              cuda conformance in CONF_WORKERS pytest-xdist workers; CONF_FILTER is
 #                          a -k expression; SIGINT at CONF_TIMEOUT still writes the report
 #                          (marked INCOMPLETE); a test past CONF_TEST_TIMEOUT (default 300 s)
@@ -238,6 +247,21 @@ for step in "$@"; do
     fi_build_decode) fi_build decode --kind decode ;;
     fi_build_llama) fi_build llama --kind extend --kind decode --only bf16-p1-h8:2-d128 ;;
     fi_build_all) fi_build all ${WARMUP_ARGS:-} ;;  # WARMUP_ARGS: e.g. --kind extend --only bf16
+    fi_mla)  # flashinfer MLA: JIT build, MLA conformance, DeepSeek decode next to the default
+      command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
+      mkdir -p "$OUT/fi_mla"
+      timeout -s INT -k 20 "$(deadline_cap "${FI_MLA_BUILD_TIMEOUT:-300}")" python3 \
+        benchmarks/flashinfer_mla_warmup.py --out "$OUT/fi_mla/build.json" 2>&1 \
+        | grep -v -i warn | cut -c1-200
+      timeout -s INT -k 30 "$(deadline_cap "${CONF_TIMEOUT:-240}")" heteroserve conformance \
+        --platform cuda --report "$OUT/conf_fi_mla" -- -q -p no:cacheprovider -k "${FI_MLA_CONF_K:-mla and flashinfer}" 2>&1 \
+        | tail -15
+      for kernels in mla_attention=flashinfer ""; do
+        name=${kernels:+flashinfer}; name=${name:-default}
+        HS_KERNELS=$kernels timeout 200 python3 benchmarks/bench_headline.py --workloads \
+          deepseek_v2_lite_decode1 --out "$OUT/fi_mla/deepseek_$name.json" 2>&1 \
+          | grep -E "decode1:|wrote|Error"
+      done ;;
     conf_full)
       limit=$(deadline_cap "${CONF_TIMEOUT:-520}")  # a full run: 420-470 s in 14-16 workers
       timeout -s INT -k 30 "$limit" heteroserve conformance --platform cuda \

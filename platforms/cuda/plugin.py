@@ -31,6 +31,9 @@ FLASHINFER_PRIORITY = 8
 #: below Triton: in a decode graph one bf16 row of hidden 4096 took 1.52 / 1.83 us (rms_norm /
 #: fused_add_rms_norm) against Triton's 1.24 / 1.29 on an H200; --kernel rms_norm=flashinfer
 FLASHINFER_NORM_PRIORITY = 5
+#: below Triton's MLA (10) until measured faster on the H200: the flashinfer MLA adapter has
+#: run only against the CPU double so far; --kernel mla_attention=flashinfer selects it
+FLASHINFER_MLA_PRIORITY = 8
 #: above Triton: Triton decode and short extends; extends of 2048+ new tokens a sequence in
 #: cuDNN's fused attention (platforms/cuda/sdpa_extend.py, 2026-12-05: a 100k prompt 8.88 ->
 #: 7.64-7.74 s on an H100); --kernel attention=triton keeps the Triton extend everywhere
@@ -77,6 +80,26 @@ def _flashinfer_attention(device_type: str) -> Callable[[KernelRequest], Support
     return supports
 
 
+def _flashinfer_mla(device_type: str) -> Callable[[KernelRequest], Support]:
+    common = _flashinfer_common(device_type)
+
+    def supports(request: KernelRequest) -> Support:
+        base = common(request)
+        if not base:
+            return base
+        from heteroserve.platforms.cuda.flashinfer_mla import unsupported  # torch only
+
+        why = unsupported(request.dtype, request.kv_lora_rank, request.qk_rope_head_dim)
+        if why:
+            return Support.no(why)
+        if request.kv_cache_dtype != "auto":
+            return Support.no(f"the latent cache stays in the model dtype, not "
+                              f"{request.kv_cache_dtype}")
+        return Support.yes()
+
+    return supports
+
+
 def _lazy(module: str, attr: str) -> Callable[[], Any]:
     def load() -> Any:
         return getattr(importlib.import_module(f"{_PKG}.{module}"), attr)
@@ -86,13 +109,17 @@ def _lazy(module: str, attr: str) -> Callable[[], Any]:
 
 def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
                             ) -> list[KernelSpec]:
-    """The flashinfer adapters (attention, RMSNorm, fused add+RMSNorm) for ``platform``,
+    """The flashinfer adapters (attention, MLA, RMSNorm, fused add+RMSNorm) for ``platform``,
     whose tensors live on ``device_type`` (the test doubles register the same specs as
     ``flashinfer@cuda-double`` for a CPU-backed stand-in platform)."""
     table = [
         (ops.ATTENTION, "flashinfer_attention", "FlashInferAttention",
          _flashinfer_attention(device_type), FLASHINFER_PRIORITY,
          "flashinfer BatchPrefill/BatchDecode paged wrappers, NHD"),
+        (ops.MLA_ATTENTION, "flashinfer_mla", "FlashInferMLA", _flashinfer_mla(device_type),
+         FLASHINFER_MLA_PRIORITY,
+         "flashinfer BatchMLAPagedAttentionWrapper absorbed decode (graph-safe); "
+         "torch-native extend"),
         (ops.RMS_NORM, "flashinfer_norm", "rms_norm", _flashinfer_common(device_type),
          FLASHINFER_NORM_PRIORITY, "flashinfer rmsnorm"),
         (ops.FUSED_ADD_RMS_NORM, "flashinfer_norm", "fused_add_rms_norm",

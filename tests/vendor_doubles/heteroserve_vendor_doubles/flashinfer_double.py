@@ -2,13 +2,14 @@
 
 Signatures follow flashinfer 0.7's documented Python API: the batch paged wrappers
 (``BatchDecodeWithPagedKVCacheWrapper``, ``BatchPrefillWithPagedKVCacheWrapper``: constructor,
-``plan``, ``run``) and ``flashinfer.norm.rmsnorm`` / ``fused_add_rmsnorm``. Page tables are
-CSR (``indptr [B+1]``, ``indices``, ``last_page_len [B]`` with ``1 <= last <= page_size``);
-``window_left = w`` lets a query at position ``p`` see keys ``p - w .. p``; prefill with
-``causal=True`` aligns the mask to the end of each sequence's KV. Checks raise ``ValueError``
-where flashinfer rejects its input, ``NotImplementedError`` for options heteroserve does not
-use (custom masks, RoPE inside the kernel, prefill CUDA-graph buffers); results are plain
-torch.
+``plan``, ``run``), ``flashinfer.norm.rmsnorm`` / ``fused_add_rmsnorm`` and ``flashinfer.mla``
+(``BatchMLAPagedAttentionWrapper``, ``MLAPlanMetadata``: :mod:`.flashinfer_mla_double`). Page
+tables are CSR (``indptr [B+1]``, ``indices``, ``last_page_len [B]`` with
+``1 <= last <= page_size``); ``window_left = w`` lets a query at position ``p`` see keys
+``p - w .. p``; prefill with ``causal=True`` aligns the mask to the end of each sequence's KV.
+Checks raise ``ValueError`` where flashinfer rejects its input, ``NotImplementedError`` for
+options heteroserve does not use (custom masks, RoPE inside the kernel, prefill CUDA-graph
+buffers); results are plain torch.
 
 CUDA-graph decode (``use_cuda_graph=True`` with the three page-table buffers): the batch size
 is the buffers' and fixed; ``plan`` copies the page table into the buffers; ``run`` reads it
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from heteroserve_vendor_doubles import flashinfer_mla_double
 from heteroserve_vendor_doubles.dense import attend, gather_pages, require
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -261,14 +263,17 @@ def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch
 
 
 def build() -> dict[str, types.ModuleType]:
-    """The double modules by name: ``flashinfer`` and ``flashinfer.norm``."""
+    """The double modules by name: ``flashinfer``, ``flashinfer.norm`` and
+    ``flashinfer.mla``."""
     top = types.ModuleType("flashinfer")
     norm = types.ModuleType("flashinfer.norm")
     norm.rmsnorm, norm.fused_add_rmsnorm = rmsnorm, fused_add_rmsnorm
+    mla = flashinfer_mla_double.build()
     top.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
     top.BatchPrefillWithPagedKVCacheWrapper = BatchPrefillWithPagedKVCacheWrapper
-    top.norm, top.__version__ = norm, "0.7.2-double"
+    top.BatchMLAPagedAttentionWrapper = mla.BatchMLAPagedAttentionWrapper
+    top.norm, top.mla, top.__version__ = norm, mla, "0.7.2-double"
     top.__path__ = []  # a package, so ``from flashinfer.norm import ...`` resolves
     for module in (top, norm):
         module.__heteroserve_double__ = True
-    return {"flashinfer": top, "flashinfer.norm": norm}
+    return {"flashinfer": top, "flashinfer.norm": norm, "flashinfer.mla": mla}
