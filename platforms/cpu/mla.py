@@ -37,6 +37,16 @@ class TorchNativeMLA(MLABackend):
             raise ValueError(f"mla: cache shape {list(cache.shape)} does not match "
                              f"[pages, {c.page_size}, {c.latent_dim}]")
 
+    def _check_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                      w_kc: torch.Tensor, w_vc: torch.Tensor, meta: AttentionMetadata) -> int:
+        """:meth:`_check`, and one query per sequence; returns the batch size."""
+        self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
+        bsz = q_nope.shape[0]
+        if bsz != meta.batch_size:
+            raise ValueError(f"mla decode: expected one query per sequence "
+                             f"({meta.batch_size}), got {bsz}")
+        return bsz
+
     def _slots(self, meta: AttentionMetadata, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Page and in-page offset of positions ``0..width-1`` of every sequence, ``[B, width]``
         each (positions past a sequence's end land on padding page 0)."""
@@ -103,12 +113,8 @@ class TorchNativeMLA(MLABackend):
     def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                w_kc: torch.Tensor, w_vc: torch.Tensor, layer: MLALayer,
                meta: AttentionMetadata) -> torch.Tensor:
-        self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
+        bsz = self._check_decode(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
-        bsz = q_nope.shape[0]
-        if bsz != meta.batch_size:
-            raise ValueError(f"mla decode: expected one query per sequence "
-                             f"({meta.batch_size}), got {bsz}")
         if bsz == 0:
             return torch.empty((0, c.num_heads, c.v_head_dim), dtype=q_nope.dtype,
                                device=q_nope.device)

@@ -38,8 +38,9 @@ DTYPES = (torch.bfloat16, torch.float16)
 CUDA_CORE_DECODE_MAX_GROUP = 8
 
 
-def _host_arrays(meta: AttentionMetadata) -> dict[str, torch.Tensor]:
-    """int32 host copies of qo_indptr, kv_page_indptr and kv_last_page_len, from host lengths."""
+def host_index_arrays(meta: AttentionMetadata) -> dict[str, torch.Tensor]:
+    """int32 host CSR arrays of ``meta`` from its host lengths (no device read):
+    ``qo_indptr``, ``kv_indptr`` (pages), ``last_page_len`` and ``seq_lens``."""
     ps = meta.page_size
     pages = [-(-s // ps) for s in meta.seq_lens_cpu]
     qo, kv = [0], [0]
@@ -51,7 +52,8 @@ def _host_arrays(meta: AttentionMetadata) -> dict[str, torch.Tensor]:
     def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32)
 
-    return {"qo_indptr": i32(qo), "kv_indptr": i32(kv), "last_page_len": i32(last)}
+    return {"qo_indptr": i32(qo), "kv_indptr": i32(kv), "last_page_len": i32(last),
+            "seq_lens": i32(list(meta.seq_lens_cpu))}
 
 
 class FlashInferAttention(AttentionBackend):
@@ -86,7 +88,7 @@ class FlashInferAttention(AttentionBackend):
         """Forget last step's plans; build this step's host index arrays."""
         self._meta = meta
         self._planned.clear()
-        self._host = _host_arrays(meta)
+        self._host = host_index_arrays(meta)
 
     def begin_graph_capture(self, meta: AttentionMetadata) -> None:
         """Decode over ``meta`` from now on uses graph wrappers bound to its tensors."""
@@ -98,7 +100,7 @@ class FlashInferAttention(AttentionBackend):
         entry = self._graphs.get(id(meta))
         if entry is None or entry[0] is not meta:
             return
-        host = _host_arrays(meta)
+        host = host_index_arrays(meta)
         for key, wrapper in entry[1].items():
             self._plan(wrapper, key, meta, host)
 
@@ -136,7 +138,7 @@ class FlashInferAttention(AttentionBackend):
                 paged_kv_indptr_buffer=meta.kv_page_indptr,
                 paged_kv_indices_buffer=meta.kv_page_indices,
                 paged_kv_last_page_len_buffer=meta.kv_last_page_len)
-            self._plan(wrapper, key, meta, _host_arrays(meta))
+            self._plan(wrapper, key, meta, host_index_arrays(meta))
             wrappers[key] = wrapper
         return wrapper
 

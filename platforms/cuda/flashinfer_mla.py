@@ -49,6 +49,7 @@ import torch
 from heteroserve.core.kernels.attention import AttentionMetadata, ForwardMode
 from heteroserve.core.kernels.mla import MLAConfig, MLALayer
 from heteroserve.platforms.cpu.mla import TorchNativeMLA
+from heteroserve.platforms.cuda.flashinfer_attention import host_index_arrays
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 DTYPES = (torch.bfloat16, torch.float16)
@@ -67,20 +68,6 @@ def unsupported(dtype: torch.dtype, kv_lora_rank: int | None,
     if qk_rope_head_dim is not None and qk_rope_head_dim not in ROPE_DIMS:
         return f"qk_rope_head_dim {qk_rope_head_dim} not in {list(ROPE_DIMS)}"
     return None
-
-
-def _host_csr(meta: AttentionMetadata) -> dict[str, torch.Tensor]:
-    """int32 host ``qo_indptr``, ``kv_indptr`` (pages) and ``kv_len`` from host lengths."""
-    pages = [-(-s // meta.page_size) for s in meta.seq_lens_cpu]
-    qo, kv = [0], [0]
-    for n, p in zip(meta.extend_lens_cpu, pages):
-        qo.append(qo[-1] + n)
-        kv.append(kv[-1] + p)
-
-    def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32)
-
-    return {"qo": i32(qo), "kv": i32(kv), "len": i32(list(meta.seq_lens_cpu))}
 
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +109,7 @@ class FlashInferMLA(TorchNativeMLA):
         """Forget last step's plans; build this step's host CSR arrays (decode only)."""
         self._meta = meta
         self._planned.clear()
-        self._host = _host_csr(meta) if meta.mode is ForwardMode.DECODE else {}
+        self._host = host_index_arrays(meta) if meta.mode is ForwardMode.DECODE else {}
 
     def begin_graph_capture(self, meta: AttentionMetadata) -> None:
         """Decode over ``meta`` from now on uses graph wrappers bound to its tensors."""
@@ -134,7 +121,7 @@ class FlashInferMLA(TorchNativeMLA):
         entry = self._graphs.get(id(meta))
         if entry is None or entry[0] is not meta:
             return
-        host = _host_csr(meta)
+        host = host_index_arrays(meta)
         for scale, wrapper in entry[1].items():
             self._plan(wrapper, scale, meta, host)
 
@@ -142,7 +129,8 @@ class FlashInferMLA(TorchNativeMLA):
               host: dict[str, torch.Tensor]) -> None:
         c = self.config
         wrapper.plan(
-            metadata=self._csr(host["qo"], host["kv"], meta.kv_page_indices, host["len"]),
+            metadata=self._csr(host["qo_indptr"], host["kv_indptr"], meta.kv_page_indices,
+                               host["seq_lens"]),
             num_heads=c.num_heads, head_dim_ckv=c.kv_lora_rank,
             head_dim_kpe=c.qk_rope_head_dim, page_size=meta.page_size, causal=False,
             sm_scale=float(scale), q_data_type=c.dtype, kv_data_type=c.dtype,
@@ -158,7 +146,7 @@ class FlashInferMLA(TorchNativeMLA):
                     self._workspace, use_cuda_graph=True, qo_indptr=meta.qo_indptr,
                     kv_indptr=meta.kv_page_indptr, kv_indices=meta.kv_page_indices,
                     kv_len_arr=meta.seq_lens)
-                self._plan(wrapper, scale, meta, _host_csr(meta))
+                self._plan(wrapper, scale, meta, host_index_arrays(meta))
                 entry[1][scale] = wrapper
             return wrapper
         if meta is not self._meta:
@@ -176,12 +164,8 @@ class FlashInferMLA(TorchNativeMLA):
                meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence over its whole latent cache, ``[B, H, v_head_dim]`` in the
         query dtype. ``q_nope``/``q_pe`` may be strided views (last dimension contiguous)."""
-        self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
+        bsz = self._check_decode(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
-        bsz = q_nope.shape[0]
-        if bsz != meta.batch_size:
-            raise ValueError(f"mla decode: expected one query per sequence "
-                             f"({meta.batch_size}), got {bsz}")
         if bsz == 0:
             return q_nope.new_empty((0, c.num_heads, c.v_head_dim))
         # absorbed query [H, B, dn] @ [H, dn, c] -> [H, B, c], read as [B, H, c] (strided)

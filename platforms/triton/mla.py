@@ -264,12 +264,8 @@ class TritonMLA(TorchNativeMLA):
         """Decode; ``new_rows`` (fused batches only): the latent write to fold in, with
         ``prologue`` its norm and rotations (``q_pe`` is then ``prologue.q_pe_out``, filled
         by the absorbed-query kernel before the split kernel reads it)."""
-        self._check(q_nope, q_pe, cache, w_kc, w_vc, meta)
+        bsz = self._check_decode(q_nope, q_pe, cache, w_kc, w_vc, meta)
         c = self.config
-        bsz = q_nope.shape[0]
-        if bsz != meta.batch_size:
-            raise ValueError(f"mla decode: expected one query per sequence "
-                             f"({meta.batch_size}), got {bsz}")
         splits = self._num_splits(bsz, q_nope.device)
         latent_shape = (bsz, c.num_heads, c.kv_lora_rank)
         if not self._fused(bsz):
