@@ -98,14 +98,15 @@ def w4_rows() -> list[dict]:
            "stride_qk": "i32", "stride_zg": "i32", "stride_sg": "i32", "stride_ym": "i32",
            "HAS_BIAS": "constexpr", "EVEN": "constexpr", "BLOCK_N": "constexpr",
            "BLOCK_KW": "constexpr", "ROWS": "constexpr", "GROUP_W": "constexpr",
-           "SUBNORMAL": "constexpr", "USE_PDL": "constexpr"}
+           "SUBNORMAL": "constexpr", "PREFETCH": "constexpr", "USE_PDL": "constexpr"}
     rows = []
     for nibble in (w4.NIBBLE_EXPONENT, w4.NIBBLE_SUBNORMAL):
         for block_n, block_kw, warps in ((16, 256, 4), (32, 128, 4)):
             subnormal = nibble == w4.NIBBLE_SUBNORMAL
             consts = {"HAS_BIAS": False, "EVEN": True, "BLOCK_N": block_n,
                       "BLOCK_KW": block_kw, "ROWS": w4.rows_per_thread(16, block_kw),
-                      "GROUP_W": 16, "SUBNORMAL": subnormal, "USE_PDL": True}
+                      "GROUP_W": 16, "SUBNORMAL": subnormal, "PREFETCH": False,
+                      "USE_PDL": True}
             cubin = compile_sm90(w4._w4a16_gemv_kernel, sig, consts, warps, 1)
             elements = block_n * block_kw * 8  # nibbles a loop iteration
             rows.append(_row(f"w4a16_gemv {nibble}", (block_n, block_kw, warps), cubin,

@@ -249,6 +249,11 @@ def config_calls(scheme: str, layer: torch.nn.Module
         cfgs = [w4.W4GemvConfig(bn, words // bn, warps, 1) for bn in (8, 16, 32, 64)
                 for warps in (2, 4, 8) for words in (512 * warps, 1024 * warps, 2048 * warps)
                 if words // bn <= 1024]
+        # the next tile's loads issued before a tile's products (8 columns of 4 or 2 word
+        # rows a thread)
+        cfgs += [w4.W4GemvConfig(bn, words // bn, warps, 1, prefetch=True)
+                 for bn in (8, 16, 32) for warps in (1, 2, 4)
+                 for words in (512 * warps, 1024 * warps)]
         cfgs.append(dataclasses.replace(default, nibble=w4.NIBBLE_EXPONENT))
         for cfg in cfgs:
             out.append((cfg.__dict__, lambda lay, x, cfg=cfg: w4.w4a16_gemv(

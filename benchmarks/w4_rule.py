@@ -12,6 +12,10 @@ Rules:
   2026-12-06 (``results/h100-20261206-1619-quant_gemv_w4_sweep.txt``) timed this shape
   fastest at Llama-3.1-8B's ``qkv_proj`` and ``o_proj`` (7.1 / 4.9 us against 7.9 / 6.1 at
   the default), in isolation; not yet run end to end.
+- ``prefetch``: the default shapes with the next tile's loads issued before a tile's products
+  (only layers of two or more tiles a program change).
+- ``prefetch_half``: ``prefetch`` with the tile and its warps halved, down to one warp, until
+  a program walks at least four tiles.
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ def _tiles32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
     return replace(cfg, block_kw=2 * cfg.block_kw)
 
 
-RULES = {"default": _DEFAULT, "tiles32k": _tiles32k}
+def _prefetch(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    return replace(_DEFAULT(n, k, rows, device), prefetch=True)
+
+
+def _prefetch_half(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    cfg = _prefetch(n, k, rows, device)
+    while (k // 8) // cfg.block_kw < 4 and cfg.num_warps > 1 and cfg.block_kw % 8 == 0:
+        cfg = replace(cfg, block_kw=cfg.block_kw // 2, num_warps=cfg.num_warps // 2)
+    return cfg
+
+
+RULES = {"default": _DEFAULT, "tiles32k": _tiles32k, "prefetch": _prefetch,
+         "prefetch_half": _prefetch_half}
 
 
 def apply(rule: str) -> None:

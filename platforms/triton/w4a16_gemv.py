@@ -126,14 +126,15 @@ def _row_dot(w, xs, dot, SUBNORMAL: tl.constexpr):
 
 
 @triton.jit
-def _step(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
-          stride_qk, stride_zg, stride_sg, acc, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
-          ROWS: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
-          USE_PDL: tl.constexpr, WAIT: tl.constexpr,
-          T: tl.constexpr, V: tl.constexpr, ALIGNED: tl.constexpr):
-    """``acc + s * (sum_k q x - z * sum_k x)`` over the word rows ``w0 + offs_t + m``,
-    ``m < ROWS`` (each run in one group): the weights' loads first, then the PDL wait where
-    ``WAIT``. ``MASK_K``: rows from ``kw`` on read as zero. ``zs_t``: the group rows at
+def _tile_loads(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
+                stride_qk, stride_zg, stride_sg, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+                ROWS: tl.constexpr, GROUP_W: tl.constexpr, USE_PDL: tl.constexpr,
+                WAIT: tl.constexpr, T: tl.constexpr, V: tl.constexpr, ALIGNED: tl.constexpr):
+    """Everything the tile at word rows ``w0 + offs_t + m`` (``m < ROWS``, each run in one
+    group) reads: ``(words, z, s, xs)``, ``ROWS`` word tensors ``[T, V, 8]`` int32, the
+    group's zero points and scales ``[T, V, 8]`` fp16 and ``ROWS`` ``x`` tensors ``[T, V,
+    8]``. The weights, zero points and scales load first, then the PDL wait where ``WAIT``,
+    then ``x``. ``MASK_K``: rows from ``kw`` on read as zero. ``zs_t``: the group rows at
     ``w0 = 0``."""
     ww = (w0 + offs_t)[:, None, None]  # [T, 1, 1]
     q_ptrs = qw_ptr + ww.to(tl.int64) * stride_qk + offs_n[None, :, :]
@@ -165,18 +166,28 @@ def _step(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
         s = tl.load(s_ptrs)
     if WAIT:
         wait_for_previous(USE_PDL)
-    dot = tl.zeros([T, V, 8], dtype=tl.float32)
-    x_sum = tl.zeros([T, V], dtype=tl.float32)
+    xs = ()
     for m in tl.static_range(ROWS):
         kk = (offs_t[:, None, None] + m) * 8 + tl.arange(0, 8)[None, None, :] + \
             tl.zeros([T, V, 8], tl.int32)
         if MASK_K:
-            x = tl.load(x_row + w0 * 8 + kk, mask=kk < K - w0 * 8, other=0.0)
+            xs = xs + (tl.load(x_row + w0 * 8 + kk, mask=kk < K - w0 * 8, other=0.0),)
         else:
-            x = tl.load(x_row + w0 * 8 + kk)
-        xs, total = _prescaled(x.to(tl.float32), T, V, SUBNORMAL)
+            xs = xs + (tl.load(x_row + w0 * 8 + kk),)
+    return words, z, s, xs
+
+
+@triton.jit
+def _tile_dot(tile, acc, ROWS: tl.constexpr, SUBNORMAL: tl.constexpr, T: tl.constexpr,
+              V: tl.constexpr):
+    """``acc + s * (sum_k q x - z * sum_k x)`` over a tile of :func:`_tile_loads`."""
+    words, z, s, xs = tile
+    dot = tl.zeros([T, V, 8], dtype=tl.float32)
+    x_sum = tl.zeros([T, V], dtype=tl.float32)
+    for m in tl.static_range(ROWS):
+        factors, total = _prescaled(xs[m].to(tl.float32), T, V, SUBNORMAL)
         x_sum += total
-        dot = _row_dot(words[m], xs, dot, SUBNORMAL)
+        dot = _row_dot(words[m], factors, dot, SUBNORMAL)
     if SUBNORMAL:
         x_sum = x_sum * _TO_DOMAIN
     return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, :, None])
@@ -188,9 +199,10 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_qk, stride_zg, stride_sg, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, GROUP_W: tl.constexpr,
-    SUBNORMAL: tl.constexpr, USE_PDL: tl.constexpr,
+    SUBNORMAL: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """See the module. ``EVEN``: ``N`` a multiple of ``BLOCK_N``; ``ROWS`` divides
+    """See the module. ``PREFETCH``: a whole tile's loads are issued before the previous
+    tile's products (twice the words in registers). ``EVEN``: ``N`` a multiple of ``BLOCK_N``; ``ROWS`` divides
     ``BLOCK_KW`` and ``GROUP_W`` (the group's word rows)."""
     T: tl.constexpr = BLOCK_KW // ROWS
     V: tl.constexpr = BLOCK_N // 8
@@ -208,20 +220,33 @@ def _w4a16_gemv_kernel(
     ALIGNED: tl.constexpr = BLOCK_KW % GROUP_W == 0
     done = full * BLOCK_KW
     if full > 0:
-        acc = _step(qw_ptr, x_row, z_ptr, s_ptr, tl.full([], 0, tl.int32), offs_t, zs_t,
-                    offs_n, n_mask, kw, K, stride_qk, stride_zg, stride_sg, acc, MASK_N,
-                    False, ROWS, GROUP_W, SUBNORMAL, USE_PDL, True, T, V, ALIGNED)
-        for w0 in range(BLOCK_KW, done, BLOCK_KW):
-            acc = _step(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n, n_mask, kw, K,
-                        stride_qk, stride_zg, stride_sg, acc, MASK_N, False, ROWS, GROUP_W,
-                        SUBNORMAL, USE_PDL, False, T, V, ALIGNED)
+        tile = _tile_loads(qw_ptr, x_row, z_ptr, s_ptr, tl.full([], 0, tl.int32), offs_t, zs_t,
+                           offs_n, n_mask, kw, K, stride_qk, stride_zg, stride_sg, MASK_N,
+                           False, ROWS, GROUP_W, USE_PDL, True, T, V, ALIGNED)
+        if PREFETCH:  # the next tile's loads in flight while this one's products run
+            for w0 in range(BLOCK_KW, done, BLOCK_KW):
+                ahead = _tile_loads(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t, offs_n,
+                                    n_mask, kw, K, stride_qk, stride_zg, stride_sg, MASK_N,
+                                    False, ROWS, GROUP_W, USE_PDL, False, T, V, ALIGNED)
+                acc = _tile_dot(tile, acc, ROWS, SUBNORMAL, T, V)
+                tile = ahead
+            acc = _tile_dot(tile, acc, ROWS, SUBNORMAL, T, V)
+        else:
+            acc = _tile_dot(tile, acc, ROWS, SUBNORMAL, T, V)
+            for w0 in range(BLOCK_KW, done, BLOCK_KW):
+                acc = _tile_dot(_tile_loads(qw_ptr, x_row, z_ptr, s_ptr, w0, offs_t, zs_t,
+                                            offs_n, n_mask, kw, K, stride_qk, stride_zg,
+                                            stride_sg, MASK_N, False, ROWS, GROUP_W, USE_PDL,
+                                            False, T, V, ALIGNED),
+                                acc, ROWS, SUBNORMAL, T, V)
     else:
         wait_for_previous(USE_PDL)
     # the last kw % BLOCK_KW rows: one a thread, T at a time
     for w0 in range(done, kw, T):
-        acc = _step(qw_ptr, x_row, z_ptr, s_ptr, w0, tl.arange(0, T), zs_t, offs_n, n_mask,
-                    kw, K, stride_qk, stride_zg, stride_sg, acc, MASK_N, True, 1, GROUP_W,
-                    SUBNORMAL, USE_PDL, False, T, V, False)
+        acc = _tile_dot(_tile_loads(qw_ptr, x_row, z_ptr, s_ptr, w0, tl.arange(0, T), zs_t,
+                                    offs_n, n_mask, kw, K, stride_qk, stride_zg, stride_sg,
+                                    MASK_N, True, 1, GROUP_W, USE_PDL, False, T, V, False),
+                        acc, 1, SUBNORMAL, T, V)
     y = tl.sum(tl.reshape(acc, [T, BLOCK_N]), axis=0)
     if SUBNORMAL:
         y = y * _UNSCALE
@@ -236,14 +261,17 @@ def _w4a16_gemv_kernel(
 class W4GemvConfig:
     """Launch shape: output columns per program (a power of two from 8), word rows (8 K-rows
     each) per step, warps, pipeline stages; and the nibble decoding (``NIBBLE_SUBNORMAL`` or
-    ``NIBBLE_EXPONENT``). ``block_n * block_kw = 1024 * num_warps`` gives each thread 8
-    columns of 4 word rows; other shapes are correct too."""
+    ``NIBBLE_EXPONENT``), and whether the next tile's loads are issued before a tile's
+    products (Triton's pipeliner leaves this loop's loads alone at any ``num_stages``).
+    ``block_n * block_kw = 1024 * num_warps`` gives each thread 8 columns of 4 word rows;
+    other shapes are correct too."""
 
     block_n: int
     block_kw: int
     num_warps: int
     num_stages: int
     nibble: str = NIBBLE_SUBNORMAL
+    prefetch: bool = False
 
 
 def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
@@ -314,7 +342,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN=n % cfg.block_n == 0, BLOCK_N=cfg.block_n,
         BLOCK_KW=cfg.block_kw, ROWS=rows_per_thread(group // 8, cfg.block_kw),
-        GROUP_W=group // 8, SUBNORMAL=subnormal, num_warps=cfg.num_warps,
+        GROUP_W=group // 8, SUBNORMAL=subnormal, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(x.device))
     return y
 

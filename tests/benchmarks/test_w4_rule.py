@@ -43,6 +43,18 @@ def test_tiles32k_doubles_the_word_rows_where_they_divide(
                                                                                   cpu)
 
 
+def test_prefetch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prefetch`` keeps the default shapes; ``prefetch_half`` halves tile and warps until a
+    program walks four tiles."""
+    monkeypatch.setattr(w4a16_gemv, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    assert w4_rule._prefetch(6144, 4096, 1, gpu) == W4GemvConfig(16, 256, 4, 1, prefetch=True)
+    assert w4_rule._prefetch_half(6144, 4096, 1, gpu) == W4GemvConfig(16, 128, 2, 1,
+                                                                     prefetch=True)
+    assert w4_rule._prefetch_half(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1,
+                                                                      prefetch=True)
+
+
 def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench_quant_llama8b
 

@@ -142,16 +142,19 @@ def _w4_reference(x: torch.Tensor, q: torch.Tensor, zeros: torch.Tensor, scales:
     return x.double() @ w
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("nibble", ["subnormal", "exponent"])
 @pytest.mark.parametrize("rows,k,n,group,x_scale", [
     (1, 100, 40, 32, 1.0), (2, 200, 24, 32, 1.0), (4, 128, 32, 64, 1.0), (1, 256, 16, 256, 1.0),
     (1, 192, 16, 24, 1.0), (2, 128, 16, 32, 2.0 ** 30), (2, 128, 16, 32, 2.0 ** -50)])
 def test_w4a16_gemv_against_float64(device: torch.device, rows: int, k: int, n: int,
-                                    group: int, x_scale: float, nibble: str) -> None:
+                                    group: int, x_scale: float, nibble: str,
+                                    prefetch: bool) -> None:
     """Every nibble position with codes 0..15 and zero points 0..15 (so each decoding is
     checked at each shift): ragged K (not a multiple of 8 or of the tile), N not a multiple
     of the tile, one group over all of K, a group of 3 words (not a power of two), and
-    activations near both ends of the subnormal decoding's range."""
+    activations near both ends of the subnormal decoding's range; with the next tile's loads
+    issued ahead (``prefetch``) and without."""
     from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig, w4a16_gemv
     from heteroserve.platforms.triton.w4a16_pack import pack_rows
 
@@ -162,9 +165,9 @@ def test_w4a16_gemv_against_float64(device: torch.device, rows: int, k: int, n: 
     scales = (torch.rand(groups, n, generator=g) / 8 + 0.01).to(torch.float16)
     x = torch.randn(rows, k, generator=g) * x_scale
     bias = torch.randn(n, generator=g) * x_scale
-    config = W4GemvConfig(16, 8, 1, 1, nibble) if device.type == "cpu" else None
-    if config is None and nibble != "subnormal":
-        config = W4GemvConfig(16, 64, 4, 1, nibble)
+    config = W4GemvConfig(16, 8, 1, 1, nibble, prefetch) if device.type == "cpu" else None
+    if config is None and (nibble != "subnormal" or prefetch):
+        config = W4GemvConfig(16, 64, 4, 1, nibble, prefetch)
     out = w4a16_gemv(x.to(device), pack_rows(q).to(device), zeros.to(device),
                      scales.to(device), group, bias.to(device), config=config)
     ref = _w4_reference(x, q, zeros, scales, group) + bias.double()
@@ -190,6 +193,8 @@ def test_w4a16_gemv_bf16_rule_tile_and_non_finite_x(device: torch.device, nibble
     out = w4a16_gemv(x.to(device), *args, config=config)
     ref = _w4_reference(x.float(), q, zeros, scales, group)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    ahead = w4a16_gemv(x.to(device), *args, config=W4GemvConfig(16, 64, 1, 1, nibble, True))
+    assert torch.equal(ahead, out)  # the same products in the same order
     for bad in (float("nan"), float("inf")):
         xb = x.clone()
         xb[0, 1000] = bad
