@@ -14,6 +14,9 @@ Rules:
   the default), in isolation; not yet run end to end.
 - ``prefetch``: the default shapes with the next tile's loads issued before a tile's products
   (only layers of two or more tiles a program change).
+- ``prefetch_32k``: ``tiles32k`` where that makes a program's whole slice one tile (all of its
+  loads before the PDL wait; Llama-3.1-8B's ``qkv_proj`` and ``o_proj``), else ``prefetch``
+  (a 32 KiB tile held twice takes about 250 registers a thread).
 - ``prefetch_half``: ``prefetch`` with the tile and its warps halved, down to one warp, until
   a program walks at least four tiles.
 """
@@ -53,8 +56,15 @@ def _prefetch_half(n: int, k: int, rows: int, device: torch.device) -> W4GemvCon
     return cfg
 
 
+def _prefetch_32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    whole = _tiles32k(n, k, rows, device)
+    if whole.block_kw >= k // 8:
+        return whole
+    return _prefetch(n, k, rows, device)
+
+
 RULES = {"default": _DEFAULT, "tiles32k": _tiles32k, "prefetch": _prefetch,
-         "prefetch_half": _prefetch_half}
+         "prefetch_half": _prefetch_half, "prefetch_32k": _prefetch_32k}
 
 
 def apply(rule: str) -> None:

@@ -45,7 +45,8 @@ def test_tiles32k_doubles_the_word_rows_where_they_divide(
 
 def test_prefetch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """``prefetch`` keeps the default shapes; ``prefetch_half`` halves tile and warps until a
-    program walks four tiles."""
+    program walks four tiles; ``prefetch_32k`` takes one 32 KiB tile where that is the whole
+    slice."""
     monkeypatch.setattr(w4a16_gemv, "multiprocessors", lambda device: 132)
     gpu = torch.device("cuda", 0)
     assert w4_rule._prefetch(6144, 4096, 1, gpu) == W4GemvConfig(16, 256, 4, 1, prefetch=True)
@@ -53,6 +54,11 @@ def test_prefetch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                      prefetch=True)
     assert w4_rule._prefetch_half(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1,
                                                                       prefetch=True)
+    assert w4_rule._prefetch_32k(6144, 4096, 1, gpu) == W4GemvConfig(16, 512, 4, 1)
+    assert w4_rule._prefetch_32k(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1,
+                                                                     prefetch=True)
+    assert w4_rule._prefetch_32k(4096, 14336, 1, gpu) == W4GemvConfig(16, 256, 4, 1,
+                                                                     prefetch=True)
 
 
 def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
