@@ -51,7 +51,7 @@ def _prefetch(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
 
 def _prefetch_half(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
     cfg = _prefetch(n, k, rows, device)
-    while (k // 8) // cfg.block_kw < 4 and cfg.num_warps > 1 and cfg.block_kw % 8 == 0:
+    while (k // 8) // cfg.block_kw < 4 and cfg.num_warps > 1:
         cfg = replace(cfg, block_kw=cfg.block_kw // 2, num_warps=cfg.num_warps // 2)
     return cfg
 

@@ -202,8 +202,9 @@ def _w4a16_gemv_kernel(
     SUBNORMAL: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """See the module. ``PREFETCH``: a whole tile's loads are issued before the previous
-    tile's products (twice the words in registers). ``EVEN``: ``N`` a multiple of ``BLOCK_N``; ``ROWS`` divides
-    ``BLOCK_KW`` and ``GROUP_W`` (the group's word rows)."""
+    tile's products (twice the words in registers); without it a tile is loaded and used in
+    one iteration, which keeps its registers to one tile. ``EVEN``: ``N`` a multiple of
+    ``BLOCK_N``; ``ROWS`` divides ``BLOCK_KW`` and ``GROUP_W`` (the group's word rows)."""
     T: tl.constexpr = BLOCK_KW // ROWS
     V: tl.constexpr = BLOCK_N // 8
     MASK_N: tl.constexpr = not EVEN
