@@ -27,6 +27,10 @@
 #                          deepseek_v2_lite_decode1) under each of benchmarks/deepseek_rule.py's
 #                          DEEPSEEK_RULES (default: default bmm routing_before default)
 #                          -> $OUT/deepseek/<rule>[_again].json
+#   prologue_ab            each decode row of PROLOGUE_WORKLOADS (default: qwen3moe_decode1
+#                          llama8b_decode1) under each of benchmarks/prologue_rule.py's
+#                          PROLOGUE_RULES (default: default prologue_off), a process each
+#                          -> $OUT/prologue/<workload>-<rule>.json
 #   moe_tune               benchmarks/moe_tune.py: the grouped MoE GEMM's tiles per expert shape
 #                          and token count; installs platforms/triton/moe_tuned/<device>.json
 #                          (copied to $OUT) for the later steps; TUNE_ARGS adds options
@@ -225,6 +229,16 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/deepseek_rule.py "$rule" --workloads \
           "${DEEPSEEK_WORKLOADS:-deepseek_v2_lite_decode1}" --out "$OUT/deepseek/$name.json" \
           2>&1 | grep -E "decode1:|offline:|wrote|Error"
+      done ;;
+    prologue_ab)  # the decode rows with q/k norm + rotary in the split kernel or launched apart
+      mkdir -p "$OUT/prologue"
+      # (each workload in a process of its own: a rule is installed in its process only)
+      for wl in ${PROLOGUE_WORKLOADS:-qwen3moe_decode1 llama8b_decode1}; do
+        for rule in ${PROLOGUE_RULES:-default prologue_off}; do
+          name=$wl-$rule; [ -f "$OUT/prologue/$name.json" ] && name=$wl-${rule}_again
+          timeout 150 python3 benchmarks/prologue_rule.py "$rule" --workloads "$wl" \
+            --out "$OUT/prologue/$name.json" 2>&1 | grep -E "decode1:|wrote|Error"
+        done
       done ;;
     w8_ab)  # the W8A8 decode rows under each one-row GEMV launch rule; a rule named twice runs twice
       for rule in ${W8_RULES:-default rows16 default}; do

@@ -1,9 +1,11 @@
 """Conformance of every attention backend: exact KV writes, extend and decode against the
-float64 oracle, over the grid of :mod:`heteroserve.conformance.cases.attention`."""
+float64 oracle (and ``forward_prologue`` where implemented), over the grid of
+:mod:`heteroserve.conformance.cases.attention`."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from heteroserve.conformance.attention_setup import (
     expected_cache, flat_slots, make_setup, write_and_check,
@@ -11,8 +13,11 @@ from heteroserve.conformance.attention_setup import (
 from heteroserve.conformance.cases.attention import AttnCase, attention_cases
 from heteroserve.conformance.checks import assert_bitwise_equal, assert_close, run_op
 from heteroserve.conformance.context import ConformanceContext
+from heteroserve.conformance.oracles import norm as norm_ref
+from heteroserve.conformance.oracles import rotary as rotary_ref
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.params import ConfParam, conformance
+from heteroserve.core.kernels.attention import AttentionPrologue
 
 
 @conformance(attention_cases("write_kv"))
@@ -62,3 +67,64 @@ def test_attention_forward_decode(conf: ConfParam, ctx: ConformanceContext,
     ref = attention_ref(s.q, s.keys, s.values, [n for _, n in case.seqs], s.layer.scale,
                         case.sliding_window, case.logit_cap)
     assert_close(out, ref, case.dtype, "forward (decode) output", request)
+
+
+@conformance(attention_cases("decode"))
+def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceContext,
+                                           request: pytest.FixtureRequest) -> None:
+    """``forward_prologue`` (optional: skipped where it returns None) of un-normed, un-rotated
+    q / k passed as strided views of one qkv row, as a decoder layer passes them, with a
+    per-head qk-norm and without, in both rotary styles: the new K slots hold the float64
+    norm and rotation (within the dtype's bound), V and every other slot are exact, the output
+    is the oracle's over the normed, rotated query, and the inputs are left as they were."""
+    case: AttnCase = conf.case  # type: ignore[assignment]
+    if case.kv_fp8:
+        pytest.skip("fp8 caches: a rounding flip of one fp8 step exceeds the dtype's bound")
+    dt, d = case.dtype, case.head_size
+    # (qk-norm, NeoX style, rotary width): whole heads, and a partial rotation (Phi / GLM)
+    for qk_norm, is_neox, rot in ((True, True, d), (False, False, d // 4 * 2),
+                                  (True, False, d)):
+        s = make_setup(conf, ctx)
+        dev = s.q.device
+        gen = case.generator(11)
+        qkv = torch.cat([s.q.flatten(1) * 2.0, s.k_new.flatten(1) * 2.0, s.v_new.flatten(1)],
+                        dim=1)  # O(2) rows: the norm changes them
+        hq, hk = case.q_heads * d, case.kv_heads * d
+        q, k, v = (x.view(x.shape[0], -1, d) for x in qkv.split([hq, hk, hk], dim=1))
+        positions = torch.tensor([p for p, _ in case.seqs], dtype=torch.int64, device=dev)
+        table = rotary_ref.cos_sin_cache(max(p for p, _ in case.seqs) + 2, rot).float().to(dev)
+        weights = [(torch.rand(d, generator=gen, dtype=torch.float64) + 0.5).to(dt).to(dev)
+                   for _ in range(2)]
+        prologue = AttentionPrologue(positions, table, is_neox,
+                                     *(weights if qk_norm else (None, None)), 1e-6)
+        before = qkv.clone()
+        s.backend.prepare(s.batch.meta)
+
+        def call() -> torch.Tensor | None:
+            return s.backend.forward_prologue(q, k, v, s.k_cache, s.v_cache, s.layer,
+                                              s.batch.meta, prologue)
+
+        if call() is None:
+            pytest.skip("forward_prologue returns None (optional): the layer runs the qk-norm "
+                        "and rotary ops before forward")
+        out = run_op(call, tuple)  # stores the same new K/V again
+        label = f"(qk_norm={qk_norm}, is_neox={is_neox})"
+        assert_bitwise_equal(qkv, before, f"forward_prologue must not modify its inputs {label}")
+        q_ref, k_ref = (x.double().cpu() for x in (q, k))
+        if qk_norm:
+            q_ref = norm_ref.rms_norm(q_ref, weights[0], 1e-6)
+            k_ref = norm_ref.rms_norm(k_ref, weights[1], 1e-6)
+        q_ref = rotary_ref.rotate(positions, q_ref, table, is_neox)
+        k_ref = rotary_ref.rotate(positions, k_ref, table, is_neox)
+        k_got = flat_slots(s.k_cache, s.layout)[s.batch.meta.out_cache_loc.cpu()]
+        assert_close(k_got, k_ref, dt, f"new K slots {label}", request)
+        keys = [x.clone() for x in s.keys]
+        for b, (p, _) in enumerate(case.seqs):
+            keys[b][p] = k_got[b]
+        for name, cache, seqs in (("k", s.k_cache, keys), ("v", s.v_cache, s.values)):
+            assert_bitwise_equal(flat_slots(cache, s.layout), expected_cache(s, cache, seqs),
+                                 f"forward_prologue: {name} cache (only the new tokens' slots "
+                                 f"may change) {label}")
+        ref = attention_ref(q_ref, keys, s.values, [n for _, n in case.seqs], s.layer.scale,
+                            case.sliding_window, case.logit_cap)
+        assert_close(out, ref, dt, f"forward_prologue (decode) output {label}", request)

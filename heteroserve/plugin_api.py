@@ -26,7 +26,8 @@ from heteroserve.core.distributed.communicator import Communicator
 from heteroserve.core.graph import CapturedGraph, EagerGraphRunner, GraphRunner
 from heteroserve.core.kernels import ops
 from heteroserve.core.kernels.attention import (
-    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, ForwardMode,
+    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, AttentionPrologue,
+    ForwardMode,
 )
 from heteroserve.core.kernels.linear import (
     LINEAR_SCHEMES, LinearMethod, LinearSchemeSpec, LinearShape, ParamSpec,
@@ -83,7 +84,8 @@ __all__ = [
     "SiluAndMulOp", "GeluAndMulOp", "RotaryOp", "TopKSoftmaxOp", "GroupedTopKOp", "FusedMoEOp",
     "SamplingOp", "SamplingBatch", "TokenBitmaskApplyOp",
     # attention and linear bases
-    "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata", "ForwardMode",
+    "AttentionBackend", "AttentionConfig", "AttentionLayer", "AttentionMetadata",
+    "AttentionPrologue", "ForwardMode",
     "LinearMethod", "LinearShape", "ParamSpec", "LINEAR_SCHEMES",
     # quantization formats (checkpoint readers a plugin adds)
     "QuantFormat", "QuantFormatSpec", "LinearSchemeSpec", "LayerQuant", "UNQUANTIZED", "QuantizationError",

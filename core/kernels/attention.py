@@ -76,6 +76,33 @@ class AttentionLayer:
     logit_cap: float | None = None
 
 
+@dataclass(frozen=True)
+class AttentionPrologue:
+    """The ops between a decoder's qkv projection and attention, for a backend to fold in
+    (:meth:`AttentionBackend.forward_prologue`): with norm weights, a per-head RMSNorm of q
+    and k as ``QKNormRotaryOp`` defines it (fp32 math, rounded to the dtype), then in any case
+    ``RotaryOp(positions, q, k, cos_sin_cache, is_neox)``. ``positions`` int64 ``[T]``;
+    ``cos_sin_cache`` fp32 ``[max_position, R]`` (``R`` even, ``R <= head_size``);
+    ``q_norm_weight`` / ``k_norm_weight`` ``[head_size]`` effective weights, both set or
+    both None, sharing ``eps``."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+    q_norm_weight: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.q_norm_weight is None) != (self.k_norm_weight is None):
+            raise ValueError("AttentionPrologue: q and k norm weights are both set or both None")
+
+    @property
+    def has_norm(self) -> bool:
+        """Whether q and k are RMS-normed per head before the rotation."""
+        return self.q_norm_weight is not None
+
+
 @dataclass
 class AttentionMetadata:
     """One step's batch, in flashinfer's CSR page format plus derived views.
@@ -223,3 +250,16 @@ class AttentionBackend(ABC):
         if meta.mode is ForwardMode.DECODE:
             return self.decode(q, k_cache, v_cache, layer, meta)
         return self.extend(q, k_cache, v_cache, layer, meta)
+
+    def forward_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, layer: AttentionLayer,
+                         meta: AttentionMetadata,
+                         prologue: AttentionPrologue) -> torch.Tensor | None:
+        """Optional (plugin API 1.9): :meth:`forward` of un-normed, un-rotated ``q`` / ``k``
+        (strided views of one projection output allowed, last dim contiguous), applying
+        ``prologue`` first: the K cache then holds the normed, rotated new keys and
+        attention uses the normed, rotated queries. The inputs are not modified. Returns
+        None (the default) where this implementation does not fold the prologue into this
+        call (any mode, batch or cache dtype it chooses); the layer then runs the qk-norm /
+        rotary ops and calls :meth:`forward`."""
+        return None

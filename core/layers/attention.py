@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from heteroserve.core.kernels.attention import AttentionLayer
+from heteroserve.core.kernels.attention import AttentionLayer, AttentionPrologue
 from heteroserve.core.layers.context import ForwardContext
 
 
@@ -52,3 +52,18 @@ class PagedAttention(nn.Module):
             fwd.k_caches[lid], fwd.v_caches[lid], self.params, fwd.meta)
         out = out.reshape(t, self.num_heads * self.head_size)
         return out * self.v_scale if self.v_scale != 1.0 else out
+
+    def forward_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         prologue: AttentionPrologue, fwd: ForwardContext) -> torch.Tensor | None:
+        """:meth:`forward` of un-normed, un-rotated ``q [T, Hq, D]`` / ``k [T, Hk, D]``
+        (strided views allowed) with ``v [T, Hk*D]``, the backend applying ``prologue``
+        (:meth:`AttentionBackend.forward_prologue`); ``[T, Hq*D]``, or None where the backend
+        does not fold it or per-layer K/V scales apply (the caller then runs the ops and
+        :meth:`forward`)."""
+        if self.k_scale != 1.0 or self.v_scale != 1.0:
+            return None
+        t, lid = q.shape[0], self.params.layer_id
+        out = fwd.backend.forward_prologue(
+            q, k, v.view(t, self.num_kv_heads, self.head_size), fwd.k_caches[lid],
+            fwd.v_caches[lid], self.params, fwd.meta, prologue)
+        return None if out is None else out.reshape(t, self.num_heads * self.head_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PLUGIN_API_VERSION = "1.8.0"
+PLUGIN_API_VERSION = "1.9.0"
 #: the attribute of a plugin's entry-point object naming the API version it was built for
 DECLARATION_ATTR = "HETEROSERVE_PLUGIN_API"
 

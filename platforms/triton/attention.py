@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.attention import (
-    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, ForwardMode,
+    AttentionBackend, AttentionConfig, AttentionLayer, AttentionMetadata, AttentionPrologue,
+    ForwardMode,
 )
 from heteroserve.core.platform import KVLayout
 from heteroserve.platforms.triton.attention_decode import choose_num_splits, decode_attention
 from heteroserve.platforms.triton.attention_extend import extend_attention
+from heteroserve.platforms.triton.attention_prologue import check_prologue
 from heteroserve.platforms.triton.kv_write import check_nhd_cache, write_kv
 
 MAX_HEAD_SIZE = 256
@@ -110,11 +112,29 @@ class TritonAttention(AttentionBackend):
         v = v if v.stride(2) == 1 else v.contiguous()
         return self.decode(q, k_cache, v_cache, layer, meta, new_kv=(k, v))
 
+    def forward_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, layer: AttentionLayer,
+                         meta: AttentionMetadata,
+                         prologue: AttentionPrologue) -> torch.Tensor | None:
+        """Decode over caches of the model dtype: the split kernel norms and rotates each
+        query head as it loads it and the new key before it stores it
+        (:mod:`.attention_prologue`), so a layer has no qk-norm / rotary launch. None for
+        extends and fp8 caches (the layer runs the ops)."""
+        if meta.mode is not ForwardMode.DECODE or self.config.kv_cache_dtype is not None:
+            return None
+        self._check_new_kv(k, v)
+        check_prologue(prologue, q.shape[0], self.config.head_size, q.dtype)
+        k = k if k.stride(2) == 1 else k.contiguous()
+        v = v if v.stride(2) == 1 else v.contiguous()
+        return self.decode(q, k_cache, v_cache, layer, meta, new_kv=(k, v), prologue=prologue)
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                layer: AttentionLayer, meta: AttentionMetadata,
-               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               prologue: AttentionPrologue | None = None) -> torch.Tensor:
         """One query per sequence over its whole cache, ``[B, Hq, D]``; with ``new_kv`` the
-        kernel first stores this step's ``(k, v)`` at ``meta.out_cache_loc``."""
+        kernel first stores this step's ``(k, v)`` at ``meta.out_cache_loc``, with
+        ``prologue`` (and ``new_kv``) normed and rotated as it loads them."""
         self._check(q, k_cache, v_cache, meta)
         if q.shape[0] != meta.batch_size:
             raise ValueError(f"decode: expected one query per sequence ({meta.batch_size}), "
@@ -123,4 +143,4 @@ class TritonAttention(AttentionBackend):
         splits = choose_num_splits(meta.batch_size, c.num_kv_heads, c.max_context_len, q.device)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return decode_attention(q, k_cache, v_cache, out, layer, meta, c.num_kv_heads, splits,
-                                new_kv=new_kv)
+                                new_kv=new_kv, prologue=prologue)

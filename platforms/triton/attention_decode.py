@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata
+from heteroserve.core.kernels.attention import AttentionLayer, AttentionMetadata, AttentionPrologue
+from heteroserve.platforms.triton.attention_prologue import norm_rotate_rows, prologue_args
 from heteroserve.platforms.triton.attention_common import (
     NEG_INIT, log2_scores, online_softmax_step, page_slots,
 )
@@ -53,12 +54,17 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_cs, stride_ch,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
+    pos_ptr, rope_ptr, qw_ptr, kw_ptr, eps, stride_rope,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     EXACT_FP32: tl.constexpr, WRITE_KV: tl.constexpr, CACHE_MAX: tl.constexpr,
+    PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, ROPE_HALF: tl.constexpr,
+    IS_NEOX: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """``PROLOGUE`` (:mod:`.attention_prologue`; needs ``WRITE_KV``): the query heads and the
+    new key are normed (``QK_NORM``) and rotated at ``pos_ptr[b]`` as they are loaded."""
     wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -79,15 +85,27 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    if PROLOGUE:
+        pos = tl.load(pos_ptr + b)
+        q = norm_rotate_rows(q_rows, g_mask[:, None] & d_mask[None, :], offs_d, qw_ptr, pos,
+                             rope_ptr, stride_rope, eps, HEAD_DIM, ROPE_HALF, IS_NEOX,
+                             QK_NORM)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     if WRITE_KV:  # the split holding the new token stores its K/V before reading them back
         if (seq_len - 1 >= s_lo) & (seq_len - 1 < s_hi):
             slot = tl.load(loc_ptr + b).to(tl.int64)
             dst = slot * stride_cs + kvh * stride_ch + offs_d
-            k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knt + kvh * stride_knh + offs_d,
-                            mask=d_mask)
+            k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kvh * stride_knh
+            if PROLOGUE:
+                k_new = tl.reshape(norm_rotate_rows(
+                    k_row + tl.zeros([1, 1], dtype=tl.int32), d_mask[None, :], offs_d, kw_ptr,
+                    pos, rope_ptr, stride_rope, eps, HEAD_DIM, ROPE_HALF, IS_NEOX,
+                    QK_NORM), [BLOCK_D])
+            else:
+                k_new = tl.load(k_row + offs_d, mask=d_mask)
             v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_d,
                             mask=d_mask)
             tl.store(k_cache_ptr + dst, to_cache(k_new, k_cache_ptr, CACHE_MAX), mask=d_mask)
@@ -169,13 +187,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor, layer: AttentionLayer, meta: AttentionMetadata,
                      num_kv_heads: int, num_splits: int, block_n: int | None = None,
                      new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     launch: tuple[int, int] | None = None) -> torch.Tensor:
+                     launch: tuple[int, int] | None = None,
+                     prologue: AttentionPrologue | None = None) -> torch.Tensor:
     """Fill ``out [B, Hq, D]`` with attention of each sequence's single query ``q [B, Hq, D]``
     (at position ``seq_len - 1``) over its whole paged NHD cache. ``num_splits >= 1``.
     ``new_kv``: this step's ``(k, v)`` ``[B, Hk, D]`` (last dim contiguous); when given, the
     split kernel also stores them at ``meta.out_cache_loc`` (what ``write_kv`` would do)
     before attending, saving a launch. ``launch``: the split kernel's ``(num_warps,
-    num_stages)`` instead of the default (tuning)."""
+    num_stages)`` instead of the default (tuning). ``prologue`` (with ``new_kv`` only): ``q``
+    and ``k`` are un-normed / un-rotated and the kernel applies it (checked by the caller,
+    :func:`~.attention_prologue.check_prologue`)."""
+    if prologue is not None and new_kv is None:
+        raise ValueError("decode_attention: a prologue needs the new K/V (new_kv)")
     bsz, hq, d = q.shape
     if bsz == 0:
         return out
@@ -205,7 +228,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_CAP=layer.logit_cap is not None, HAS_WINDOW=layer.sliding_window is not None,
         EXACT_FP32=exact_fp32(q.dtype), WRITE_KV=new_kv is not None,
-        CACHE_MAX=cache_saturation(k_cache.dtype),
+        CACHE_MAX=cache_saturation(k_cache.dtype), **prologue_args(prologue, q),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if num_splits == 1:
