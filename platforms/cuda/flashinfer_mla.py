@@ -36,8 +36,11 @@ Supported: bf16/fp16 (q and cache alike), ``kv_lora_rank`` 128/256/512 with
 ``qk_rope_head_dim`` 64 (what both FA backends plan: ``fa2`` needs multiples of 128/64 within
 the device's shared memory, ``fa3`` ``head_dim_ckv`` 128/256/512), any head count and page
 size. Verified against the flashinfer double on the CPU
-(``tests/vendor_platforms/test_flashinfer_mla.py``, conformance through ``cuda-double``);
-not yet run on hardware.
+(``tests/vendor_platforms/test_flashinfer_mla.py``, conformance through ``cuda-double``) and
+on an H100 (2026-12-07, flashinfer 0.7.4 JIT-built, ``fa3`` planned: cuda MLA conformance 40
+passed, 0 failed; ``docs/conformance/conformance-cuda-h100-flashinfer-mla.md``); slower than
+the Triton MLA there at DeepSeek-V2-Lite batch-1 decode (297.1 against 446.7 tok/s), so it
+is registered below it.
 """
 
 from __future__ import annotations
