@@ -5,7 +5,8 @@
 # Steps:
 #   attention_sweep        benchmarks/attention_sweep.py: Triton extend/decode launch configurations
 #   prefill_backends       benchmarks/prefill_backends.py: long-prompt attention, Triton extend vs
-#                          torch's flash and cuDNN SDPA (whole prompts, chunks on a prefix)
+#                          torch's flash and cuDNN SDPA and flashinfer's fa3 / fa2 (whole prompts,
+#                          chunks on a prefix); PREFILL_CASES (e.g. whole_8k,chunk_on_24k) narrows
 #   prefill_ab             the prefill rows side by side: cuda's default attention (long
 #                          extends in cuDNN), then benchmarks/prefill_cudnn_rule.py's
 #                          PREFILL_RULES (default: no_warm_up triton_chunks flash_prompts),
@@ -184,8 +185,11 @@ for step in "$@"; do
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
     fp8_gemm) timeout 200 python3 benchmarks/fp8_gemm_sweep.py --out "$OUT/fp8_gemm.json" 2>&1 \
         | grep -v -i warn ;;
-    prefill_backends) timeout 300 python3 benchmarks/prefill_backends.py \
-        --out "$OUT/prefill_backends.json" 2>&1 | grep -v -i warn ;;
+    prefill_backends)  # PREFILL_CASES narrows the cases; flashinfer's variants JIT-build
+      command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
+      timeout "${PREFILL_TIMEOUT:-300}" python3 benchmarks/prefill_backends.py \
+        --out "$OUT/prefill_backends.json" ${PREFILL_CASES:+--cases "$PREFILL_CASES"} 2>&1 \
+        | grep -v -i warn | cut -c1-220 ;;
     prefill_ab)
       pf="benchmarks/bench_headline.py --workloads llama8b_prefill --out $OUT/pf"
       timeout 150 python3 $pf/default.json 2>&1 | grep -E "prefill_"

@@ -17,6 +17,12 @@ tokens (the later chunks of a 32k and a 100k prompt). Variants:
 - ``flash_split`` / ``cudnn_split`` (chunks): the prefix attended without a mask and the
   chunk causally, two fused calls that return their log-sum-exp, merged in fp32 (``_rep``:
   with K/V repeated to the query heads first, for a kernel without native GQA).
+- ``flashinfer_fa3`` / ``flashinfer_fa2`` (where flashinfer imports: on the GPU machine from
+  ``.whl/fi_site.tar.xz``): ``BatchPrefillWithRaggedKVCacheWrapper`` with that ``backend``
+  over the gathered K/V (NHD), causal (flashinfer aligns the mask to the end of the keys, so
+  a chunk on a prefix needs no split); its plan JIT-builds the module.
+  ``flashinfer_fa3_nogather`` (whole prompts): the same on K/V as the projection would hand
+  them (no gather from the pages), what a backend could pass for a prompt with no prefix.
 
 ``first_ms`` is the first call's wall time (each case is a new shape: torch builds and caches
 a cuDNN plan per shape). TFLOP/s count ``4 * Hq * D`` per visible query-key pair, next to a large bf16 matmul's rate
@@ -101,6 +107,46 @@ def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tenso
     return out.to(o1.dtype)
 
 
+def flashinfer_variants(q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+                        slots: torch.Tensor, prefix: int, scale: float
+                        ) -> dict[str, Callable[[], torch.Tensor]]:
+    """The ``flashinfer_*`` variants (module docstring) for ``q [n, Hq, D]`` over the
+    sequence's slots of the flat caches ``[slots, Hk, D]``: ``BatchPrefillWithRaggedKVCache
+    Wrapper`` (one sequence, NHD, causal) planned once per backend, outside the timing; none
+    where flashinfer does not import."""
+    try:
+        from flashinfer.prefill import BatchPrefillWithRaggedKVCacheWrapper
+    except ImportError as exc:
+        _log(f"flashinfer variants skipped: {exc}")
+        return {}
+    n, hq, d = q.shape
+    length, hk = slots.numel(), flat_k.shape[1]
+    qo_indptr = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+    kv_indptr = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+    k_direct = flat_k.index_select(0, slots)  # stands for the projection's rows
+    v_direct = flat_v.index_select(0, slots)
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for backend in ("fa3", "fa2"):
+        wrapper = BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(256 << 20, dtype=torch.uint8, device=q.device), "NHD",
+            backend=backend)
+        try:
+            wrapper.plan(qo_indptr, kv_indptr, hq, hk, d, causal=True, sm_scale=scale,
+                         q_data_type=q.dtype, kv_data_type=q.dtype)
+        except Exception as exc:  # the JIT build or the plan refused: recorded, not fatal
+            _log(f"flashinfer {backend}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+
+        def gathered(wrapper=wrapper) -> torch.Tensor:
+            return wrapper.run(q, flat_k.index_select(0, slots), flat_v.index_select(0, slots))
+        out[f"flashinfer_{backend}"] = gathered
+        if backend == "fa3" and prefix == 0:
+            def direct(wrapper=wrapper) -> torch.Tensor:
+                return wrapper.run(q, k_direct, v_direct)
+            out["flashinfer_fa3_nogather"] = direct
+    return out
+
+
 def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     layer = AttentionLayer(0, D ** -0.5)
@@ -177,6 +223,7 @@ def run_case(name: str, prefix: int, new: int, peak: float, device: torch.device
                 return _merge(o1, l1, o2, l2)[0].transpose(0, 1)
             variants[f"{backend}_split{'_rep' if expand else ''}"] = split
 
+    variants.update(flashinfer_variants(q, flat_k, flat_v, slots, prefix, layer.scale))
     rows, ref = [], None
     for variant, call in variants.items():
         row = {"case": name, "prefix": prefix, "new": new, "variant": variant,
