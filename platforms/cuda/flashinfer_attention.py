@@ -155,12 +155,17 @@ class FlashInferAttention(AttentionBackend):
                 wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
                     self._workspace, "NHD", use_tensor_cores=self._tensor_cores())
             else:
-                wrapper = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+                wrapper = self.prefill_wrapper()
             self._wrappers[key] = wrapper
         if key not in self._planned:
             self._plan(wrapper, key, meta, self._host)
             self._planned.add(key)
         return wrapper
+
+    def prefill_wrapper(self) -> Any:
+        """A new ``BatchPrefillWithPagedKVCacheWrapper`` (NHD) on this backend's workspace,
+        unplanned."""
+        return self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None:

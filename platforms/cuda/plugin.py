@@ -39,6 +39,10 @@ FLASHINFER_MLA_PRIORITY = 8
 #: cuDNN's fused attention (platforms/cuda/sdpa_extend.py, 2026-12-05: a 100k prompt 8.88 ->
 #: 7.64-7.74 s on an H100); --kernel attention=triton keeps the Triton extend everywhere
 SDPA_EXTEND_PRIORITY = 11
+#: below Triton (10): long extends in flashinfer's paged prefill (FA3 on sm90) have not run end
+#: to end on a GPU (platforms/cuda/flashinfer_extend.py); --kernel
+#: attention=triton_flashinfer_extend selects it
+FLASHINFER_EXTEND_PRIORITY = 9
 _PKG = "heteroserve.platforms.cuda"
 
 
@@ -134,12 +138,32 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
             for op, module, attr, supports, priority, what in table]
 
 
-def _attention_spec(name: str, attr: str, priority: int, description: str) -> KernelSpec:
-    """A Triton-based attention backend of ``sdpa_extend`` (imports nothing)."""
-    return KernelSpec(op=ops.ATTENTION, name=name, load=_lazy("sdpa_extend", attr),
-                      platforms=PLATFORMS, priority=priority, supports=attention_supports,
+def _attention_spec(name: str, attr: str, priority: int, description: str,
+                    module: str = "sdpa_extend",
+                    supports: Callable[[KernelRequest], Support] = attention_supports
+                    ) -> KernelSpec:
+    """A Triton-based attention backend of ``module`` (imports nothing)."""
+    return KernelSpec(op=ops.ATTENTION, name=name, load=_lazy(module, attr),
+                      platforms=PLATFORMS, priority=priority, supports=supports,
                       native_on=PLATFORMS, kv_cache_dtypes=KV_CACHE_DTYPES,
                       description=description)
+
+
+def _flashinfer_extend_supports(request: KernelRequest) -> Support:
+    """Triton's attention support, and flashinfer importable (its extends need it)."""
+    why = flashinfer_missing()
+    return Support.no(why) if why else attention_supports(request)
+
+
+def flashinfer_extend_spec() -> KernelSpec:
+    """Triton attention whose long extends run in flashinfer's paged prefill (imports
+    nothing)."""
+    return _attention_spec("triton_flashinfer_extend", "TritonAttentionFlashInferExtend",
+                           FLASHINFER_EXTEND_PRIORITY,
+                           "Triton decode and short extends; extends of 2048+ new tokens a "
+                           "sequence through flashinfer's paged prefill (FA3 on sm90), "
+                           "prefix and chunk in one call", module="flashinfer_extend",
+                           supports=_flashinfer_extend_supports)
 
 
 def sdpa_extend_spec() -> KernelSpec:
@@ -159,5 +183,5 @@ def heteroserve_platforms() -> list[CudaPlatform]:
 @hookimpl
 def heteroserve_register_kernels(registry: KernelRegistry) -> None:
     for spec in (*triton_kernel_specs(PLATFORMS, TRITON_PRIORITY, PLATFORMS),
-                 sdpa_extend_spec(), *flashinfer_kernel_specs()):
+                 sdpa_extend_spec(), flashinfer_extend_spec(), *flashinfer_kernel_specs()):
         registry.register(spec)
