@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heteroserve.core.kernels.attention import AttentionPrologue
 from heteroserve.core.layers.context import LayerContext
 from heteroserve.core.layers.norm import RMSNorm
 from heteroserve.core.layers.rotary_cache import build_cos_sin_cache
@@ -63,3 +64,14 @@ class RotaryEmbedding(nn.Module):
         graphs have the same structure everywhere."""
         return self.ctx.dispatch.qk_norm_rotary(q, k, q_norm.weight, k_norm.weight, q_norm.eps,
                                                 positions, self.cos_sin_cache, self.is_neox)
+
+    def prologue(self, positions: torch.Tensor, q_norm: RMSNorm | None = None,
+                 k_norm: RMSNorm | None = None) -> AttentionPrologue:
+        """This rotation at ``positions``, after the per-head ``q_norm`` / ``k_norm`` where
+        the model has them (both or neither; their effective weights and ``q_norm``'s eps),
+        for an attention backend that folds them in
+        (:meth:`~heteroserve.core.kernels.attention.AttentionBackend.forward_prologue`)."""
+        if q_norm is None or k_norm is None:
+            return AttentionPrologue(positions, self.cos_sin_cache, self.is_neox)
+        return AttentionPrologue(positions, self.cos_sin_cache, self.is_neox, q_norm.weight,
+                                 k_norm.weight, q_norm.eps)

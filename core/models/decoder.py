@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heteroserve.core.kernels.attention import AttentionBackend, AttentionConfig, AttentionPrologue
+from heteroserve.core.kernels.attention import AttentionBackend, AttentionConfig
 from heteroserve.core.kernels.mla import MLABackend
 from heteroserve.core.layers.attention import PagedAttention
 from heteroserve.core.layers.context import ForwardContext, LayerContext
@@ -68,7 +68,8 @@ class SelfAttention(nn.Module):
         k = k.reshape(t, -1, self.head_dim)
         # strided views of qkv all the way down: the qk-norm, rotary and attention contracts
         # take rows with any stride (last dim contiguous), so no per-layer copies
-        o = self.attn.forward_prologue(q, k, v, self._prologue(positions), fwd)
+        prologue = self.rotary_emb.prologue(positions, self.q_norm, self.k_norm)
+        o = self.attn.forward_prologue(q, k, v, prologue, fwd)
         if o is not None:  # the backend normed and rotated q / k itself
             return self.o_proj(o)
         if self.q_norm is not None:
@@ -77,15 +78,6 @@ class SelfAttention(nn.Module):
             q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, fwd)
         return self.o_proj(o)
-
-    def _prologue(self, positions: torch.Tensor) -> AttentionPrologue:
-        """The qk-norm (where the model has one) and rotary of this layer, for a backend that
-        folds them into attention."""
-        rope = self.rotary_emb
-        if self.q_norm is None or self.k_norm is None:
-            return AttentionPrologue(positions, rope.cos_sin_cache, rope.is_neox)
-        return AttentionPrologue(positions, rope.cos_sin_cache, rope.is_neox,
-                                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
 
 class MLP(nn.Module):

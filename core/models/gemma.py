@@ -144,7 +144,12 @@ class GemmaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, -1, self.head_dim)
         k = k.reshape(t, -1, self.head_dim)
-        if self.q_norm is not None:  # OffsetRMSNorm weights hold 1 + w: the effective weight
+        # OffsetRMSNorm weights hold 1 + w: the effective weight
+        prologue = self.rotary_emb.prologue(positions, self.q_norm, self.k_norm)
+        o = self.attn.forward_prologue(q, k, v, prologue, fwd)
+        if o is not None:  # the backend normed and rotated q / k itself
+            return self.o_proj(o)
+        if self.q_norm is not None:
             q, k = self.rotary_emb.forward_qk_norm(positions, q, k, self.q_norm, self.k_norm)
         else:
             q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
