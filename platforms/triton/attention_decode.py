@@ -15,6 +15,10 @@ short sequence fills only the first few splits (:func:`split_share`); the progra
 others return at once and the merge reads only the filled ones (on an H200 at batch 1 and
 128 keys, 64 splits of which 2 held keys cost 6.3 us against 4.2 us for 8 splits, before the
 merge skipped the empty ones).
+
+Through :meth:`TritonAttention.forward_prologue` the split kernel also applies the decoder's
+per-head q / k RMSNorm and rotary embedding to the query heads it loads and to the new key
+before storing it (:mod:`.attention_prologue`), in place of a separate launch.
 """
 
 from __future__ import annotations
