@@ -82,24 +82,22 @@ class TritonAttentionFlashInferExtend(TritonAttention):
         without window or soft cap, by planning and running one extend of
         :attr:`min_new_tokens` zero tokens on a scratch cache; None when no step of this
         engine reaches it (the chunk is shorter) or flashinfer never serves the config."""
-        if self._flashinfer is None or chunk_size < self.min_new_tokens:
-            return self.refusal and f"long extends on Triton: {self.refusal}"
+        if self._flashinfer is None:
+            return f"long extends on Triton: {self.refusal}"
+        if chunk_size < self.min_new_tokens:
+            return None
         c, n = self.config, self.min_new_tokens
         pages = -(-n // c.page_size)
         cache = torch.zeros((pages, c.page_size, c.num_kv_heads, c.head_size), dtype=c.dtype,
                             device=c.device)
-        host = {"qo_indptr": torch.tensor([0, n], dtype=torch.int32),
-                "kv_indptr": torch.tensor([0, pages], dtype=torch.int32),
-                "last_page_len": torch.tensor([n - (pages - 1) * c.page_size],
-                                              dtype=torch.int32)}
-        fi = self._flashinfer
+        i32 = lambda *values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
         t0 = time.perf_counter()
-        wrapper = fi.prefill_wrapper()
-        wrapper.plan(host["qo_indptr"], host["kv_indptr"],
+        wrapper = self._flashinfer.prefill_wrapper()
+        wrapper.plan(i32(0, n), i32(0, pages),
                      torch.arange(pages, dtype=torch.int32, device=c.device),
-                     host["last_page_len"], c.num_q_heads, c.num_kv_heads, c.head_size,
-                     c.page_size, causal=True, sm_scale=c.head_size ** -0.5, q_data_type=c.dtype,
-                     kv_data_type=c.dtype)
+                     i32(n - (pages - 1) * c.page_size), c.num_q_heads, c.num_kv_heads,
+                     c.head_size, c.page_size, causal=True, sm_scale=c.head_size ** -0.5,
+                     q_data_type=c.dtype, kv_data_type=c.dtype)
         q = torch.zeros((n, c.num_q_heads, c.head_size), dtype=c.dtype, device=c.device)
         wrapper.run(q, (cache, cache))
         return (f"flashinfer paged prefill ready for extends of {n}+ tokens a sequence "

@@ -123,7 +123,7 @@ class TritonAttention(AttentionBackend):
         if meta.mode is not ForwardMode.DECODE or self.config.kv_cache_dtype is not None:
             return None
         self._check_new_kv(k, v)
-        check_prologue(prologue, q.shape[0], self.config.head_size, q.dtype)
+        check_prologue(prologue, q.shape[0], self.config.head_size)
         k = k if k.stride(2) == 1 else k.contiguous()
         v = v if v.stride(2) == 1 else v.contiguous()
         return self.decode(q, k_cache, v_cache, layer, meta, new_kv=(k, v), prologue=prologue)

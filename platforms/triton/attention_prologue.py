@@ -64,10 +64,9 @@ def norm_rotate_rows(rows, mask, offs_d, w_ptr, pos, rope_ptr, stride_rope, eps,
     return tl.where(rotated[None, :], out, x).to(dtype)
 
 
-def check_prologue(prologue: AttentionPrologue, batch_size: int, head_size: int,
-                   dtype: torch.dtype) -> None:
+def check_prologue(prologue: AttentionPrologue, batch_size: int, head_size: int) -> None:
     """Raise ``ValueError`` unless ``prologue`` fits a decode batch of ``batch_size`` heads of
-    ``head_size`` in ``dtype``: ``positions [B]`` int, a 2-D cache of an even width ``R <=
+    ``head_size``: ``positions [B]`` int, a 2-D cache of an even width ``R <=
     head_size`` with contiguous rows, norm weights ``[head_size]`` contiguous."""
     cache, pos = prologue.cos_sin_cache, prologue.positions
     if pos.shape != (batch_size,) or pos.dtype not in (torch.int32, torch.int64):
@@ -81,8 +80,6 @@ def check_prologue(prologue: AttentionPrologue, batch_size: int, head_size: int,
         if w is not None and (w.shape != (head_size,) or not w.is_contiguous()):
             raise ValueError(f"attention prologue: {name} norm weight {tuple(w.shape)} is not "
                              f"[{head_size}] contiguous")
-    if not dtype.is_floating_point:
-        raise ValueError(f"attention prologue: {dtype} q/k")
 
 
 def prologue_args(prologue: AttentionPrologue | None, q: torch.Tensor) -> dict:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from engine_harness import PagedSequence, cpu_args, decode, extend
+from engine_harness import PagedSequence, cpu_args, decode, extend, randomise_qk_norms
 from heteroserve.core.kernels.attention import AttentionPrologue, ForwardMode
 from heteroserve.core.model_runner.build import build_model_runner
 from heteroserve.core.models.tiny import build_tiny_model
@@ -18,16 +17,6 @@ from heteroserve.platforms.cpu import qk_norm, rotary
 from heteroserve.platforms.cpu.attention import TorchNativeAttention
 
 PROMPT = [11, 57, 3, 200, 42, 9, 77, 301, 15, 64, 128, 5, 99]
-
-
-def _randomise_qk_norms(path) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for f in path.glob("*.safetensors"):
-        tensors = load_file(f)
-        for name, t in tensors.items():
-            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
-                tensors[name] = (torch.rand(t.shape, generator=gen) * 1.5 + 0.25).to(t.dtype)
-        save_file(tensors, f, metadata={"format": "pt"})
 
 
 def _decode_logits(path) -> torch.Tensor:
@@ -42,7 +31,7 @@ def _decode_logits(path) -> torch.Tensor:
 @torch.no_grad()
 def test_folding_backend_sees_the_layers_own_prologue(tmp_path, monkeypatch, arch) -> None:
     path = build_tiny_model(tmp_path / arch, arch, seed=5)
-    _randomise_qk_norms(path)
+    randomise_qk_norms(path)
     plain = _decode_logits(path)
 
     folded: list[bool] = []

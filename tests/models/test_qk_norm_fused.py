@@ -10,9 +10,8 @@ from collections import Counter
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
-from engine_harness import PagedSequence, cpu_args, extend
+from engine_harness import PagedSequence, cpu_args, extend, randomise_qk_norms
 from heteroserve.conformance.bisect import trace_prefill
 from heteroserve.core.kernels import ops
 from heteroserve.core.model_runner.build import build_model_runner
@@ -38,13 +37,7 @@ def test_random_norm_weights_match_transformers(tmp_path, arch: str) -> None:
     """Tiny checkpoints hold all-ones q/k norm weights; random ones here check that the fused
     op gets the loaded (for Gemma: the ``1 + w``) weights under the unchanged names."""
     path = build_tiny_model(tmp_path / arch, arch, seed=5)
-    gen = torch.Generator().manual_seed(0)
-    for f in path.glob("*.safetensors"):
-        tensors = load_file(f)
-        for name, t in tensors.items():
-            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
-                tensors[name] = (torch.rand(t.shape, generator=gen) * 1.5 + 0.25).to(t.dtype)
-        save_file(tensors, f, metadata={"format": "pt"})
+    randomise_qk_norms(path)
     _, _, runner = build_model_runner(cpu_args(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     seq = PagedSequence(runner, len(PROMPT) + 1)

@@ -100,3 +100,17 @@ def run_scheduler(args: ServerArgs, prompts: list[list[int]], eos: list[int] = (
         for o in sched.step():
             outs[o.rid] += o.new_token_ids
     return outs, sched
+
+
+def randomise_qk_norms(path, seed: int = 0) -> None:
+    """Replace a tiny checkpoint's q/k norm weights (all ones as built) by random ones in
+    [0.25, 1.75), in place, under their checkpoint names."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    for f in path.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+                tensors[name] = (torch.rand(t.shape, generator=gen) * 1.5 + 0.25).to(t.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
