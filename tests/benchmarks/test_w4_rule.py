@@ -61,6 +61,23 @@ def test_prefetch_rules(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                      prefetch=True)
 
 
+def test_whole_slice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``whole32k`` takes a 32 KiB tile only where it is a program's whole slice (qkv / o),
+    the default elsewhere; ``whole32k_down8`` also gives a long-K layer 8 columns of 512 word
+    rows on 8 warps."""
+    monkeypatch.setattr(w4a16_gemv, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    assert w4_rule._whole32k(6144, 4096, 1, gpu) == W4GemvConfig(16, 512, 4, 1)
+    assert w4_rule._whole32k(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1)
+    assert w4_rule._whole32k(4096, 14336, 1, gpu) == W4GemvConfig(16, 256, 4, 1)
+    assert w4_rule._whole32k_down8(6144, 4096, 1, gpu) == W4GemvConfig(16, 512, 4, 1)
+    assert w4_rule._whole32k_down8(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1)
+    assert w4_rule._whole32k_down8(4096, 14336, 1, gpu) == W4GemvConfig(8, 512, 8, 1)
+    cpu = torch.device("cpu")
+    assert w4_rule._whole32k_down8(4096, 14336, 1, cpu) == w4a16_gemv.choose_w4_config(
+        4096, 14336, 1, cpu)
+
+
 def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench_quant_llama8b
 
