@@ -39,9 +39,10 @@ FLASHINFER_MLA_PRIORITY = 8
 #: cuDNN's fused attention (platforms/cuda/sdpa_extend.py, 2026-12-05: a 100k prompt 8.88 ->
 #: 7.64-7.74 s on an H100); --kernel attention=triton keeps the Triton extend everywhere
 SDPA_EXTEND_PRIORITY = 11
-#: below Triton (10): long extends in flashinfer's paged prefill (FA3 on sm90) have not run end
-#: to end on a GPU (platforms/cuda/flashinfer_extend.py); --kernel
-#: attention=triton_flashinfer_extend selects it
+#: below Triton (10) and cuDNN's extends (11): on an H100 (2026-12-07 09:17, one call, results/
+#: h100-20261207-0917-prefill_ab-*) an 8k prompt's time to first token was 0.2189 s with
+#: flashinfer's paged prefill (FA3) against 0.2183 s with cuDNN, no gain, and its module takes
+#: 152 s to JIT-build; --kernel attention=triton_flashinfer_extend selects it
 FLASHINFER_EXTEND_PRIORITY = 9
 _PKG = "heteroserve.platforms.cuda"
 
