@@ -41,6 +41,8 @@
 #   gemv, gemv_fused       benchmarks/gemv_sweep.py, benchmarks/gemv_fused_sweep.py
 #   fp8_gemm               benchmarks/fp8_gemm_sweep.py: fp8 Triton GEMMs vs cuBLASLt scaled fp8
 #                          vs bf16 at Llama-3.1-8B shapes and 16-8192 rows
+#   fp8_tiles              benchmarks/fp8_block_tiles.py: tiles of the Triton fp8-block GEMM vs
+#                          cuBLASLt's block-scaled fp8 and bf16 at 256 / 2048 / 8192 rows
 #   moe_fp8                benchmarks/moe_fp8_bench.py: fused_moe with fp8_block experts vs bf16
 #                          (Qwen3-30B-A3B, DeepSeek-V3 tp8 rank), T = 1..4096, with errors;
 #                          MOE_FP8_ARGS adds options (--decode-fold 16), MOE_FP8_TAG names the file
@@ -185,6 +187,8 @@ for step in "$@"; do
     gemv) timeout 200 python3 benchmarks/gemv_sweep.py --out "$OUT/gemv.json" ;;
     fp8_gemm) timeout 200 python3 benchmarks/fp8_gemm_sweep.py --out "$OUT/fp8_gemm.json" 2>&1 \
         | grep -v -i warn ;;
+    fp8_tiles) timeout "${TILES_TIMEOUT:-300}" python3 benchmarks/fp8_block_tiles.py \
+        --out "$OUT/fp8_block_tiles.json" ${TILES_ARGS:-} 2>&1 | grep -v -i warn ;;
     prefill_backends)  # PREFILL_CASES narrows the cases; flashinfer's variants JIT-build
       command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
       timeout "${PREFILL_TIMEOUT:-300}" python3 benchmarks/prefill_backends.py \
