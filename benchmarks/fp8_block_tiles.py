@@ -15,7 +15,9 @@ candidate's output is compared with the default tile's. Prints one line per (sha
 candidate) and writes ``{"device", "date", "torch", "command", "results", "best",
 "seconds"}`` as JSON.
 
-Usage: ``python benchmarks/fp8_block_tiles.py --out fp8_block_tiles.json [--rows 2048,8192]``.
+Usage: ``python benchmarks/fp8_block_tiles.py --out fp8_block_tiles.json [--rows 2048,8192]``
+(a PNG of each path's speed-up over bf16 is written beside the JSON; ``--plot JSON`` redraws
+it from an earlier run).
 """
 
 from __future__ import annotations
@@ -111,11 +113,54 @@ def best_tiles(results: list[dict]) -> dict[str, dict]:
     return best
 
 
+RULE_TILE = "[64, 128, 128, 4, 4]"
+
+
+def plot(data: dict, path: Path) -> bool:
+    """Bars per (shape, M): bf16, cuBLASLt block, the rule's Triton tile and the best Triton
+    tile, each as speed-up over bf16; False (no plot) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r["triton"]]
+    best = data["best"]
+    series = {
+        "bf16 cuBLAS": [r["bf16_us"] for r in rows],
+        "fp8 block cuBLASLt": [r["cublas_block_us"] for r in rows],
+        "fp8 block Triton, rule tile": [r["triton"].get(RULE_TILE, {"us": float("nan")})["us"]
+                                        for r in rows],
+        f"fp8 block Triton, best of {len(CANDIDATES)} tiles":
+            [best[f"{r['shape']} {r['M']}"]["us"] for r in rows],
+    }
+    fig, ax = plt.subplots(figsize=(2 * len(rows) + 2, 4))
+    width = 0.8 / len(series)
+    for i, (label, times) in enumerate(series.items()):
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))],
+               [r["bf16_us"] / t for r, t in zip(rows, times)], width, label=label)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['shape']}\n{r['M']} rows" for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("speed-up over bf16 cuBLAS")
+    ax.set_title(f"{data['device']}, {data['date']} (activation quantization included)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="fp8_block_tiles.json")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier run")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     if not torch.cuda.is_available():
         sys.exit("fp8_block_tiles.py needs a CUDA device")
     t0 = time.time()
@@ -125,11 +170,12 @@ def main() -> None:
     for key, b in best.items():
         print(f"best {key}: {b['tile']} {b['us']:.1f} us, {b['speedup_vs_bf16']:.2f}x bf16 "
               f"(cuBLASLt block {b['cublas_block_us']:.1f} us)", flush=True)
-    Path(args.out).write_text(json.dumps({
-        "device": torch.cuda.get_device_name(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-        "command": " ".join(sys.argv), "results": results, "best": best,
-        "seconds": time.time() - t0}, indent=1))
+    data = {"device": torch.cuda.get_device_name(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "command": " ".join(sys.argv), "results": results, "best": best,
+            "seconds": time.time() - t0}
+    Path(args.out).write_text(json.dumps(data, indent=1))
+    plot(data, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} in {time.time() - t0:.0f} s")
 
 

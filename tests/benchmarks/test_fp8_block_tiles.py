@@ -55,3 +55,13 @@ def test_best_tiles_picks_the_fastest() -> None:
     assert list(best) == ["o_proj 8192"]
     assert best["o_proj 8192"]["tile"] == [128, 256, 128, 8, 3]
     assert best["o_proj 8192"]["speedup_vs_bf16"] == pytest.approx(1.2)
+
+
+def test_plot_draws_every_path(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    data = {"device": "cpu", "date": "now", "best": {"o_proj 8192": {"us": 300.0}},
+            "results": [{"shape": "o_proj", "M": 8192, "bf16_us": 360.0,
+                         "cublas_block_us": 395.0,
+                         "triton": {fp8_block_tiles.RULE_TILE: {"us": 610.0}}}]}
+    assert fp8_block_tiles.plot(data, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
