@@ -33,6 +33,29 @@ ROWS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @contextmanager
+def cublas_variant(fast: bool = False, swap: bool = False) -> Iterator[None]:
+    """cuBLASLt calls with fast accumulation for every scheme and/or the block product
+    weight-first at every width, for the duration."""
+    from heteroserve.platforms.triton import cublas_fp8
+
+    saved = set(cublas_fp8.FAST_ACCUM), cublas_fp8.BLOCK_SWAP_MAX_N
+    if fast:
+        cublas_fp8.FAST_ACCUM.update(SCHEMES)
+    if swap:
+        cublas_fp8.BLOCK_SWAP_MAX_N = 1 << 30
+    try:
+        yield
+    finally:
+        cublas_fp8.FAST_ACCUM.clear()
+        cublas_fp8.FAST_ACCUM.update(saved[0])
+        cublas_fp8.BLOCK_SWAP_MAX_N = saved[1]
+
+
+#: the cuBLASLt variants timed beside the default call: suffix -> (fast, swap, schemes)
+VARIANTS = {"_fast": (True, False, SCHEMES), "_swapped": (False, True, ("fp8_block",))}
+
+
+@contextmanager
 def thresholds(rows: int) -> Iterator[None]:
     """Send every batch above ``rows`` rows (and no GEMV-sized one) to cuBLASLt."""
     from heteroserve.platforms.triton import linear_w8a8 as w8
@@ -50,7 +73,8 @@ def thresholds(rows: int) -> Iterator[None]:
 def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
     from heteroserve.platforms.triton.linear_w8a8 import scaled_mm_supports
 
-    support = {s: scaled_mm_supports(s, device) for s in ("fp8_block", "fp8_per_channel")}
+    support = {s: scaled_mm_supports(s, device)
+               for s in ("fp8_block", "fp8_block_swapped", "fp8_per_channel")}
     print(f"cuBLASLt scaled fp8 probe: {support}", flush=True)
     results = []
     for name, n, k in SHAPES:
@@ -72,6 +96,14 @@ def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
                     y_cublas = call(layers[0], x)
                     row[f"{scheme}_cublas_us"] = graph_us(call, layers, x, min_calls=50)
                 row[f"{scheme}_cublas_err_vs_triton"] = rel_err(y_cublas, y_triton)
+                for suffix, (fast, swap, schemes) in VARIANTS.items():
+                    if scheme not in schemes or (swap and not support["fp8_block_swapped"]):
+                        continue
+                    with thresholds(0), cublas_variant(fast, swap):
+                        y_var = call(layers[0], x)
+                        row[f"{scheme}_cublas{suffix}_us"] = graph_us(call, layers, x,
+                                                                      min_calls=50)
+                    row[f"{scheme}_cublas{suffix}_err_vs_triton"] = rel_err(y_var, y_triton)
             results.append(row)
             print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
                            for k_, v in row.items()), flush=True)
@@ -80,6 +112,8 @@ def measure(device: torch.device, rows_list: tuple[int, ...]) -> list[dict]:
 
 def main() -> None:
     series = {f"{s} {g}": f"{s}_{g}_us" for s in SCHEMES for g in ("triton", "cublas")}
+    series.update({f"{s} cublas{suffix}": f"{s}_cublas{suffix}_us"
+                   for suffix, (_, _, schemes) in VARIANTS.items() for s in schemes})
     sweep_main(__doc__, "fp8_gemm.json", ROWS, measure, series)
 
 

@@ -33,7 +33,7 @@ def layer_copies(scheme: str, n: int, k: int, device: torch.device, gen: torch.G
 
 def plot_speedups(results: list[dict], path: Path, series: dict[str, str]) -> bool:
     """One panel per shape: ``bf16_us / row[key]`` against ``M`` for each ``label: key`` of
-    ``series``; False (no plot) without matplotlib."""
+    ``series`` that every row of the shape has; False (no plot) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -46,7 +46,8 @@ def plot_speedups(results: list[dict], path: Path, series: dict[str, str]) -> bo
         rows = [r for r in results if r["shape"] == name]
         ms = [r["M"] for r in rows]
         for label, key in series.items():
-            ax.plot(ms, [r["bf16_us"] / r[key] for r in rows], marker="o", label=label)
+            if rows and all(key in r for r in rows):  # a variant the device lacked is absent
+                ax.plot(ms, [r["bf16_us"] / r[key] for r in rows], marker="o", label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(name)

@@ -87,6 +87,10 @@
 #   w4_ab                  the W4A16 batch-1 decode row (compressed-tensors W4A16; no offline run)
 #                          under each of benchmarks/w4_rule.py's W4_RULES (default: default
 #                          tiles32k default) -> $OUT/w4/<rule>[_again]/quant_llama8b.json
+#   fp8mm_ab               the fp8 offline rows (FP8MM_FORMATS, default bf16,fp8_block,ct_fp8_tensor;
+#                          FP8MM_PROMPTS prompts, default 256) under each of
+#                          benchmarks/fp8_mm_rule.py's FP8MM_RULES (default: default fast
+#                          swap4096) -> $OUT/fp8mm/<rule>[_again]/quant_llama8b.json
 #   quant                  bench_quant_llama8b.py: bf16 / fp8-block / ct-fp8 / w8a8-int8 / w4a16
 #                          batch-1 decode vs roofline and throughput (QUANT_ARGS adds options)
 #   triton_tests, tests    tests/triton compiled / plus model and scheduler parity on the GPU
@@ -254,6 +258,14 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/w8_rule.py "$rule" --num-prompts 0 \
           --formats "${W8_FORMATS:-fp8_block,ct_fp8_tensor,ct_w8a8_int8}" \
           --out-dir "$OUT/w8/$name" 2>&1 | grep -E "decode1|FAILED|Error"
+      done ;;
+    fp8mm_ab)  # the fp8 offline rows under each cuBLASLt call rule; a rule named twice runs twice
+      for rule in ${FP8MM_RULES:-default fast swap4096}; do
+        name=$rule; [ -d "$OUT/fp8mm/$name" ] && name=${rule}_again
+        timeout "${FP8MM_TIMEOUT:-200}" python3 benchmarks/fp8_mm_rule.py "$rule" \
+          --num-prompts "${FP8MM_PROMPTS:-256}" \
+          --formats "${FP8MM_FORMATS:-bf16,fp8_block,ct_fp8_tensor}" \
+          --out-dir "$OUT/fp8mm/$name" 2>&1 | grep -E "decode1|throughput|total|FAILED|Error"
       done ;;
     w4_ab)  # the W4A16 decode row under each one-row 4-bit GEMV launch rule
       for rule in ${W4_RULES:-default tiles32k default}; do

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
+from heteroserve.platforms.triton import cublas_fp8
+from heteroserve.platforms.triton.cublas_fp8 import block_scaled_mm, fast_accum
 from heteroserve.platforms.triton.linear_params import get_param, rows, set_param
 from heteroserve.platforms.triton.quant import quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
@@ -66,7 +68,8 @@ _PROBED: dict[tuple[str, int | None], bool] = {}
 def scaled_mm_supports(scheme: str, device: torch.device) -> bool:
     """Whether ``torch._scaled_mm`` runs ``scheme``'s scaling on ``device`` (fp8_block:
     1x128 activation and 128x128 weight blocks, cuBLASLt 12.9+ on compute capability 9.x;
-    fp8_per_channel: row-wise scales). Probed once per device with a small product checked
+    ``fp8_block_swapped``: the same weight-first, :func:`~.cublas_fp8.block_scaled_mm`'s
+    ``swap``; fp8_per_channel: row-wise scales). Probed once per device with a small product checked
     against a dequantized matmul; any error or mismatch keeps the Triton GEMM. Call it
     outside graph capture (the layers do, when their weights are processed)."""
     key = (scheme, device.index)
@@ -85,10 +88,11 @@ def _probe(scheme: str, device: torch.device) -> bool:
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.float8_e4m3fn)
     try:
-        if scheme == "fp8_block":
+        if scheme in ("fp8_block", "fp8_block_swapped"):
             ws = torch.rand(n // FP8_BLOCK, k // FP8_BLOCK, generator=gen).to(device) + 0.5
-            q, xs = quantize_rows(x, w.dtype, 448.0, FP8_BLOCK, group_major=True)
-            y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+            y = block_scaled_mm(x, w, ws, 448.0, torch.bfloat16,
+                                swap=scheme == "fp8_block_swapped")
+            q, xs = quantize_rows(x, w.dtype, 448.0, FP8_BLOCK)
             w_ref = w.float() * ws.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
             x_ref = q.float() * xs.repeat_interleave(FP8_BLOCK, 1)
         else:
@@ -130,7 +134,7 @@ class Fp8PerTensorLinear(LinearMethod):
             fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale,
                                  bias=bias.to(x.dtype) if fused_bias else None,
-                                 out_dtype=x.dtype)
+                                 out_dtype=x.dtype, use_fast_accum=fast_accum(self.scheme))
             if bias is not None and not fused_bias:
                 y = y + bias.to(y.dtype)
             return _finish(y, x)
@@ -165,7 +169,8 @@ class Fp8PerChannelLinear(LinearMethod):
         if (x.dtype == torch.bfloat16 and _scaled_mm_ok(x2, weight, self.scheme)
                 and scaled_mm_supports(self.scheme, x.device)):
             y = torch._scaled_mm(q, weight.t(), scale_a=x_scale,
-                                 scale_b=w_scale.reshape(1, -1), out_dtype=x.dtype)
+                                 scale_b=w_scale.reshape(1, -1), out_dtype=x.dtype,
+                                 use_fast_accum=fast_accum(self.scheme))
             return _finish(y if bias is None else y + bias.to(y.dtype), x)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 0), w_scale, (1, 0), 1,
                         FP8_BLOCK, x.dtype, bias=bias, per_k_scales=True)
@@ -188,6 +193,8 @@ class Fp8BlockLinear(LinearMethod):
                              f"weight {tuple(weight.shape)} in 128x128 blocks")
         set_param(layer, "weight_scale_inv", scale.to(torch.float32).contiguous())
         scaled_mm_supports(self.scheme, weight.device)
+        if n <= cublas_fp8.BLOCK_SWAP_MAX_N:  # the weight-first layout, probed before capture
+            scaled_mm_supports("fp8_block_swapped", weight.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,12 +208,9 @@ class Fp8BlockLinear(LinearMethod):
         n, k = weight.shape
         if (_scaled_mm_ok(x2, weight, self.scheme) and k % 512 == 0
                 and n % FP8_BLOCK == 0 and scaled_mm_supports(self.scheme, x.device)):
-            # cuBLASLt refuses 1x128 scales whose column stride (M) is not 16-byte aligned:
-            # quantize into 4-row-aligned buffers and drop the padding rows of the product
-            q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True,
-                                       row_multiple=4)
-            y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
-                                 out_dtype=x.dtype)[:x2.shape[0]]
+            swap = (n <= cublas_fp8.BLOCK_SWAP_MAX_N
+                    and scaled_mm_supports("fp8_block_swapped", x.device))
+            y = block_scaled_mm(x2, weight, w_scale, fmax, x.dtype, swap=swap)
             return _finish(y if bias is None else y + bias.to(y.dtype), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK)
         y = scaled_gemm(q, weight, x_scale, (x_scale.stride(0), 1), w_scale,

@@ -1,0 +1,68 @@
+"""How the W8A8 linears call cuBLASLt's scaled fp8 GEMM (``torch._scaled_mm``): fast
+accumulation per scheme, and the orientation of the block-scaled product.
+
+Both knobs are off by default: neither has run on a GPU yet. The reason to try them is an
+H100 measurement at 8192 rows (``benchmarks/results/h100-20261207-0939-fp8_block_tiles.json``):
+the block-scaled GEMM ran 0.85x bf16 at ``o_proj`` and 0.93x at ``down_proj`` (the layers with
+4096 outputs) against 1.10x / 1.49x at the wider ``qkv_proj`` / ``gate_up_proj``.
+
+- :data:`FAST_ACCUM`: schemes whose calls pass ``use_fast_accum=True``. Hopper's fp8 MMA then
+  keeps fewer accumulator bits between promotions; PyTorch hands the flag to cuBLASLt, which
+  may ignore it where it does not apply (block scales promote every 128 columns anyway).
+- :data:`BLOCK_SWAP_MAX_N`: fp8-block products of at most this many outputs run as
+  ``(W @ x^T)^T``, the weight (128x128 block scales) as the left operand and the activation
+  (1x128 group scales) as the right one, a pairing cuBLASLt also offers; the ``[N, M]``
+  result is transposed back into a contiguous ``[M, N]``. 0: never.
+
+Scale layouts ``torch._scaled_mm`` checks (an operand ``t`` of the left side, or the
+transpose of the right side, and its scale ``s``): 1x128 is ``s [rows(t), ceil(K / 128)]``
+with strides ``(1, rows(t))`` (group-major); 128x128 is ``s [ceil(rows(t) / 128), ceil(K /
+128)]``, row-major. The right side's scale is passed transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.platforms.triton.quant import quantize_rows
+
+#: schemes whose cuBLASLt fp8 calls use fast fp8 accumulation (see the module)
+FAST_ACCUM: set[str] = set()
+#: fp8-block products of at most this many outputs run weight-first (see the module); 0: never
+BLOCK_SWAP_MAX_N = 0
+
+
+def fast_accum(scheme: str) -> bool:
+    """Whether ``scheme``'s cuBLASLt calls pass ``use_fast_accum=True``."""
+    return scheme in FAST_ACCUM
+
+
+def block_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                    fmax: float, out_dtype: torch.dtype, swap: bool | None = None
+                    ) -> torch.Tensor:
+    """``x2 [M, K]`` (16-bit) times the fp8 ``weight [N, K]`` with 128x128 block scales
+    ``w_scale [N / 128, K / 128]`` (fp32, row-major; ``N`` and ``K`` multiples of 128) ->
+    ``[M, N]`` in ``out_dtype``, contiguous: ``x2`` quantized per token and 128-column group
+    (e4m3 max ``fmax``), then one cuBLASLt block-scaled GEMM. ``swap`` (None:
+    ``N <= BLOCK_SWAP_MAX_N``) computes it weight-first. Raises what ``torch._scaled_mm``
+    raises for a layout its cuBLASLt lacks (callers probe first: ``scaled_mm_supports``)."""
+    m = x2.shape[0]
+    n = weight.shape[0]
+    if swap is None:
+        swap = n <= BLOCK_SWAP_MAX_N
+    fast = fast_accum("fp8_block")
+    if swap:
+        # the activation becomes the right operand: its row count is cuBLASLt's N, a multiple
+        # of 16; its 1x128 scales are checked on q against s (strides (1, rows)), passed as s^T
+        q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True,
+                                   row_multiple=16)
+        y_t = torch._scaled_mm(weight, q.t(), scale_a=w_scale, scale_b=x_scale.t(),
+                               out_dtype=out_dtype, use_fast_accum=fast)
+        return y_t[:, :m].t().contiguous()
+    # cuBLASLt refuses 1x128 scales whose column stride (M) is not 16-byte aligned: quantize
+    # into 4-row-aligned buffers and drop the padding rows of the product
+    q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK, group_major=True,
+                               row_multiple=4)
+    return torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
+                            out_dtype=out_dtype, use_fast_accum=fast)[:m]
