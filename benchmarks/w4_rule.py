@@ -62,16 +62,18 @@ def _prefetch_half(n: int, k: int, rows: int, device: torch.device) -> W4GemvCon
     return cfg
 
 
-def _prefetch_32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+def _one_tile(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig | None:
+    """``tiles32k`` where that makes a program's whole slice one tile, else None."""
     whole = _tiles32k(n, k, rows, device)
-    if whole.block_kw >= k // 8:
-        return whole
-    return _prefetch(n, k, rows, device)
+    return whole if whole.block_kw >= k // 8 else None
+
+
+def _prefetch_32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
+    return _one_tile(n, k, rows, device) or _prefetch(n, k, rows, device)
 
 
 def _whole32k(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:
-    whole = _tiles32k(n, k, rows, device)
-    return whole if whole.block_kw >= k // 8 else _DEFAULT(n, k, rows, device)
+    return _one_tile(n, k, rows, device) or _DEFAULT(n, k, rows, device)
 
 
 def _whole32k_down8(n: int, k: int, rows: int, device: torch.device) -> W4GemvConfig:

@@ -38,6 +38,12 @@ def fast_accum(scheme: str) -> bool:
     return scheme in FAST_ACCUM
 
 
+def swaps(n: int) -> bool:
+    """Whether an fp8-block product of ``n`` outputs runs weight-first
+    (``n <= BLOCK_SWAP_MAX_N``)."""
+    return n <= BLOCK_SWAP_MAX_N
+
+
 def block_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                     fmax: float, out_dtype: torch.dtype, swap: bool | None = None
                     ) -> torch.Tensor:
@@ -45,12 +51,12 @@ def block_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tenso
     ``w_scale [N / 128, K / 128]`` (fp32, row-major; ``N`` and ``K`` multiples of 128) ->
     ``[M, N]`` in ``out_dtype``, contiguous: ``x2`` quantized per token and 128-column group
     (e4m3 max ``fmax``), then one cuBLASLt block-scaled GEMM. ``swap`` (None:
-    ``N <= BLOCK_SWAP_MAX_N``) computes it weight-first. Raises what ``torch._scaled_mm``
+    :func:`swaps`) computes it weight-first. Raises what ``torch._scaled_mm``
     raises for a layout its cuBLASLt lacks (callers probe first: ``scaled_mm_supports``)."""
     m = x2.shape[0]
     n = weight.shape[0]
     if swap is None:
-        swap = n <= BLOCK_SWAP_MAX_N
+        swap = swaps(n)
     fast = fast_accum("fp8_block")
     if swap:
         # the activation becomes the right operand: its row count is cuBLASLt's N, a multiple

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from heteroserve.core.kernels.linear import FP8_BLOCK, LinearMethod
-from heteroserve.platforms.triton import cublas_fp8
-from heteroserve.platforms.triton.cublas_fp8 import block_scaled_mm, fast_accum
+from heteroserve.platforms.triton.cublas_fp8 import block_scaled_mm, fast_accum, swaps
 from heteroserve.platforms.triton.linear_params import get_param, rows, set_param
 from heteroserve.platforms.triton.quant import quantize_rows
 from heteroserve.platforms.triton.scaled_gemm import scaled_gemm
@@ -193,7 +192,7 @@ class Fp8BlockLinear(LinearMethod):
                              f"weight {tuple(weight.shape)} in 128x128 blocks")
         set_param(layer, "weight_scale_inv", scale.to(torch.float32).contiguous())
         scaled_mm_supports(self.scheme, weight.device)
-        if n <= cublas_fp8.BLOCK_SWAP_MAX_N:  # the weight-first layout, probed before capture
+        if swaps(n):  # the weight-first layout, probed before capture
             scaled_mm_supports("fp8_block_swapped", weight.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
@@ -208,8 +207,7 @@ class Fp8BlockLinear(LinearMethod):
         n, k = weight.shape
         if (_scaled_mm_ok(x2, weight, self.scheme) and k % 512 == 0
                 and n % FP8_BLOCK == 0 and scaled_mm_supports(self.scheme, x.device)):
-            swap = (n <= cublas_fp8.BLOCK_SWAP_MAX_N
-                    and scaled_mm_supports("fp8_block_swapped", x.device))
+            swap = swaps(n) and scaled_mm_supports("fp8_block_swapped", x.device)
             y = block_scaled_mm(x2, weight, w_scale, fmax, x.dtype, swap=swap)
             return _finish(y if bias is None else y + bias.to(y.dtype), x)
         q, x_scale = quantize_rows(x2, weight.dtype, fmax, FP8_BLOCK)
