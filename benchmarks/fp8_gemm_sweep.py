@@ -34,13 +34,13 @@ ROWS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 @contextmanager
 def cublas_variant(fast: bool = False, swap: bool = False) -> Iterator[None]:
-    """cuBLASLt calls with fast accumulation for every scheme and/or the block product
-    weight-first at every width, for the duration."""
+    """cuBLASLt calls with fast accumulation (the schemes that accept it) and/or the block
+    product weight-first at every width, for the duration."""
     from heteroserve.platforms.triton import cublas_fp8
 
     saved = set(cublas_fp8.FAST_ACCUM), cublas_fp8.BLOCK_SWAP_MAX_N
     if fast:
-        cublas_fp8.FAST_ACCUM.update(SCHEMES)
+        cublas_fp8.FAST_ACCUM.update(cublas_fp8.FAST_ACCUM_SCHEMES)
     if swap:
         cublas_fp8.BLOCK_SWAP_MAX_N = 1 << 30
     try:
@@ -52,7 +52,8 @@ def cublas_variant(fast: bool = False, swap: bool = False) -> Iterator[None]:
 
 
 #: the cuBLASLt variants timed beside the default call: suffix -> (fast, swap, schemes)
-VARIANTS = {"_fast": (True, False, SCHEMES), "_swapped": (False, True, ("fp8_block",))}
+VARIANTS = {"_fast": (True, False, ("fp8_per_channel", "fp8_per_tensor")),
+            "_swapped": (False, True, ("fp8_block",))}
 
 
 @contextmanager

@@ -84,6 +84,9 @@
 #                          ct_fp8_tensor, ct_w8a8_int8; no offline run) under each of
 #                          benchmarks/w8_rule.py's W8_RULES (default: default rows16 default)
 #                          -> $OUT/w8/<rule>[_again]/quant_llama8b.json
+#   w4_tma                 benchmarks/w4_tma_sweep.py: the one-row 4-bit GEMV through the TMA
+#                          pipeline over its launch grid against the register-tile kernel
+#                          -> $OUT/w4_tma.json (+ .png); w4_ab's rule `tma` reads it
 #   w4_ab                  the W4A16 batch-1 decode row (compressed-tensors W4A16; no offline run)
 #                          under each of benchmarks/w4_rule.py's W4_RULES (default: default
 #                          tiles32k default) -> $OUT/w4/<rule>[_again]/quant_llama8b.json
@@ -270,9 +273,12 @@ for step in "$@"; do
     w4_ab)  # the W4A16 decode row under each one-row 4-bit GEMV launch rule
       for rule in ${W4_RULES:-default tiles32k default}; do
         name=$rule; [ -d "$OUT/w4/$name" ] && name=${rule}_again
+        W4_TMA_TABLE=${W4_TMA_TABLE:-$OUT/w4_tma.json} \
         timeout 150 python3 benchmarks/w4_rule.py "$rule" --num-prompts 0 --formats ct_w4a16 \
           --out-dir "$OUT/w4/$name" 2>&1 | grep -E "decode1|FAILED|Error"
       done ;;
+    w4_tma) timeout "${W4_TMA_TIMEOUT:-300}" python3 benchmarks/w4_tma_sweep.py --plot \
+        --out "$OUT/w4_tma.json" 2>&1 | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;
     moe_fp8) timeout 300 python3 benchmarks/moe_fp8_bench.py --out "$OUT/moe_fp8${MOE_FP8_TAG:-}.json" \

@@ -25,6 +25,10 @@ Rules:
 - ``whole32k_down8``: ``whole32k``, and a layer whose programs walk more than four default
   tiles (Llama-3.1-8B's ``down_proj``) takes 8 columns of 512 word rows on 8 warps, the H100
   sweep's fastest shape there (14.7 against 16.4 us), twice as many programs.
+- ``tma``: the layers go through the TMA-pipelined GEMV (``w4a16_gemv_tma.py``) instead,
+  each at the fastest configuration ``benchmarks/w4_tma_sweep.py`` timed for its shape in
+  the JSON named by ``W4_TMA_TABLE`` (16 columns, 16 KiB tiles, 4 warps, 3 stages where
+  there is none); a layer the TMA kernel cannot take keeps the default kernel.
 """
 
 from __future__ import annotations
@@ -88,8 +92,45 @@ RULES = {"default": _DEFAULT, "tiles32k": _tiles32k, "prefetch": _prefetch,
          "whole32k": _whole32k, "whole32k_down8": _whole32k_down8}
 
 
+def tma_table(path: str | None) -> dict[tuple[int, int], object]:
+    """``(N, K) -> W4TmaConfig`` from the ``tma_best`` rows of a ``w4_tma_sweep.py`` JSON
+    (empty without a path or a file there)."""
+    import json
+
+    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig
+
+    if not path or not Path(path).is_file():
+        return {}
+    rows = json.loads(Path(path).read_text())["rows"]
+    return {(r["N"], r["K"]): W4TmaConfig(**r["config"]) for r in rows
+            if r.get("path") == "tma_best"}
+
+
+def _install_tma() -> None:
+    import os
+
+    from heteroserve.platforms.triton import linear_w4a16
+    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, fits, w4a16_gemv_tma
+
+    table = tma_table(os.environ.get("W4_TMA_TABLE"))
+    fallback = W4TmaConfig(16, 256, 4, 3)
+    register_tiles = linear_w4a16.w4a16_gemv
+
+    def gemv(x, qweight, zeros, scales, group, bias=None):  # the linear method's call
+        n, k = qweight.shape[1], x.shape[1]
+        cfg = table.get((n, k), fallback)
+        if x.device.type == "cpu" or not fits(n, k, group, cfg.block_kw):
+            return register_tiles(x, qweight, zeros, scales, group, bias)
+        return w4a16_gemv_tma(x, qweight, zeros, scales, group, cfg, bias)
+
+    linear_w4a16.w4a16_gemv = gemv
+
+
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
+    if rule == "tma":
+        _install_tma()
+        return
     w4a16_gemv.choose_w4_config = rule_named("w4_rule", RULES, rule)
 
 

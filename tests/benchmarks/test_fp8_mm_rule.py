@@ -24,7 +24,7 @@ def _restore(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_rules_set_the_knobs() -> None:
     fp8_mm_rule.apply("fast_swap4096")
-    assert cublas_fp8.FAST_ACCUM == {"fp8_block", "fp8_per_channel", "fp8_per_tensor"}
+    assert cublas_fp8.FAST_ACCUM == {"fp8_per_channel", "fp8_per_tensor"}
     assert cublas_fp8.BLOCK_SWAP_MAX_N == 4096
     fp8_mm_rule.apply("swap4096")
     assert not cublas_fp8.fast_accum("fp8_block") and cublas_fp8.BLOCK_SWAP_MAX_N == 4096

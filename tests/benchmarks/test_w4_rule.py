@@ -91,3 +91,35 @@ def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch
     assert w4a16_gemv.choose_w4_config is w4_rule._tiles32k
     with pytest.raises(SystemExit, match="unknown rule"):
         w4_rule.apply("nope")
+
+
+def test_tma_rule_reads_the_sweep_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tma`` takes each shape's ``tma_best`` row of the sweep JSON; without a file it has
+    no table; installed, it replaces the linear method's GEMV (which on the CPU keeps the
+    register-tile kernel)."""
+    import json
+
+    from heteroserve.platforms.triton import linear_w4a16
+    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig
+
+    cfg = {"block_n": 32, "block_kw": 128, "num_warps": 4, "num_stages": 4,
+           "nibble": "subnormal"}
+    table = tmp_path / "w4_tma.json"
+    table.write_text(json.dumps({"rows": [
+        {"path": "tma", "N": 6144, "K": 4096, "config": {**cfg, "num_stages": 2}},
+        {"path": "tma_best", "N": 6144, "K": 4096, "config": cfg}]}))
+    assert w4_rule.tma_table(str(table)) == {(6144, 4096): W4TmaConfig(32, 128, 4, 4)}
+    assert w4_rule.tma_table(str(tmp_path / "missing.json")) == {}
+    monkeypatch.setattr(linear_w4a16, "w4a16_gemv", linear_w4a16.w4a16_gemv)
+    before = linear_w4a16.w4a16_gemv
+    monkeypatch.setenv("W4_TMA_TABLE", str(table))
+    w4_rule.apply("tma")
+    assert linear_w4a16.w4a16_gemv is not before
+    gen = torch.Generator().manual_seed(1)
+    words = torch.randint(-2**31, 2**31, (16, 32), generator=gen,
+                          dtype=torch.int64).to(torch.int32)
+    zeros = torch.zeros(1, 32, dtype=torch.float16)
+    scales = torch.full((1, 32), 0.01, dtype=torch.float16)
+    x = torch.randn(1, 128, generator=gen)
+    torch.testing.assert_close(linear_w4a16.w4a16_gemv(x, words, zeros, scales, 128),
+                               before(x, words, zeros, scales, 128))

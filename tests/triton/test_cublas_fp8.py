@@ -53,6 +53,9 @@ def fake_scaled_mm(mat1: torch.Tensor, mat2: torch.Tensor, *, scale_a: torch.Ten
     pair = (_kind(mat1, scale_a), _kind(right, scale_b.t()))
     if pair not in {("1x128", "128x128"), ("128x128", "1x128"), ("1x128", "1x128")}:
         raise RuntimeError(f"unsupported pair {pair}")
+    if use_fast_accum:  # torch 2.11 on an H100 raised exactly this
+        raise RuntimeError("scaled_gemm doesn't support fast accum with 128x128 blockwise "
+                           "scaling")
     out = _dequant(mat1, scale_a, pair[0]) @ _dequant(right, scale_b.t(), pair[1]).t()
     return out.to(out_dtype)
 
@@ -106,14 +109,29 @@ def test_swap_follows_the_width_limit(double: list[dict],
     assert double[-1]["mat1"] == (8, 256)
 
 
-def test_fast_accumulation_per_scheme(double: list[dict],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_accumulation_never_reaches_the_block_product(
+        double: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block-scaled call refuses fast accumulation (the double raises as torch did on
+    an H100), so even a rule naming ``fp8_block`` leaves it off there; the per-tensor and
+    per-channel schemes follow :data:`FAST_ACCUM`."""
     x, w, ws = _case(8, 128, 128)
-    cublas_fp8.block_scaled_mm(x, w, ws, 448.0, torch.float32)
-    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM", {"fp8_block"})
-    cublas_fp8.block_scaled_mm(x, w, ws, 448.0, torch.float32)
-    assert [c["fast"] for c in double] == [False, True]
-    assert cublas_fp8.fast_accum("fp8_block") and not cublas_fp8.fast_accum("fp8_per_tensor")
+    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM",
+                        {"fp8_block", "fp8_per_tensor", "fp8_per_channel"})
+    for swap in (False, True):
+        cublas_fp8.block_scaled_mm(x, w, ws, 448.0, torch.float32, swap=swap)
+    assert [c["fast"] for c in double] == [False, False]
+    assert not cublas_fp8.fast_accum("fp8_block")
+    assert cublas_fp8.fast_accum("fp8_per_tensor") and cublas_fp8.fast_accum("fp8_per_channel")
+    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM", set())
+    assert not cublas_fp8.fast_accum("fp8_per_tensor")
+
+
+def test_the_double_refuses_fast_accumulation_with_block_scales() -> None:
+    x, w, ws = _case(16, 128, 128)
+    q, xs = quantize_rows(x, w.dtype, 448.0, BLOCK, group_major=True, row_multiple=4)
+    with pytest.raises(RuntimeError, match="fast accum"):
+        fake_scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.float32,
+                       use_fast_accum=True)
 
 
 def test_the_double_refuses_a_wrong_layout() -> None:
