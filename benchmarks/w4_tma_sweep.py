@@ -31,15 +31,15 @@ SCHEME = "awq_w4a16"
 
 
 def tma_configs() -> list[object]:
-    """The TMA grid: 8/16/32 columns; 16 KiB tiles on 4 warps or 32 KiB on 8 (a thread
-    holds 32 words either way); 2-4 stages."""
+    """The TMA grid: 16/32 columns; 16 KiB tiles on 4 warps or 32 KiB on 8 (a thread holds
+    32 words either way); 2 or 4 stages."""
     from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig
 
     out = []
-    for bn in (8, 16, 32):
+    for bn in (16, 32):
         for tile_kib, warps in ((16, 4), (32, 8)):
             block_kw = tile_kib * 1024 // (4 * bn)
-            for stages in (2, 3, 4):
+            for stages in (2, 4):
                 if block_kw // 4 <= 256:  # a TMA box edge is at most 256 elements
                     out.append(W4TmaConfig(bn, block_kw, warps, stages))
     return out
