@@ -277,7 +277,7 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/w4_rule.py "$rule" --num-prompts 0 --formats ct_w4a16 \
           --out-dir "$OUT/w4/$name" 2>&1 | grep -E "decode1|FAILED|Error"
       done ;;
-    w4_tma) timeout "${W4_TMA_TIMEOUT:-300}" python3 benchmarks/w4_tma_sweep.py --plot \
+    w4_tma) timeout "${W4_TMA_TIMEOUT:-300}" python3 benchmarks/w4_tma_sweep.py --plot ${W4_TMA_ARGS:-} \
         --out "$OUT/w4_tma.json" 2>&1 | grep -v -i warn ;;
     attention_sweep) timeout 400 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" \
         ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn ;;

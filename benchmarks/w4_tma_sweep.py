@@ -30,11 +30,13 @@ from quant_gemv_sweep import (  # noqa: E402
 SCHEME = "awq_w4a16"
 
 
-def tma_configs() -> list[object]:
+def tma_configs(quick: bool = False) -> list[object]:
     """The TMA grid: 16/32 columns; 16 KiB tiles on 4 warps or 32 KiB on 8 (a thread holds
-    32 words either way); 2 or 4 stages."""
+    32 words either way); 2 or 4 stages. ``quick``: 16 columns, 16 KiB, 2 and 4 stages."""
     from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig
 
+    if quick:
+        return [W4TmaConfig(16, 256, 4, 2), W4TmaConfig(16, 256, 4, 4)]
     out = []
     for bn in (16, 32):
         for tile_kib, warps in ((16, 4), (32, 8)):
@@ -45,7 +47,7 @@ def tma_configs() -> list[object]:
     return out
 
 
-def measure(name: str, n: int, k: int, copy_bps: float) -> list[dict]:
+def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> list[dict]:
     from heteroserve.platforms.triton import w4a16_gemv as w4
     from heteroserve.platforms.triton.w4a16_gemv_tma import w4a16_gemv_tma
 
@@ -76,7 +78,7 @@ def measure(name: str, n: int, k: int, copy_bps: float) -> list[dict]:
     default = w4.choose_w4_config(n, k, 1, device)
     rows.append(row("reg_tile", default.__dict__, graph_us(reg_tile, layers, x, 200), 0.0))
     best = None
-    for cfg in tma_configs():
+    for cfg in tma_configs(quick):
         def call(lay: torch.nn.Module, x: torch.Tensor, cfg=cfg) -> torch.Tensor:
             return w4a16_gemv_tma(x, lay.w4_qweight, lay.w4_zeros, lay.w4_scales, group, cfg)
         try:
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="w4_tma.json")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="two TMA configurations a shape")
     a = ap.parse_args(argv)
     from roofline import copy_bandwidth
 
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows: list[dict] = []
     for name, n, k in SHAPES:
-        rows += measure(name, n, k, copy_bps)
+        rows += measure(name, n, k, copy_bps, a.quick)
     out = Path(a.out)
     out.write_text(json.dumps({
         "device": device_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
