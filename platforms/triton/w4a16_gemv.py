@@ -58,13 +58,13 @@ W4_GEMV_MAX_ROWS = 4
 #: nibble decodings (:class:`W4GemvConfig` ``nibble``; see the module)
 NIBBLE_SUBNORMAL, NIBBLE_EXPONENT = "subnormal", "exponent"
 _TWO_23 = tl.constexpr(8388608.0)
-_X_EXP = tl.constexpr(84)  # x_j is pre-scaled by 2**(84 - 4j): products land at 2**-65
-_TO_DOMAIN = tl.constexpr(2.0 ** -65)  # 2**(_X_EXP - 149)
-_UNSCALE = tl.constexpr(2.0 ** 65)
+X_EXP = tl.constexpr(84)  # x_j is pre-scaled by 2**(84 - 4j): products land at 2**-65
+TO_DOMAIN = tl.constexpr(2.0 ** -65)  # 2**(X_EXP - 149)
+UNSCALE = tl.constexpr(2.0 ** 65)
 
 
 @triton.jit
-def _masked(w, SHIFT: tl.constexpr):
+def masked_nibble(w, SHIFT: tl.constexpr):
     """Nibble ``SHIFT / 4`` of ``w`` masked in place, read as fp32: ``q * 2**(SHIFT - 149)``
     for ``SHIFT <= 20`` (the bits stay below ``2**24``, where the fp32 value of a bit pattern
     ``b`` is ``b * 2**-149``)."""
@@ -72,7 +72,7 @@ def _masked(w, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _exp_nibble(src, SHIFT: tl.constexpr):
+def exponent_nibble(src, SHIFT: tl.constexpr):
     """The nibble at bits ``SHIFT..SHIFT+3`` (``SHIFT <= 16``) of ``src`` as fp32
     ``q * 2**SHIFT``: or-ed under the exponent of ``2**23``, which is then subtracted."""
     bits = (src & (15 << SHIFT)) | 0x4B000000
@@ -88,10 +88,10 @@ def _prescaled(x, T: tl.constexpr, V: tl.constexpr, SUBNORMAL: tl.constexpr):
     x0, x1, x2, x3, x4, x5, x6, x7 = split8(tl.reshape(x, [T, V, 2, 2, 2]))
     total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     if SUBNORMAL:
-        return (x0 * 2.0 ** _X_EXP, x1 * 2.0 ** (_X_EXP - 4), x2 * 2.0 ** (_X_EXP - 8),
-                x3 * 2.0 ** (_X_EXP - 12), x4 * 2.0 ** (_X_EXP - 16),
-                x5 * 2.0 ** (_X_EXP - 20), x6 * 2.0 ** _X_EXP,
-                (x7 - 16.0 * x6) * 2.0 ** _X_EXP), total
+        return (x0 * 2.0 ** X_EXP, x1 * 2.0 ** (X_EXP - 4), x2 * 2.0 ** (X_EXP - 8),
+                x3 * 2.0 ** (X_EXP - 12), x4 * 2.0 ** (X_EXP - 16),
+                x5 * 2.0 ** (X_EXP - 20), x6 * 2.0 ** X_EXP,
+                (x7 - 16.0 * x6) * 2.0 ** X_EXP), total
     else:
         return (x0, x1 * 0.0625, x2 * 0.0625 ** 2, x3 * 0.0625 ** 3, x4 * 0.0625 ** 4, x5,
                 x6 * 0.0625, x7 * 0.0625 ** 2), total
@@ -102,26 +102,26 @@ def _row_dot(w, xs, dot, SUBNORMAL: tl.constexpr):
     """``dot + sum_j q_j x_j`` (times ``2**-65`` with the subnormal decoding) for one word
     row: ``w [T, V, 8]`` int32, ``xs`` the eight factors of :func:`_prescaled`."""
     if SUBNORMAL:
-        dot += _masked(w, 0) * xs[0][:, :, None]
-        dot += _masked(w, 4) * xs[1][:, :, None]
-        dot += _masked(w, 8) * xs[2][:, :, None]
-        dot += _masked(w, 12) * xs[3][:, :, None]
-        dot += _masked(w, 16) * xs[4][:, :, None]
-        dot += _masked(w, 20) * xs[5][:, :, None]
+        dot += masked_nibble(w, 0) * xs[0][:, :, None]
+        dot += masked_nibble(w, 4) * xs[1][:, :, None]
+        dot += masked_nibble(w, 8) * xs[2][:, :, None]
+        dot += masked_nibble(w, 12) * xs[3][:, :, None]
+        dot += masked_nibble(w, 16) * xs[4][:, :, None]
+        dot += masked_nibble(w, 20) * xs[5][:, :, None]
         # the top byte shifted down, q6 + 16 q7, times x_6; q7 times x_7 - 16 x_6
         u = w.to(tl.uint32, bitcast=True)
         dot += (u >> 24).to(tl.float32, bitcast=True) * xs[6][:, :, None]
         dot += (u >> 28).to(tl.float32, bitcast=True) * xs[7][:, :, None]
     else:
         high = w >> 20
-        dot += _exp_nibble(w, 0) * xs[0][:, :, None]
-        dot += _exp_nibble(w, 4) * xs[1][:, :, None]
-        dot += _exp_nibble(w, 8) * xs[2][:, :, None]
-        dot += _exp_nibble(w, 12) * xs[3][:, :, None]
-        dot += _exp_nibble(w, 16) * xs[4][:, :, None]
-        dot += _exp_nibble(high, 0) * xs[5][:, :, None]
-        dot += _exp_nibble(high, 4) * xs[6][:, :, None]
-        dot += _exp_nibble(high, 8) * xs[7][:, :, None]
+        dot += exponent_nibble(w, 0) * xs[0][:, :, None]
+        dot += exponent_nibble(w, 4) * xs[1][:, :, None]
+        dot += exponent_nibble(w, 8) * xs[2][:, :, None]
+        dot += exponent_nibble(w, 12) * xs[3][:, :, None]
+        dot += exponent_nibble(w, 16) * xs[4][:, :, None]
+        dot += exponent_nibble(high, 0) * xs[5][:, :, None]
+        dot += exponent_nibble(high, 4) * xs[6][:, :, None]
+        dot += exponent_nibble(high, 8) * xs[7][:, :, None]
     return dot
 
 
@@ -189,7 +189,7 @@ def _tile_dot(tile, acc, ROWS: tl.constexpr, SUBNORMAL: tl.constexpr, T: tl.cons
         x_sum += total
         dot = _row_dot(words[m], factors, dot, SUBNORMAL)
     if SUBNORMAL:
-        x_sum = x_sum * _TO_DOMAIN
+        x_sum = x_sum * TO_DOMAIN
     return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, :, None])
 
 
@@ -250,7 +250,7 @@ def _w4a16_gemv_kernel(
                         acc, 1, SUBNORMAL, T, V)
     y = tl.sum(tl.reshape(acc, [T, BLOCK_N]), axis=0)
     if SUBNORMAL:
-        y = y * _UNSCALE
+        y = y * UNSCALE
     offs_y = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_y, mask=offs_y < N, other=0.0).to(tl.float32)
@@ -317,8 +317,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     it pays) times the packed 4-bit ``W [K, N]`` (+ ``bias [N]``) -> ``[M, N]`` in
     ``x.dtype``, fp32 accumulation. ``group``: K-rows per zero/scale row, a multiple of 8
     (``g_idx`` layouts go to the GEMM; each group size compiles its own kernel). ``x`` must
-    stay below ``2**39`` in magnitude (NaN and inf propagate; see the module); outputs below ``2**-61`` lose relative
-    precision (the sum runs scaled by ``2**-65``). Raises ``ValueError`` on mismatched
+    stay below ``2**39`` in magnitude (NaN and inf propagate; see the module); outputs
+    below ``2**-61`` lose relative precision (the sum runs scaled by ``2**-65``). Raises ``ValueError`` on mismatched
     shapes, an unknown ``config.nibble`` or a ``config.block_n`` that is not a power of two
     from 8."""
     m, k = x.shape
