@@ -114,6 +114,29 @@ def w4_rows() -> list[dict]:
     return rows
 
 
+def w4_tma_rows() -> list[dict]:
+    """The TMA-pipelined 4-bit GEMV (``w4a16_gemv_tma.py``) at 16 columns x 256 word rows on
+    4 warps, 2-4 stages, and 32 x 256 on 8 warps, 3 stages (bf16 activations, group 128)."""
+    from heteroserve.platforms.triton import w4a16_gemv_tma as tma
+
+    rows = []
+    for block_n, block_kw, warps, stages in ((16, 256, 4, 2), (16, 256, 4, 3), (16, 256, 4, 4),
+                                             (32, 256, 8, 3)):
+        t = block_kw // 4
+        sig = {"x_ptr": "*bf16", "qw_desc": f"tensordesc<i32[{t}, 1, {block_n}]>",
+               "z_ptr": "*fp16", "s_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+               "N": "i32", "K": "i32", "stride_xm": "i32", "stride_zg": "i32",
+               "stride_sg": "i32", "stride_ym": "i32",
+               **{c: "constexpr" for c in ("HAS_BIAS", "BLOCK_N", "BLOCK_KW", "ROWS",
+                                           "GROUP_W", "SUBNORMAL", "NUM_STAGES", "USE_PDL")}}
+        consts = {"HAS_BIAS": False, "BLOCK_N": block_n, "BLOCK_KW": block_kw, "ROWS": 4,
+                  "GROUP_W": 16, "SUBNORMAL": True, "NUM_STAGES": stages, "USE_PDL": True}
+        cubin = compile_sm90(tma._w4a16_gemv_tma_kernel, sig, consts, warps, stages)
+        rows.append(_row(f"w4a16_gemv_tma {stages} stages", (block_n, block_kw, warps), cubin,
+                         block_n * block_kw * 8, warps, "4-bit"))
+    return rows
+
+
 def w8_rows() -> list[dict]:
     """The fp8 GEMV at each activation granularity, at its launch rule's shape for Llama-8B's
     layers (8 rows x 2048 columns) and at 16 x 1024 (the shape of the rule before, where the
@@ -161,7 +184,8 @@ def _row(kernel: str, shape: tuple[int, int, int], cubin: bytes, elements: int, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="kernel_sass.json")
-    ap.add_argument("--kernels", default="w4,w8", help="comma-separated subset of w4, w8")
+    ap.add_argument("--kernels", default="w4,w8",
+                    help="comma-separated subset of w4, w4_tma, w8")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the kernels must compile, not be interpreted")
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows: list[dict] = []
     for name in a.kernels.split(","):
-        rows += {"w4": w4_rows, "w8": w8_rows}[name]()
+        rows += {"w4": w4_rows, "w4_tma": w4_tma_rows, "w8": w8_rows}[name]()
     Path(a.out).write_text(json.dumps({
         "target": "sm_90", "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
