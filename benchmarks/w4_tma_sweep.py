@@ -101,11 +101,10 @@ def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> 
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from headline_report import pyplot_or_none
+
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     names = [s[0] for s in SHAPES]
     series = {p: [next((r["frac_copy"] for r in rows if r.get("shape") == s
