@@ -80,48 +80,61 @@ def exponent_nibble(src, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _prescaled(x, T: tl.constexpr, V: tl.constexpr, SUBNORMAL: tl.constexpr):
-    """``x [T, V, 8]`` fp32 (one word row's eight, the same along ``V``) -> the factors of
-    the row's nibbles, each ``[T, V]``, and ``sum_j x_j``. Subnormal decoding:
-    ``x_j 2**(84 - 4j)`` for ``j < 6``, ``x_6 2**84``, ``(x_7 - 16 x_6) 2**84``; exponent
-    decoding: ``x_j 16**-s`` with ``s`` the nibble's shift in its source word."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = split8(tl.reshape(x, [T, V, 2, 2, 2]))
+def nibble_factors(cols, SUBNORMAL: tl.constexpr):
+    """One word row's eight ``x`` columns ``cols`` (fp32, any one shape ``S``) -> the factors
+    of the row's nibbles, each ``S + [1]`` (broadcast over a thread's columns), and ``sum_j
+    x_j`` of shape ``S``. Subnormal decoding: ``x_j 2**(84 - 4j)`` for ``j < 6``, ``x_6
+    2**84``, ``(x_7 - 16 x_6) 2**84``; exponent decoding: ``x_j 16**-s`` with ``s`` the
+    nibble's shift in its source word."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = cols
     total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     if SUBNORMAL:
-        return (x0 * 2.0 ** X_EXP, x1 * 2.0 ** (X_EXP - 4), x2 * 2.0 ** (X_EXP - 8),
-                x3 * 2.0 ** (X_EXP - 12), x4 * 2.0 ** (X_EXP - 16),
-                x5 * 2.0 ** (X_EXP - 20), x6 * 2.0 ** X_EXP,
-                (x7 - 16.0 * x6) * 2.0 ** X_EXP), total
+        factors = (x0 * 2.0 ** X_EXP, x1 * 2.0 ** (X_EXP - 4), x2 * 2.0 ** (X_EXP - 8),
+                   x3 * 2.0 ** (X_EXP - 12), x4 * 2.0 ** (X_EXP - 16),
+                   x5 * 2.0 ** (X_EXP - 20), x6 * 2.0 ** X_EXP,
+                   (x7 - 16.0 * x6) * 2.0 ** X_EXP)
     else:
-        return (x0, x1 * 0.0625, x2 * 0.0625 ** 2, x3 * 0.0625 ** 3, x4 * 0.0625 ** 4, x5,
-                x6 * 0.0625, x7 * 0.0625 ** 2), total
+        factors = (x0, x1 * 0.0625, x2 * 0.0625 ** 2, x3 * 0.0625 ** 3, x4 * 0.0625 ** 4, x5,
+                   x6 * 0.0625, x7 * 0.0625 ** 2)
+    return (tl.expand_dims(factors[0], -1), tl.expand_dims(factors[1], -1),
+            tl.expand_dims(factors[2], -1), tl.expand_dims(factors[3], -1),
+            tl.expand_dims(factors[4], -1), tl.expand_dims(factors[5], -1),
+            tl.expand_dims(factors[6], -1), tl.expand_dims(factors[7], -1)), total
 
 
 @triton.jit
-def _row_dot(w, xs, dot, SUBNORMAL: tl.constexpr):
+def _prescaled(x, T: tl.constexpr, V: tl.constexpr, SUBNORMAL: tl.constexpr):
+    """``x [T, V, 8]`` fp32 (one word row's eight, the same along ``V``) ->
+    :func:`nibble_factors` (each ``[T, V, 1]``, the sum ``[T, V]``)."""
+    return nibble_factors(split8(tl.reshape(x, [T, V, 2, 2, 2])), SUBNORMAL)
+
+
+@triton.jit
+def row_dot(w, xs, dot, SUBNORMAL: tl.constexpr):
     """``dot + sum_j q_j x_j`` (times ``2**-65`` with the subnormal decoding) for one word
-    row: ``w [T, V, 8]`` int32, ``xs`` the eight factors of :func:`_prescaled`."""
+    row: ``w`` int32 words (any tile shape), ``xs`` the eight factors of
+    :func:`nibble_factors`, broadcast against ``w``."""
     if SUBNORMAL:
-        dot += masked_nibble(w, 0) * xs[0][:, :, None]
-        dot += masked_nibble(w, 4) * xs[1][:, :, None]
-        dot += masked_nibble(w, 8) * xs[2][:, :, None]
-        dot += masked_nibble(w, 12) * xs[3][:, :, None]
-        dot += masked_nibble(w, 16) * xs[4][:, :, None]
-        dot += masked_nibble(w, 20) * xs[5][:, :, None]
+        dot += masked_nibble(w, 0) * xs[0]
+        dot += masked_nibble(w, 4) * xs[1]
+        dot += masked_nibble(w, 8) * xs[2]
+        dot += masked_nibble(w, 12) * xs[3]
+        dot += masked_nibble(w, 16) * xs[4]
+        dot += masked_nibble(w, 20) * xs[5]
         # the top byte shifted down, q6 + 16 q7, times x_6; q7 times x_7 - 16 x_6
         u = w.to(tl.uint32, bitcast=True)
-        dot += (u >> 24).to(tl.float32, bitcast=True) * xs[6][:, :, None]
-        dot += (u >> 28).to(tl.float32, bitcast=True) * xs[7][:, :, None]
+        dot += (u >> 24).to(tl.float32, bitcast=True) * xs[6]
+        dot += (u >> 28).to(tl.float32, bitcast=True) * xs[7]
     else:
         high = w >> 20
-        dot += exponent_nibble(w, 0) * xs[0][:, :, None]
-        dot += exponent_nibble(w, 4) * xs[1][:, :, None]
-        dot += exponent_nibble(w, 8) * xs[2][:, :, None]
-        dot += exponent_nibble(w, 12) * xs[3][:, :, None]
-        dot += exponent_nibble(w, 16) * xs[4][:, :, None]
-        dot += exponent_nibble(high, 0) * xs[5][:, :, None]
-        dot += exponent_nibble(high, 4) * xs[6][:, :, None]
-        dot += exponent_nibble(high, 8) * xs[7][:, :, None]
+        dot += exponent_nibble(w, 0) * xs[0]
+        dot += exponent_nibble(w, 4) * xs[1]
+        dot += exponent_nibble(w, 8) * xs[2]
+        dot += exponent_nibble(w, 12) * xs[3]
+        dot += exponent_nibble(w, 16) * xs[4]
+        dot += exponent_nibble(high, 0) * xs[5]
+        dot += exponent_nibble(high, 4) * xs[6]
+        dot += exponent_nibble(high, 8) * xs[7]
     return dot
 
 
@@ -187,7 +200,7 @@ def _tile_dot(tile, acc, ROWS: tl.constexpr, SUBNORMAL: tl.constexpr, T: tl.cons
     for m in tl.static_range(ROWS):
         factors, total = _prescaled(xs[m].to(tl.float32), T, V, SUBNORMAL)
         x_sum += total
-        dot = _row_dot(words[m], factors, dot, SUBNORMAL)
+        dot = row_dot(words[m], factors, dot, SUBNORMAL)
     if SUBNORMAL:
         x_sum = x_sum * TO_DOMAIN
     return acc + s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, :, None])

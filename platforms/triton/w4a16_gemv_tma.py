@@ -11,7 +11,8 @@ software pipeliner multi-buffers in shared memory ``NUM_STAGES`` deep: while a t
 run, the next ``NUM_STAGES - 1`` tiles are in flight without holding registers.
 
 Same layout, arithmetic and contract as :func:`.w4a16_gemv.w4a16_gemv` (the nibble decodings,
-the per-thread word rows, ``|x| < 2**39``), on ``[T, BLOCK_N]`` tiles (:func:`_row_dot2`).
+the per-thread word rows, ``|x| < 2**39``), on ``[T, BLOCK_N]`` tiles
+(:func:`.w4a16_gemv.row_dot`).
 Out-of-range word rows and columns read as zero from the TMA (its boxes are bounds-checked),
 so there is no separate tail loop: ``x``, the zero points and the scales are masked loads.
 Needs: ``N % 4 == 0`` (the descriptor's row stride, ``4 N`` bytes, a multiple of 16) and
@@ -31,7 +32,7 @@ import triton.language as tl
 from heteroserve.platforms.triton.jit_math import split8
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
 from heteroserve.platforms.triton.w4a16_gemv import (
-    TO_DOMAIN, UNSCALE, X_EXP, NIBBLE_EXPONENT, NIBBLE_SUBNORMAL, exponent_nibble, masked_nibble,
+    NIBBLE_EXPONENT, NIBBLE_SUBNORMAL, TO_DOMAIN, UNSCALE, nibble_factors, row_dot,
     rows_per_thread,
 )
 
@@ -39,23 +40,6 @@ try:  # Triton >= 3.4 (host-side tensor descriptors)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: fits() answers False
     TensorDescriptor = None
-
-
-@triton.jit
-def _factors(x8, SUBNORMAL: tl.constexpr):
-    """One word row's eight ``x`` per thread row, ``x8 [T, 8]`` fp32 -> the eight nibble
-    factors ``[T, 1]`` of :func:`.w4a16_gemv._prescaled` and ``sum_j x_j`` ``[T]``."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = split8(tl.reshape(x8, [x8.shape[0], 2, 2, 2]))
-    total = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    if SUBNORMAL:
-        return (x0[:, None] * 2.0 ** X_EXP, x1[:, None] * 2.0 ** (X_EXP - 4),
-                x2[:, None] * 2.0 ** (X_EXP - 8), x3[:, None] * 2.0 ** (X_EXP - 12),
-                x4[:, None] * 2.0 ** (X_EXP - 16), x5[:, None] * 2.0 ** (X_EXP - 20),
-                x6[:, None] * 2.0 ** X_EXP, (x7 - 16.0 * x6)[:, None] * 2.0 ** X_EXP), total
-    else:
-        return (x0[:, None], x1[:, None] * 0.0625, x2[:, None] * 0.0625 ** 2,
-                x3[:, None] * 0.0625 ** 3, x4[:, None] * 0.0625 ** 4, x5[:, None],
-                x6[:, None] * 0.0625, x7[:, None] * 0.0625 ** 2), total
 
 
 @triton.jit
@@ -91,10 +75,10 @@ def _w4a16_gemv_tma_kernel(
         for m in tl.static_range(ROWS):
             w = tl.reshape(qw_desc.load([w0 // ROWS, m, n0]), [T, BLOCK_N])
             kk = (ww + m)[:, None] * 8 + tl.arange(0, 8)[None, :]
-            xs, total = _factors(tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32),
-                                 SUBNORMAL)
+            x8 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xs, total = nibble_factors(split8(tl.reshape(x8, [T, 2, 2, 2])), SUBNORMAL)
             x_sum += total
-            dot = _row_dot2(w, xs, dot, SUBNORMAL)
+            dot = row_dot(w, xs, dot, SUBNORMAL)
         if SUBNORMAL:
             x_sum = x_sum * TO_DOMAIN
         acc += s.to(tl.float32) * (dot - z.to(tl.float32) * x_sum[:, None])
@@ -105,34 +89,6 @@ def _w4a16_gemv_tma_kernel(
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
              mask=n_mask)
-
-
-@triton.jit
-def _row_dot2(w, xs, dot, SUBNORMAL: tl.constexpr):
-    """``dot + sum_j q_j x_j`` for one word row ``w [T, BLOCK_N]`` int32 and the factors
-    ``xs`` (each ``[T, 1]``) of :func:`_factors`; the decodings of
-    :func:`.w4a16_gemv._row_dot`."""
-    if SUBNORMAL:
-        dot += masked_nibble(w, 0) * xs[0]
-        dot += masked_nibble(w, 4) * xs[1]
-        dot += masked_nibble(w, 8) * xs[2]
-        dot += masked_nibble(w, 12) * xs[3]
-        dot += masked_nibble(w, 16) * xs[4]
-        dot += masked_nibble(w, 20) * xs[5]
-        u = w.to(tl.uint32, bitcast=True)
-        dot += (u >> 24).to(tl.float32, bitcast=True) * xs[6]
-        dot += (u >> 28).to(tl.float32, bitcast=True) * xs[7]
-    else:
-        high = w >> 20
-        dot += exponent_nibble(w, 0) * xs[0]
-        dot += exponent_nibble(w, 4) * xs[1]
-        dot += exponent_nibble(w, 8) * xs[2]
-        dot += exponent_nibble(w, 12) * xs[3]
-        dot += exponent_nibble(w, 16) * xs[4]
-        dot += exponent_nibble(high, 0) * xs[5]
-        dot += exponent_nibble(high, 4) * xs[6]
-        dot += exponent_nibble(high, 8) * xs[7]
-    return dot
 
 
 @dataclass(frozen=True)
