@@ -128,9 +128,11 @@ def w4_tma_rows() -> list[dict]:
                "N": "i32", "K": "i32", "stride_xm": "i32", "stride_zg": "i32",
                "stride_sg": "i32", "stride_ym": "i32",
                **{c: "constexpr" for c in ("HAS_BIAS", "BLOCK_N", "BLOCK_KW", "ROWS",
-                                           "GROUP_W", "SUBNORMAL", "NUM_STAGES", "USE_PDL")}}
+                                           "GROUP_W", "SUBNORMAL", "NUM_STAGES", "EVEN",
+                                           "USE_PDL")}}
         consts = {"HAS_BIAS": False, "BLOCK_N": block_n, "BLOCK_KW": block_kw, "ROWS": 4,
-                  "GROUP_W": 16, "SUBNORMAL": True, "NUM_STAGES": stages, "USE_PDL": True}
+                  "GROUP_W": 16, "SUBNORMAL": True, "NUM_STAGES": stages, "EVEN": True,
+                  "USE_PDL": True}
         cubin = compile_sm90(tma._w4a16_gemv_tma_kernel, sig, consts, warps, stages)
         rows.append(_row(f"w4a16_gemv_tma {stages} stages", (block_n, block_kw, warps), cubin,
                          block_n * block_kw * 8, warps, "4-bit"))

@@ -14,7 +14,9 @@ Same layout, arithmetic and contract as :func:`.w4a16_gemv.w4a16_gemv` (the nibb
 the per-thread word rows, ``|x| < 2**39``), on ``[T, BLOCK_N]`` tiles
 (:func:`.w4a16_gemv.row_dot`).
 Out-of-range word rows and columns read as zero from the TMA (its boxes are bounds-checked),
-so there is no separate tail loop: ``x``, the zero points and the scales are masked loads.
+so there is no separate tail loop: ``x``, the zero points and the scales are masked loads,
+unmasked where the tiles divide ``K`` and ``N`` (``EVEN``: 4.05 SASS instructions a nibble
+against 4.17 masked, sm_90 under Triton 3.6).
 Needs: ``N % 4 == 0`` (the descriptor's row stride, ``4 N`` bytes, a multiple of 16) and
 ``ROWS`` dividing ``ceil(K / 8)`` (the 3-D view ``[kw / ROWS, ROWS, N]``); :func:`fits`
 says whether a shape does. The PDL wait precedes the first weight load (the pipeliner's
@@ -48,7 +50,7 @@ def _w4a16_gemv_tma_kernel(
     stride_xm, stride_zg, stride_sg, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     ROWS: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
-    NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """See the module. ``qw_desc``: the words as ``[kw / ROWS, ROWS, N]`` int32, box ``[T, 1,
     BLOCK_N]`` with ``T = BLOCK_KW / ROWS``. Tiles are ``[T, BLOCK_N]``: thread row ``t``
@@ -67,15 +69,22 @@ def _w4a16_gemv_tma_kernel(
         w0 = i * BLOCK_KW
         ww = w0 + offs_t  # [T]
         g = (ww // GROUP_W)[:, None]
-        zs_mask = (ww < kw)[:, None] & n_mask[None, :]
-        z = tl.load(z_ptr + g * stride_zg + offs_n[None, :], mask=zs_mask, other=0.0)
-        s = tl.load(s_ptr + g * stride_sg + offs_n[None, :], mask=zs_mask, other=0.0)
+        if EVEN:
+            z = tl.load(z_ptr + g * stride_zg + offs_n[None, :])
+            s = tl.load(s_ptr + g * stride_sg + offs_n[None, :])
+        else:
+            zs_mask = (ww < kw)[:, None] & n_mask[None, :]
+            z = tl.load(z_ptr + g * stride_zg + offs_n[None, :], mask=zs_mask, other=0.0)
+            s = tl.load(s_ptr + g * stride_sg + offs_n[None, :], mask=zs_mask, other=0.0)
         dot = tl.zeros([T, BLOCK_N], dtype=tl.float32)
         x_sum = tl.zeros([T], dtype=tl.float32)
         for m in tl.static_range(ROWS):
             w = tl.reshape(qw_desc.load([w0 // ROWS, m, n0]), [T, BLOCK_N])
             kk = (ww + m)[:, None] * 8 + tl.arange(0, 8)[None, :]
-            x8 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if EVEN:
+                x8 = tl.load(x_row + kk).to(tl.float32)
+            else:
+                x8 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
             xs, total = nibble_factors(split8(tl.reshape(x8, [T, 2, 2, 2])), SUBNORMAL)
             x_sum += total
             dot = row_dot(w, xs, dot, SUBNORMAL)
@@ -140,5 +149,6 @@ def w4a16_gemv_tma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
         x.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_KW=config.block_kw,
         ROWS=rows, GROUP_W=group // 8, SUBNORMAL=config.nibble == NIBBLE_SUBNORMAL,
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps, **pdl_args(x.device))
+        NUM_STAGES=config.num_stages,
+        EVEN=k % (8 * config.block_kw) == 0 and n % config.block_n == 0, num_warps=config.num_warps, **pdl_args(x.device))
     return y
