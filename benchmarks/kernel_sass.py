@@ -124,15 +124,15 @@ def w4_tma_rows() -> list[dict]:
                                              (32, 256, 8, 3)):
         t = block_kw // 4
         sig = {"x_ptr": "*bf16", "qw_desc": f"tensordesc<i32[{t}, 1, {block_n}]>",
-               "z_ptr": "*fp16", "s_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+               "qw_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "bias_ptr": "*bf16", "y_ptr": "*bf16",
                "N": "i32", "K": "i32", "stride_xm": "i32", "stride_zg": "i32",
                "stride_sg": "i32", "stride_ym": "i32",
                **{c: "constexpr" for c in ("HAS_BIAS", "BLOCK_N", "BLOCK_KW", "ROWS",
                                            "GROUP_W", "SUBNORMAL", "NUM_STAGES", "EVEN",
-                                           "USE_PDL")}}
+                                           "PREFETCH_ROWS", "USE_PDL")}}
         consts = {"HAS_BIAS": False, "BLOCK_N": block_n, "BLOCK_KW": block_kw, "ROWS": 4,
                   "GROUP_W": 16, "SUBNORMAL": True, "NUM_STAGES": stages, "EVEN": True,
-                  "USE_PDL": True}
+                  "PREFETCH_ROWS": 0, "USE_PDL": True}
         cubin = compile_sm90(tma._w4a16_gemv_tma_kernel, sig, consts, warps, stages)
         rows.append(_row(f"w4a16_gemv_tma {stages} stages", (block_n, block_kw, warps), cubin,
                          block_n * block_kw * 8, warps, "4-bit"))
@@ -150,7 +150,8 @@ def w8_rows() -> list[dict]:
            "stride_wn": "i32", "stride_wsn": "i32", "stride_ym": "i32", "qmax": "fp32",
            "min_scale": "fp32", **{c: "constexpr" for c in (
                "ACT", "WS", "IS_INT", "HAS_BIAS", "MIN_NORMAL", "SUB_MAGIC", "EVEN", "BLOCK_N",
-               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "FOLD", "CAST_FP8")}}
+               "BLOCK_K", "GROUP", "AMAX_BLOCK", "USE_PDL", "FOLD", "CAST_FP8",
+               "PREFETCH_LINES")}}
     min_normal = 2.0 ** -6
     rows = []
     for name, act, ws in (("fp8 block", w8.ACT_GROUP, w8.WS_BLOCK),
@@ -162,7 +163,8 @@ def w8_rows() -> list[dict]:
             consts = {"ACT": act, "WS": ws, "IS_INT": False, "HAS_BIAS": False,
                       "MIN_NORMAL": min_normal, "SUB_MAGIC": 1.5 * 2.0 ** 23 * min_normal / 8,
                       "EVEN": True, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128,
-                      "AMAX_BLOCK": 4096, "USE_PDL": True, "FOLD": 16, "CAST_FP8": True}
+                      "AMAX_BLOCK": 4096, "USE_PDL": True, "FOLD": 16, "CAST_FP8": True,
+                      "PREFETCH_LINES": 0}
             cubin = compile_sm90(w8._w8_gemv_kernel, sig, consts, warps, 1)
             rows.append(_row(f"w8_gemv {name}", (block_n, block_k, warps), cubin,
                              block_n * block_k, warps, "8-bit"))

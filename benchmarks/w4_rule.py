@@ -5,8 +5,12 @@ side-by-side runs: ``python3 benchmarks/w4_rule.py RULE [bench_quant_llama8b.py 
 
 Rules:
 
-- ``default``: :func:`~heteroserve.platforms.triton.w4a16_gemv.choose_w4_config` as it stands
-  (16 KiB tiles of four warps: a thread holds 8 columns of 4 word rows).
+- ``default``: the W4A16 linears as they stand: the TMA-pipelined GEMV at the shapes the
+  device's ``platforms/triton/w4_tma_tuned`` table names, else the register-tile GEMV at
+  :func:`~heteroserve.platforms.triton.w4a16_gemv.choose_w4_config` (16 KiB tiles of four
+  warps: a thread holds 8 columns of 4 word rows).
+- ``reg_tile``: the register-tile GEMV at every shape (the table ignored); every rule below
+  but ``tma`` and ``tma_pf`` also ignores the table.
 - ``tiles32k``: the same columns a program and warps with twice the word rows a step (32 KiB
   tiles, 8 word rows a thread), where that still divides ``K / 8``. The H100 sweep of
   2026-12-06 (``results/h100-20261206-1619-quant_gemv_w4_sweep.txt``) timed this shape
@@ -28,7 +32,9 @@ Rules:
 - ``tma``: the layers go through the TMA-pipelined GEMV (``w4a16_gemv_tma.py``) instead,
   each at the fastest configuration ``benchmarks/w4_tma_sweep.py`` timed for its shape in
   the JSON named by ``W4_TMA_TABLE`` (16 columns, 16 KiB tiles, 4 warps, 3 stages where
-  there is none); a layer the TMA kernel cannot take keeps the default kernel.
+  there is none); a layer the TMA kernel cannot take keeps the register-tile kernel.
+- ``tma_pf``: the device's table with ``prefetch_l2`` on: before the PDL wait each program
+  asks the L2 for its first tiles' word rows.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ def _whole32k_down8(n: int, k: int, rows: int, device: torch.device) -> W4GemvCo
     return replace(cfg, block_n=8, block_kw=512, num_warps=8)
 
 
-RULES = {"default": _DEFAULT, "tiles32k": _tiles32k, "prefetch": _prefetch,
+RULES = {"reg_tile": _DEFAULT, "tiles32k": _tiles32k, "prefetch": _prefetch,
          "prefetch_half": _prefetch_half, "prefetch_32k": _prefetch_32k,
          "whole32k": _whole32k, "whole32k_down8": _whole32k_down8}
 
@@ -106,32 +112,47 @@ def tma_table(path: str | None) -> dict[tuple[int, int], object]:
             if r.get("path") == "tma_best"}
 
 
+def _set_tma_lookup(lookup) -> None:
+    """Replace the linears' TMA table lookup (``(n, k, group, device) -> config | None``)."""
+    from heteroserve.platforms.triton import linear_w4a16
+
+    linear_w4a16.tuned_tma_config = lookup
+
+
 def _install_tma() -> None:
     import os
 
-    from heteroserve.platforms.triton import linear_w4a16
-    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, fits, w4a16_gemv_tma
+    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, fits
 
     table = tma_table(os.environ.get("W4_TMA_TABLE"))
     fallback = W4TmaConfig(16, 256, 4, 3)
-    register_tiles = linear_w4a16.w4a16_gemv
 
-    def gemv(x, qweight, zeros, scales, group, bias=None):  # the linear method's call
-        n, k = qweight.shape[1], x.shape[1]
+    def lookup(n: int, k: int, group: int, device: torch.device):
         cfg = table.get((n, k), fallback)
-        if x.device.type == "cpu" or not fits(n, k, group, cfg.block_kw):
-            return register_tiles(x, qweight, zeros, scales, group, bias)
-        return w4a16_gemv_tma(x, qweight, zeros, scales, group, cfg, bias)
+        return None if device.type == "cpu" or not fits(n, k, group, cfg.block_kw) else cfg
 
-    linear_w4a16.w4a16_gemv = gemv
+    _set_tma_lookup(lookup)
+
+
+def _install_tma_prefetch() -> None:
+    from heteroserve.platforms.triton.w4_tma_tuned import tuned_tma_config
+
+    def lookup(n: int, k: int, group: int, device: torch.device):
+        cfg = tuned_tma_config(n, k, group, device)
+        return None if cfg is None else replace(cfg, prefetch_l2=True)
+
+    _set_tma_lookup(lookup)
 
 
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
     if rule == "tma":
         _install_tma()
-        return
-    w4a16_gemv.choose_w4_config = rule_named("w4_rule", RULES, rule)
+    elif rule == "tma_pf":
+        _install_tma_prefetch()
+    elif rule != "default":
+        w4a16_gemv.choose_w4_config = rule_named("w4_rule", RULES, rule)
+        _set_tma_lookup(lambda n, k, group, device: None)
 
 
 def main() -> int:

@@ -9,7 +9,10 @@ scales) next to the copy bandwidth measured in the same run; each TMA output is 
 the register-tile kernel's. A configuration the compiler or the TMA rejects is a row with its
 error. Writes JSON (and a PNG of the fraction of the copy rate per shape with ``--plot``).
 
-Usage: ``python benchmarks/w4_tma_sweep.py --out w4_tma.json`` (about a minute on an H100).
+Usage: ``python benchmarks/w4_tma_sweep.py --out w4_tma.json`` (about a minute on an H100);
+``--install`` also writes the device's table of shapes where the TMA kernel won
+(``platforms/triton/w4_tma_tuned.py``), which the W4A16 linears then use;
+``--table-from SWEEP.json`` writes that table from an earlier sweep, without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_gemv_sweep import (  # noqa: E402
-    L2_MULTIPLE, SHAPES, build_layer, checkpoint, graph_us, rel_err, weight_bytes,
+    GROUP, L2_MULTIPLE, SHAPES, build_layer, checkpoint, graph_us, rel_err, weight_bytes,
 )
 
 SCHEME = "awq_w4a16"
@@ -68,7 +71,7 @@ def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> 
     rows = []
 
     def row(path: str, config: dict, t: float, err: float) -> dict:
-        r = {"shape": name, "N": n, "K": k, "path": path, "config": config, "us": t,
+        r = {"shape": name, "N": n, "K": k, "group": group, "path": path, "config": config, "us": t,
              "GBps": nbytes / t / 1e3, "frac_copy": nbytes / (t * 1e-6) / copy_bps,
              "rel_err_vs_reg_tile": err}
         print(f"{name:13s} {path:9s} {t:8.2f} us {r['frac_copy']:6.1%} of copy "
@@ -100,6 +103,39 @@ def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> 
     return rows
 
 
+def tuned_table(sweep: dict, source: str) -> dict:
+    """The ``w4_tma_tuned`` table (``platforms/triton/w4_tma_tuned.py``'s format) of a sweep
+    JSON: each shape whose ``tma_best`` row beat its ``reg_tile`` row by ``MIN_GAIN``. Rows
+    without a ``group`` (sweeps before it was recorded) are the sweep's group, 128."""
+    from heteroserve.platforms.triton.w4_tma_tuned import MIN_GAIN, shape_key
+
+    rows = sweep["rows"]
+    shapes = {}
+    for best in (r for r in rows if r.get("path") == "tma_best"):
+        reg = next(r for r in rows if r.get("path") == "reg_tile"
+                   and r["shape"] == best["shape"])
+        if best["us"] > (1 - MIN_GAIN) * reg["us"]:
+            continue
+        c = best["config"]
+        shapes[shape_key(best["N"], best["K"], best.get("group", GROUP))] = {
+            "config": [c["block_n"], c["block_kw"], c["num_warps"], c["num_stages"]],
+            "prefetch_l2": bool(c.get("prefetch_l2", False)),
+            "us": round(best["us"], 3), "reg_tile_us": round(reg["us"], 3)}
+    return {"device": sweep["device"], "date": sweep["date"], "command": sweep["command"],
+            "source": source, "shapes": shapes}
+
+
+def install(sweep: dict, source: str) -> Path:
+    """Write :func:`tuned_table` of ``sweep`` to ``platforms/triton/w4_tma_tuned/``."""
+    from heteroserve.platforms.triton.w4_tma_tuned import table_file
+
+    path = table_file(sweep["device"])
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(tuned_table(sweep, source), indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     from headline_report import pyplot_or_none
 
@@ -128,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="w4_tma.json")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two TMA configurations a shape")
+    ap.add_argument("--install", action="store_true",
+                    help="write the device's platforms/triton/w4_tma_tuned table")
+    ap.add_argument("--table-from", metavar="JSON",
+                    help="no GPU: write the tuned table of an earlier sweep's JSON")
     a = ap.parse_args(argv)
+    if a.table_from:
+        install(json.loads(Path(a.table_from).read_text()), a.table_from)
+        return 0
     from roofline import copy_bandwidth
 
     copy_bps = copy_bandwidth()
@@ -139,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, k in SHAPES:
         rows += measure(name, n, k, copy_bps, a.quick)
     out = Path(a.out)
-    out.write_text(json.dumps({
+    sweep = {
         "device": device_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv), "triton": __import__("triton").__version__,
-        "copy_bandwidth_Bps": copy_bps, "seconds": time.perf_counter() - t0, "rows": rows},
-        indent=2))
+        "copy_bandwidth_Bps": copy_bps, "seconds": time.perf_counter() - t0, "rows": rows}
+    out.write_text(json.dumps(sweep, indent=2))
+    if a.install:
+        install(sweep, str(out))
     if a.plot:
         plot(rows, out.with_suffix(".png"))
     return 0

@@ -14,6 +14,8 @@ Rules:
   multiprocessor, four otherwise. In the decode graph it ran below ``default``: 3-4 points
   of the roofline on an H100 (``results/h100-20261206-1117-w8_ab-*.json``), 1.4-2.0 points on
   the H200 with the fma-chain kernel (``results/h200-20261206-2325-w8_ab-*.json``).
+- ``prefetch_l2``: ``default`` with ``W8GemvConfig.prefetch_l2``: before the PDL wait each
+  program asks the L2 for the lines of its next tiles (layers of more than one tile a row).
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def _rows16(n: int, k: int, rows: int, device: torch.device,
                    num_warps=warps)
 
 
-RULES = {"default": _DEFAULT, "rows16": _rows16}
+def _prefetch_l2(n: int, k: int, rows: int, device: torch.device,
+                 act: int = ACT_GROUP) -> W8GemvConfig:
+    return replace(_DEFAULT(n, k, rows, device, act), prefetch_l2=True)
+
+
+RULES = {"default": _DEFAULT, "rows16": _rows16, "prefetch_l2": _prefetch_l2}
 
 
 def apply(rule: str) -> None:

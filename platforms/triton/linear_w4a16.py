@@ -8,13 +8,16 @@ once (``w4_perm``; ``apply`` gathers the activation columns in that order); any 
 ``g_idx`` is kept (``w4_g_idx``) and read per row by the kernel.
 
 Up to :data:`~.w4a16_gemv.W4_GEMV_MAX_ROWS` rows (the decode step) go through
-:func:`~.w4a16_gemv.w4a16_gemv` (nibbles unpacked in registers, bias fused, one launch) on
-the same layout (layers that keep a ``g_idx`` use the GEMM); from :data:`W4_DEQUANT_MIN_ROWS`
+:func:`one_row_gemv` (nibbles unpacked in registers, bias fused, one launch: the
+TMA-pipelined kernel at the shapes the device's ``w4_tma_tuned`` table names, else the
+register-tile kernel) on the same layout (layers that keep a ``g_idx`` use the GEMM); from :data:`W4_DEQUANT_MIN_ROWS`
 rows the weight is dequantized in one pass (:func:`~.w4a16_dequant.w4a16_dequantize`) and
 multiplied by the vendor BLAS; in between, the dequantizing GEMM.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -22,9 +25,11 @@ from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
 from heteroserve.platforms.triton.w4a16_dequant import w4a16_dequantize
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
+from heteroserve.platforms.triton.w4_tma_tuned import tuned_tma_config
 from heteroserve.platforms.triton.w4a16_gemv import (
-    W4_GEMV_MAX_ROWS, keeps_subnormals, w4a16_gemv,
+    W4_GEMV_MAX_ROWS, keeps_subnormals, nibble_decoding, w4a16_gemv,
 )
+from heteroserve.platforms.triton.w4a16_gemv_tma import w4a16_gemv_tma
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
 
 #: Rows from which ``apply`` dequantizes the weight and calls the BLAS GEMM instead of the
@@ -36,6 +41,18 @@ from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, 
 #: dtype (235 MB for Llama-3.1-8B's gate_up), taken from the memory the KV pool leaves
 #: (``--mem-fraction-static``) and freed after the product.
 W4_DEQUANT_MIN_ROWS = 128
+
+
+def one_row_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+                 scales: torch.Tensor, group: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The decode-size product (:func:`~.w4a16_gemv.w4a16_gemv`'s contract): the
+    TMA-pipelined GEMV where the device's table names this shape
+    (:func:`~.w4_tma_tuned.tuned_tma_config`), else the register-tile GEMV."""
+    cfg = tuned_tma_config(qweight.shape[1], x.shape[1], group, x.device)
+    if cfg is None:
+        return w4a16_gemv(x, qweight, zeros, scales, group, bias)
+    return w4a16_gemv_tma(x, qweight, zeros, scales, group,
+                          replace(cfg, nibble=nibble_decoding(x.device)), bias)
 
 
 class _W4A16Linear(LinearMethod):
@@ -54,7 +71,7 @@ class _W4A16Linear(LinearMethod):
         g_idx = getattr(layer, "w4_g_idx", None)
         group = k // zeros.shape[0] if g_idx is None else k
         if g_idx is None and x2.shape[0] <= W4_GEMV_MAX_ROWS:
-            y = w4a16_gemv(x2, qweight, zeros, scales, group, bias)
+            y = one_row_gemv(x2, qweight, zeros, scales, group, bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if x2.shape[0] >= W4_DEQUANT_MIN_ROWS:
             w = w4a16_dequantize(qweight, zeros, scales, k, group, g_idx, x2.dtype)

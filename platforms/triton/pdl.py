@@ -62,3 +62,14 @@ def wait_for_previous(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(ptrs, USE_PDL: tl.constexpr):
+    """Ask the L2 to fetch the lines holding ``ptrs`` (any shape; a hint, no registers held,
+    nothing returned) before :func:`wait_for_previous`, so that a kernel's first parameter
+    reads are under way while the previous kernel drains. Only for data no kernel writes
+    (the invariant above). A no-op without ``USE_PDL`` (the interpreter has no PTX)."""
+    if USE_PDL:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [ptrs], dtype=tl.int32, is_pure=False, pack=1)

@@ -299,8 +299,7 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
     at this rule and 50.7 us at the sweep's best shapes (32 KiB tiles at qkv/o, 8 columns of
     8 warps at down); not yet swept on an H200, nor timed end to end at other shapes. The
     exponent decoding where :func:`keeps_subnormals` found the device flushing subnormals."""
-    nibble = (NIBBLE_SUBNORMAL if _KEEPS_SUBNORMALS.get((device.type, device.index), True)
-              else NIBBLE_EXPONENT)
+    nibble = nibble_decoding(device)
     if device.type == "cpu":  # the interpreter: small tiles exercise the masks
         return W4GemvConfig(16, 8, 1, 1, nibble)
     sms = multiprocessors(device)
@@ -315,6 +314,13 @@ def choose_w4_config(n: int, k: int, rows: int, device: torch.device) -> W4GemvC
         block_kw //= 2
     warps = max(1, min(4, block_kw * block_n // 1024))
     return W4GemvConfig(block_n, block_kw, warps, 1, nibble)
+
+
+def nibble_decoding(device: torch.device) -> str:
+    """``NIBBLE_EXPONENT`` where :func:`keeps_subnormals` found ``device`` flushing fp32
+    subnormals, else ``NIBBLE_SUBNORMAL`` (also before the device is checked)."""
+    return (NIBBLE_SUBNORMAL if _KEEPS_SUBNORMALS.get((device.type, device.index), True)
+            else NIBBLE_EXPONENT)
 
 
 def rows_per_thread(group_w: int, block_kw: int) -> int:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from heteroserve.platforms.triton.jit_math import split8
-from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+from heteroserve.platforms.triton.pdl import pdl_args, prefetch_to_l2, wait_for_previous
 from heteroserve.platforms.triton.w4a16_gemv import (
     NIBBLE_EXPONENT, NIBBLE_SUBNORMAL, TO_DOMAIN, UNSCALE, nibble_factors, row_dot,
     rows_per_thread,
@@ -46,11 +46,12 @@ except ImportError:  # pragma: no cover - older Triton: fits() answers False
 
 @triton.jit
 def _w4a16_gemv_tma_kernel(
-    x_ptr, qw_desc, z_ptr, s_ptr, bias_ptr, y_ptr, N, K,
+    x_ptr, qw_desc, qw_ptr, z_ptr, s_ptr, bias_ptr, y_ptr, N, K,
     stride_xm, stride_zg, stride_sg, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     ROWS: tl.constexpr, GROUP_W: tl.constexpr, SUBNORMAL: tl.constexpr,
-    NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """See the module. ``qw_desc``: the words as ``[kw / ROWS, ROWS, N]`` int32, box ``[T, 1,
     BLOCK_N]`` with ``T = BLOCK_KW / ROWS``. Tiles are ``[T, BLOCK_N]``: thread row ``t``
@@ -64,6 +65,9 @@ def _w4a16_gemv_tma_kernel(
     kw = tl.cdiv(K, 8)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     acc = tl.zeros([T, BLOCK_N], dtype=tl.float32)
+    if PREFETCH_ROWS > 0:  # the first tiles' word rows, one L2 line request a row
+        pf = tl.minimum(tl.arange(0, PREFETCH_ROWS), kw - 1)
+        prefetch_to_l2(qw_ptr + pf.to(tl.int64) * N + n0, USE_PDL)
     wait_for_previous(USE_PDL)
     for i in tl.range(0, tl.cdiv(kw, BLOCK_KW), num_stages=NUM_STAGES):
         w0 = i * BLOCK_KW
@@ -104,13 +108,16 @@ def _w4a16_gemv_tma_kernel(
 class W4TmaConfig:
     """Launch shape: output columns per program (a power of two from 8), word rows per tile,
     warps, and the shared-memory pipeline depth (tiles in flight); the nibble decoding as
-    :class:`.w4a16_gemv.W4GemvConfig`'s."""
+    :class:`.w4a16_gemv.W4GemvConfig`'s; ``prefetch_l2``: before the PDL wait, each program
+    asks the L2 for the word rows of its first ``num_stages`` tiles (a line a row), which the
+    pipeline's first TMA loads, issued after the wait, then find there."""
 
     block_n: int
     block_kw: int
     num_warps: int
     num_stages: int
     nibble: str = NIBBLE_SUBNORMAL
+    prefetch_l2: bool = False
 
 
 def fits(n: int, k: int, group: int, block_kw: int) -> bool:
@@ -145,10 +152,12 @@ def w4a16_gemv_tma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     desc = TensorDescriptor(qweight, [kw // rows, rows, n], [rows * n, n, 1],
                             [config.block_kw // rows, 1, config.block_n])
     _w4a16_gemv_tma_kernel[(m, triton.cdiv(n, config.block_n))](
-        x, desc, zeros, scales, bias if bias is not None else y, y, n, k,
+        x, desc, qweight, zeros, scales, bias if bias is not None else y, y, n, k,
         x.stride(0), zeros.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_KW=config.block_kw,
         ROWS=rows, GROUP_W=group // 8, SUBNORMAL=config.nibble == NIBBLE_SUBNORMAL,
         NUM_STAGES=config.num_stages,
+        PREFETCH_ROWS=(triton.next_power_of_2(min(config.num_stages * config.block_kw, kw))
+                       if config.prefetch_l2 else 0),
         EVEN=k % (8 * config.block_kw) == 0 and n % config.block_n == 0, num_warps=config.num_warps, **pdl_args(x.device))
     return y

@@ -48,7 +48,7 @@ from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.gemv import weight_tile
 from heteroserve.platforms.triton.jit_math import fold2_into
-from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
+from heteroserve.platforms.triton.pdl import pdl_args, prefetch_to_l2, wait_for_previous
 from heteroserve.platforms.triton.quant import MIN_SCALE
 
 ACT_TENSOR, ACT_ROW, ACT_GROUP = 0, 1, 2
@@ -60,6 +60,8 @@ _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the output til
 #: weights a thread loads in one 16-byte vector: each one's products are summed in registers
 #: before they join the accumulator, which is therefore ``[BLOCK_N, BLOCK_K // _FOLD]``
 _FOLD = 16
+#: 128-byte lines a weight row asks the L2 for past its first tile (``prefetch_l2``)
+PREFETCH_MAX_LINES = 32
 
 
 @triton.jit
@@ -146,7 +148,7 @@ def _w8_gemv_kernel(
     MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, USE_PDL: tl.constexpr, FOLD: tl.constexpr,
-    CAST_FP8: tl.constexpr,
+    CAST_FP8: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,6 +157,10 @@ def _w8_gemv_kernel(
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     w = weight_tile(w_ptrs, n_mask, offs_k < K, EVEN)  # a parameter: may load before the wait
+    if PREFETCH_LINES > 0:  # the next tiles' 128-byte lines of each row, into the L2
+        cols = tl.minimum(BLOCK_K + tl.arange(0, PREFETCH_LINES) * 128, K - 1)
+        rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+        prefetch_to_l2(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], USE_PDL)
     wait_for_previous(USE_PDL)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
 
@@ -205,12 +211,15 @@ def _w8_gemv_kernel(
 @dataclass(frozen=True)
 class W8GemvConfig:
     """Launch shape: output rows per program, K per step (a multiple of 128 for block
-    scales), warps, pipeline stages."""
+    scales), warps, pipeline stages; ``prefetch_l2``: with PDL, before the wait each program
+    also asks the L2 for the lines of its rows' next tiles (up to :data:`PREFETCH_MAX_LINES`
+    a row) while its first tile loads into registers."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    prefetch_l2: bool = False
 
 
 def choose_w8_config(n: int, k: int, rows: int, device: torch.device,
@@ -307,6 +316,8 @@ def w8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, a
         BLOCK_K=cfg.block_k, GROUP=FP8_BLOCK,
         AMAX_BLOCK=128 if x.device.type == "cpu" else min(4096, triton.next_power_of_2(k)),
         FOLD=min(_FOLD, cfg.block_k), CAST_FP8=hardware_fp8_cast(weight.dtype, x.device),
+        PREFETCH_LINES=(min(PREFETCH_MAX_LINES, triton.next_power_of_2(
+            triton.cdiv(k - cfg.block_k, 128))) if cfg.prefetch_l2 and k > cfg.block_k else 0),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device))
     return y

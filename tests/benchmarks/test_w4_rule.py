@@ -28,7 +28,7 @@ def test_default_shapes_at_llama_layers(monkeypatch: pytest.MonkeyPatch) -> None
     assert rule(28672, 4096, 1, gpu) == W4GemvConfig(32, 128, 4, 1)
     assert rule(4096, 14336, 1, gpu) == W4GemvConfig(16, 256, 4, 1)
     assert rule(4096, 1536, 1, gpu) == W4GemvConfig(16, 64, 1, 1)
-    assert w4_rule.RULES["default"] is w4a16_gemv.choose_w4_config
+    assert w4_rule.RULES["reg_tile"] is w4a16_gemv.choose_w4_config
 
 
 def test_tiles32k_doubles_the_word_rows_where_they_divide(
@@ -81,7 +81,10 @@ def test_whole_slice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench_quant_llama8b
 
+    from heteroserve.platforms.triton import linear_w4a16
+
     monkeypatch.setattr(w4a16_gemv, "choose_w4_config", w4a16_gemv.choose_w4_config)
+    monkeypatch.setattr(linear_w4a16, "tuned_tma_config", linear_w4a16.tuned_tma_config)
     seen = []
     monkeypatch.setattr(bench_quant_llama8b, "main",
                         lambda argv, tags: seen.append((argv, tags)) or 0)
@@ -89,14 +92,16 @@ def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch
     assert w4_rule.main() == 0
     assert seen == [(["--num-prompts", "0"], {"w4_rule": "tiles32k"})]
     assert w4a16_gemv.choose_w4_config is w4_rule._tiles32k
+    assert linear_w4a16.tuned_tma_config(4096, 14336, 128, torch.device("cuda", 0)) is None
     with pytest.raises(SystemExit, match="unknown rule"):
         w4_rule.apply("nope")
 
 
-def test_tma_rule_reads_the_sweep_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``tma`` takes each shape's ``tma_best`` row of the sweep JSON; without a file it has
-    no table; installed, it replaces the linear method's GEMV (which on the CPU keeps the
-    register-tile kernel)."""
+def test_tma_rules_replace_the_table_lookup(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tma`` takes each shape's ``tma_best`` row of the sweep JSON (a fallback config for
+    other shapes; none on the CPU); ``tma_pf`` is the device's table with ``prefetch_l2``;
+    ``default`` leaves the lookup alone."""
     import json
 
     from heteroserve.platforms.triton import linear_w4a16
@@ -110,16 +115,19 @@ def test_tma_rule_reads_the_sweep_table(tmp_path: Path, monkeypatch: pytest.Monk
         {"path": "tma_best", "N": 6144, "K": 4096, "config": cfg}]}))
     assert w4_rule.tma_table(str(table)) == {(6144, 4096): W4TmaConfig(32, 128, 4, 4)}
     assert w4_rule.tma_table(str(tmp_path / "missing.json")) == {}
-    monkeypatch.setattr(linear_w4a16, "w4a16_gemv", linear_w4a16.w4a16_gemv)
-    before = linear_w4a16.w4a16_gemv
+    monkeypatch.setattr(linear_w4a16, "tuned_tma_config", linear_w4a16.tuned_tma_config)
+    production = linear_w4a16.tuned_tma_config
+    w4_rule.apply("default")
+    assert linear_w4a16.tuned_tma_config is production
     monkeypatch.setenv("W4_TMA_TABLE", str(table))
     w4_rule.apply("tma")
-    assert linear_w4a16.w4a16_gemv is not before
-    gen = torch.Generator().manual_seed(1)
-    words = torch.randint(-2**31, 2**31, (16, 32), generator=gen,
-                          dtype=torch.int64).to(torch.int32)
-    zeros = torch.zeros(1, 32, dtype=torch.float16)
-    scales = torch.full((1, 32), 0.01, dtype=torch.float16)
-    x = torch.randn(1, 128, generator=gen)
-    torch.testing.assert_close(linear_w4a16.w4a16_gemv(x, words, zeros, scales, 128),
-                               before(x, words, zeros, scales, 128))
+    gpu = torch.device("cuda", 0)
+    lookup = linear_w4a16.tuned_tma_config
+    assert lookup(6144, 4096, 128, gpu) == W4TmaConfig(32, 128, 4, 4)
+    assert lookup(4096, 4096, 128, gpu) == W4TmaConfig(16, 256, 4, 3)
+    assert lookup(6144, 4096, 128, torch.device("cpu")) is None
+    monkeypatch.setattr("heteroserve.platforms.triton.w4_tma_tuned.tuned_tma_config",
+                        lambda n, k, group, device: W4TmaConfig(16, 256, 4, 2))
+    w4_rule.apply("tma_pf")
+    assert linear_w4a16.tuned_tma_config(6144, 4096, 128, gpu) == W4TmaConfig(
+        16, 256, 4, 2, prefetch_l2=True)

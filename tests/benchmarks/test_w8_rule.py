@@ -34,6 +34,12 @@ def test_rows16_shapes_of_the_h200_sweep(monkeypatch: pytest.MonkeyPatch) -> Non
     assert w8_rule._rows16(4096, 4096, 1, cpu) == w8_gemv.choose_w8_config(4096, 4096, 1, cpu)
 
 
+def test_prefetch_l2_is_the_default_shape_with_the_prefetch() -> None:
+    cpu = torch.device("cpu")
+    assert w8_rule._prefetch_l2(4096, 4096, 1, cpu) == W8GemvConfig(16, 128, 1, 1,
+                                                                    prefetch_l2=True)
+
+
 def test_default_is_the_launch_rule() -> None:
     assert w8_gemv.w8_launch_rule(4096, 4096, 1, 132, ACT_GROUP) == W8GemvConfig(8, 2048, 8, 1)
     assert w8_gemv.w8_launch_rule(6144, 4096, 1, 132, ACT_TENSOR) == W8GemvConfig(8, 2048, 4, 1)

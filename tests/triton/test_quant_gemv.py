@@ -7,6 +7,8 @@ integer arithmetic, checked here against torch's cast on every fp8 value and its
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton
@@ -88,6 +90,24 @@ def test_w8_gemv_against_float64(device: torch.device, scheme: str, rows: int, k
                      torch.float32, b.to(device) if b is not None else None)
     ref = oracle.linear(scheme, x, ckpt, 128, b, fp8)
     assert out.shape == (rows, n) and rel_err(out, ref) < 2e-6
+
+
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_per_tensor"])
+def test_w8_gemv_l2_prefetch_changes_nothing(device: torch.device, scheme: str) -> None:
+    """``prefetch_l2`` (the next tiles' lines asked of the L2 before the PDL wait, clamped
+    to the ragged last row and column) gives the same product."""
+    make, act, ws, scale_name = _W8[scheme]
+    fp8 = torch.float8_e4m3fn
+    g = _gen(7)
+    n, k = 40, 520
+    ckpt = make(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5, fp8)
+    x = _activations(g, 1, k, scheme, fp8).to(device)
+    scale = ckpt[scale_name].float()
+    scale = (scale.reshape(-1) if ws != w8.WS_BLOCK else scale.contiguous()).to(device)
+    cfg = w8.choose_w8_config(n, k, 1, device, act)
+    out = [w8.w8_gemv(x, ckpt["weight"].to(device), scale, act, ws, 448.0, torch.float32,
+                      config=replace(cfg, prefetch_l2=pf)) for pf in (False, True)]
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
 
 
 def test_w8_gemv_fnuz_block(device: torch.device) -> None:
