@@ -22,4 +22,4 @@ for package, folder in FOLDERS.items():
 
 setup(packages=packages, package_dir=FOLDERS,
       package_data={"heteroserve.server": ["assets/*"], "heteroserve.conformance": ["*.md"],
-                    "heteroserve.platforms.triton": ["moe_tuned/*.json", "w4_tma_tuned/*.json"]})
+                    "heteroserve.platforms.triton": ["moe_tuned/*.json", "w4_gemv_tuned/*.json"]})

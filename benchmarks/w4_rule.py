@@ -5,12 +5,12 @@ side-by-side runs: ``python3 benchmarks/w4_rule.py RULE [bench_quant_llama8b.py 
 
 Rules:
 
-- ``default``: the W4A16 linears as they stand: the TMA-pipelined GEMV at the shapes the
-  device's ``platforms/triton/w4_tma_tuned`` table names, else the register-tile GEMV at
+- ``default``: the W4A16 linears as they stand: the kernel and launch shape the device's
+  ``platforms/triton/w4_gemv_tuned`` table names for a shape, else the register-tile GEMV at
   :func:`~heteroserve.platforms.triton.w4a16_gemv.choose_w4_config` (16 KiB tiles of four
   warps: a thread holds 8 columns of 4 word rows).
-- ``reg_tile``: the register-tile GEMV at every shape (the table ignored); every rule below
-  but ``tma`` and ``tma_pf`` also ignores the table.
+- ``reg_tile``: the register-tile GEMV at its rule at every shape (the table ignored); every
+  rule below but ``tma``, ``tma_pf`` and ``tma_only`` also ignores the table.
 - ``tiles32k``: the same columns a program and warps with twice the word rows a step (32 KiB
   tiles, 8 word rows a thread), where that still divides ``K / 8``. The H100 sweep of
   2026-12-06 (``results/h100-20261206-1619-quant_gemv_w4_sweep.txt``) timed this shape
@@ -33,8 +33,9 @@ Rules:
   each at the fastest configuration ``benchmarks/w4_tma_sweep.py`` timed for its shape in
   the JSON named by ``W4_TMA_TABLE`` (16 columns, 16 KiB tiles, 4 warps, 3 stages where
   there is none); a layer the TMA kernel cannot take keeps the register-tile kernel.
-- ``tma_pf``: the device's table with ``prefetch_l2`` on: before the PDL wait each program
-  asks the L2 for its first tiles' word rows.
+- ``tma_pf``: the device's table with ``prefetch_l2`` on at its TMA entries: before the PDL
+  wait each program asks the L2 for its first tiles' word rows.
+- ``tma_only``: the device's table without its register-tile entries.
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ def tma_table(path: str | None) -> dict[tuple[int, int], object]:
 
 
 def _set_tma_lookup(lookup) -> None:
-    """Replace the linears' TMA table lookup (``(n, k, group, device) -> config | None``)."""
+    """Replace the linears' table lookup (``(n, k, group, device) -> config | None``)."""
     from heteroserve.platforms.triton import linear_w4a16
 
-    linear_w4a16.tuned_tma_config = lookup
+    linear_w4a16.tuned_gemv_config = lookup
 
 
 def _install_tma() -> None:
@@ -134,12 +135,17 @@ def _install_tma() -> None:
     _set_tma_lookup(lookup)
 
 
-def _install_tma_prefetch() -> None:
-    from heteroserve.platforms.triton.w4_tma_tuned import tuned_tma_config
+def _install_table_variant(rule: str) -> None:
+    """``tma_pf`` / ``tma_only``: the device's table with each TMA entry's ``prefetch_l2`` on /
+    without its register-tile entries."""
+    from heteroserve.platforms.triton.w4_gemv_tuned import tuned_gemv_config
+    from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig
 
     def lookup(n: int, k: int, group: int, device: torch.device):
-        cfg = tuned_tma_config(n, k, group, device)
-        return None if cfg is None else replace(cfg, prefetch_l2=True)
+        cfg = tuned_gemv_config(n, k, group, device)
+        if not isinstance(cfg, W4TmaConfig):
+            return None if rule == "tma_only" else cfg
+        return replace(cfg, prefetch_l2=True) if rule == "tma_pf" else cfg
 
     _set_tma_lookup(lookup)
 
@@ -148,8 +154,8 @@ def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
     if rule == "tma":
         _install_tma()
-    elif rule == "tma_pf":
-        _install_tma_prefetch()
+    elif rule in ("tma_pf", "tma_only"):
+        _install_table_variant(rule)
     elif rule != "default":
         w4a16_gemv.choose_w4_config = rule_named("w4_rule", RULES, rule)
         _set_tma_lookup(lambda n, k, group, device: None)

@@ -11,7 +11,7 @@ error. Writes JSON (and a PNG of the fraction of the copy rate per shape with ``
 
 Usage: ``python benchmarks/w4_tma_sweep.py --out w4_tma.json`` (about a minute on an H100);
 ``--install`` also writes the device's table of shapes where the TMA kernel won
-(``platforms/triton/w4_tma_tuned.py``), which the W4A16 linears then use;
+(``platforms/triton/w4_gemv_tuned.py``), which the W4A16 linears then use;
 ``--table-from SWEEP.json`` writes that table from an earlier sweep, without a GPU.
 """
 
@@ -50,7 +50,8 @@ def tma_configs(quick: bool = False) -> list[object]:
     return out
 
 
-def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> list[dict]:
+def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False,
+            reg_grid: bool = False) -> list[dict]:
     from heteroserve.platforms.triton import w4a16_gemv as w4
     from heteroserve.platforms.triton.w4a16_gemv_tma import w4a16_gemv_tma
 
@@ -95,6 +96,8 @@ def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> 
         rows.append(r)
         if err < 1e-2 and (best is None or r["us"] < best["us"]):
             best = r
+    if reg_grid:
+        rows += _reg_grid(name, layers, x, ref, row)
     if best is not None:
         rows.append({**best, "path": "tma_best"})
         print(f"{name:13s} tma best {best['us']:.2f} us ({best['frac_copy']:.1%}) against "
@@ -103,37 +106,79 @@ def measure(name: str, n: int, k: int, copy_bps: float, quick: bool = False) -> 
     return rows
 
 
-def tuned_table(sweep: dict, source: str) -> dict:
-    """The ``w4_tma_tuned`` table (``platforms/triton/w4_tma_tuned.py``'s format) of a sweep
-    JSON: each shape whose ``tma_best`` row beat its ``reg_tile`` row by ``MIN_GAIN``. Rows
-    without a ``group`` (sweeps before it was recorded) are the sweep's group, 128."""
-    from heteroserve.platforms.triton.w4_tma_tuned import MIN_GAIN, shape_key
+#: sweep rows that are a shape's best configuration of one kernel, and that kernel
+BEST_ROWS = {"tma_best": "tma", "reg_best": "reg_tile", "sweep_best": "reg_tile"}
+#: sweep rows that time the register-tile kernel at its launch rule (the baseline)
+RULE_ROWS = ("reg_tile", "new")
 
-    rows = sweep["rows"]
+
+def tuned_table(sweeps: list[dict], sources: list[str]) -> dict:
+    """The ``w4_gemv_tuned`` table (``platforms/triton/w4_gemv_tuned.py``'s format) of one
+    device's sweeps: this script's JSON and ``quant_gemv_sweep.py --sweep``'s (its
+    ``sweep_best`` rows are register-tile configurations). Per shape, the fastest best row of
+    either kernel, where it beat the register-tile rule (the first sweep's rule row) by
+    ``MIN_GAIN``. Rows without a ``group`` (sweeps before it was recorded) are the sweeps'
+    group, 128. Raises ``ValueError`` when the sweeps are of different devices."""
+    from heteroserve.platforms.triton.w4_gemv_tuned import MIN_GAIN, shape_key
+
+    if len({s["device"] for s in sweeps}) != 1:
+        raise ValueError(f"sweeps of several devices: {sorted({s['device'] for s in sweeps})}")
+    rule_us: dict[tuple[int, int, int], float] = {}
+    best: dict[tuple[int, int, int], dict] = {}
+    for sweep in sweeps:
+        for r in sweep["rows"]:
+            if "us" not in r:  # a configuration the compiler rejected
+                continue
+            key = (r["N"], r["K"], r.get("group", GROUP))
+            if r.get("path") in RULE_ROWS:
+                rule_us.setdefault(key, r["us"])
+            elif r.get("path") in BEST_ROWS and (key not in best or r["us"] < best[key]["us"]):
+                best[key] = r
     shapes = {}
-    for best in (r for r in rows if r.get("path") == "tma_best"):
-        reg = next(r for r in rows if r.get("path") == "reg_tile"
-                   and r["shape"] == best["shape"])
-        if best["us"] > (1 - MIN_GAIN) * reg["us"]:
+    for key, r in best.items():
+        if key not in rule_us or r["us"] > (1 - MIN_GAIN) * rule_us[key]:
             continue
-        c = best["config"]
-        shapes[shape_key(best["N"], best["K"], best.get("group", GROUP))] = {
-            "config": [c["block_n"], c["block_kw"], c["num_warps"], c["num_stages"]],
-            "prefetch_l2": bool(c.get("prefetch_l2", False)),
-            "us": round(best["us"], 3), "reg_tile_us": round(reg["us"], 3)}
-    return {"device": sweep["device"], "date": sweep["date"], "command": sweep["command"],
-            "source": source, "shapes": shapes}
+        c, kernel = r["config"], BEST_ROWS[r["path"]]
+        entry = {"kernel": kernel,
+                 "config": [c["block_n"], c["block_kw"], c["num_warps"], c["num_stages"]]}
+        if kernel == "tma":
+            entry["prefetch_l2"] = bool(c.get("prefetch_l2", False))
+        else:
+            entry["prefetch"] = bool(c.get("prefetch", False))
+        shapes[shape_key(*key)] = {**entry, "us": round(r["us"], 3),
+                                   "rule_us": round(rule_us[key], 3)}
+    return {"device": sweeps[0]["device"], "date": max(s["date"] for s in sweeps),
+            "commands": [s["command"] for s in sweeps], "sources": sources, "shapes": shapes}
 
 
-def install(sweep: dict, source: str) -> Path:
-    """Write :func:`tuned_table` of ``sweep`` to ``platforms/triton/w4_tma_tuned/``."""
-    from heteroserve.platforms.triton.w4_tma_tuned import table_file
+def install(sweeps: list[dict], sources: list[str]) -> Path:
+    """Write :func:`tuned_table` of ``sweeps`` to ``platforms/triton/w4_gemv_tuned/``."""
+    from heteroserve.platforms.triton.w4_gemv_tuned import table_file
 
-    path = table_file(sweep["device"])
+    path = table_file(sweeps[0]["device"])
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(tuned_table(sweep, source), indent=2) + "\n")
+    path.write_text(json.dumps(tuned_table(sweeps, sources), indent=2) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+def _reg_grid(name: str, layers: list, x: torch.Tensor, ref: torch.Tensor, row) -> list[dict]:
+    """The register-tile kernel at each launch shape of ``quant_gemv_sweep.py --sweep``
+    (subnormal decoding only), and the fastest as a ``reg_best`` row."""
+    from quant_gemv_sweep import config_calls
+
+    rows, best = [], None
+    for config, call in config_calls(SCHEME, layers[0]):
+        if config.get("nibble") != "subnormal":
+            continue
+        r = row("reg", config, graph_us(call, layers, x, 200), rel_err(call(layers[0], x), ref))
+        rows.append(r)
+        if best is None or r["us"] < best["us"]:
+            best = r
+    if best is not None:
+        rows.append({**best, "path": "reg_best"})
+        print(f"{name:13s} reg best {best['us']:.2f} us {best['config']}", flush=True)
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -165,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two TMA configurations a shape")
     ap.add_argument("--install", action="store_true",
-                    help="write the device's platforms/triton/w4_tma_tuned table")
-    ap.add_argument("--table-from", metavar="JSON",
-                    help="no GPU: write the tuned table of an earlier sweep's JSON")
+                    help="write the device's platforms/triton/w4_gemv_tuned table")
+    ap.add_argument("--table-from", metavar="JSON", nargs="+",
+                    help="no GPU: write the tuned table of earlier sweeps' JSON (this "
+                    "script's and quant_gemv_sweep.py --sweep's, one device)")
+    ap.add_argument("--reg-grid", action="store_true",
+                    help="also time the register-tile kernel's launch shapes (reg_best)")
     a = ap.parse_args(argv)
     if a.table_from:
-        install(json.loads(Path(a.table_from).read_text()), a.table_from)
+        install([json.loads(Path(p).read_text()) for p in a.table_from], a.table_from)
         return 0
     from roofline import copy_bandwidth
 
@@ -180,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows: list[dict] = []
     for name, n, k in SHAPES:
-        rows += measure(name, n, k, copy_bps, a.quick)
+        rows += measure(name, n, k, copy_bps, a.quick, a.reg_grid)
     out = Path(a.out)
     sweep = {
         "device": device_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -188,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_Bps": copy_bps, "seconds": time.perf_counter() - t0, "rows": rows}
     out.write_text(json.dumps(sweep, indent=2))
     if a.install:
-        install(sweep, str(out))
+        install([sweep], [str(out)])
     if a.plot:
         plot(rows, out.with_suffix(".png"))
     return 0

@@ -9,8 +9,8 @@ once (``w4_perm``; ``apply`` gathers the activation columns in that order); any 
 
 Up to :data:`~.w4a16_gemv.W4_GEMV_MAX_ROWS` rows (the decode step) go through
 :func:`one_row_gemv` (nibbles unpacked in registers, bias fused, one launch: the
-TMA-pipelined kernel at the shapes the device's ``w4_tma_tuned`` table names, else the
-register-tile kernel) on the same layout (layers that keep a ``g_idx`` use the GEMM); from :data:`W4_DEQUANT_MIN_ROWS`
+kernel and launch shape the device's ``w4_gemv_tuned`` table names, TMA-pipelined or
+register-tile, else the register-tile kernel at its rule) on the same layout (layers that keep a ``g_idx`` use the GEMM); from :data:`W4_DEQUANT_MIN_ROWS`
 rows the weight is dequantized in one pass (:func:`~.w4a16_dequant.w4a16_dequantize`) and
 multiplied by the vendor BLAS; in between, the dequantizing GEMM.
 """
@@ -25,11 +25,11 @@ from heteroserve.core.kernels.linear import LinearMethod
 from heteroserve.platforms.triton.linear_params import drop_params, get_param, rows, set_param
 from heteroserve.platforms.triton.w4a16_dequant import w4a16_dequantize
 from heteroserve.platforms.triton.w4a16_gemm import w4a16_gemm
-from heteroserve.platforms.triton.w4_tma_tuned import tuned_tma_config
+from heteroserve.platforms.triton.w4_gemv_tuned import tuned_gemv_config
 from heteroserve.platforms.triton.w4a16_gemv import (
     W4_GEMV_MAX_ROWS, keeps_subnormals, nibble_decoding, w4a16_gemv,
 )
-from heteroserve.platforms.triton.w4a16_gemv_tma import w4a16_gemv_tma
+from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, w4a16_gemv_tma
 from heteroserve.platforms.triton.w4a16_pack import act_order_perm, repack_awq, repack_gptq
 
 #: Rows from which ``apply`` dequantizes the weight and calls the BLAS GEMM instead of the
@@ -45,14 +45,17 @@ W4_DEQUANT_MIN_ROWS = 128
 
 def one_row_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                  scales: torch.Tensor, group: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The decode-size product (:func:`~.w4a16_gemv.w4a16_gemv`'s contract): the
-    TMA-pipelined GEMV where the device's table names this shape
-    (:func:`~.w4_tma_tuned.tuned_tma_config`), else the register-tile GEMV."""
-    cfg = tuned_tma_config(qweight.shape[1], x.shape[1], group, x.device)
+    """The decode-size product (:func:`~.w4a16_gemv.w4a16_gemv`'s contract) at the kernel
+    and launch shape the device's table names for this shape
+    (:func:`~.w4_gemv_tuned.tuned_gemv_config`), else the register-tile GEMV at its rule;
+    with the device's nibble decoding either way."""
+    cfg = tuned_gemv_config(qweight.shape[1], x.shape[1], group, x.device)
     if cfg is None:
         return w4a16_gemv(x, qweight, zeros, scales, group, bias)
-    return w4a16_gemv_tma(x, qweight, zeros, scales, group,
-                          replace(cfg, nibble=nibble_decoding(x.device)), bias)
+    cfg = replace(cfg, nibble=nibble_decoding(x.device))
+    if isinstance(cfg, W4TmaConfig):
+        return w4a16_gemv_tma(x, qweight, zeros, scales, group, cfg, bias)
+    return w4a16_gemv(x, qweight, zeros, scales, group, bias, config=cfg)
 
 
 class _W4A16Linear(LinearMethod):

@@ -66,12 +66,12 @@ TRITON_KERNELS: dict[str, tuple[str, str, str]] = {
                                  "int8 GEMV (x quantized in-kernel) for <= 4 rows, "
                                  "int8 GEMM (int32 accumulation) for more"),
     ops.linear_op("awq_w4a16"): ("linear_w4a16", "AwqW4A16Linear",
-                                 "4-bit GEMV for <= 4 rows (TMA-pipelined at the shapes "
-                                 "of w4_tma_tuned/<device>.json), dequant-GEMM to 127, "
+                                 "4-bit GEMV for <= 4 rows (kernel and tiles per shape "
+                                 "from w4_gemv_tuned/<device>.json), dequant-GEMM to 127, "
                                  "dequantize + BLAS GEMM from 128"),
     ops.linear_op("gptq_w4a16"): ("linear_w4a16", "GptqW4A16Linear",
-                                  "4-bit GEMV for <= 4 rows (TMA-pipelined at the shapes "
-                                  "of w4_tma_tuned/<device>.json), dequant-GEMM to 127, "
+                                  "4-bit GEMV for <= 4 rows (kernel and tiles per shape "
+                                  "from w4_gemv_tuned/<device>.json), dequant-GEMM to 127, "
                                   "dequantize + BLAS GEMM from 128 (act-order by row "
                                   "permutation)"),
 }

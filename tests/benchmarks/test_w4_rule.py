@@ -84,7 +84,7 @@ def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch
     from heteroserve.platforms.triton import linear_w4a16
 
     monkeypatch.setattr(w4a16_gemv, "choose_w4_config", w4a16_gemv.choose_w4_config)
-    monkeypatch.setattr(linear_w4a16, "tuned_tma_config", linear_w4a16.tuned_tma_config)
+    monkeypatch.setattr(linear_w4a16, "tuned_gemv_config", linear_w4a16.tuned_gemv_config)
     seen = []
     monkeypatch.setattr(bench_quant_llama8b, "main",
                         lambda argv, tags: seen.append((argv, tags)) or 0)
@@ -92,7 +92,7 @@ def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch
     assert w4_rule.main() == 0
     assert seen == [(["--num-prompts", "0"], {"w4_rule": "tiles32k"})]
     assert w4a16_gemv.choose_w4_config is w4_rule._tiles32k
-    assert linear_w4a16.tuned_tma_config(4096, 14336, 128, torch.device("cuda", 0)) is None
+    assert linear_w4a16.tuned_gemv_config(4096, 14336, 128, torch.device("cuda", 0)) is None
     with pytest.raises(SystemExit, match="unknown rule"):
         w4_rule.apply("nope")
 
@@ -100,8 +100,9 @@ def test_main_installs_the_rule_and_tags_the_run(monkeypatch: pytest.MonkeyPatch
 def test_tma_rules_replace_the_table_lookup(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``tma`` takes each shape's ``tma_best`` row of the sweep JSON (a fallback config for
-    other shapes; none on the CPU); ``tma_pf`` is the device's table with ``prefetch_l2``;
-    ``default`` leaves the lookup alone."""
+    other shapes; none on the CPU); ``tma_pf`` is the device's table with ``prefetch_l2`` at
+    its TMA entries, ``tma_only`` without its register-tile entries; ``default`` leaves the
+    lookup alone."""
     import json
 
     from heteroserve.platforms.triton import linear_w4a16
@@ -115,19 +116,24 @@ def test_tma_rules_replace_the_table_lookup(tmp_path: Path,
         {"path": "tma_best", "N": 6144, "K": 4096, "config": cfg}]}))
     assert w4_rule.tma_table(str(table)) == {(6144, 4096): W4TmaConfig(32, 128, 4, 4)}
     assert w4_rule.tma_table(str(tmp_path / "missing.json")) == {}
-    monkeypatch.setattr(linear_w4a16, "tuned_tma_config", linear_w4a16.tuned_tma_config)
-    production = linear_w4a16.tuned_tma_config
+    monkeypatch.setattr(linear_w4a16, "tuned_gemv_config", linear_w4a16.tuned_gemv_config)
+    production = linear_w4a16.tuned_gemv_config
     w4_rule.apply("default")
-    assert linear_w4a16.tuned_tma_config is production
+    assert linear_w4a16.tuned_gemv_config is production
     monkeypatch.setenv("W4_TMA_TABLE", str(table))
     w4_rule.apply("tma")
     gpu = torch.device("cuda", 0)
-    lookup = linear_w4a16.tuned_tma_config
+    lookup = linear_w4a16.tuned_gemv_config
     assert lookup(6144, 4096, 128, gpu) == W4TmaConfig(32, 128, 4, 4)
     assert lookup(4096, 4096, 128, gpu) == W4TmaConfig(16, 256, 4, 3)
     assert lookup(6144, 4096, 128, torch.device("cpu")) is None
-    monkeypatch.setattr("heteroserve.platforms.triton.w4_tma_tuned.tuned_tma_config",
-                        lambda n, k, group, device: W4TmaConfig(16, 256, 4, 2))
+    table = {6144: W4TmaConfig(16, 256, 4, 2), 4096: W4GemvConfig(8, 512, 2, 1)}
+    monkeypatch.setattr("heteroserve.platforms.triton.w4_gemv_tuned.tuned_gemv_config",
+                        lambda n, k, group, device: table.get(n))
     w4_rule.apply("tma_pf")
-    assert linear_w4a16.tuned_tma_config(6144, 4096, 128, gpu) == W4TmaConfig(
+    assert linear_w4a16.tuned_gemv_config(6144, 4096, 128, gpu) == W4TmaConfig(
         16, 256, 4, 2, prefetch_l2=True)
+    assert linear_w4a16.tuned_gemv_config(4096, 4096, 128, gpu) == W4GemvConfig(8, 512, 2, 1)
+    w4_rule.apply("tma_only")
+    assert linear_w4a16.tuned_gemv_config(6144, 4096, 128, gpu) == W4TmaConfig(16, 256, 4, 2)
+    assert linear_w4a16.tuned_gemv_config(4096, 4096, 128, gpu) is None
