@@ -51,7 +51,7 @@ import triton.language as tl
 from heteroserve.platforms.triton.jit_math import split8
 from heteroserve.platforms.triton.device_info import multiprocessors
 from heteroserve.platforms.triton.pdl import pdl_args, wait_for_previous
-from heteroserve.platforms.triton.w4a16_pack import unpack_rows
+from heteroserve.platforms.triton.w4a16_pack import random_packed, unpack_rows
 
 #: at most this many rows go through the GEMV (more: the dequant-GEMM)
 W4_GEMV_MAX_ROWS = 4
@@ -384,10 +384,7 @@ def keeps_subnormals(device: torch.device,
     if key not in _KEEPS_SUBNORMALS:
         gen = torch.Generator().manual_seed(0)
         k, n, group = 256, 32, 128
-        words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen,
-                              dtype=torch.int64).to(torch.int32)
-        zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(torch.float16)
-        scales = (torch.rand(k // group, n, generator=gen) / 8 + 0.01).to(torch.float16)
+        words, zeros, scales = random_packed(gen, k, n, group)
         x = torch.randn(1, k, generator=gen)
         out = gemv(*(t.to(device) for t in (x, words, zeros, scales)), group,
                    config=W4GemvConfig(16, 16, 4, 1, NIBBLE_SUBNORMAL)).double().cpu()

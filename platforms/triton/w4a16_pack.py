@@ -69,3 +69,16 @@ def act_order_perm(g_idx: torch.Tensor, group: int, groups: int) -> torch.Tensor
     if g.numel() != group * groups or not torch.equal(g[perm], want):
         return None
     return perm
+
+
+def random_packed(gen: torch.Generator, k: int, n: int, group: int, scale_max: float = 0.125
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random operands in the kernel layout, on the CPU: ``(words [ceil(K/8), N] int32 (every
+    bit pattern), zeros [ceil(K/group), N] fp16 in 0..15, scales fp16 in [0.01, 0.01 +
+    scale_max))`` (checks and tests of the 4-bit kernels)."""
+    words = torch.randint(-2**31, 2**31, (-(-k // 8), n), generator=gen,
+                          dtype=torch.int64).to(torch.int32)
+    groups = -(-k // group)
+    zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.float16)
+    scales = (torch.rand(groups, n, generator=gen) * scale_max + 0.01).to(torch.float16)
+    return words, zeros, scales

@@ -16,6 +16,7 @@ import torch
 from heteroserve.platforms.triton import linear_w4a16, w4_gemv_tuned
 from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig, w4a16_gemv
 from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, fits
+from heteroserve.platforms.triton.w4a16_pack import random_packed
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = torch.device("cuda", 0)  # only its type and index are read
@@ -129,10 +130,7 @@ def test_linears_take_the_tma_kernel_where_the_table_says(
     nibble decoding), the register-tile kernel at its rule without one; the same product."""
     gen = torch.Generator().manual_seed(3)
     n, k, group = 64, 512, 128
-    words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen,
-                          dtype=torch.int64).to(torch.int32)
-    zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(torch.float16)
-    scales = (torch.rand(k // group, n, generator=gen) / 8 + 0.01).to(torch.float16)
+    words, zeros, scales = random_packed(gen, k, n, group)
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     calls = []
 
@@ -179,10 +177,7 @@ def test_device_table_entries_match_float64_on_the_gpu() -> None:
     gen = torch.Generator().manual_seed(5)
     for key in table:
         n, k, group = (int(part.split("=")[1]) for part in key.split())
-        words = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen,
-                              dtype=torch.int64).to(torch.int32)
-        zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(torch.float16)
-        scales = (torch.rand(k // group, n, generator=gen) / 64 + 1e-3).to(torch.float16)
+        words, zeros, scales = random_packed(gen, k, n, group, scale_max=1 / 64)
         x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
         assert w4_gemv_tuned.tuned_gemv_config(n, k, group, device) is not None, key
         y = linear_w4a16.one_row_gemv(x.to(device), words.to(device), zeros.to(device),

@@ -18,16 +18,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and
 from heteroserve.platforms.triton.w4a16_gemv_tma import (  # noqa: E402
     W4TmaConfig, fits, w4a16_gemv_tma,
 )
-from heteroserve.platforms.triton.w4a16_pack import unpack_rows  # noqa: E402
+from heteroserve.platforms.triton.w4a16_pack import random_packed, unpack_rows  # noqa: E402
 
 
 def _case(m: int, n: int, k: int, group: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    words = torch.randint(-2**31, 2**31, (-(-k // 8), n), generator=gen,
-                          dtype=torch.int64).to(torch.int32)
-    groups = -(-k // group)
-    zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.float16)
-    scales = (torch.rand(groups, n, generator=gen) / 8 + 0.01).to(torch.float16)
+    words, zeros, scales = random_packed(gen, k, n, group)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16)
     return x, words, zeros, scales, bias
