@@ -37,7 +37,8 @@ under sustained load, or the process's state after an engine (on an H100 on 2026
 copy rate read 2.60 TB/s after a freed engine, 3.01 at the start of a fresh process).
 ``--process-per-model`` runs each model in a fresh process instead, as a server runs one
 model (:func:`run_per_model`); each then measures its ceilings first. Environment:
-``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_COMMIT`` (else ``git``).
+``HS_KERNELS``, ``HS_GRAPH_MAX_BS``, ``HS_CHUNKED_PREFILL`` (the engines' chunk, else
+8192), ``HS_COMMIT`` (else ``git``).
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def engine_for(model: str, model_dir: Path, shapes: Shapes, platform: str, smoke
         graph_bs = int(os.environ.get("HS_GRAPH_MAX_BS", "256"))
         return build_engine(model_dir, platform=platform, dtype=dtype, load_format=fmt,
                             max_running_requests=shapes.max_running,
-                            chunked_prefill_size=shapes.chunked_prefill,
+                            chunked_prefill_size=int(os.environ.get(
+                                "HS_CHUNKED_PREFILL", shapes.chunked_prefill)),
                             mem_fraction_static=0.80, cuda_graph_max_bs=graph_bs, **extra)
     return (*bench_models.build(model_dir, platform, dtype, shapes.max_running, fmt),)
 

@@ -34,7 +34,7 @@ from roofline import copy_bandwidth, matmul_rate  # noqa: E402
 
 MODEL_DIR = Path(os.environ.get("HS_MODEL_DIR", Path(__file__).resolve().parent / "models" / "llama-3.1-8b"))
 #: environment settings that change what is measured, recorded in the JSON
-ENV_KNOBS = ("HS_KERNELS", "HS_GRAPH_MAX_BS", "HETEROSERVE_TRITON_PDL")
+ENV_KNOBS = ("HS_KERNELS", "HS_GRAPH_MAX_BS", "HS_CHUNKED_PREFILL", "HETEROSERVE_TRITON_PDL")
 
 
 def build_engine(disable_radix: bool, max_running: int, chunked: int, mem_fraction: float):
