@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -23,3 +24,9 @@ def device_name(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_name(index)
     return device.type
+
+
+def table_stem(name: str) -> str:
+    """A device name as a data file's stem, every character but letters and digits replaced
+    by ``_`` (``"NVIDIA H200"`` -> ``"NVIDIA_H200"``): the per-device tuned tables' names."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 
-from heteroserve.platforms.triton.device_info import device_name
+from heteroserve.platforms.triton.device_info import device_name, table_stem
 from heteroserve.platforms.triton.moe_gemm import Config
 
 TUNED_DIR = Path(__file__).with_name("moe_tuned")
@@ -34,7 +33,7 @@ TUNED_DIR = Path(__file__).with_name("moe_tuned")
 
 def table_file(name: str) -> Path:
     """The table file of the device called ``name``."""
-    return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]", "_", name) + ".json")
+    return TUNED_DIR / (table_stem(name) + ".json")
 
 
 def shape_key(dtype: torch.dtype, num_experts: int, hidden: int, inter: int) -> str:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from heteroserve.platforms.triton.device_info import device_name
+from heteroserve.platforms.triton.device_info import device_name, table_stem
 from heteroserve.platforms.triton.w4a16_gemv import W4GemvConfig
 from heteroserve.platforms.triton.w4a16_gemv_tma import W4TmaConfig, fits
 
@@ -44,7 +43,7 @@ TunedConfig = W4TmaConfig | W4GemvConfig
 
 def table_file(name: str) -> Path:
     """The table file of the device called ``name``."""
-    return TUNED_DIR / (re.sub(r"[^A-Za-z0-9]", "_", name) + ".json")
+    return TUNED_DIR / (table_stem(name) + ".json")
 
 
 def shape_key(n: int, k: int, group: int) -> str:
@@ -86,15 +85,3 @@ def tuned_gemv_config(n: int, k: int, group: int, device: torch.device) -> Tuned
         return None
     return cfg
 
-
-def describe(device: torch.device) -> str:
-    """The start-up words for the one-row 4-bit GEMV on ``device``."""
-    if device.type == "cpu":
-        return "register-tile GEMV (interpreter tiles)"
-    name = device_name(device)
-    shapes = load_table(table_file(name))
-    if not shapes:
-        return f"register-tile GEMV at its launch rule (no w4_gemv_tuned/{table_file(name).name})"
-    tma = sum(isinstance(c, W4TmaConfig) for c in shapes.values())
-    return (f"tuned at {len(shapes)} shape(s), {tma} of them TMA-pipelined "
-            f"(w4_gemv_tuned/{table_file(name).name}); register-tile rule elsewhere")
