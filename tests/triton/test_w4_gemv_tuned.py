@@ -68,9 +68,11 @@ def test_malformed_entries_fail_by_name(tuned_dir: Path, kernel: object, config:
         w4_gemv_tuned.load_table(tuned_dir / "Test_GPU.json")
 
 
-def test_committed_h200_table_loads_and_fits() -> None:
-    table = w4_gemv_tuned.load_table(w4_gemv_tuned.table_file("NVIDIA H200"))
-    assert len(table) == 4
+@pytest.mark.parametrize("device_name,shapes", [("NVIDIA H200", 4),
+                                                 ("NVIDIA H100 80GB HBM3", 3)])
+def test_committed_tables_load_and_fit(device_name: str, shapes: int) -> None:
+    table = w4_gemv_tuned.load_table(w4_gemv_tuned.table_file(device_name))
+    assert len(table) == shapes
     for key, cfg in table.items():
         n, k, group = (int(part.split("=")[1]) for part in key.split())
         assert not isinstance(cfg, W4TmaConfig) or fits(n, k, group, cfg.block_kw), key
