@@ -18,7 +18,10 @@
 #     flashinfer's JIT include dirs, conditional ones too) of the sources the used modules
 #     compile: batch_mla_* (MLA, fa2 and sm90 fa3: jit/attention/modules.py
 #     gen_batch_mla_module), batch_decode*/batch_prefill* (FlashInferAttention), norm.cu and
-#     page.cu with their bindings (jit/norm.py, jit/page.py); everything else in csrc goes
+#     page.cu with their bindings (jit/norm.py, jit/page.py), the fp8 block-scale GEMM for
+#     sm90 (jit/gemm/fp8_blockscale.py: TensorRT-LLM's runner, whose DeepGEMM kernels NVRTC
+#     compiles at run time from csrc/nv_internal/tensorrt_llm/deep_gemm, kept whole);
+#     everything else in csrc goes
 #   - data/include, data/cutlass/include, data/cutlass/tools/util/include, data/spdlog and
 #     data/cccl stay whole (the JIT's -I/-isystem dirs, jit/env.py; the vendored CCCL takes
 #     precedence over the CUDA toolkit's copy, so half of it would mix two versions)
@@ -62,11 +65,26 @@ import os, re, shutil, sys
 pkg = sys.argv[1]
 data = os.path.join(pkg, "data")
 csrc = os.path.join(data, "csrc")
+NV = "csrc/nv_internal"
 INC = [os.path.join(data, d) for d in (
     "cccl/cub", "cccl/libcudacxx/include", "cccl/thrust", "include", "csrc",
-    "cutlass/include", "cutlass/tools/util/include", "spdlog/include")]
+    "cutlass/include", "cutlass/tools/util/include", "spdlog/include",
+    # gen_fp8_blockscale_gemm_sm90_module's include dirs; the last is also the one its
+    # DeepGEMM kernels are compiled against at run time (NVRTC)
+    NV, f"{NV}/include", f"{NV}/tensorrt_llm/cutlass_extensions/include",
+    f"{NV}/tensorrt_llm/kernels/cutlass_kernels/include",
+    f"{NV}/tensorrt_llm/kernels/cutlass_kernels", f"{NV}/tensorrt_llm")]
 ROOTS = re.compile(r"(batch_mla|batch_decode|batch_prefill|norm\.cu$|flashinfer_norm_binding"
-                   r"|page\.cu$|flashinfer_page_binding)")
+                   r"|page\.cu$|flashinfer_page_binding|fp8_blockscale_gemm_sm90_binding)")
+#: sources below csrc of the fp8 block-scale GEMM module (jit/gemm/fp8_blockscale.py) and the
+#: DeepGEMM headers its runtime JIT reads
+NESTED_ROOTS = (
+    "nv_internal/tensorrt_llm/kernels/cutlass_kernels/fp8_blockscale_gemm/fp8_blockscale_gemm.cu",
+    "fused_moe/cutlass_backend/deepgemm_jit_setup.cu",
+    *(f"nv_internal/cpp/common/{f}" for f in (
+        "envUtils.cpp", "logger.cpp", "stringUtils.cpp", "tllmException.cpp", "memoryUtils.cu")),
+)
+DEEP_GEMM = "nv_internal/tensorrt_llm/deep_gemm"
 INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
 KERNEL_EXT = {".cu", ".cuh", ".h", ".hpp", ".c", ".cc", ".cpp", ".inc"}
 KEEP_EXPERIMENTAL = ("__init__.py", "cake_nvfp4_per_token")
@@ -76,6 +94,8 @@ def closure() -> tuple[set[str], set[str]]:
     """(files reached from the roots, include names found in no include dir)."""
     todo = [os.path.join(csrc, f) for f in os.listdir(csrc)
             if os.path.isfile(os.path.join(csrc, f)) and ROOTS.match(f)]
+    todo += [os.path.join(csrc, f) for f in NESTED_ROOTS]
+    todo += [os.path.join(csrc, DEEP_GEMM, f) for f in os.listdir(os.path.join(csrc, DEEP_GEMM))]
     seen, missing = set(), set()
     while todo:
         path = os.path.normpath(todo.pop())
@@ -139,13 +159,20 @@ from flashinfer.jit.attention.modules import (  # noqa: F401
 from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata  # noqa: F401
 
 assert flashinfer.__version__ == "0.7.4", flashinfer.__version__
+from flashinfer.gemm import fp8_blockscale_gemm_sm90  # noqa: F401
+from flashinfer.jit.gemm import gen_fp8_blockscale_gemm_sm90_module
+
+spec = gen_fp8_blockscale_gemm_sm90_module()
+spec.write_ninja()
+assert all(s.exists() for s in spec.sources), spec.name
 for backend in ("fa2", "fa3"):
     for dt in (torch.bfloat16, torch.float16):
         spec = gen_batch_mla_module(backend, dt, dt, dt, torch.int32, 512, 64, False)
         spec.write_ninja()
         assert all(s.exists() for s in spec.sources), spec.name
 print(f"import check: flashinfer {flashinfer.__version__} from {flashinfer.__file__}; "
-      "MLA sources + build.ninja generated for fa2/fa3 x bf16/fp16")
+      "MLA sources + build.ninja generated for fa2/fa3 x bf16/fp16, and the fp8 "
+      "block-scale GEMM's")
 EOF
 PYTHONPATH=$SITE "$SITE/fi_bin/ninja" --version >/dev/null
 

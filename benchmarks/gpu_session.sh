@@ -90,6 +90,13 @@
 #   w4_ab                  the W4A16 batch-1 decode row (compressed-tensors W4A16; no offline run)
 #                          under each of benchmarks/w4_rule.py's W4_RULES (default: default
 #                          tiles32k default) -> $OUT/w4/<rule>[_again]/quant_llama8b.json
+#   fp8fi                  flashinfer's sm90 fp8 block-scale GEMM (needs .whl/fi_site.tar.xz; with the
+#                          module and the DeepGEMM tiles prebuilt by benchmarks/flashinfer_aot.sh
+#                          on the host, .whl/deepgemm_cubins.tar.xz, nothing compiles): module load +
+#                          probe, benchmarks/fp8_block_deepgemm.py (FP8FI_ROWS), its cuda
+#                          conformance, then the offline rows per FP8FI_RULES (default: default
+#                          flashinfer): default runs FP8FI_FORMATS (default bf16,fp8_block), flashinfer
+#                          fp8_block with HS_KERNELS=linear.fp8_block=flashinfer -> $OUT/fp8fi/
 #   fp8mm_ab               the fp8 offline rows (FP8MM_FORMATS, default bf16,fp8_block,ct_fp8_tensor;
 #                          FP8MM_PROMPTS prompts, default 256) under each of
 #                          benchmarks/fp8_mm_rule.py's FP8MM_RULES (default: default fast
@@ -261,6 +268,32 @@ for step in "$@"; do
         timeout 150 python3 benchmarks/w8_rule.py "$rule" --num-prompts 0 \
           --formats "${W8_FORMATS:-fp8_block,ct_fp8_tensor,ct_w8a8_int8}" \
           --out-dir "$OUT/w8/$name" 2>&1 | grep -E "decode1|FAILED|Error"
+      done ;;
+    fp8fi)  # flashinfer's sm90 fp8 block-scale GEMM: module build + probe, the per-layer sweep,
+      # its cuda conformance, then the offline rows with the default fp8_block linear and with it
+      command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
+      mkdir -p "$OUT/fp8fi"
+      export TRTLLM_DG_CACHE_DIR=${TRTLLM_DG_CACHE_DIR:-$PWD/.fi_cache/deep_gemm}
+      mkdir -p "$TRTLLM_DG_CACHE_DIR"  # DeepGEMM tiles compiled on the host (flashinfer_aot.sh)
+      [ -f .whl/deepgemm_cubins.tar.xz ] && tar xJf .whl/deepgemm_cubins.tar.xz -C "$TRTLLM_DG_CACHE_DIR"
+      timeout -s INT -k 20 "$(deadline_cap "${FP8FI_BUILD_TIMEOUT:-400}")" python3 -c "
+import time, torch; t = time.time()
+from heteroserve.platforms.cuda.flashinfer_fp8_block import unavailable
+print('flashinfer fp8 block-scale GEMM:', unavailable(torch.device('cuda')) or 'ready',
+      f'({time.time() - t:.0f} s: module build, load, probe)')" 2>&1 | grep -v -i warn | tail -3
+      timeout "${FP8FI_SWEEP_TIMEOUT:-300}" python3 benchmarks/fp8_block_deepgemm.py \
+        --out "$OUT/fp8fi/fp8_block_deepgemm.json" ${FP8FI_ROWS:+--rows "$FP8FI_ROWS"} 2>&1 \
+        | grep -v -i warn
+      timeout "${CONF_TIMEOUT:-200}" heteroserve conformance --platform cuda \
+        --report "$OUT/fp8fi/conf" -- -q -p no:cacheprovider -k "fp8_block and flashinfer" \
+        2>&1 | tail -6
+      for rule in ${FP8FI_RULES:-default flashinfer}; do
+        name=$rule; [ -d "$OUT/fp8fi/$name" ] && name=${rule}_again
+        kernels=""; formats=${FP8FI_FORMATS:-bf16,fp8_block}  # an override needs its op wanted
+        [ "$rule" = flashinfer ] && kernels=linear.fp8_block=flashinfer && formats=fp8_block
+        HS_KERNELS=$kernels timeout "${FP8MM_TIMEOUT:-200}" python3 benchmarks/fp8_mm_rule.py \
+          default --num-prompts "${FP8MM_PROMPTS:-256}" --formats "$formats" \
+          --out-dir "$OUT/fp8fi/$name" 2>&1 | grep -E "decode1|throughput|total|FAILED|Error"
       done ;;
     fp8mm_ab)  # the fp8 offline rows under each cuBLASLt call rule; a rule named twice runs twice
       for rule in ${FP8MM_RULES:-default fast swap4096}; do

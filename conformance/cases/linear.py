@@ -42,7 +42,7 @@ _GRID: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
     "fp8_per_channel": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True),
                         (200, 512, 256, 128, False, True)],
     "fp8_block": [(1, 256, 256, 128, False, False), (7, 320, 192, 128, False, True),
-                  (200, 512, 256, 128, False, True)],
+                  (200, 512, 256, 128, False, True), (600, 512, 320, 128, False, True)],
     "int8_w8a8": [(1, 256, 128, 128, False, False), (7, 256, 256, 128, False, True)],
     "awq_w4a16": [(1, 256, 128, 128, False, False), (7, 256, 256, 64, False, True),
                   (200, 256, 256, 128, False, True)],
@@ -59,7 +59,8 @@ PLUGIN_GRID: list[tuple[int, int, int, int, bool, bool]] = [
 def linear_cases(ctx: ConformanceContext) -> list[LinearCase]:
     """Every scheme of ``LINEAR_SCHEMES`` x every dtype x the scheme's shapes (ragged fp8
     blocks, W4A16 group sizes 64 and 128, GPTQ act-order, with and without bias; one row, a
-    few, and fp8 and W4A16 batches large enough for a library GEMM path), then every
+    few, and fp8 and W4A16 batches large enough for a library GEMM path; an fp8-block batch
+    of 600 rows over a ragged last block of outputs, for paths that start at 512 rows), then every
     scheme a plugin defines (:data:`PLUGIN_GRID`)."""
     cases = []
     grids = {**_GRID, **{name: PLUGIN_GRID for name in sorted(ctx.catalog.linear_schemes)}}

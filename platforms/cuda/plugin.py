@@ -20,7 +20,7 @@ from heteroserve.core.kernels.registry import KernelRegistry, KernelRequest, Ker
 from heteroserve.core.plugins import hookimpl
 from heteroserve.platforms.cuda.platform import CudaPlatform
 from heteroserve.platforms.triton.registration import (
-    KV_CACHE_DTYPES, attention_supports, triton_kernel_specs,
+    KV_CACHE_DTYPES, attention_supports, fp8_supports, triton_kernel_specs,
 )
 
 PLATFORMS = ("cuda",)
@@ -44,6 +44,9 @@ SDPA_EXTEND_PRIORITY = 11
 #: flashinfer's paged prefill (FA3) against 0.2183 s with cuDNN, no gain, and its module takes
 #: 152 s to JIT-build; --kernel attention=triton_flashinfer_extend selects it
 FLASHINFER_EXTEND_PRIORITY = 9
+#: below Triton until measured: fp8_block linears whose products of 512+ rows run on
+#: flashinfer's sm90 block-scale GEMM (DeepGEMM kernels); --kernel linear.fp8_block=flashinfer
+FLASHINFER_FP8_BLOCK_PRIORITY = 8
 _PKG = "heteroserve.platforms.cuda"
 
 
@@ -106,6 +109,16 @@ def _flashinfer_mla(device_type: str) -> Callable[[KernelRequest], Support]:
     return supports
 
 
+def _flashinfer_fp8_block(device_type: str) -> Callable[[KernelRequest], Support]:
+    common = _flashinfer_common(device_type)
+
+    def supports(request: KernelRequest) -> Support:
+        base = common(request)
+        return base if not base else fp8_supports(request)
+
+    return supports
+
+
 def _lazy(module: str, attr: str) -> Callable[[], Any]:
     def load() -> Any:
         return getattr(importlib.import_module(f"{_PKG}.{module}"), attr)
@@ -131,6 +144,10 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
         (ops.FUSED_ADD_RMS_NORM, "flashinfer_norm", "fused_add_rms_norm",
          _flashinfer_common(device_type), FLASHINFER_NORM_PRIORITY,
          "flashinfer fused_add_rmsnorm, in place"),
+        (ops.linear_op("fp8_block"), "flashinfer_fp8_block", "FlashInferFp8BlockLinear",
+         _flashinfer_fp8_block(device_type), FLASHINFER_FP8_BLOCK_PRIORITY,
+         "Triton fp8 GEMV for <= 4 rows, cuBLASLt block-scaled GEMM to 511, flashinfer's "
+         "sm90 block-scale GEMM (DeepGEMM, NVRTC-compiled per tile) for 512+ bf16 rows"),
     ]
     name = "flashinfer" if platform == "cuda" else f"flashinfer@{platform}"
     return [KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=(platform,),

@@ -129,7 +129,9 @@ def _nvidia_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
-def _fp8(request: KernelRequest) -> Support:
+def fp8_supports(request: KernelRequest) -> Support:
+    """What the Triton fp8 linears need: Triton on the device, a supported dtype, and fp8
+    matrix units (an NVIDIA GPU of compute capability 8.9+); never raises."""
     base = _base(request)
     if not base:
         return base
@@ -151,9 +153,9 @@ def _int8(request: KernelRequest) -> Support:
 
 _SUPPORTS: dict[str, Callable[[KernelRequest], Support]] = {
     ops.ATTENTION: attention_supports,
-    ops.linear_op("fp8_per_tensor"): _fp8,
-    ops.linear_op("fp8_per_channel"): _fp8,
-    ops.linear_op("fp8_block"): _fp8,
+    ops.linear_op("fp8_per_tensor"): fp8_supports,
+    ops.linear_op("fp8_per_channel"): fp8_supports,
+    ops.linear_op("fp8_block"): fp8_supports,
     ops.linear_op("int8_w8a8"): _int8,
 }
 

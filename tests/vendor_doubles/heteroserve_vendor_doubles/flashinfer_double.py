@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from heteroserve_vendor_doubles import flashinfer_mla_double
+from heteroserve_vendor_doubles import flashinfer_gemm_double, flashinfer_mla_double
 from heteroserve_vendor_doubles.dense import attend, gather_pages, require
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -263,8 +263,8 @@ def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch
 
 
 def build() -> dict[str, types.ModuleType]:
-    """The double modules by name: ``flashinfer``, ``flashinfer.norm`` and
-    ``flashinfer.mla``."""
+    """The double modules by name: ``flashinfer``, ``flashinfer.norm``, ``flashinfer.mla``
+    and ``flashinfer.gemm`` (:mod:`.flashinfer_gemm_double`)."""
     top = types.ModuleType("flashinfer")
     norm = types.ModuleType("flashinfer.norm")
     norm.rmsnorm, norm.fused_add_rmsnorm = rmsnorm, fused_add_rmsnorm
@@ -272,8 +272,10 @@ def build() -> dict[str, types.ModuleType]:
     top.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
     top.BatchPrefillWithPagedKVCacheWrapper = BatchPrefillWithPagedKVCacheWrapper
     top.BatchMLAPagedAttentionWrapper = mla.BatchMLAPagedAttentionWrapper
-    top.norm, top.mla, top.__version__ = norm, mla, "0.7.2-double"
+    gemm = flashinfer_gemm_double.build()
+    top.norm, top.mla, top.gemm = norm, mla, gemm["flashinfer.gemm"]
+    top.__version__ = "0.7.2-double"
     top.__path__ = []  # a package, so ``from flashinfer.norm import ...`` resolves
     for module in (top, norm):
         module.__heteroserve_double__ = True
-    return {"flashinfer": top, "flashinfer.norm": norm, "flashinfer.mla": mla}
+    return {"flashinfer": top, "flashinfer.norm": norm, "flashinfer.mla": mla, **gemm}

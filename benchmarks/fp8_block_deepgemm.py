@@ -1,0 +1,118 @@
+"""flashinfer's sm90 block-scale GEMM (DeepGEMM kernels, ``platforms/cuda/flashinfer_fp8_block.py``)
+next to cuBLASLt's block-scaled fp8 GEMM and bf16 cuBLAS, at Llama-3.1-8B's projections.
+
+Why: fp8-block offline throughput stays at 1.17x bf16 (issue 16 asks 1.3x) because cuBLASLt's
+block-scaled GEMM runs 0.85-1.49x bf16 by layer at prefill sizes
+(``results/h100-20261207-0939-fp8_block_tiles.json``). This asks, per layer and row count,
+whether flashinfer's kernel is the faster block path, from how many rows, what its first
+call per tile costs (NVRTC compiles each DeepGEMM tile once), and how close each path is to
+the float64 product of the per-group quantized activations and the dequantized weight.
+
+Every timing goes through a real linear method's ``apply`` (activation quantization included)
+over enough weight copies to overflow the L2, eagerly (flashinfer's path is not captured in
+graphs; prefill steps run eagerly in the engine too), timed by CUDA events over at least 20
+calls after a warm-up pass. Writes ``{"device", "date", "torch", "command", "results",
+"seconds"}`` and a PNG of each path's speed-up over bf16.
+
+Usage (GPU): ``python benchmarks/fp8_block_deepgemm.py --out fp8_block_deepgemm.json
+[--rows 256,1024,8192]``; ``--plot JSON`` redraws the PNG of an earlier run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm_sweep_common import layer_copies, sweep_main  # noqa: E402
+from quant_gemv_sweep import SHAPES  # noqa: E402
+
+ROWS = (256, 512, 1024, 2048, 4096, 8192)
+SERIES = {"fp8 block, cuBLASLt": "cublas_block_us", "fp8 block, flashinfer (DeepGEMM)":
+          "flashinfer_us"}
+Call = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def eager_us(call: Call, layers: list[torch.nn.Module], x: torch.Tensor,
+             min_calls: int = 20) -> float:
+    """Microseconds per call of ``call`` cycling through ``layers``, eagerly, after one
+    warm-up pass."""
+    for layer in layers:
+        call(layer, x)
+    torch.cuda.synchronize()
+    rounds = max(1, -(-min_calls // len(layers)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        for layer in layers:
+            call(layer, x)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (rounds * len(layers))
+
+
+def oracle(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """float64 ``q(x) @ W^T``: ``x`` quantized per row and 128 columns to e4m3 (scale amax /
+    448), ``W`` the fp8 weight times its 128x128 block scales."""
+    m, k = x.shape
+    g = x.double().reshape(m, k // 128, 128)
+    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 448.0
+    q = ((g / s).to(torch.float8_e4m3fn).double() * s).reshape(m, k)
+    n = layer.weight.shape[0]
+    ws = layer.weight_scale_inv.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
+    return q @ (layer.weight.double() * ws).t()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def measure(device: torch.device, rows: tuple[int, ...]) -> list[dict]:
+    """One row per (shape, M): bf16, cuBLASLt block and flashinfer microseconds, flashinfer's
+    first-call seconds, and both fp8 paths' errors against :func:`oracle`."""
+    from heteroserve.platforms.cuda import flashinfer_fp8_block as fi
+
+    fi.MIN_ROWS = 1  # every row count of the sweep through flashinfer
+    why = fi.unavailable(device)
+    if why:
+        sys.exit(f"flashinfer's block-scale GEMM is unavailable: {why}")
+    flashinfer = fi.FlashInferFp8BlockLinear()
+    results = []
+    for name, n, k in SHAPES:
+        gen = torch.Generator(device).manual_seed(n + k)
+        _, bf16_layers = layer_copies("unquantized", n, k, device, gen)
+        method, layers = layer_copies("fp8_block", n, k, device, gen)
+        for m in rows:
+            x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+            row = {"shape": name, "N": n, "K": k, "M": m}
+            row["bf16_us"] = eager_us(lambda layer, x: F.linear(x, layer.weight), bf16_layers, x)
+            row["cublas_block_us"] = eager_us(method.apply, layers, x)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            y_fi = flashinfer.apply(layers[0], x)
+            torch.cuda.synchronize()
+            row["flashinfer_first_call_s"] = time.perf_counter() - t0
+            row["flashinfer_us"] = eager_us(flashinfer.apply, layers, x)
+            ref = oracle(x, layers[0])
+            row["cublas_block_err"] = rel_err(method.apply(layers[0], x), ref)
+            row["flashinfer_err"] = rel_err(y_fi, ref)
+            del ref, y_fi
+            print(f"{name} M={m}: bf16 {row['bf16_us']:.1f} us, cuBLASLt block "
+                  f"{row['cublas_block_us']:.1f} ({row['bf16_us'] / row['cublas_block_us']:.2f}x"
+                  f", err {row['cublas_block_err']:.1e}), flashinfer {row['flashinfer_us']:.1f} "
+                  f"({row['bf16_us'] / row['flashinfer_us']:.2f}x, err "
+                  f"{row['flashinfer_err']:.1e}, first call {row['flashinfer_first_call_s']:.2f}"
+                  " s)", flush=True)
+            results.append(row)
+        del bf16_layers, layers
+        torch.cuda.empty_cache()
+    return results
+
+
+if __name__ == "__main__":
+    sweep_main(__doc__, "fp8_block_deepgemm.json", ROWS, measure, SERIES)

@@ -1,0 +1,125 @@
+"""fp8 128x128-block linears whose large products run on flashinfer's Hopper block-scale GEMM.
+
+``flashinfer.gemm.fp8_blockscale_gemm_sm90`` (flashinfer 0.7.4) wraps TensorRT-LLM's runner:
+a bf16 ``input [M, K]`` is quantized per token and 128-column group into a workspace
+(``scale = amax / 448``), then a DeepGEMM kernel, compiled at first use for its tile by NVRTC
+(sm90a only), multiplies it by the fp8 ``weight [N, K]`` with ``weight_scale [ceil(N / 128),
+K / 128]`` (fp32, row-major), promoting each 128-column group's fp8 products into an fp32
+accumulator while the next group's tensor-core work runs. That promotion inside the MMA
+pipeline is what cuBLASLt's block-scaled GEMM lacks here (on an H100 at 8192 rows it ran
+0.85-1.49x bf16 by layer, ``results/h100-20261207-0939-fp8_block_tiles.json``).
+
+:class:`FlashInferFp8BlockLinear` is the ``fp8_block`` method of ``platforms/triton`` with one
+change: products of at least :data:`MIN_ROWS` bf16 rows whose shape the kernel takes (``N`` a
+multiple of 64, ``K`` of 128, an e4m3fn weight) go to flashinfer, outside CUDA-graph capture
+(its first call per tile compiles, and each call allocates its workspace); every other input
+(the decode GEMV, fp16 or fp32 rows, a device whose probe failed) takes the Triton method's
+path. A probe at weight-processing time builds flashinfer's module and checks one small
+product against the dequantized matmul; on any failure the layer keeps the Triton path and
+the reason is logged once per device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from heteroserve.core.kernels.linear import FP8_BLOCK
+from heteroserve.platforms.triton.linear_params import get_param, rows
+from heteroserve.platforms.triton.linear_w8a8 import Fp8BlockLinear
+
+log = logging.getLogger(__name__)
+
+#: rows from which a bf16 product goes to flashinfer (below: cuBLASLt's block-scaled GEMM /
+#: the Triton GEMV); above the decode graphs' batch sizes, so captured steps never reach it
+MIN_ROWS = 512
+#: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
+N_MULTIPLE = 64
+
+BlockScaleGemm = Callable[..., torch.Tensor]
+
+
+def load_gemm() -> BlockScaleGemm:
+    """``flashinfer.gemm.fp8_blockscale_gemm_sm90`` (imported on first use)."""
+    from flashinfer.gemm import fp8_blockscale_gemm_sm90  # noqa: PLC0415
+
+    return fp8_blockscale_gemm_sm90
+
+
+_READY: dict[tuple[str, int | None], str | None] = {}
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why flashinfer's block-scale GEMM cannot serve ``device``, or None: probed once per
+    device (compute capability 9.x, the module builds and loads, a 128 x 256 x 512 product
+    within 2 % of the float64 product of the per-group quantized activations and the
+    dequantized weight). Call it outside graph capture."""
+    key = (device.type, device.index)
+    if key not in _READY:
+        _READY[key] = _probe(device)
+        if _READY[key]:
+            log.warning("fp8_block on %s: flashinfer's block-scale GEMM unavailable (%s); "
+                        "the Triton method's path serves every product", device, _READY[key])
+    return _READY[key]
+
+
+def _probe(device: torch.device) -> str | None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
+        return f"compute capability {torch.cuda.get_device_capability(device)} is not 9.x"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    m, n, k = 128, 256, 512
+    x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.float8_e4m3fn)
+    ws = torch.rand(n // FP8_BLOCK, k // FP8_BLOCK, generator=gen).to(device) + 0.5
+    try:
+        y = load_gemm()(x, w, None, ws)
+    except (ImportError, RuntimeError, ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    w_ref = w.double() * ws.double().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(
+        FP8_BLOCK, 1)
+    groups = x.double().reshape(m, k // FP8_BLOCK, FP8_BLOCK)
+    x_scale = groups.abs().amax(-1, keepdim=True) / 448.0
+    x_ref = ((groups / x_scale).to(torch.float8_e4m3fn).double() * x_scale).reshape(m, k)
+    ref = x_ref @ w_ref.t()
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    return None if err < 2e-2 else f"probe product off by {err:.2e} of its largest output"
+
+
+def takes(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x2 [M, K] @ weight[N, K]^T`` goes to flashinfer: bf16 rows, at least
+    :data:`MIN_ROWS` of them, an e4m3fn weight with ``N % 64 == 0`` and ``K % 128 == 0``,
+    no graph being captured on this stream, and the device's probe passed."""
+    n, k = weight.shape
+    if (x2.dtype != torch.bfloat16 or x2.shape[0] < MIN_ROWS
+            or weight.dtype != torch.float8_e4m3fn or n % N_MULTIPLE or k % FP8_BLOCK):
+        return False
+    if x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return unavailable(x2.device) is None
+
+
+class FlashInferFp8BlockLinear(Fp8BlockLinear):
+    """``fp8_block`` (``weight [N, K]`` fp8, ``weight_scale_inv [ceil(N/128), ceil(K/128)]``
+    fp32): products of :data:`MIN_ROWS`+ bf16 rows through flashinfer's sm90 block-scale GEMM
+    (activation quantized per token and 128-column group inside it), the rest as
+    :class:`~heteroserve.platforms.triton.linear_w8a8.Fp8BlockLinear`."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        unavailable(get_param(layer, "weight").device)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
+        weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale_inv")
+        x2 = rows(x, weight.shape[1], self.scheme)
+        if not takes(x2, weight):
+            return super().apply(layer, x, bias)
+        if x2.stride(0) != x2.shape[1]:  # the kernel reads rows at a stride of K
+            x2 = x2.contiguous()
+        y = load_gemm()(x2, weight, None, w_scale)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
