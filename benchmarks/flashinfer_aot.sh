@@ -9,8 +9,9 @@
 #                 get_aot_artifacts: the package's data/aot fallback path)
 #     CUBINS_TAR  default .whl/deepgemm_cubins.tar.xz: cache/<name>/nvcc_kernel.cubin for every
 #                 DeepGEMM tile the module's runner picks at DG_SHAPES (N x K, default
-#                 Llama-3.1-8B's qkv, o, gate_up, down) for M = DG_M_MIN..DG_M_MAX in steps of
-#                 128 (the choice depends on ceil(M / 128) only) on DG_SMS multiprocessors
+#                 Llama-3.1-8B's qkv, o, gate_up, down) for M = 64 (its own block M) and
+#                 128..DG_M_MAX in steps of 128 (above 64 rows the choice depends on
+#                 ceil(M / 128) only) on DG_SMS multiprocessors
 #                 (default 132: H100 SXM and H200); gpu_session.sh's fp8fi step unpacks it into
 #                 $TRTLLM_DG_CACHE_DIR, where the runner looks before compiling with nvcc
 #
@@ -24,7 +25,7 @@ set -euo pipefail
 SITE_TAR=$(realpath -m "${1:-.whl/fi_site.tar.xz}")
 CUBINS_TAR=$(realpath -m "${2:-.whl/deepgemm_cubins.tar.xz}")
 DG_SHAPES=${DG_SHAPES:-6144x4096 4096x4096 28672x4096 4096x14336}
-DG_M_MIN=${DG_M_MIN:-256} DG_M_MAX=${DG_M_MAX:-16384} DG_SMS=${DG_SMS:-132}
+DG_M_MAX=${DG_M_MAX:-16384} DG_SMS=${DG_SMS:-132}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/fi_aot.XXXXXX)
@@ -76,7 +77,7 @@ nvcc -std=c++17 -O1 -o "$WORK/deepgemm_kernels" "$REPO/benchmarks/deepgemm_kerne
   "$OBJ"/common_tllmException.o "$OBJ"/common_envUtils.o -L"$WORK/stub" -lcuda 2>&1 \
   | grep -v -i "warning\|^ *$\|^ *\^\|detected during\|note #" || true
 for shape in $DG_SHAPES; do
-  for ((m = DG_M_MIN; m <= DG_M_MAX; m += 128)); do
+  for m in 64 $(seq 128 128 "$DG_M_MAX"); do
     LD_LIBRARY_PATH=$WORK/stub "$WORK/deepgemm_kernels" "$m" "${shape%x*}" "${shape#*x}" \
       "$DG_SMS" "$WORK/dg/cache"
   done
@@ -97,5 +98,5 @@ sed "s|^|$WORK/dg/cache/|" "$WORK/dg/names.txt" | xargs -P "$(nproc)" -I{} bash 
 n=$(wc -l < "$WORK/dg/names.txt")
 [ "$(find "$WORK/dg/cache" -name nvcc_kernel.cubin | wc -l)" = "$n" ] || { echo "cubins missing"; exit 1; }
 (cd "$WORK/dg" && XZ_OPT=${XZ_OPT:--6 -T0} tar cJf "$CUBINS_TAR" --owner=0 --group=0 cache)
-echo "site: $(du -h "$SITE_TAR" | cut -f1) $SITE_TAR; $n DeepGEMM tiles ($DG_SHAPES, M $DG_M_MIN-$DG_M_MAX," \
+echo "site: $(du -h "$SITE_TAR" | cut -f1) $SITE_TAR; $n DeepGEMM tiles ($DG_SHAPES, M 64-$DG_M_MAX," \
   "$DG_SMS SMs): $(du -h "$CUBINS_TAR" | cut -f1) $CUBINS_TAR"

@@ -9,9 +9,10 @@ call per tile costs (NVRTC compiles each DeepGEMM tile once), and how close each
 the float64 product of the per-group quantized activations and the dequantized weight.
 
 Every timing goes through a real linear method's ``apply`` (activation quantization included)
-over enough weight copies to overflow the L2, eagerly (flashinfer's path is not captured in
-graphs; prefill steps run eagerly in the engine too), timed by CUDA events over at least 20
-calls after a warm-up pass. Writes ``{"device", "date", "torch", "command", "results",
+over enough weight copies to overflow the L2, eagerly (prefill steps run eagerly in the
+engine), timed by CUDA events over at least 20 calls after a warm-up pass; row counts up to :data:`GRAPH_MAX_ROWS` (decode batches, which the engine replays
+from CUDA graphs and which eagerly are bound by the host's launch work) also from replays of
+one captured graph per path. Writes ``{"device", "date", "torch", "command", "results",
 "seconds"}`` and a PNG of each path's speed-up over bf16.
 
 Usage (GPU): ``python benchmarks/fp8_block_deepgemm.py --out fp8_block_deepgemm.json
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_sweep_common import layer_copies, sweep_main  # noqa: E402
-from quant_gemv_sweep import SHAPES  # noqa: E402
+from quant_gemv_sweep import SHAPES, graph_us  # noqa: E402
 
-ROWS = (256, 512, 1024, 2048, 4096, 8192)
+ROWS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+#: row counts also timed from CUDA-graph replays (decode batches; eagerly they are host-bound)
+GRAPH_MAX_ROWS = 512
 SERIES = {"fp8 block, cuBLASLt": "cublas_block_us", "fp8 block, flashinfer (DeepGEMM)":
           "flashinfer_us"}
 Call = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -102,6 +105,14 @@ def measure(device: torch.device, rows: tuple[int, ...]) -> list[dict]:
             row["cublas_block_err"] = rel_err(method.apply(layers[0], x), ref)
             row["flashinfer_err"] = rel_err(y_fi, ref)
             del ref, y_fi
+            if m <= GRAPH_MAX_ROWS:
+                row["bf16_graph_us"] = graph_us(lambda layer, x: F.linear(x, layer.weight),
+                                                bf16_layers, x, min_calls=40)
+                row["cublas_block_graph_us"] = graph_us(method.apply, layers, x, min_calls=40)
+                row["flashinfer_graph_us"] = graph_us(flashinfer.apply, layers, x, min_calls=40)
+                print(f"{name} M={m} from graphs: bf16 {row['bf16_graph_us']:.1f} us, cuBLASLt "
+                      f"block {row['cublas_block_graph_us']:.1f}, flashinfer "
+                      f"{row['flashinfer_graph_us']:.1f}", flush=True)
             print(f"{name} M={m}: bf16 {row['bf16_us']:.1f} us, cuBLASLt block "
                   f"{row['cublas_block_us']:.1f} ({row['bf16_us'] / row['cublas_block_us']:.2f}x"
                   f", err {row['cublas_block_err']:.1e}), flashinfer {row['flashinfer_us']:.1f} "

@@ -13,6 +13,11 @@ Rules:
   ``o_proj`` and ``down_proj``, where the block-scaled GEMM ran 0.85x / 0.93x bf16 at 8192
   rows on an H100, ``results/h100-20261207-0939-fp8_block_tiles.json``).
 - ``fast_swap4096``: both.
+- ``flashinfer``, ``flashinfer256``, ``flashinfer64``: fp8-block products of 512 / 256 / 64+
+  rows through flashinfer's sm90 block-scale GEMM (``platforms/cuda/flashinfer_fp8_block.py``
+  ``MIN_ROWS``; the smaller thresholds reach the decode graphs' batches). The linear must be
+  that one: run with ``HS_KERNELS=linear.fp8_block=flashinfer`` (gpu_session.sh's fp8fi step
+  sets it for these rules).
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from heteroserve.platforms.triton import cublas_fp8
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import rule_named  # noqa: E402
 
-#: rule -> (fast accumulation, BLOCK_SWAP_MAX_N)
-RULES = {"default": (False, 0), "fast": (True, 0), "swap4096": (False, 4096),
-         "fast_swap4096": (True, 4096)}
+#: rule -> (fast accumulation, BLOCK_SWAP_MAX_N, flashinfer's MIN_ROWS or None: as coded)
+RULES = {"default": (False, 0, None), "fast": (True, 0, None), "swap4096": (False, 4096, None),
+         "fast_swap4096": (True, 4096, None), "flashinfer": (False, 0, 512),
+         "flashinfer256": (False, 0, 256), "flashinfer64": (False, 0, 64)}
 
 
 def apply(rule: str) -> None:
     """Install ``rule`` in this process. Raises ``SystemExit`` for an unknown rule."""
-    fast, swap_max_n = rule_named("fp8_mm_rule", RULES, rule)
+    fast, swap_max_n, fi_min_rows = rule_named("fp8_mm_rule", RULES, rule)
+    if fi_min_rows is not None:
+        from heteroserve.platforms.cuda import flashinfer_fp8_block
+
+        flashinfer_fp8_block.MIN_ROWS = fi_min_rows
     cublas_fp8.FAST_ACCUM.clear()
     if fast:
         cublas_fp8.FAST_ACCUM.update(cublas_fp8.FAST_ACCUM_SCHEMES)

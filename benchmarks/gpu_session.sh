@@ -94,9 +94,10 @@
 #                          module and the DeepGEMM tiles prebuilt by benchmarks/flashinfer_aot.sh
 #                          on the host, .whl/deepgemm_cubins.tar.xz, nothing compiles): module load +
 #                          probe, benchmarks/fp8_block_deepgemm.py (FP8FI_ROWS), its cuda
-#                          conformance, then the offline rows per FP8FI_RULES (default: default
-#                          flashinfer): default runs FP8FI_FORMATS (default bf16,fp8_block), flashinfer
-#                          fp8_block with HS_KERNELS=linear.fp8_block=flashinfer -> $OUT/fp8fi/
+#                          conformance, then the offline rows per FP8FI_RULES (benchmarks/fp8_mm_rule.py;
+#                          default: default flashinfer): FP8FI_FORMATS (default bf16,fp8_block), a
+#                          flashinfer* rule fp8_block with HS_KERNELS=linear.fp8_block=flashinfer
+#                          -> $OUT/fp8fi/
 #   fp8mm_ab               the fp8 offline rows (FP8MM_FORMATS, default bf16,fp8_block,ct_fp8_tensor;
 #                          FP8MM_PROMPTS prompts, default 256) under each of
 #                          benchmarks/fp8_mm_rule.py's FP8MM_RULES (default: default fast
@@ -274,6 +275,8 @@ for step in "$@"; do
       command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
       mkdir -p "$OUT/fp8fi"
       export TRTLLM_DG_CACHE_DIR=${TRTLLM_DG_CACHE_DIR:-$PWD/.fi_cache/deep_gemm}
+      [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
+      echo "nvcc for new DeepGEMM tiles: $(command -v nvcc || echo none on PATH), CUDA_HOME=${CUDA_HOME:-}"
       mkdir -p "$TRTLLM_DG_CACHE_DIR"  # DeepGEMM tiles compiled on the host (flashinfer_aot.sh)
       [ -f .whl/deepgemm_cubins.tar.xz ] && tar xJf .whl/deepgemm_cubins.tar.xz -C "$TRTLLM_DG_CACHE_DIR"
       timeout -s INT -k 20 "$(deadline_cap "${FP8FI_BUILD_TIMEOUT:-400}")" python3 -c "
@@ -290,9 +293,9 @@ print('flashinfer fp8 block-scale GEMM:', unavailable(torch.device('cuda')) or '
       for rule in ${FP8FI_RULES:-default flashinfer}; do
         name=$rule; [ -d "$OUT/fp8fi/$name" ] && name=${rule}_again
         kernels=""; formats=${FP8FI_FORMATS:-bf16,fp8_block}  # an override needs its op wanted
-        [ "$rule" = flashinfer ] && kernels=linear.fp8_block=flashinfer && formats=fp8_block
+        case $rule in flashinfer*) kernels=linear.fp8_block=flashinfer; formats=fp8_block ;; esac
         HS_KERNELS=$kernels timeout "${FP8MM_TIMEOUT:-200}" python3 benchmarks/fp8_mm_rule.py \
-          default --num-prompts "${FP8MM_PROMPTS:-256}" --formats "$formats" \
+          "$rule" --num-prompts "${FP8MM_PROMPTS:-256}" --formats "$formats" \
           --out-dir "$OUT/fp8fi/$name" 2>&1 | grep -E "decode1|throughput|total|FAILED|Error"
       done ;;
     fp8mm_ab)  # the fp8 offline rows under each cuBLASLt call rule; a rule named twice runs twice

@@ -11,17 +11,26 @@ pipeline is what cuBLASLt's block-scaled GEMM lacks here (on an H100 at 8192 row
 
 :class:`FlashInferFp8BlockLinear` is the ``fp8_block`` method of ``platforms/triton`` with one
 change: products of at least :data:`MIN_ROWS` bf16 rows whose shape the kernel takes (``N`` a
-multiple of 64, ``K`` of 128, an e4m3fn weight) go to flashinfer, outside CUDA-graph capture
-(its first call per tile compiles, and each call allocates its workspace); every other input
-(the decode GEMV, fp16 or fp32 rows, a device whose probe failed) takes the Triton method's
-path. A probe at weight-processing time builds flashinfer's module and checks one small
-product against the dequantized matmul; on any failure the layer keeps the Triton path and
-the reason is logged once per device.
+multiple of 64, ``K`` of 128, an e4m3fn weight) go to flashinfer; every other input (the
+decode GEMV, fp16 or fp32 rows, a device whose probe failed) takes the Triton method's path.
+Decode graphs may capture it: a graph's warm-up run (``CudaGraphRunner``) compiles and loads
+the tile before capture, each call's workspace is a tensor of the graph's pool, and the
+kernels' arguments (the tensor maps, the workspace address) are fixed at capture, as the
+replay needs. A probe at weight-processing time builds flashinfer's module and checks one
+small product against the dequantized matmul; on any failure the layer keeps the Triton path
+and the reason is logged once per device.
+
+The first product of each new tile compiles it with nvcc (about 2 s) into
+``$TRTLLM_DG_CACHE_DIR/cache`` (default ``~/.tensorrt_llm/cache``), where later processes find
+it; ``benchmarks/flashinfer_aot.sh`` builds the module and the tiles of given layer shapes
+ahead of time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -33,7 +42,7 @@ from heteroserve.platforms.triton.linear_w8a8 import Fp8BlockLinear
 log = logging.getLogger(__name__)
 
 #: rows from which a bf16 product goes to flashinfer (below: cuBLASLt's block-scaled GEMM /
-#: the Triton GEMV); above the decode graphs' batch sizes, so captured steps never reach it
+#: the Triton GEMV)
 MIN_ROWS = 512
 #: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
 N_MULTIPLE = 64
@@ -53,9 +62,10 @@ _READY: dict[tuple[str, int | None], str | None] = {}
 
 def unavailable(device: torch.device) -> str | None:
     """Why flashinfer's block-scale GEMM cannot serve ``device``, or None: probed once per
-    device (compute capability 9.x, the module builds and loads, a 128 x 256 x 512 product
-    within 2 % of the float64 product of the per-group quantized activations and the
-    dequantized weight). Call it outside graph capture."""
+    device (compute capability 9.x, an nvcc for new tiles (:func:`nvcc_path`), the module
+    builds and loads, a 128 x 256 x 512 product within 2 % of the float64 product of the
+    per-group quantized activations and the dequantized weight). Call it outside graph
+    capture."""
     key = (device.type, device.index)
     if key not in _READY:
         _READY[key] = _probe(device)
@@ -65,9 +75,20 @@ def unavailable(device: torch.device) -> str | None:
     return _READY[key]
 
 
+def nvcc_path() -> str | None:
+    """The nvcc the runner compiles new tiles with: ``$TRTLLM_DG_NVCC_COMPILER``, else
+    ``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``; None when that file is absent."""
+    named = os.environ.get("TRTLLM_DG_NVCC_COMPILER")
+    if not named and os.environ.get("CUDA_HOME"):
+        named = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    return shutil.which(named or "nvcc")
+
+
 def _probe(device: torch.device) -> str | None:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
         return f"compute capability {torch.cuda.get_device_capability(device)} is not 9.x"
+    if device.type == "cuda" and nvcc_path() is None:  # a new tile mid-serving could not build
+        return "no nvcc to compile its kernels (set CUDA_HOME or TRTLLM_DG_NVCC_COMPILER)"
     gen = torch.Generator(device="cpu").manual_seed(0)
     m, n, k = 128, 256, 512
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
@@ -90,12 +111,10 @@ def _probe(device: torch.device) -> str | None:
 def takes(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x2 [M, K] @ weight[N, K]^T`` goes to flashinfer: bf16 rows, at least
     :data:`MIN_ROWS` of them, an e4m3fn weight with ``N % 64 == 0`` and ``K % 128 == 0``,
-    no graph being captured on this stream, and the device's probe passed."""
+    and the device's probe passed."""
     n, k = weight.shape
     if (x2.dtype != torch.bfloat16 or x2.shape[0] < MIN_ROWS
             or weight.dtype != torch.float8_e4m3fn or n % N_MULTIPLE or k % FP8_BLOCK):
-        return False
-    if x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return unavailable(x2.device) is None
 
