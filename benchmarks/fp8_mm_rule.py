@@ -16,8 +16,10 @@ Rules:
 - ``flashinfer``, ``flashinfer256``, ``flashinfer64``: fp8-block products of 512 / 256 / 64+
   rows through flashinfer's sm90 block-scale GEMM (``platforms/cuda/flashinfer_fp8_block.py``
   ``MIN_ROWS``; the smaller thresholds reach the decode graphs' batches). The linear must be
-  that one: run with ``HS_KERNELS=linear.fp8_block=flashinfer`` (gpu_session.sh's fp8fi step
-  sets it for these rules).
+  that one (the cuda default where flashinfer runs; ``HS_KERNELS=linear.fp8_block=flashinfer``
+  forces it, as gpu_session.sh's fp8fi step does for these rules).
+- ``cublas``: as ``default``, run with ``HS_KERNELS=linear.fp8_block=triton`` (the fp8fi step
+  sets it), the Triton method whose fp8-block products of 5+ rows run on cuBLASLt.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from bench_common import rule_named  # noqa: E402
 #: rule -> (fast accumulation, BLOCK_SWAP_MAX_N, flashinfer's MIN_ROWS or None: as coded)
 RULES = {"default": (False, 0, None), "fast": (True, 0, None), "swap4096": (False, 4096, None),
          "fast_swap4096": (True, 4096, None), "flashinfer": (False, 0, 512),
-         "flashinfer256": (False, 0, 256), "flashinfer64": (False, 0, 64)}
+         "flashinfer256": (False, 0, 256), "flashinfer64": (False, 0, 64),
+         "cublas": (False, 0, None)}
 
 
 def apply(rule: str) -> None:

@@ -95,9 +95,9 @@
 #                          on the host, .whl/deepgemm_cubins.tar.xz, nothing compiles): module load +
 #                          probe, benchmarks/fp8_block_deepgemm.py (FP8FI_ROWS), its cuda
 #                          conformance, then the offline rows per FP8FI_RULES (benchmarks/fp8_mm_rule.py;
-#                          default: default flashinfer): FP8FI_FORMATS (default bf16,fp8_block), a
-#                          flashinfer* rule fp8_block with HS_KERNELS=linear.fp8_block=flashinfer
-#                          -> $OUT/fp8fi/
+#                          default: default cublas): FP8FI_FORMATS (default bf16,fp8_block), a
+#                          flashinfer* rule fp8_block with HS_KERNELS=linear.fp8_block=flashinfer,
+#                          cublas fp8_block with linear.fp8_block=triton -> $OUT/fp8fi/
 #   fp8mm_ab               the fp8 offline rows (FP8MM_FORMATS, default bf16,fp8_block,ct_fp8_tensor;
 #                          FP8MM_PROMPTS prompts, default 256) under each of
 #                          benchmarks/fp8_mm_rule.py's FP8MM_RULES (default: default fast
@@ -141,6 +141,13 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 if [ -f .whl/fi_site.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .whl/fi_site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
 fi
+# the DeepGEMM tiles of the cuda fp8_block linear (flashinfer's block-scale GEMM): found here,
+# compiled with nvcc when new; .whl/deepgemm_cubins.tar.xz holds those benchmarks/
+# flashinfer_aot.sh built on the host
+export TRTLLM_DG_CACHE_DIR=${TRTLLM_DG_CACHE_DIR:-$PWD/.fi_cache/deep_gemm}
+mkdir -p "$TRTLLM_DG_CACHE_DIR"
+[ -f .whl/deepgemm_cubins.tar.xz ] && tar xJf .whl/deepgemm_cubins.tar.xz -C "$TRTLLM_DG_CACHE_DIR"
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (pyzmq for the engine's model check)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl 2>&1 | tail -2 && export PYTHONPATH=/tmp/site
@@ -274,11 +281,7 @@ for step in "$@"; do
       # its cuda conformance, then the offline rows with the default fp8_block linear and with it
       command -v ninja >/dev/null || export PATH=/tmp/site/fi_bin:$PATH  # ninja from fi_site
       mkdir -p "$OUT/fp8fi"
-      export TRTLLM_DG_CACHE_DIR=${TRTLLM_DG_CACHE_DIR:-$PWD/.fi_cache/deep_gemm}
-      [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
       echo "nvcc for new DeepGEMM tiles: $(command -v nvcc || echo none on PATH), CUDA_HOME=${CUDA_HOME:-}"
-      mkdir -p "$TRTLLM_DG_CACHE_DIR"  # DeepGEMM tiles compiled on the host (flashinfer_aot.sh)
-      [ -f .whl/deepgemm_cubins.tar.xz ] && tar xJf .whl/deepgemm_cubins.tar.xz -C "$TRTLLM_DG_CACHE_DIR"
       timeout -s INT -k 20 "$(deadline_cap "${FP8FI_BUILD_TIMEOUT:-400}")" python3 -c "
 import time, torch; t = time.time()
 from heteroserve.platforms.cuda.flashinfer_fp8_block import unavailable
@@ -290,10 +293,13 @@ print('flashinfer fp8 block-scale GEMM:', unavailable(torch.device('cuda')) or '
       timeout "${CONF_TIMEOUT:-200}" heteroserve conformance --platform cuda \
         --report "$OUT/fp8fi/conf" -- -q -p no:cacheprovider -k "fp8_block and flashinfer" \
         2>&1 | tail -6
-      for rule in ${FP8FI_RULES:-default flashinfer}; do
+      for rule in ${FP8FI_RULES:-default cublas}; do
         name=$rule; [ -d "$OUT/fp8fi/$name" ] && name=${rule}_again
         kernels=""; formats=${FP8FI_FORMATS:-bf16,fp8_block}  # an override needs its op wanted
-        case $rule in flashinfer*) kernels=linear.fp8_block=flashinfer; formats=fp8_block ;; esac
+        case $rule in
+          flashinfer*) kernels=linear.fp8_block=flashinfer; formats=fp8_block ;;
+          cublas) kernels=linear.fp8_block=triton; formats=fp8_block ;;
+        esac
         HS_KERNELS=$kernels timeout "${FP8MM_TIMEOUT:-200}" python3 benchmarks/fp8_mm_rule.py \
           "$rule" --num-prompts "${FP8MM_PROMPTS:-256}" --formats "$formats" \
           --out-dir "$OUT/fp8fi/$name" 2>&1 | grep -E "decode1|throughput|total|FAILED|Error"
