@@ -93,9 +93,9 @@
 #   fp8fi                  flashinfer's sm90 fp8 block-scale GEMM (needs .whl/fi_site.tar.xz; with the
 #                          module and the DeepGEMM tiles prebuilt by benchmarks/flashinfer_aot.sh
 #                          on the host, .whl/deepgemm_cubins.tar.xz, nothing compiles): module load +
-#                          probe, benchmarks/fp8_block_deepgemm.py (FP8FI_ROWS), its cuda
-#                          conformance, then the offline rows per FP8FI_RULES (benchmarks/fp8_mm_rule.py;
-#                          default: default cublas): FP8FI_FORMATS (default bf16,fp8_block), a
+#                          probe, benchmarks/fp8_block_deepgemm.py (FP8FI_ROWS) and its cuda
+#                          conformance (FP8FI_SWEEP=0 skips both), then the offline rows per
+#                          FP8FI_RULES (benchmarks/fp8_mm_rule.py; default: default cublas): FP8FI_FORMATS (default bf16,fp8_block), a
 #                          flashinfer* rule fp8_block with HS_KERNELS=linear.fp8_block=flashinfer,
 #                          cublas fp8_block with linear.fp8_block=triton -> $OUT/fp8fi/
 #   fp8mm_ab               the fp8 offline rows (FP8MM_FORMATS, default bf16,fp8_block,ct_fp8_tensor;
@@ -287,12 +287,14 @@ import time, torch; t = time.time()
 from heteroserve.platforms.cuda.flashinfer_fp8_block import unavailable
 print('flashinfer fp8 block-scale GEMM:', unavailable(torch.device('cuda')) or 'ready',
       f'({time.time() - t:.0f} s: module build, load, probe)')" 2>&1 | grep -v -i warn | tail -3
-      timeout "${FP8FI_SWEEP_TIMEOUT:-300}" python3 benchmarks/fp8_block_deepgemm.py \
-        --out "$OUT/fp8fi/fp8_block_deepgemm.json" ${FP8FI_ROWS:+--rows "$FP8FI_ROWS"} 2>&1 \
-        | grep -v -i warn
-      timeout "${CONF_TIMEOUT:-200}" heteroserve conformance --platform cuda \
-        --report "$OUT/fp8fi/conf" -- -q -p no:cacheprovider -k "fp8_block and flashinfer" \
-        2>&1 | tail -6
+      if [ "${FP8FI_SWEEP:-1}" = 1 ]; then
+        timeout "${FP8FI_SWEEP_TIMEOUT:-300}" python3 benchmarks/fp8_block_deepgemm.py \
+          --out "$OUT/fp8fi/fp8_block_deepgemm.json" ${FP8FI_ROWS:+--rows "$FP8FI_ROWS"} 2>&1 \
+          | grep -v -i warn
+        timeout "${CONF_TIMEOUT:-200}" heteroserve conformance --platform cuda \
+          --report "$OUT/fp8fi/conf" -- -q -p no:cacheprovider -k "fp8_block and flashinfer" \
+          2>&1 | tail -6
+      fi
       for rule in ${FP8FI_RULES:-default cublas}; do
         name=$rule; [ -d "$OUT/fp8fi/$name" ] && name=${rule}_again
         kernels=""; formats=${FP8FI_FORMATS:-bf16,fp8_block}  # an override needs its op wanted
