@@ -149,3 +149,44 @@ def test_registered_as_the_flashinfer_fp8_block_linear() -> None:
     assert spec.name == "flashinfer" and spec.platforms == ("cuda",)
     assert FLASHINFER_FP8_BLOCK_PRIORITY > TRITON_PRIORITY  # the default where it can run
     assert spec.load().__name__ == "FlashInferFp8BlockLinear"
+
+
+def _sm90_with_flashinfer() -> bool:
+    import importlib.util
+
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and importlib.util.find_spec("flashinfer") is not None)
+
+
+@pytest.mark.skipif(not _sm90_with_flashinfer(), reason="needs an sm90 GPU and flashinfer")
+@pytest.mark.parametrize("rows", [64, 256, 1024])
+def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
+    """The real kernel, captured as a decode graph captures it: the replay after new inputs
+    equals the eager call bitwise and the float64 oracle within the fp8 bound."""
+    from heteroserve.platforms.cuda import flashinfer_fp8_block as mod
+    from heteroserve.platforms.cuda.graph import CudaGraphRunner
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(rows)
+    host = _layer(512, 1024, gen)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(host.weight.to(dev), requires_grad=False)
+    layer.weight_scale_inv = torch.nn.Parameter(host.weight_scale_inv.to(dev),
+                                                requires_grad=False)
+    linear = mod.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    assert mod.unavailable(dev) is None
+    calls = _spy(monkeypatch, mod)
+    x = torch.randn(rows, 1024, generator=gen).to(dev, torch.bfloat16)
+    out: dict[str, torch.Tensor] = {}
+
+    def step() -> None:
+        out["y"] = linear.apply(layer, x)
+    graph = CudaGraphRunner(dev).capture(step)
+    assert calls, "the captured step did not reach flashinfer"
+    x.copy_(torch.randn(rows, 1024, generator=gen).to(dev, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out["y"].clone()
+    assert torch.equal(replayed, linear.apply(layer, x))
+    assert rel_err(replayed.cpu(), _oracle(x.cpu(), host)) < 1e-2
