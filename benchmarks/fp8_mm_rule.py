@@ -15,7 +15,8 @@ Rules:
 - ``fast_swap4096``: both.
 - ``flashinfer``, ``flashinfer256``, ``flashinfer64``: fp8-block products of 512 / 256 / 64+
   rows through flashinfer's sm90 block-scale GEMM (``platforms/cuda/flashinfer_fp8_block.py``
-  ``MIN_ROWS``; the smaller thresholds reach the decode graphs' batches). The linear must be
+  ``MIN_ROWS``, with ``CAPTURE`` on; the smaller thresholds reach the decode graphs'
+  batches). The linear must be
   that one (the cuda default where flashinfer runs; ``HS_KERNELS=linear.fp8_block=flashinfer``
   forces it, as gpu_session.sh's fp8fi step does for these rules).
 - ``cublas``: as ``default``, run with ``HS_KERNELS=linear.fp8_block=triton`` (the fp8fi step
@@ -46,6 +47,7 @@ def apply(rule: str) -> None:
         from heteroserve.platforms.cuda import flashinfer_fp8_block
 
         flashinfer_fp8_block.MIN_ROWS = fi_min_rows
+        flashinfer_fp8_block.CAPTURE = True
     cublas_fp8.FAST_ACCUM.clear()
     if fast:
         cublas_fp8.FAST_ACCUM.update(cublas_fp8.FAST_ACCUM_SCHEMES)

@@ -13,10 +13,10 @@ pipeline is what cuBLASLt's block-scaled GEMM lacks here (on an H100 at 8192 row
 change: products of at least :data:`MIN_ROWS` bf16 rows whose shape the kernel takes (``N`` a
 multiple of 64, ``K`` of 128, an e4m3fn weight) go to flashinfer; every other input (the
 decode GEMV, fp16 or fp32 rows, a device whose probe failed) takes the Triton method's path.
-Decode graphs may capture it: a graph's warm-up run (``CudaGraphRunner``) compiles and loads
-the tile before capture, each call's workspace is a tensor of the graph's pool, and the
-kernels' arguments (the tensor maps, the workspace address) are fixed at capture, as the
-replay needs. A probe at weight-processing time builds flashinfer's module and checks one
+Decode graphs capture it only where :data:`CAPTURE` is set: a graph's warm-up run
+(``CudaGraphRunner``) compiles and loads the tile before capture, each call's workspace is a
+tensor of the graph's pool, and the kernels' arguments (the tensor maps, the workspace
+address) are fixed at capture, as the replay needs. A probe at weight-processing time builds flashinfer's module and checks one
 small product against the dequantized matmul; on any failure the layer keeps the Triton path
 and the reason is logged once per device.
 
@@ -42,12 +42,17 @@ from heteroserve.platforms.triton.linear_w8a8 import Fp8BlockLinear
 log = logging.getLogger(__name__)
 
 #: rows from which a bf16 product goes to flashinfer (below: cuBLASLt's block-scaled GEMM /
-#: the Triton GEMV). 64: from CUDA graphs on an H100 every Llama-3.1-8B layer ran faster
-#: through it at 64-512 rows than through cuBLASLt (gate_up at 256 rows within 1 %), and
-#: offline throughput was 34,706 total tok/s from 64 rows against 33,799 from 512
-#: (``results/h100-20261207-1913-*``); below 32 rows the runner switches to a swapped-operand
+#: the Triton GEMV). 64: on an H100 every Llama-3.1-8B layer ran faster through it at 64-512
+#: rows than through cuBLASLt, eagerly and from CUDA graphs (gate_up at 256 rows within 1 %;
+#: ``results/h100-20261207-1913-*``); below 32 rows the runner switches to a swapped-operand
 #: kernel this threshold keeps out
 MIN_ROWS = 64
+#: whether a CUDA-graph capture may record it (else captured steps take the Triton method's
+#: path). Off until a replay is checked on hardware: from graphs it ran faster than cuBLASLt
+#: at 64-512 rows on an H100 and lifted offline throughput from 33,799 to 34,706 total tok/s
+#: (``results/h100-20261207-1913-*``), but those runs checked no outputs
+#: (``tests/vendor_platforms/test_flashinfer_fp8_block.py`` has the GPU replay test)
+CAPTURE = False
 #: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
 N_MULTIPLE = 64
 
@@ -115,10 +120,12 @@ def _probe(device: torch.device) -> str | None:
 def takes(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x2 [M, K] @ weight[N, K]^T`` goes to flashinfer: bf16 rows, at least
     :data:`MIN_ROWS` of them, an e4m3fn weight with ``N % 64 == 0`` and ``K % 128 == 0``,
-    and the device's probe passed."""
+    no graph capture on this stream unless :data:`CAPTURE`, and the device's probe passed."""
     n, k = weight.shape
     if (x2.dtype != torch.bfloat16 or x2.shape[0] < MIN_ROWS
             or weight.dtype != torch.float8_e4m3fn or n % N_MULTIPLE or k % FP8_BLOCK):
+        return False
+    if not CAPTURE and x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return unavailable(x2.device) is None
 

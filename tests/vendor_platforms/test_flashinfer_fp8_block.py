@@ -166,6 +166,7 @@ def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
     from heteroserve.platforms.cuda import flashinfer_fp8_block as mod
     from heteroserve.platforms.cuda.graph import CudaGraphRunner
 
+    monkeypatch.setattr(mod, "CAPTURE", True)
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(rows)
     host = _layer(512, 1024, gen)
