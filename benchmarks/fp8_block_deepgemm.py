@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_sweep_common import layer_copies, sweep_main  # noqa: E402
-from quant_gemv_sweep import SHAPES, graph_us  # noqa: E402
+from quant_gemv_sweep import SHAPES, graph_us, rel_err  # noqa: E402
+
+from heteroserve.conformance.oracles.linear import dequantize, quantize_activations  # noqa: E402
 
 ROWS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 #: row counts also timed from CUDA-graph replays (decode batches; eagerly they are host-bound)
@@ -60,19 +62,13 @@ def eager_us(call: Call, layers: list[torch.nn.Module], x: torch.Tensor,
 
 
 def oracle(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """float64 ``q(x) @ W^T``: ``x`` quantized per row and 128 columns to e4m3 (scale amax /
-    448), ``W`` the fp8 weight times its 128x128 block scales."""
-    m, k = x.shape
-    g = x.double().reshape(m, k // 128, 128)
-    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 448.0
-    q = ((g / s).to(torch.float8_e4m3fn).double() * s).reshape(m, k)
-    n = layer.weight.shape[0]
-    ws = layer.weight_scale_inv.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
-    return q @ (layer.weight.double() * ws).t()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+    """float64 ``q(x) @ W^T`` on ``x``'s device: the conformance suite's per-row, 128-column
+    e4m3 activation quantization and dequantized fp8-block weight (computed on the CPU), their
+    product on the GPU."""
+    w = dequantize("fp8_block", {"weight": layer.weight.data,
+                                 "weight_scale_inv": layer.weight_scale_inv.data}, 128)
+    q = quantize_activations("fp8_block", x, torch.float8_e4m3fn)
+    return q.to(x.device) @ w.to(x.device).t()
 
 
 def measure(device: torch.device, rows: tuple[int, ...]) -> list[dict]:

@@ -143,10 +143,11 @@ class FlashInferFp8BlockLinear(Fp8BlockLinear):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``; does not modify ``x``."""
-        weight, w_scale = get_param(layer, "weight"), get_param(layer, "weight_scale_inv")
+        weight = get_param(layer, "weight")
         x2 = rows(x, weight.shape[1], self.scheme)
         if not takes(x2, weight):
             return super().apply(layer, x, bias)
+        w_scale = get_param(layer, "weight_scale_inv")
         if x2.stride(0) != x2.shape[1]:  # the kernel reads rows at a stride of K
             x2 = x2.contiguous()
         y = load_gemm()(x2, weight, None, w_scale)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from heteroserve.conformance.checks import rel_err
+from heteroserve.conformance.oracles.linear import dequantize, quantize_activations
 from heteroserve.core.kernels.linear import FP8_BLOCK
 
 MIN_ROWS = 16  # what 64 is on a GPU, at test sizes
@@ -25,15 +26,11 @@ def _layer(n: int, k: int, gen: torch.Generator) -> torch.nn.Module:
 
 
 def _oracle(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """float64: ``x`` quantized per row and 128 columns to e4m3, times the dequantized W."""
-    m, k = x.shape
-    g = x.double().reshape(m, k // FP8_BLOCK, FP8_BLOCK)
-    s = g.abs().amax(-1, keepdim=True) / 448.0
-    q = (g / s).to(torch.float8_e4m3fn).double() * s
-    n = layer.weight.shape[0]
-    ws = layer.weight_scale_inv.double().repeat_interleave(FP8_BLOCK, 0)[:n]
-    w = layer.weight.double() * ws.repeat_interleave(FP8_BLOCK, 1)
-    return q.reshape(m, k) @ w.t()
+    """float64: ``x`` quantized per row and 128 columns to e4m3, times the dequantized W
+    (the conformance suite's oracle)."""
+    w = dequantize("fp8_block", {"weight": layer.weight.data,
+                                 "weight_scale_inv": layer.weight_scale_inv.data}, FP8_BLOCK)
+    return quantize_activations("fp8_block", x, torch.float8_e4m3fn) @ w.t()
 
 
 @pytest.fixture
