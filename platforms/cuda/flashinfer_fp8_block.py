@@ -20,6 +20,12 @@ address) are fixed at capture, as the replay needs. A probe at weight-processing
 small product against the dequantized matmul; on any failure the layer keeps the Triton path
 and the reason is logged once per device.
 
+The down projection's SiLU-and-mul (:meth:`FlashInferFp8BlockLinear.apply_silu_and_mul`) writes
+the runner's fp8 input and its 1x128 scales itself (:func:`~heteroserve.platforms.triton.quant.
+quantize_rows` with ``gated``), where the probe found the runner reads pre-quantized inputs
+as :func:`prequantized_input` lays them out; that skips the bf16 product's write and the
+runner's quantization pass over it.
+
 The first product of each new tile compiles it with nvcc (about 2 s) into
 ``$TRTLLM_DG_CACHE_DIR/cache`` (default ``~/.tensorrt_llm/cache``), where later processes find
 it; ``benchmarks/flashinfer_aot.sh`` builds the module and the tiles of given layer shapes
@@ -38,6 +44,7 @@ import torch
 from heteroserve.core.kernels.linear import FP8_BLOCK
 from heteroserve.platforms.triton.linear_params import get_param, rows
 from heteroserve.platforms.triton.linear_w8a8 import Fp8BlockLinear
+from heteroserve.platforms.triton.quant import quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ MIN_ROWS = 64
 #: (``results/h100-20261207-1913-*``), but those runs checked no outputs
 #: (``tests/vendor_platforms/test_flashinfer_fp8_block.py`` has the GPU replay test)
 CAPTURE = False
+#: whether the down projection's SiLU-and-mul hands the runner fp8 rows (where the probe's
+#: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner
+FUSED_SILU_AND_MUL = True
 #: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
 N_MULTIPLE = 64
 
@@ -66,22 +76,49 @@ def load_gemm() -> BlockScaleGemm:
     return fp8_blockscale_gemm_sm90
 
 
+#: e4m3's largest finite value: the runner's per-group scale is ``amax / E4M3_MAX``
+E4M3_MAX = 448.0
+#: per device: why the bf16 path is unavailable (None: ready)
 _READY: dict[tuple[str, int | None], str | None] = {}
+#: per device: whether the probe's pre-quantized product matched (the fused SiLU-and-mul path)
+_PREQUANTIZED: dict[tuple[str, int | None], bool] = {}
 
 
 def unavailable(device: torch.device) -> str | None:
     """Why flashinfer's block-scale GEMM cannot serve ``device``, or None: probed once per
     device (compute capability 9.x, an nvcc for new tiles (:func:`nvcc_path`), the module
-    builds and loads, a 128 x 256 x 512 product within 2 % of the float64 product of the
-    per-group quantized activations and the dequantized weight). Call it outside graph
+    builds and loads, a 126 x 256 x 512 product within 2 % of the float64 product of the
+    per-group quantized activations and the dequantized weight); the same product from
+    :func:`prequantized_input` decides :func:`takes_prequantized`. Call it outside graph
     capture."""
     key = (device.type, device.index)
     if key not in _READY:
-        _READY[key] = _probe(device)
+        _READY[key], _PREQUANTIZED[key] = _probe(device)
         if _READY[key]:
             log.warning("fp8_block on %s: flashinfer's block-scale GEMM unavailable (%s); "
                         "the Triton method's path serves every product", device, _READY[key])
+        elif not _PREQUANTIZED[key]:
+            log.warning("fp8_block on %s: flashinfer's block-scale GEMM did not match on a "
+                        "pre-quantized input; the SiLU-and-mul stays a bf16 launch", device)
     return _READY[key]
+
+
+def takes_prequantized(device: torch.device) -> bool:
+    """Whether the probe found the runner reading :func:`prequantized_input`'s layout right
+    (False before :func:`unavailable` probed ``device``)."""
+    return _PREQUANTIZED.get((device.type, device.index), False)
+
+
+def prequantized_input(x2: torch.Tensor, gated: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x2 [M, K]`` bf16 (with ``gated``, ``[M, 2K] = [gate | up]``, quantized as
+    ``silu(gate) * up``) -> ``(q [M, K] e4m3fn, scales)`` as the runner's own 1x128 pass
+    writes them (``scale_1x128_kernel``): per row and 128-column group ``amax / 448``, fp32,
+    group by group with ``M`` padded to a multiple of 4 (element ``(m, g)`` at ``g *
+    ceil(M / 4) * 4 + m``), passed as the contiguous ``[K / 128, ceil(M / 4) * 4]`` tensor."""
+    q, s = quantize_rows(x2, torch.float8_e4m3fn, E4M3_MAX, FP8_BLOCK, group_major=True,
+                         row_multiple=4, gated=gated)
+    return q[: x2.shape[0]], s.t()
 
 
 def nvcc_path() -> str | None:
@@ -93,28 +130,44 @@ def nvcc_path() -> str | None:
     return shutil.which(named or "nvcc")
 
 
-def _probe(device: torch.device) -> str | None:
+def _probe(device: torch.device) -> tuple[str | None, bool]:
+    """(why the bf16 path is unavailable or None, whether the pre-quantized path matched)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
-        return f"compute capability {torch.cuda.get_device_capability(device)} is not 9.x"
+        return f"compute capability {torch.cuda.get_device_capability(device)} is not 9.x", False
     if device.type == "cuda" and nvcc_path() is None:  # a new tile mid-serving could not build
-        return "no nvcc to compile its kernels (set CUDA_HOME or TRTLLM_DG_NVCC_COMPILER)"
+        return "no nvcc to compile its kernels (set CUDA_HOME or TRTLLM_DG_NVCC_COMPILER)", False
     gen = torch.Generator(device="cpu").manual_seed(0)
-    m, n, k = 128, 256, 512
+    m, n, k = 126, 256, 512  # M not a multiple of 4: the scales' padded stride shows
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.float8_e4m3fn)
     ws = torch.rand(n // FP8_BLOCK, k // FP8_BLOCK, generator=gen).to(device) + 0.5
     try:
         y = load_gemm()(x, w, None, ws)
     except (ImportError, RuntimeError, ValueError, OSError) as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", False
+    err = _probe_error(y, x, w, ws)
+    if err >= 2e-2:
+        return f"probe product off by {err:.2e} of its largest output", False
+    q, scales = prequantized_input(x)
+    try:
+        y_pre = load_gemm()(q, w, scales, ws)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        log.info("fp8_block: pre-quantized input refused (%s)", exc)
+        return None, False
+    return None, _probe_error(y_pre, x, w, ws) < 2e-2
+
+
+def _probe_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> float:
+    """``|y - ref|_max / |ref|_max`` against the float64 product of ``x`` quantized per row
+    and 128 columns and the block-dequantized ``w``."""
+    m, k = x.shape
     w_ref = w.double() * ws.double().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(
         FP8_BLOCK, 1)
     groups = x.double().reshape(m, k // FP8_BLOCK, FP8_BLOCK)
     x_scale = groups.abs().amax(-1, keepdim=True) / 448.0
     x_ref = ((groups / x_scale).to(torch.float8_e4m3fn).double() * x_scale).reshape(m, k)
     ref = x_ref @ w_ref.t()
-    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-    return None if err < 2e-2 else f"probe product off by {err:.2e} of its largest output"
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def takes(x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -151,6 +204,24 @@ class FlashInferFp8BlockLinear(Fp8BlockLinear):
         if x2.stride(0) != x2.shape[1]:  # the kernel reads rows at a stride of K
             x2 = x2.contiguous()
         y = load_gemm()(x2, weight, None, w_scale)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def apply_silu_and_mul(self, layer: torch.nn.Module, x: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``x [..., 2K] = [gate | up]`` -> ``apply(silu(gate) * up)`` ``[..., N]``: one Triton
+        kernel writes the runner's fp8 input and scales (:func:`prequantized_input`), then
+        the GEMM; None (the caller runs the SiLU-and-mul op and :meth:`apply`) where
+        :data:`FUSED_SILU_AND_MUL` is off, :func:`takes` refuses the rows or the probe's
+        pre-quantized product did not match."""
+        weight = get_param(layer, "weight")
+        x2 = x.reshape(-1, x.shape[-1])
+        if (not FUSED_SILU_AND_MUL or x2.shape[-1] != 2 * weight.shape[1]
+                or not takes(x2, weight) or not takes_prequantized(x2.device)):
+            return None
+        q, scales = prequantized_input(x2, gated=True)
+        y = load_gemm()(q, weight, scales, get_param(layer, "weight_scale_inv"))
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -2,7 +2,8 @@
 
 Per (row, ``group``-column group): ``s = max(amax / qmax, 1e-12)``, ``q = clamp(x / s, -qmax,
 qmax)`` rounded to the output dtype (fp8: the cast's round-to-nearest-even; int8: nearest,
-ties to even). ``group = K`` gives per-token scales; a given scale (``STATIC``) skips the amax
+ties to even). A gated input (``GATED``: ``x = [gate | up]``) is quantized as ``silu(gate) * up``
+rounded to ``x``'s dtype first, as the SiLU-and-mul op rounds it, without writing that product. ``group = K`` gives per-token scales; a given scale (``STATIC``) skips the amax
 pass (per-tensor quantization with a precomputed scale), and so does a given amax
 (``FROM_AMAX``: per-tensor with the scale computed from the tensor's amax in the kernel, which
 saves the launches of computing it in torch).
@@ -14,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from heteroserve.platforms.triton.jit_math import gate_activation
+
 MIN_SCALE = 1e-12
 #: 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude < 2**22 to an integer,
 #: ties to even (the FPU's rounding mode), on every backend and in the interpreter.
@@ -21,10 +24,21 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
+def _load_cols(x_ptr, row_ptr, cols, mask, K, GATED: tl.constexpr):
+    """fp32 ``x[row, cols]``, or with ``GATED`` ``silu(x[row, cols]) * x[row, K + cols]``
+    rounded to ``x``'s dtype (``row_ptr``: the row's first element)."""
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0)
+    if GATED:
+        up = tl.load(row_ptr + K + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (gate_activation(x.to(tl.float32), "silu") * up).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _quant_kernel(
     x_ptr, q_ptr, s_ptr, amax_ptr, stride_xm, stride_qm, stride_sm, stride_sg, K, group, qmax,
     min_scale, IS_INT: tl.constexpr, STATIC: tl.constexpr, FROM_AMAX: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GATED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -40,14 +54,14 @@ def _quant_kernel(
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(lo, hi, BLOCK):
             cols = off + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < hi, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            x = _load_cols(x_ptr, x_ptr + row * stride_xm, cols, cols < hi, K, GATED)
+            amax = tl.maximum(amax, tl.abs(x))
         scale = tl.maximum(tl.max(amax, 0) / qmax, min_scale)
         tl.store(s_ptr + row * stride_sm + g * stride_sg, scale)
     for off in range(lo, hi, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         m = cols < hi
-        x = tl.load(x_ptr + row * stride_xm + cols, mask=m, other=0.0).to(tl.float32)
+        x = _load_cols(x_ptr, x_ptr + row * stride_xm, cols, m, K, GATED)
         v = tl.minimum(tl.maximum(x / scale, -qmax), qmax)
         if IS_INT:
             v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
@@ -56,9 +70,10 @@ def _quant_kernel(
 
 def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
                   scale: torch.Tensor | None = None, group_major: bool = False,
-                  row_multiple: int = 1, amax: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``.
+                  row_multiple: int = 1, amax: torch.Tensor | None = None,
+                  gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [M, K]`` (last dim contiguous) to ``out_dtype``; with ``gated``, quantize
+    ``silu(gate) * up`` of ``x [M, 2K] = [gate | up]`` (rounded to ``x.dtype``, never written).
 
     ``group``: columns per scale (``None``: the whole row). ``scale``: a precomputed fp32
     scale of one element (per-tensor); then ``group`` is ignored. ``amax``: instead of
@@ -69,8 +84,15 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: i
     ``group_major`` stored group by group (strides ``(1, M)``, what cuBLASLt's 1x128 block
     scaling reads). ``row_multiple``: ``q`` and ``s`` get ``ceil(M / row_multiple) *
     row_multiple`` rows, those past ``M`` left unwritten (cuBLASLt wants 16-byte aligned scale
-    strides); callers use only the first ``M`` rows of what they compute from them."""
+    strides); callers use only the first ``M`` rows of what they compute from them. Raises
+    ``ValueError`` for ``gated`` with ``amax`` (that amax would be the product's) or an odd
+    width."""
     m, k = x.shape
+    if gated:
+        if amax is not None or k % 2:
+            raise ValueError(f"quantize_rows: gated takes [gate | up] of even width and no "
+                             f"amax, got width {k}{' and an amax' if amax is not None else ''}")
+        k //= 2
     if x.stride(1) != 1:
         x = x.contiguous()
     rows = triton.cdiv(m, row_multiple) * row_multiple
@@ -93,7 +115,7 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: i
             0 if per_tensor else s.stride(0), 0 if per_tensor else s.stride(1), k, g,
             float(qmax), MIN_SCALE, IS_INT=not out_dtype.is_floating_point,
             STATIC=scale is not None, FROM_AMAX=scale is None and amax is not None,
-            BLOCK=block, num_warps=4)
+            GATED=gated, BLOCK=block, num_warps=4)
     elif amax is not None:  # no rows: the scale still has its value
         s = (amax.reshape(1).to(torch.float32) / qmax).clamp(min=MIN_SCALE)
     return q, s

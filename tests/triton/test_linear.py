@@ -50,6 +50,25 @@ def test_quantize_rows_int8_and_groups(device: torch.device) -> None:
     assert torch.equal(sg.cpu(), sf.cpu()) and torch.equal(qg.cpu(), qf.cpu())
 
 
+def test_quantize_rows_gated_quantizes_silu_and_mul(device: torch.device) -> None:
+    """``gated``: ``[gate | up]`` quantized as the SiLU-and-mul op's bf16 output would be, in
+    the same launch (ragged last group, group-major padded scales); odd widths and an amax
+    are refused."""
+    from heteroserve.platforms.triton.activation import silu_and_mul
+    from heteroserve.platforms.triton.quant import quantize_rows
+
+    x = (torch.randn(6, 600, generator=_gen(3)) * 4).to(device, torch.bfloat16)
+    q, s = quantize_rows(x, torch.float32, 448.0, 128, group_major=True, row_multiple=4,
+                         gated=True)
+    q_ref, s_ref = quantize_rows(silu_and_mul(x), torch.float32, 448.0, 128)
+    assert q.shape == (8, 300) and s.shape == (8, 3) and s.stride() == (1, 8)
+    assert torch.equal(q[:6].cpu(), q_ref.cpu()) and torch.equal(s[:6].cpu(), s_ref.cpu())
+    with pytest.raises(ValueError, match="even width"):
+        quantize_rows(x[:, :599], torch.float32, 448.0, 128, gated=True)
+    with pytest.raises(ValueError, match="no amax"):
+        quantize_rows(x, torch.float32, 448.0, None, amax=x.float().abs().max(), gated=True)
+
+
 @pytest.mark.parametrize("scale_of", ["amax", "zeros"])
 def test_quantize_rows_per_tensor_scale_from_amax(device: torch.device, scale_of: str) -> None:
     """Given the tensor's amax, the kernel computes ``max(amax / qmax, 1e-12)`` itself and

@@ -33,12 +33,24 @@ def _oracle(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     return quantize_activations("fp8_block", x, torch.float8_e4m3fn) @ w.t()
 
 
+def _interpreter_safe_quantize_rows(real):
+    """``quantize_rows`` whose kernel writes fp32 and torch rounds to e4m3: the Triton
+    interpreter's fp8 cast is wrong (127.0 -> 64.0), a GPU's is not; scaling, clamping,
+    gating and the scales' layout stay the kernel's."""
+    def quantize_rows(x, out_dtype, *args, **kwargs):
+        q, s = real(x, torch.float32, *args, **kwargs)
+        return q.to(out_dtype), s
+    return quantize_rows
+
+
 @pytest.fixture
 def method(flashinfer_double, monkeypatch):
     from heteroserve.platforms.cuda import flashinfer_fp8_block as mod
 
     monkeypatch.setattr(mod, "MIN_ROWS", MIN_ROWS)
     monkeypatch.setattr(mod, "_READY", {})
+    monkeypatch.setattr(mod, "_PREQUANTIZED", {})
+    monkeypatch.setattr(mod, "quantize_rows", _interpreter_safe_quantize_rows(mod.quantize_rows))
     return mod
 
 
@@ -92,7 +104,7 @@ def test_other_inputs_take_the_triton_path(method, monkeypatch, case) -> None:
     layer = _layer(n, 256, gen)
     linear = method.FlashInferFp8BlockLinear()
     if case == "probe_failed":
-        monkeypatch.setattr(method, "_probe", lambda device: "RuntimeError: no sm90")
+        monkeypatch.setattr(method, "_probe", lambda device: ("RuntimeError: no sm90", False))
     linear.process_weights_after_loading(layer)
     rows = 5 if case == "few_rows" else MIN_ROWS
     dtype = torch.float16 if case == "fp16" else torch.bfloat16
@@ -109,6 +121,71 @@ def test_other_inputs_take_the_triton_path(method, monkeypatch, case) -> None:
     y = linear.apply(layer, x)
     assert calls == [] and parent == [rows]
     assert torch.equal(y, expected)
+
+
+def _silu_and_mul_oracle(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """:func:`_oracle` (host ``layer``) of the SiLU-and-mul op's output for ``x`` on its own
+    device (the op's rounding to bf16 is the pair's contract; the Triton interpreter's
+    rounding differs from a GPU's)."""
+    from heteroserve.platforms.triton.activation import silu_and_mul
+
+    return _oracle(silu_and_mul(x).cpu(), layer)
+
+
+@pytest.mark.parametrize("rows", [MIN_ROWS, MIN_ROWS + 2], ids=["M16", "M18-padded-scales"])
+def test_the_silu_and_mul_hands_the_runner_its_fp8_input(method, monkeypatch, rows) -> None:
+    """The down projection's SiLU-and-mul writes the runner's e4m3 input and group-major
+    scales (``M`` padded to 4) in one kernel; the product matches the float64 oracle of the
+    unfused pair."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = _layer(256, 384, gen)
+    linear = method.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    assert method.takes_prequantized(torch.device("cpu"))
+    calls = _spy(monkeypatch, method)
+    x = torch.randn(rows, 768, generator=gen).to(torch.bfloat16) * 3
+    x_before = x.clone()
+    y = linear.apply_silu_and_mul(layer, x)
+    pad = -(-rows // 4) * 4
+    assert calls == [((rows, 384), (256, 384), (3, pad), (2, 3))]
+    assert torch.equal(x, x_before) and y.shape == (rows, 256) and y.dtype == torch.bfloat16
+    assert rel_err(y, _silu_and_mul_oracle(x, layer)) < 1e-2
+
+
+def test_the_silu_and_mul_leaves_other_inputs_to_the_caller(method, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    layer = _layer(256, 256, gen)
+    linear = method.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    calls = _spy(monkeypatch, method)
+    few = torch.randn(MIN_ROWS - 1, 512, generator=gen).to(torch.bfloat16)
+    assert linear.apply_silu_and_mul(layer, few) is None
+    assert linear.apply_silu_and_mul(layer, few.half().repeat(2, 1)) is None
+    enough = torch.randn(MIN_ROWS, 512, generator=gen).to(torch.bfloat16)
+    monkeypatch.setattr(method, "FUSED_SILU_AND_MUL", False)
+    assert linear.apply_silu_and_mul(layer, enough) is None
+    assert calls == []
+    monkeypatch.setattr(method, "FUSED_SILU_AND_MUL", True)
+    assert linear.apply_silu_and_mul(layer, enough) is not None and len(calls) == 1
+
+
+def test_the_probe_catches_a_scale_layout_the_runner_does_not_read(method, monkeypatch) -> None:
+    """Scales handed over row-major (not the runner's layout): the probe's pre-quantized
+    product fails, so the SiLU-and-mul stays unfused while the bf16 path serves."""
+    real = method.prequantized_input
+
+    def row_major(x2, gated=False):
+        q, scales = real(x2, gated)
+        return q, scales.t()[: x2.shape[0]].contiguous()
+    monkeypatch.setattr(method, "prequantized_input", row_major)
+    dev = torch.device("cpu")
+    assert method.unavailable(dev) is None and not method.takes_prequantized(dev)
+    gen = torch.Generator().manual_seed(5)
+    layer = _layer(256, 256, gen)
+    linear = method.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    x = torch.randn(MIN_ROWS, 512, generator=gen).to(torch.bfloat16)
+    assert linear.apply_silu_and_mul(layer, x) is None
 
 
 def test_the_probe_reports_why(method, monkeypatch) -> None:
@@ -133,6 +210,12 @@ def test_the_double_refuses_what_flashinfer_refuses(flashinfer_double) -> None:
         fp8_blockscale_gemm_sm90(x, w, None, torch.ones(2, 2))
     with pytest.raises(ValueError, match="input_scale should not be provided"):
         fp8_blockscale_gemm_sm90(x, w, torch.ones(4, 2), s)
+    with pytest.raises(ValueError, match="input_scale is required"):
+        fp8_blockscale_gemm_sm90(x.to(torch.float8_e4m3fn), w, None, s)
+    with pytest.raises(ValueError, match="fewer than the 8 floats"):  # 2 groups x 4 rows
+        fp8_blockscale_gemm_sm90(x.to(torch.float8_e4m3fn), w, torch.ones(4), s)
+    with pytest.raises(ValueError, match="stride of K"):
+        fp8_blockscale_gemm_sm90(torch.randn(4, 512).to(torch.bfloat16)[:, :256], w, None, s)
     with pytest.raises(ValueError, match="divisible by block size"):
         fp8_blockscale_gemm_sm90(x[:, :192], w[:, :192], None, s)
 
@@ -188,3 +271,40 @@ def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
     replayed = out["y"].clone()
     assert torch.equal(replayed, linear.apply(layer, x))
     assert rel_err(replayed.cpu(), _oracle(x.cpu(), host)) < 1e-2
+
+
+@pytest.mark.skipif(not _sm90_with_flashinfer(), reason="needs an sm90 GPU and flashinfer")
+@pytest.mark.parametrize("rows", [64, 66, 1024])
+def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
+    """The real runner reads the fused kernel's e4m3 input and padded group-major scales as
+    laid out (the probe says so, and the product of a 66-row input, whose scales are padded,
+    matches the float64 oracle of the unfused pair), eagerly and from a replayed graph."""
+    from heteroserve.platforms.cuda import flashinfer_fp8_block as mod
+    from heteroserve.platforms.cuda.graph import CudaGraphRunner
+
+    monkeypatch.setattr(mod, "CAPTURE", True)
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(rows + 1)
+    host = _layer(512, 1024, gen)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(host.weight.to(dev), requires_grad=False)
+    layer.weight_scale_inv = torch.nn.Parameter(host.weight_scale_inv.to(dev),
+                                                requires_grad=False)
+    linear = mod.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    assert mod.unavailable(dev) is None and mod.takes_prequantized(dev)
+    x = (torch.randn(rows, 2048, generator=gen) * 3).to(dev, torch.bfloat16)
+    eager = linear.apply_silu_and_mul(layer, x)
+    assert eager is not None
+    assert rel_err(eager.cpu(), _silu_and_mul_oracle(x, host)) < 1e-2
+    out: dict[str, torch.Tensor] = {}
+
+    def step() -> None:
+        out["y"] = linear.apply_silu_and_mul(layer, x)
+    graph = CudaGraphRunner(dev).capture(step)
+    x.copy_((torch.randn(rows, 2048, generator=gen) * 3).to(dev, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out["y"].clone()
+    assert torch.equal(replayed, linear.apply_silu_and_mul(layer, x))
+    assert rel_err(replayed.cpu(), _silu_and_mul_oracle(x, host)) < 1e-2

@@ -7,10 +7,14 @@ bf16 is quantized per row and 128-column group to e4m3 (``q = fp8(x * 448 / amax
 ``scale = amax / 448``, 1 for an all-zero group), ``weight [N, K]`` e4m3 carries
 ``weight_scale`` fp32 of ``(N, K / 128)`` (per row) or ``(ceil(N / 128), K / 128)`` (per
 128x128 block); the product is accumulated in fp32 and written as ``[M, N]`` bf16 (or fp16).
+A pre-quantized e4m3 ``input [M, K]`` (rows at a stride of ``K``) needs ``input_scale`` fp32:
+the runner passes only its data pointer to the kernel, which reads the scale of row ``m`` and
+group ``g`` at element ``g * ceil(M / 4) * 4 + m`` (the layout its own ``scale_1x128_kernel``
+writes), whatever the tensor's shape and strides; the double reads that memory the same way.
 Raises ``ValueError`` where the real function does: ``K % 128``, ``N % 64``, an fp8 input with a
-bf16 weight, a missing or mis-shaped scale, an output of another dtype or shape. The double
-stands for an sm90 device (the real function refuses any other); pre-quantized fp8 inputs and
-bf16 weights (internal weight quantization) are not used by heteroserve and raise
+bf16 weight, a missing or mis-shaped weight scale, a missing or non-fp32 input scale, an output
+of another dtype or shape. The double stands for an sm90 device (the real function refuses any
+other); bf16 weights (internal weight quantization) are not used by heteroserve and raise
 ``NotImplementedError``.
 """
 
@@ -36,6 +40,18 @@ def _quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return (q.float() / scale).reshape(m, k)
 
 
+def _dequantize_input(q: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of a pre-quantized ``q [M, K]``, its scales read from ``input_scale``'s
+    memory as the kernel reads them (group-major, ``M`` padded to 4)."""
+    m, k = q.shape
+    pad = -(-m // 4) * 4
+    need = (k // BLOCK) * pad
+    require(input_scale.untyped_storage().nbytes() // 4 - input_scale.storage_offset() >= need,
+            f"input_scale holds fewer than the {need} floats the kernel reads")
+    flat = torch.as_strided(input_scale, (k // BLOCK, pad), (pad, 1))
+    return (q.float().reshape(m, k // BLOCK, BLOCK) * flat[:, :m].t().unsqueeze(-1)).reshape(m, k)
+
+
 def fp8_blockscale_gemm_sm90(input: torch.Tensor, weight: torch.Tensor,
                              input_scale: torch.Tensor | None = None,
                              weight_scale: torch.Tensor | None = None,
@@ -50,13 +66,21 @@ def fp8_blockscale_gemm_sm90(input: torch.Tensor, weight: torch.Tensor,
                                   f"K={weight.shape[1]}")
     require(k % BLOCK == 0, f"K dimension must be divisible by block size ({BLOCK}), got K={k}")
     require(n % 64 == 0, f"N dimension must be divisible by 64, got N={n}")
+    require(input.stride(1) == 1 and (m < 2 or input.stride(0) == k),
+            "the kernel reads the input's rows at a stride of K from its data pointer")
     fp8 = torch.float8_e4m3fn
     require(not (input.dtype == fp8 and weight.dtype == torch.bfloat16),
             "FP8 input + BF16 weight is not supported")
-    if input.dtype == fp8 or weight.dtype == torch.bfloat16:
-        raise NotImplementedError("the double covers bf16 input with an fp8 weight only")
-    require(input.dtype == torch.bfloat16, f"Input must be either FP8 or BF16, got {input.dtype}")
-    require(input_scale is None, "input_scale should not be provided for BF16 inputs")
+    if weight.dtype == torch.bfloat16:
+        raise NotImplementedError("the double covers fp8 weights only")
+    if input.dtype == fp8:
+        require(input_scale is not None, "input_scale is required when input is FP8")
+        require(input_scale.dtype == torch.float32,
+                f"input_scale must be float32, got {input_scale.dtype}")
+    else:
+        require(input.dtype == torch.bfloat16,
+                f"Input must be either FP8 or BF16, got {input.dtype}")
+        require(input_scale is None, "input_scale should not be provided for BF16 inputs")
     require(weight.dtype == fp8, f"Weight must be either FP8 or BF16, got {weight.dtype}")
     require(weight_scale is not None, "weight_scale is required when weight is FP8")
     per_row, per_block = (n, k // BLOCK), (-(-n // BLOCK), k // BLOCK)
@@ -76,7 +100,8 @@ def fp8_blockscale_gemm_sm90(input: torch.Tensor, weight: torch.Tensor,
         out = torch.empty(m, n, dtype=out_dtype, device=input.device)
     rows = 1 if tuple(weight_scale.shape) == per_row else BLOCK
     w = weight.float() * weight_scale.repeat_interleave(rows, 0)[:n].repeat_interleave(BLOCK, 1)
-    out.copy_(_quantize_rows(input) @ w.t())
+    a = _dequantize_input(input, input_scale) if input.dtype == fp8 else _quantize_rows(input)
+    out.copy_(a @ w.t())
     return out
 
 
