@@ -13,7 +13,7 @@ pipeline is what cuBLASLt's block-scaled GEMM lacks here (on an H100 at 8192 row
 change: products of at least :data:`MIN_ROWS` bf16 rows whose shape the kernel takes (``N`` a
 multiple of 64, ``K`` of 128, an e4m3fn weight) go to flashinfer; every other input (the
 decode GEMV, fp16 or fp32 rows, a device whose probe failed) takes the Triton method's path.
-Decode graphs capture it only where :data:`CAPTURE` is set: a graph's warm-up run
+Decode graphs capture it where :data:`CAPTURE` is set (the default): a graph's warm-up run
 (``CudaGraphRunner``) compiles and loads the tile before capture, each call's workspace is a
 tensor of the graph's pool, and the kernels' arguments (the tensor maps, the workspace
 address) are fixed at capture, as the replay needs. A probe at weight-processing time builds flashinfer's module and checks one
@@ -55,11 +55,11 @@ log = logging.getLogger(__name__)
 #: kernel this threshold keeps out
 MIN_ROWS = 64
 #: whether a CUDA-graph capture may record it (else captured steps take the Triton method's
-#: path). Off until a replay is checked on hardware: from graphs it ran faster than cuBLASLt
-#: at 64-512 rows on an H100 and lifted offline throughput from 33,799 to 34,706 total tok/s
-#: (``results/h100-20261207-1913-*``), but those runs checked no outputs
-#: (``tests/vendor_platforms/test_flashinfer_fp8_block.py`` has the GPU replay test)
-CAPTURE = False
+#: path). A replay after new inputs equals the eager call bitwise and the float64 oracle at
+#: 64, 256 and 1024 rows on an H100 (``results/h100-20261207-2138-tests.log``); from graphs
+#: it lifted fp8-block offline throughput (1024 x 1024/256) from 31,362 to 34,391 total tok/s
+#: there (``results/h100-20261207-2138-fp8fi-*``)
+CAPTURE = True
 #: whether the down projection's SiLU-and-mul hands the runner fp8 rows (where the probe's
 #: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner
 FUSED_SILU_AND_MUL = True

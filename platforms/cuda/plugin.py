@@ -44,7 +44,7 @@ SDPA_EXTEND_PRIORITY = 11
 #: flashinfer's paged prefill (FA3) against 0.2183 s with cuDNN, no gain, and its module takes
 #: 152 s to JIT-build; --kernel attention=triton_flashinfer_extend selects it
 FLASHINFER_EXTEND_PRIORITY = 9
-#: above Triton: fp8_block linears whose eager products of 64+ rows run on flashinfer's sm90
+#: above Triton: fp8_block linears whose products of 64+ rows run on flashinfer's sm90
 #: block-scale GEMM (DeepGEMM kernels). On an H100 (2026-12-07 19:13, one call, results/
 #: h100-20261207-1913-fp8fi-*) Llama-3.1-8B-shaped fp8-block offline (256 x 1024/256) ran
 #: 33,799 total tok/s with it outside the decode graphs (34,706 with them capturing it too)
@@ -153,8 +153,8 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
         (ops.linear_op("fp8_block"), "flashinfer_fp8_block", "FlashInferFp8BlockLinear",
          _flashinfer_fp8_block(device_type), FLASHINFER_FP8_BLOCK_PRIORITY,
          "Triton fp8 GEMV for <= 4 rows, cuBLASLt block-scaled GEMM to 63, flashinfer's "
-         "sm90 block-scale GEMM (DeepGEMM, nvcc-compiled per tile) for eager products of "
-         "64+ bf16 rows"),
+         "sm90 block-scale GEMM (DeepGEMM, nvcc-compiled per tile) for 64+ bf16 rows, "
+         "in decode graphs too; the down projection's SiLU-and-mul writes its fp8 input"),
     ]
     name = "flashinfer" if platform == "cuda" else f"flashinfer@{platform}"
     return [KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=(platform,),

@@ -68,6 +68,31 @@ def _quant_kernel(
         tl.store(q_ptr + row * stride_qm + cols, v.to(q_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _group_quant_kernel(
+    x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_sm, stride_sg, K, n_groups, qmax,
+    min_scale, IS_INT: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+):
+    """Dynamic per-group scales for a power-of-two ``GROUP``: one program quantizes
+    ``GROUPS_PER_PROGRAM`` groups of a row from one load (no second pass over ``x``)."""
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = cols < K
+    x = _load_cols(x_ptr, x_ptr + row * stride_xm, cols, m, K, GATED)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / qmax, min_scale)
+    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < n_groups)
+    v = tl.minimum(tl.maximum(x / scale[:, None], -qmax), qmax)
+    if IS_INT:
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    tl.store(q_ptr + row * stride_qm + cols, v.to(q_ptr.dtype.element_ty), mask=m)
+
+
+#: elements of a row :func:`_group_quant_kernel` quantizes per program
+_GROUP_PROGRAM_ELEMENTS = 2048
+
+
 def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: int | None,
                   scale: torch.Tensor | None = None, group_major: bool = False,
                   row_multiple: int = 1, amax: torch.Tensor | None = None,
@@ -108,7 +133,13 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype, qmax: float, group: i
         s = torch.empty((groups, rows), dtype=torch.float32, device=x.device).t()
     else:
         s = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
-    if m and k:
+    if m and k and not per_tensor and g == triton.next_power_of_2(g) and groups > 1:
+        per_program = max(1, min(_GROUP_PROGRAM_ELEMENTS // g, triton.next_power_of_2(groups)))
+        _group_quant_kernel[(m, triton.cdiv(groups, per_program))](
+            x, q, s, x.stride(0), q.stride(0), s.stride(0), s.stride(1), k, groups, float(qmax),
+            MIN_SCALE, IS_INT=not out_dtype.is_floating_point, GATED=gated, GROUP=g,
+            GROUPS_PER_PROGRAM=per_program, num_warps=4)
+    elif m and k:
         block = min(1024, triton.next_power_of_2(g)) if x.device.type != "cpu" else 32
         _quant_kernel[(m, groups)](
             x, q, s, amax if amax is not None else s, x.stride(0), q.stride(0),

@@ -278,9 +278,13 @@ def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
 def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
     """The real runner reads the fused kernel's e4m3 input and padded group-major scales as
     laid out (the probe says so, and the product of a 66-row input, whose scales are padded,
-    matches the float64 oracle of the unfused pair), eagerly and from a replayed graph."""
+    matches the float64 oracle of the unfused pair within the conformance suite's bf16 bound
+    and about as closely as the runner's own quantization of the bf16 product), eagerly and
+    from a replayed graph."""
+    from heteroserve.conformance.tolerances import tolerance
     from heteroserve.platforms.cuda import flashinfer_fp8_block as mod
     from heteroserve.platforms.cuda.graph import CudaGraphRunner
+    from heteroserve.platforms.triton.activation import silu_and_mul
 
     monkeypatch.setattr(mod, "CAPTURE", True)
     dev = torch.device("cuda")
@@ -294,9 +298,12 @@ def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
     linear.process_weights_after_loading(layer)
     assert mod.unavailable(dev) is None and mod.takes_prequantized(dev)
     x = (torch.randn(rows, 2048, generator=gen) * 3).to(dev, torch.bfloat16)
+    bound = tolerance(torch.bfloat16).max_rel_err
     eager = linear.apply_silu_and_mul(layer, x)
     assert eager is not None
-    assert rel_err(eager.cpu(), _silu_and_mul_oracle(x, host)) < 1e-2
+    fused_err = rel_err(eager.cpu(), _silu_and_mul_oracle(x, host))
+    runner_err = rel_err(linear.apply(layer, silu_and_mul(x)).cpu(), _silu_and_mul_oracle(x, host))
+    assert fused_err < bound and fused_err < 1.5 * runner_err + 1e-3, (fused_err, runner_err)
     out: dict[str, torch.Tensor] = {}
 
     def step() -> None:
@@ -307,4 +314,4 @@ def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
     torch.cuda.synchronize()
     replayed = out["y"].clone()
     assert torch.equal(replayed, linear.apply_silu_and_mul(layer, x))
-    assert rel_err(replayed.cpu(), _silu_and_mul_oracle(x, host)) < 1e-2
+    assert rel_err(replayed.cpu(), _silu_and_mul_oracle(x, host)) < bound
