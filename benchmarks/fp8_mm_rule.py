@@ -19,8 +19,9 @@ Rules:
   batches). The linear must be
   that one (the cuda default where flashinfer runs; ``HS_KERNELS=linear.fp8_block=flashinfer``
   forces it, as gpu_session.sh's fp8fi step does for these rules).
-- ``flashinfer64_unfused``: ``flashinfer64`` with the down projection's SiLU-and-mul a
-  separate bf16 launch (``FUSED_SILU_AND_MUL`` off; the runner quantizes its input itself).
+- ``flashinfer64_fused``: ``flashinfer64`` with the down projection's SiLU-and-mul writing
+  the runner's fp8 input (``FUSED_SILU_AND_MUL`` on); ``flashinfer64_unfused``: with it a
+  separate bf16 launch, the runner quantizing its input itself (the default).
 - ``cublas``: as ``default``, run with ``HS_KERNELS=linear.fp8_block=triton`` (the fp8fi step
   sets it), the Triton method whose fp8-block products of 5+ rows run on cuBLASLt.
 """
@@ -39,7 +40,8 @@ from bench_common import rule_named  # noqa: E402
 RULES = {"default": (False, 0, None), "fast": (True, 0, None), "swap4096": (False, 4096, None),
          "fast_swap4096": (True, 4096, None), "flashinfer": (False, 0, 512),
          "flashinfer256": (False, 0, 256), "flashinfer64": (False, 0, 64),
-         "flashinfer64_unfused": (False, 0, 64), "cublas": (False, 0, None)}
+         "flashinfer64_fused": (False, 0, 64), "flashinfer64_unfused": (False, 0, 64),
+         "cublas": (False, 0, None)}
 
 
 def apply(rule: str) -> None:
@@ -50,7 +52,7 @@ def apply(rule: str) -> None:
 
         flashinfer_fp8_block.MIN_ROWS = fi_min_rows
         flashinfer_fp8_block.CAPTURE = True
-        flashinfer_fp8_block.FUSED_SILU_AND_MUL = not rule.endswith("_unfused")
+        flashinfer_fp8_block.FUSED_SILU_AND_MUL = rule.endswith("_fused")
     cublas_fp8.FAST_ACCUM.clear()
     if fast:
         cublas_fp8.FAST_ACCUM.update(cublas_fp8.FAST_ACCUM_SCHEMES)

@@ -20,8 +20,8 @@ address) are fixed at capture, as the replay needs. A probe at weight-processing
 small product against the dequantized matmul; on any failure the layer keeps the Triton path
 and the reason is logged once per device.
 
-The down projection's SiLU-and-mul (:meth:`FlashInferFp8BlockLinear.apply_silu_and_mul`) writes
-the runner's fp8 input and its 1x128 scales itself (:func:`~heteroserve.platforms.triton.quant.
+With :data:`FUSED_SILU_AND_MUL`, the down projection's SiLU-and-mul
+(:meth:`FlashInferFp8BlockLinear.apply_silu_and_mul`) writes the runner's fp8 input and its 1x128 scales itself (:func:`~heteroserve.platforms.triton.quant.
 quantize_rows` with ``gated``), where the probe found the runner reads pre-quantized inputs
 as :func:`prequantized_input` lays them out; that skips the bf16 product's write and the
 runner's quantization pass over it.
@@ -61,8 +61,11 @@ MIN_ROWS = 64
 #: there (``results/h100-20261207-2138-fp8fi-*``)
 CAPTURE = True
 #: whether the down projection's SiLU-and-mul hands the runner fp8 rows (where the probe's
-#: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner
-FUSED_SILU_AND_MUL = True
+#: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner. Off
+#: by default: with the first fused kernel (one program per row and group, two passes) offline
+#: throughput fell from 34,391 to 32,842 total tok/s on an H100
+#: (``results/h100-20261207-2138-fp8fi-flashinfer64*``); the one-pass kernel is untimed
+FUSED_SILU_AND_MUL = False
 #: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
 N_MULTIPLE = 64
 

@@ -50,6 +50,7 @@ def method(flashinfer_double, monkeypatch):
     monkeypatch.setattr(mod, "MIN_ROWS", MIN_ROWS)
     monkeypatch.setattr(mod, "_READY", {})
     monkeypatch.setattr(mod, "_PREQUANTIZED", {})
+    monkeypatch.setattr(mod, "FUSED_SILU_AND_MUL", True)
     monkeypatch.setattr(mod, "quantize_rows", _interpreter_safe_quantize_rows(mod.quantize_rows))
     return mod
 
@@ -287,6 +288,7 @@ def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
     from heteroserve.platforms.triton.activation import silu_and_mul
 
     monkeypatch.setattr(mod, "CAPTURE", True)
+    monkeypatch.setattr(mod, "FUSED_SILU_AND_MUL", True)
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(rows + 1)
     host = _layer(512, 1024, gen)
