@@ -20,8 +20,9 @@ Rules:
   that one (the cuda default where flashinfer runs; ``HS_KERNELS=linear.fp8_block=flashinfer``
   forces it, as gpu_session.sh's fp8fi step does for these rules).
 - ``flashinfer64_fused``: ``flashinfer64`` with the down projection's SiLU-and-mul writing
-  the runner's fp8 input (``FUSED_SILU_AND_MUL`` on); ``flashinfer64_unfused``: with it a
-  separate bf16 launch, the runner quantizing its input itself (the default).
+  the runner's fp8 input (``FUSED_SILU_AND_MUL`` on, the default since 2026-12-07 22:30);
+  ``flashinfer64_unfused``: with it a separate bf16 launch, the runner quantizing its input
+  itself. ``flashinfer``, ``flashinfer256`` and ``flashinfer64`` leave it off.
 - ``cublas``: as ``default``, run with ``HS_KERNELS=linear.fp8_block=triton`` (the fp8fi step
   sets it), the Triton method whose fp8-block products of 5+ rows run on cuBLASLt.
 """

@@ -20,7 +20,7 @@ address) are fixed at capture, as the replay needs. A probe at weight-processing
 small product against the dequantized matmul; on any failure the layer keeps the Triton path
 and the reason is logged once per device.
 
-With :data:`FUSED_SILU_AND_MUL`, the down projection's SiLU-and-mul
+With :data:`FUSED_SILU_AND_MUL` (the default), the down projection's SiLU-and-mul
 (:meth:`FlashInferFp8BlockLinear.apply_silu_and_mul`) writes the runner's fp8 input and its 1x128 scales itself (:func:`~heteroserve.platforms.triton.quant.
 quantize_rows` with ``gated``), where the probe found the runner reads pre-quantized inputs
 as :func:`prequantized_input` lays them out; that skips the bf16 product's write and the
@@ -61,11 +61,12 @@ MIN_ROWS = 64
 #: there (``results/h100-20261207-2138-fp8fi-*``)
 CAPTURE = True
 #: whether the down projection's SiLU-and-mul hands the runner fp8 rows (where the probe's
-#: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner. Off
-#: by default: with the first fused kernel (one program per row and group, two passes) offline
-#: throughput fell from 34,391 to 32,842 total tok/s on an H100
-#: (``results/h100-20261207-2138-fp8fi-flashinfer64*``); the one-pass kernel is untimed
-FUSED_SILU_AND_MUL = False
+#: pre-quantized product matched); off: a bf16 launch, quantized again inside the runner. On
+#: an H100, offline (1024 x 1024/256) with the decode graphs capturing the GEMM: 35,486 and
+#: 35,432 total tok/s against 34,527 and 34,386 unfused, in both run orders
+#: (``results/h100-20261207-22{20,24}-fp8fi-*``); the first fused kernel, two passes in one
+#: program per row and 128-column group, had run slower (32,842 against 34,391, ``-2138-``)
+FUSED_SILU_AND_MUL = True
 #: what the kernel takes: ``N`` a multiple of this, ``K`` a multiple of :data:`FP8_BLOCK`
 N_MULTIPLE = 64
 

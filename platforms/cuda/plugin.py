@@ -154,7 +154,7 @@ def flashinfer_kernel_specs(platform: str = "cuda", device_type: str = "cuda"
          _flashinfer_fp8_block(device_type), FLASHINFER_FP8_BLOCK_PRIORITY,
          "Triton fp8 GEMV for <= 4 rows, cuBLASLt block-scaled GEMM to 63, flashinfer's "
          "sm90 block-scale GEMM (DeepGEMM, nvcc-compiled per tile) for 64+ bf16 rows, "
-         "in decode graphs too"),
+         "in decode graphs too; the down projection's SiLU-and-mul writes its fp8 input"),
     ]
     name = "flashinfer" if platform == "cuda" else f"flashinfer@{platform}"
     return [KernelSpec(op=op, name=name, load=_lazy(module, attr), platforms=(platform,),
