@@ -239,6 +239,17 @@ def _sm90_with_flashinfer() -> bool:
             and importlib.util.find_spec("flashinfer") is not None)
 
 
+def _on_the_gpu(mod, host: torch.nn.Module, dev: torch.device) -> tuple[torch.nn.Module, object]:
+    """``host``'s tensors on ``dev`` and a processed ``FlashInferFp8BlockLinear`` for them."""
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(host.weight.to(dev), requires_grad=False)
+    layer.weight_scale_inv = torch.nn.Parameter(host.weight_scale_inv.to(dev),
+                                                requires_grad=False)
+    linear = mod.FlashInferFp8BlockLinear()
+    linear.process_weights_after_loading(layer)
+    return layer, linear
+
+
 @pytest.mark.skipif(not _sm90_with_flashinfer(), reason="needs an sm90 GPU and flashinfer")
 @pytest.mark.parametrize("rows", [64, 256, 1024])
 def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
@@ -251,12 +262,7 @@ def test_graph_replay_equals_eager_on_the_gpu(monkeypatch, rows) -> None:
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(rows)
     host = _layer(512, 1024, gen)
-    layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(host.weight.to(dev), requires_grad=False)
-    layer.weight_scale_inv = torch.nn.Parameter(host.weight_scale_inv.to(dev),
-                                                requires_grad=False)
-    linear = mod.FlashInferFp8BlockLinear()
-    linear.process_weights_after_loading(layer)
+    layer, linear = _on_the_gpu(mod, host, dev)
     assert mod.unavailable(dev) is None
     calls = _spy(monkeypatch, mod)
     x = torch.randn(rows, 1024, generator=gen).to(dev, torch.bfloat16)
@@ -292,12 +298,7 @@ def test_fused_silu_and_mul_on_the_gpu(monkeypatch, rows) -> None:
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(rows + 1)
     host = _layer(512, 1024, gen)
-    layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(host.weight.to(dev), requires_grad=False)
-    layer.weight_scale_inv = torch.nn.Parameter(host.weight_scale_inv.to(dev),
-                                                requires_grad=False)
-    linear = mod.FlashInferFp8BlockLinear()
-    linear.process_weights_after_loading(layer)
+    layer, linear = _on_the_gpu(mod, host, dev)
     assert mod.unavailable(dev) is None and mod.takes_prequantized(dev)
     x = (torch.randn(rows, 2048, generator=gen) * 3).to(dev, torch.bfloat16)
     bound = tolerance(torch.bfloat16).max_rel_err
