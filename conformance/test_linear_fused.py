@@ -4,9 +4,11 @@
 projection, then a gated activation of its two output halves) and ``apply_upcast`` (bf16 or
 fp16 rows into an fp32 unquantized layer), against float64 oracles.
 
-They run on the schemes whose activations go in unquantized (a fused W8A8 kernel would
-quantize a row the suite cannot reproduce); a method that returns None for a case (no fused
-kernel for that input, the contract's default) is reported as skipped with that reason.
+They run on the schemes whose activations go in unquantized, and ``apply_silu_and_mul`` also
+on ``fp8_block``, whose dynamic per-group activation quantization the oracle reproduces from
+the activated rows rounded to the dtype (as the SiLU-and-mul op rounds them); a method that
+returns None for a case (no fused kernel for that input, the contract's default) is reported
+as skipped with that reason.
 """
 
 from __future__ import annotations
@@ -79,12 +81,18 @@ def test_linear_rms_norm(conf: ConfParam, ctx: ConformanceContext, with_residual
     assert_close(out[0], ref, dt, f"linear_rms_norm.{case.scheme}", request)
 
 
-@conformance(fused_cases, label="linear_silu_and_mul")
+def silu_and_mul_cases(ctx: ConformanceContext) -> list[LinearCase]:
+    """:func:`fused_cases` and the ``fp8_block`` cases (named alike)."""
+    return fused_cases(ctx) + [replace(c, name=f"{c.scheme}-{c.name}")
+                               for c in linear_cases(ctx) if c.scheme == "fp8_block"]
+
+
+@conformance(silu_and_mul_cases, label="linear_silu_and_mul")
 def test_linear_silu_and_mul(conf: ConfParam, ctx: ConformanceContext,
                              request: pytest.FixtureRequest) -> None:
     case: LinearCase = conf.case  # type: ignore[assignment]
     method = conf.load()()
-    layer, ckpt, _, gen = load_layer(case, method, ctx)
+    layer, ckpt, act_fp8, gen = load_layer(case, method, ctx)
     dt, dev, k = case.dtype, ctx.device, case.in_features
     x = _rows(gen, case.tokens, 2 * k, dt)
     bias = _bias(case, gen)
@@ -95,7 +103,9 @@ def test_linear_silu_and_mul(conf: ConfParam, ctx: ConformanceContext,
     assert_bitwise_equal(x_dev, x, "apply_silu_and_mul must not modify x")
     gate, up = x.double()[:, :k], x.double()[:, k:]
     activated = torch.nn.functional.silu(gate) * up
-    ref = oracle.linear(case.scheme, activated, ckpt, case.group_size, bias, None)
+    if case.scheme == "fp8_block":  # quantized from the op's rounded output
+        activated = activated.to(dt).double()
+    ref = oracle.linear(case.scheme, activated, ckpt, case.group_size, bias, act_fp8)
     assert_close(out, ref, dt, f"linear_silu_and_mul.{case.scheme}", request)
 
 
