@@ -1,12 +1,14 @@
-"""Dynamic symmetric activation quantization for the W8A8 schemes (one Triton kernel).
+"""Dynamic symmetric activation quantization for the W8A8 schemes (Triton kernels).
 
 Per (row, ``group``-column group): ``s = max(amax / qmax, 1e-12)``, ``q = clamp(x / s, -qmax,
 qmax)`` rounded to the output dtype (fp8: the cast's round-to-nearest-even; int8: nearest,
-ties to even). A gated input (``GATED``: ``x = [gate | up]``) is quantized as ``silu(gate) * up``
-rounded to ``x``'s dtype first, as the SiLU-and-mul op rounds it, without writing that product. ``group = K`` gives per-token scales; a given scale (``STATIC``) skips the amax
+ties to even). ``group = K`` gives per-token scales; a given scale (``STATIC``) skips the amax
 pass (per-tensor quantization with a precomputed scale), and so does a given amax
 (``FROM_AMAX``: per-tensor with the scale computed from the tensor's amax in the kernel, which
-saves the launches of computing it in torch).
+saves the launches of computing it in torch). Dynamic scales of a power-of-two group take
+:func:`_group_quant_kernel` (several groups a program, one load). A gated input (``GATED``:
+``x = [gate | up]``) is quantized as ``silu(gate) * up`` rounded to ``x``'s dtype first, as
+the SiLU-and-mul op rounds it, without writing that product.
 """
 
 from __future__ import annotations
