@@ -168,7 +168,7 @@ def _probe_error(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ws: torch.Te
     w_ref = w.double() * ws.double().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(
         FP8_BLOCK, 1)
     groups = x.double().reshape(m, k // FP8_BLOCK, FP8_BLOCK)
-    x_scale = groups.abs().amax(-1, keepdim=True) / 448.0
+    x_scale = groups.abs().amax(-1, keepdim=True) / E4M3_MAX
     x_ref = ((groups / x_scale).to(torch.float8_e4m3fn).double() * x_scale).reshape(m, k)
     ref = x_ref @ w_ref.t()
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
@@ -204,13 +204,9 @@ class FlashInferFp8BlockLinear(Fp8BlockLinear):
         x2 = rows(x, weight.shape[1], self.scheme)
         if not takes(x2, weight):
             return super().apply(layer, x, bias)
-        w_scale = get_param(layer, "weight_scale_inv")
         if x2.stride(0) != x2.shape[1]:  # the kernel reads rows at a stride of K
             x2 = x2.contiguous()
-        y = load_gemm()(x2, weight, None, w_scale)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _product(layer, x2, None, bias, x.shape[:-1])
 
     def apply_silu_and_mul(self, layer: torch.nn.Module, x: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -225,7 +221,14 @@ class FlashInferFp8BlockLinear(Fp8BlockLinear):
                 or not takes(x2, weight) or not takes_prequantized(x2.device)):
             return None
         q, scales = prequantized_input(x2, gated=True)
-        y = load_gemm()(q, weight, scales, get_param(layer, "weight_scale_inv"))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _product(layer, q, scales, bias, x.shape[:-1])
+
+
+def _product(layer: torch.nn.Module, a: torch.Tensor, a_scale: torch.Tensor | None,
+             bias: torch.Tensor | None, lead: torch.Size) -> torch.Tensor:
+    """flashinfer's ``a [M, K] @ weight^T`` (``a`` bf16 with ``a_scale`` None, or e4m3 with
+    :func:`prequantized_input`'s scales), plus ``bias``, shaped ``[*lead, N]``."""
+    y = load_gemm()(a, get_param(layer, "weight"), a_scale, get_param(layer, "weight_scale_inv"))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, y.shape[-1])
