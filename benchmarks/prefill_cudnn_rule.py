@@ -6,7 +6,9 @@ cuDNN), ``triton_chunks`` (whole prompts in flash, chunks on a prefix in Triton:
 before 2026-12-05), ``no_warm_up`` (the default without its start-up cuDNN plans, as before
 694f89f), ``torch_merge`` (a chunk's two calls merged by torch ops, as before the Triton
 merge), ``copy_output`` (a one-prompt step's cuDNN output copied into a fresh output, as
-before 55495e7). The JSON records the rule as ``attention_rule``."""
+before 55495e7), ``rotary_in_place`` (a long extend's q / k rotated in place by the layer's
+rotary op and q copied into the rows cuDNN takes, as before the prologue wrote them). The
+JSON records the rule as ``attention_rule``."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ RULES = {"flash_prompts": {"cudnn_prompts": False},
          "triton_chunks": {"cudnn_prompts": False, "cudnn_chunks": False},
          "no_warm_up": {"warm_up_plans": False},
          "torch_merge": {"fused_merge": False},
-         "copy_output": {"return_kernel_output": False}}
+         "copy_output": {"return_kernel_output": False},
+         "rotary_in_place": {"rotate_into_rows": False}}
 
 
 def main() -> int:

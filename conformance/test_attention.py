@@ -69,21 +69,23 @@ def test_attention_forward_decode(conf: ConfParam, ctx: ConformanceContext,
     assert_close(out, ref, case.dtype, "forward (decode) output", request)
 
 
-@conformance(attention_cases("decode"))
-def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceContext,
-                                           request: pytest.FixtureRequest) -> None:
-    """``forward_prologue`` (optional: skipped where it returns None) of un-normed, un-rotated
-    q / k passed as strided views of one qkv row, as a decoder layer passes them, with a
-    per-head qk-norm and without, in both rotary styles: the new K slots hold the float64
-    norm and rotation (within the dtype's bound), V and every other slot are exact, the output
-    is the oracle's over the normed, rotated query, and the inputs are left as they were."""
+def _forward_prologue(conf: ConfParam, ctx: ConformanceContext,
+                      request: pytest.FixtureRequest) -> None:
+    """``forward_prologue`` (optional: skipped where it returns None for every variant) of
+    un-normed, un-rotated q / k passed as strided views of one qkv projection output, as a
+    decoder layer passes them, with a per-head qk-norm and without, in both rotary styles, over
+    whole heads and part of each: for each variant the backend folds, the new K slots hold the
+    float64 norm and rotation (within the dtype's bound), V and every other slot are exact,
+    the output is the oracle's over the normed, rotated queries, and the inputs are left as
+    they were."""
     case: AttnCase = conf.case  # type: ignore[assignment]
     if case.kv_fp8:
         pytest.skip("fp8 caches: a rounding flip of one fp8 step exceeds the dtype's bound")
     dt, d = case.dtype, case.head_size
+    folded = 0
     # (qk-norm, NeoX style, rotary width): whole heads, and a partial rotation (Phi / GLM)
     for qk_norm, is_neox, rot in ((True, True, d), (False, False, d // 4 * 2),
-                                  (True, False, d)):
+                                  (True, False, d), (False, True, d)):
         s = make_setup(conf, ctx)
         dev = s.q.device
         gen = case.generator(11)
@@ -91,8 +93,10 @@ def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceCont
                         dim=1)  # O(2) rows: the norm changes them
         hq, hk = case.q_heads * d, case.kv_heads * d
         q, k, v = (x.view(x.shape[0], -1, d) for x in qkv.split([hq, hk, hk], dim=1))
-        positions = torch.tensor([p for p, _ in case.seqs], dtype=torch.int64, device=dev)
-        table = rotary_ref.cos_sin_cache(max(p for p, _ in case.seqs) + 2, rot).float().to(dev)
+        positions = torch.cat([torch.arange(p, p + n, dtype=torch.int64)
+                               for p, n in case.seqs]).to(dev)
+        table = rotary_ref.cos_sin_cache(max(p + n for p, n in case.seqs) + 2,
+                                         rot).float().to(dev)
         weights = [(torch.rand(d, generator=gen, dtype=torch.float64) + 0.5).to(dt).to(dev)
                    for _ in range(2)]
         prologue = AttentionPrologue(positions, table, is_neox,
@@ -104,11 +108,11 @@ def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceCont
             return s.backend.forward_prologue(q, k, v, s.k_cache, s.v_cache, s.layer,
                                               s.batch.meta, prologue)
 
-        if call() is None:
-            pytest.skip("forward_prologue returns None (optional): the layer runs the qk-norm "
-                        "and rotary ops before forward")
+        if call() is None:  # this variant is the layer's to run (optional)
+            continue
+        folded += 1
         out = run_op(call, tuple)  # stores the same new K/V again
-        label = f"(qk_norm={qk_norm}, is_neox={is_neox})"
+        label = f"(qk_norm={qk_norm}, is_neox={is_neox}, rotary width {rot})"
         assert_bitwise_equal(qkv, before, f"forward_prologue must not modify its inputs {label}")
         q_ref, k_ref = (x.double().cpu() for x in (q, k))
         if qk_norm:
@@ -118,13 +122,29 @@ def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceCont
         k_ref = rotary_ref.rotate(positions, k_ref, table, is_neox)
         k_got = flat_slots(s.k_cache, s.layout)[s.batch.meta.out_cache_loc.cpu()]
         assert_close(k_got, k_ref, dt, f"new K slots {label}", request)
-        keys = [x.clone() for x in s.keys]
-        for b, (p, _) in enumerate(case.seqs):
-            keys[b][p] = k_got[b]
+        keys, row = [x.clone() for x in s.keys], 0
+        for b, (p, n) in enumerate(case.seqs):
+            keys[b][p:p + n] = k_got[row:row + n]
+            row += n
         for name, cache, seqs in (("k", s.k_cache, keys), ("v", s.v_cache, s.values)):
             assert_bitwise_equal(flat_slots(cache, s.layout), expected_cache(s, cache, seqs),
                                  f"forward_prologue: {name} cache (only the new tokens' slots "
                                  f"may change) {label}")
         ref = attention_ref(q_ref, keys, s.values, [n for _, n in case.seqs], s.layer.scale,
                             case.sliding_window, case.logit_cap)
-        assert_close(out, ref, dt, f"forward_prologue (decode) output {label}", request)
+        assert_close(out, ref, dt, f"forward_prologue ({case.kind}) output {label}", request)
+    if not folded:
+        pytest.skip("forward_prologue returns None (optional): the layer runs the qk-norm "
+                    "and rotary ops before forward")
+
+
+@conformance(attention_cases("decode"))
+def test_attention_forward_prologue_decode(conf: ConfParam, ctx: ConformanceContext,
+                                           request: pytest.FixtureRequest) -> None:
+    _forward_prologue(conf, ctx, request)
+
+
+@conformance(attention_cases("extend"))
+def test_attention_forward_prologue_extend(conf: ConfParam, ctx: ConformanceContext,
+                                           request: pytest.FixtureRequest) -> None:
+    _forward_prologue(conf, ctx, request)

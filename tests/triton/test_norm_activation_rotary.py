@@ -93,3 +93,31 @@ def test_rotary(device: torch.device, neox: bool, rot_dim: int) -> None:
     q_out, k_out = apply_rotary(pos.to(device), q, k, cache.to(device), neox)
     assert rel_err(q_out, q_ref) < 1e-6 and rel_err(k_out, k_ref) < 1e-6
     assert torch.equal(buf[:, (hq + hk) * d:].cpu(), qkv[:, (hq + hk) * d:])  # v untouched
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotate_into_writes_contiguous_rows_and_leaves_the_views(device: torch.device,
+                                                                 neox: bool) -> None:
+    """``rotate_into``: the in-place rotation's values (bitwise: the same arithmetic) in
+    fresh contiguous ``[T, H, D]`` rows; the strided q / k views of the qkv buffer keep their
+    values; None for a rotation over part of each head."""
+    from heteroserve.platforms.triton.rotary import apply_rotary, rotate_into
+
+    g = _gen(7 + neox)
+    t, hq, hk, d = 6, 4, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(device)
+    cache = torch.randn(50, d, generator=g).to(device)
+    pos = torch.randint(0, 50, (t,), generator=g).to(device)
+    q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    before = qkv.clone()
+    rotated = rotate_into(pos, q, k, cache, neox)
+    assert rotated is not None
+    q_out, k_out = rotated
+    assert torch.equal(qkv, before)  # the views are left as they were
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    assert q_out.shape == (t, hq, d) and k_out.shape == (t, hk, d)
+    q_ref, k_ref = apply_rotary(pos, q.clone(), k.clone(), cache, neox)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert rotate_into(pos, q, k, cache[:, :32], neox) is None  # partial rotation
+    with pytest.raises(ValueError, match="token count"):
+        rotate_into(pos[:3], q, k, cache, neox)

@@ -254,3 +254,73 @@ def test_warm_up_builds_the_plans_of_chunked_prompts(monkeypatch: pytest.MonkeyP
     assert TritonAttentionSDPAExtend(cfg).warm_up(64, 16) is None  # no fused kernels on cpu
     warmed.refuse = "cudnn"
     assert warmed.warm_up(64, 16).endswith("stopped: cuDNN refuses 16 tokens on 0")
+
+
+class _RowsRecordingSDPA(_HostSDPA):
+    """Records where each sequence's queries reach the fused kernels: ``(storage, address)``."""
+
+    def _sequence(self, q, k, v, prefix, scale, out):
+        self.q_at = getattr(self, "q_at", []) + [(q.untyped_storage().data_ptr(), q.data_ptr())]
+        return super()._sequence(q, k, v, prefix, scale, out)
+
+
+def _new_tokens(seqs: tuple[tuple[int, int], ...], rot: int, seed: int = 5):
+    """Un-rotated new q / k / v as strided views of one qkv projection output, their positions
+    and a rotary cache of width ``rot``."""
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(n for _, n in seqs)
+    qkv = torch.randn(t, (HQ + 2 * HK) * D, generator=gen).to(torch.bfloat16)
+    q = qkv[:, :HQ * D].view(t, HQ, D)
+    k = qkv[:, HQ * D:(HQ + HK) * D].view(t, HK, D)
+    v = qkv[:, (HQ + HK) * D:].view(t, HK, D)
+    positions = torch.cat([torch.arange(p, p + n) for p, n in seqs])
+    return qkv, q, k, v, positions, torch.randn(128, rot, generator=gen)
+
+
+@pytest.mark.parametrize("seqs", [((0, 40),), ((0, 40), (16, 20))], ids=["prompt", "two"])
+def test_extend_prologue_rotates_into_rows_the_fused_kernels_take(seqs) -> None:
+    """A dense extend's prologue: the same output and caches as the layer's rotary op then
+    :meth:`forward`, bitwise; the projection output untouched; every sequence's queries
+    reach the fused kernels as views of the one rotated buffer, each at its rows (no copy)."""
+    from heteroserve.core.kernels.attention import AttentionPrologue
+    from heteroserve.platforms.triton.rotary import apply_rotary
+
+    backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
+    backend.__class__ = _RowsRecordingSDPA
+    qkv, q, k, v, positions, cos_sin = _new_tokens(seqs, D)
+    layer = AttentionLayer(layer_id=0, scale=0.1)
+    before = qkv.clone()
+    caches = (k_cache.clone(), v_cache.clone())
+    out = backend.forward_prologue(q, k, v, k_cache, v_cache, layer, meta,
+                                   AttentionPrologue(positions, cos_sin, True))
+    assert out is not None and torch.equal(qkv, before)
+    storages, addresses = zip(*backend.q_at)
+    row_bytes = HQ * D * q.element_size()
+    starts = [sum(n for _, n in seqs[:i]) for i in range(len(seqs))]
+    assert len(set(storages)) == 1 and storages[0] != qkv.untyped_storage().data_ptr()
+    assert [a - addresses[0] for a in addresses] == [s * row_bytes for s in starts]
+    ops = before.clone()  # the layer's path: the rotary op in place on the views, then forward
+    q2, k2 = apply_rotary(positions, ops[:, :HQ * D].view(q.shape),
+                          ops[:, HQ * D:(HQ + HK) * D].view(k.shape), cos_sin, True)
+    ref = backend.forward(q2, k2, v, *caches, layer, meta)
+    assert torch.equal(out, ref)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+
+
+@pytest.mark.parametrize("change", ["qk-norm", "partial-rotary", "short", "knob-off"])
+def test_extend_prologue_leaves_the_ops_to_the_layer(change: str) -> None:
+    """None (the layer runs the ops) for per-head norms, a rotation over part of each head,
+    an extend below the dense path, or the knob off; the caches are not written."""
+    from heteroserve.core.kernels.attention import AttentionPrologue
+
+    seqs = ((0, 4),) if change == "short" else ((0, 40),)
+    backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
+    backend.rotate_into_rows = change != "knob-off"
+    _, q, k, v, positions, cos_sin = _new_tokens(seqs, D // 2 if change == "partial-rotary"
+                                                 else D)
+    norms = (torch.ones(D), torch.ones(D)) if change == "qk-norm" else (None, None)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = backend.forward_prologue(q, k, v, k_cache, v_cache, AttentionLayer(0, 0.1), meta,
+                                   AttentionPrologue(positions, cos_sin, True, *norms, 1e-6))
+    assert out is None
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
