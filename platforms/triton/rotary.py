@@ -119,6 +119,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                          f"k {tuple(k.shape)} disagree on the token count")
 
 
+def _contiguous_rows(cache: torch.Tensor) -> torch.Tensor:
+    return cache if cache.stride(1) == 1 else cache.contiguous()
+
+
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q [T, Hq, D]`` and ``k [T, Hk, D]`` in place at ``positions`` (int ``[T]``).
@@ -134,7 +138,7 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q = q.contiguous()
     if k.stride(2) != 1:
         k = k.contiguous()
-    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    cache = _contiguous_rows(cos_sin_cache)
     if q.shape[0]:
         _rotate(q, k, q, k, positions, cache, is_neox)
     return q, k
@@ -154,7 +158,7 @@ def rotate_into(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return None
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), \
         torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    cache = _contiguous_rows(cos_sin_cache)
     if q.shape[0]:
         _rotate(q, k, q_out, k_out, positions, cache, is_neox)
     return q_out, k_out

@@ -13,13 +13,16 @@ import torch
 
 from heteroserve.conformance.oracles.attention import attention as attention_ref
 from heteroserve.conformance.paged import metadata_for
-from heteroserve.core.kernels.attention import AttentionConfig, AttentionLayer, ForwardMode
+from heteroserve.core.kernels.attention import (
+    AttentionConfig, AttentionLayer, AttentionPrologue, ForwardMode,
+)
 from heteroserve.platforms.cuda import sdpa_extend
 from heteroserve.platforms.cuda.sdpa_extend import (
     TritonAttentionSDPAExtend, bucketed_split, cudnn_usable, flash_usable, merge_attention,
     warm_up_extends,
 )
 from heteroserve.platforms.triton.attention import TritonAttention
+from heteroserve.platforms.triton.rotary import apply_rotary
 
 HQ, HK, D = 8, 2, 64
 
@@ -282,9 +285,6 @@ def test_extend_prologue_rotates_into_rows_the_fused_kernels_take(seqs) -> None:
     """A dense extend's prologue: the same output and caches as the layer's rotary op then
     :meth:`forward`, bitwise; the projection output untouched; every sequence's queries
     reach the fused kernels as views of the one rotated buffer, each at its rows (no copy)."""
-    from heteroserve.core.kernels.attention import AttentionPrologue
-    from heteroserve.platforms.triton.rotary import apply_rotary
-
     backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
     backend.__class__ = _RowsRecordingSDPA
     qkv, q, k, v, positions, cos_sin = _new_tokens(seqs, D)
@@ -311,8 +311,6 @@ def test_extend_prologue_rotates_into_rows_the_fused_kernels_take(seqs) -> None:
 def test_extend_prologue_leaves_the_ops_to_the_layer(change: str) -> None:
     """None (the layer runs the ops) for per-head norms, a rotation over part of each head,
     an extend below the dense path, or the knob off; the caches are not written."""
-    from heteroserve.core.kernels.attention import AttentionPrologue
-
     seqs = ((0, 4),) if change == "short" else ((0, 40),)
     backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
     backend.rotate_into_rows = change != "knob-off"
