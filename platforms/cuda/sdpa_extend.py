@@ -65,7 +65,9 @@ from heteroserve.core.kernels.attention import (
 from heteroserve.platforms.triton.attention import TritonAttention
 from heteroserve.platforms.triton.attention_merge import merge_attention_into
 from heteroserve.platforms.triton.attention_prologue import check_prologue
+from heteroserve.platforms.triton.qk_norm import qk_norm_rotary_into
 from heteroserve.platforms.triton.rotary import rotate_into
+
 
 #: fewest new tokens of every sequence for the dense path; below it the per-sequence gathers
 #: and launches are not worth it and one Triton launch serves the whole batch (1024: the
@@ -276,19 +278,26 @@ class TritonAttentionSDPAExtend(TritonAttention):
                          k_cache: torch.Tensor, v_cache: torch.Tensor, layer: AttentionLayer,
                          meta: AttentionMetadata,
                          prologue: AttentionPrologue) -> torch.Tensor | None:
-        """Decode: :class:`TritonAttention`'s fold. An extend that takes the dense path, with
-        a rotation over whole heads and no per-head norms: one rotary pass writes q and k as
-        fresh contiguous rows (:func:`~heteroserve.platforms.triton.rotary.rotate_into`), so
+        """Decode: :class:`TritonAttention`'s fold. An extend that takes the dense path: one
+        pass writes q and k as fresh contiguous rows, normed per head and rotated
+        (:func:`~heteroserve.platforms.triton.qk_norm.qk_norm_rotary_into`, any rotation
+        width) or, without norms, rotated over whole heads
+        (:func:`~heteroserve.platforms.triton.rotary.rotate_into`), so
         the fused kernels take each sequence's queries without :meth:`extend`'s copy of a
         strided q (a read and a write of every query, 2.9 ms of an 8k prompt's 216 ms on an
         H100, 2026-12-06 07:15), then :meth:`forward`. None otherwise (the layer runs the ops)."""
         if meta.mode is ForwardMode.DECODE:
             return super().forward_prologue(q, k, v, k_cache, v_cache, layer, meta, prologue)
-        if (not self.rotate_into_rows or prologue.has_norm
-                or not self._dense(q, k_cache, layer, meta)):
+        if not self.rotate_into_rows or not self._dense(q, k_cache, layer, meta):
             return None
         check_prologue(prologue, q.shape[0], self.config.head_size)
-        rotated = rotate_into(prologue.positions, q, k, prologue.cos_sin_cache, prologue.is_neox)
+        if prologue.has_norm:
+            rotated = qk_norm_rotary_into(q, k, prologue.q_norm_weight, prologue.k_norm_weight,
+                                          prologue.eps, prologue.positions,
+                                          prologue.cos_sin_cache, prologue.is_neox)
+        else:
+            rotated = rotate_into(prologue.positions, q, k, prologue.cos_sin_cache,
+                                  prologue.is_neox)
         if rotated is None:
             return None
         return self.forward(rotated[0], rotated[1], v, k_cache, v_cache, layer, meta)

@@ -65,6 +65,37 @@ def test_fused_equals_reference_and_the_two_ops(device: torch.device, neox: bool
     assert rel_err(out_q, two_q) < 1e-6 and rel_err(out_k, two_k) < 1e-6
 
 
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rot", [64, 32], ids=["whole-head", "partial"])
+def test_into_writes_contiguous_rows_and_leaves_the_views(device: torch.device, neox: bool,
+                                                          rot: int) -> None:
+    """``qk_norm_rotary_into``: the in-place op's values (bitwise: the same arithmetic), every
+    dim included at a partial rotation, in fresh contiguous ``[T, H, D]`` rows; the strided
+    q / k views of the qkv buffer keep their values; None for a strided last dim."""
+    from heteroserve.platforms.triton.qk_norm import qk_norm_rotary, qk_norm_rotary_into
+
+    t, hq, hk, d = 5, 4, 2, 64
+    g = torch.Generator().manual_seed(rot + neox)
+    qkv = (torch.randn(t, (hq + 2 * hk) * d, generator=g) * 3).to(device)
+    qw, kw = torch.randn(d, generator=g).to(device), torch.randn(d, generator=g).to(device)
+    cache = torch.randn(64, rot, generator=g).to(device)
+    pos = torch.randint(0, 64, (t,), generator=g).to(device)
+    q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    before = qkv.clone()
+    into = qk_norm_rotary_into(q, k, qw, kw, EPS, pos, cache, neox)
+    assert into is not None
+    q_out, k_out = into
+    assert torch.equal(qkv, before)
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    assert q_out.shape == (t, hq, d) and k_out.shape == (t, hk, d)
+    q_ref, k_ref = qk_norm_rotary(q.clone(), k.clone(), qw, kw, EPS, pos, cache, neox)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    q_t = qkv[:, :hq * d].view(t, d, hq).transpose(1, 2)  # last dim strided
+    assert qk_norm_rotary_into(q_t, k, qw, kw, EPS, pos, cache, neox) is None
+    with pytest.raises(ValueError, match="positions"):
+        qk_norm_rotary_into(q, k, qw, kw, EPS, pos[:2], cache, neox)
+
+
 def test_refuses_inconsistent_inputs(device: torch.device) -> None:
     from heteroserve.platforms.triton.qk_norm import qk_norm_rotary
 

@@ -22,6 +22,7 @@ from heteroserve.platforms.cuda.sdpa_extend import (
     warm_up_extends,
 )
 from heteroserve.platforms.triton.attention import TritonAttention
+from heteroserve.platforms.triton.qk_norm import qk_norm_rotary
 from heteroserve.platforms.triton.rotary import apply_rotary
 
 HQ, HK, D = 8, 2, 64
@@ -280,45 +281,54 @@ def _new_tokens(seqs: tuple[tuple[int, int], ...], rot: int, seed: int = 5):
     return qkv, q, k, v, positions, torch.randn(128, rot, generator=gen)
 
 
+@pytest.mark.parametrize("norm", ["none", "qk-norm", "qk-norm-partial"])
 @pytest.mark.parametrize("seqs", [((0, 40),), ((0, 40), (16, 20))], ids=["prompt", "two"])
-def test_extend_prologue_rotates_into_rows_the_fused_kernels_take(seqs) -> None:
-    """A dense extend's prologue: the same output and caches as the layer's rotary op then
-    :meth:`forward`, bitwise; the projection output untouched; every sequence's queries
+def test_extend_prologue_rotates_into_rows_the_fused_kernels_take(seqs, norm: str) -> None:
+    """A dense extend's prologue: the same output and caches as the layer's ops (the rotary
+    op, or with per-head norms the fused norm + rotary op, at any rotation width) in place
+    then :meth:`forward`, bitwise; the projection output untouched; every sequence's queries
     reach the fused kernels as views of the one rotated buffer, each at its rows (no copy)."""
     backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
     backend.__class__ = _RowsRecordingSDPA
-    qkv, q, k, v, positions, cos_sin = _new_tokens(seqs, D)
+    qkv, q, k, v, positions, cos_sin = _new_tokens(seqs, D // 2 if norm == "qk-norm-partial"
+                                                   else D)
+    gen = torch.Generator().manual_seed(11)
+    norms = ((torch.randn(D, generator=gen), torch.randn(D, generator=gen), 1e-6)
+             if norm != "none" else ())
     layer = AttentionLayer(layer_id=0, scale=0.1)
     before = qkv.clone()
     caches = (k_cache.clone(), v_cache.clone())
     out = backend.forward_prologue(q, k, v, k_cache, v_cache, layer, meta,
-                                   AttentionPrologue(positions, cos_sin, True))
+                                   AttentionPrologue(positions, cos_sin, True, *norms))
     assert out is not None and torch.equal(qkv, before)
     storages, addresses = zip(*backend.q_at)
     row_bytes = HQ * D * q.element_size()
     starts = [sum(n for _, n in seqs[:i]) for i in range(len(seqs))]
     assert len(set(storages)) == 1 and storages[0] != qkv.untyped_storage().data_ptr()
     assert [a - addresses[0] for a in addresses] == [s * row_bytes for s in starts]
-    ops = before.clone()  # the layer's path: the rotary op in place on the views, then forward
-    q2, k2 = apply_rotary(positions, ops[:, :HQ * D].view(q.shape),
-                          ops[:, HQ * D:(HQ + HK) * D].view(k.shape), cos_sin, True)
+    ops = before.clone()  # the layer's path: the op in place on the views, then forward
+    q_view, k_view = ops[:, :HQ * D].view(q.shape), ops[:, HQ * D:(HQ + HK) * D].view(k.shape)
+    if norms:
+        q2, k2 = qk_norm_rotary(q_view, k_view, norms[0], norms[1], norms[2], positions,
+                                cos_sin, True)
+    else:
+        q2, k2 = apply_rotary(positions, q_view, k_view, cos_sin, True)
     ref = backend.forward(q2, k2, v, *caches, layer, meta)
     assert torch.equal(out, ref)
     assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
 
 
-@pytest.mark.parametrize("change", ["qk-norm", "partial-rotary", "short", "knob-off"])
+@pytest.mark.parametrize("change", ["partial-rotary", "short", "knob-off"])
 def test_extend_prologue_leaves_the_ops_to_the_layer(change: str) -> None:
-    """None (the layer runs the ops) for per-head norms, a rotation over part of each head,
+    """None (the layer runs the ops) for a rotation over part of each head without norms,
     an extend below the dense path, or the knob off; the caches are not written."""
     seqs = ((0, 4),) if change == "short" else ((0, 40),)
     backend, meta, _, k_cache, v_cache, _, _ = _setup(seqs, 16, torch.bfloat16)
     backend.rotate_into_rows = change != "knob-off"
     _, q, k, v, positions, cos_sin = _new_tokens(seqs, D // 2 if change == "partial-rotary"
                                                  else D)
-    norms = (torch.ones(D), torch.ones(D)) if change == "qk-norm" else (None, None)
     caches = (k_cache.clone(), v_cache.clone())
     out = backend.forward_prologue(q, k, v, k_cache, v_cache, AttentionLayer(0, 0.1), meta,
-                                   AttentionPrologue(positions, cos_sin, True, *norms, 1e-6))
+                                   AttentionPrologue(positions, cos_sin, True))
     assert out is None
     assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
