@@ -10,7 +10,7 @@ from typing import Any
 from heteroserve.server.args import add_server_args, server_args_from_namespace
 
 # sampling flags -> SGLang sampling-parameter names (only flags given are sent)
-_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+_SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p",
                    "repetition_penalty", "frequency_penalty", "presence_penalty", "seed",
                    "stop", "ignore_eos", "n")
 
@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs-num", type=int, default=0)
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--min-new-tokens", type=int, default=None,
+                   help="tokens before EOS, stop tokens or stop strings may end the output")
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 from heteroserve.core.scheduler.sampling_params import SamplingParams
-from heteroserve.server.errors import bad_request
 from heteroserve.server.protocol import SamplingFields
 from heteroserve.server.structured import structured_output_params
 
@@ -24,7 +23,7 @@ _DIRECT = {
     "repetition_penalty": "repetition_penalty", "stop": "stop",
     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids", "seed": "seed",
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
-    "logit_bias": "logit_bias",
+    "logit_bias": "logit_bias", "min_tokens": "min_new_tokens",
 }
 
 
@@ -32,12 +31,9 @@ def sampling_params(req: SamplingFields, max_new_tokens: int | None,
                     tool_constraint: dict[str, str] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` for ``req`` (``max_new_tokens`` as given; None leaves the
     engine's default; ``tool_constraint``: the constraint ``tool_choice`` imposes). Raises a
-    400 APIError for what has no meaning here (``min_tokens``, conflicting output
-    constraints)."""
+    400 APIError for conflicting output constraints."""
     if req.ignored_fields():
         logger.debug("ignoring unknown request fields: %s", ", ".join(req.ignored_fields()))
-    if req.min_tokens:
-        raise bad_request("min_tokens is not supported by this engine", "min_tokens")
     params: dict[str, Any] = {}
     if max_new_tokens is not None:
         params["max_new_tokens"] = max_new_tokens

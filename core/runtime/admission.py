@@ -201,7 +201,8 @@ class Admission:
         start = self._logprob_start(req, len(ids))
         await self._attach_grammar(sp)
         options = RequestOptions(
-            stop=sp.stop_strings, skip_special_tokens=sp.skip_special_tokens,
+            stop=sp.stop_strings, min_new_tokens=sp.min_new_tokens,
+            skip_special_tokens=sp.skip_special_tokens,
             no_stop_trim=sp.no_stop_trim, stream=bool(req.stream),
             stream_interval=max(1, self.args.stream_interval),
             return_logprob=bool(req.return_logprob) or top_n > 0, top_logprobs_num=top_n,

@@ -26,6 +26,8 @@ class RequestOptions:
     """What the frontend does with one request's tokens (set at admission)."""
 
     stop: list[str]
+    #: stop strings are matched once the output holds this many tokens
+    min_new_tokens: int = 0
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     stream: bool = False
@@ -103,7 +105,8 @@ class RequestState:
             self._add_logprob(pending, step, pos, tid)
             if trim_last and pos == len(ids) - 1:
                 break
-            pending.text += self.detok.add([tid])
+            pending.text += self.detok.add(
+                [tid], check_stop=self.num_output_tokens >= self.options.min_new_tokens)
             if self.detok.stop_matched is not None:
                 stop_hit = True
                 reason = FinishReason.stop(self.detok.stop_matched)

@@ -3,9 +3,10 @@ and logprobs, as batched torch ops on the logits' device."""
 
 from __future__ import annotations
 
-import torch
-
+from collections.abc import Collection
 from typing import Protocol
+
+import torch
 
 from heteroserve.core.kernels.ops import SamplingBatch
 from heteroserve.core.scheduler.request import Req
@@ -17,24 +18,39 @@ class SamplingRunner(Protocol):
     def sample(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
 
 
-def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> dict[int, str]:
-    """In place, rows with penalties or logit bias only. Logit bias: add each (validated)
-    token id's bias. Repetition penalty (Hugging Face semantics, over prompt and output):
-    positive logits divided by it, negative multiplied. Frequency/presence penalties (OpenAI
-    semantics, over the output): subtract ``frequency * count + presence * (count > 0)``.
+def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos: Collection[int] = ()
+                    ) -> dict[int, str]:
+    """In place, rows with penalties, logit bias or a ``min_new_tokens`` not reached only.
+    Logit bias: add each (validated) token id's bias. Repetition penalty (Hugging Face
+    semantics, over prompt and output): positive logits divided by it, negative multiplied.
+    Frequency/presence penalties (OpenAI semantics, over the output): subtract ``frequency *
+    count + presence * (count > 0)``. Below ``min_new_tokens`` output tokens: the request's
+    ``stop_token_ids`` and, unless it ignores EOS, the ``eos`` ids go to ``-inf``.
 
     Returns ``{row: message}`` for rows whose request could not be processed; those rows
     are left as they were and the caller fails those requests alone."""
     failed: dict[int, str] = {}
     for row, req in enumerate(reqs):
         sp = req.sampling_params
-        if not sp.logit_bias and not sp.needs_penalties:
+        holds_back = sp.holds_back_stops(len(req.output_ids))
+        if not sp.logit_bias and not sp.needs_penalties and not holds_back:
             continue
         try:
             _penalise_row(logits, row, req)
+            if holds_back:
+                _forbid_stops(logits, row, req, eos)
         except Exception as exc:  # one request's parameters must not stop the batch
             failed[row] = f"cannot apply sampling penalties: {type(exc).__name__}: {exc}"
     return failed
+
+
+def _forbid_stops(logits: torch.Tensor, row: int, req: Req, eos: Collection[int]) -> None:
+    sp = req.sampling_params
+    stops = set(sp.stop_token_ids or ()) | (set() if sp.ignore_eos else set(eos))
+    stops = {t for t in stops if 0 <= t < logits.shape[1]}
+    if stops:
+        ids = torch.tensor(sorted(stops), dtype=torch.int64, device=logits.device)
+        logits[row, ids] = float("-inf")
 
 
 def _penalise_row(logits: torch.Tensor, row: int, req: Req) -> None:

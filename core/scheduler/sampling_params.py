@@ -34,7 +34,11 @@ class SamplingParams:
     error) or directly with keyword arguments; :meth:`validate` raises
     :class:`SamplingParamsError` (one line, naming the parameter) for anything out of range.
 
-    ``stop`` strings are enforced by the frontend on text. ``json_schema`` / ``regex`` /
+    ``stop`` strings are enforced by the frontend on text. ``min_new_tokens`` (vLLM's
+    ``min_tokens``): until the output holds that many tokens, EOS (unless ``ignore_eos``) and
+    ``stop_token_ids`` cannot be sampled and stop strings are not matched; it cannot exceed
+    ``max_new_tokens`` nor combine with an output constraint (the grammar may allow nothing
+    but the end). ``json_schema`` / ``regex`` /
     ``ebnf`` / ``choice`` / ``json_object`` state an output constraint; the frontend compiles
     it and sets ``grammar`` (xgrammar's serialised grammar; ``grammar_json_output`` marks JSON
     grammars). ``logit_bias`` maps token id -> bias in [-100, 100] after validation (keys may
@@ -42,6 +46,7 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -85,6 +90,7 @@ class SamplingParams:
         """Check every field (types, ranges, finiteness, ids in ``[0, vocab_size)``) and
         normalise ``logit_bias`` keys to ints. Raises :class:`SamplingParamsError`."""
         _int("max_new_tokens", self.max_new_tokens, 0, INT64_MAX)
+        self._validate_min_new_tokens()
         _float("temperature", self.temperature, 0.0, math.inf)
         _float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         if _int("top_k", self.top_k, -1, INT64_MAX) == 0:
@@ -108,6 +114,24 @@ class SamplingParams:
                 _int("stop_token_ids", t, 0, vocab_size - 1)
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias, vocab_size)
+
+    def _validate_min_new_tokens(self) -> None:
+        if _int("min_new_tokens", self.min_new_tokens, 0, INT64_MAX) == 0:
+            return
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) "
+                                      f"must not exceed max_new_tokens ({self.max_new_tokens})")
+        constraint = next((name for name in ("json_schema", "regex", "ebnf", "choice",
+                                             "json_object", "grammar")
+                           if getattr(self, name) not in (None, False)), None)
+        if constraint is not None:
+            raise SamplingParamsError("min_new_tokens", "min_new_tokens cannot be combined "
+                                      f"with an output constraint ({constraint})")
+
+    def holds_back_stops(self, output_len: int) -> bool:
+        """Whether, with ``output_len`` tokens generated, the next token may not end the
+        request (``min_new_tokens`` not reached yet)."""
+        return output_len < self.min_new_tokens
 
     def _validate_stop(self) -> None:
         stop = self.stop

@@ -400,7 +400,7 @@ class Scheduler:
         if not reqs:
             self.grammar.apply(self.runner, logits)
             return []
-        failed = batch_sampling.apply_penalties(logits, reqs)
+        failed = batch_sampling.apply_penalties(logits, reqs, self.eos)
         self.grammar.apply(self.runner, logits)
         tokens = batch_sampling.sample(self.runner, logits, reqs)
         chosen, tops = batch_sampling.logprobs_of(logits, tokens, reqs)

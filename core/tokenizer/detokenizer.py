@@ -47,21 +47,23 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
-    def add(self, token_ids: Sequence[int]) -> str:
-        """Append ``token_ids`` and return the newly releasable text (possibly "")."""
+    def add(self, token_ids: Sequence[int], check_stop: bool = True) -> str:
+        """Append ``token_ids`` and return the newly releasable text (possibly "").
+        ``check_stop`` False: the text passes the stop strings unmatched
+        (:meth:`StopStringMatcher.feed`)."""
         if self._stop.matched is not None:
             return ""
         self.output_ids.extend(int(t) for t in token_ids)
         self._ids.extend(int(t) for t in token_ids)
         if self._stream is not None:
-            return self._release(self._step_stream(token_ids))
+            return self._release(self._step_stream(token_ids), check_stop)
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""
         delta = new_text[len(prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        return self._release(delta)
+        return self._release(delta, check_stop)
 
     def finish(self) -> str:
         """End of stream: release any held text (an unfinished character is emitted as
@@ -92,8 +94,8 @@ class IncrementalDetokenizer:
             self._prefix = max(0, self._read - CONTEXT_TOKENS)
         return "".join(out)
 
-    def _release(self, delta: str) -> str:
-        out = self._stop.feed(delta)
+    def _release(self, delta: str, check_stop: bool = True) -> str:
+        out = self._stop.feed(delta, check_stop)
         self.text += out
         return out
 

@@ -14,9 +14,9 @@ class StopStringMatcher:
     can no longer match (then it is released). :meth:`flush` releases what is held at the end
     of a stream that finished for another reason.
 
-    Invariant: the concatenation of everything returned never contains any stop string, and
-    equals the full text cut before the stop-string occurrence that ends first (ties: the
-    longest), however the text was split into pieces.
+    Invariant (every piece fed with ``check``): the concatenation of everything returned never
+    contains any stop string, and equals the full text cut before the stop-string occurrence
+    that ends first (ties: the longest), however the text was split into pieces.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -29,10 +29,15 @@ class StopStringMatcher:
         """Text received but not yet released."""
         return self._held
 
-    def feed(self, text: str) -> str:
-        """Add ``text`` and return the part that can be released now ("" after a match)."""
+    def feed(self, text: str, check: bool = True) -> str:
+        """Add ``text`` and return the part that can be released now ("" after a match).
+        ``check`` False (a request's ``min_new_tokens`` not reached): release what is held
+        and ``text`` unmatched; matching resumes with the next text fed with ``check``."""
         if self.matched is not None:
             return ""
+        if not check:
+            out, self._held = self._held + text, ""
+            return out
         if not self.stops:
             return text
         buf = self._held + text

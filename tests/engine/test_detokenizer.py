@@ -133,3 +133,15 @@ def test_stop_matcher_is_independent_of_chunking(text: str, stops: list[str],
     expected, matched = _reference_cut(text, stops)
     assert "".join(released) == expected
     assert m.matched == matched
+
+
+def test_unchecked_text_passes_the_stop_strings_and_matching_resumes_after() -> None:
+    """``feed(check=False)`` (``min_new_tokens`` not reached): what is held and the new text
+    are released as they are, a stop string in them included; the next checked piece is
+    matched again."""
+    m = StopStringMatcher(["STOP"])
+    assert m.feed("a ST") == "a "  # held: could start the stop string
+    assert m.feed("OP b", check=False) == "STOP b"
+    assert m.matched is None
+    assert m.feed("c STOP d") == "c "
+    assert m.matched == "STOP"

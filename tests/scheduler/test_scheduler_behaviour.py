@@ -36,6 +36,43 @@ def test_stop_token_ids_eos_and_length(setup) -> None:
     assert len(ignored["r0"]) == 10
 
 
+@pytest.mark.parametrize("stop_kind", ["stop_token_ids", "eos"])
+def test_min_new_tokens_holds_back_stops(setup, stop_kind: str) -> None:
+    """Below ``min_new_tokens`` outputs the stop token cannot be sampled (greedy takes the
+    runner-up), so the run differs from the free one exactly where the stop token was; EOS
+    is held back the same way, and it ends the request once the minimum is reached."""
+    args, runner = setup
+    free_run, _ = run_scheduler(args, [[7, 8, 9]], runner=runner, max_new_tokens=10)
+    stop_at = free_run["r0"][3]
+    first = free_run["r0"].index(stop_at)
+    stops = ({"stop_token_ids": [stop_at]} if stop_kind == "stop_token_ids"
+             else {"eos": [stop_at], "ignore_eos": False})
+    held, _ = run_scheduler(args, [[7, 8, 9]], runner=runner, max_new_tokens=10,
+                            min_new_tokens=first + 2, **stops)
+    out = held["r0"]
+    assert out[:first] == free_run["r0"][:first]
+    assert stop_at not in out[:first + 2]
+    assert len(out) == 10 or (len(out) > first + 2 and out[-1] == stop_at)
+    ignored, _ = run_scheduler(args, [[7, 8, 9]], runner=runner, max_new_tokens=10,
+                               min_new_tokens=first + 2, eos=[stop_at], ignore_eos=True)
+    assert ignored["r0"] == free_run["r0"]  # EOS ignored: nothing to hold back
+
+
+def test_min_new_tokens_masks_only_below_the_minimum() -> None:
+    sp = SamplingParams(min_new_tokens=2, stop_token_ids=[1])
+    req = Req(rid="m", input_ids=[0], sampling_params=sp)
+    req.output_ids = [4]
+    logits = torch.zeros(2, 5)
+    other = Req(rid="o", input_ids=[0], sampling_params=SamplingParams())
+    assert apply_penalties(logits, [req, other], eos=[3, 99]) == {}  # ids past vocab ignored
+    assert logits[0].tolist() == [0.0, float("-inf"), 0.0, float("-inf"), 0.0]
+    assert logits[1].tolist() == [0.0] * 5
+    req.output_ids = [4, 4]
+    logits = torch.zeros(1, 5)
+    apply_penalties(logits, [req], eos=[3])
+    assert logits[0].tolist() == [0.0] * 5
+
+
 def test_abort_frees_everything(setup) -> None:
     args, runner = setup
     sched = Scheduler(runner, args, [], runner.page_size)
@@ -69,6 +106,10 @@ def test_request_that_cannot_fit_is_rejected(setup) -> None:
     ({"logit_bias": {"1": float("nan")}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
     ({"stop": [""]}, "stop"), ({"stop": ["x"] * 65}, "stop"), ({"stop_token_ids": [99]}, "stop_token_ids"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"min_new_tokens": -1}, "min_new_tokens"), ({"min_new_tokens": 1.5}, "min_new_tokens"),
+    ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"),
+    ({"min_new_tokens": 2, "regex": "[a-z]+"}, "min_new_tokens"),
+    ({"min_new_tokens": 2, "json_object": True}, "min_new_tokens"),
 ])
 def test_validation(params, needle) -> None:
     with pytest.raises(SamplingParamsError, match=needle) as info:

@@ -1,5 +1,5 @@
 """The official ``openai`` client against ``heteroserve serve``: chat and completions, plain
-and streaming, sync and async, n, stop, logprobs, seed, token limits.
+and streaming, sync and async, n, stop, logprobs, seed, token limits, ``min_tokens``.
 
 References: greedy token ids from transformers' own model (``hf_greedy``), the tokenizer's
 decode, and the server's other routes (plain vs streaming, sync vs async must agree).
@@ -193,6 +193,36 @@ def test_max_completion_tokens_and_extensions(oai) -> None:
                                  frequency_penalty=0.5, presence_penalty=0.5, temperature=0.7,
                                  extra_body={"stop_token_ids": [1], "min_p": 0.05})
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_min_tokens_holds_back_eos_and_stop_strings(oai, tokenizer) -> None:
+    """vLLM's ``min_tokens``: an EOS the logit bias makes certain comes only after that many
+    tokens, and a stop string only matches from then on (plain and streamed agree)."""
+    eos = min(tokenizer.eos_token_ids)
+    for min_tokens, completion_tokens in ((0, 1), (5, 6)):
+        out = oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12,
+                                     logit_bias={str(eos): 100}, **GREEDY,
+                                     extra_body={"min_tokens": min_tokens})
+        assert out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens == completion_tokens
+    word = next(t for t in range(tokenizer.vocab_size) if t != eos
+                and tokenizer.decode([t]).isalpha() and tokenizer.decode([t, t]) ==
+                2 * tokenizer.decode([t]))
+    text = tokenizer.decode([word])
+    for min_tokens in (0, 3):
+        kwargs = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, stop=[text], **GREEDY,
+                      logit_bias={str(word): 100}, extra_body={**NO_EOS, "min_tokens": min_tokens})
+        plain = oai.completions.create(**kwargs)
+        streamed = "".join(c.choices[0].text for c in oai.completions.create(**kwargs, stream=True)
+                           if c.choices)
+        assert plain.choices[0].finish_reason == "stop"
+        assert plain.choices[0].text == streamed == text * max(0, min_tokens - 1)
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+        oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                               extra_body={"min_tokens": 3})
+    with pytest.raises(openai.BadRequestError, match="output constraint"):
+        oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
+                               extra_body={"min_tokens": 2, "regex": "[a-z]+"})
 
 
 def test_openai_errors(server) -> None:
