@@ -75,6 +75,7 @@ class ServerArgs:
     grammar_compile_timeout: float = 10.0
     grammar_max_bytes: int = 256 * 1024  # largest schema / regex / grammar text
     grammar_cache_bytes: int = 64 * 1024 * 1024  # compiled-grammar cache size
+    lazy_grammar_workers: bool = False  # else the grammar compiler processes start at start-up
     max_request_bytes: int = 32 * 1024 * 1024  # largest HTTP request body (413 beyond)
     keep_serving_on_engine_death: bool = False  # else the server exits when the engine dies
     embedding_pooling: str = "last"  # last | mean: /v1/embeddings' default pooling

@@ -64,6 +64,9 @@ _HELP: dict[str, str] = {
                     "unquantized checkpoint quantizes it at load",
     "tool_call_parser": "parse tool calls from chat output: hermes|qwen25|llama3_json|mistral|"
                         "deepseek_v3 (tool_choice required/named need none)",
+    "lazy_grammar_workers": "start the two grammar compiler processes (about 340 MB each) at "
+                            "the first structured-output request, which then waits seconds, "
+                            "instead of at start-up",
     "metrics_compat": "also expose /metrics under vLLM's (vllm:...) or SGLang's (sglang:...) "
                       "names and labels, so their Grafana dashboards work unchanged",
     "decode_log_interval": "log one throughput line (running requests, KV tokens and usage, "
@@ -99,7 +102,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "logging and metrics": ("log_level", "enable_metrics", "metrics_compat",
                             "decode_log_interval"),
     "API options": ("reasoning_parser", "tool_call_parser", "grammar_compile_timeout",
-                    "grammar_max_bytes", "grammar_cache_bytes"),
+                    "grammar_max_bytes", "grammar_cache_bytes", "lazy_grammar_workers"),
     "embeddings": ("embedding_pooling", "disable_embedding_normalize"),
 }
 

@@ -75,6 +75,8 @@ class _Worker(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.pool = pool
         self.proc: subprocess.Popen | None = None
+        #: set once a prestart attempt ended (its process ready, or the failure logged)
+        self.prestarted = threading.Event()
 
     def _start_process(self) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
@@ -108,6 +110,8 @@ class _Worker(threading.Thread):
                 return False
 
     def run(self) -> None:
+        if self.pool.prestart:
+            self._prestart()
         while True:
             job = self.pool.jobs.get()
             if job is None:
@@ -121,6 +125,18 @@ class _Worker(threading.Thread):
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+
+    def _prestart(self) -> None:
+        """Start the process before any job; a failure is logged and retried by the first
+        compile."""
+        try:
+            self.proc = self._start_process()
+        except (GrammarError, OSError, EOFError) as exc:
+            logger.warning("grammar compiler %s did not start (%s); the first structured-"
+                           "output request tries again", self.name, exc)
+            self.proc = None
+        finally:
+            self.prestarted.set()
 
     def _compile(self, spec: GrammarSpec) -> str:
         if self.proc is None or self.proc.poll() is not None:
@@ -148,12 +164,16 @@ class _Worker(threading.Thread):
 
 class GrammarCompilePool:
     """Compiles :class:`GrammarSpec` objects to serialised xgrammar grammars (see the module
-    docstring). Workers start on first use. Thread-safe; :meth:`compile` is a coroutine on
-    the caller's event loop."""
+    docstring). Workers start on first use or at :meth:`start`; with ``prestart`` each starts
+    its process as it starts (a process takes seconds: importing xgrammar and building the
+    tokenizer's vocabulary table), else at its first compile. Thread-safe; :meth:`compile` is
+    a coroutine on the caller's event loop."""
 
     def __init__(self, tokenizer_path: str, vocab_size: int, limits: CompileLimits,
-                 workers: int = 2, trust_remote_code: bool = False) -> None:
+                 workers: int = 2, trust_remote_code: bool = False,
+                 prestart: bool = False) -> None:
         self.tokenizer_path, self.vocab_size, self.limits = tokenizer_path, vocab_size, limits
+        self.prestart = prestart
         self.trust_remote_code = trust_remote_code  # --trust-remote-code, for the tokenizer
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()
@@ -200,15 +220,20 @@ class GrammarCompilePool:
             return future
         if self.jobs.qsize() >= self.limits.max_pending:
             raise GrammarBusyError("too many grammars are waiting to compile; retry later")
+        self.start()
+        self.jobs.put(_Job(spec, future))
+        future.add_done_callback(lambda f: None if f.exception() else
+                                 self._remember(spec, f.result()))
+        return future
+
+    def start(self) -> None:
+        """Start the worker threads (idempotent; returns at once: a process starts in its
+        worker's thread)."""
         with self._lock:
             if not self._started:
                 self._started = True
                 for worker in self._workers:
                     worker.start()
-        self.jobs.put(_Job(spec, future))
-        future.add_done_callback(lambda f: None if f.exception() else
-                                 self._remember(spec, f.result()))
-        return future
 
     async def compile(self, spec: GrammarSpec) -> str:
         """The serialised grammar for ``spec``, awaited without blocking the loop. Raises

@@ -107,7 +107,10 @@ class Admission:
             timeout=server_args.grammar_compile_timeout,
             max_spec_bytes=server_args.grammar_max_bytes,
             cache_bytes=server_args.grammar_cache_bytes),
-            trust_remote_code=server_args.trust_remote_code)
+            trust_remote_code=server_args.trust_remote_code,
+            prestart=not server_args.lazy_grammar_workers)
+        if not server_args.lazy_grammar_workers:
+            self.grammars.start()  # the first structured-output request does not wait seconds
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -157,6 +157,29 @@ def test_slow_or_huge_compiles_are_killed_and_the_pool_recovers(tokenizer_dir: P
         pool.shutdown()
 
 
+@pytest.mark.parametrize("prestart", [True, False])
+def test_prestarted_workers_are_ready_before_the_first_compile(tokenizer_dir: Path,
+                                                               prestart: bool) -> None:
+    """``start()`` with ``prestart``: each worker's process starts (and says ready) before any
+    job, so the first compile does not pay the start; without it, none starts before a
+    compile. Shutdown reaps a process either way."""
+    pool = GrammarCompilePool(str(tokenizer_dir), VOCAB, CompileLimits(timeout=30), workers=1,
+                              prestart=prestart)
+    worker = pool._workers[0]
+    try:
+        pool.start()
+        if prestart:
+            assert worker.prestarted.wait(120)
+            assert worker.proc is not None and worker.proc.poll() is None
+        else:
+            time.sleep(1.0)
+            assert worker.proc is None and not worker.prestarted.is_set()
+        assert pool.submit(GrammarSpec("regex", "[0-9]+")).result(120)
+    finally:
+        pool.shutdown()
+    assert worker.proc is None or worker.proc.poll() is not None
+
+
 def test_spec_from_sampling_params() -> None:
     assert spec_from_sampling_params({"temperature": 1.0}) is None
     assert spec_from_sampling_params({"json_schema": {"type": "integer"}}).text == '{"type": "integer"}'
