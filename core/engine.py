@@ -49,7 +49,9 @@ class Engine:
 
     ``Engine(model_path=None, platform="auto", **server_args)``: keyword arguments are
     :class:`ServerArgs` fields (unknown names raise ``TypeError``); ``model_path=None`` builds
-    and serves the default tiny model. Start-up failures raise ``RuntimeError`` (one line).
+    and serves the default tiny model. Unlike the server, the grammar compiler processes
+    start at the first structured-output request (``lazy_grammar_workers=False``: at start-up).
+    Start-up failures raise ``RuntimeError`` (one line).
     Use as a context manager or call :meth:`shutdown`.
     """
 
@@ -59,6 +61,7 @@ class Engine:
             from heteroserve.core.models.tiny import ensure_default_model
 
             model_path = str(ensure_default_model())
+        kwargs.setdefault("lazy_grammar_workers", True)
         self.server_args = ServerArgs.from_kwargs(model_path=str(model_path), platform=platform,
                                                   **kwargs)
         self.client = EngineClient(self.server_args)

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     _check_sampling_params(params)
     kwargs = {k: v for k, v in vars(server_args).items() if k not in ("model_path", "platform")}
+    kwargs["lazy_grammar_workers"] = True  # no flag here asks for a structured output
     with Engine(server_args.model_path, server_args.platform, **kwargs) as engine:
         prompts = _prompts(engine, args)
         if args.stream:
