@@ -115,12 +115,17 @@ class PluginCatalog:
         entry = self.platforms.get(name)
         if entry is None:
             raise PlatformSelectionError(
-                f"unknown platform {name!r}; discovered:\n{self.availability_table()}")
+                f"unknown platform {name!r}; known: {', '.join(sorted(self.platforms))} "
+                f"({self._available_names()}; `heteroserve platforms` says why)")
         if not entry.availability.available:
             raise PlatformSelectionError(
-                f"platform {name!r} is unavailable: {entry.availability.reason}\n"
-                f"all platforms:\n{self.availability_table()}")
+                f"platform {name!r} is unavailable: {entry.availability.reason} "
+                f"({self._available_names()})")
         return entry.platform
+
+    def _available_names(self) -> str:
+        ready = sorted(n for n, e in self.platforms.items() if e.availability.available)
+        return f"available here: {', '.join(ready)}" if ready else "none is available here"
 
 
 def _plugin_source(plugin: object, default: str) -> str:

@@ -113,12 +113,17 @@ def test_auto_tie_is_an_error_naming_both() -> None:
         catalog.select("auto")
 
 
-def test_unknown_and_unavailable_platform_errors_list_every_platform() -> None:
+def test_unknown_and_unavailable_platform_errors_are_one_line_naming_the_choices() -> None:
+    """An unknown name: every platform's name and the available ones; an unavailable one:
+    its reason and the available ones. One line each (the CLI prints it as it is)."""
     catalog = load_plugins([("p", _plugin(_FakePlatform("ok", 1),
                                           _FakePlatform("gone", 2, available=False)))],
                            use_entry_points=False)
     with pytest.raises(PlatformSelectionError) as unknown:
         catalog.select("nope")
-    assert "ok" in str(unknown.value) and "gone missing" in str(unknown.value)
-    with pytest.raises(PlatformSelectionError, match="gone missing"):
+    assert "known: gone, ok (available here: ok;" in str(unknown.value)
+    with pytest.raises(PlatformSelectionError) as unavailable:
         catalog.select("gone")
+    assert str(unavailable.value) == ("platform 'gone' is unavailable: gone missing "
+                                      "(available here: ok)")
+    assert "\n" not in str(unknown.value) + str(unavailable.value)
