@@ -84,8 +84,9 @@ async def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest,
     arguments or a template that fails."""
     messages = [template_message(i, m) for i, m in enumerate(req.messages)]
     try:
-        return await ctx.client.admission.render_chat(messages, req.chat_template_kwargs,
-                                                      tools)
+        return await ctx.client.admission.render_chat(
+            messages, req.chat_template_kwargs, tools, req.add_generation_prompt,
+            req.continue_final_message)
     except RequestError as exc:
         raise engine_error(exc) from None
 

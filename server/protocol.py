@@ -68,6 +68,7 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
+    include_stop_str_in_output: bool | None = None  # vLLM's spelling of no_stop_trim
     rid: str | None = None
     # structured outputs (see structured.py)
     response_format: ResponseFormat | None = None
@@ -159,6 +160,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     separate_reasoning: bool = True
+    # vLLM's: render without the assistant header, or continue the final (assistant) message
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class GenerateReqInput(_Request):

@@ -24,6 +24,7 @@ _DIRECT = {
     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids", "seed": "seed",
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
     "logit_bias": "logit_bias", "min_tokens": "min_new_tokens",
+    "include_stop_str_in_output": "no_stop_trim",
 }
 
 

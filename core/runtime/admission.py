@@ -152,8 +152,7 @@ class Admission:
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      **kwargs)
+            text = self.tokenizer.apply_chat_template(messages, **kwargs)
         except TokenizerError as exc:
             raise RequestError(str(exc), param="messages") from None
         self._check_prompt_chars(text, "messages")
@@ -161,15 +160,30 @@ class Admission:
 
     async def render_chat(self, messages: list[dict[str, Any]],
                           template_kwargs: dict[str, Any] | None = None,
-                          tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+                          tools: Sequence[dict[str, Any]] | None = None,
+                          add_generation_prompt: bool = True,
+                          continue_final_message: bool = False) -> list[int]:
         """Render ``messages`` with the chat template and tokenize the result (in the pool).
         ``template_kwargs`` (``chat_template_kwargs``) reach the template; names the call
-        owns are refused. Raises :class:`RequestError`."""
+        owns are refused. ``add_generation_prompt``: end with the assistant header (the
+        default); ``continue_final_message`` (vLLM's): leave the final message, an assistant
+        one, open for the model to continue (needs ``add_generation_prompt`` false). Raises
+        :class:`RequestError`."""
         kwargs = dict(template_kwargs or {})
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
         if reserved:
             raise RequestError(f"chat_template_kwargs may not set {reserved[0]!r}",
                                param="chat_template_kwargs")
+        kwargs["add_generation_prompt"] = add_generation_prompt
+        if continue_final_message:
+            if add_generation_prompt:
+                raise RequestError("continue_final_message needs add_generation_prompt: false",
+                                   param="continue_final_message")
+            last = messages[-1] if messages else {}
+            if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+                raise RequestError("continue_final_message needs a final assistant message "
+                                   "with text content", param="continue_final_message")
+            kwargs["continue_final_message"] = True
         total = 0
         for i, message in enumerate(messages):
             content = message.get("content")

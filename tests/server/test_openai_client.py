@@ -225,6 +225,40 @@ def test_min_tokens_holds_back_eos_and_stop_strings(oai, tokenizer) -> None:
                                extra_body={"min_tokens": 2, "regex": "[a-z]+"})
 
 
+def test_continue_final_message_and_include_stop_str(oai, tokenizer, greedy_completion) -> None:
+    """vLLM's chat fields: ``continue_final_message`` renders the conversation with the final
+    assistant message left open (transformers' own rendering), and the completion continues
+    it exactly as a plain completion of those ids would; it needs ``add_generation_prompt``
+    false and a final assistant message (else a 400). ``include_stop_str_in_output`` keeps
+    the matched stop string."""
+    msgs = [{"role": "user", "content": "Name a colour"},
+            {"role": "assistant", "content": "The colour is"}]
+    ids = tokenizer.hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False,
+                                           continue_final_message=True, return_dict=False)
+    assert tokenizer.decode(ids).endswith("The colour is")
+    chat = oai.chat.completions.create(
+        model=MODEL_NAME, messages=msgs, max_tokens=4, **GREEDY,
+        extra_body={**NO_EOS, "add_generation_prompt": False, "continue_final_message": True})
+    plain = oai.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=4, **GREEDY,
+                                   extra_body=NO_EOS)
+    assert chat.usage.prompt_tokens == len(ids)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    for extra in ({"continue_final_message": True}, {"add_generation_prompt": False,
+                                                     "continue_final_message": True}):
+        with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+            oai.chat.completions.create(model=MODEL_NAME, max_tokens=2, extra_body=extra,
+                                        messages=msgs if len(extra) == 1 else msgs[:1])
+    full = greedy_completion.choices[0].text
+    stop = next((full[i:i + 2] for i in range(3, len(full) - 2)
+                 if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]), None)
+    if stop is None:
+        pytest.skip(f"greedy text {full!r} has no usable stop string")
+    kept = oai.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=12, stop=[stop], **GREEDY,
+        extra_body={**NO_EOS, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == full[:full.index(stop) + len(stop)]
+
+
 def test_openai_errors(server) -> None:
     good = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
                          http_client=httpx.Client(trust_env=False))

@@ -28,12 +28,13 @@ def test_openai_fields_map_to_sglang_names() -> None:
     req = CompletionRequest(prompt="x", n=2, temperature=0.5, top_p=0.9, top_k=0, min_p=0.1,
                             stop="END", seed=3, presence_penalty=0.1, frequency_penalty=0.2,
                             repetition_penalty=1.1, ignore_eos=True,
-                            stop_token_ids=[7], max_tokens=9, min_tokens=4)
+                            stop_token_ids=[7], max_tokens=9, min_tokens=4,
+                            include_stop_str_in_output=True)
     assert _set_fields(sampling_params(req, req.max_tokens)) == {
         "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9,  # top_k 0: off (-1)
         "min_p": 0.1, "stop": "END", "seed": 3, "presence_penalty": 0.1,
         "frequency_penalty": 0.2, "repetition_penalty": 1.1,
-        "ignore_eos": True, "stop_token_ids": [7], "min_new_tokens": 4}
+        "ignore_eos": True, "stop_token_ids": [7], "min_new_tokens": 4, "no_stop_trim": True}
 
 
 def test_unset_fields_are_not_sent() -> None:
