@@ -42,6 +42,28 @@ class ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (its ``StructuredOutputsParams``; the ``guided_*`` fields'
+    successor): at most one of ``json`` (a schema), ``regex``, ``choice``, ``grammar``
+    (EBNF), ``json_object``. ``disable_fallback`` and ``disable_any_whitespace`` are accepted
+    (there is one backend, and JSON is generated without free whitespace);
+    ``disable_additional_properties``, ``whitespace_pattern`` and ``structural_tag`` are not
+    supported (a 400). Unknown keys are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
 class SamplingFields(_Request):
     """Sampling fields shared by completions and chat (OpenAI's, then SGLang/vLLM extensions),
     plus the structured-output fields read by :mod:`heteroserve.server.structured`."""
@@ -79,6 +101,7 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(SamplingFields):

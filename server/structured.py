@@ -1,5 +1,6 @@
 """Structured outputs: the one place where OpenAI's ``response_format`` and vLLM's / SGLang's
-``guided_*`` / ``json_schema`` / ``regex`` / ``ebnf`` request fields become sampling parameters.
+``structured_outputs`` / ``guided_*`` / ``json_schema`` / ``regex`` / ``ebnf`` request fields
+become sampling parameters.
 
 The engine reads SGLang's sampling-parameter keys (``json_schema``: a JSON string,
 ``regex``, ``ebnf``, plus ``choice``: a list of strings and ``json_object``: true), see
@@ -46,6 +47,36 @@ def _from_response_format(req: SamplingFields) -> dict[str, Any]:
                       "response_format.type")
 
 
+def _from_structured_outputs(req: SamplingFields) -> dict[str, tuple[str, Any]]:
+    """``structured_outputs``' constraints as ``{request field: (sampling key, value)}``."""
+    so = req.structured_outputs
+    if so is None:
+        return {}
+    for name in ("disable_additional_properties", "whitespace_pattern", "structural_tag"):
+        if getattr(so, name) not in (None, False):
+            raise bad_request(f"structured_outputs.{name} is not supported",
+                              f"structured_outputs.{name}")
+    found: dict[str, tuple[str, Any]] = {}
+    if so.json_ is not None:
+        found["structured_outputs.json"] = (
+            "json_schema", _schema_text(so.json_, "structured_outputs.json"))
+    for field, key in (("regex", "regex"), ("grammar", "ebnf")):
+        value = getattr(so, field)
+        if value is not None:
+            if not value:
+                raise bad_request(f"structured_outputs.{field} must not be empty",
+                                  f"structured_outputs.{field}")
+            found[f"structured_outputs.{field}"] = (key, value)
+    if so.choice is not None:
+        if not so.choice or not all(so.choice):
+            raise bad_request("structured_outputs.choice must be a non-empty list of non-empty "
+                              "strings", "structured_outputs.choice")
+        found["structured_outputs.choice"] = ("choice", list(so.choice))
+    if so.json_object:
+        found["structured_outputs.json_object"] = ("json_object", True)
+    return found
+
+
 def structured_output_params(req: SamplingFields,
                              tool_constraint: dict[str, str] | None = None) -> dict[str, Any]:
     """The sampling-parameter entries that constrain ``req``'s output (empty when none);
@@ -75,6 +106,7 @@ def structured_output_params(req: SamplingFields,
             raise bad_request("guided_choice must be a non-empty list of non-empty strings",
                               "guided_choice")
         found["guided_choice"] = ("choice", list(req.guided_choice))
+    found.update(_from_structured_outputs(req))
     if len(found) > 1:
         raise bad_request(f"give at most one output constraint, got {', '.join(sorted(found))}",
                           sorted(found)[1])

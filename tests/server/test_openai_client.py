@@ -1,5 +1,6 @@
 """The official ``openai`` client against ``heteroserve serve``: chat and completions, plain
-and streaming, sync and async, n, stop, logprobs, seed, token limits, ``min_tokens``.
+and streaming, sync and async, n, stop, logprobs, seed, token limits, and vLLM's extensions
+(``min_tokens``, ``continue_final_message``, ``structured_outputs``...).
 
 References: greedy token ids from transformers' own model (``hf_greedy``), the tokenizer's
 decode, and the server's other routes (plain vs streaming, sync vs async must agree).
@@ -8,6 +9,7 @@ decode, and the server's other routes (plain vs streaming, sync vs async must ag
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -257,6 +259,23 @@ def test_continue_final_message_and_include_stop_str(oai, tokenizer, greedy_comp
         model=MODEL_NAME, prompt=PROMPT, max_tokens=12, stop=[stop], **GREEDY,
         extra_body={**NO_EOS, "include_stop_str_in_output": True})
     assert kept.choices[0].text == full[:full.index(stop) + len(stop)]
+
+
+def test_vllm_structured_outputs(oai) -> None:
+    """vLLM's ``structured_outputs`` (what replaced ``guided_*`` in vLLM 0.12) constrains the
+    output; an unsupported or unknown key is a 400, not silently ignored."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "enum": ["x", "yy"]}},
+              "required": ["a"], "additionalProperties": False}
+    for so, check in (({"choice": ["red", "blue"]}, lambda t: t in ("red", "blue")),
+                      ({"json": schema}, lambda t: json.loads(t)["a"] in ("x", "yy")),
+                      ({"regex": "[0-9]{3}"}, lambda t: len(t) == 3 and t.isdigit())):
+        out = oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=24,
+                                          extra_body={"structured_outputs": so})
+        assert check(out.choices[0].message.content), (so, out.choices[0].message.content)
+    for bad in ({"structural_tag": "t"}, {"bogus": 1}, {"regex": "a", "choice": ["b"]}):
+        with pytest.raises(openai.BadRequestError, match="structured_outputs"):
+            oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4,
+                                        extra_body={"structured_outputs": bad})
 
 
 def test_openai_errors(server) -> None:

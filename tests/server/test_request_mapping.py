@@ -56,6 +56,13 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
     ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
     ({"guided_grammar": 'root ::= "b"'}, {"ebnf": 'root ::= "b"'}),
     ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+     {"json_schema": json.dumps(SCHEMA)}),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, {"json_schema": json.dumps(SCHEMA)}),
+    ({"structured_outputs": {"regex": "[0-9]"}}, {"regex": "[0-9]"}),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, {"choice": ["a", "b"]}),
+    ({"structured_outputs": {"grammar": 'root ::= "c"'}}, {"ebnf": 'root ::= "c"'}),
+    ({"structured_outputs": {"json_object": True}}, {"json_object": True}),
 ])
 def test_structured_output_fields(fields, expected) -> None:
     params = sampling_params(ChatCompletionRequest(messages=MSG, **fields), None)
@@ -67,6 +74,12 @@ def test_structured_output_fields(fields, expected) -> None:
     {"response_format": {"type": "json_object"}, "ebnf": "root ::= x"},
     {"json_schema": "{not json"},
     {"guided_choice": []},
+    {"structured_outputs": {"regex": "a"}, "guided_regex": "b"},
+    {"structured_outputs": {"regex": "a", "json": SCHEMA}},
+    {"structured_outputs": {"choice": []}},
+    {"structured_outputs": {"regex": ""}},
+    {"structured_outputs": {"whitespace_pattern": " "}},
+    {"structured_outputs": {"disable_additional_properties": True}},
     {"regex": ""},
     {"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}},
 ])
