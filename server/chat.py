@@ -86,7 +86,7 @@ async def chat_prompt_ids(ctx: ServerContext, req: ChatCompletionRequest,
     try:
         return await ctx.client.admission.render_chat(
             messages, req.chat_template_kwargs, tools, req.add_generation_prompt,
-            req.continue_final_message)
+            req.continue_final_message, bool(req.add_special_tokens))
     except RequestError as exc:
         raise engine_error(exc) from None
 
@@ -125,8 +125,10 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     plan = plan_tools(req, ctx.tool_parser, ctx.server_args.grammar_max_bytes)
     ids = await chat_prompt_ids(ctx, req, plan.template_tools)
+    kept = len(ids) if req.truncate_prompt_tokens in (None, -1) \
+        else min(len(ids), req.truncate_prompt_tokens)
     max_new = req.max_completion_tokens if req.max_completion_tokens is not None \
-        else req.max_tokens if req.max_tokens is not None else max(1, ctx.context_len - len(ids))
+        else req.max_tokens if req.max_tokens is not None else max(1, ctx.context_len - kept)
     params = sampling_params(req, max_new, plan.constraint)
     if plan.parser is not None and plan.parser.needs_special_tokens \
             and req.skip_special_tokens is None:
@@ -134,7 +136,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     rid = req.rid or new_id("chatcmpl")
     gen = GenerateRequest(input_ids=ids, sampling_params=params, n=req.n, rid=rid,
                           stream=req.stream, return_logprob=req.logprobs,
-                          top_logprobs_num=req.top_logprobs or 0)
+                          top_logprobs_num=req.top_logprobs or 0,
+                          truncate_prompt_tokens=req.truncate_prompt_tokens)
     call = await EngineCall.start(ctx.client, [gen], ctx.metrics)
     split = _Splitter(ctx.reasoning_parser, req.separate_reasoning)
     model = req.model or ctx.model_name

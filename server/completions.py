@@ -116,7 +116,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
                            sampling_params=dataclasses.replace(params), n=req.n,
                            rid=sub_rid(rid, i, len(prompts)), stream=req.stream,
                            return_logprob=want_lp, top_logprobs_num=req.logprobs or 0,
-                           logprob_start_len=0 if req.echo and want_lp else -1)
+                           logprob_start_len=0 if req.echo and want_lp else -1,
+                           add_special_tokens=req.add_special_tokens is not False,
+                           truncate_prompt_tokens=req.truncate_prompt_tokens)
            for i, p in enumerate(prompts)]
     try:
         call = await EngineCall.start(ctx.client, gen, ctx.metrics)

@@ -92,6 +92,16 @@ class SamplingFields(_Request):
     no_stop_trim: bool | None = None
     include_stop_str_in_output: bool | None = None  # vLLM's spelling of no_stop_trim
     rid: str | None = None
+    # vLLM's prompt handling: keep the prompt's last N tokens (-1: as many as fit with
+    # max_tokens); add the tokenizer's special tokens (default: true for a completion's text
+    # prompt, false for chat, whose template writes them)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    add_special_tokens: bool | None = None
+    # vLLM fields with no counterpart here: a 400 when set to anything but their defaults
+    use_beam_search: bool | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     # structured outputs (see structured.py)
     response_format: ResponseFormat | None = None
     json_schema: str | dict[str, Any] | None = None

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from heteroserve.core.scheduler.sampling_params import SamplingParams
+from heteroserve.server.errors import bad_request
 from heteroserve.server.protocol import SamplingFields
 from heteroserve.server.structured import structured_output_params
 
@@ -28,11 +29,22 @@ _DIRECT = {
 }
 
 
+#: vLLM request fields this server does not implement -> their do-nothing values
+_UNSUPPORTED = {"use_beam_search": (None, False), "bad_words": (None, []),
+                "allowed_token_ids": (None,), "prompt_logprobs": (None,)}
+
+
 def sampling_params(req: SamplingFields, max_new_tokens: int | None,
                     tool_constraint: dict[str, str] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` for ``req`` (``max_new_tokens`` as given; None leaves the
     engine's default; ``tool_constraint``: the constraint ``tool_choice`` imposes). Raises a
-    400 APIError for conflicting output constraints."""
+    400 APIError for conflicting output constraints and for a vLLM field this server does not
+    implement set to anything but its default (``_UNSUPPORTED``)."""
+    for field, defaults in _UNSUPPORTED.items():
+        if getattr(req, field) not in defaults:
+            hint = " (echo with logprobs returns the prompt's)" if field == "prompt_logprobs" \
+                else ""
+            raise bad_request(f"{field} is not supported by this server{hint}", field)
     if req.ignored_fields():
         logger.debug("ignoring unknown request fields: %s", ", ".join(req.ignored_fields()))
     params: dict[str, Any] = {}

@@ -77,13 +77,11 @@ async def _ids(ctx: ServerContext, req: TokenizeRequest) -> list[list[int]] | li
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if req.messages is not None:
-        if req.add_special_tokens:
-            raise bad_request("add_special_tokens must be false with messages (the chat "
-                              "template writes them)", "add_special_tokens")
         chat = ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools,
                                      chat_template_kwargs=req.chat_template_kwargs,
                                      add_generation_prompt=req.add_generation_prompt,
-                                     continue_final_message=req.continue_final_message)
+                                     continue_final_message=req.continue_final_message,
+                                     add_special_tokens=req.add_special_tokens)
         plan = plan_tools(chat, ctx.tool_parser, ctx.server_args.grammar_max_bytes)
         return await chat_prompt_ids(ctx, chat, plan.template_tools)
     special = True if req.add_special_tokens is None else req.add_special_tokens

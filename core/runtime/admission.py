@@ -150,25 +150,28 @@ class Admission:
                                "decoded at once", param="tokens")
         return await self._run(self._decode, list(ids), skip_special_tokens)
 
-    def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
+    def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any],
+                add_special_tokens: bool) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, **kwargs)
         except TokenizerError as exc:
             raise RequestError(str(exc), param="messages") from None
         self._check_prompt_chars(text, "messages")
-        return self._encode(text, add_special_tokens=False)
+        return self._encode(text, add_special_tokens=add_special_tokens)
 
     async def render_chat(self, messages: list[dict[str, Any]],
                           template_kwargs: dict[str, Any] | None = None,
                           tools: Sequence[dict[str, Any]] | None = None,
                           add_generation_prompt: bool = True,
-                          continue_final_message: bool = False) -> list[int]:
+                          continue_final_message: bool = False,
+                          add_special_tokens: bool = False) -> list[int]:
         """Render ``messages`` with the chat template and tokenize the result (in the pool).
         ``template_kwargs`` (``chat_template_kwargs``) reach the template; names the call
         owns are refused. ``add_generation_prompt``: end with the assistant header (the
         default); ``continue_final_message`` (vLLM's): leave the final message, an assistant
-        one, open for the model to continue (needs ``add_generation_prompt`` false). Raises
-        :class:`RequestError`."""
+        one, open for the model to continue (needs ``add_generation_prompt`` false);
+        ``add_special_tokens``: tokenize the rendered text with the tokenizer's special tokens
+        too (the template usually writes them). Raises :class:`RequestError`."""
         kwargs = dict(template_kwargs or {})
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
         if reserved:
@@ -196,7 +199,7 @@ class Admission:
                                param="messages")
         if tools:
             kwargs["tools"] = list(tools)
-        return await self._run(self._render, messages, kwargs)
+        return await self._run(self._render, messages, kwargs, add_special_tokens)
 
     # -- requests ------------------------------------------------------------------------------
     async def prepare(self, req: GenerateRequest) -> PreparedRequest:
@@ -213,7 +216,7 @@ class Admission:
         rid = self._rid(req)
         for stop in sp.stop_strings:
             check_text(stop, "stop")
-        ids = await self._prompt_ids(req)
+        ids = self._truncate(await self._prompt_ids(req), req.truncate_prompt_tokens, sp)
         self._check_lengths(ids, sp)
         start = self._logprob_start(req, len(ids))
         await self._attach_grammar(sp)
@@ -258,7 +261,7 @@ class Admission:
         if req.text is not None:
             if not isinstance(req.text, str):
                 raise RequestError("text must be a string", param="text")
-            ids = await self.tokenize(req.text)
+            ids = await self.tokenize(req.text, req.add_special_tokens)
         else:
             raw = req.input_ids
             if not isinstance(raw, (list, tuple)) or not all(
@@ -272,6 +275,19 @@ class Admission:
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
         return ids
+
+    def _truncate(self, ids: list[int], keep: int | None, sp: SamplingParams) -> list[int]:
+        """The last ``keep`` prompt tokens (-1: as many as fit the context window with
+        ``max_new_tokens``); ``ids`` for None. Raises :class:`RequestError` for another
+        value below 1."""
+        if keep is None:
+            return ids
+        if isinstance(keep, bool) or not isinstance(keep, int) or (keep < 1 and keep != -1):
+            raise RequestError(f"truncate_prompt_tokens must be -1 or a positive integer, got "
+                               f"{keep!r}", param="truncate_prompt_tokens")
+        if keep == -1:
+            keep = max(1, self.info.max_context_len - sp.max_new_tokens)
+        return ids[-keep:]
 
     def _check_lengths(self, ids: list[int], sp: SamplingParams) -> None:
         context = self.info.max_context_len

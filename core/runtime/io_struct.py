@@ -28,7 +28,10 @@ class GenerateRequest:
     ``logprob_start_len`` >= 0 asks for prompt logprobs from that prompt position on.
     ``health_check`` marks the engine's own liveness probe (never set from a client field).
     ``embed``: an embedding request (prefill only, ``n`` 1, no logprobs): its one output
-    carries the pooled prompt embedding instead of generated tokens.
+    carries the pooled prompt embedding instead of generated tokens. ``add_special_tokens``:
+    whether ``text`` is tokenized with the tokenizer's special tokens (BOS...).
+    ``truncate_prompt_tokens`` (vLLM's): keep the prompt's last N tokens (-1: as many as fit
+    the context window with ``max_new_tokens``).
     """
 
     text: str | None = None
@@ -42,6 +45,8 @@ class GenerateRequest:
     logprob_start_len: int = -1
     health_check: bool = False
     embed: EmbedSpec | None = None
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
 
 
 @dataclass

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
 import openai
 import pytest
-from server_harness import API_KEY, MODEL_NAME
+from server_harness import API_KEY, MODEL_NAME, ServerProcess
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "You are terse."},
@@ -276,6 +277,66 @@ def test_vllm_structured_outputs(oai) -> None:
         with pytest.raises(openai.BadRequestError, match="structured_outputs"):
             oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4,
                                         extra_body={"structured_outputs": bad})
+
+
+def test_truncate_prompt_tokens_and_unsupported_vllm_fields(oai, tokenizer) -> None:
+    """vLLM's ``truncate_prompt_tokens`` keeps the prompt's last N tokens (the output equals
+    that of the truncated ids; -1 fits an over-long prompt to the window). Fields vLLM has
+    and this server does not implement are a 400 when set, accepted at their defaults."""
+    ids = tokenizer.encode(PROMPT * 3)
+    cut = oai.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=6, **GREEDY,
+                                 extra_body={**NO_EOS, "truncate_prompt_tokens": 5})
+    tail = oai.completions.create(model=MODEL_NAME, prompt=ids[-5:], max_tokens=6, **GREEDY,
+                                  extra_body=NO_EOS)
+    assert cut.usage.prompt_tokens == 5 and cut.choices[0].text == tail.choices[0].text
+    long = oai.completions.create(model=MODEL_NAME, prompt=[5] * 3000, max_tokens=8,
+                                  extra_body={**NO_EOS, "truncate_prompt_tokens": -1})
+    assert long.usage.prompt_tokens + 8 == 2048  # the tiny model's context window
+    for field, value in (("use_beam_search", True), ("bad_words", ["x"]),
+                         ("allowed_token_ids", [1, 2]), ("prompt_logprobs", 1),
+                         ("truncate_prompt_tokens", 0)):
+        with pytest.raises(openai.BadRequestError, match=field):
+            oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                   extra_body={field: value})
+    oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1,  # defaults pass
+                           extra_body={"use_beam_search": False, "bad_words": []})
+
+
+def test_add_special_tokens(tiny_model, tmp_path) -> None:
+    """vLLM's ``add_special_tokens``: a text prompt gets the tokenizer's BOS unless it is
+    false; a chat prompt gets it only when it is true (its template writes its own markers).
+    Served from a copy of the tiny model whose tokenizer adds a BOS."""
+    model = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    bos = next(t for t in spec["added_tokens"] if t["content"] == "<|im_start|>")
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [bos["id"]],
+                                            "tokens": ["<|im_start|>"]}}}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    proc = ServerProcess(model, tmp_path / "server.log", "--api-key", API_KEY)
+    try:
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key=API_KEY, max_retries=0,
+                               http_client=httpx.Client(trust_env=False))
+
+        def prompt_tokens(**kwargs) -> int:
+            if "messages" in kwargs:
+                return client.chat.completions.create(model=MODEL_NAME, max_tokens=1,
+                                                      **kwargs).usage.prompt_tokens
+            return client.completions.create(model=MODEL_NAME, max_tokens=1,
+                                             **kwargs).usage.prompt_tokens
+
+        text = prompt_tokens(prompt=PROMPT)
+        assert prompt_tokens(prompt=PROMPT, extra_body={"add_special_tokens": False}) == text - 1
+        chat = prompt_tokens(messages=MESSAGES)
+        assert prompt_tokens(messages=MESSAGES, extra_body={"add_special_tokens": True}) == chat + 1
+        assert prompt_tokens(messages=MESSAGES, extra_body={"add_special_tokens": False}) == chat
+    finally:
+        proc.stop()
 
 
 def test_openai_errors(server) -> None:
