@@ -97,10 +97,10 @@ class SamplingFields(_Request):
     # prompt, false for chat, whose template writes them)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     add_special_tokens: bool | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
     # vLLM fields with no counterpart here: a 400 when set to anything but their defaults
     use_beam_search: bool | None = None
     bad_words: list[str] | None = None
-    allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     # structured outputs (see structured.py)
     response_format: ResponseFormat | None = None

@@ -25,13 +25,13 @@ _DIRECT = {
     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids", "seed": "seed",
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
     "logit_bias": "logit_bias", "min_tokens": "min_new_tokens",
-    "include_stop_str_in_output": "no_stop_trim",
+    "include_stop_str_in_output": "no_stop_trim", "allowed_token_ids": "allowed_token_ids",
 }
 
 
 #: vLLM request fields this server does not implement -> their do-nothing values
 _UNSUPPORTED = {"use_beam_search": (None, False), "bad_words": (None, []),
-                "allowed_token_ids": (None,), "prompt_logprobs": (None,)}
+                "prompt_logprobs": (None,)}
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int | None,

@@ -20,12 +20,14 @@ class SamplingRunner(Protocol):
 
 def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos: Collection[int] = ()
                     ) -> dict[int, str]:
-    """In place, rows with penalties, logit bias or a ``min_new_tokens`` not reached only.
+    """In place, rows with penalties, logit bias, ``allowed_token_ids`` or a ``min_new_tokens``
+    not reached only.
     Logit bias: add each (validated) token id's bias. Repetition penalty (Hugging Face
     semantics, over prompt and output): positive logits divided by it, negative multiplied.
     Frequency/presence penalties (OpenAI semantics, over the output): subtract ``frequency *
-    count + presence * (count > 0)``. Below ``min_new_tokens`` output tokens: the request's
-    ``stop_token_ids`` and, unless it ignores EOS, the ``eos`` ids go to ``-inf``.
+    count + presence * (count > 0)``. ``allowed_token_ids``: every other id goes to ``-inf``.
+    Below ``min_new_tokens`` output tokens: the request's ``stop_token_ids`` and, unless it
+    ignores EOS, the ``eos`` ids go to ``-inf``.
 
     Returns ``{row: message}`` for rows whose request could not be processed; those rows
     are left as they were and the caller fails those requests alone."""
@@ -33,15 +35,25 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos: Collection[int] 
     for row, req in enumerate(reqs):
         sp = req.sampling_params
         holds_back = sp.holds_back_stops(len(req.output_ids))
-        if not sp.logit_bias and not sp.needs_penalties and not holds_back:
+        if not sp.logit_bias and not sp.needs_penalties and not holds_back \
+                and sp.allowed_token_ids is None:
             continue
         try:
             _penalise_row(logits, row, req)
+            if sp.allowed_token_ids is not None:
+                _allow_only(logits, row, sp.allowed_token_ids)
             if holds_back:
                 _forbid_stops(logits, row, req, eos)
         except Exception as exc:  # one request's parameters must not stop the batch
             failed[row] = f"cannot apply sampling penalties: {type(exc).__name__}: {exc}"
     return failed
+
+
+def _allow_only(logits: torch.Tensor, row: int, allowed: list[int]) -> None:
+    ids = torch.tensor(allowed, dtype=torch.int64, device=logits.device)
+    kept = logits[row, ids]
+    logits[row] = float("-inf")
+    logits[row, ids] = kept
 
 
 def _forbid_stops(logits: torch.Tensor, row: int, req: Req, eos: Collection[int]) -> None:

@@ -38,7 +38,8 @@ class SamplingParams:
     ``min_tokens``): until the output holds that many tokens, EOS (unless ``ignore_eos``) and
     ``stop_token_ids`` cannot be sampled and stop strings are not matched; it cannot exceed
     ``max_new_tokens`` nor combine with an output constraint (the grammar may allow nothing
-    but the end). ``json_schema`` / ``regex`` /
+    but the end). ``allowed_token_ids`` (vLLM's): only these ids may be sampled (EOS and stop
+    tokens too only if listed); not with an output constraint either. ``json_schema`` / ``regex`` /
     ``ebnf`` / ``choice`` / ``json_object`` state an output constraint; the frontend compiles
     it and sets ``grammar`` (xgrammar's serialised grammar; ``grammar_json_output`` marks JSON
     grammars). ``logit_bias`` maps token id -> bias in [-100, 100] after validation (keys may
@@ -68,6 +69,7 @@ class SamplingParams:
     grammar: str | None = None
     grammar_json_output: bool = False
     logit_bias: dict[Any, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> SamplingParams:
@@ -114,6 +116,7 @@ class SamplingParams:
                 _int("stop_token_ids", t, 0, vocab_size - 1)
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias, vocab_size)
+        self._validate_allowed_token_ids(vocab_size)
 
     def _validate_min_new_tokens(self) -> None:
         if _int("min_new_tokens", self.min_new_tokens, 0, INT64_MAX) == 0:
@@ -121,12 +124,29 @@ class SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamsError("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) "
                                       f"must not exceed max_new_tokens ({self.max_new_tokens})")
-        constraint = next((name for name in ("json_schema", "regex", "ebnf", "choice",
-                                             "json_object", "grammar")
-                           if getattr(self, name) not in (None, False)), None)
+        constraint = self._constraint()
         if constraint is not None:
             raise SamplingParamsError("min_new_tokens", "min_new_tokens cannot be combined "
                                       f"with an output constraint ({constraint})")
+
+    def _constraint(self) -> str | None:
+        """The output constraint's field name, or None."""
+        return next((name for name in ("json_schema", "regex", "ebnf", "choice", "json_object",
+                                       "grammar") if getattr(self, name) not in (None, False)),
+                    None)
+
+    def _validate_allowed_token_ids(self, vocab_size: int) -> None:
+        ids = self.allowed_token_ids
+        if ids is None:
+            return
+        if not isinstance(ids, list) or not ids or len(ids) > vocab_size:
+            raise SamplingParamsError("allowed_token_ids", "allowed_token_ids must be a "
+                                      f"non-empty list of at most {vocab_size} token ids")
+        for t in ids:
+            _int("allowed_token_ids", t, 0, vocab_size - 1)
+        if self._constraint() is not None:
+            raise SamplingParamsError("allowed_token_ids", "allowed_token_ids cannot be "
+                                      f"combined with an output constraint ({self._constraint()})")
 
     def holds_back_stops(self, output_len: int) -> bool:
         """Whether, with ``output_len`` tokens generated, the next token may not end the

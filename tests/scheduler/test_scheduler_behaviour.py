@@ -73,6 +73,13 @@ def test_min_new_tokens_masks_only_below_the_minimum() -> None:
     assert logits[0].tolist() == [0.0] * 5
 
 
+def test_allowed_token_ids_leave_only_those_logits() -> None:
+    req = Req(rid="a", input_ids=[0], sampling_params=SamplingParams(allowed_token_ids=[1, 3]))
+    logits = torch.arange(5.0).view(1, 5)
+    assert apply_penalties(logits, [req]) == {}
+    assert logits[0].tolist() == [float("-inf"), 1.0, float("-inf"), 3.0, float("-inf")]
+
+
 def test_abort_frees_everything(setup) -> None:
     args, runner = setup
     sched = Scheduler(runner, args, [], runner.page_size)
@@ -110,6 +117,9 @@ def test_request_that_cannot_fit_is_rejected(setup) -> None:
     ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"),
     ({"min_new_tokens": 2, "regex": "[a-z]+"}, "min_new_tokens"),
     ({"min_new_tokens": 2, "json_object": True}, "min_new_tokens"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [50]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [1], "regex": "a"}, "allowed_token_ids"),
 ])
 def test_validation(params, needle) -> None:
     with pytest.raises(SamplingParamsError, match=needle) as info:

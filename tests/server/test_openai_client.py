@@ -293,13 +293,29 @@ def test_truncate_prompt_tokens_and_unsupported_vllm_fields(oai, tokenizer) -> N
                                   extra_body={**NO_EOS, "truncate_prompt_tokens": -1})
     assert long.usage.prompt_tokens + 8 == 2048  # the tiny model's context window
     for field, value in (("use_beam_search", True), ("bad_words", ["x"]),
-                         ("allowed_token_ids", [1, 2]), ("prompt_logprobs", 1),
+                         ("prompt_logprobs", 1), ("allowed_token_ids", [10 ** 9]),
                          ("truncate_prompt_tokens", 0)):
         with pytest.raises(openai.BadRequestError, match=field):
             oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
                                    extra_body={field: value})
     oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1,  # defaults pass
                            extra_body={"use_beam_search": False, "bad_words": []})
+
+
+def test_allowed_token_ids(oai, http, tokenizer) -> None:
+    """vLLM's ``allowed_token_ids``: every sampled token is one of them (sampling at
+    temperature 1, through the OpenAI route and the native one)."""
+    allowed = [300, 301, 302]
+    out = oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                 logprobs=0, extra_body={**NO_EOS, "allowed_token_ids": allowed})
+    tokens = out.choices[0].logprobs.tokens
+    assert len(tokens) == 8 and set(tokens) <= {tokenizer.decode([t]) for t in allowed}
+    native = http.post("/generate", json={"text": PROMPT, "sampling_params": {
+        "max_new_tokens": 16, "temperature": 1.0, "allowed_token_ids": allowed}}).json()
+    assert native["output_ids"] and set(native["output_ids"]) <= set(allowed)
+    with pytest.raises(openai.BadRequestError, match="output constraint"):
+        oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                               extra_body={"allowed_token_ids": allowed, "regex": "a+"})
 
 
 def test_add_special_tokens(tiny_model, tmp_path) -> None:
