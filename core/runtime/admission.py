@@ -103,13 +103,14 @@ class Admission:
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "heteroserve-tokenize")
         from heteroserve.core.grammar.compile_pool import CompileLimits
 
+        prestart = not server_args.lazy_grammar_workers
         self.grammars = GrammarCompilePool(tokenizer_path, info.vocab_size, CompileLimits(
             timeout=server_args.grammar_compile_timeout,
             max_spec_bytes=server_args.grammar_max_bytes,
             cache_bytes=server_args.grammar_cache_bytes),
             trust_remote_code=server_args.trust_remote_code,
-            prestart=not server_args.lazy_grammar_workers)
-        if not server_args.lazy_grammar_workers:
+            prestart=prestart)
+        if prestart:
             self.grammars.start()  # the first structured-output request does not wait seconds
 
     async def _run(self, fn: Any, *args: Any) -> Any:

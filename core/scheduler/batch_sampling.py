@@ -34,15 +34,13 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos: Collection[int] 
     failed: dict[int, str] = {}
     for row, req in enumerate(reqs):
         sp = req.sampling_params
-        holds_back = sp.holds_back_stops(len(req.output_ids))
-        if not sp.logit_bias and not sp.needs_penalties and not holds_back \
-                and sp.allowed_token_ids is None:
+        if not sp.processes_logits(len(req.output_ids)):
             continue
         try:
             _penalise_row(logits, row, req)
             if sp.allowed_token_ids is not None:
                 _allow_only(logits, row, sp.allowed_token_ids)
-            if holds_back:
+            if sp.holds_back_stops(len(req.output_ids)):
                 _forbid_stops(logits, row, req, eos)
         except Exception as exc:  # one request's parameters must not stop the batch
             failed[row] = f"cannot apply sampling penalties: {type(exc).__name__}: {exc}"

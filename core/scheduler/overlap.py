@@ -41,9 +41,8 @@ def eligible(req: Req) -> bool:
     sp = req.sampling_params
     return (req.prefilled and req.grammar is None and not req.return_logprob
             and sp.max_new_tokens > 0
-            and not sp.needs_penalties and not sp.logit_bias and sp.allowed_token_ids is None
             # a lagging count (a token in flight) errs towards the synchronous path
-            and not sp.holds_back_stops(len(req.output_ids)))
+            and not sp.processes_logits(len(req.output_ids)))
 
 
 def admission_blocked(sched: Scheduler) -> bool:

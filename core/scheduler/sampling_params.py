@@ -124,16 +124,17 @@ class SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamsError("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) "
                                       f"must not exceed max_new_tokens ({self.max_new_tokens})")
-        constraint = self._constraint()
-        if constraint is not None:
-            raise SamplingParamsError("min_new_tokens", "min_new_tokens cannot be combined "
-                                      f"with an output constraint ({constraint})")
+        self._refuse_with_a_constraint("min_new_tokens")
 
-    def _constraint(self) -> str | None:
-        """The output constraint's field name, or None."""
-        return next((name for name in ("json_schema", "regex", "ebnf", "choice", "json_object",
-                                       "grammar") if getattr(self, name) not in (None, False)),
-                    None)
+    def _refuse_with_a_constraint(self, param: str) -> None:
+        """Raise when an output constraint is set: ``param`` masks the logits in ways the
+        grammar may not allow for (it may leave no token at all)."""
+        constraint = next((name for name in ("json_schema", "regex", "ebnf", "choice",
+                                             "json_object", "grammar")
+                           if getattr(self, name) not in (None, False)), None)
+        if constraint is not None:
+            raise SamplingParamsError(param, f"{param} cannot be combined with an output "
+                                      f"constraint ({constraint})")
 
     def _validate_allowed_token_ids(self, vocab_size: int) -> None:
         ids = self.allowed_token_ids
@@ -144,14 +145,19 @@ class SamplingParams:
                                       f"non-empty list of at most {vocab_size} token ids")
         for t in ids:
             _int("allowed_token_ids", t, 0, vocab_size - 1)
-        if self._constraint() is not None:
-            raise SamplingParamsError("allowed_token_ids", "allowed_token_ids cannot be "
-                                      f"combined with an output constraint ({self._constraint()})")
+        self._refuse_with_a_constraint("allowed_token_ids")
 
     def holds_back_stops(self, output_len: int) -> bool:
         """Whether, with ``output_len`` tokens generated, the next token may not end the
         request (``min_new_tokens`` not reached yet)."""
         return output_len < self.min_new_tokens
+
+    def processes_logits(self, output_len: int) -> bool:
+        """Whether the next token's logits (``output_len`` tokens generated) need this
+        request's own processing before sampling: logit bias, penalties, allowed ids or held
+        back stops (``batch_sampling.apply_penalties``)."""
+        return (bool(self.logit_bias) or self.needs_penalties
+                or self.allowed_token_ids is not None or self.holds_back_stops(output_len))
 
     def _validate_stop(self) -> None:
         stop = self.stop

@@ -68,7 +68,6 @@ from heteroserve.platforms.triton.attention_prologue import check_prologue
 from heteroserve.platforms.triton.qk_norm import qk_norm_rotary_into
 from heteroserve.platforms.triton.rotary import rotate_into
 
-
 #: fewest new tokens of every sequence for the dense path; below it the per-sequence gathers
 #: and launches are not worth it and one Triton launch serves the whole batch (1024: the
 #: 1024 x (1024/256) offline workload ran 2.7 % slower through SDPA than through Triton)
